@@ -1,0 +1,1 @@
+"""Example sae-allocators plugin: the nucleus (top-p) SAE."""

@@ -1,0 +1,17 @@
+"""Names this project provides, importable without torch or SAELens (used in error hints)."""
+
+DISTRIBUTION = "sae-allocators"
+
+#: every architecture name this project provides (hints in error messages use it)
+PROVIDED_ARCHITECTURES: tuple[str, ...] = ("feature_choice", "mutual_choice", "abstopk", "gradient_topk", "top_afa")
+
+#: architecture name -> the module of this package that registers it
+OWN_ARCHITECTURES: dict[str, str] = {
+    "mutual_choice": "sae_allocators.architectures.mutual_choice",
+}
+
+#: modules that register auxiliary losses through the same hook machinery
+OWN_LOSS_MODULES: tuple[str, ...] = ("sae_allocators.losses.builtin",)
+
+ENV_DISABLE_PLUGINS = "SAE_ALLOCATORS_DISABLE_PLUGINS"
+ENV_NO_AUTOLOAD = "SAE_ALLOCATORS_NO_AUTOLOAD"

@@ -1,0 +1,106 @@
+"""The one place that touches SAELens's registries (``sae_lens.registry``).
+
+SAELens keeps two plain dicts, read at call time by ``get_sae_class`` /
+``get_sae_training_class``. We write them directly (``register_sae_class`` raises on a second
+registration, which would make re-imports crash) and swap each dict for a subclass whose missing
+keys raise :class:`UnknownArchitectureError` -- still a ``KeyError`` for SAELens's own handlers --
+with a message naming the architecture, what is registered, and which package provides it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import sae_lens.registry as _registry
+
+from sae_allocators.names import DISTRIBUTION, ENV_NO_AUTOLOAD, PROVIDED_ARCHITECTURES
+
+INFERENCE = "inference"
+TRAINING = "training"
+_DICT_NAMES = {INFERENCE: "SAE_CLASS_REGISTRY", TRAINING: "SAE_TRAINING_CLASS_REGISTRY"}
+
+
+class UnknownArchitectureError(KeyError):
+    """An architecture name nobody registered. Subclasses ``KeyError`` for compatibility."""
+
+    def __init__(self, architecture: str, side: str, registered: list[str]):
+        self.architecture = architecture
+        self.side = side
+        self.registered = registered
+        super().__init__(architecture)
+
+    def __str__(self) -> str:
+        name, side = self.architecture, self.side
+        msg = f"Unknown SAE architecture {name!r}: no {side} class is registered in SAELens under that name."
+        if name in PROVIDED_ARCHITECTURES:
+            if os.environ.get(ENV_NO_AUTOLOAD):
+                how = f"{ENV_NO_AUTOLOAD} is set, so run `import sae_allocators` before loading"
+            else:
+                how = "run `import sae_allocators` before loading, or `pip install sae-allocators`"
+            msg += f" {name!r} is provided by the {DISTRIBUTION} package: {how}."
+        else:
+            msg += (
+                " Check the spelling, or install/import the package that provides it"
+                " (`sae-allocators list` shows every architecture and its provider)."
+            )
+        msg += f" Registered {side} architectures: {', '.join(sorted(self.registered)) or '(none)'}."
+        return msg
+
+
+class ExplainingRegistry(dict):
+    """A SAELens registry dict whose missing keys raise :class:`UnknownArchitectureError`."""
+
+    side: str = INFERENCE
+
+    def __missing__(self, key: str) -> Any:
+        raise UnknownArchitectureError(key, self.side, list(self.keys()))
+
+
+def _explaining(side: str) -> ExplainingRegistry:
+    attr = _DICT_NAMES[side]
+    current = getattr(_registry, attr)
+    if isinstance(current, ExplainingRegistry):
+        return current
+    replacement = ExplainingRegistry(current)
+    replacement.side = side
+    # Rebind every module-level name that refers to the old dict (SAELens's runner imports
+    # SAE_TRAINING_CLASS_REGISTRY by name), so that all readers see one dict.
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("sae_lens") and getattr(module, attr, None) is current:
+            setattr(module, attr, replacement)
+    return replacement
+
+
+def install_error_messages() -> None:
+    """Swap SAELens's registry dicts for explaining ones (idempotent)."""
+    _explaining(INFERENCE)
+    _explaining(TRAINING)
+
+
+def registry(side: str) -> dict[str, tuple[type, type]]:
+    return getattr(_registry, _DICT_NAMES[side])
+
+
+def get(side: str, name: str) -> tuple[type, type] | None:
+    return registry(side).get(name)
+
+
+def put(side: str, name: str, entry: tuple[type, type]) -> None:
+    registry(side)[name] = entry
+
+
+def remove(side: str, name: str) -> None:
+    registry(side).pop(name, None)
+
+
+def all_names() -> list[str]:
+    return sorted(set(registry(INFERENCE)) | set(registry(TRAINING)))
+
+
+def provider_records() -> dict[str, dict[str, Any]]:
+    """Who registered each name through this project's host, kept *inside* ``sae_lens.registry``
+    so that reloading ``sae_allocators`` keeps the record (and re-registration stays idempotent).
+    """
+    return _registry.__dict__.setdefault("_sae_allocators_providers", {})
