@@ -68,7 +68,7 @@ class FakeHub:
 
             def _handle(self, method: str):
                 body = self._read()
-                hub.requests.append(Request(method, self.path, dict(self.headers), body))
+                hub.requests.append(Request(method, self.path, {k.lower(): v for k, v in self.headers.items()}, body))
                 path = self.path.split("?")[0]
                 for pattern, status in hub.fail.items():
                     if re.search(pattern, path):

@@ -56,6 +56,8 @@ def _parse_like_saelens_638(args: list[str]):
     base.append(("sae", cfg_cls, dc_field(default_factory=lambda: cfg_cls(d_in=512, d_sae=1024))))
     concrete = make_dataclass(f"{cfg_cls.__name__}RunnerConfig", base, bases=(LanguageModelSAERunnerConfig,))
     parser = ArgumentParser(exit_on_error=False, prog="sae-allocators train")
+    # shown in --help (the choice itself was consumed above, as SAELens 6.38 does)
+    parser.add_argument("--architecture", choices=sorted(archs), default=known.architecture, help="SAE architecture to use")
     parser.add_arguments(concrete, dest="cfg")
     return parser.parse_args(rest).cfg
 
