@@ -491,3 +491,18 @@ def test_interrupted_final_save_keeps_previous_output(trained, tmp_path, monkeyp
         train_mod.main(tiny_flags(ARCHS[0], out, tokens=128), override_model=tiny_model(), override_dataset=tiny_dataset())
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["output"]
+
+
+def test_card_for_a_folder_trained_without_our_command(trained, tmp_path):
+    """No final_metrics.json, no training_architecture (SAELens 6.38's runner): the card says so."""
+    folder = _copy(trained[ARCHS[0]], tmp_path / "plain")
+    (folder / "final_metrics.json").unlink()
+    cfg = json.loads((folder / "cfg.json").read_text())
+    del cfg["metadata"]["training_architecture"]
+    cfg["metadata"]["l0"] = 3.5  # what SAELens >= 6.4x records
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    card = push_mod.model_card(check_sae_folder(folder), "org/x", "sid")
+    assert "| Training architecture | not recorded |" in card
+    assert "training architecture was not recorded" in card
+    assert "Source: SAELens metadata in cfg.json." in card and "- l0: 3.5" in card
+    assert "| Training tokens | 640 |" in card  # from runner_cfg.json

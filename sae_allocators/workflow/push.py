@@ -86,18 +86,21 @@ def training_summary(info: SaeFolderInfo) -> dict[str, Any]:
 def model_card(info: SaeFolderInfo, repo_id: str, sae_id: str) -> str:
     meta = info.metadata
     arch = info.architecture
-    train_arch = info.training_architecture or arch
+    train_arch = info.training_architecture  # SAELens 6.38 does not record it; `train` does
     ours = needs_this_project(arch)
     summary = training_summary(info)
-    tags = ["saelens", "sparse-autoencoder", DISTRIBUTION, train_arch]
+    tags = ["saelens", "sparse-autoencoder", DISTRIBUTION] + ([train_arch] if train_arch else [])
     lines = ["---", "library_name: saelens", "tags:"]
     lines += [f"- {t}" for t in dict.fromkeys(tags)]
     lines += ["---", "", f"# {repo_id} / {sae_id}", ""]
-    by = f" (from {DISTRIBUTION}, a SAELens plugin)" if needs_this_project(train_arch) else " (SAELens's own)"
-    lines.append(f"A sparse autoencoder trained with the `{train_arch}` architecture{by}, saved as a `{arch}` SAE.")
+    if train_arch:
+        by = f" (from {DISTRIBUTION}, a SAELens plugin)" if needs_this_project(train_arch) else " (SAELens's own)"
+        lines.append(f"A sparse autoencoder trained with the `{train_arch}` architecture{by}, saved as a `{arch}` SAE.")
+    else:
+        lines.append(f"A sparse autoencoder saved as a `{arch}` SAE (its training architecture was not recorded).")
     lines += ["", "| | |", "|---|---|"]
     rows = [
-        ("Training architecture", f"`{train_arch}`"),
+        ("Training architecture", f"`{train_arch}`" if train_arch else "not recorded"),
         ("Saved (inference) architecture", f"`{arch}`"),
         ("Model", f"`{meta.get('model_name', 'not recorded')}`"),
         ("Hook", f"`{meta.get('hook_name', 'not recorded')}`"),
