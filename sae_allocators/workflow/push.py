@@ -193,6 +193,8 @@ def push(
             404: f"{repo_id} or revision {revision!r} was not found",
         }.get(status, "see the Hub's message above and retry")
         raise PushError(_scrub(f"Upload to {repo_id} failed ({status}): {exc}. Fix: {hint}.", token)) from None
+    except ValueError as exc:  # e.g. the Hub refusing the card's metadata
+        raise PushError(_scrub(f"Upload to {repo_id} failed: {exc}", token)) from None
     except OSError as exc:  # connection errors, offline mode
         raise PushError(
             _scrub(f"Upload to {repo_id} failed: {type(exc).__name__}: {exc}. Check the network and that HF_HUB_OFFLINE is not set.", token)
