@@ -1,4 +1,4 @@
-"""The ``sae-allocators`` command line: ``list`` (and, as they land, train / push / load)."""
+"""The ``sae-allocators`` command line: ``list``, ``train``, ``push``, ``load``."""
 
 from __future__ import annotations
 
@@ -8,14 +8,22 @@ from typing import Callable, Sequence
 
 Command = Callable[[argparse.Namespace], int]
 _COMMANDS: dict[str, Command] = {}
+#: subcommands that parse their own arguments: they get ``Namespace(argv=[...rest of the line])``
+_RAW: set[str] = set()
 
 
-def command(name: str, help: str, configure: Callable[[argparse.ArgumentParser], None] | None = None):
-    """Decorator registering a subcommand (each module adding one stays self-contained)."""
+def command(name: str, help: str, configure: Callable[[argparse.ArgumentParser], None] | None = None, raw: bool = False):
+    """Decorator registering a subcommand (each module adding one stays self-contained).
+
+    ``raw=True``: the command parses the rest of the line itself (``train`` hands it to SAELens's parser).
+    """
 
     def wrap(fn: Command) -> Command:
         _COMMANDS[name] = fn
-        _PARSER_SETUP.append((name, help, configure))
+        if raw:
+            _RAW.add(name)
+        if all(n != name for n, _, _ in _PARSER_SETUP):
+            _PARSER_SETUP.append((name, help, configure))
         return fn
 
     return wrap
@@ -64,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sae-allocators", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help, configure in _PARSER_SETUP:
+        if name in _RAW:
+            sub.add_parser(name, help=help, add_help=False).add_argument("argv", nargs=argparse.REMAINDER)
+            continue
         p = sub.add_parser(name, help=help, description=help)
         if configure is not None:
             configure(p)
@@ -71,7 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: modules that add subcommands with @command (imported lazily so `list` stays fast)
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "sae_allocators.workflow.train",
+    "sae_allocators.workflow.push",
+    "sae_allocators.workflow.load",
+)
 
 
 def _load_command_modules() -> None:
@@ -82,9 +97,16 @@ def _load_command_modules() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _load_command_modules()
+    if argv and argv[0] in _RAW:
+        return _COMMANDS[argv[0]](argparse.Namespace(command=argv[0], argv=argv[1:]))
     args = build_parser().parse_args(argv)
     return _COMMANDS[args.command](args)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # `python -m sae_allocators.cli`: run the importable module, where subcommands register themselves
+    from sae_allocators.cli import main as _main
+
+    raise SystemExit(_main())

@@ -28,7 +28,7 @@ import importlib.metadata as md
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pluggy
 
@@ -354,21 +354,25 @@ def providers() -> dict[str, Provider]:
     for name in reg.all_names():
         prov = _providers.get(name)
         if prov is None:
-            records = reg.provider_records()
-            rec = records.get(name)
-            dist = rec["distribution"] if rec else SAELENS
-            prov = Provider(
-                name=name,
-                distribution=dist,
-                version=_version(dist),
-                plugin=rec["plugin"] if rec else "sae_lens",
-                has_training=False,
-                has_inference=False,
-            )
+            rec = reg.provider_records().get(name)
+            dist, plugin = (rec["distribution"], rec["plugin"]) if rec else _owner_of(name)
+            prov = Provider(name=name, distribution=dist, version=_version(dist), plugin=plugin, has_training=False, has_inference=False)
         prov.has_training = reg.get(reg.TRAINING, name) is not None
         prov.has_inference = reg.get(reg.INFERENCE, name) is not None
         out[name] = prov
     return out
+
+
+def _owner_of(name: str) -> tuple[str, str]:
+    """(distribution, module) of a name registered outside this host: SAELens's own, or code that
+    called ``register_sae_class`` directly."""
+    entry = reg.get(reg.TRAINING, name) or reg.get(reg.INFERENCE, name)
+    module = entry[0].__module__ if entry else "sae_lens"
+    top = module.split(".")[0]
+    if top == "sae_lens":
+        return SAELENS, "sae_lens"
+    dists = md.packages_distributions().get(top, [])
+    return (dists[0] if dists else f"(module {top})"), module
 
 
 def plugin_manager() -> pluggy.PluginManager:
@@ -376,5 +380,3 @@ def plugin_manager() -> pluggy.PluginManager:
     assert _pm is not None
     return _pm
 
-
-Registrar = Callable[..., None]

@@ -101,7 +101,15 @@ def train_tiny(sae_cfg: Any, *, steps: int = 10, output_path: str | Path | None 
     return runner.run()
 
 
-def run_fresh(code: str, *, env: dict[str, str] | None = None, pythonpath: list[str | Path] | None = None, python: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_fresh(
+    code: str,
+    *,
+    env: dict[str, str] | None = None,
+    pythonpath: list[str | Path] | None = None,
+    python: str | None = None,
+    cwd: str | Path | None = None,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter (``python -c``); returns the completed process.
 
     ``pythonpath`` entries are added as *site directories* (so ``.pth`` files and entry points in
@@ -119,5 +127,6 @@ def run_fresh(code: str, *, env: dict[str, str] | None = None, pythonpath: list[
         capture_output=True,
         text=True,
         env=full_env,
+        cwd=None if cwd is None else str(cwd),
         timeout=timeout,
     )

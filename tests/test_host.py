@@ -203,3 +203,20 @@ def test_cli_list_prints_providers_and_sides(capsys):
     assert cells[1].startswith(names.DISTRIBUTION) and cells[2:4] == ["yes", "yes"]
     topk = next(line for line in out.splitlines() if line.startswith("topk "))
     assert "sae-lens" in topk
+
+
+def test_name_registered_directly_by_other_code_is_attributed_to_its_module():
+    from sae_lens import register_sae_training_class
+
+    from sae_allocators import saelens_registry as reg
+
+    src = plugin_source("direct_arch")
+    namespace: dict = {"__name__": "direct_module"}
+    exec(compile(src, "direct_module.py", "exec"), namespace)
+    register_sae_training_class("direct_arch", namespace["Train"], namespace["TCfg"])
+    try:
+        prov = host.providers()["direct_arch"]
+        assert prov.distribution == "(module direct_module)" and prov.has_training and not prov.has_inference
+        assert host.providers()["topk"].distribution == "sae-lens"
+    finally:
+        reg.remove(reg.TRAINING, "direct_arch")

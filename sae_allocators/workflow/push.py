@@ -1,0 +1,227 @@
+"""``sae-allocators push OUTPUT_DIR --repo org/name``: upload a trained SAE with SAELens's upload path.
+
+The output *folder* goes to ``sae_lens.upload_saes_to_huggingface`` (so the inference
+``cfg.json`` is uploaded, never the training config), without SAELens's generic README; then a
+model card describing this SAE is uploaded unless the repo already has one (``--overwrite-card``).
+The token comes from ``huggingface_hub`` (``HF_TOKEN``, or the store written by ``hf auth login``);
+it is never printed, and any error text is scrubbed of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from sae_allocators.cli import command
+from sae_allocators.io import METRICS_FILENAME, RUNNER_CFG_FILENAME, SaeFolderError, SaeFolderInfo, check_sae_folder
+from sae_allocators.names import DISTRIBUTION
+
+HELP = "upload a trained SAE output folder to the Hugging Face Hub, with a model card"
+_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class PushError(RuntimeError):
+    """The upload could not be done; the message says why and what to do (never the token)."""
+
+
+def needs_this_project(architecture: str) -> bool:
+    """True when the saved (inference) architecture is not SAELens's own."""
+    from sae_allocators import host
+
+    prov = host.providers().get(architecture)
+    return prov is None or not prov.is_saelens
+
+
+def default_sae_id(info: SaeFolderInfo) -> str:
+    hook = info.metadata.get("hook_name")
+    return hook if isinstance(hook, str) and hook else info.path.resolve().name
+
+
+def _check_sae_id(sae_id: str) -> str:
+    parts = sae_id.split("/")
+    if not sae_id or sae_id.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise SaeFolderError(f"--sae-id {sae_id!r} is not a valid path inside the repo; use e.g. 'blocks.8.hook_resid_post'.")
+    return sae_id
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def training_summary(info: SaeFolderInfo) -> dict[str, Any]:
+    """Training tokens and final metrics, from ``final_metrics.json`` or, failing that, SAELens's files."""
+    out: dict[str, Any] = {"training_tokens": None, "metrics": {}, "metrics_source": None}
+    metrics_path = info.path / METRICS_FILENAME
+    if metrics_path.is_file():
+        try:
+            data = json.loads(metrics_path.read_text())
+            out["training_tokens"] = data.get("training_tokens")
+            out["metrics"] = dict(data.get("metrics") or {})
+            out["metrics_source"] = data.get("source")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            pass  # optional file: the card then says "not recorded"
+    runner_path = info.path / RUNNER_CFG_FILENAME
+    if out["training_tokens"] is None and runner_path.is_file():
+        try:
+            out["training_tokens"] = json.loads(runner_path.read_text()).get("training_tokens")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            pass
+    meta = info.metadata
+    if not out["metrics"]:
+        for key in ("l0", "num_dead_features"):  # SAELens >= 6.4x records these at the end of training
+            if meta.get(key) is not None:
+                out["metrics"][key] = meta[key]
+        if out["metrics"]:
+            out["metrics_source"] = "SAELens metadata in cfg.json"
+    return out
+
+
+def model_card(info: SaeFolderInfo, repo_id: str, sae_id: str) -> str:
+    meta = info.metadata
+    arch = info.architecture
+    train_arch = info.training_architecture  # SAELens 6.38 does not record it; `train` does
+    ours = needs_this_project(arch)
+    summary = training_summary(info)
+    tags = ["saelens", "sparse-autoencoder", DISTRIBUTION] + ([train_arch] if train_arch else [])
+    lines = ["---", "library_name: saelens", "tags:"]
+    lines += [f"- {t}" for t in dict.fromkeys(tags)]
+    lines += ["---", "", f"# {repo_id} / {sae_id}", ""]
+    if train_arch:
+        by = f" (from {DISTRIBUTION}, a SAELens plugin)" if needs_this_project(train_arch) else " (SAELens's own)"
+        lines.append(f"A sparse autoencoder trained with the `{train_arch}` architecture{by}, saved as a `{arch}` SAE.")
+    else:
+        lines.append(f"A sparse autoencoder saved as a `{arch}` SAE (its training architecture was not recorded).")
+    lines += ["", "| | |", "|---|---|"]
+    rows = [
+        ("Training architecture", f"`{train_arch}`" if train_arch else "not recorded"),
+        ("Saved (inference) architecture", f"`{arch}`"),
+        ("Model", f"`{meta.get('model_name', 'not recorded')}`"),
+        ("Hook", f"`{meta.get('hook_name', 'not recorded')}`"),
+        ("d_in / d_sae", f"{info.cfg.get('d_in')} / {info.cfg.get('d_sae')}"),
+        ("Training tokens", _fmt(summary["training_tokens"]) if summary["training_tokens"] is not None else "not recorded"),
+    ]
+    if meta.get("dataset_path"):
+        rows.insert(4, ("Dataset", f"`{meta['dataset_path']}`"))
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    lines += ["", "## Final metrics", ""]
+    if summary["metrics"]:
+        lines.append(f"Source: {summary['metrics_source']}.")
+        lines.append("")
+        lines += [f"- {k}: {_fmt(v)}" for k, v in summary["metrics"].items()]
+    else:
+        lines.append("Not recorded.")
+    lines += ["", "## Load", "", "```bash"]
+    if ours:
+        lines.append(f"pip install {DISTRIBUTION}  # provides the `{arch}` architecture; pulls in sae-lens")
+    else:
+        lines.append("pip install sae-lens")
+    lines += ["```", "", "```python"]
+    if ours:
+        lines.append("import sae_allocators  # registers its architectures (automatic once installed)")
+    lines += [
+        "from sae_lens import SAE",
+        "",
+        f'sae = SAE.from_pretrained("{repo_id}", "{sae_id}")',
+        "```",
+        "",
+    ]
+    if not ours:
+        lines.append(f"`{arch}` is a SAELens architecture: plain SAELens loads this SAE, {DISTRIBUTION} is not needed.")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _scrub(text: str, token: str | None) -> str:
+    return text.replace(token, "***") if token else text
+
+
+def push(
+    output_dir: str | Path,
+    repo_id: str,
+    sae_id: str | None = None,
+    *,
+    private: bool = False,
+    overwrite_card: bool = False,
+    revision: str = "main",
+) -> dict[str, Any]:
+    """Upload ``output_dir`` as ``repo_id/<sae_id>/`` plus a model card; return what was done."""
+    if not _REPO_RE.match(repo_id or ""):
+        raise SaeFolderError(f"--repo {repo_id!r} is not a Hub repo id; use the form 'org/name' (or 'user/name').")
+    info = check_sae_folder(output_dir)
+    sae_id = _check_sae_id(sae_id if sae_id is not None else default_sae_id(info))
+
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.utils import HfHubHTTPError
+
+    token = get_token()
+    if not token:
+        raise PushError(
+            "No Hugging Face token found. Set the HF_TOKEN environment variable or run `hf auth login` "
+            "(a token with write access to the repo)."
+        )
+    try:
+        from sae_lens import upload_saes_to_huggingface
+
+        api = HfApi()
+        if private:
+            api.create_repo(repo_id, private=True, exist_ok=True)
+        upload_saes_to_huggingface({sae_id: Path(output_dir)}, repo_id, hf_revision=revision, show_progress=False, add_default_readme=False)
+        card_exists = api.file_exists(repo_id, "README.md", revision=revision)
+        card_written = False
+        if overwrite_card or not card_exists:
+            card = model_card(info, repo_id, sae_id)
+            api.upload_file(
+                path_or_fileobj=io.BytesIO(card.encode("utf-8")),
+                path_in_repo="README.md",
+                repo_id=repo_id,
+                revision=revision,
+                commit_message=f"Model card for {sae_id}",
+            )
+            card_written = True
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        hint = {
+            401: "the token was refused: check HF_TOKEN / `hf auth login`",
+            403: f"the token has no write access to {repo_id}: use a write token for that org or user",
+            404: f"{repo_id} or revision {revision!r} was not found",
+        }.get(status, "see the Hub's message above and retry")
+        raise PushError(_scrub(f"Upload to {repo_id} failed ({status}): {exc}. Fix: {hint}.", token)) from None
+    except ValueError as exc:  # e.g. the Hub refusing the card's metadata
+        raise PushError(_scrub(f"Upload to {repo_id} failed: {exc}", token)) from None
+    except OSError as exc:  # connection errors, offline mode
+        raise PushError(
+            _scrub(f"Upload to {repo_id} failed: {type(exc).__name__}: {exc}. Check the network and that HF_HUB_OFFLINE is not set.", token)
+        ) from None
+    return {"repo_id": repo_id, "sae_id": sae_id, "card_written": card_written, "card_existed": card_exists, "info": info}
+
+
+def _push_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("output_dir", help="the SAE's output folder (--output_path of `train`)")
+    p.add_argument("--repo", required=True, help="Hub repo id, org/name")
+    p.add_argument("--sae-id", default=None, help="folder in the repo (default: the SAE's hook name)")
+    p.add_argument("--private", action="store_true", help="create the repo as private if it does not exist")
+    p.add_argument("--overwrite-card", action="store_true", help="replace an existing README.md model card")
+    p.add_argument("--revision", default="main", help="branch to push to (default: main)")
+
+
+@command("push", HELP, _push_args)
+def cmd_push(args: argparse.Namespace) -> int:
+    try:
+        done = push(args.output_dir, args.repo, args.sae_id, private=args.private, overwrite_card=args.overwrite_card, revision=args.revision)
+    except (SaeFolderError, PushError) as exc:
+        print(f"sae-allocators push: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"Uploaded {args.output_dir} to {done['repo_id']} as {done['sae_id']}/")
+    if done["card_written"]:
+        print("Wrote the model card README.md")
+    else:
+        print("Kept the existing README.md (pass --overwrite-card to replace it)")
+    print(f'Load it with: SAE.from_pretrained("{done["repo_id"]}", "{done["sae_id"]}")')
+    return 0

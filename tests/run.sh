@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The project's test command (README, CI): builds a virtual environment, installs the project and
+# the example plugin's build tools, and runs the test suite at the newest SAELens 6.x and again at
+# the supported floor (6.38.0).
+#
+#   bash tests/run.sh            # both SAELens versions
+#   SAELENS_VERSIONS="newest" bash tests/run.sh
+#
+# Torch: on a machine with no torch in the environment this installs the CPU build torch==2.13.0
+# first (a bare `torch` requirement would pull several GB of CUDA wheels). Bring your own by
+# setting TORCH_SPEC (e.g. TORCH_SPEC="torch==2.5.1") or by pointing VENV at an environment that
+# already has torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PYTHON:-python3}
+VENV=${VENV:-$ROOT/.venvs/test}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+SAELENS_VERSIONS=${SAELENS_VERSIONS:-"newest 6.38.0"}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip "$@"; }
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  echo "== installing $TORCH_SPEC (CPU build where the local index provides it)"
+  pip install -q "$TORCH_SPEC"
+fi
+
+status=0
+for version in $SAELENS_VERSIONS; do
+  if [ "$version" = newest ]; then spec="sae-lens>=6.38,<7"; else spec="sae-lens==$version"; fi
+  echo "== installing sae-allocators (non-editable) with $spec"
+  # --upgrade-strategy only-if-needed keeps the torch installed above.
+  pip install -q --upgrade-strategy only-if-needed ".[test]" "$spec"
+  if [ "$version" = newest ]; then pip install -q --upgrade "sae-lens>=6.38,<7"; fi
+  "$VENV/bin/python" -c "import sae_lens, torch; print('== testing with sae-lens', sae_lens.__version__, '/ torch', torch.__version__)"
+  # Run from tests/ so the checkout's package folder cannot shadow the installed distribution.
+  (cd tests && "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@") || status=$?
+  if [ "$status" -ne 0 ]; then echo "== FAILED with $spec (exit $status)"; break; fi
+done
+exit "$status"
