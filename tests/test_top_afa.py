@@ -128,6 +128,11 @@ def test_rule_edge_cases_and_leading_dims():
     assert sel.k.shape == (2, 5) and (sel.k == 1).all()
     assert torch.equal(sel.codes.amax(-1), acts.amax(-1))
     assert afa_select(torch.zeros(0, 8), torch.zeros(0), None, 2).codes.shape == (0, 8)
+    pre = torch.randn(30, 25)  # negative pre-activations count as 0: the ReLU is inside the rule
+    tgt = torch.rand(30) * 2
+    for k_max in (None, 4):
+        a, b = afa_select(pre, tgt, None, k_max), afa_select(pre.relu(), tgt, None, k_max)
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.k, b.k) and (a.codes >= 0).all()
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="k_max"):
             afa_select(acts, torch.ones(2, 5), None, bad)

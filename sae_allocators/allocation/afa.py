@@ -1,6 +1,6 @@
 """top-AFA allocation (Lee et al. 2025, arXiv 2503.24277; reference code SewoongLee/top-afa-sae, MIT).
 
-Per token, with affinities ``a >= 0`` (ReLU'd pre-activations), decoder-row norms ``n`` and the
+Per token, with affinities ``a = relu(pre)``, decoder-row norms ``n`` and the
 target norm ``t = ||x - b_dec||``:
 
 1. ``s_j = (a_j * n_j)^2``, the squared norm of feature j's contribution to the reconstruction;
@@ -49,13 +49,13 @@ class AFASelection(NamedTuple):
 
 
 def squared_contributions(acts: torch.Tensor, dec_norm: torch.Tensor | None = None) -> torch.Tensor:
-    """``(acts * dec_norm)^2`` in float32 or wider, detached (the sort key of the rule)."""
-    s = acts.detach()
+    """``(relu(acts) * dec_norm)^2`` in float32 or wider, detached (the sort key of the rule)."""
+    s = acts.detach().clamp_min(0)
     if s.dtype not in (torch.float32, torch.float64):
         s = s.float()
     if dec_norm is not None:
         s = s * dec_norm.detach().to(s.dtype)
-    return s.square()
+    return s.square_()
 
 
 def _flatten(acts: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +84,8 @@ def afa_select(
     """The top-AFA selection with an optional cap ``k_max`` (see the module docstring).
 
     Args:
-        acts: affinities ``[..., F]``, expected ``>= 0`` (ReLU'd pre-activations).
+        acts: affinities ``[..., F]``: pre-activations; negative entries count as 0 (the ReLU is
+            applied here, to the kept entries only, which is cheaper than a full ReLU).
         target: ``[...]`` per-token target norm ``||x - b_dec||``.
         dec_norm: ``[F]`` norms of the decoder rows as the decode applies them (``None``: all 1).
         k_max: keep at most this many features per token (``None``: no cap, a full sort).
@@ -104,9 +105,14 @@ def afa_select(
         return AFASelection(acts * 0, zeros, zeros.bool())
     cap = n_feat if k_max is None else min(k_max, n_feat)
     with torch.no_grad():
-        s = squared_contributions(a, dec_norm)
         n_sorted = min(cap + 1, n_feat)
-        v, idx = s.topk(n_sorted, dim=-1, sorted=True)
+        if dec_norm is None:
+            # (relu a)^2 is non-decreasing in a: rank a itself and square only the top values (no
+            # full pass). Values whose squares round to equal are ties of s, caught below.
+            v, idx = a.detach().topk(n_sorted, dim=-1, sorted=True)
+            v = squared_contributions(v)
+        else:
+            v, idx = squared_contributions(a, dec_norm).topk(n_sorted, dim=-1, sorted=True)
         c = v[:, :cap].cumsum(-1).sqrt()
         tt = t.detach().to(c.dtype)[:, None]
         k = (c - tt).abs().argmin(dim=-1) + 1  # [N] in 1..cap (first minimum)
@@ -124,12 +130,14 @@ def afa_select(
             v_after = torch.where(k < n_feat, v.gather(-1, k.clamp(max=n_feat - 1)[:, None]).squeeze(-1), torch.full_like(v_k, -1.0))
         tie = v_after == v_k
     idx_c = idx[:, :cap]
-    codes = torch.zeros_like(a).scatter(-1, idx_c, a.gather(-1, idx_c) * keep.to(a.dtype))
+    codes = torch.zeros_like(a)
+    codes.scatter_(-1, idx_c, a.gather(-1, idx_c).relu() * keep.to(a.dtype))
     if bool(tie.any()):
         rows = tie.nonzero().squeeze(1)
         with torch.no_grad():
-            mask = _lowest_index_prefix_mask(s.index_select(0, rows), v_k.index_select(0, rows), k.index_select(0, rows))
-        codes = codes.index_copy(0, rows, a.index_select(0, rows) * mask.to(a.dtype))
+            s_rows = squared_contributions(a.index_select(0, rows), dec_norm)
+            mask = _lowest_index_prefix_mask(s_rows, v_k.index_select(0, rows), k.index_select(0, rows))
+        codes = codes.index_copy(0, rows, a.index_select(0, rows).relu() * mask.to(a.dtype))
     return AFASelection(codes.reshape(shape), k.reshape(lead), capped.reshape(lead))
 
 
@@ -156,7 +164,7 @@ def afa_select_reference(acts: torch.Tensor, target: torch.Tensor, dec_norm: tor
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(s.shape[-1], device=s.device).expand_as(order).contiguous())
     mask = rank < k[:, None]
-    return (a * mask.to(a.dtype)).reshape(shape), k.reshape(shape[:-1])
+    return (a.relu() * mask.to(a.dtype)).reshape(shape), k.reshape(shape[:-1])
 
 
 def afa_loss(feature_acts: torch.Tensor, target_norm: torch.Tensor, dec_norm: torch.Tensor | None = None) -> torch.Tensor:

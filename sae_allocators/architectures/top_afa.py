@@ -47,7 +47,7 @@ class TopAFA(nn.Module):
         self.k_max = k_max
 
     def select(self, hidden_pre: torch.Tensor, target: torch.Tensor, dec_norm: torch.Tensor | None) -> AFASelection:
-        return afa_select(hidden_pre.relu(), target, dec_norm, self.k_max)
+        return afa_select(hidden_pre, target, dec_norm, self.k_max)  # ReLU applied inside, to kept entries
 
     def forward(self, hidden_pre: torch.Tensor, target: torch.Tensor, dec_norm: torch.Tensor | None = None) -> torch.Tensor:
         return self.select(hidden_pre, target, dec_norm).codes
