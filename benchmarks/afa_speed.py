@@ -72,14 +72,15 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def child_peak_rss(args: argparse.Namespace, name: str, k_max: int | None) -> float:
-    """Peak RSS (MiB) of a child process that builds one model and runs 2 steps."""
+def child_peak_rss(args: argparse.Namespace, name: str, k_max: int | None) -> dict[str, float]:
+    """Peak RSS (MiB) of a child process that builds one model and runs 2 steps, and the RSS
+    before the steps (a crude measure: glibc keeps freed memory, so expect ~10% noise)."""
     cmd = [sys.executable, __file__, "--child", name, "--n", str(args.n), "--d-in", str(args.d_in), "--d-sae", str(args.d_sae), "--k", str(args.k)]
     cmd += ["--k-max", str(k_max) if k_max is not None else "none"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def run_child(args: argparse.Namespace) -> None:
@@ -173,7 +174,11 @@ def main() -> None:
                 sync(dev)
                 print(f"peak memory {label:24s} {torch.cuda.max_memory_allocated() / 2**20:8.0f} MiB (CUDA allocated, one step)")
             else:
-                print(f"peak memory {label:24s} {child_peak_rss(args, name, cap):8.0f} MiB (peak RSS of a child running 2 steps)")
+                r = child_peak_rss(args, name, cap)
+                print(
+                    f"peak memory {label:24s} {r['peak_rss_mib']:8.0f} MiB peak RSS of a child running 2 steps "
+                    f"({r['peak_rss_mib'] - r['before_steps_mib']:.0f} MiB above its RSS before the steps)"
+                )
 
 
 if __name__ == "__main__":
