@@ -11,6 +11,9 @@ OWN_ARCHITECTURES: dict[str, str] = {
     "feature_choice": "sae_allocators.architectures.feature_choice",
     "topk_zipf": "sae_allocators.architectures.topk_zipf",
     "batchtopk_zipf": "sae_allocators.architectures.batchtopk_zipf",
+    "abstopk": "sae_allocators.architectures.abstopk",
+    "abstopk_zipf": "sae_allocators.architectures.abstopk_zipf",
+    "top_afa": "sae_allocators.architectures.top_afa",
 }
 
 #: modules that register auxiliary losses through the same hook machinery

@@ -1,0 +1,71 @@
+"""AbsTopK trained with this project's auxiliary losses, with signed selection (``aux_zipf``).
+
+SAELens's ``abstopk`` (or, on SAELens < 6.53, this project's port of it, see
+:mod:`sae_allocators.architectures.abstopk`) only has AuxK over dead latents. This architecture
+is that same SAE -- same activation, same decoder-norm handling, and the saved ``cfg.json`` says
+``"architecture": "abstopk"``, so plain SAELens >= 6.53 loads it -- with the auxiliary loss
+dispatched through :class:`AuxLossMixin` with ``signed_selection``: candidates are ranked by
+``|pre|`` and keep their sign, exactly as AbsTopK's own selection. Densities, dead / under-used
+sets and the L0 metrics count a feature as firing when its code is ``!= 0``.
+
+It needs a name of its own because SAELens picks the training class from the architecture name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sae_lens.saes.sae import SAEConfig
+
+from sae_allocators.architectures._common import check_k
+from sae_allocators.architectures.abstopk import AbsTopKSAE, AbsTopKSAEConfig, AbsTopKTrainingSAE, AbsTopKTrainingSAEConfig
+from sae_allocators.hookspecs import hookimpl
+from sae_allocators.losses import AuxLossConfig, AuxLossMixin
+
+NAME = "abstopk_zipf"
+
+
+@dataclass
+class AbsTopKZipfTrainingSAEConfig(AuxLossConfig, AbsTopKTrainingSAEConfig):  # type: ignore[misc,valid-type]
+    """AbsTopK's training config plus the :class:`AuxLossConfig` fields (default ``aux_loss="zipf"``)."""
+
+    aux_loss: str = "zipf"
+
+    def __post_init__(self) -> None:
+        check_k(self.k, self.d_sae)
+        if int(self.k) != self.k:
+            raise ValueError(f"k={self.k!r} is invalid: abstopk keeps exactly k features per token, so k must be an integer.")
+        super().__post_init__()
+
+    @classmethod
+    def architecture(cls) -> str:
+        return NAME
+
+    def get_inference_config_class(self) -> type[SAEConfig]:
+        return AbsTopKSAEConfig
+
+
+class AbsTopKZipfTrainingSAE(AuxLossMixin, AbsTopKTrainingSAE):  # type: ignore[misc,valid-type]
+    """AbsTopK with the auxiliary loss chosen by ``cfg.aux_loss`` (signed selection); saved as ``abstopk``."""
+
+    signed_selection = True
+
+
+@dataclass
+class AbsTopKSAEZipfLoadConfig(AbsTopKSAEConfig):  # type: ignore[misc,valid-type]
+    """Only so that a ``cfg.json`` saying ``'abstopk_zipf'`` (a hand-made one: training saves
+    ``'abstopk'``) still loads, as an ``abstopk`` SAE."""
+
+    @classmethod
+    def architecture(cls) -> str:
+        return NAME
+
+
+@hookimpl
+def register_architectures(register) -> None:
+    register(
+        NAME,
+        inference=(AbsTopKSAE, AbsTopKSAEZipfLoadConfig),
+        training=(AbsTopKZipfTrainingSAE, AbsTopKZipfTrainingSAEConfig),
+        description="abstopk trained with aux_loss='zipf' (or 'auxk'/'none'), signed selection; saved as abstopk",
+    )
