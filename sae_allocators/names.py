@@ -8,6 +8,7 @@ PROVIDED_ARCHITECTURES: tuple[str, ...] = ("feature_choice", "mutual_choice", "a
 #: architecture name -> the module of this package that registers it
 OWN_ARCHITECTURES: dict[str, str] = {
     "mutual_choice": "sae_allocators.architectures.mutual_choice",
+    "gradient_topk": "sae_allocators.architectures.gradient_topk",
 }
 
 #: modules that register auxiliary losses through the same hook machinery
