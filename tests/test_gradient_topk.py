@@ -266,3 +266,18 @@ def test_resume_from_checkpoint_uses_the_gradient_store(trained, tmp_path):
     assert len(seen) * 64 == 12 * 64 - state["n_training_samples"]
     assert set(seen) == {2 * D}  # with [x | g] rows
     assert runner.activations_store.n_dataset_processed > 0
+
+
+def test_prefetching_runner_gets_gradient_rows():
+    """SAELens >= 6.4x can run the store in a background thread (prefetch_llm_batches)."""
+    from sae_lens import LanguageModelSAERunnerConfig
+
+    if "prefetch_llm_batches" not in LanguageModelSAERunnerConfig.__dataclass_fields__:
+        pytest.skip("this SAELens has no prefetching")
+    runner = _runner(GradientTopKTrainingSAEConfig(d_in=D, d_sae=64, k=4), steps=6, prefetch_llm_batches=2)
+    seen = []
+    real = runner.sae.training_forward_pass
+    runner.sae.training_forward_pass = lambda step_input: (seen.append(step_input.sae_in.shape[-1]), real(step_input))[1]
+    runner.run()
+    assert seen == [2 * D] * 6
+    assert all(p.grad is None for p in runner.model.parameters())
