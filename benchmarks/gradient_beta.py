@@ -131,7 +131,7 @@ def evaluate(args, model, sae, eval_rows: torch.Tensor, gsae=None) -> dict:
     from sae_allocators.gradient import forward_backward
 
     hook = args.hook
-    tot = {k: 0.0 for k in ("clean", "zero", "sae", "gsae", "sse", "sse_g", "sst", "n")}
+    tot = {k: 0.0 for k in ("clean", "zero", "sae", "gsae", "sse", "sse_g", "sst", "n", "changed", "sel")}
     xs = []
     for b in eval_rows.split(32):
         x = model.run_with_cache(b, names_filter=[hook])[1][hook]
@@ -158,6 +158,9 @@ def evaluate(args, model, sae, eval_rows: torch.Tensor, gsae=None) -> dict:
             tot["gsae"] += float(model.run_with_hooks(b, return_type="loss", fwd_hooks=[(hook, lambda a, hook: splice(a, hook, "gsae"))])) * n
             x, r = recon["gsae"]
             tot["sse_g"] += float((x - r).pow(2).sum())
+            plain_sel, grad_sel = gsae.encode(x) != 0, gsae.encode(x, grad=grad) != 0
+            tot["changed"] += float((grad_sel & ~plain_sel).sum())
+            tot["sel"] += float(grad_sel.sum())
         tot["n"] += n
     ce = {k: tot[k] / tot["n"] for k in ("clean", "zero", "sae", "gsae")}
     res = {
@@ -171,6 +174,7 @@ def evaluate(args, model, sae, eval_rows: torch.Tensor, gsae=None) -> dict:
             "dce_grad_encode": ce["gsae"] - ce["clean"],
             "ce_recovered_grad_encode": (ce["zero"] - ce["gsae"]) / (ce["zero"] - ce["clean"]),
             "explained_variance_grad_encode": 1 - tot["sse_g"] / tot["sst"],
+            "selection_changed_by_grad": tot["changed"] / max(tot["sel"], 1.0),
         }
     return res
 
@@ -237,7 +241,7 @@ def main() -> None:
             res |= {"name": name, "seed": seed, "saved_as": sae.cfg.architecture(), "store": store, "train_s": secs}
             results.append(res)
             extra = (f" | grad-encode: CE rec {res['ce_recovered_grad_encode']:.4f} dCE {res['dce_grad_encode']:.4f} "
-                     f"EV {res['explained_variance_grad_encode']:.4f}") if gsae is not None else ""
+                     f"EV {res['explained_variance_grad_encode']:.4f}, {100 * res['selection_changed_by_grad']:.1f}% of selections changed") if gsae is not None else ""
             print(f"{name:24s} seed {seed}: CE rec {res['ce_recovered']:.4f}  dCE {res['dce']:.4f}  EV "
                   f"{res['explained_variance']:.4f}  ({store}, {secs:.0f}s){extra}", flush=True)
 
