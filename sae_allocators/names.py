@@ -8,6 +8,9 @@ PROVIDED_ARCHITECTURES: tuple[str, ...] = ("feature_choice", "mutual_choice", "a
 #: architecture name -> the module of this package that registers it
 OWN_ARCHITECTURES: dict[str, str] = {
     "mutual_choice": "sae_allocators.architectures.mutual_choice",
+    "feature_choice": "sae_allocators.architectures.feature_choice",
+    "topk_zipf": "sae_allocators.architectures.topk_zipf",
+    "batchtopk_zipf": "sae_allocators.architectures.batchtopk_zipf",
     "gradient_topk": "sae_allocators.architectures.gradient_topk",
 }
 

@@ -1,10 +1,40 @@
-"""Batch-level allocation: keep the ``k * N`` largest affinities of the whole batch."""
+"""Batch-level allocation (Mutual Choice / BatchTopK): keep the ``k * N`` largest affinities.
+
+The plain way (SAELens's ``BatchTopK``) is one ``torch.topk`` over all ``N * F`` values, which
+costs ~0.6 s at N=4096, F=8192 on two CPU cores. Here the same selection is made exactly from
+a cheap estimate plus an exact correction:
+
+1. **estimate** -- a strided sample of ~64k values gives a lower bound ``t_lo`` that sits a few
+   standard deviations below the sample's ``K/(N F)`` quantile, so that (with overwhelming
+   probability) at least ``K`` values are ``>= t_lo``;
+2. **candidates** -- the flat values are viewed as blocks of 32; a block can only hold a value
+   ``>= t_lo`` if its maximum does (one fast reduction), so only those blocks are gathered
+   and filtered: ~1.2 K values instead of ``N F``;
+3. **exact correction** -- if there are at least ``K`` candidates, the ``K``-th largest of them
+   (``kthvalue``) *is* the ``K``-th largest of the batch; otherwise (the estimate missed) the
+   function falls back to a full ``torch.topk``, so the result is exact in every case;
+4. **apply** -- ``codes = pre if pre >= tau else 0`` in one fused ``F.threshold`` pass (its
+   backward is a single masked pass, like ReLU's).
+
+Ties at ``tau`` are all kept (``torch.topk`` would keep an arbitrary subset of them); with
+continuous activations ties have probability zero. When fewer than ``K`` affinities are
+positive, every positive one is kept (``tau = 0``), which is what ``BatchTopK`` keeps too (it
+also "selects" zeros, which change nothing).
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
+
+#: values sampled for the threshold estimate
+SAMPLE_SIZE = 65536
+#: standard deviations of slack below the sample quantile
+SLACK_SIGMAS = 4.0
+#: block length of the candidate filter
+BLOCK = 32
 
 
 def budget(k: float, n_tokens: int) -> int:
@@ -12,16 +42,103 @@ def budget(k: float, n_tokens: int) -> int:
     return int(math.floor(k * n_tokens))
 
 
-def batch_topk(affinity: torch.Tensor, k: float) -> torch.Tensor:
-    """Mutual Choice / BatchTopK selection (reference version).
+def _coprime_step(n: int, row_len: int, sample_size: int) -> int:
+    step = max(1, n // sample_size)
+    while math.gcd(step, row_len) != 1:  # a step sharing a factor with F would see few features
+        step += 1
+    return step
 
-    Keeps the ``floor(k * N)`` largest entries of ``relu(affinity)`` over the flattened ``[N, F]``
-    matrix and zeroes the rest, so tokens and features get a variable share of the budget.
-    Leading dimensions of ``affinity`` are flattened and restored.
+
+def kth_largest(flat: torch.Tensor, kk: int, row_len: int | None = None, sample_size: int = SAMPLE_SIZE) -> torch.Tensor:
+    """The exact ``kk``-th largest value of the 1-D tensor ``flat`` (a 0-d tensor, same dtype).
+
+    Uses the estimate-and-correct scheme of this module; ``row_len`` (F) keeps the strided sample
+    from aliasing with the feature dimension. ``kk`` must be in ``[1, flat.numel()]``.
     """
+    return kth_largest_with_candidates(flat, kk, row_len, sample_size)[0]
+
+
+def kth_largest_with_candidates(
+    flat: torch.Tensor, kk: int, row_len: int | None = None, sample_size: int = SAMPLE_SIZE
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Like :func:`kth_largest`, also returning the candidates it examined: ``(tau, values,
+    flat_indices)`` where the candidates include every entry ``>= tau`` (``None`` when the small-
+    input path sorted everything)."""
+    n = flat.numel()
+    if not 1 <= kk <= n:
+        raise ValueError(f"kth_largest: kk={kk} must be in [1, {n}]")
+    if n <= 4 * sample_size or kk * 4 > n:
+        return flat.kthvalue(n - kk + 1).values, None, None
+    step = _coprime_step(n, row_len or 1, sample_size)
+    sample = flat[step // 2 :: step]
+    s = sample.numel()
+    expected = kk * s / n
+    r = max(1, min(s, int(math.ceil(expected + SLACK_SIGMAS * math.sqrt(expected) + 8))))
+    t_lo = sample.kthvalue(s - r + 1).values
+    usable = (n // BLOCK) * BLOCK
+    blocks = flat[:usable].view(-1, BLOCK)
+    hit = (blocks.amax(dim=-1) >= t_lo).nonzero().squeeze(1)
+    sub = blocks.index_select(0, hit)
+    keep = sub >= t_lo
+    cand = sub[keep]
+    idx = (hit[:, None] * BLOCK + torch.arange(BLOCK, device=flat.device))[keep]
+    if usable < n:
+        tail = flat[usable:]
+        tail_keep = tail >= t_lo
+        cand = torch.cat([cand, tail[tail_keep]])
+        idx = torch.cat([idx, usable + tail_keep.nonzero().squeeze(1)])
+    c = cand.numel()
+    if c < kk:  # the estimate was too high (rare): exact fallback
+        top = torch.topk(flat, kk, sorted=False)
+        return top.values.min(), top.values, top.indices
+    return cand.kthvalue(c - kk + 1).values, cand, idx
+
+
+def keep_at_least(affinity: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
+    """``affinity`` where ``affinity >= tau`` (and ``> 0``), else 0; differentiable in ``affinity``.
+
+    ``tau`` is a scalar. For float32/float64 this is one fused ``F.threshold`` pass (which keeps
+    ``x > t``) with ``t`` the largest float below ``tau``; other dtypes use ``torch.where``.
+    """
+    t = float(tau)
+    if t <= 0:
+        return affinity.relu()
+    if affinity.dtype in (torch.float32, torch.float64):
+        tt = torch.tensor(t, dtype=affinity.dtype)
+        below = float(torch.nextafter(tt, torch.tensor(-math.inf, dtype=affinity.dtype)))
+        return F.threshold(affinity, below, 0.0)
+    return torch.where(affinity >= t, affinity, torch.zeros((), dtype=affinity.dtype, device=affinity.device))
+
+
+def mutual_choice_select(affinity: torch.Tensor, k: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mutual Choice selection; returns ``(codes, tau)``.
+
+    Keeps the ``floor(k * N)`` largest entries of ``relu(affinity)`` over all leading dimensions
+    (N = their product) and zeroes the rest; ``tau`` (0-d, >= 0) is the smallest kept value, 0 when
+    fewer than ``floor(k * N)`` entries are positive. Differentiable in ``affinity``.
+    """
+    if affinity.shape[-1] == 0 or affinity.numel() == 0:
+        return affinity.relu(), affinity.new_zeros(())
+    n_tokens = affinity.numel() // affinity.shape[-1]
+    flat = affinity.detach().reshape(-1)
+    kk = min(budget(k, n_tokens), flat.numel())
+    if kk <= 0:
+        return affinity * 0, affinity.new_tensor(math.inf)
+    tau = kth_largest(flat, kk, row_len=affinity.shape[-1]).clamp_min(0)
+    codes = keep_at_least(affinity, tau)
+    return codes, tau
+
+
+def batch_topk(affinity: torch.Tensor, k: float) -> torch.Tensor:
+    """Mutual Choice / BatchTopK codes (see :func:`mutual_choice_select`)."""
+    return mutual_choice_select(affinity, k)[0]
+
+
+def batch_topk_reference(affinity: torch.Tensor, k: float) -> torch.Tensor:
+    """The plain full-``torch.topk`` version (SAELens's ``BatchTopK``), kept for tests and benchmarks."""
     acts = affinity.relu()
     flat = acts.reshape(-1)
-    n_tokens = acts.shape[:-1].numel()
+    n_tokens = acts.numel() // acts.shape[-1]
     keep = min(budget(k, n_tokens), flat.numel())
     out = torch.zeros_like(flat)
     if keep > 0:

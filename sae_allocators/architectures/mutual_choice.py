@@ -1,21 +1,25 @@
 """Mutual Choice SAE (Ayonrinde 2024, arXiv 2411.02124): the batch keeps its k*N largest affinities.
 
-The selection is the same as SAELens's ``batchtopk`` (Bussmann et al. 2024). Training keeps an
-EMA of the smallest selected activation as a global threshold; the saved inference model is a
-SAELens ``jumprelu`` with that threshold, so it loads anywhere without this package.
+The selection is the same as SAELens's ``batchtopk`` (Bussmann et al. 2024); what differs is how
+it is computed (exact, without a full sort: :mod:`sae_allocators.allocation.batch`), the default
+auxiliary loss (``aux_zipf``), and the threshold: a running global threshold theta (mean of the
+batch's smallest kept value over the first ``1/topk_threshold_lr`` steps, then an EMA) that is
+saved, in the saved model's units, as a SAELens ``jumprelu``. See docs/mutual_choice.md.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
-from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig, TopKTrainingSAE
 
-from sae_allocators.allocation import batch_topk
+from sae_allocators.allocation.batch import batch_topk, mutual_choice_select
+from sae_allocators.architectures._common import check_k, check_rate, pre_activations, warm_ema_
 from sae_allocators.hookspecs import hookimpl
+from sae_allocators.losses import AuxLossConfig, AuxLossMixin
 
 NAME = "mutual_choice"
 
@@ -33,9 +37,13 @@ class MutualChoice(torch.nn.Module):
 
 @dataclass
 class MutualChoiceSAEConfig(TopKSAEConfig):
-    """Inference config for batch-mode encoding (parity checks); ``k`` is the average L0."""
+    """Batch-mode inference config (parity checks); ``k`` is the average L0 (a float)."""
 
     k: float = 32  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_k(self.k, self.d_sae)
 
     @classmethod
     def architecture(cls) -> str:
@@ -50,17 +58,74 @@ class MutualChoiceSAE(TopKSAE):
 
 
 @dataclass
-class MutualChoiceTrainingSAEConfig(BatchTopKTrainingSAEConfig):
-    """Training config: ``k`` = average active features per token (float)."""
+class MutualChoiceTrainingSAEConfig(AuxLossConfig, BatchTopKTrainingSAEConfig):
+    """Training config.
+
+    Attributes:
+        k: average active features per token (float); the batch keeps ``floor(k * N)`` entries.
+        topk_threshold_lr: EMA rate of the global threshold (after a running-mean warm-up).
+        aux_loss: ``"zipf"`` (default), ``"auxk"``, ``"none"`` or a plugin's loss.
+        (plus SAELens's TopK fields and the :class:`AuxLossConfig` fields)
+    """
+
+    aux_loss: str = "zipf"
+
+    def __post_init__(self) -> None:
+        check_k(self.k, self.d_sae)
+        check_rate(self.topk_threshold_lr, "topk_threshold_lr")
+        super().__post_init__()
 
     @classmethod
     def architecture(cls) -> str:
         return NAME
 
 
-class MutualChoiceTrainingSAE(BatchTopKTrainingSAE):
+class MutualChoiceTrainingSAE(AuxLossMixin, BatchTopKTrainingSAE):
+    """Mutual Choice training SAE; ``encode`` is the batch rule, ``encode_thresholded`` the saved one."""
+
+    cfg: MutualChoiceTrainingSAEConfig  # type: ignore[assignment]
+    training_only_buffers = ("threshold_steps",)
+
+    def __init__(self, cfg: MutualChoiceTrainingSAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+        self.register_buffer("threshold_steps", torch.zeros((), dtype=torch.long, device=self.W_dec.device))
+        self._last_tau: torch.Tensor | None = None
+
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
         return MutualChoice(self.cfg.k)
+
+    def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden_pre = pre_activations(self, x)
+        codes, tau = mutual_choice_select(hidden_pre, self.cfg.k)
+        self._last_tau = tau
+        return self.hook_sae_acts_post(codes), hidden_pre
+
+    @torch.no_grad()
+    def update_topk_threshold(self, acts_topk: torch.Tensor) -> None:  # noqa: ARG002
+        """theta <- running mean (first 1/lr steps), then EMA, of the batch's smallest kept value."""
+        if self._last_tau is None:
+            return
+        warm_ema_(self.topk_threshold, self._last_tau.detach().double(), self.threshold_steps, self.cfg.topk_threshold_lr)
+        self._last_tau = None
+
+    @torch.no_grad()
+    def encode_thresholded(self, x: torch.Tensor) -> torch.Tensor:
+        """The batch-free rule the saved ``jumprelu`` applies: ``relu(pre) * (pre > theta)``."""
+        hidden_pre = pre_activations(self, x)
+        return hidden_pre.relu() * (hidden_pre > self.topk_threshold.to(hidden_pre.dtype))
+
+    @torch.no_grad()
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
+        # Same on every SAELens version (BatchTopK only fixed this in 6.4x, #763).
+        TopKTrainingSAE.fold_activation_norm_scaling_factor(self, scaling_factor)
+        if self.cfg.rescale_acts_by_decoder_norm:
+            self.topk_threshold /= scaling_factor
+
+    def lazy_metrics(self, feature_acts: torch.Tensor, dead_mask: torch.Tensor | None) -> dict[str, Any]:
+        out = super().lazy_metrics(feature_acts, dead_mask)
+        theta = self.topk_threshold.detach().clone()
+        out["threshold"] = lambda: float(theta)
+        return out
 
 
 @hookimpl
@@ -69,5 +134,5 @@ def register_architectures(register) -> None:
         NAME,
         training=(MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig),
         inference=(MutualChoiceSAE, MutualChoiceSAEConfig),
-        description="Mutual Choice: batch keeps its k*N largest affinities; saved as jumprelu",
+        description="Mutual Choice: batch keeps its k*N largest affinities (exact, fast); saved as jumprelu",
     )

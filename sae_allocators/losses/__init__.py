@@ -1,9 +1,12 @@
 """Auxiliary losses, composable with every training architecture of this project.
 
 A loss is registered by name through the ``register_aux_losses`` hook and chosen with a
-training config's ``aux_loss`` field. See :mod:`sae_allocators.losses.registry`.
+training config's ``aux_loss`` field (see :class:`AuxLossConfig`). A loss is a callable
+``loss(sae, step)`` returning a scalar tensor or a dict of named ones; ``sae`` is an
+:class:`AuxLossMixin` training SAE and ``step`` an :class:`AuxLossInput`.
 """
 
+from sae_allocators.losses.base import AuxLossConfig, AuxLossInput, AuxLossMixin, check_finite
 from sae_allocators.losses.registry import AuxLoss, available, get
 
-__all__ = ["AuxLoss", "available", "get"]
+__all__ = ["AuxLoss", "AuxLossConfig", "AuxLossInput", "AuxLossMixin", "available", "check_finite", "get"]

@@ -1,10 +1,66 @@
-"""The project's own auxiliary losses, registered through the same hook as a plugin's."""
+"""The project's own auxiliary losses, registered through the same hook as a plugin's.
+
+- ``auxk``: AuxK (Gao et al. 2024) over the trainer's dead set, computed exactly as SAELens's
+  ``TopKTrainingSAE.calculate_topk_aux_loss`` (same k_aux, scale and reduction).
+- ``zipf``: the same residual reconstruction over the set U of dead *and under-used* features
+  (:meth:`AuxLossMixin.underused_mask`); with U forced to the dead set it equals ``auxk``.
+- ``none``: no auxiliary term.
+
+:func:`residual_aux_loss` is the shared core; a plugin adding a loss over another candidate set
+calls it with its own mask (see docs/aux_zipf.md).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from sae_allocators.hookspecs import hookimpl
+
+
+def residual_aux_loss(sae: Any, step: Any, candidates: torch.Tensor | None, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """AuxK-style loss over the latents in ``candidates`` ([d_sae] bool).
+
+    Per token, the ``k_aux`` candidates with the largest ``sae.aux_scores(hidden_pre)`` keep their
+    ``hidden_pre`` value (optionally times ``weights[j]``), the rest are zeroed; the codes are
+    decoded without bias (``sae.aux_decode``) and regressed onto the detached residual:
+    ``coef * min(|C| / k_aux, 1) * mean_tokens sum_d (recons - residual)^2`` with
+    ``k_aux = min(sae.aux_k_value(), |C|)``. Zero when ``candidates`` is None or empty.
+    """
+    if candidates is None or (num := int(candidates.sum())) == 0:
+        return step.sae_out.new_tensor(0.0)
+    sae.aux_check_normalization()
+    residual = step.residual
+    k_aux = sae.aux_k_value()
+    scale = min(num / k_aux, 1.0)
+    k_aux = min(k_aux, num)
+    hidden_pre = step.hidden_pre
+    scores = sae.aux_scores(hidden_pre)
+    masked = torch.where(candidates[None], scores, -torch.inf)
+    top = masked.topk(k_aux, sorted=False)
+    values = top.values if scores is hidden_pre else hidden_pre.gather(-1, top.indices)
+    if weights is not None:
+        values = values * weights.to(values.dtype)[top.indices]
+    acts = torch.zeros_like(hidden_pre)
+    acts.scatter_(-1, top.indices, values)
+    recons = sae.aux_decode(acts)
+    loss = (recons - residual).pow(2).sum(dim=-1).mean()
+    return sae.cfg.aux_loss_coefficient * scale * loss
+
+
+def auxk_loss(sae: Any, step: Any) -> torch.Tensor:
+    """``aux_loss="auxk"``: the residual reconstruction over the trainer's dead set."""
+    return residual_aux_loss(sae, step, step.dead_mask)
+
+
+def zipf_loss(sae: Any, step: Any) -> torch.Tensor:
+    """``aux_loss="zipf"``: the residual reconstruction over dead and under-used features."""
+    under = sae.underused_mask(step.dead_mask)
+    weights = sae.zipf_shortfall() if sae.cfg.zipf_weight_by_shortfall else None
+    if weights is not None and step.dead_mask is not None:
+        weights = torch.where(step.dead_mask.bool(), torch.ones_like(weights), weights)
+    return residual_aux_loss(sae, step, under, weights)
 
 
 def no_aux_loss(sae: Any, step: Any) -> Any:
@@ -14,4 +70,6 @@ def no_aux_loss(sae: Any, step: Any) -> Any:
 
 @hookimpl
 def register_aux_losses(register) -> None:
+    register("auxk", auxk_loss, description="AuxK over dead latents (SAELens TopK's auxiliary loss)")
+    register("zipf", zipf_loss, description="AuxK over dead and under-used latents (below a Zipf curve of densities)")
     register("none", no_aux_loss, description="no auxiliary loss")

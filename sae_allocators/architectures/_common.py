@@ -1,0 +1,50 @@
+"""Small helpers shared by this project's architecture shells (not a plugin module)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+
+def check_k(k: Any, d_sae: int, field: str = "k") -> None:
+    """``k`` is the average number of active features per token: a float in (0, d_sae]."""
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k) or not 0 < k <= d_sae:
+        raise ValueError(
+            f"{field}={k!r} is invalid: it is the average number of active features per token, so it "
+            f"must be a number with 0 < {field} <= d_sae={d_sae} (e.g. {field}=32)."
+        )
+
+
+def check_rate(value: Any, field: str) -> None:
+    if not (isinstance(value, (int, float)) and 0 < value <= 1):
+        raise ValueError(f"{field}={value!r} is invalid: use a rate in (0, 1] (e.g. 0.01).")
+
+
+def pre_activations(sae: Any, x: torch.Tensor) -> torch.Tensor:
+    """TopK-style pre-activations: ``(process(x) @ W_enc + b_enc) * |W_dec rows|`` if rescaling.
+
+    In these units the saved inference model (norms folded into ``W_enc``/``b_enc``) computes
+    exactly the same numbers, so thresholds learned on them are the saved JumpReLU thresholds.
+    """
+    sae_in = sae.process_sae_in(x)
+    hidden_pre = sae.hook_sae_acts_pre(sae_in @ sae.W_enc + sae.b_enc)
+    if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
+        hidden_pre = hidden_pre * sae.W_dec.norm(dim=-1)
+    return hidden_pre
+
+
+def warm_ema_(buffer: torch.Tensor, target: torch.Tensor, steps: torch.Tensor, rate: float, where: torch.Tensor | None = None) -> None:
+    """In place: running mean for the first ``1/rate`` updates, then an EMA with ``rate``.
+
+    ``steps`` counts the updates (per element when ``where`` is given: only those entries update).
+    """
+    if where is None:
+        steps += 1
+        w = (1.0 / steps.double()).clamp_min(rate).to(buffer.dtype)
+        buffer.lerp_(target.to(buffer.dtype), w)
+        return
+    steps += where.to(steps.dtype)
+    w = torch.where(where, (1.0 / steps.double().clamp_min(1)).clamp_min(rate), torch.zeros((), dtype=torch.double, device=buffer.device))
+    buffer.lerp_(target.to(buffer.dtype), w.to(buffer.dtype))
