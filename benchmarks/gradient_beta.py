@@ -235,22 +235,36 @@ def main() -> None:
             name = arch if arch == "topk" else f"{arch} beta={beta:g}"
             out = Path(args.out) / f"{arch}_b{beta:g}_s{seed}"
             secs, store = train_sae(args, model, dataset, arch, beta, seed, out)
-            sae = SAE.load_from_disk(str(out))
-            gsae = GradientTopKSAE.from_topk(sae, beta=beta, grad_normalization=args.grad_normalization) if arch != "topk" else None
-            res = evaluate(args, model, sae.eval(), eval_rows, gsae)
-            res |= {"name": name, "seed": seed, "saved_as": sae.cfg.architecture(), "store": store, "train_s": secs}
-            results.append(res)
-            extra = (f" | grad-encode: CE rec {res['ce_recovered_grad_encode']:.4f} dCE {res['dce_grad_encode']:.4f} "
-                     f"EV {res['explained_variance_grad_encode']:.4f}, {100 * res['selection_changed_by_grad']:.1f}% of selections changed") if gsae is not None else ""
-            print(f"{name:24s} seed {seed}: CE rec {res['ce_recovered']:.4f}  dCE {res['dce']:.4f}  EV "
-                  f"{res['explained_variance']:.4f}  ({store}, {secs:.0f}s){extra}", flush=True)
+            sae = SAE.load_from_disk(str(out)).eval()
+            # gradient-aware encode at eval: with the SAE's own beta; for topk, with every beta of
+            # the sweep (the control: does using gradients at inference alone give the gain?)
+            enc_betas = [beta] if arch != "topk" else [float(b) for b in args.betas.split(",") if float(b) > 0]
+            for enc_beta in enc_betas or [None]:
+                gsae = None if enc_beta is None else GradientTopKSAE.from_topk(sae, beta=enc_beta, grad_normalization=args.grad_normalization)
+                res = evaluate(args, model, sae, eval_rows, gsae)
+                res |= {"name": name, "seed": seed, "saved_as": sae.cfg.architecture(), "store": store, "train_s": secs, "encode_beta": enc_beta}
+                results.append(res)
+                extra = (f" | grad-encode (beta={enc_beta:g}): CE rec {res['ce_recovered_grad_encode']:.4f} dCE {res['dce_grad_encode']:.4f} "
+                         f"EV {res['explained_variance_grad_encode']:.4f}, {100 * res['selection_changed_by_grad']:.1f}% of selections changed") if gsae is not None else ""
+                print(f"{name:24s} seed {seed}: CE rec {res['ce_recovered']:.4f}  dCE {res['dce']:.4f}  EV "
+                      f"{res['explained_variance']:.4f}  ({store}, {secs:.0f}s){extra}", flush=True)
 
     print(f"\nLM held-out loss {lm_loss:.3f} nats/byte; CE clean {results[0]['ce_clean']:.4f}, zero-ablated {results[0]['ce_zero']:.4f}")
-    print(f"{'SAE (saved as topk, plain encode)':34s} {'CE recovered':>12s} {'dCE nats':>9s} {'expl.var':>9s}")
+    seeds = sorted({r["seed"] for r in results})
+    print(f"\nWhat is learned -- each SAE as saved (topk), plain encode; mean over seeds {seeds}:")
+    print(f"{'SAE':26s} {'CE recovered':>12s} {'dCE nats':>9s} {'expl.var':>9s}   per seed CE recovered")
     for name in dict.fromkeys(r["name"] for r in results):
-        rs = [r for r in results if r["name"] == name]
+        rs = {r["seed"]: r for r in results if r["name"] == name}.values()  # one row per seed
         m = {k: sum(r[k] for r in rs) / len(rs) for k in ("ce_recovered", "dce", "explained_variance")}
-        print(f"{name:34s} {m['ce_recovered']:12.4f} {m['dce']:9.4f} {m['explained_variance']:9.4f}  (mean of {len(rs)} seed(s))")
+        per = ", ".join(f"{r['ce_recovered']:.4f}" for r in rs)
+        print(f"{name:26s} {m['ce_recovered']:12.4f} {m['dce']:9.4f} {m['explained_variance']:9.4f}   {per}")
+    print("\nGradient-aware encode at eval (encode(x, grad=dL/dx)), same SAEs:")
+    for name in dict.fromkeys(r["name"] for r in results):
+        for eb in dict.fromkeys(r["encode_beta"] for r in results if r["name"] == name and r["encode_beta"]):
+            rs = [r for r in results if r["name"] == name and r["encode_beta"] == eb]
+            m = {k: sum(r[k] for r in rs) / len(rs) for k in ("ce_recovered_grad_encode", "dce_grad_encode", "explained_variance_grad_encode", "selection_changed_by_grad")}
+            print(f"{name + f' | encode beta={eb:g}':40s} CE rec {m['ce_recovered_grad_encode']:.4f}  dCE {m['dce_grad_encode']:.4f}  "
+                  f"EV {m['explained_variance_grad_encode']:.4f}  selections changed {100 * m['selection_changed_by_grad']:.1f}%")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -131,8 +131,32 @@ def test_bad_rows():
         sae.training_forward_pass(_step_input(_rand(4, D + 1)))
     rows = torch.cat([_rand(4, D), _rand(4, D)], -1)
     rows[1, D + 3] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match="1 NaN"):
         sae.training_forward_pass(_step_input(rows))
+
+
+def test_aux_loss_is_selectable():
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    rows = torch.cat([_rand(40, D), _rand(40, D, seed=1)], -1)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::3] = True
+    step = _step_input(rows)
+    step.dead_neuron_mask = dead
+    losses = {}
+    for name in ("auxk", "zipf", "none"):
+        sae = _sae(aux_loss=name)
+        losses[name] = sae.training_forward_pass(step).losses["auxiliary_reconstruction_loss"]
+    assert losses["none"] == 0 and losses["auxk"] > 0 and losses["zipf"] > 0
+    # "auxk" is SAELens's TopK auxiliary loss, computed on the activation half of the rows
+    sae = _sae(aux_loss="auxk")
+    out = sae.training_forward_pass(step)
+    ref = TopKTrainingSAE.calculate_topk_aux_loss(sae, sae_in=rows[:, :D], sae_out=out.sae_out, hidden_pre=out.hidden_pre, dead_neuron_mask=dead)
+    torch.testing.assert_close(out.losses["auxiliary_reconstruction_loss"], ref)
+    with pytest.raises(ValueError, match="aux_loss"):
+        GradientTopKTrainingSAEConfig(d_in=D, d_sae=64, k=4, aux_loss="nope")
+    assert TopKTrainingSAEConfig  # SAELens's own class is the base of ours
+    assert issubclass(GradientTopKTrainingSAEConfig, TopKTrainingSAEConfig)
 
 
 @pytest.mark.parametrize(
@@ -218,10 +242,7 @@ def test_saved_sae_loads_as_topk_with_plain_saelens(trained):
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["cls"] == "TopKSAE" and res["arch"] == "topk" and res["ours"] is False
-    from sae_lens.saes.sae import TrainingSAEConfig
-
-    if hasattr(TrainingSAEConfig, "add_training_info_to_metadata"):  # SAELens records it since ~6.40
-        assert res["training"] == "gradient_topk"
+    assert res["training"] == "gradient_topk"
     # the loaded topk SAE encodes as the training SAE does without a gradient
     sae = trained["sae"].eval()
     with torch.no_grad():

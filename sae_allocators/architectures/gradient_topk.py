@@ -23,6 +23,7 @@ from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopK
 from sae_allocators.allocation.gradient import GRAD_NORMALIZATIONS, gradient_topk
 from sae_allocators.gradient.store import split_rows
 from sae_allocators.hookspecs import hookimpl
+from sae_allocators.losses import AuxLossConfig, AuxLossMixin, check_finite
 
 NAME = "gradient_topk"
 
@@ -90,16 +91,18 @@ class GradientTopKSAE(TopKSAE):
 
 
 @dataclass
-class GradientTopKTrainingSAEConfig(TopKTrainingSAEConfig):
-    """Training config.
+class GradientTopKTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
+    """Training config: SAELens's TopK fields, the project's aux-loss fields, and
 
     Args:
         beta: weight of the gradient term in ``z + beta * z * |g @ D.T|`` (0: plain TopK).
         grad_normalization: ``"batch"`` (default; ``g`` divided by the batch's mean per-token
             gradient norm), ``"token"`` (unit norm per token) or ``"none"`` (raw ``g``).
+        aux_loss: ``"auxk"`` (default: exactly SAELens's TopK AuxK), ``"zipf"``, ``"none"``, ...
         normalize_activations: must stay ``"none"`` (the store packs ``[x | g]``).
     """
 
+    aux_loss: str = "auxk"
     beta: float = 1.0
     grad_normalization: str = "batch"
 
@@ -128,7 +131,7 @@ class GradientTopKTrainingSAEConfig(TopKTrainingSAEConfig):
         return GradientActivationsStore
 
 
-class GradientTopKTrainingSAE(TopKTrainingSAE):
+class GradientTopKTrainingSAE(AuxLossMixin, TopKTrainingSAE):
     """TopK training SAE with the g-SAE selection; accepts ``[x | g]`` rows or plain ``x`` rows."""
 
     cfg: GradientTopKTrainingSAEConfig  # type: ignore[assignment]
@@ -146,8 +149,7 @@ class GradientTopKTrainingSAE(TopKTrainingSAE):
 
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         x, grad = split_rows(step_input.sae_in, self.cfg.d_in)
-        if not torch.isfinite(step_input.sae_in).all():
-            raise ValueError("gradient_topk got NaN/inf in its training batch (activations or gradients)")
+        check_finite(step_input.sae_in, "gradient_topk training rows ([activation | gradient])")
         if grad is None and self.cfg.beta > 0 and not self._warned_no_grad:
             self._warned_no_grad = True
             warnings.warn(
