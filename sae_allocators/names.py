@@ -14,6 +14,7 @@ OWN_ARCHITECTURES: dict[str, str] = {
     "abstopk": "sae_allocators.architectures.abstopk",
     "abstopk_zipf": "sae_allocators.architectures.abstopk_zipf",
     "top_afa": "sae_allocators.architectures.top_afa",
+    "gradient_topk": "sae_allocators.architectures.gradient_topk",
 }
 
 #: modules that register auxiliary losses through the same hook machinery
