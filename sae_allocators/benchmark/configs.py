@@ -1,0 +1,173 @@
+"""How to build a training config at a target average L0 ``k``, per registered architecture.
+
+The benchmark trains whatever is registered (SAELens's registry, filled by the plugin host).
+For each name it needs one fact: which config fields give an average of ``k`` active latents
+per token. That is the table :data:`KNOWN` below; extend it with one line per architecture.
+
+Rules, in order, for a registered training architecture ``name``:
+
+1. ``name`` is in :data:`KNOWN`: use its entry (whoever provides it -- SAELens, us or a plugin).
+2. ``name`` is another SAELens built-in (``standard``, ``jumprelu``, ``gated``, ...): skipped,
+   since those have no L0 budget to match; only ``topk`` and ``batchtopk`` are baselines.
+3. any other name (a third-party plugin without an entry): trained with ``k`` if its training
+   config has a ``k`` field, else skipped with a printed reason.
+
+An architecture whose training config has an ``aux_loss`` field (the project's
+``AuxLossConfig``) is trained once per auxiliary loss in :data:`AUX_LOSS_VARIANTS` that is
+registered, so that AuxK and aux_zipf can be compared on the same allocator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+#: auxiliary-loss variants tried on every architecture whose config has an ``aux_loss`` field
+AUX_LOSS_VARIANTS: tuple[str, ...] = ("auxk", "zipf")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """How the benchmark builds one architecture's config."""
+
+    fields: Callable[[float, "Context"], dict[str, Any]]
+    #: ``False`` when the architecture picks its own L0 (trained once, its L0 is reported)
+    fixed_l0: bool = True
+    #: batch-level selection at training time (inference L0 may drift from k)
+    batch_level: bool = False
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Context:
+    """What an entry may look at: the sweep and the SAE size."""
+
+    d_in: int
+    d_sae: int
+    ks: tuple[float, ...]
+    has_lm_gradients: bool = False
+
+
+def _int_k(k: float, ctx: Context) -> dict[str, Any]:
+    return {"k": max(1, int(round(k)))}
+
+
+def _float_k(k: float, ctx: Context) -> dict[str, Any]:
+    return {"k": float(k)}
+
+
+def _top_afa(k: float, ctx: Context) -> dict[str, Any]:
+    # top-AFA chooses each token's L0 from norm matching; k_max is only the cap of its capped sort.
+    return {"k_max": min(ctx.d_sae, 4 * int(max(ctx.ks)))}
+
+
+KNOWN: dict[str, Entry] = {
+    "topk": Entry(_int_k, note="SAELens baseline; AuxK"),
+    "batchtopk": Entry(_float_k, batch_level=True, note="SAELens baseline; saved as jumprelu"),
+    "mutual_choice": Entry(_float_k, batch_level=True),
+    "feature_choice": Entry(_float_k, batch_level=True),
+    "abstopk": Entry(_int_k, note="signed codes"),
+    "gradient_topk": Entry(_int_k, note="without LM gradients the selection is plain TopK (beta * 0)"),
+    "top_afa": Entry(_top_afa, fixed_l0=False, note="chooses its own L0 (k_max is only a cap)"),
+    "topk_zipf": Entry(_int_k),
+    "batchtopk_zipf": Entry(_float_k, batch_level=True),
+}
+
+
+@dataclass
+class Plan:
+    """One architecture (and aux-loss variant) the benchmark will train, or why it will not."""
+
+    name: str  # registered architecture name
+    label: str  # row label: name, or name[aux=zipf]
+    provider: str
+    entry: Entry | None
+    extra: dict[str, Any] = field(default_factory=dict)
+    skip_reason: str | None = None
+
+    @property
+    def batch_level(self) -> bool:
+        return bool(self.entry and self.entry.batch_level)
+
+    @property
+    def fixed_l0(self) -> bool:
+        return bool(self.entry is None or self.entry.fixed_l0)
+
+    def config_fields(self, k: float, ctx: Context) -> dict[str, Any]:
+        assert self.entry is not None, self.skip_reason
+        out = dict(self.entry.fields(k, ctx))
+        out.update(self.extra)
+        return out
+
+
+def _config_fields(cfg_cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cfg_cls)} if dataclasses.is_dataclass(cfg_cls) else {}
+
+
+def _generic_entry(cfg_cls: type) -> Entry | None:
+    f = _config_fields(cfg_cls).get("k")
+    if f is None:
+        return None
+    is_int = isinstance(f.default, int) and not isinstance(f.default, bool) or f.type in (int, "int")
+    return Entry(_int_k if is_int else _float_k, note="generic: config's `k` field")
+
+
+def plan_architectures(only: list[str] | None = None) -> list[Plan]:
+    """Every registered training architecture with how it will be trained (or why not)."""
+    from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+
+    from sae_allocators import host
+    from sae_allocators.losses import registry as loss_registry
+
+    providers = host.providers()
+    losses = set(loss_registry.available())
+    plans: list[Plan] = []
+    for name in sorted(SAE_TRAINING_CLASS_REGISTRY):
+        prov = providers.get(name)
+        provider = prov.describe() if prov is not None and hasattr(prov, "describe") else (
+            f"{prov.distribution} {prov.version}" if prov is not None else "sae-lens"
+        )
+        _, cfg_cls = SAE_TRAINING_CLASS_REGISTRY[name]
+        if only and name not in only:
+            continue
+        entry = KNOWN.get(name)
+        reason = None
+        if entry is None:
+            if prov is None or prov.is_saelens:
+                reason = "SAELens built-in without an L0 budget (only topk and batchtopk are baselines)"
+            else:
+                entry = _generic_entry(cfg_cls)
+                if entry is None:
+                    reason = (
+                        f"no entry in sae_allocators.benchmark.configs.KNOWN and its config "
+                        f"{cfg_cls.__name__} has no `k` field; add an entry to benchmark it"
+                    )
+        fields = _config_fields(cfg_cls)
+        if entry is not None and "aux_loss" in fields:
+            variants = [v for v in AUX_LOSS_VARIANTS if v in losses]
+            default = fields["aux_loss"].default
+            for v in variants or [default]:
+                label = name if v == default else f"{name}[aux={v}]"
+                plans.append(Plan(name, label, provider, entry, extra={"aux_loss": v}))
+            continue
+        plans.append(Plan(name, name, provider, entry, skip_reason=reason))
+    if only:
+        missing = sorted(set(only) - {p.name for p in plans})
+        if missing:
+            raise ValueError(
+                f"--arch {', '.join(missing)}: not a registered training architecture. "
+                f"Registered: {', '.join(sorted(SAE_TRAINING_CLASS_REGISTRY))}"
+            )
+    return plans
+
+
+def build_training_config(plan: Plan, k: float, ctx: Context, **common: Any):
+    """Instantiate the training config of ``plan`` at target L0 ``k``."""
+    from sae_lens.registry import get_sae_training_class
+
+    _, cfg_cls = get_sae_training_class(plan.name)
+    known = _config_fields(cfg_cls)
+    kwargs = {key: value for key, value in common.items() if key in known}
+    kwargs.update(plan.config_fields(k, ctx))
+    return cfg_cls(d_in=ctx.d_in, d_sae=ctx.d_sae, **kwargs)
