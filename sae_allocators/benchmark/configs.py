@@ -125,9 +125,7 @@ def plan_architectures(only: list[str] | None = None) -> list[Plan]:
     plans: list[Plan] = []
     for name in sorted(SAE_TRAINING_CLASS_REGISTRY):
         prov = providers.get(name)
-        provider = prov.describe() if prov is not None and hasattr(prov, "describe") else (
-            f"{prov.distribution} {prov.version}" if prov is not None else "sae-lens"
-        )
+        provider = f"{prov.distribution} {prov.version}".strip() if prov is not None else "sae-lens"
         _, cfg_cls = SAE_TRAINING_CLASS_REGISTRY[name]
         if only and name not in only:
             continue

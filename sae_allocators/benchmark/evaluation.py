@@ -17,7 +17,10 @@ def evaluate_saved(source: Any, result: Any) -> tuple[dict[str, Any], torch.Tens
     """Figures for the saved model at ``result.path``; also its feature densities and per-token L0."""
     from sae_lens import SAE
 
-    sae = SAE.load_from_disk(str(result.path), device="cpu")
+    from sae_allocators.benchmark.sources import quiet_saelens
+
+    with quiet_saelens():
+        sae = SAE.load_from_disk(str(result.path), device="cpu")
     sae.eval()
     acc = Accumulator(sae.cfg.d_sae)
     for x in source.eval_batches():
@@ -32,7 +35,7 @@ def evaluate_saved(source: Any, result: Any) -> tuple[dict[str, Any], torch.Tens
         figures["mcc"] = float(mean_correlation_coefficient(sae.W_dec.detach(), source.ground_truth()))
     else:
         figures.update(source.splice(sae))
-    figures["train_mode_l0_mean"] = training_mode_l0(result.sae, source)
+    figures.update(training_mode_figures(result.sae, source))
     figures["l0_drift"] = figures["l0_mean"] / max(figures["train_mode_l0_mean"], 1e-12) - 1.0
     dead_mask = acc.density() == 0
     figures["step_seconds"] = step_seconds(result.sae, source, dead_mask)
@@ -42,21 +45,26 @@ def evaluate_saved(source: Any, result: Any) -> tuple[dict[str, Any], torch.Tens
 
 
 @torch.no_grad()
-def training_mode_l0(training_sae: Any, source: Any) -> float:
-    """Mean L0 of the *training* selection on the evaluation tokens, in training-size batches."""
+def training_mode_figures(training_sae: Any, source: Any) -> dict[str, float]:
+    """L0 and NMSE of the *training-time* selection on the evaluation tokens, in batches of the
+    training batch size (for batch-level rules this is the selection the papers describe)."""
     was_training = training_sae.training
     training_sae.train()
-    total, n = 0, 0
+    total, n, err, norm = 0, 0, 0.0, 0.0
     try:
         x_all = torch.cat(list(source.eval_batches()))
-        bs = source.train_batch_size
+        bs = min(source.train_batch_size, x_all.shape[0])
         for i in range(0, x_all.shape[0] - bs + 1, bs):
-            acts, _ = training_sae.encode_with_hidden_pre(x_all[i : i + bs])
+            x = x_all[i : i + bs]
+            acts, _ = training_sae.encode_with_hidden_pre(x)
+            x_hat = training_sae.decode(acts)
             total += int((acts != 0).sum())
+            err += float((x.double() - x_hat.double()).pow(2).sum())
+            norm += float(x.double().pow(2).sum())
             n += bs
     finally:
         training_sae.train(was_training)
-    return total / max(n, 1)
+    return {"train_mode_l0_mean": total / max(n, 1), "train_mode_nmse": err / max(norm, 1e-30)}
 
 
 def _step_input(training_sae: Any, x: torch.Tensor, dead_mask: torch.Tensor):

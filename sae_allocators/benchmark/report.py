@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ PLOTS = {
 AGG_KEYS = (
     "l0_mean", "l0_p50", "l0_p99", "frac_empty_tokens", "explained_variance", "nmse", "dead_fraction",
     "underused_fraction", "mcc", "ce_loss_recovered", "kl_div", "step_seconds", "step_time_vs_topk",
-    "train_mode_l0_mean", "l0_drift", "zipf_exponent", "train_seconds",
+    "train_mode_l0_mean", "train_mode_nmse", "l0_drift", "zipf_exponent", "train_seconds",
 )
 
 DEFINITIONS = {
@@ -44,6 +43,8 @@ DEFINITIONS = {
     "no data loading, no optimizer) on the same batch / that of topk at the same k and seed",
     "l0_drift": "inference L0 (saved model, reloaded) / L0 of the training-time selection on the "
     "same tokens in training-size batches - 1; non-zero only for batch-level selection",
+    "train_mode_nmse": "NMSE of the training-time selection (batch-level rules: over batches of the "
+    "training batch size) on the evaluation tokens, before the inference threshold is applied",
     "zipf_exponent": "s of the least-squares fit log density = log C - s log rank over live latents",
 }
 
@@ -52,9 +53,11 @@ def _agg(values: list[float]) -> dict[str, float] | None:
     vals = [v for v in values if isinstance(v, (int, float)) and v is not None]
     if not vals:
         return None
+    mean = math.fsum(vals) / len(vals)
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
     return {
-        "mean": statistics.fmean(vals),
-        "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+        "mean": mean,
+        "std": std,
         "min": min(vals),
         "max": max(vals),
         "n": len(vals),
@@ -132,9 +135,14 @@ def check_claims(agg: list[dict[str, Any]]) -> list[dict[str, Any]]:
         lines, verdicts, "feature_choice is not registered in this install",
     ))
 
-    # 2. FC and MC reconstruct better than TopK at equal L0
+    # 2. FC and MC reconstruct better than TopK at equal L0: (a) the training-time selection at
+    # exactly k against TopK at k; (b) the saved inference model against the TopK frontier
+    # interpolated at the inference model's own L0 (batch-level models drift from k at inference).
     lines, verdicts = [], []
     for d in datasets:
+        topk_rows = sorted(
+            [r for r in agg if r["dataset"] == d and r["label"] == "topk"], key=lambda r: r["l0_mean"]["mean"]
+        )
         for arch in ("feature_choice", "mutual_choice"):
             for r in agg:
                 if r["dataset"] != d or r["label"] != arch or r["k_target"] is None:
@@ -142,15 +150,19 @@ def check_claims(agg: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 t = _get(agg, d, "topk", r["k_target"])
                 if t is None:
                     continue
-                a, b = r["nmse"], t["nmse"]
+                a, b = r["train_mode_nmse"], t["nmse"]
                 better = a["mean"] < b["mean"]
                 sep = a["max"] < b["min"] if better else a["min"] > b["max"]
                 verdicts.append(better)
+                ref, how = _interp(topk_rows, r["l0_mean"]["mean"])
+                inf_better = r["nmse"]["mean"] < ref
+                verdicts.append(inf_better)
                 lines.append(
-                    f"{d}, k={r['k_target']:g}: {arch} NMSE {a['mean']:.4f} vs topk {b['mean']:.4f} "
-                    f"({'lower' if better else 'not lower'}; "
-                    f"{'seed ranges do not overlap' if sep else 'seed ranges overlap or 1 seed'}); "
-                    f"inference L0 {r['l0_mean']['mean']:.1f} vs {t['l0_mean']['mean']:.1f}"
+                    f"{d}, k={r['k_target']:g}: {arch} training-time selection NMSE {a['mean']:.4f} vs topk "
+                    f"{b['mean']:.4f} ({'lower' if better else 'not lower'}; "
+                    f"{'seed ranges do not overlap' if sep else 'seed ranges overlap or 1 seed'}); saved "
+                    f"model NMSE {r['nmse']['mean']:.4f} at L0 {r['l0_mean']['mean']:.2f} vs TopK "
+                    f"{ref:.4f} at that L0 ({how}; {'lower' if inf_better else 'not lower'})"
                 )
     claims.append(_claim(
         "Feature and Mutual Choice reconstruct better than TopK at equal L0",

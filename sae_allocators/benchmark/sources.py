@@ -31,6 +31,26 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
+@contextlib.contextmanager
+def quiet_saelens():
+    """Hide SAELens's per-run notices (overridden model/dataset, epochs of a small cache, loading
+    hints) that would otherwise repeat for every architecture; errors still show."""
+    import logging
+    import warnings
+
+    lg = logging.getLogger("sae_lens")
+    level = lg.level
+    lg.setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        for msg in ("The training dataset contains fewer", "All samples in the training dataset",
+                    "\nThis SAE has non-empty model_from_pretrained_kwargs"):
+            warnings.filterwarnings("ignore", message=msg)
+        try:
+            yield
+        finally:
+            lg.setLevel(level)
+
+
 @dataclass
 class TrainResult:
     sae: Any  # the TrainingSAE after fit (normalisation folded in)
@@ -132,7 +152,8 @@ class SyntheticSource:
         runner = SyntheticSAERunner(cfg, override_synthetic_model=self.model)
         torch.manual_seed(1_000_003 * (seed + 1))  # same data stream for every architecture
         t0 = time.perf_counter()
-        result = runner.run()
+        with quiet_saelens():
+            result = runner.run()
         seconds = time.perf_counter() - t0
         return TrainResult(result.sae, out_dir, seconds, s.training_samples // s.batch_size)
 
@@ -337,10 +358,13 @@ class LMSource:
             )
         )
         torch.manual_seed(seed)
-        runner = LanguageModelSAETrainingRunner(cfg, override_model=self.model, override_dataset=self.data.train_dataset)
-        torch.manual_seed(1_000_003 * (seed + 1))
-        t0 = time.perf_counter()
-        sae = runner.run()
+        with quiet_saelens():
+            runner = LanguageModelSAETrainingRunner(
+                cfg, override_model=self.model, override_dataset=self.data.train_dataset
+            )
+            torch.manual_seed(1_000_003 * (seed + 1))
+            t0 = time.perf_counter()
+            sae = runner.run()
         seconds = time.perf_counter() - t0
         return TrainResult(sae, out_dir, seconds, s.training_tokens // s.train_batch_size)
 
