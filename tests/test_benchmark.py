@@ -157,7 +157,7 @@ def test_unknown_plugin_is_trained_with_its_k_field_or_skipped_with_a_reason():
         reg.remove(reg.TRAINING, "bench_test_without_k")
 
 
-def test_aux_loss_variants_are_planned_when_the_config_has_an_aux_loss_field(monkeypatch):
+def test_aux_loss_variants_and_counterparts(monkeypatch):
     from dataclasses import dataclass as dc
 
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
@@ -167,7 +167,7 @@ def test_aux_loss_variants_are_planned_when_the_config_has_an_aux_loss_field(mon
 
     @dc
     class WithAux(TopKTrainingSAEConfig):
-        aux_loss: str = "auxk"
+        aux_loss: str = "zipf"
 
         @classmethod
         def architecture(cls):
@@ -177,13 +177,17 @@ def test_aux_loss_variants_are_planned_when_the_config_has_an_aux_loss_field(mon
         pass
 
     monkeypatch.setattr(loss_registry, "available", lambda: ["auxk", "none", "zipf"])
+    monkeypatch.setitem(configs.KNOWN, "bench_test_aux", configs.Entry(configs._int_k, aux_variants=("auxk", "nope")))
     reg.put(reg.TRAINING, "bench_test_aux", (T, WithAux))
     try:
         plans = [p for p in configs.plan_architectures() if p.name == "bench_test_aux"]
-        assert [p.label for p in plans] == ["bench_test_aux", "bench_test_aux[aux=zipf]"]
-        assert plans[1].config_fields(4, configs.Context(8, 16, (4,))) == {"k": 4, "aux_loss": "zipf"}
+        assert [p.label for p in plans] == ["bench_test_aux", "bench_test_aux[aux=auxk]"]
+        assert plans[1].config_fields(4, configs.Context(8, 16, (4,))) == {"k": 4, "aux_loss": "auxk"}
+        assert plans[0].auxk_counterpart == "bench_test_aux[aux=auxk]" and plans[1].auxk_counterpart is None
     finally:
         reg.remove(reg.TRAINING, "bench_test_aux")
+    assert configs.KNOWN["topk_zipf"].auxk_counterpart == "topk"
+    assert configs.KNOWN["mutual_choice"].auxk_counterpart == "batchtopk"
 
 
 # --- report and checker --------------------------------------------------------------------------
@@ -220,10 +224,11 @@ def _records():
     recs = []
     for seed in (0, 1):
         for k, base in ((4, 0.30), (8, 0.20)):
-            recs.append(_record("topk", k, seed, base + 0.01 * seed, k))
+            recs.append(_record("topk", k, seed, base + 0.01 * seed, k, dead=0.05))
             recs.append(_record("feature_choice", k, seed, base - 0.05, k, batch=True, train_mode_nmse=base - 0.05))
             recs.append(_record("mutual_choice", k, seed, base + 0.05, k, dead=0.1, batch=True,
                                 train_mode_nmse=base + 0.05))
+            recs.append(_record("topk_zipf", k, seed, base, k, dead=0.0, aux_loss="zipf", auxk_counterpart="topk"))
         recs.append(_record("top_afa", None, seed, 0.25, 5.7, fixed=False, config_fields={"k_max": 32}))
     return recs
 
@@ -237,7 +242,9 @@ def test_claims_are_stated_from_the_numbers():
     afa = claims["top-AFA matches TopK without tuning k"]
     # TopK at L0 5.7 interpolated in log L0 between (4, 0.305) and (8, 0.205): about 0.254
     assert afa["status"] == "holds in these runs", afa
-    assert claims["aux_zipf leaves fewer dead and under-used features than AuxK"]["status"] == "not checked"
+    zipf = claims["aux_zipf leaves fewer dead and under-used features than AuxK"]
+    assert zipf["status"] == "holds in these runs"  # topk_zipf: 0% + 1% vs topk: 5% + 1%
+    assert len(zipf["evidence"]) == 2
 
 
 def test_report_is_written_and_checked(tmp_path):

@@ -12,9 +12,10 @@ Rules, in order, for a registered training architecture ``name``:
 3. any other name (a third-party plugin without an entry): trained with ``k`` if its training
    config has a ``k`` field, else skipped with a printed reason.
 
-An architecture whose training config has an ``aux_loss`` field (the project's
-``AuxLossConfig``) is trained once per auxiliary loss in :data:`AUX_LOSS_VARIANTS` that is
-registered, so that AuxK and aux_zipf can be compared on the same allocator.
+Auxiliary losses: each architecture is trained with its own default config. To compare
+aux_zipf with AuxK on the same allocator, an entry names its AuxK counterpart
+(``auxk_counterpart``: ``topk_zipf`` -> SAELens's ``topk``), or asks for extra variants
+(``aux_variants=("auxk",)`` trains ``feature_choice[aux=auxk]`` next to ``feature_choice``).
 """
 
 from __future__ import annotations
@@ -22,10 +23,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
-
-#: auxiliary-loss variants tried on every architecture whose config has an ``aux_loss`` field
-AUX_LOSS_VARIANTS: tuple[str, ...] = ("auxk", "zipf")
-
 
 @dataclass(frozen=True)
 class Entry:
@@ -36,6 +33,12 @@ class Entry:
     fixed_l0: bool = True
     #: batch-level selection at training time (inference L0 may drift from k)
     batch_level: bool = False
+    #: ``False`` when training on a language model needs more than cached activations
+    lm_from_cache: bool = True
+    #: extra runs with ``aux_loss=<name>`` (labelled ``name[aux=<name>]``), when that loss is registered
+    aux_variants: tuple[str, ...] = ()
+    #: the label of the same selection trained with AuxK (for the aux_zipf vs AuxK comparison)
+    auxk_counterpart: str | None = None
     note: str = ""
 
 
@@ -63,15 +66,28 @@ def _top_afa(k: float, ctx: Context) -> dict[str, Any]:
 
 
 KNOWN: dict[str, Entry] = {
+    # SAELens's baselines (AuxK)
     "topk": Entry(_int_k, note="SAELens baseline; AuxK"),
-    "batchtopk": Entry(_float_k, batch_level=True, note="SAELens baseline; saved as jumprelu"),
-    "mutual_choice": Entry(_float_k, batch_level=True),
-    "feature_choice": Entry(_float_k, batch_level=True),
-    "abstopk": Entry(_int_k, note="signed codes"),
-    "gradient_topk": Entry(_int_k, note="without LM gradients the selection is plain TopK (beta * 0)"),
-    "top_afa": Entry(_top_afa, fixed_l0=False, note="chooses its own L0 (k_max is only a cap)"),
-    "topk_zipf": Entry(_int_k),
-    "batchtopk_zipf": Entry(_float_k, batch_level=True),
+    "batchtopk": Entry(_float_k, batch_level=True, note="SAELens baseline; AuxK; saved as jumprelu"),
+    "abstopk": Entry(_int_k, note="signed codes; SAELens's own from 6.53, the project's port before"),
+    # the same selections with this project's aux_zipf loss
+    "topk_zipf": Entry(_int_k, auxk_counterpart="topk", note="SAELens topk + aux_zipf"),
+    "batchtopk_zipf": Entry(_float_k, batch_level=True, auxk_counterpart="batchtopk", note="SAELens batchtopk + aux_zipf"),
+    "abstopk_zipf": Entry(_int_k, auxk_counterpart="abstopk", note="abstopk + aux_zipf (signed)"),
+    # the project's allocators
+    "mutual_choice": Entry(
+        _float_k, batch_level=True, auxk_counterpart="batchtopk",
+        note="same selection as batchtopk; its AuxK run is batchtopk itself",
+    ),
+    "feature_choice": Entry(_float_k, batch_level=True, aux_variants=("auxk",)),
+    "gradient_topk": Entry(
+        _int_k,
+        lm_from_cache=False,
+        note="needs dL/dx from a full forward and backward of the LM per training token (its own "
+        "activation store), so it is not trained from the activation cache; on synthetic data, "
+        "which has no gradients, its selection is plain TopK",
+    ),
+    "top_afa": Entry(_top_afa, fixed_l0=False, note="chooses its own L0 per token (k_max is only a cap)"),
 }
 
 
@@ -93,6 +109,17 @@ class Plan:
     @property
     def fixed_l0(self) -> bool:
         return bool(self.entry is None or self.entry.fixed_l0)
+
+    @property
+    def auxk_counterpart(self) -> str | None:
+        """Label of the same selection trained with AuxK, when this run's loss is not AuxK."""
+        if self.entry is None or "aux_loss" in self.extra:
+            return None
+        if self.entry.auxk_counterpart:
+            return self.entry.auxk_counterpart
+        if "auxk" in self.entry.aux_variants:
+            return f"{self.name}[aux=auxk]"
+        return None
 
     def config_fields(self, k: float, ctx: Context) -> dict[str, Any]:
         assert self.entry is not None, self.skip_reason
@@ -141,15 +168,11 @@ def plan_architectures(only: list[str] | None = None) -> list[Plan]:
                         f"no entry in sae_allocators.benchmark.configs.KNOWN and its config "
                         f"{cfg_cls.__name__} has no `k` field; add an entry to benchmark it"
                     )
-        fields = _config_fields(cfg_cls)
-        if entry is not None and "aux_loss" in fields:
-            variants = [v for v in AUX_LOSS_VARIANTS if v in losses]
-            default = fields["aux_loss"].default
-            for v in variants or [default]:
-                label = name if v == default else f"{name}[aux={v}]"
-                plans.append(Plan(name, label, provider, entry, extra={"aux_loss": v}))
-            continue
         plans.append(Plan(name, name, provider, entry, skip_reason=reason))
+        if entry is not None and "aux_loss" in _config_fields(cfg_cls):
+            for v in entry.aux_variants:
+                if v in losses:
+                    plans.append(Plan(name, f"{name}[aux={v}]", provider, entry, extra={"aux_loss": v}))
     if only:
         missing = sorted(set(only) - {p.name for p in plans})
         if missing:

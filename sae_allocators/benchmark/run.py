@@ -22,7 +22,7 @@ class Settings:
     out: Path
     datasets: tuple[str, ...] = ("synthetic", "lm")
     seeds: int = 2
-    synthetic_ks: tuple[float, ...] = (4, 8, 16)
+    synthetic_ks: tuple[float, ...] = (2, 4, 8)
     lm_ks: tuple[float, ...] = (16, 32, 64)
     synthetic: SyntheticScale = field(default_factory=SyntheticScale)
     lm: LMScale = field(default_factory=LMScale)
@@ -39,7 +39,7 @@ def quick_settings(out: Path) -> Settings:
         seeds=1,
         synthetic_ks=(4, 8),
         lm_ks=(32,),
-        synthetic=SyntheticScale(num_features=256, hidden_dim=48, d_sae=256, training_samples=61_440, eval_samples=8192),
+        synthetic=SyntheticScale(training_samples=160_000, eval_samples=8192),
         lm=LMScale(expansion=2, training_tokens=16_384, eval_sequences=8, ce_eval_sequences=4, dead_feature_window=8),
         quick=True,
     )
@@ -92,7 +92,14 @@ def run(st: Settings) -> Path:
                 for p in todo:
                     if not p.fixed_l0 and k != max(ks):
                         continue  # chooses its own L0: trained once per seed
+                    if src.kind == "lm" and p.entry is not None and not p.entry.lm_from_cache:
+                        continue
                     jobs.append((src, ks, seed, k, p))
+    for src, _, _ in sources:
+        if src.kind == "lm":
+            for p in todo:
+                if p.entry is not None and not p.entry.lm_from_cache:
+                    _log(f"[plan] {p.label} is not trained on the language model: {p.entry.note}")
     records: list[dict[str, Any]] = []
     curves: dict[str, Any] = {}
     failures: list[dict[str, str]] = []
@@ -101,7 +108,7 @@ def run(st: Settings) -> Path:
         tag = f"{src.kind}/{p.label}/k{k:g}/seed{seed}"
         _log(f"[{i}/{len(jobs)}] {src.kind}: training {p.label} at k={k:g}, seed {seed} ({p.provider})")
         try:
-            cfg = configs.build_training_config(p, k, ctx)
+            cfg = configs.build_training_config(p, k, ctx, **src.sae_fields())
             result = src.train(cfg, seed, workdir / tag.replace("[", "_").replace("]", "").replace("=", "-"))
             figures, density, l0 = evaluate_saved(src, result)
         except Exception as exc:  # one broken architecture must not stop the benchmark
@@ -119,6 +126,8 @@ def run(st: Settings) -> Path:
             "seed": seed,
             "run": tag,
             "config_fields": {key: v for key, v in p.config_fields(k, ctx).items()},
+            "aux_loss": getattr(cfg, "aux_loss", None) or "SAELens's own",
+            "auxk_counterpart": p.auxk_counterpart,
             **figures,
         }
         records.append(rec)

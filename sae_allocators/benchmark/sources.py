@@ -70,16 +70,16 @@ def _runner_kwargs(cls: type, **kwargs: Any) -> dict[str, Any]:
 
 @dataclass
 class SyntheticScale:
-    num_features: int = 512
-    hidden_dim: int = 64
-    d_sae: int = 512
+    num_features: int = 256
+    hidden_dim: int = 48
+    d_sae: int = 256
     zipf_exponent: float = 1.0
     max_prob: float = 0.3
-    min_prob: float = 0.002
-    training_samples: int = 200_000
+    min_prob: float = 0.01
+    training_samples: int = 409_600
     batch_size: int = 512
     eval_samples: int = 16_384
-    lr: float = 1e-3
+    lr: float = 3e-3
     dead_feature_window: int = 100
 
 
@@ -123,6 +123,9 @@ class SyntheticSource:
             "lr": self.scale.lr,
             "dead_feature_window_steps": self.scale.dead_feature_window,
         }
+
+    def sae_fields(self) -> dict[str, Any]:
+        return {}
 
     def train(self, sae_cfg: Any, seed: int, out_dir: Path) -> TrainResult:
         from sae_lens import LoggingConfig
@@ -320,13 +323,17 @@ class LMSource:
         }
 
     # training ---------------------------------------------------------------------------------
+    def sae_fields(self) -> dict[str, Any]:
+        """Config fields every SAE gets here: inputs scaled to mean norm sqrt(d_in) (SAELens folds
+        the factor into the saved weights, so the saved model takes raw activations)."""
+        return {"normalize_activations": "expected_average_only_in"}
+
     def train(self, sae_cfg: Any, seed: int, out_dir: Path) -> TrainResult:
         from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
 
         for key, value in OFFLINE_ENV.items():
             os.environ.setdefault(key, value)
         s = self.scale
-        sae_cfg.normalize_activations = "expected_average_only_in"
         cfg = LanguageModelSAERunnerConfig(
             **_runner_kwargs(
                 LanguageModelSAERunnerConfig,
