@@ -41,6 +41,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help="with --model: a Hub dataset name or a local text/json/parquet path")
     p.add_argument("--tiny-lm", action="store_true", help="a random tiny model and random tokens (tests the harness only)")
     p.add_argument("--cache-dir", default=None, help="offline assets cache (default: the preparation step's)")
+    p.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads (default: torch's). On a machine shared with other jobs, 1 can be many "
+        "times faster than oversubscribed threads",
+    )
     p.add_argument("--keep-saes", action="store_true", help="keep the trained SAEs under <out>/saes")
     return p
 
@@ -54,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.model and not args.dataset or args.dataset and not args.model:
         raise SystemExit("--model and --dataset go together (a model name and a dataset name or local path)")
 
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise SystemExit(f"--threads {args.threads}: use a positive number of threads, e.g. --threads 1")
+        torch.set_num_threads(args.threads)
     import sae_allocators  # noqa: F401  registers every architecture (ours and plugins)
     from sae_allocators.benchmark import lm_data
     from sae_allocators.benchmark.run import default_settings, quick_settings, run
