@@ -71,6 +71,7 @@ def offline_lm_data(context_size: int, max_tokens: int, n_eval_sequences: int, c
         name=getattr(prepared, "model_name", "SmolLM2-135M"),
         corpus=getattr(prepared, "corpus_name", "offline English corpus"),
         special_ids=_special_ids(tok),
+        bos_token_id=getattr(tok, "bos_token_id", None),
         cache_root=Path(getattr(prepared, "cache_dir", cache_dir or ".cache")),
         provenance=_provenance(prepared),
     )
@@ -126,5 +127,6 @@ def hub_lm_data(model_name: str, dataset: str, context_size: int, max_tokens: in
         name=model_name,
         corpus=dataset,
         special_ids=_special_ids(model.tokenizer),
+        bos_token_id=getattr(model.tokenizer, "bos_token_id", None),
         provenance={"model": model_name, "dataset": dataset},
     )

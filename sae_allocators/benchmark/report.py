@@ -369,9 +369,13 @@ def _markdown(meta: dict[str, Any], agg: list[dict[str, Any]], claims: list[dict
         L.append(f"## {src['name']}")
         L.append("")
         seeds = meta["seeds"][d]
+        spread = meta.get("spread_seeds_at_middle_k", {}).get(d, 0)
+        seeds_txt = f"{seeds} seed(s)" + (
+            f" ({spread} at the middle k, for the spread)" if spread > seeds else ""
+        )
         line = (
             f"{src['training_tokens']:,} training tokens per SAE (batch {src['train_batch_size']}), "
-            f"{seeds} seed(s), target L0 k ∈ {{{', '.join(f'{k:g}' for k in meta['ks'][d])}}}, "
+            f"{seeds_txt}, target L0 k ∈ {{{', '.join(f'{k:g}' for k in meta['ks'][d])}}}, "
             f"d_in {src['d_in']}, d_sae {src['d_sae']}, lr {src['lr']}, a latent counts as dead for AuxK "
             f"after {src['dead_feature_window_steps']} steps without firing; evaluation on "
             f"{src['eval_tokens']:,} held-out tokens"

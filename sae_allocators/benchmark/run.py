@@ -26,7 +26,9 @@ class Settings:
     lm_ks: tuple[float, ...] = (16, 32, 64)
     synthetic: SyntheticScale = field(default_factory=SyntheticScale)
     lm: LMScale = field(default_factory=LMScale)
-    lm_seeds: int | None = None  # defaults to `seeds`
+    lm_seeds: int | None = 1  # None: `seeds`
+    #: on the language model, the middle k of the sweep gets this many seeds (the spread)
+    lm_spread_seeds: int = 2
     archs: list[str] | None = None
     keep_saes: bool = False
     quick: bool = False
@@ -37,10 +39,14 @@ def quick_settings(out: Path) -> Settings:
     return Settings(
         out=out,
         seeds=1,
+        lm_spread_seeds=1,
         synthetic_ks=(4, 8),
         lm_ks=(32,),
         synthetic=SyntheticScale(training_samples=160_000, eval_samples=8192),
-        lm=LMScale(expansion=2, training_tokens=16_384, eval_sequences=8, ce_eval_sequences=4, dead_feature_window=8),
+        lm=LMScale(
+            hook_layer=3, expansion=2, training_tokens=38_400, train_batch_size=128, eval_sequences=32,
+            ce_eval_sequences=4, dead_feature_window=50,
+        ),
         quick=True,
     )
 
@@ -63,6 +69,7 @@ def _build_sources(st: Settings, workdir: Path) -> list[Any]:
             src = LMSource(data, st.lm, workdir)
             src.prep_seconds = time.perf_counter() - t0
             sources.append((src, st.lm_ks, st.lm_seeds or st.seeds))
+            src.spread_seeds = st.lm_spread_seeds
         else:
             raise ValueError(f"--datasets: unknown dataset {name!r}; use synthetic and/or lm")
     return sources
@@ -87,8 +94,11 @@ def run(st: Settings) -> Path:
     sources = _build_sources(st, workdir)
     jobs = []
     for src, ks, n_seeds in sources:
-        for seed in range(n_seeds):
+        k_mid = sorted(ks)[len(ks) // 2]
+        for seed in range(max(n_seeds, getattr(src, "spread_seeds", 0))):
             for k in ks:
+                if seed >= n_seeds and k != k_mid:
+                    continue
                 for p in todo:
                     if not p.fixed_l0 and k != max(ks):
                         continue  # chooses its own L0: trained once per seed
@@ -144,6 +154,7 @@ def run(st: Settings) -> Path:
         "command_settings": _settings_dict(st),
         "sources": [src.describe() for src, _, _ in sources],
         "seeds": {src.kind: n for src, _, n in sources},
+        "spread_seeds_at_middle_k": {src.kind: getattr(src, "spread_seeds", 0) for src, _, _ in sources},
         "ks": {src.kind: list(ks) for src, ks, _ in sources},
         "plans": [
             {"name": p.name, "label": p.label, "provider": p.provider, "skip_reason": p.skip_reason,

@@ -178,6 +178,27 @@ def _seeded(seed: int):
         torch.random.set_rng_state(state)
 
 
+def with_bos(data: LMData) -> LMData:
+    """Rows that do not start with ``bos_token_id`` get it prepended (their last token dropped)."""
+    bos = data.bos_token_id
+    if bos is None:
+        return data
+    if bos not in data.special_ids:
+        data.special_ids = sorted({*data.special_ids, bos})
+
+    def fix(row: list[int]) -> list[int]:
+        return row if row[0] == bos else [bos, *row[:-1]]
+
+    ds = data.train_dataset
+    if any(r[0] != bos for r in ds[: min(len(ds), 64)]["tokens"]):
+        ds = ds.map(lambda ex: {"tokens": fix(list(ex["tokens"]))}, desc="prepending BOS")
+    ev = data.eval_tokens
+    if (ev[:, 0] != bos).any():
+        ev = torch.cat([torch.full_like(ev[:, :1], bos), ev[:, :-1]], dim=1)
+    data.train_dataset, data.eval_tokens = ds, ev
+    return data
+
+
 # --- language model ----------------------------------------------------------------------------
 
 
@@ -186,12 +207,12 @@ class LMScale:
     hook_layer: int = 6
     hook_point: str = "hook_resid_post"
     expansion: int = 4
-    training_tokens: int = 131_072
-    train_batch_size: int = 1024
-    eval_sequences: int = 16
-    ce_eval_sequences: int = 8
+    training_tokens: int = 102_400
+    train_batch_size: int = 256  # >= 300 steps: batch-level thresholds (EMA rate 0.01) settle
+    eval_sequences: int = 128  # reconstruction and density figures (activations up to the hook only)
+    ce_eval_sequences: int = 8  # CE/KL with the SAE spliced in (full forward passes)
     lr: float = 5e-4
-    dead_feature_window: int = 50
+    dead_feature_window: int = 100
     store_batch_size_prompts: int = 8
     norm_estimate_batches: int = 10
 
@@ -206,6 +227,10 @@ class LMData:
     name: str
     corpus: str
     special_ids: list[int] = field(default_factory=list)
+    #: every sequence is made to start with this token (None: leave the rows as they are); it is
+    #: one of ``special_ids``, so position 0 -- where models keep a huge "attention sink" norm --
+    #: is excluded from training and evaluation
+    bos_token_id: int | None = None
     cache_root: Path | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
 
@@ -214,6 +239,7 @@ class LMSource:
     kind = "lm"
 
     def __init__(self, data: LMData, scale: LMScale, workdir: Path):
+        data = with_bos(data)
         self.data = data
         self.scale = scale
         self.model = data.model
