@@ -59,11 +59,12 @@ echo "== environment ready in $(($(date +%s) - t0)) s"
 
 if [ "$needs_lm" = 1 ]; then
   step "preparing the offline language model and corpus (cached after the first run)"
-  "$VENV/bin/python" -m sae_allocators.offline
+  "$VENV/bin/python" -m sae_allocators.offline prepare
 fi
 
 step "benchmark: python -m sae_allocators.benchmark ${args[*]}"
 "$VENV/bin/python" -m sae_allocators.benchmark "${args[@]}"
 step "checking the report"
 "$VENV/bin/python" -m sae_allocators.benchmark.check "$out"
-echo "== report: $ROOT/$out/report.md (total $(($(date +%s) - t0)) s)"
+case "$out" in /*) report="$out" ;; *) report="$ROOT/$out" ;; esac
+echo "== report: $report/report.md (total $(($(date +%s) - t0)) s)"

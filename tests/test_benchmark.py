@@ -110,7 +110,7 @@ def test_build_training_config_at_target_l0():
     assert mc.architecture() == "mutual_choice" and mc.k == 4.5
     assert (mc.d_in, mc.d_sae) == (16, 64)
     # entries for architectures built on other branches
-    assert configs.KNOWN["top_afa"].fields(4, ctx) == {"k_max": 32}
+    assert configs.KNOWN["top_afa"].fields(4, ctx) == {"k_max": 64}
     assert not configs.KNOWN["top_afa"].fixed_l0
     assert configs.KNOWN["feature_choice"].fields(3.5, ctx) == {"k": 3.5}
     assert configs.KNOWN["abstopk"].fields(3.6, ctx) == {"k": 4}
@@ -229,7 +229,7 @@ def _records():
             recs.append(_record("mutual_choice", k, seed, base + 0.05, k, dead=0.1, batch=True,
                                 train_mode_nmse=base + 0.05))
             recs.append(_record("topk_zipf", k, seed, base, k, dead=0.0, aux_loss="zipf", auxk_counterpart="topk"))
-        recs.append(_record("top_afa", None, seed, 0.25, 5.7, fixed=False, config_fields={"k_max": 32}))
+        recs.append(_record("top_afa", None, seed, 0.25, 5.7, fixed=False, config_fields={"k_max": 128}))
     return recs
 
 

@@ -5,7 +5,7 @@ least one run per dataset; no run failed; every numeric figure is finite; fracti
 [0, 1]; and L0 is within budget:
 
 - fixed-L0 architectures: the training-time selection keeps at most k per token on average
-  (``train_mode_l0_mean <= k``, exact for TopK and batch-level rules), and the saved inference
+  (``train_mode_l0_mean <= k`` up to ``TRAIN_L0_TOLERANCE``, 1%), and the saved inference
   model at most ``INFERENCE_L0_SLACK`` times k (batch-level rules are saved with a threshold);
 - architectures that choose their own L0 (top-AFA): at most their ``k_max`` cap.
 """
@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 INFERENCE_L0_SLACK = 2.0
+#: relative slack on the training-time budget (Feature Choice's integer capacities can round up)
+TRAIN_L0_TOLERANCE = 0.01
 FRACTIONS = ("frac_empty_tokens", "dead_fraction", "underused_fraction", "explained_variance")
 
 
@@ -70,7 +72,7 @@ def problems(report_dir: Path) -> list[str]:
         k = r.get("k_target")
         l0, l0_train = r.get("l0_mean"), r.get("train_mode_l0_mean")
         if r.get("fixed_l0") and k is not None:
-            if l0_train is not None and l0_train > k + 1e-6:
+            if l0_train is not None and l0_train > k * (1 + TRAIN_L0_TOLERANCE) + 1e-6:
                 out.append(f"{tag}: training-time L0 {l0_train:.3f} exceeds the budget k={k:g}")
             if l0 is not None and l0 > INFERENCE_L0_SLACK * k:
                 out.append(f"{tag}: inference L0 {l0:.3f} exceeds {INFERENCE_L0_SLACK:g} x k={k:g}")

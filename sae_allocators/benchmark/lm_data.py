@@ -46,34 +46,49 @@ def _special_ids(tokenizer: Any) -> list[int]:
     return sorted({int(i) for i in ids})
 
 
+def benchmark_cache_dir() -> Path:
+    """Where computed activations are kept between runs: ``<checkout>/.cache/benchmark`` (git-ignored)
+    when running from a source checkout, else ``$XDG_CACHE_HOME/sae-allocators/benchmark``."""
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "sae_allocators").is_dir():
+        return checkout / ".cache" / "benchmark"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "sae-allocators" / "benchmark"
+
+
 def offline_lm_data(context_size: int, max_tokens: int, n_eval_sequences: int, cache_dir: str | None) -> LMData:
+    """SmolLM2-135M and the English corpus from the project's offline preparation step."""
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
-    try:
-        from sae_allocators import offline
-    except ImportError as exc:  # pragma: no cover - until the offline branch is merged
-        raise SystemExit(
-            "The offline preparation step (sae_allocators.offline) is not available in this checkout "
-            f"({exc}). Run with --datasets synthetic, --tiny-lm, or --model NAME --dataset PATH."
-        ) from None
-    prepared = offline.prepare(cache_dir=cache_dir)
-    model = offline.load_model(prepared, "cpu")
-    tok = model.tokenizer
-    train = offline.tokenized_dataset(prepared, tok, context_size, max_tokens=max_tokens, seed=0)
+    from sae_allocators import offline
+
+    prepared = offline.prepare(cache_dir=cache_dir)  # verifies checksums; fetches only if missing
+    model = offline.load_model(prepared, "cpu", n_ctx=max(context_size, 128))
+    tok = offline.load_tokenizer(prepared)
+    train = offline.tokenized_dataset(prepared, tok, context_size, max_tokens=max_tokens, seed=0, split="train")
     held = offline.tokenized_dataset(
-        prepared, tok, context_size, max_tokens=n_eval_sequences * context_size, seed=0, split="heldout"
+        prepared, tok, context_size, max_tokens=n_eval_sequences * context_size, seed=0, split="eval"
     )
     eval_tokens = torch.tensor(held["tokens"][:n_eval_sequences])
+    info = prepared.model_info
+    counts = prepared.token_counts
     return LMData(
         model=model,
         train_dataset=train,
         eval_tokens=eval_tokens,
-        name=getattr(prepared, "model_name", "SmolLM2-135M"),
-        corpus=getattr(prepared, "corpus_name", "offline English corpus"),
+        name=str(info.get("model") or "SmolLM2-135M-Instruct"),
+        corpus=f"English corpus from registry packages ({', '.join(k for k in counts if k != 'total')}; "
+        f"{counts.get('total', 0):,} tokens)",
         special_ids=_special_ids(tok),
-        bos_token_id=getattr(tok, "bos_token_id", None),
-        cache_root=Path(getattr(prepared, "cache_dir", cache_dir or ".cache")),
-        provenance=_provenance(prepared),
+        bos_token_id=tok.bos_token_id,
+        cache_root=benchmark_cache_dir(),
+        provenance={
+            "offline_cache": str(prepared.cache_dir),
+            "model": info,
+            "corpus_tokens": counts,
+            "split": "train: the corpus's training documents; evaluation: its held-out documents "
+            "(sae_allocators.offline.held_out_split, 10%)",
+        },
     )
 
 

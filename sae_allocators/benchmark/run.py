@@ -44,8 +44,8 @@ def quick_settings(out: Path) -> Settings:
         lm_ks=(32,),
         synthetic=SyntheticScale(training_samples=160_000, eval_samples=8192),
         lm=LMScale(
-            hook_layer=3, expansion=2, training_tokens=38_400, train_batch_size=128, eval_sequences=32,
-            ce_eval_sequences=4, dead_feature_window=50,
+            hook_layer=3, expansion=2, training_tokens=19_200, train_batch_size=64, eval_sequences=32,
+            ce_eval_sequences=2, dead_feature_window=50,
         ),
         quick=True,
     )
