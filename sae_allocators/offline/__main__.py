@@ -2,8 +2,8 @@
 
 * ``prepare``: fetch, convert and cache the assets (or verify and reuse them).
 * ``info``: what the cache holds: parts, files, sizes, sources, token counts (no fetching).
-* ``check``: load the model and measure it: TransformerLens vs Hugging Face logits, loss on a
-  plain English paragraph, ``run_with_cache`` time at a middle layer, peak memory.
+* ``check``: load the model and measure it: ``run_with_cache`` time at a middle layer, peak
+  memory, TransformerLens vs Hugging Face logits, loss on a plain English paragraph.
 """
 
 from __future__ import annotations
@@ -62,10 +62,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
         for src in info.get("sources", [info["source"]] if "source" in info else []):
             print(f"    from {src['registry']} {src['requirement']} ({src['licence']})")
         if "stats" in info:
-            for name, s in info["stats"].items():
+            for name, s in sorted(info["stats"].items(), key=lambda kv: kv[0] == "total"):
                 print(f"    {name:12s} {s['documents']:5d} documents {s['words']:>10,} words")
         if "tokens" in info:
-            print("    tokens: " + ", ".join(f"{k} {v:,}" for k, v in info["tokens"].items()))
+            ordered = sorted(info["tokens"].items(), key=lambda kv: kv[0] == "total")
+            print("    tokens: " + ", ".join(f"{k} {v:,}" for k, v in ordered))
         if "n_layers" in info:
             print(
                 f"    {info['architecture']}: {info['n_layers']} layers, d_model {info['d_model']}, vocab {info['vocab_size']}, "
@@ -88,31 +89,20 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     from . import assets
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     prepared = assets.load_prepared(args.cache)
     t0 = time.perf_counter()
     model = assets.load_model(prepared, device=args.device)
-    result: dict[str, object] = {"load_model_s": round(time.perf_counter() - t0, 2)}
-    hf = AutoModelForCausalLM.from_pretrained(
-        str(assets.tl_safe_dir(prepared.model_dir)), dtype=torch.float32, local_files_only=True
-    )
-    hf = hf.to(args.device).eval()
-    tokens = model.to_tokens("The quick brown fox jumps over the lazy dog while the farmer watches from the porch.")
-    with torch.no_grad():
-        diff = (model(tokens) - hf(tokens).logits).abs().max().item()
-        loss = model(model.to_tokens(PLAIN_PARAGRAPH), return_type="loss").item()
-    del hf
-    result.update(
-        {
-            "tl_vs_hf_max_abs_logit_diff": diff,
-            "plain_paragraph_loss": round(loss, 4),
-            "perplexity": round(float(torch.tensor(loss).exp()), 2),
-        }
-    )
+    result: dict[str, object] = {
+        "load_model_s": round(time.perf_counter() - t0, 2),
+        "peak_rss_mb_after_load": round(_peak_rss_mb()),
+    }
+
     layer = args.layer if args.layer is not None else model.cfg.n_layers // 2
     hook = f"blocks.{layer}.hook_resid_post"
-    batch = torch.randint(0, model.cfg.d_vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(
-        args.device
-    )
+    gen = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, model.cfg.d_vocab, (args.batch, args.seq), generator=gen).to(args.device)
     batch[:, 0] = model.tokenizer.bos_token_id
     times, cpu_times = [], []
     with torch.no_grad():
@@ -122,15 +112,33 @@ def _cmd_check(args: argparse.Namespace) -> int:
             act_cache[hook].sum().item()  # wait for the device
             times.append(time.perf_counter() - t)
             cpu_times.append(time.process_time() - c)
-    result.update({
-        "run_with_cache": f"{args.batch}x{args.seq} tokens, stop_at_layer={layer + 1} ({hook})",
-        "run_with_cache_s": [round(x, 3) for x in times[1:]],
-        "run_with_cache_process_cpu_s": [round(x, 3) for x in cpu_times[1:]],
-        "tokens_per_s": round(args.batch * args.seq / min(times[1:])),
-        "peak_rss_mb": round(_peak_rss_mb()),
-        "torch_threads": torch.get_num_threads(),
-        "load_average": [round(x, 1) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-    })  # fmt: skip
+    result.update(
+        {
+            "run_with_cache": f"{args.batch}x{args.seq} tokens, stop_at_layer={layer + 1} ({hook})",
+            "run_with_cache_s": [round(x, 3) for x in times[1:]],
+            "run_with_cache_process_cpu_s": [round(x, 3) for x in cpu_times[1:]],
+            "tokens_per_s": round(args.batch * args.seq / min(times[1:])),
+            "peak_rss_mb_after_run_with_cache": round(_peak_rss_mb()),
+            "torch_threads": torch.get_num_threads(),
+            "load_average": [round(x, 1) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        }
+    )
+
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(assets.tl_safe_dir(prepared.model_dir)), dtype=torch.float32, local_files_only=True
+    )
+    hf = hf.to(args.device).eval()
+    tokens = model.to_tokens("The quick brown fox jumps over the lazy dog while the farmer watches from the porch.")
+    with torch.no_grad():
+        diff = (model(tokens) - hf(tokens).logits).abs().max().item()
+        loss = model(model.to_tokens(PLAIN_PARAGRAPH), return_type="loss").item()
+    result.update(
+        {
+            "tl_vs_hf_max_abs_logit_diff": diff,
+            "plain_paragraph_loss": round(loss, 4),
+            "plain_paragraph_perplexity": round(float(torch.tensor(loss).exp()), 2),
+        }
+    )
     print(json.dumps(result, indent=2))
     return 0 if diff < 1e-3 else 1
 
@@ -153,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=_cmd_check)
     for p in sub.choices.values():
         p.add_argument(
