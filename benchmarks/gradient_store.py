@@ -183,7 +183,7 @@ def main() -> None:
     p.add_argument("--d-model", type=int, default=768)
     p.add_argument("--vocab", type=int, default=50257)
     p.add_argument("--ctx", type=int, default=128)
-    p.add_argument("--batch", type=int, default=8, help="store_batch_size_prompts")
+    p.add_argument("--batch", type=int, default=2, help="store_batch_size_prompts")
     p.add_argument("--hook", default="blocks.6.hook_resid_pre")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (0: torch's default); 1 is fastest on a loaded shared machine")

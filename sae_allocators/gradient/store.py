@@ -127,8 +127,8 @@ def check_model(model: Any, hook_name: str, model_kwargs: dict[str, Any] | None 
         raise GradientStoreError(
             f"{type(model).__name__} cannot give the next-token loss gradient_topk needs: "
             f"model.run_with_hooks(tokens, return_type='both', loss_per_token=True) raised "
-            f"{type(exc).__name__}: {exc}. Use a causal LM (a TransformerLens HookedTransformer, or "
-            "SAELens's AutoModelForCausalLM wrapper)."
+            f"{type(exc).__name__}: {exc}. Use a causal LM whose forward takes those arguments (a "
+            "TransformerLens HookedTransformer does)."
         ) from exc
     if leaf is None:
         raise GradientStoreError(f"hook {hook_name!r} did not fire in a forward pass of the model")
