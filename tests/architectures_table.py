@@ -12,12 +12,12 @@ from typing import Any
 
 MINIMAL_TRAINING_KWARGS: dict[str, dict[str, Any]] = {
     "mutual_choice": {"k": 4},
-    "feature_choice": {"k": 4},  # unverified: written before the architecture landed
+    "feature_choice": {"k": 4},
     "abstopk": {"k": 4},  # checked (abs-afa branch)
     "abstopk_zipf": {"k": 4},  # checked (abs-afa branch)
     "topk_zipf": {"k": 4},  # added when merging `allocation` into abs-afa
     "batchtopk_zipf": {"k": 4},  # added when merging `allocation` into abs-afa
-    "gradient_topk": {"k": 4},  # unverified
+    "gradient_topk": {"k": 4},
     "top_afa": {"k_max": 8},  # checked (abs-afa branch): top_afa has no k; k_max caps it
 }
 

@@ -238,7 +238,8 @@ def test_saved_sae_loads_as_topk_with_plain_saelens(trained):
     """
     x = _rand(6, D)
     torch.save(x, trained["out"] / "x.pt")
-    proc = run_fresh(code, python=sys.executable, env={"PYTHONPATH": ""})
+    # autoload off: in an installed environment the .pth hook would import this package
+    proc = run_fresh(code, python=sys.executable, env={"PYTHONPATH": "", "SAE_ALLOCATORS_NO_AUTOLOAD": "1"}, cwd=trained["out"])
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["cls"] == "TopKSAE" and res["arch"] == "topk" and res["ours"] is False
