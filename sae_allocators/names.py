@@ -8,11 +8,13 @@ PROVIDED_ARCHITECTURES: tuple[str, ...] = ("feature_choice", "mutual_choice", "a
 #: architecture name -> the module of this package that registers it
 OWN_ARCHITECTURES: dict[str, str] = {
     "mutual_choice": "sae_allocators.architectures.mutual_choice",
+    "feature_choice": "sae_allocators.architectures.feature_choice",
     "topk_zipf": "sae_allocators.architectures.topk_zipf",
     "batchtopk_zipf": "sae_allocators.architectures.batchtopk_zipf",
     "abstopk": "sae_allocators.architectures.abstopk",
     "abstopk_zipf": "sae_allocators.architectures.abstopk_zipf",
     "top_afa": "sae_allocators.architectures.top_afa",
+    "gradient_topk": "sae_allocators.architectures.gradient_topk",
 }
 
 #: modules that register auxiliary losses through the same hook machinery

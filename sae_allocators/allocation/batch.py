@@ -55,29 +55,43 @@ def kth_largest(flat: torch.Tensor, kk: int, row_len: int | None = None, sample_
     Uses the estimate-and-correct scheme of this module; ``row_len`` (F) keeps the strided sample
     from aliasing with the feature dimension. ``kk`` must be in ``[1, flat.numel()]``.
     """
+    return kth_largest_with_candidates(flat, kk, row_len, sample_size)[0]
+
+
+def kth_largest_with_candidates(
+    flat: torch.Tensor, kk: int, row_len: int | None = None, sample_size: int = SAMPLE_SIZE
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Like :func:`kth_largest`, also returning the candidates it examined: ``(tau, values,
+    flat_indices)`` where the candidates include every entry ``>= tau`` (``None`` when the small-
+    input path sorted everything)."""
     n = flat.numel()
     if not 1 <= kk <= n:
         raise ValueError(f"kth_largest: kk={kk} must be in [1, {n}]")
     if n <= 4 * sample_size or kk * 4 > n:
-        return flat.kthvalue(n - kk + 1).values
+        return flat.kthvalue(n - kk + 1).values, None, None
     step = _coprime_step(n, row_len or 1, sample_size)
     sample = flat[step // 2 :: step]
     s = sample.numel()
     expected = kk * s / n
-    r = min(s, int(math.ceil(expected + SLACK_SIGMAS * math.sqrt(expected) + 8)))
+    r = max(1, min(s, int(math.ceil(expected + SLACK_SIGMAS * math.sqrt(expected) + 8))))
     t_lo = sample.kthvalue(s - r + 1).values
     usable = (n // BLOCK) * BLOCK
     blocks = flat[:usable].view(-1, BLOCK)
     hit = (blocks.amax(dim=-1) >= t_lo).nonzero().squeeze(1)
-    sub = blocks.index_select(0, hit).reshape(-1)
-    cand = sub[sub >= t_lo]
+    sub = blocks.index_select(0, hit)
+    keep = sub >= t_lo
+    cand = sub[keep]
+    idx = (hit[:, None] * BLOCK + torch.arange(BLOCK, device=flat.device))[keep]
     if usable < n:
         tail = flat[usable:]
-        cand = torch.cat([cand, tail[tail >= t_lo]])
+        tail_keep = tail >= t_lo
+        cand = torch.cat([cand, tail[tail_keep]])
+        idx = torch.cat([idx, usable + tail_keep.nonzero().squeeze(1)])
     c = cand.numel()
     if c < kk:  # the estimate was too high (rare): exact fallback
-        return torch.topk(flat, kk, sorted=False).values.min()
-    return cand.kthvalue(c - kk + 1).values
+        top = torch.topk(flat, kk, sorted=False)
+        return top.values.min(), top.values, top.indices
+    return cand.kthvalue(c - kk + 1).values, cand, idx
 
 
 def keep_at_least(affinity: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:

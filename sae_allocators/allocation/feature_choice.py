@@ -1,0 +1,201 @@
+"""Feature Choice allocation: each feature j keeps its top ``m_j`` tokens of the batch.
+
+Two pure pieces:
+
+- :func:`capacities` -- integer capacities ``m_j`` with ``sum_j m_j = floor(k * N)``: uniform, or
+  Zipf-shaped over a usage ranking (``m ~ (rank + 1)^-exponent``), water-filled so that no
+  capacity exceeds the batch (``m_j <= N``), rounded by largest remainder, plus an optional floor
+  ``min_capacity`` per feature (the one constraint a batch can be too small for: then a
+  ``ValueError`` says so).
+- :func:`feature_choice_select` -- exact per-feature top-``m_j`` (ties aside): the affinity matrix
+  is transposed once, features are grouped by capacity into power-of-two buckets, and each bucket
+  gets one ``torch.topk`` with the bucket's largest ``m``; the ``m_j``-th value of feature j is its
+  threshold ``tau_j`` and the codes are ``pre`` where ``pre >= tau_j`` (and ``> 0``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sae_allocators.allocation.batch import budget
+
+
+def _waterfill(shape: torch.Tensor, total: float, cap: float) -> torch.Tensor:
+    """Real capacities ``min(cap, c * shape)`` summing to ``total`` (needs ``total <= cap * F``)."""
+    n = shape.numel()
+    if total <= 0 or n == 0:
+        return torch.zeros_like(shape)
+    if total >= cap * n:
+        return torch.full_like(shape, cap)
+    s, order = torch.sort(shape, descending=True)
+    suffix = torch.flip(torch.cumsum(torch.flip(s, [0]), 0), [0])  # sum of s[t:]
+    t = torch.arange(n, device=shape.device, dtype=shape.dtype)
+    c = (total - t * cap) / suffix.clamp_min(1e-300)
+    ok = (c * s <= cap * (1 + 1e-12)) & (c > 0)
+    first = int(torch.argmax(ok.to(torch.int8)))  # smallest number of clipped features that works
+    out_sorted = torch.minimum(c[first] * s, torch.tensor(cap, dtype=shape.dtype, device=shape.device))
+    out_sorted[:first] = cap
+    out = torch.empty_like(shape)
+    out[order] = out_sorted
+    return out
+
+
+def _round_largest_remainder(real: torch.Tensor, total: int, cap: int) -> torch.Tensor:
+    base = torch.floor(real + 1e-9).clamp(0, cap)
+    deficit = total - int(base.sum())
+    if deficit > 0:
+        frac = torch.where(base < cap, real - base, torch.full_like(real, -math.inf))
+        order = torch.argsort(-frac, stable=True)[:deficit]
+        base[order] += 1
+    elif deficit < 0:
+        frac = torch.where(base > 0, real - base, torch.full_like(real, math.inf))
+        order = torch.argsort(frac, stable=True)[:-deficit]
+        base[order] -= 1
+    return base.long()
+
+
+def capacities(n_tokens: int, k: float, d_sae: int, *, rank: torch.Tensor | None = None, exponent: float = 0.0, min_capacity: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
+    """Integer capacities ``m`` [d_sae] (long) with ``m.sum() == floor(k * n_tokens)``, ``m <= n_tokens``.
+
+    ``rank[j]`` is feature j's usage rank (0 = most used); ``exponent = 0`` (or ``rank=None``)
+    gives uniform capacities. Each feature first gets ``min_capacity``; the rest of the budget is
+    shared in proportion to ``(rank + 1)^-exponent``, capped at the batch size.
+    """
+    total = budget(k, n_tokens)
+    floor_total = d_sae * min_capacity
+    if floor_total > total:
+        need = math.ceil(floor_total / k) if k > 0 else math.inf
+        raise ValueError(
+            f"feature_choice: min_capacity={min_capacity} cannot be met: a batch of {n_tokens} tokens has a "
+            f"budget of floor(k * N) = {total} entries, less than d_sae * min_capacity = {floor_total}. "
+            f"Use batches of at least {need} tokens, or lower min_capacity (0 disables it)."
+        )
+    dev = device if device is not None else (rank.device if rank is not None else None)
+    if rank is None or exponent == 0:
+        shape = torch.ones(d_sae, dtype=torch.double, device=dev)
+    else:
+        shape = (rank.to(device=dev, dtype=torch.double) + 1).pow(-float(exponent))
+    cap = n_tokens - min_capacity
+    real = _waterfill(shape, float(total - floor_total), float(cap))
+    return _round_largest_remainder(real, total - floor_total, cap) + min_capacity
+
+
+def usage_rank(usage: torch.Tensor) -> torch.Tensor:
+    """Rank of each feature by usage (0 = most used; ties by feature index)."""
+    order = torch.argsort(-usage.double(), stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(usage.numel(), device=usage.device)
+    return rank
+
+
+def column_thresholds(affinity: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
+    """``tau_j`` = the smallest *positive* value among the ``caps[j]`` largest of column j (exact).
+
+    That is the ``caps[j]``-th largest value when it is positive; ``+inf`` when ``caps[j] == 0``
+    or the column has no positive value. Features are bucketed by ``ceil(log2(caps))`` so each
+    ``torch.topk`` call uses a ``k`` at most twice the smallest capacity it serves.
+    """
+    n, f = affinity.shape
+    tau = torch.full((f,), math.inf, dtype=affinity.dtype, device=affinity.device)
+    if n == 0 or f == 0:
+        return tau
+    caps = caps.to(affinity.device).clamp(0, n)
+    pos = caps > 0
+    if not bool(pos.any()):
+        return tau
+    cols = affinity.detach().t().contiguous()  # [F, N]: topk along a contiguous dimension
+    bucket = torch.where(pos, torch.ceil(torch.log2(caps.clamp_min(1).double())).long(), torch.full_like(caps, -1))
+    for b in torch.unique(bucket[pos]).tolist():
+        members = (bucket == b).nonzero().squeeze(1)
+        kb = int(caps[members].max())
+        rows = cols if members.numel() == f else cols.index_select(0, members)
+        top = torch.topk(rows, kb, dim=-1, sorted=True).values
+        m = caps[members]
+        kept = (top > 0) & (torch.arange(kb, device=top.device)[None, :] < m[:, None])
+        count = kept.sum(dim=1)
+        smallest = top.gather(1, (count - 1).clamp_min(0)[:, None]).squeeze(1)
+        tau[members] = torch.where(count > 0, smallest, torch.full_like(smallest, math.inf))
+    return tau
+
+
+def column_thresholds_estimated(affinity: torch.Tensor, caps: torch.Tensor, t_lo: torch.Tensor, max_candidates: int | None = None) -> tuple[torch.Tensor, int]:
+    """Exact :func:`column_thresholds` from a per-feature lower-bound estimate ``t_lo`` [F].
+
+    One broadcast compare finds the candidates ``pre >= max(t_lo_j, 0+)``; a segmented selection
+    (sort by value, then stable sort by feature) gives each feature's ``caps[j]``-th largest
+    candidate. A feature with fewer than ``caps[j]`` candidates is exact too when its bound was
+    already "every positive value"; otherwise (the estimate was too high) that feature alone goes
+    through :func:`column_thresholds`. If more than ``max_candidates`` entries pass, the estimate
+    is too loose to pay off and everything goes through :func:`column_thresholds`.
+    Returns ``(tau, number of features that needed the fallback)``.
+    """
+    n, f = affinity.shape
+    pre = affinity.detach()
+    caps = caps.to(pre.device).clamp(0, n)
+    tiny = torch.nextafter(torch.zeros((), dtype=pre.dtype, device=pre.device), torch.ones((), dtype=pre.dtype, device=pre.device))
+    lo = torch.where(caps > 0, torch.maximum(t_lo.to(pre.dtype), tiny), torch.full_like(t_lo, math.inf, dtype=pre.dtype))
+    idx = (pre >= lo).view(-1).nonzero().squeeze(1)
+    if max_candidates is not None and idx.numel() > max_candidates:
+        return column_thresholds(pre, caps), f
+    vals = pre.reshape(-1)[idx]
+    col = idx % f
+    counts = torch.bincount(col, minlength=f)
+    order = torch.argsort(vals, descending=True)
+    order = order[torch.argsort(col[order], stable=True)]  # grouped by feature, descending within
+    vals = vals[order]
+    start = torch.cumsum(counts, 0) - counts
+    have = torch.minimum(counts, caps)
+    pos = (start + have - 1).clamp(0, max(vals.numel() - 1, 0))
+    tau = torch.where(have > 0, vals[pos] if vals.numel() else torch.full_like(lo, math.inf), torch.full_like(lo, math.inf))
+    fail = (counts < caps) & (lo > tiny)
+    n_fail = int(fail.sum())
+    if n_fail:
+        cols = fail.nonzero().squeeze(1)
+        tau[cols] = column_thresholds(pre.index_select(1, cols), caps[cols])
+    return tau, n_fail
+
+
+def feature_choice_select(affinity: torch.Tensor, caps: torch.Tensor, *, one_per_token: bool = False, t_lo: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feature Choice codes; returns ``(codes, tau)``.
+
+    Feature j keeps the entries of its column that are among its ``caps[j]`` largest and
+    positive; leading dimensions of ``affinity`` are flattened into tokens. ``tau`` [F] is each
+    feature's smallest kept value (``+inf`` for a feature that kept nothing). With
+    ``one_per_token``, a token no feature chose also keeps its largest positive affinity (this
+    adds at most one entry per such token to the budget; that entry does not change ``tau``).
+    ``t_lo`` (optional, [F]) is a per-feature estimate of a lower bound on ``tau`` (e.g. last
+    step's thresholds, lowered by their spread) that makes the exact selection cheaper
+    (:func:`column_thresholds_estimated`); the result does not depend on it.
+    """
+    shape = affinity.shape
+    pre = affinity.reshape(-1, shape[-1])
+    if t_lo is None:
+        tau = column_thresholds(pre, caps)
+    else:
+        kk = int(caps.sum())
+        tau = column_thresholds_estimated(pre, caps, t_lo, max_candidates=8 * kk + 1024)[0]
+    mask = pre >= tau  # tau > 0 (or inf), so only positive entries are kept
+    if one_per_token:
+        best = pre.detach().argmax(dim=-1)
+        empty = ~mask.any(dim=-1)
+        rows = empty.nonzero().squeeze(1)
+        if rows.numel():
+            cols = best[rows]
+            mask[rows, cols] = pre.detach()[rows, cols] > 0
+    codes = torch.where(mask, pre, torch.zeros((), dtype=pre.dtype, device=pre.device))
+    return codes.reshape(shape), tau
+
+
+def feature_choice_reference(affinity: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
+    """Per-feature ``torch.topk`` loop over ``relu(affinity)`` (slow; tests and benchmarks only)."""
+    shape = affinity.shape
+    acts = affinity.reshape(-1, shape[-1]).relu()
+    out = torch.zeros_like(acts)
+    for j in range(acts.shape[1]):
+        m = int(caps[j])
+        if m > 0:
+            top = torch.topk(acts[:, j], min(m, acts.shape[0]))
+            out[top.indices, j] = top.values
+    return out.reshape(shape)

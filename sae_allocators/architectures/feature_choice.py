@@ -1,0 +1,264 @@
+"""Feature Choice SAE (Ayonrinde 2024, arXiv 2411.02124): each feature picks its top m_j tokens.
+
+Training: capacities ``m_j`` (sum = floor(k*N)) are uniform or Zipf-shaped over the features
+ranked by their running *demand* -- how often a feature would fire under Mutual Choice at the
+same budget (our choice; see docs/feature_choice.md for why not the feature's own firing rate).
+Selection is exact per feature (:mod:`sae_allocators.allocation.feature_choice`).
+
+Inference without the batch: a per-feature threshold theta_j (running mean, then EMA, of the
+smallest value feature j kept) with a fallback to the global Mutual-Choice threshold for a
+feature that kept nothing for ``threshold_fallback_steps`` steps; saved as a SAELens
+``jumprelu`` whose ``threshold`` is that vector, in the saved model's units.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import torch
+from sae_lens.saes.jumprelu_sae import JumpReLUSAEConfig
+from sae_lens.saes.sae import SAEConfig
+from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
+
+from sae_allocators.allocation.batch import budget, kth_largest_with_candidates
+from sae_allocators.allocation.feature_choice import capacities, feature_choice_select, usage_rank
+from sae_allocators.architectures._common import check_k, check_rate, pre_activations, warm_ema_
+from sae_allocators.hookspecs import hookimpl
+from sae_allocators.losses import AuxLossConfig, AuxLossMixin
+
+NAME = "feature_choice"
+#: default Zipf exponent of the capacities (see docs/feature_choice.md, "Choosing the exponent")
+DEFAULT_CAPACITY_EXPONENT = 0.5
+
+
+def _check_capacity_fields(cfg: Any) -> None:
+    if cfg.capacity not in ("uniform", "zipf"):
+        raise ValueError(f"capacity={cfg.capacity!r} is invalid: use 'uniform' (m_j = k*N/d_sae) or 'zipf' (m_j ~ (usage rank)^-capacity_exponent).")
+    e = cfg.capacity_exponent
+    if isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e) or e < 0:
+        raise ValueError(f"capacity_exponent={e!r} is invalid: use a finite exponent >= 0 (default {DEFAULT_CAPACITY_EXPONENT}; 0 is uniform).")
+    if isinstance(cfg.min_capacity, bool) or not isinstance(cfg.min_capacity, int) or cfg.min_capacity < 0:
+        raise ValueError(f"min_capacity={cfg.min_capacity!r} is invalid: use an integer >= 0 (tokens each feature keeps per batch at least; 0 disables).")
+
+
+class FeatureChoice(torch.nn.Module):
+    """Activation module for batch-mode inference: uniform capacities (no usage ranks needed)."""
+
+    def __init__(self, k: float, one_per_token: bool = False):
+        super().__init__()
+        self.k, self.one_per_token = k, one_per_token
+
+    def forward(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+        n = hidden_pre.numel() // hidden_pre.shape[-1]
+        caps = capacities(n, self.k, hidden_pre.shape[-1], device=hidden_pre.device)
+        return feature_choice_select(hidden_pre, caps, one_per_token=self.one_per_token)[0]
+
+
+@dataclass
+class FeatureChoiceSAEConfig(TopKSAEConfig):
+    """Batch-mode inference config (uniform capacities); training saves ``jumprelu`` instead."""
+
+    k: float = 32  # type: ignore[assignment]
+    one_per_token: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_k(self.k, self.d_sae)
+
+    @classmethod
+    def architecture(cls) -> str:
+        return NAME
+
+
+class FeatureChoiceSAE(TopKSAE):
+    """Batch-mode Feature Choice inference with uniform capacities."""
+
+    def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return FeatureChoice(self.cfg.k, self.cfg.one_per_token)
+
+
+@dataclass
+class FeatureChoiceTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
+    """Training config.
+
+    Attributes:
+        k: average active features per token (float); the batch spends ``floor(k * N)`` entries.
+        capacity: ``"zipf"`` (default; ``m_j ~ (rank_j + 1)^-capacity_exponent`` over features
+            ranked by running demand) or ``"uniform"`` (``m_j = k N / d_sae``, rounded).
+        capacity_exponent: Zipf exponent of the capacities (default 0.5).
+        min_capacity: tokens every feature keeps per batch at least (0 = off); a batch whose
+            budget is below ``d_sae * min_capacity`` is an error.
+        one_per_token: give a token that no feature chose its largest positive affinity.
+        threshold_lr: EMA rate of the per-feature and global thresholds (after a running-mean
+            warm-up of ``1/threshold_lr`` updates).
+        threshold_fallback_steps: a feature that kept nothing for more than this many steps (or
+            never) is saved with the global threshold instead of its own.
+        aux_loss: ``"zipf"`` (default), ``"auxk"``, ``"none"`` or a plugin's loss.
+    """
+
+    k: float = 32  # type: ignore[assignment]
+    capacity: Literal["uniform", "zipf"] = "zipf"
+    capacity_exponent: float = DEFAULT_CAPACITY_EXPONENT
+    min_capacity: int = 0
+    one_per_token: bool = False
+    threshold_lr: float = 0.01
+    threshold_fallback_steps: int = 1000
+    aux_loss: str = "zipf"
+
+    def __post_init__(self) -> None:
+        check_k(self.k, self.d_sae)
+        _check_capacity_fields(self)
+        check_rate(self.threshold_lr, "threshold_lr")
+        if isinstance(self.threshold_fallback_steps, bool) or not isinstance(self.threshold_fallback_steps, int) or self.threshold_fallback_steps < 1:
+            raise ValueError(f"threshold_fallback_steps={self.threshold_fallback_steps!r} is invalid: use an integer number of steps >= 1 (e.g. 1000).")
+        super().__post_init__()
+
+    @classmethod
+    def architecture(cls) -> str:
+        return NAME
+
+    def get_inference_config_class(self) -> type[SAEConfig]:
+        return JumpReLUSAEConfig
+
+
+class FeatureChoiceTrainingSAE(AuxLossMixin, TopKTrainingSAE):
+    """Feature Choice training SAE; ``encode`` is the batch rule, ``encode_thresholded`` the saved one."""
+
+    cfg: FeatureChoiceTrainingSAEConfig  # type: ignore[assignment]
+    training_only_buffers = (
+        "feature_threshold",
+        "feature_threshold_steps",
+        "steps_since_selected",
+        "global_threshold",
+        "global_threshold_steps",
+        "feature_usage",
+        "usage_steps",
+    )
+
+    def __init__(self, cfg: FeatureChoiceTrainingSAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+        dev, f = self.W_dec.device, cfg.d_sae
+
+        def buf(name: str, value: torch.Tensor) -> None:
+            self.register_buffer(name, value)
+
+        buf("feature_threshold", torch.zeros(f, dtype=torch.double, device=dev))
+        buf("feature_threshold_steps", torch.zeros(f, dtype=torch.long, device=dev))
+        buf("steps_since_selected", torch.zeros(f, dtype=torch.long, device=dev))
+        buf("global_threshold", torch.zeros((), dtype=torch.double, device=dev))
+        buf("global_threshold_steps", torch.zeros((), dtype=torch.long, device=dev))
+        buf("feature_usage", torch.zeros(f, dtype=torch.float32, device=dev))
+        buf("usage_steps", torch.zeros((), dtype=torch.long, device=dev))
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        # not saved: a resumed run does its first selection without an estimate
+        self._tau_last: torch.Tensor | None = None
+        self._tau_dev: torch.Tensor | None = None
+
+    def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return FeatureChoice(self.cfg.k, self.cfg.one_per_token)
+
+    def current_capacities(self, n_tokens: int) -> torch.Tensor:
+        """This batch's capacities ``m`` [d_sae] from the running demand ranking."""
+        zipf = self.cfg.capacity == "zipf" and self.cfg.capacity_exponent > 0
+        return capacities(
+            n_tokens,
+            self.cfg.k,
+            self.cfg.d_sae,
+            rank=usage_rank(self.feature_usage) if zipf else None,
+            exponent=self.cfg.capacity_exponent if zipf else 0.0,
+            min_capacity=self.cfg.min_capacity,
+            device=self.W_dec.device,
+        )
+
+    def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden_pre = pre_activations(self, x)
+        n = hidden_pre.numel() // hidden_pre.shape[-1]
+        caps = self.current_capacities(n)
+        codes, tau = feature_choice_select(hidden_pre, caps, one_per_token=self.cfg.one_per_token, t_lo=self._estimate_lower_bound())
+        self._last = (hidden_pre.detach(), tau)
+        return self.hook_sae_acts_post(codes), hidden_pre
+
+    def training_forward_pass(self, step_input: Any) -> Any:
+        output = super().training_forward_pass(step_input)
+        if self._last is not None:
+            self._update_running_stats(*self._last)
+            self._last = None
+        return output
+
+    def _estimate_lower_bound(self) -> torch.Tensor | None:
+        """Last step's tau_j lowered by 3x its running step-to-step change and 2%: a cheap
+        lower-bound estimate for this step's exact selection (None on the first step)."""
+        if self._tau_last is None:
+            return None
+        return self._tau_last - 3 * self._tau_dev - 0.02 * self._tau_last.abs()
+
+    @torch.no_grad()
+    def _update_running_stats(self, hidden_pre: torch.Tensor, tau: torch.Tensor) -> None:
+        lr = self.cfg.threshold_lr
+        finite_tau = torch.where(torch.isfinite(tau), tau, torch.zeros_like(tau))
+        if self._tau_last is None:
+            self._tau_dev = 0.1 * finite_tau.abs()
+        else:
+            self._tau_dev = 0.7 * self._tau_dev + 0.3 * (finite_tau - self._tau_last).abs()
+        self._tau_last = finite_tau
+        selected = torch.isfinite(tau)
+        warm_ema_(self.feature_threshold, torch.where(selected, tau, torch.zeros_like(tau)).double(), self.feature_threshold_steps, lr, where=selected)
+        self.steps_since_selected += 1
+        self.steps_since_selected[selected] = 0
+        # demand: where Mutual Choice at the same budget would fire (global k*N-th largest value)
+        flat = hidden_pre.detach().reshape(-1)
+        f = hidden_pre.shape[-1]
+        kk = min(budget(self.cfg.k, flat.numel() // f), flat.numel())
+        if kk < 1:
+            return
+        tau_g, cand, idx = kth_largest_with_candidates(flat, kk, row_len=f)
+        tau_g = tau_g.clamp_min(0)
+        warm_ema_(self.global_threshold, tau_g.double(), self.global_threshold_steps, lr)
+        if cand is None:
+            fired = (hidden_pre.detach().reshape(-1, f) >= tau_g) & (hidden_pre.detach().reshape(-1, f) > 0)
+            demand = fired.sum(0).float()
+        else:
+            keep = (cand >= tau_g) & (cand > 0)
+            demand = torch.bincount(idx[keep] % f, minlength=f).float()
+        n_tokens = flat.numel() // f
+        warm_ema_(self.feature_usage, demand / n_tokens, self.usage_steps, 1.0 / self.cfg.density_window)
+
+    def inference_thresholds(self) -> torch.Tensor:
+        """theta_j, or the global threshold for a feature stale for > threshold_fallback_steps."""
+        stale = (self.steps_since_selected > self.cfg.threshold_fallback_steps) | (self.feature_threshold_steps == 0)
+        return torch.where(stale, self.global_threshold.expand_as(self.feature_threshold), self.feature_threshold)
+
+    @torch.no_grad()
+    def encode_thresholded(self, x: torch.Tensor) -> torch.Tensor:
+        """The batch-free rule the saved ``jumprelu`` applies: ``relu(pre) * (pre > theta_j)``."""
+        hidden_pre = pre_activations(self, x)
+        return hidden_pre.relu() * (hidden_pre > self.inference_thresholds().to(hidden_pre.dtype))
+
+    @torch.no_grad()
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
+        super().fold_activation_norm_scaling_factor(scaling_factor)
+        if self.cfg.rescale_acts_by_decoder_norm:
+            self.feature_threshold /= scaling_factor
+            self.global_threshold /= scaling_factor
+
+    def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
+        super().process_state_dict_for_saving_inference(state_dict)
+        state_dict["threshold"] = self.inference_thresholds().to(self.b_enc.dtype).clone()
+
+    def lazy_metrics(self, feature_acts: torch.Tensor, dead_mask: torch.Tensor | None) -> dict[str, Any]:
+        out = super().lazy_metrics(feature_acts, dead_mask)
+        theta = self.global_threshold.detach().clone()
+        out["threshold"] = lambda: float(theta)
+        return out
+
+
+@hookimpl
+def register_architectures(register) -> None:
+    register(
+        NAME,
+        training=(FeatureChoiceTrainingSAE, FeatureChoiceTrainingSAEConfig),
+        inference=(FeatureChoiceSAE, FeatureChoiceSAEConfig),
+        description="Feature Choice: each feature keeps its top m_j tokens (uniform/Zipf capacities); saved as jumprelu",
+    )

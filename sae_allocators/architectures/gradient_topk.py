@@ -1,0 +1,190 @@
+"""Gradient TopK SAE (g-SAE; Olmo et al. 2024, arXiv 2411.10397).
+
+Training selects, per token, the k largest ``z + beta * z * |g @ D.T|`` (values from ``z``), where
+``g`` is dL/dx of the language model's next-token CE at the hooked activation, supplied by
+:class:`sae_allocators.gradient.GradientActivationsStore` as the second half of each ``[x | g]``
+row. A batch without gradients (width ``d_in``: evals, synthetic data) is encoded as plain TopK.
+The saved inference model is SAELens's ``topk``, loadable without this package;
+:class:`GradientTopKSAE` offers ``encode(x, grad=...)`` to users who have gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from sae_lens.saes.sae import SAEConfig, TrainStepInput, TrainStepOutput
+from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
+
+from sae_allocators.allocation.gradient import GRAD_NORMALIZATIONS, gradient_topk
+from sae_allocators.gradient.store import split_rows
+from sae_allocators.hookspecs import hookimpl
+from sae_allocators.losses import AuxLossConfig, AuxLossMixin, check_finite
+
+NAME = "gradient_topk"
+
+
+def _check_fields(cfg: Any) -> None:
+    if not isinstance(cfg.beta, (int, float)) or not math.isfinite(cfg.beta) or cfg.beta < 0:
+        raise ValueError(f"beta={cfg.beta!r} must be a finite number >= 0 (0 gives plain TopK)")
+    if cfg.grad_normalization not in GRAD_NORMALIZATIONS:
+        raise ValueError(f"grad_normalization={cfg.grad_normalization!r} must be one of {GRAD_NORMALIZATIONS}")
+    if not isinstance(cfg.k, int) or not 1 <= cfg.k <= cfg.d_sae:
+        raise ValueError(f"k={cfg.k!r} must be an integer in [1, d_sae={cfg.d_sae}]")
+
+
+def _decoder_directions(sae: Any) -> torch.Tensor:
+    """What one unit of each code adds to the reconstruction (rows of W_dec, unit-norm if rescaled)."""
+    w = sae.W_dec
+    return w / w.norm(dim=-1, keepdim=True).clamp_min(1e-8) if sae.cfg.rescale_acts_by_decoder_norm else w
+
+
+def _encode(sae: Any, x: torch.Tensor, grad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """TopK's encode with the g-SAE selection; returns ``(feature_acts, hidden_pre)``."""
+    sae_in = sae.process_sae_in(x)
+    hidden_pre = sae.hook_sae_acts_pre(sae_in @ sae.W_enc + sae.b_enc)
+    if sae.cfg.rescale_acts_by_decoder_norm:
+        hidden_pre = hidden_pre * sae.W_dec.norm(dim=-1)
+    if grad is not None:
+        grad = sae.reshape_fn_in(grad)  # identity unless hook_z reshaping is on, as for x
+    codes = gradient_topk(hidden_pre, grad, _decoder_directions(sae), sae.cfg.k, sae.cfg.beta, sae.cfg.grad_normalization)
+    if getattr(sae.cfg, "use_sparse_activations", False):
+        codes = codes.to_sparse()
+    return sae.hook_sae_acts_post(codes), hidden_pre
+
+
+@dataclass
+class GradientTopKSAEConfig(TopKSAEConfig):
+    """Inference config for gradient-aware encoding (``encode(x, grad=...)``)."""
+
+    beta: float = 1.0
+    grad_normalization: str = "batch"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_fields(self)
+
+    @classmethod
+    def architecture(cls) -> str:
+        return NAME
+
+
+class GradientTopKSAE(TopKSAE):
+    """TopK inference SAE whose ``encode`` also takes the loss gradient at the hooked activation."""
+
+    cfg: GradientTopKSAEConfig  # type: ignore[assignment]
+
+    def encode(self, x: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        return _encode(self, x, grad)[0]
+
+    @classmethod
+    def from_topk(cls, sae: TopKSAE, beta: float = 1.0, grad_normalization: str = "batch") -> "GradientTopKSAE":
+        """Wrap a loaded SAELens ``topk`` SAE (e.g. one trained as gradient_topk) for gradient-aware encoding."""
+        fields = {f.name: getattr(sae.cfg, f.name) for f in dataclasses.fields(TopKSAEConfig)}
+        new = cls(GradientTopKSAEConfig(**fields, beta=beta, grad_normalization=grad_normalization))
+        new.load_state_dict(sae.state_dict())
+        return new.to(sae.device)
+
+
+@dataclass
+class GradientTopKTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
+    """Training config: SAELens's TopK fields, the project's aux-loss fields, and
+
+    Args:
+        beta: weight of the gradient term in ``z + beta * z * |g @ D.T|`` (0: plain TopK).
+        grad_normalization: ``"batch"`` (default; ``g`` divided by the batch's mean per-token
+            gradient norm), ``"token"`` (unit norm per token) or ``"none"`` (raw ``g``).
+        aux_loss: ``"auxk"`` (default: exactly SAELens's TopK AuxK), ``"zipf"``, ``"none"``, ...
+        normalize_activations: must stay ``"none"`` (the store packs ``[x | g]``).
+    """
+
+    aux_loss: str = "auxk"
+    beta: float = 1.0
+    grad_normalization: str = "batch"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_fields(self)
+        if self.normalize_activations != "none":
+            raise ValueError(
+                f"normalize_activations={self.normalize_activations!r} is not supported by gradient_topk: "
+                "SAELens's scaler would scale x and g together (x*c needs g/c). Use normalize_activations='none'."
+            )
+
+    @classmethod
+    def architecture(cls) -> str:
+        return NAME
+
+    def get_inference_config_class(self) -> type[SAEConfig]:
+        # The saved model is a plain SAELens topk SAE.
+        return TopKSAEConfig
+
+    @classmethod
+    def activations_store_class(cls) -> type:
+        """Read by :mod:`sae_allocators.gradient.dispatch`: SAELens's runner builds this store."""
+        from sae_allocators.gradient.store import GradientActivationsStore
+
+        return GradientActivationsStore
+
+
+class GradientTopKTrainingSAE(AuxLossMixin, TopKTrainingSAE):
+    """TopK training SAE with the g-SAE selection; accepts ``[x | g]`` rows or plain ``x`` rows."""
+
+    cfg: GradientTopKTrainingSAEConfig  # type: ignore[assignment]
+
+    def __init__(self, cfg: GradientTopKTrainingSAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+        self._step_grad: torch.Tensor | None = None
+        self._warned_no_grad = False
+
+    def encode_with_hidden_pre(self, x: torch.Tensor, grad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        return _encode(self, x, self._step_grad if grad is None else grad)
+
+    def encode(self, x: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        return self.encode_with_hidden_pre(x, grad)[0]
+
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        x, grad = split_rows(step_input.sae_in, self.cfg.d_in)
+        check_finite(step_input.sae_in, "gradient_topk training rows ([activation | gradient])")
+        if grad is None and self.cfg.beta > 0 and not self._warned_no_grad:
+            self._warned_no_grad = True
+            warnings.warn(
+                "gradient_topk is training on batches without gradients (width d_in), so it selects as plain "
+                "TopK. Train with GradientActivationsStore (SAELens's runner picks it when sae_allocators is "
+                "imported) to use the loss gradient.",
+                stacklevel=2,
+            )
+        self._step_grad = grad
+        try:
+            out = super().training_forward_pass(dataclasses.replace(step_input, sae_in=x))
+        finally:
+            self._step_grad = None
+        if grad is not None:
+            hidden_pre, acts = out.hidden_pre.detach(), out.feature_acts.detach()
+
+            def changed() -> torch.Tensor:
+                # fraction of this batch's selections that plain TopK would not have made
+                plain = torch.topk(hidden_pre, self.cfg.k, dim=-1).indices
+                plain_mask = torch.zeros_like(hidden_pre, dtype=torch.bool).scatter_(-1, plain, True)
+                chosen = (acts.to_dense() if acts.is_sparse else acts) != 0
+                return (chosen & ~plain_mask).sum() / chosen.sum().clamp_min(1)
+
+            out.metrics["gradient_selection_changed"] = changed
+        return out
+
+
+@hookimpl
+def register_architectures(register) -> None:
+    from sae_allocators.gradient import dispatch
+
+    dispatch.install()
+    register(
+        NAME,
+        training=(GradientTopKTrainingSAE, GradientTopKTrainingSAEConfig),
+        inference=(GradientTopKSAE, GradientTopKSAEConfig),
+        description="g-SAE: per-token top-k of z + beta*z*|g @ W_dec.T| with LM-loss gradients; saved as topk",
+    )

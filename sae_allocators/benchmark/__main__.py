@@ -1,0 +1,3 @@
+from sae_allocators.benchmark.cli import main
+
+raise SystemExit(main())

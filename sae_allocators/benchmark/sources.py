@@ -1,0 +1,490 @@
+"""The data the benchmark trains on: synthetic ground truth, and a real language model.
+
+Each source trains a config through SAELens's own runner and yields held-out evaluation batches:
+
+- :class:`SyntheticSource`: ``sae_lens.synthetic.SyntheticModel`` with Zipfian firing (known
+  features), trained with ``SyntheticSAERunner``; every architecture sees the same stream
+  (the data RNG is re-seeded per seed after the SAE is built).
+- :class:`LMSource`: activations of a ``HookedTransformer`` at one hook, computed ONCE with
+  SAELens's ``CacheActivationsRunner`` into a local dataset and read back by
+  ``LanguageModelSAETrainingRunner(use_cached_activations=True)`` for every architecture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from sae_allocators.testing import OFFLINE_ENV
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+@contextlib.contextmanager
+def quiet_saelens():
+    """Hide SAELens's per-run notices (overridden model/dataset, epochs of a small cache, loading
+    hints) that would otherwise repeat for every architecture; errors still show."""
+    import logging
+    import warnings
+
+    lg = logging.getLogger("sae_lens")
+    level = lg.level
+    lg.setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        for msg in ("The training dataset contains fewer", "All samples in the training dataset",
+                    "\nThis SAE has non-empty model_from_pretrained_kwargs"):
+            warnings.filterwarnings("ignore", message=msg)
+        try:
+            yield
+        finally:
+            lg.setLevel(level)
+
+
+@dataclass
+class TrainResult:
+    sae: Any  # the TrainingSAE after fit (normalisation folded in)
+    path: Path  # the saved inference model folder
+    seconds: float
+    steps: int
+
+
+def _runner_kwargs(cls: type, **kwargs: Any) -> dict[str, Any]:
+    """Keep only the fields ``cls`` has (SAELens adds fields across 6.x)."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in kwargs.items() if k in names}
+
+
+# --- synthetic ---------------------------------------------------------------------------------
+
+
+@dataclass
+class SyntheticScale:
+    num_features: int = 256
+    hidden_dim: int = 48
+    d_sae: int = 256
+    zipf_exponent: float = 1.0
+    max_prob: float = 0.3
+    min_prob: float = 0.01
+    training_samples: int = 409_600
+    batch_size: int = 512
+    eval_samples: int = 16_384
+    lr: float = 3e-3
+    dead_feature_window: int = 100
+
+
+class SyntheticSource:
+    kind = "synthetic"
+
+    def __init__(self, scale: SyntheticScale, model_seed: int = 1234):
+        from sae_lens.synthetic import SyntheticModel, SyntheticModelConfig, ZipfianFiringProbabilityConfig
+
+        self.scale = scale
+        self.cfg = SyntheticModelConfig(
+            num_features=scale.num_features,
+            hidden_dim=scale.hidden_dim,
+            firing_probability=ZipfianFiringProbabilityConfig(
+                exponent=scale.zipf_exponent, max_prob=scale.max_prob, min_prob=scale.min_prob
+            ),
+            seed=model_seed,
+        )
+        self.model = SyntheticModel(self.cfg)
+        self.d_in = scale.hidden_dim
+        self.d_sae = scale.d_sae
+        self.train_batch_size = scale.batch_size
+        with _seeded(10_000 + model_seed):
+            feats = self.model.activation_generator.sample(scale.eval_samples)
+            self._eval_feats = feats.to_dense() if feats.is_sparse else feats
+            self._eval_x = self.model.feature_dict(self._eval_feats).detach()
+        self.true_l0 = float((self._eval_feats != 0).sum(-1).double().mean())
+        self.name = f"synthetic ({scale.num_features} Zipfian features in {scale.hidden_dim} dims)"
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "synthetic_model": self.cfg.to_dict(),
+            "true_l0": self.true_l0,
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
+            "training_tokens": self.scale.training_samples,
+            "train_batch_size": self.scale.batch_size,
+            "eval_tokens": self.scale.eval_samples,
+            "lr": self.scale.lr,
+            "dead_feature_window_steps": self.scale.dead_feature_window,
+        }
+
+    def sae_fields(self) -> dict[str, Any]:
+        return {}
+
+    def train(self, sae_cfg: Any, seed: int, out_dir: Path) -> TrainResult:
+        from sae_lens import LoggingConfig
+        from sae_lens.synthetic import SyntheticSAERunner, SyntheticSAERunnerConfig
+
+        s = self.scale
+        torch.manual_seed(seed)
+        cfg = SyntheticSAERunnerConfig(
+            **_runner_kwargs(
+                SyntheticSAERunnerConfig,
+                synthetic_model=self.cfg,
+                sae=sae_cfg,
+                training_samples=s.training_samples,
+                batch_size=s.batch_size,
+                lr=s.lr,
+                device="cpu",
+                checkpoint_path=None,
+                output_path=str(out_dir),
+                eval_samples=0,
+                run_final_eval=False,
+                dead_feature_window=s.dead_feature_window,
+                feature_sampling_window=s.dead_feature_window,
+                n_batches_for_norm_estimate=20,
+                logger=LoggingConfig(log_to_wandb=False),
+            )
+        )
+        runner = SyntheticSAERunner(cfg, override_synthetic_model=self.model)
+        torch.manual_seed(1_000_003 * (seed + 1))  # same data stream for every architecture
+        t0 = time.perf_counter()
+        with quiet_saelens():
+            result = runner.run()
+        seconds = time.perf_counter() - t0
+        return TrainResult(result.sae, out_dir, seconds, s.training_samples // s.batch_size)
+
+    def eval_batches(self, batch_size: int = 4096) -> Iterator[torch.Tensor]:
+        for i in range(0, self._eval_x.shape[0], batch_size):
+            yield self._eval_x[i : i + batch_size]
+
+    def ground_truth(self) -> torch.Tensor:
+        return self.model.feature_dict.feature_vectors.detach()
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def with_bos(data: LMData) -> LMData:
+    """Rows that do not start with ``bos_token_id`` get it prepended (their last token dropped)."""
+    bos = data.bos_token_id
+    if bos is None:
+        return data
+    if bos not in data.special_ids:
+        data.special_ids = sorted({*data.special_ids, bos})
+
+    def fix(row: list[int]) -> list[int]:
+        return row if row[0] == bos else [bos, *row[:-1]]
+
+    ds = data.train_dataset
+    if any(r[0] != bos for r in ds[: min(len(ds), 64)]["tokens"]):
+        ds = ds.map(lambda ex: {"tokens": fix(list(ex["tokens"]))}, desc="prepending BOS")
+    ev = data.eval_tokens
+    if (ev[:, 0] != bos).any():
+        ev = torch.cat([torch.full_like(ev[:, :1], bos), ev[:, :-1]], dim=1)
+    data.train_dataset, data.eval_tokens = ds, ev
+    return data
+
+
+# --- language model ----------------------------------------------------------------------------
+
+
+@dataclass
+class LMScale:
+    hook_layer: int = 6
+    hook_point: str = "hook_resid_post"
+    expansion: int = 4
+    training_tokens: int = 102_400
+    train_batch_size: int = 256  # >= 300 steps: batch-level thresholds (EMA rate 0.01) settle
+    eval_sequences: int = 128  # reconstruction and density figures (activations up to the hook only)
+    ce_eval_sequences: int = 8  # CE/KL with the SAE spliced in (full forward passes)
+    lr: float = 5e-4
+    dead_feature_window: int = 100
+    store_batch_size_prompts: int = 8
+    norm_estimate_batches: int = 10
+
+
+@dataclass
+class LMData:
+    """A model and token data, from the offline preparation step or a user's names."""
+
+    model: Any  # HookedTransformer
+    train_dataset: Any  # datasets.Dataset with a `tokens` column (rows of context_size)
+    eval_tokens: torch.Tensor  # [n_seq, context_size] held-out
+    name: str
+    corpus: str
+    special_ids: list[int] = field(default_factory=list)
+    #: every sequence is made to start with this token (None: leave the rows as they are); it is
+    #: one of ``special_ids``, so position 0 -- where models keep a huge "attention sink" norm --
+    #: is excluded from training and evaluation
+    bos_token_id: int | None = None
+    cache_root: Path | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+class LMSource:
+    kind = "lm"
+
+    def __init__(self, data: LMData, scale: LMScale, workdir: Path):
+        data = with_bos(data)
+        self.data = data
+        self.scale = scale
+        self.model = data.model
+        self.hook_name = f"blocks.{scale.hook_layer}.{scale.hook_point}"
+        self.d_in = int(self.model.cfg.d_model)
+        self.d_sae = self.d_in * scale.expansion
+        self.train_batch_size = scale.train_batch_size
+        self.context_size = len(data.train_dataset[0]["tokens"])
+        self.name = f"{data.name} @ {self.hook_name}, {data.corpus}"
+        self.workdir = workdir
+        self.cache_seconds: float | None = None
+        self.cache_reused = False
+        self.activation_path = self._prepare_activations()
+        self._eval_x: torch.Tensor | None = None
+        self._clean: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+
+    # activation cache -------------------------------------------------------------------------
+    def _cache_tokens(self) -> int:
+        s = self.scale
+        extra = (s.norm_estimate_batches + 4) * s.train_batch_size
+        return int((s.training_tokens + extra) * 1.15)  # special tokens are filtered out
+
+    def _cache_key(self) -> str:
+        d = self.data
+        fp = getattr(d.train_dataset, "_fingerprint", None) or str(len(d.train_dataset))
+        blob = json.dumps(
+            [d.name, self.hook_name, self.context_size, self._cache_tokens(), fp, self.d_in], sort_keys=True
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def _prepare_activations(self) -> Path:
+        from sae_lens import CacheActivationsRunner, CacheActivationsRunnerConfig
+        import sae_lens.cache_activations_runner as car
+
+        root = self.data.cache_root or self.workdir
+        path = Path(root) / "activations" / self._cache_key()
+        done = path / "benchmark_done.json"
+        if done.exists():
+            self.cache_reused = True
+            _log(f"[activations] reusing cached activations of {self.hook_name}: {path}")
+            return path
+        if path.exists():
+            shutil.rmtree(path)
+        n_tokens = self._cache_tokens()
+        n_tokens -= n_tokens % (self.scale.store_batch_size_prompts * self.context_size)
+        n_tokens = max(n_tokens, self.scale.store_batch_size_prompts * self.context_size)
+        bytes_per_token = self.d_in * 4
+        # shards of ~32 MB so that the progress bar moves; a whole number of model batches each
+        cfg = CacheActivationsRunnerConfig(
+            dataset_path="(in-memory dataset, see the report)",
+            model_name=self.data.name,
+            model_batch_size=self.scale.store_batch_size_prompts,
+            hook_name=self.hook_name,
+            d_in=self.d_in,
+            training_tokens=n_tokens,
+            context_size=self.context_size,
+            new_cached_activations_path=str(path),
+            shuffle=True,
+            seed=0,
+            dtype="float32",
+            device="cpu",
+            buffer_size_gb=min(32e6, n_tokens * bytes_per_token) / 1e9,
+            prepend_bos=False,
+            streaming=False,
+        )
+        _log(
+            f"[activations] computing {n_tokens:,} activations of {self.hook_name} once "
+            f"(SAELens CacheActivationsRunner) -> {path}"
+        )
+        t0 = time.perf_counter()
+        # CacheActivationsRunner has no override_model (6.38-6.54): it calls the module-level
+        # load_model by name, so that name is pointed at our model while the runner is built.
+        original = car.load_model
+        car.load_model = lambda *a, **k: self.model
+        try:
+            runner = CacheActivationsRunner(cfg, override_dataset=self.data.train_dataset)
+        finally:
+            car.load_model = original
+        runner.run()
+        self.cache_seconds = time.perf_counter() - t0
+        done.write_text(json.dumps({"tokens": n_tokens, "seconds": self.cache_seconds, "hook": self.hook_name}))
+        _log(f"[activations] done in {self.cache_seconds:.1f} s")
+        return path
+
+    def describe(self) -> dict[str, Any]:
+        s = self.scale
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "model": self.data.name,
+            "corpus": self.data.corpus,
+            "hook_name": self.hook_name,
+            "context_size": self.context_size,
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
+            "training_tokens": s.training_tokens,
+            "train_batch_size": s.train_batch_size,
+            "eval_tokens": int(self.eval_x().shape[0]),
+            "ce_eval_tokens": int(min(s.ce_eval_sequences, self.data.eval_tokens.shape[0]) * self.context_size),
+            "lr": s.lr,
+            "dead_feature_window_steps": s.dead_feature_window,
+            "activation_cache": str(self.activation_path),
+            "activation_cache_seconds": self.cache_seconds,
+            "activation_cache_reused": self.cache_reused,
+            "excluded_token_ids": self.data.special_ids,
+            "provenance": self.data.provenance,
+        }
+
+    # training ---------------------------------------------------------------------------------
+    def sae_fields(self) -> dict[str, Any]:
+        """Config fields every SAE gets here: inputs scaled to mean norm sqrt(d_in) (SAELens folds
+        the factor into the saved weights, so the saved model takes raw activations)."""
+        return {"normalize_activations": "expected_average_only_in"}
+
+    def train(self, sae_cfg: Any, seed: int, out_dir: Path) -> TrainResult:
+        from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
+
+        for key, value in OFFLINE_ENV.items():
+            os.environ.setdefault(key, value)
+        s = self.scale
+        cfg = LanguageModelSAERunnerConfig(
+            **_runner_kwargs(
+                LanguageModelSAERunnerConfig,
+                sae=sae_cfg,
+                model_name=self.data.name,
+                hook_name=self.hook_name,
+                dataset_path="",
+                is_dataset_tokenized=True,
+                streaming=False,
+                context_size=self.context_size,
+                training_tokens=s.training_tokens,
+                train_batch_size_tokens=s.train_batch_size,
+                store_batch_size_prompts=s.store_batch_size_prompts,
+                n_batches_in_buffer=max(4, -(-2 * s.train_batch_size // self.context_size)),
+                use_cached_activations=True,
+                cached_activations_path=str(self.activation_path),
+                exclude_special_tokens=list(self.data.special_ids) or False,
+                prepend_bos=False,
+                device="cpu",
+                lr=s.lr,
+                checkpoint_path=None,
+                output_path=str(out_dir),
+                logger=LoggingConfig(log_to_wandb=False),
+                verbose=False,
+                dead_feature_window=s.dead_feature_window,
+                feature_sampling_window=s.dead_feature_window,
+                n_batches_for_norm_estimate=s.norm_estimate_batches,
+                seed=seed,
+            )
+        )
+        torch.manual_seed(seed)
+        with quiet_saelens():
+            runner = LanguageModelSAETrainingRunner(
+                cfg, override_model=self.model, override_dataset=self.data.train_dataset
+            )
+            torch.manual_seed(1_000_003 * (seed + 1))
+            t0 = time.perf_counter()
+            sae = runner.run()
+        seconds = time.perf_counter() - t0
+        return TrainResult(sae, out_dir, seconds, s.training_tokens // s.train_batch_size)
+
+    # evaluation -------------------------------------------------------------------------------
+    def _keep_mask(self, tokens: torch.Tensor) -> torch.Tensor:
+        keep = torch.ones_like(tokens, dtype=torch.bool)
+        for t in self.data.special_ids:
+            keep &= tokens != t
+        return keep
+
+    @torch.no_grad()
+    def eval_x(self) -> torch.Tensor:
+        if self._eval_x is None:
+            toks = self.data.eval_tokens[: self.scale.eval_sequences]
+            xs = []
+            for i in range(0, toks.shape[0], 4):
+                batch = toks[i : i + 4]
+                _, cache = self.model.run_with_cache(
+                    batch, names_filter=[self.hook_name], stop_at_layer=self.scale.hook_layer + 1
+                )
+                xs.append(cache[self.hook_name][self._keep_mask(batch)])
+            self._eval_x = torch.cat(xs).float()
+        return self._eval_x
+
+    def eval_batches(self, batch_size: int = 2048) -> Iterator[torch.Tensor]:
+        x = self.eval_x()
+        for i in range(0, x.shape[0], batch_size):
+            yield x[i : i + batch_size]
+
+    def _ce_batches(self) -> list[torch.Tensor]:
+        toks = self.data.eval_tokens[: self.scale.ce_eval_sequences]
+        return [toks[i : i + 4] for i in range(0, toks.shape[0], 4)]
+
+    @torch.no_grad()
+    def _run(self, tokens: torch.Tensor, replace: Any | None) -> torch.Tensor:
+        keep = self._keep_mask(tokens)
+
+        def hook(act: torch.Tensor, hook: Any) -> torch.Tensor:
+            new = replace(act)
+            return torch.where(keep.unsqueeze(-1), new.to(act.dtype), act)
+
+        hooks = [] if replace is None else [(self.hook_name, hook)]
+        return self.model.run_with_hooks(tokens, fwd_hooks=hooks)
+
+    @staticmethod
+    def _ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        logp = logits[:, :-1].double().log_softmax(-1)
+        return -logp.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+    @torch.no_grad()
+    def clean_reference(self) -> dict[str, float]:
+        if self._clean is None:
+            self._clean = []
+            for toks in self._ce_batches():
+                logits = self._run(toks, None)
+                zero = self._run(toks, torch.zeros_like)
+                self._clean.append((toks, logits[:, :-1].float().log_softmax(-1), self._ce(zero, toks)))
+        ce_clean = torch.cat([self._ce_from_logp(lp, t) for t, lp, _ in self._clean]).mean()
+        ce_zero = torch.cat([z for _, _, z in self._clean]).mean()
+        return {"ce_clean": float(ce_clean), "ce_zero_ablation": float(ce_zero)}
+
+    @staticmethod
+    def _ce_from_logp(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return -logp.double().gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+    @torch.no_grad()
+    def splice(self, sae: Any) -> dict[str, float]:
+        """CE loss and KL with ``sae``'s reconstruction in place of the hooked activation."""
+        from sae_allocators.benchmark.metrics import ce_loss_recovered
+
+        ref = self.clean_reference()
+        assert self._clean is not None
+        ces, kls = [], []
+        for toks, clean_logp, _ in self._clean:
+            logits = self._run(toks, lambda a: sae(a))
+            ces.append(self._ce(logits, toks))
+            logq = logits[:, :-1].double().log_softmax(-1)
+            p = clean_logp.double()
+            kls.append((p.exp() * (p - logq)).sum(-1))
+        ce_sae = float(torch.cat([c.reshape(-1) for c in ces]).mean())
+        return {
+            "ce_sae": ce_sae,
+            "ce_loss_recovered": ce_loss_recovered(ref["ce_clean"], ce_sae, ref["ce_zero_ablation"]),
+            "kl_div": float(torch.cat([k.reshape(-1) for k in kls]).mean()),
+            **ref,
+        }
+
+
+def scale_dict(scale: Any) -> dict[str, Any]:
+    return asdict(scale)

@@ -1,0 +1,166 @@
+"""Pure allocation rules: exactness against plain torch.topk references and SAELens's BatchTopK."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from sae_lens.saes.batchtopk_sae import BatchTopK
+
+from sae_allocators.allocation import batch as B
+from sae_allocators.allocation.feature_choice import (
+    capacities,
+    column_thresholds,
+    column_thresholds_estimated,
+    feature_choice_reference,
+    feature_choice_select,
+    usage_rank,
+)
+
+
+def gen(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+# --- Mutual Choice ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape,k", [((64, 32), 3.0), ((600, 1024), 8.0), ((4, 150, 1024), 16.5), ((513, 1000), 0.7)])
+def test_mutual_choice_equals_full_topk_and_saelens_batchtopk(shape, k):
+    pre = gen(*shape, seed=len(shape))
+    codes, tau = B.mutual_choice_select(pre, k)
+    ref = B.batch_topk_reference(pre, k)
+    assert torch.equal(codes, ref)
+    assert torch.equal(codes, BatchTopK(k)(pre))  # SAELens's own activation: same mask, same values
+    n_tokens = math.prod(shape[:-1])
+    assert int((codes != 0).sum()) == math.floor(k * n_tokens)
+    assert float(tau) == float(codes[codes != 0].min())
+
+
+def test_large_input_takes_the_estimate_path_and_stays_exact(monkeypatch):
+    pre = gen(700, 1024, seed=3)  # 716,800 values > 4 * SAMPLE_SIZE: sample + block filter + kthvalue
+    calls = []
+    real_topk = torch.topk
+    monkeypatch.setattr(torch, "topk", lambda *a, **kw: calls.append(1) or real_topk(*a, **kw))
+    tau, cand, idx = B.kth_largest_with_candidates(pre.reshape(-1), 700 * 16, row_len=1024)
+    assert not calls  # no full sort
+    monkeypatch.setattr(torch, "topk", real_topk)
+    assert cand is not None and cand.numel() < 3 * 700 * 16  # a small candidate set
+    assert torch.equal(pre.reshape(-1)[idx], cand)
+    assert float(tau) == float(real_topk(pre.reshape(-1), 700 * 16).values.min())
+
+
+def test_estimate_miss_falls_back_to_exact(monkeypatch):
+    monkeypatch.setattr(B, "SLACK_SIGMAS", -40.0)  # sample threshold far too high: too few candidates
+    pre = gen(700, 1024, seed=4)
+    codes, _ = B.mutual_choice_select(pre, 16.0)
+    assert torch.equal(codes, B.batch_topk_reference(pre, 16.0))
+
+
+def test_sample_step_is_coprime_with_feature_count():
+    assert math.gcd(B._coprime_step(4096 * 8192, 8192, 65536), 8192) == 1
+
+
+def test_fewer_positive_than_budget_keeps_all_positive():
+    pre = -gen(50, 40).abs()
+    pre[0, :3] = torch.tensor([0.5, 1.0, 2.0])
+    codes, tau = B.mutual_choice_select(pre, 4.0)
+    assert float(tau) == 0.0
+    assert torch.equal(codes, pre.relu())
+    assert torch.equal(codes, B.batch_topk_reference(pre, 4.0))
+
+
+def test_ties_at_the_threshold_are_all_kept():
+    pre = torch.tensor([[3.0, 1.0, 1.0, 0.0], [1.0, 2.0, 0.0, 0.0]])
+    codes, tau = B.mutual_choice_select(pre, 1.5)  # budget 3; third largest value 1.0 is tied 3 times
+    assert float(tau) == 1.0
+    assert int((codes != 0).sum()) == 5
+
+
+def test_mutual_choice_gradient_flows_only_through_kept_entries():
+    pre = gen(40, 30).requires_grad_()
+    codes, _ = B.mutual_choice_select(pre, 2.0)
+    codes.sum().backward()
+    assert torch.equal(pre.grad, (codes != 0).float())
+
+
+def test_mutual_choice_float64():
+    pre = gen(200, 64, dtype=torch.float64)
+    assert torch.equal(B.mutual_choice_select(pre, 5.0)[0], B.batch_topk_reference(pre, 5.0))
+
+
+# --- Feature Choice capacities -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,k,f,exponent", [(100, 4.0, 64, 0.0), (4096, 32.0, 8192, 0.5), (128, 3.3, 50, 1.0), (64, 30.0, 100, 2.0), (10, 0.5, 64, 0.0)])
+def test_capacities_spend_the_budget_and_fit_the_batch(n, k, f, exponent):
+    rank = usage_rank(gen(f, seed=1))
+    caps = capacities(n, k, f, rank=rank, exponent=exponent)
+    assert caps.dtype == torch.long and caps.shape == (f,)
+    assert int(caps.sum()) == math.floor(k * n)
+    assert int(caps.max()) <= n and int(caps.min()) >= 0
+    by_rank = caps[torch.argsort(rank)]
+    assert bool((by_rank[:-1] >= by_rank[1:] - 1).all())  # non-increasing in rank (up to rounding)
+    if exponent == 0:
+        assert int(caps.max()) - int(caps.min()) <= 1
+
+
+def test_zipf_capacities_follow_the_power_law_and_clip_at_the_batch():
+    f, n = 1000, 2000
+    rank = torch.arange(f)
+    caps = capacities(n, 10.0, f, rank=rank, exponent=0.5).double()
+    assert caps[0] / caps[99] == pytest.approx(10.0, rel=0.02)  # (100/1)^0.5
+    steep = capacities(n, 10.0, f, rank=rank, exponent=3.0)
+    assert int(steep[0]) == n and int(steep.sum()) == 10 * n  # clipped at N, excess water-filled
+
+
+def test_min_capacity_floor_and_its_error():
+    caps = capacities(200, 4.0, 64, min_capacity=2, rank=torch.arange(64), exponent=1.0)
+    assert int(caps.min()) >= 2 and int(caps.sum()) == 800
+    with pytest.raises(ValueError, match=r"min_capacity=2 cannot be met.*at least 32 tokens"):
+        capacities(31, 4.0, 64, min_capacity=2)
+
+
+# --- Feature Choice selection ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape,k,exponent", [((300, 50), 4.0, 0.7), ((2, 100, 64), 6.0, 0.0), ((1000, 256), 8.0, 0.5)])
+def test_feature_choice_equals_per_feature_topk(shape, k, exponent):
+    pre = gen(*shape, seed=5)
+    n, f = math.prod(shape[:-1]), shape[-1]
+    caps = capacities(n, k, f, rank=usage_rank(gen(f, seed=2)), exponent=exponent)
+    ref = feature_choice_reference(pre, caps)
+    codes, tau = feature_choice_select(pre, caps)
+    assert torch.equal(codes, ref)
+    flat = codes.reshape(-1, f)
+    assert torch.equal((flat != 0).sum(0), torch.minimum(caps, (pre.reshape(-1, f) > 0).sum(0)))
+    kept_min = torch.where(flat != 0, flat, torch.full_like(flat, math.inf)).amin(0)
+    assert torch.equal(tau, kept_min)
+    for scale in (0.5, 0.97, 1.0, 1.05, 3.0):  # any estimate: same exact result
+        assert torch.equal(feature_choice_select(pre, caps, t_lo=tau * scale)[0], ref)
+
+
+def test_estimated_thresholds_use_the_fallback_only_where_the_estimate_missed():
+    pre = gen(1000, 128, seed=6)
+    caps = capacities(1000, 8.0, 128)
+    tau = column_thresholds(pre, caps)
+    est = tau * 0.9
+    est[:5] = tau[:5] * 1.5  # five features overestimated
+    tau2, n_fail = column_thresholds_estimated(pre, caps, est)
+    assert n_fail == 5 and torch.equal(tau2, tau)
+
+
+def test_one_per_token_gives_every_token_a_feature():
+    pre = gen(400, 32, seed=7)
+    caps = capacities(400, 1.0, 32)
+    plain, _ = feature_choice_select(pre, caps)
+    empty = (plain != 0).sum(-1) == 0
+    assert bool(empty.any())
+    codes, _ = feature_choice_select(pre, caps, one_per_token=True)
+    has_pos = (pre > 0).any(-1)
+    assert bool(((codes != 0).sum(-1) >= 1)[has_pos].all())
+    assert torch.equal(codes[~empty], plain[~empty])  # other tokens unchanged
+    best = pre.argmax(-1)
+    rows = empty.nonzero().squeeze(1)
+    assert torch.equal(codes[rows, best[rows]], pre[rows, best[rows]])
