@@ -324,6 +324,9 @@ def test_trains_through_runner_saves_and_reloads(trained_folder):
     assert torch.equal(codes != 0, check["codes"] != 0)
     assert torch.allclose(codes, check["codes"], atol=1e-5)
     assert torch.equal(codes, codes2) and (k >= 1).all() and (k <= 12).all()
+    with torch.no_grad():  # (batch, ctx, d) as evals and HookedSAETransformer pass it: per token
+        codes3 = sae.encode(check["x"].reshape(2, 8, D_IN))
+    assert torch.equal(codes3.reshape(16, D_SAE), codes)
     with pytest.raises(TypeError):
         TopAFA(4)(torch.randn(2, D_SAE))  # the activation needs the target norm
 
