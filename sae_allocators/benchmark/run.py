@@ -42,7 +42,7 @@ def quick_settings(out: Path) -> Settings:
         lm_spread_seeds=1,
         synthetic_ks=(4, 8),
         lm_ks=(32,),
-        synthetic=SyntheticScale(training_samples=160_000, eval_samples=8192),
+        synthetic=SyntheticScale(training_samples=76_800, batch_size=256, eval_samples=8192),
         lm=LMScale(
             hook_layer=3, expansion=2, training_tokens=19_200, train_batch_size=64, eval_sequences=32,
             ce_eval_sequences=2, dead_feature_window=50,

@@ -76,7 +76,7 @@ class SyntheticScale:
     zipf_exponent: float = 1.0
     max_prob: float = 0.3
     min_prob: float = 0.01
-    training_samples: int = 409_600
+    training_samples: int = 307_200
     batch_size: int = 512
     eval_samples: int = 16_384
     lr: float = 3e-3
@@ -206,9 +206,9 @@ def with_bos(data: LMData) -> LMData:
 class LMScale:
     hook_layer: int = 6
     hook_point: str = "hook_resid_post"
-    expansion: int = 4
-    training_tokens: int = 102_400
-    train_batch_size: int = 256  # >= 300 steps: batch-level thresholds (EMA rate 0.01) settle
+    expansion: int = 2
+    training_tokens: int = 51_200
+    train_batch_size: int = 128  # >= 300 steps: batch-level thresholds (EMA rate 0.01) settle
     eval_sequences: int = 128  # reconstruction and density figures (activations up to the hook only)
     ce_eval_sequences: int = 8  # CE/KL with the SAE spliced in (full forward passes)
     lr: float = 5e-4
