@@ -220,3 +220,11 @@ def test_name_registered_directly_by_other_code_is_attributed_to_its_module():
         assert host.providers()["topk"].distribution == "sae-lens"
     finally:
         reg.remove(reg.TRAINING, "direct_arch")
+
+
+def test_every_provided_architecture_has_a_module_and_is_registered():
+    assert set(names.PROVIDED_ARCHITECTURES) <= set(names.OWN_ARCHITECTURES)
+    for name in names.PROVIDED_ARCHITECTURES:
+        prov = host.providers()[name]
+        assert prov.has_training and prov.has_inference, name
+        assert prov.distribution in (names.DISTRIBUTION, "sae-lens"), (name, prov)
