@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README, CI): builds a virtual environment, installs the project and
-# the example plugin's build tools, and runs the test suite at the newest SAELens 6.x and again at
-# the supported floor (6.38.0).
+# the example plugin's build tools, and runs the test suite at the supported SAELens
+# floor (6.38.0) and again at the newest SAELens 6.x (the environment is left at the newest).
 #
 #   bash tests/run.sh            # both SAELens versions
 #   SAELENS_VERSIONS="newest" bash tests/run.sh
@@ -16,7 +16,7 @@ ROOT=$PWD
 PY=${PYTHON:-python3}
 VENV=${VENV:-$ROOT/.venvs/test}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
-SAELENS_VERSIONS=${SAELENS_VERSIONS:-"newest 6.38.0"}
+SAELENS_VERSIONS=${SAELENS_VERSIONS:-"6.38.0 newest"}  # the newest last: the environment is left at it
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off
 
@@ -36,7 +36,8 @@ for version in $SAELENS_VERSIONS; do
   if [ "$version" = newest ]; then pip install -q --upgrade "sae-lens>=6.38,<7"; fi
   "$VENV/bin/python" -c "import sae_lens, torch; print('== testing with sae-lens', sae_lens.__version__, '/ torch', torch.__version__)"
   # Run from tests/ so the checkout's package folder cannot shadow the installed distribution.
-  (cd tests && "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@") || status=$?
+  # Two workers (pytest-xdist, from the `test` extra): most of the time is fresh interpreters.
+  (cd tests && "$VENV/bin/python" -m pytest -q -p no:cacheprovider -n "${PYTEST_WORKERS:-2}" "$@") || status=$?
   if [ "$status" -ne 0 ]; then echo "== FAILED with $spec (exit $status)"; break; fi
 done
 exit "$status"
