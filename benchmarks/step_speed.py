@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per architecture first (feature_choice's estimate adapts over the first few)")
     p.add_argument("--dead-frac", type=float, default=0.0, help="fraction of latents marked dead (exercises the aux loss)")
     p.add_argument("--aux-loss", default=None, help="aux_loss for this project's architectures (default: each config's default)")
     p.add_argument("--archs", nargs="+", default=ARCHS)

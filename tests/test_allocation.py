@@ -147,7 +147,7 @@ def test_estimated_thresholds_use_the_fallback_only_where_the_estimate_missed():
     tau = column_thresholds(pre, caps)
     est = tau * 0.9
     est[:5] = tau[:5] * 1.5  # five features overestimated
-    tau2, n_fail = column_thresholds_estimated(pre, caps, est)
+    tau2, n_fail, _ = column_thresholds_estimated(pre, caps, est)
     assert n_fail == 5 and torch.equal(tau2, tau)
 
 

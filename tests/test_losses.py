@@ -266,3 +266,10 @@ def test_saelens_topk_and_batchtopk_train_with_zipf_and_load_as_saelens(cfg, tmp
     loaded = SAE.load_from_disk(tmp_path)
     assert loaded.cfg.architecture() == ("topk" if c.architecture() == "topk_zipf" else "jumprelu")
     assert loaded.cfg.metadata.training_architecture == c.architecture()
+
+
+def test_density_is_measured_on_a_strided_token_subsample():
+    sae = make_topk()
+    acts = (torch.rand(2048, D_SAE) < 0.1).float()
+    sae.update_feature_density(acts)
+    assert torch.equal(sae.feature_density, M.batch_density(acts[::4]))  # 2048 // 512 = 4

@@ -120,7 +120,19 @@ def column_thresholds(affinity: torch.Tensor, caps: torch.Tensor) -> torch.Tenso
     return tau
 
 
-def column_thresholds_estimated(affinity: torch.Tensor, caps: torch.Tensor, t_lo: torch.Tensor, max_candidates: int | None = None) -> tuple[torch.Tensor, int]:
+def _group_desc_order(vals: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """Order of (col ascending, value descending), with one sort when possible.
+
+    For positive float32 values the IEEE bit pattern is monotone in the value, so
+    ``col * 2^31 + (2^31 - 1 - bits)`` is a single int64 key; otherwise two stable sorts."""
+    if vals.dtype == torch.float32:
+        bits = vals.view(torch.int32).to(torch.int64)
+        return torch.argsort(col * (1 << 31) + ((1 << 31) - 1 - bits))
+    order = torch.argsort(vals, descending=True, stable=True)
+    return order[torch.argsort(col[order], stable=True)]
+
+
+def column_thresholds_estimated(affinity: torch.Tensor, caps: torch.Tensor, t_lo: torch.Tensor, max_candidates: int | None = None) -> tuple[torch.Tensor, int, int]:
     """Exact :func:`column_thresholds` from a per-feature lower-bound estimate ``t_lo`` [F].
 
     One broadcast compare finds the candidates ``pre >= max(t_lo_j, 0+)``; a segmented selection
@@ -129,7 +141,7 @@ def column_thresholds_estimated(affinity: torch.Tensor, caps: torch.Tensor, t_lo
     already "every positive value"; otherwise (the estimate was too high) that feature alone goes
     through :func:`column_thresholds`. If more than ``max_candidates`` entries pass, the estimate
     is too loose to pay off and everything goes through :func:`column_thresholds`.
-    Returns ``(tau, number of features that needed the fallback)``.
+    Returns ``(tau, number of features that needed the fallback, number of candidates)``.
     """
     n, f = affinity.shape
     pre = affinity.detach()
@@ -138,13 +150,11 @@ def column_thresholds_estimated(affinity: torch.Tensor, caps: torch.Tensor, t_lo
     lo = torch.where(caps > 0, torch.maximum(t_lo.to(pre.dtype), tiny), torch.full_like(t_lo, math.inf, dtype=pre.dtype))
     idx = (pre >= lo).view(-1).nonzero().squeeze(1)
     if max_candidates is not None and idx.numel() > max_candidates:
-        return column_thresholds(pre, caps), f
+        return column_thresholds(pre, caps), f, idx.numel()
     vals = pre.reshape(-1)[idx]
     col = idx % f
     counts = torch.bincount(col, minlength=f)
-    order = torch.argsort(vals, descending=True)
-    order = order[torch.argsort(col[order], stable=True)]  # grouped by feature, descending within
-    vals = vals[order]
+    vals = vals[_group_desc_order(vals, col)]  # grouped by feature, descending within
     start = torch.cumsum(counts, 0) - counts
     have = torch.minimum(counts, caps)
     pos = (start + have - 1).clamp(0, max(vals.numel() - 1, 0))
@@ -154,10 +164,12 @@ def column_thresholds_estimated(affinity: torch.Tensor, caps: torch.Tensor, t_lo
     if n_fail:
         cols = fail.nonzero().squeeze(1)
         tau[cols] = column_thresholds(pre.index_select(1, cols), caps[cols])
-    return tau, n_fail
+    return tau, n_fail, idx.numel()
 
 
-def feature_choice_select(affinity: torch.Tensor, caps: torch.Tensor, *, one_per_token: bool = False, t_lo: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def feature_choice_select(
+    affinity: torch.Tensor, caps: torch.Tensor, *, one_per_token: bool = False, t_lo: torch.Tensor | None = None, stats: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Feature Choice codes; returns ``(codes, tau)``.
 
     Feature j keeps the entries of its column that are among its ``caps[j]`` largest and
@@ -167,7 +179,8 @@ def feature_choice_select(affinity: torch.Tensor, caps: torch.Tensor, *, one_per
     adds at most one entry per such token to the budget; that entry does not change ``tau``).
     ``t_lo`` (optional, [F]) is a per-feature estimate of a lower bound on ``tau`` (e.g. last
     step's thresholds, lowered by their spread) that makes the exact selection cheaper
-    (:func:`column_thresholds_estimated`); the result does not depend on it.
+    (:func:`column_thresholds_estimated`); the result does not depend on it. ``stats``, if
+    given, receives ``fallback_features`` and ``candidates`` (how well the estimate did).
     """
     shape = affinity.shape
     pre = affinity.reshape(-1, shape[-1])
@@ -175,7 +188,9 @@ def feature_choice_select(affinity: torch.Tensor, caps: torch.Tensor, *, one_per
         tau = column_thresholds(pre, caps)
     else:
         kk = int(caps.sum())
-        tau = column_thresholds_estimated(pre, caps, t_lo, max_candidates=8 * kk + 1024)[0]
+        tau, n_fail, n_cand = column_thresholds_estimated(pre, caps, t_lo, max_candidates=8 * kk + 1024)
+        if stats is not None:
+            stats.update(fallback_features=n_fail, candidates=n_cand)
     mask = pre >= tau  # tau > 0 (or inf), so only positive entries are kept
     if one_per_token:
         best = pre.detach().argmax(dim=-1)

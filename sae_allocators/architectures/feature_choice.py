@@ -31,6 +31,8 @@ from sae_allocators.losses import AuxLossConfig, AuxLossMixin
 NAME = "feature_choice"
 #: default Zipf exponent of the capacities (see docs/feature_choice.md, "Choosing the exponent")
 DEFAULT_CAPACITY_EXPONENT = 0.5
+#: the demand ranking and the global (fallback) threshold are updated every this many steps
+DEMAND_EVERY = 4
 
 
 def _check_capacity_fields(cfg: Any) -> None:
@@ -155,6 +157,8 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, TopKTrainingSAE):
         # not saved: a resumed run does its first selection without an estimate
         self._tau_last: torch.Tensor | None = None
         self._tau_dev: torch.Tensor | None = None
+        self._margin_z = 2.0
+        self._demand_tick = 0
 
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
         return FeatureChoice(self.cfg.k, self.cfg.one_per_token)
@@ -176,7 +180,9 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, TopKTrainingSAE):
         hidden_pre = pre_activations(self, x)
         n = hidden_pre.numel() // hidden_pre.shape[-1]
         caps = self.current_capacities(n)
-        codes, tau = feature_choice_select(hidden_pre, caps, one_per_token=self.cfg.one_per_token, t_lo=self._estimate_lower_bound())
+        stats: dict = {}
+        codes, tau = feature_choice_select(hidden_pre, caps, one_per_token=self.cfg.one_per_token, t_lo=self._estimate_lower_bound(), stats=stats)
+        self._adapt_margin(stats, int(caps.sum()))
         self._last = (hidden_pre.detach(), tau)
         return self.hook_sae_acts_post(codes), hidden_pre
 
@@ -188,18 +194,29 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, TopKTrainingSAE):
         return output
 
     def _estimate_lower_bound(self) -> torch.Tensor | None:
-        """Last step's tau_j lowered by 3x its running step-to-step change and 2%: a cheap
+        """Last step's tau_j lowered by ``z`` times its running step-to-step change: a cheap
         lower-bound estimate for this step's exact selection (None on the first step)."""
         if self._tau_last is None:
             return None
-        return self._tau_last - 3 * self._tau_dev - 0.02 * self._tau_last.abs()
+        return self._tau_last - self._margin_z * self._tau_dev
+
+    def _adapt_margin(self, stats: dict, budget_entries: int) -> None:
+        """Keep the estimate tight: widen it when many features needed the exact fallback,
+        narrow it when it let through far more candidates than the budget."""
+        if "fallback_features" not in stats:
+            return
+        fail = stats["fallback_features"] / self.cfg.d_sae
+        if fail > 0.05:
+            self._margin_z = min(self._margin_z * 1.5, 16.0)
+        elif stats["candidates"] > 3 * budget_entries:
+            self._margin_z = max(self._margin_z / 1.25, 0.25)
 
     @torch.no_grad()
     def _update_running_stats(self, hidden_pre: torch.Tensor, tau: torch.Tensor) -> None:
         lr = self.cfg.threshold_lr
         finite_tau = torch.where(torch.isfinite(tau), tau, torch.zeros_like(tau))
         if self._tau_last is None:
-            self._tau_dev = 0.1 * finite_tau.abs()
+            self._tau_dev = 0.05 * finite_tau.abs()
         else:
             self._tau_dev = 0.7 * self._tau_dev + 0.3 * (finite_tau - self._tau_last).abs()
         self._tau_last = finite_tau
@@ -207,7 +224,11 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, TopKTrainingSAE):
         warm_ema_(self.feature_threshold, torch.where(selected, tau, torch.zeros_like(tau)).double(), self.feature_threshold_steps, lr, where=selected)
         self.steps_since_selected += 1
         self.steps_since_selected[selected] = 0
-        # demand: where Mutual Choice at the same budget would fire (global k*N-th largest value)
+        # demand: where Mutual Choice at the same budget would fire (global k*N-th largest value).
+        # It feeds slow averages (density_window steps), so every DEMAND_EVERY-th step suffices.
+        self._demand_tick = (self._demand_tick + 1) % DEMAND_EVERY
+        if self._demand_tick != 1 % DEMAND_EVERY:
+            return
         flat = hidden_pre.detach().reshape(-1)
         f = hidden_pre.shape[-1]
         kk = min(budget(self.cfg.k, flat.numel() // f), flat.numel())

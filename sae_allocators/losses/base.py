@@ -156,6 +156,8 @@ class AuxLossMixin:
     signed_selection: ClassVar[bool] = False
     #: buffer names this class family adds and the saved inference model must not contain
     training_only_buffers: ClassVar[tuple[str, ...]] = ("feature_density", "density_steps")
+    #: tokens per step (at least; strided) on which running densities are measured
+    density_sample_tokens: ClassVar[int] = 512
 
     def __init__(self, cfg: Any, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)  # type: ignore[call-arg]
@@ -194,7 +196,14 @@ class AuxLossMixin:
 
     @torch.no_grad()
     def update_feature_density(self, feature_acts: torch.Tensor) -> None:
-        frac = M.batch_density(feature_acts).to(self.feature_density.dtype)
+        """Fold this batch's firing rates into ``feature_density``; measured on every
+        ``N // density_sample_tokens``-th token (a strided subsample: counting over the whole
+        ``[N, d_sae]`` batch would cost a pass as slow as the selection itself)."""
+        flat = feature_acts.detach().reshape(-1, feature_acts.shape[-1])
+        if flat.is_sparse:
+            flat = flat.to_dense()
+        stride = max(1, flat.shape[0] // self.density_sample_tokens)
+        frac = M.batch_density(flat[::stride]).to(self.feature_density.dtype)
         self.density_steps += 1
         rate = (1.0 / self.density_steps.double()).clamp_min(1.0 / self.cfg.density_window).to(frac.dtype)
         self.feature_density.lerp_(frac, rate)
