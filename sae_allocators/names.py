@@ -3,7 +3,10 @@
 DISTRIBUTION = "sae-allocators"
 
 #: every architecture name this project provides (hints in error messages use it)
-PROVIDED_ARCHITECTURES: tuple[str, ...] = ("feature_choice", "mutual_choice", "abstopk", "gradient_topk", "top_afa")
+PROVIDED_ARCHITECTURES: tuple[str, ...] = (
+    "feature_choice", "mutual_choice", "abstopk", "gradient_topk", "top_afa",
+    "topk_zipf", "batchtopk_zipf", "abstopk_zipf",
+)
 
 #: architecture name -> the module of this package that registers it
 OWN_ARCHITECTURES: dict[str, str] = {
