@@ -60,6 +60,7 @@ echo "== environment ready in $(($(date +%s) - t0)) s"
 if [ "$needs_lm" = 1 ]; then
   step "preparing the offline language model and corpus (cached after the first run)"
   "$VENV/bin/python" -m sae_allocators.offline prepare
+  export SAE_ALLOCATORS_ASSETS_VERIFIED=1  # the benchmark then checks sizes only
 fi
 
 step "benchmark: python -m sae_allocators.benchmark ${args[*]}"

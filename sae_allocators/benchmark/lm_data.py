@@ -62,7 +62,9 @@ def offline_lm_data(context_size: int, max_tokens: int, n_eval_sequences: int, c
         os.environ.setdefault(key, value)
     from sae_allocators import offline
 
-    prepared = offline.prepare(cache_dir=cache_dir)  # verifies checksums; fetches only if missing
+    # benchmarks/run.sh has just run the preparation step (checksums verified): sizes only here
+    verified = os.environ.get("SAE_ALLOCATORS_ASSETS_VERIFIED") == "1"
+    prepared = offline.prepare(cache_dir=cache_dir, verify=not verified)
     model = offline.load_model(prepared, "cpu", n_ctx=max(context_size, 128))
     tok = offline.load_tokenizer(prepared)
     train = offline.tokenized_dataset(prepared, tok, context_size, max_tokens=max_tokens, seed=0, split="train")

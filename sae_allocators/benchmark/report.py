@@ -80,6 +80,7 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "inference_architecture": rs[0].get("inference_architecture"),
             "aux_loss": rs[0].get("aux_loss"),
             "auxk_counterpart": rs[0].get("auxk_counterpart"),
+            "k_max": (rs[0].get("config_fields") or {}).get("k_max"),
             "seeds": len(rs),
         }
         for key in AGG_KEYS:
@@ -126,7 +127,7 @@ def check_claims(agg: list[dict[str, Any]]) -> list[dict[str, Any]]:
     lines, verdicts = [], []
     for d in datasets:
         for r in agg:
-            if r["dataset"] == d and r["architecture"] == "feature_choice" and r["k_target"] is not None:
+            if r["dataset"] == d and r["label"] == "feature_choice" and r["k_target"] is not None:
                 dead = r["dead_fraction"]
                 verdicts.append(dead["max"] == 0)
                 lines.append(
@@ -157,14 +158,19 @@ def check_claims(agg: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 sep = a["max"] < b["min"] if better else a["min"] > b["max"]
                 verdicts.append(better)
                 ref, how = _interp(topk_rows, r["l0_mean"]["mean"])
-                inf_better = r["nmse"]["mean"] < ref
-                verdicts.append(inf_better)
+                if ref is None:
+                    saved = f"saved model NMSE {r['nmse']['mean']:.4f} at L0 {r['l0_mean']['mean']:.2f} ({how})"
+                else:
+                    inf_better = r["nmse"]["mean"] < ref
+                    verdicts.append(inf_better)
+                    saved = (
+                        f"saved model NMSE {r['nmse']['mean']:.4f} at L0 {r['l0_mean']['mean']:.2f} vs TopK "
+                        f"{ref:.4f} at that L0 ({how}; {'lower' if inf_better else 'not lower'})"
+                    )
                 lines.append(
                     f"{d}, k={r['k_target']:g}: {arch} training-time selection NMSE {a['mean']:.4f} vs topk "
                     f"{b['mean']:.4f} ({'lower' if better else 'not lower'}; "
-                    f"{'seed ranges do not overlap' if sep else 'seed ranges overlap or 1 seed'}); saved "
-                    f"model NMSE {r['nmse']['mean']:.4f} at L0 {r['l0_mean']['mean']:.2f} vs TopK "
-                    f"{ref:.4f} at that L0 ({how}; {'lower' if inf_better else 'not lower'})"
+                    f"{'seed ranges do not overlap' if sep else 'seed ranges overlap or 1 seed'}); {saved}"
                 )
     claims.append(_claim(
         "Feature and Mutual Choice reconstruct better than TopK at equal L0",
@@ -183,12 +189,22 @@ def check_claims(agg: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             zu = r["dead_fraction"]["mean"] + r["underused_fraction"]["mean"]
             bu = b["dead_fraction"]["mean"] + b["underused_fraction"]["mean"]
-            verdicts.append(zu < bu)
+            same = all(r[key]["mean"] == b[key]["mean"] for key in ("nmse", "dead_fraction", "l0_mean"))
+            if same:
+                lines.append(
+                    f"{d}, k={r['k_target']:g}: {r['label']} and {b['label']} are identical runs (NMSE "
+                    f"{r['nmse']['mean']:.4f}, dead {r['dead_fraction']['mean']:.1%}): the auxiliary loss "
+                    "never engaged (no dead or under-used latent during training), so this pair says nothing"
+                )
+                continue
+            fewer = zu < bu - CLEAR_DIFFERENCE
+            verdict = "fewer" if fewer else ("no clear difference" if abs(zu - bu) <= CLEAR_DIFFERENCE else "more")
+            verdicts.append(fewer)
             lines.append(
                 f"{d}, k={r['k_target']:g}: {r['label']} dead {r['dead_fraction']['mean']:.1%} + under-used "
                 f"{r['underused_fraction']['mean']:.1%} (NMSE {r['nmse']['mean']:.4f}) vs {b['label']} dead "
                 f"{b['dead_fraction']['mean']:.1%} + under-used {b['underused_fraction']['mean']:.1%} "
-                f"(NMSE {b['nmse']['mean']:.4f}): {'fewer' if zu < bu else 'not fewer'}"
+                f"(NMSE {b['nmse']['mean']:.4f}): {verdict}"
             )
     claims.append(_claim(
         "aux_zipf leaves fewer dead and under-used features than AuxK",
@@ -207,12 +223,21 @@ def check_claims(agg: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if len(topk) < 1:
                 continue
             l0 = r["l0_mean"]["mean"]
+            cap = r.get("k_max")
+            capped = f" (its p99 L0 {r['l0_p99']['mean']:.0f} is at its cap k_max={cap})" if cap and r["l0_p99"]["mean"] >= cap else ""
             ref, how = _interp(topk, l0)
+            if ref is None:
+                swept = ", ".join("{:.0f}".format(t["l0_mean"]["mean"]) for t in topk)
+                lines.append(
+                    f"{d}: top_afa settles at L0 {l0:.1f}{capped} with NMSE {r['nmse']['mean']:.4f}, "
+                    f"{how}; TopK was trained at L0 {swept}"
+                )
+                continue
             ok = r["nmse"]["mean"] <= ref * 1.05
             verdicts.append(ok)
             lines.append(
-                f"{d}: top_afa settles at L0 {l0:.1f} with NMSE {r['nmse']['mean']:.4f}; TopK at that L0 "
-                f"({how}) {ref:.4f} -> {'within 5% or better' if ok else 'worse by more than 5%'}"
+                f"{d}: top_afa settles at L0 {l0:.1f}{capped} with NMSE {r['nmse']['mean']:.4f}; TopK at that "
+                f"L0 ({how}) {ref:.4f} -> {'within 5% or better' if ok else 'worse by more than 5%'}"
             )
     claims.append(_claim(
         "top-AFA matches TopK without tuning k",
@@ -221,21 +246,38 @@ def check_claims(agg: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return claims
 
 
-def _interp(topk: list[dict[str, Any]], l0: float) -> tuple[float, str]:
+#: dead + under-used fractions closer than this (absolute) count as no clear difference
+CLEAR_DIFFERENCE = 0.01
+
+#: how far outside TopK's L0 sweep (in log L0, relative to the sweep's span) a comparison may extrapolate
+EXTRAPOLATION_LIMIT = 0.1
+
+
+def _interp(topk: list[dict[str, Any]], l0: float) -> tuple[float | None, str]:
+    """TopK's NMSE at ``l0`` on its frontier, interpolated in log L0; ``None`` when ``l0`` is too
+    far outside the sweep to say (or there is a single TopK point not at ``l0``)."""
     pts = [(r["l0_mean"]["mean"], r["nmse"]["mean"]) for r in topk]
     if len(pts) == 1:
-        return pts[0][1], f"only one TopK point, at L0 {pts[0][0]:.1f}"
+        if abs(math.log(l0) - math.log(pts[0][0])) < 0.05:
+            return pts[0][1], f"the single TopK point, at L0 {pts[0][0]:.1f}"
+        return None, f"a single TopK point, at L0 {pts[0][0]:.1f}"
+    lo, hi = math.log(pts[0][0]), math.log(pts[-1][0])
+    span = max(hi - lo, 1e-9)
+    if l0 <= 0 or math.log(l0) < lo - EXTRAPOLATION_LIMIT * span or math.log(l0) > hi + EXTRAPOLATION_LIMIT * span:
+        return None, f"outside TopK's sweep (L0 {pts[0][0]:.1f} to {pts[-1][0]:.1f}): no comparison"
     for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
         if x0 <= l0 <= x1:
             t = (math.log(l0) - math.log(x0)) / (math.log(x1) - math.log(x0))
             return y0 + t * (y1 - y0), "interpolated in log L0"
     (x0, y0), (x1, y1) = (pts[0], pts[1]) if l0 < pts[0][0] else (pts[-2], pts[-1])
     t = (math.log(max(l0, 1e-9)) - math.log(x0)) / (math.log(x1) - math.log(x0))
-    return y0 + t * (y1 - y0), "EXTRAPOLATED in log L0 outside the TopK sweep"
+    return y0 + t * (y1 - y0), "extrapolated slightly in log L0 beyond the TopK sweep"
 
 
 def _claim(text: str, lines: list[str], verdicts: list[bool], missing: str) -> dict[str, Any]:
-    if not verdicts:
+    if not verdicts and lines:
+        status = "no comparison possible in these runs (see below)"
+    elif not verdicts:
         status = "not checked"
         lines = [missing]
     elif all(verdicts):
@@ -264,7 +306,8 @@ def _plots(out: Path, records: list[dict[str, Any]], agg: list[dict[str, Any]], 
     written = []
     datasets = sorted({r["dataset"] for r in records})
     labels = sorted({r["label"] for r in records})
-    colors = {lab: plt.cm.tab10(i % 10) for i, lab in enumerate(labels)}
+    cmap = plt.cm.tab10 if len(labels) <= 10 else plt.cm.tab20
+    colors = {lab: cmap(i % cmap.N) for i, lab in enumerate(labels)}
     for d in datasets:
         # L0 vs NMSE frontier
         fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=80)
@@ -315,6 +358,8 @@ def _plots(out: Path, records: list[dict[str, Any]], agg: list[dict[str, Any]], 
                     ax.loglog(ranks, alive, color=colors[r["label"]], lw=1.2)
                     if math.isfinite(r.get("zipf_exponent", float("nan"))):
                         ax.loglog(ranks, r["zipf_scale"] * ranks ** (-r["zipf_exponent"]), "k--", lw=0.8)
+                    if alive.size:
+                        ax.set_ylim(alive.min() / 2, alive.max() * 2)
                     ax.set_title(f"{r['label']}\ns={r.get('zipf_exponent', float('nan')):.2f}, dead {r['dead_fraction']:.0%}", fontsize=7)
                     ax.set_xlabel("rank", fontsize=7)
                     ax.set_ylabel("density", fontsize=7)
@@ -335,6 +380,15 @@ def _plots(out: Path, records: list[dict[str, Any]], agg: list[dict[str, Any]], 
     return written
 
 
+def _plotted_runs(records: list[dict[str, Any]]) -> set[str]:
+    out = set()
+    for d in {r["dataset"] for r in records}:
+        ks = sorted({r["k_target"] for r in records if r["dataset"] == d and r["k_target"] is not None})
+        k_mid = ks[len(ks) // 2] if ks else None
+        out |= {r["run"] for r in records if r["dataset"] == d and r["seed"] == 0 and r["k_target"] in (k_mid, None)}
+    return out
+
+
 def _tag(r: dict[str, Any]) -> str:
     return r["run"]
 
@@ -349,6 +403,11 @@ def _markdown(meta: dict[str, Any], agg: list[dict[str, Any]], claims: list[dict
         f"Run on {env['device']} ({env['cpu_threads']} threads, {env['platform']}), torch {env['torch']}, "
         f"sae-lens {env['sae_lens']}, transformer-lens {env['transformer_lens']}; "
         f"total wall time {meta['wall_seconds'] / 60:.1f} min"
+        + (
+            f", 1-minute load average {env['load_average_1min']:.1f} at the start and "
+            f"{meta.get('load_average_1min_at_end', float('nan')):.1f} at the end on {env.get('cpu_count')} CPUs"
+            if env.get("load_average_1min") is not None else ""
+        )
         + (" (`--quick`: a smoke test, too small for conclusions)" if meta["command_settings"].get("quick") else "")
         + "."
     )
@@ -356,6 +415,10 @@ def _markdown(meta: dict[str, Any], agg: list[dict[str, Any]], claims: list[dict
     L.append("Every SAE was trained through SAELens's own runner and trainer, saved, reloaded from disk as a "
              "user would (`SAE.load_from_disk`), and evaluated on held-out data. Figures are mean ± standard "
              "deviation over seeds (the seed changes the SAE initialisation and the data order).")
+    if env.get("load_average_1min") is not None and env.get("cpu_count") and env["load_average_1min"] > env["cpu_count"]:
+        L.append("")
+        L.append("The machine was shared with other jobs (load above its CPU count): wall times and step-time "
+                 "ratios are noisy; repeat a timing on an idle machine before relying on it.")
     L.append("")
     L.append("## Claims from the papers, as these runs show them")
     L.append("")
@@ -418,6 +481,8 @@ def _markdown(meta: dict[str, Any], agg: list[dict[str, Any]], claims: list[dict
     L.append("")
     for p in meta["plans"]:
         status = f"skipped: {p['skip_reason']}" if p["skip_reason"] else "trained"
+        if not p["skip_reason"] and p.get("datasets") is not None and len(p["datasets"]) < len(meta["sources"]):
+            status += f" on {', '.join(p['datasets'])} only"
         note = f" ({p['note']})" if p.get("note") else ""
         L.append(f"- `{p['label']}` from {p['provider']}: {status}{note}")
     if meta["failures"]:
@@ -440,7 +505,9 @@ def write(out: Path, meta: dict[str, Any], records: list[dict[str, Any]], curves
     out.mkdir(parents=True, exist_ok=True)
     agg = aggregate(records)
     claims = check_claims(agg)
-    plots = _plots(out, records, agg, curves)
+    plotted = _plotted_runs(records)
+    kept_curves = {tag: c for tag, c in curves.items() if tag in plotted}
+    plots = _plots(out, records, agg, curves) if curves else []
     doc = {
         "meta": meta,
         "definitions": DEFINITIONS,
@@ -448,6 +515,32 @@ def write(out: Path, meta: dict[str, Any], records: list[dict[str, Any]], curves
         "aggregates": agg,
         "claims": claims,
         "plots": plots,
+        "curves": kept_curves,  # density and L0 histogram of the plotted runs (re-rendering)
     }
     (out / "report.json").write_text(json.dumps(doc, indent=1, allow_nan=True))
     (out / "report.md").write_text(_markdown(meta, agg, claims, plots))
+
+
+def rerender(out: Path) -> None:
+    """Rewrite report.md / report.json (and the plots, when the JSON holds their curves) from
+    report.json's runs -- after a change to the report code, without training again."""
+    out = Path(out)
+    doc = json.loads((out / "report.json").read_text())
+    curves = doc.get("curves") or {}
+    old_plots = doc.get("plots", [])
+    write(out, doc["meta"], doc["runs"], curves)
+    if not curves and old_plots:  # keep the plots drawn by the original run
+        new = json.loads((out / "report.json").read_text())
+        new["plots"] = [p for p in old_plots if (out / p).is_file()]
+        (out / "report.json").write_text(json.dumps(new, indent=1, allow_nan=True))
+        agg = aggregate(new["runs"])
+        (out / "report.md").write_text(_markdown(new["meta"], agg, check_claims(agg), new["plots"]))
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m sae_allocators.benchmark.report REPORT_DIR  (re-render a report)")
+    rerender(Path(sys.argv[1]))
+    print(f"re-rendered {sys.argv[1]}/report.md")

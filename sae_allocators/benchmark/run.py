@@ -79,6 +79,7 @@ def run(st: Settings) -> Path:
     from sae_allocators.benchmark import report
 
     t_start = time.perf_counter()
+    env_start = _environment()
     out = Path(st.out)
     out.mkdir(parents=True, exist_ok=True)
     workdir = out / "saes"
@@ -158,11 +159,14 @@ def run(st: Settings) -> Path:
         "ks": {src.kind: list(ks) for src, ks, _ in sources},
         "plans": [
             {"name": p.name, "label": p.label, "provider": p.provider, "skip_reason": p.skip_reason,
-             "note": p.entry.note if p.entry else ""}
+             "note": p.entry.note if p.entry else "",
+             "datasets": [src.kind for src, _, _ in sources
+                          if not (src.kind == "lm" and p.entry is not None and not p.entry.lm_from_cache)]}
             for p in plans
         ],
         "failures": failures,
-        "environment": _environment(),
+        "environment": env_start,
+        "load_average_1min_at_end": _environment()["load_average_1min"],
         "wall_seconds": time.perf_counter() - t_start,
     }
     for src, _, _ in sources:
@@ -205,7 +209,11 @@ def _environment() -> dict[str, Any]:
         tl = md.version("transformer-lens")
     except Exception:
         tl = "?"
+    import os
+
     return {
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "sae_lens": sae_lens.__version__,
