@@ -151,6 +151,30 @@ def test_estimated_thresholds_use_the_fallback_only_where_the_estimate_missed():
     assert n_fail == 5 and torch.equal(tau2, tau)
 
 
+@pytest.mark.parametrize("one_per_token", [False, True])
+def test_feature_choice_with_estimate_matches_dense_path_values_and_gradients(one_per_token):
+    # the estimate path builds codes from kept indices (a scatter); it must equal the dense
+    # compare-and-select path in values and in the gradient it passes back, including the
+    # features whose estimate was too high (exact per-feature fallback)
+    pre = gen(600, 96, seed=8)
+    caps = capacities(600, 1.5, 96, rank=usage_rank(gen(96, seed=3)), exponent=0.5)
+    _, tau = feature_choice_select(pre, caps)
+    est = tau * 0.95
+    est[::7] = tau[::7] * 1.3  # every 7th feature overestimated: its own exact fallback
+    upstream = gen(600, 96, seed=9)
+    results = []
+    for t_lo in (None, est):
+        x = pre.clone().requires_grad_(True)
+        stats: dict = {}
+        codes, tau_out = feature_choice_select(x, caps, one_per_token=one_per_token, t_lo=t_lo, stats=stats)
+        (codes * upstream).sum().backward()
+        results.append((codes.detach(), tau_out, x.grad, stats))
+    (dense, tau_d, grad_d, _), (sparse, tau_s, grad_s, stats) = results
+    assert stats["fallback_features"] == len(range(0, 96, 7))
+    assert torch.equal(sparse, dense) and torch.equal(tau_s, tau_d) and torch.equal(grad_s, grad_d)
+    assert torch.equal(grad_d, torch.where(dense != 0, upstream, torch.zeros(())))
+
+
 def test_one_per_token_gives_every_token_a_feature():
     pre = gen(400, 32, seed=7)
     caps = capacities(400, 1.0, 32)

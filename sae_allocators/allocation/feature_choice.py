@@ -10,7 +10,9 @@ Two pure pieces:
 - :func:`feature_choice_select` -- exact per-feature top-``m_j`` (ties aside): the affinity matrix
   is transposed once, features are grouped by capacity into power-of-two buckets, and each bucket
   gets one ``torch.topk`` with the bucket's largest ``m``; the ``m_j``-th value of feature j is its
-  threshold ``tau_j`` and the codes are ``pre`` where ``pre >= tau_j`` (and ``> 0``).
+  threshold ``tau_j`` and the codes are ``pre`` where ``pre >= tau_j`` (and ``> 0``). Given a
+  per-feature lower-bound estimate (last step's thresholds), only the candidates above it are
+  sorted, and the codes are scattered from the kept indices instead of a dense select.
 """
 
 from __future__ import annotations
@@ -143,6 +145,16 @@ def column_thresholds_estimated(affinity: torch.Tensor, caps: torch.Tensor, t_lo
     is too loose to pay off and everything goes through :func:`column_thresholds`.
     Returns ``(tau, number of features that needed the fallback, number of candidates)``.
     """
+    tau, n_fail, n_cand, _ = _estimated_selection(affinity, caps, t_lo, max_candidates)
+    return tau, n_fail, n_cand
+
+
+def _estimated_selection(
+    affinity: torch.Tensor, caps: torch.Tensor, t_lo: torch.Tensor, max_candidates: int | None
+) -> tuple[torch.Tensor, int, int, torch.Tensor | None]:
+    """:func:`column_thresholds_estimated` plus the flat indices (into ``affinity.reshape(-1)``,
+    row-major [N, F]) of every kept entry ``pre >= tau_j``, or ``None`` when the estimate was too
+    loose and the dense path was used."""
     n, f = affinity.shape
     pre = affinity.detach()
     caps = caps.to(pre.device).clamp(0, n)
@@ -150,21 +162,27 @@ def column_thresholds_estimated(affinity: torch.Tensor, caps: torch.Tensor, t_lo
     lo = torch.where(caps > 0, torch.maximum(t_lo.to(pre.dtype), tiny), torch.full_like(t_lo, math.inf, dtype=pre.dtype))
     idx = (pre >= lo).view(-1).nonzero().squeeze(1)
     if max_candidates is not None and idx.numel() > max_candidates:
-        return column_thresholds(pre, caps), f, idx.numel()
+        return column_thresholds(pre, caps), f, idx.numel(), None
     vals = pre.reshape(-1)[idx]
     col = idx % f
     counts = torch.bincount(col, minlength=f)
-    vals = vals[_group_desc_order(vals, col)]  # grouped by feature, descending within
+    sorted_vals = vals[_group_desc_order(vals, col)]  # grouped by feature, descending within
     start = torch.cumsum(counts, 0) - counts
     have = torch.minimum(counts, caps)
-    pos = (start + have - 1).clamp(0, max(vals.numel() - 1, 0))
-    tau = torch.where(have > 0, vals[pos] if vals.numel() else torch.full_like(lo, math.inf), torch.full_like(lo, math.inf))
+    pos = (start + have - 1).clamp(0, max(sorted_vals.numel() - 1, 0))
+    inf = torch.full_like(lo, math.inf)
+    tau = torch.where(have > 0, sorted_vals[pos] if sorted_vals.numel() else inf, inf)
     fail = (counts < caps) & (lo > tiny)
     n_fail = int(fail.sum())
+    kept = idx[vals >= tau[col]]  # complete for every feature whose estimate held
     if n_fail:
         cols = fail.nonzero().squeeze(1)
-        tau[cols] = column_thresholds(pre.index_select(1, cols), caps[cols])
-    return tau, n_fail, idx.numel()
+        sub = pre.index_select(1, cols)
+        tau_sub = column_thresholds(sub, caps[cols])
+        tau[cols] = tau_sub
+        rows, which = (sub >= tau_sub).nonzero(as_tuple=True)
+        kept = torch.cat([kept[~fail[kept % f]], rows * f + cols[which]])
+    return tau, n_fail, idx.numel(), kept
 
 
 def feature_choice_select(
@@ -179,27 +197,42 @@ def feature_choice_select(
     adds at most one entry per such token to the budget; that entry does not change ``tau``).
     ``t_lo`` (optional, [F]) is a per-feature estimate of a lower bound on ``tau`` (e.g. last
     step's thresholds, lowered by their spread) that makes the exact selection cheaper
-    (:func:`column_thresholds_estimated`); the result does not depend on it. ``stats``, if
-    given, receives ``fallback_features`` and ``candidates`` (how well the estimate did).
+    (:func:`column_thresholds_estimated`): the codes are then built from the kept indices
+    (a scatter, like TopK's) instead of a dense compare-and-select over ``[N, F]``; the result
+    does not depend on it. ``stats``, if given, receives ``fallback_features`` and
+    ``candidates`` (how well the estimate did).
     """
     shape = affinity.shape
     pre = affinity.reshape(-1, shape[-1])
+    n, f = pre.shape
+    kept = None
     if t_lo is None:
         tau = column_thresholds(pre, caps)
     else:
         kk = int(caps.sum())
-        tau, n_fail, n_cand = column_thresholds_estimated(pre, caps, t_lo, max_candidates=8 * kk + 1024)
+        tau, n_fail, n_cand, kept = _estimated_selection(pre, caps, t_lo, max_candidates=8 * kk + 1024)
         if stats is not None:
             stats.update(fallback_features=n_fail, candidates=n_cand)
-    mask = pre >= tau  # tau > 0 (or inf), so only positive entries are kept
+    if kept is None:
+        mask = pre >= tau  # tau > 0 (or inf), so only positive entries are kept
+        if one_per_token:
+            best = pre.detach().argmax(dim=-1)
+            empty = ~mask.any(dim=-1)
+            rows = empty.nonzero().squeeze(1)
+            if rows.numel():
+                cols = best[rows]
+                mask[rows, cols] = pre.detach()[rows, cols] > 0
+        codes = torch.where(mask, pre, torch.zeros((), dtype=pre.dtype, device=pre.device))
+        return codes.reshape(shape), tau
     if one_per_token:
-        best = pre.detach().argmax(dim=-1)
-        empty = ~mask.any(dim=-1)
+        empty = torch.bincount(kept // f, minlength=n) == 0
         rows = empty.nonzero().squeeze(1)
         if rows.numel():
-            cols = best[rows]
-            mask[rows, cols] = pre.detach()[rows, cols] > 0
-    codes = torch.where(mask, pre, torch.zeros((), dtype=pre.dtype, device=pre.device))
+            cols = pre.detach().index_select(0, rows).argmax(dim=-1)
+            ok = pre.detach()[rows, cols] > 0
+            kept = torch.cat([kept, (rows * f + cols)[ok]])
+    flat = pre.reshape(-1)
+    codes = flat.new_zeros(flat.shape).index_copy(0, kept, flat.index_select(0, kept))
     return codes.reshape(shape), tau
 
 
