@@ -506,7 +506,11 @@ def write(out: Path, meta: dict[str, Any], records: list[dict[str, Any]], curves
     agg = aggregate(records)
     claims = check_claims(agg)
     plotted = _plotted_runs(records)
-    kept_curves = {tag: c for tag, c in curves.items() if tag in plotted}
+    kept_curves = {
+        tag: {"density": [float(f"{v:.4g}") for v in c["density"]], "l0_hist": c["l0_hist"]}
+        for tag, c in curves.items()
+        if tag in plotted
+    }
     plots = _plots(out, records, agg, curves) if curves else []
     doc = {
         "meta": meta,
