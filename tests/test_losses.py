@@ -273,3 +273,29 @@ def test_density_is_measured_on_a_strided_token_subsample():
     acts = (torch.rand(2048, D_SAE) < 0.1).float()
     sae.update_feature_density(acts)
     assert torch.equal(sae.feature_density, M.batch_density(acts[::4]))  # 2048 // 512 = 4
+
+
+@pytest.mark.parametrize("alias,saved_as", [("topk_zipf", "topk"), ("batchtopk_zipf", "jumprelu"), ("abstopk_zipf", "abstopk")])
+def test_a_cfg_json_naming_a_zipf_architecture_loads_as_the_saelens_model(alias, saved_as, tmp_path):
+    # training saves under SAELens's own name; a hand-made cfg.json with ours must load the same model
+    import json
+
+    from sae_lens import SAE
+    from sae_lens.registry import get_sae_class
+
+    sae_cls, cfg_cls = get_sae_class(saved_as)
+    extra = {"k": 4} if saved_as != "jumprelu" else {}
+    torch.manual_seed(0)
+    sae = sae_cls(cfg_cls(d_in=8, d_sae=16, **extra))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_()
+    sae.save_model(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    assert cfg["architecture"] == saved_as
+    cfg["architecture"] = alias
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    loaded = SAE.load_from_disk(tmp_path)
+    assert type(loaded) is sae_cls and loaded.cfg.architecture() == alias
+    x = torch.randn(5, 8)
+    assert torch.equal(loaded.encode(x), sae.encode(x))

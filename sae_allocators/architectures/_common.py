@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,3 +49,22 @@ def warm_ema_(buffer: torch.Tensor, target: torch.Tensor, steps: torch.Tensor, r
     steps += where.to(steps.dtype)
     w = torch.where(where, (1.0 / steps.double().clamp_min(1)).clamp_min(rate), torch.zeros((), dtype=torch.double, device=buffer.device))
     buffer.lerp_(target.to(buffer.dtype), w.to(buffer.dtype))
+
+
+def load_alias_config(base: type, name: str) -> type:
+    """A subclass of the SAELens inference config ``base`` whose ``architecture()`` is ``name``.
+
+    Training an ``*_zipf`` architecture saves its model under SAELens's own name (``topk``,
+    ``jumprelu``, ``abstopk``); this alias only lets a hand-made ``cfg.json`` that says ``name``
+    load as that same SAELens class.
+    """
+    alias = type(
+        f"{base.__name__}As_{name}",
+        (base,),
+        {
+            "__module__": __name__,
+            "__doc__": f"Loads a cfg.json saying {name!r} as SAELens's {base.__name__}.",
+            "architecture": classmethod(lambda cls: name),
+        },
+    )
+    return dataclass(alias)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from sae_lens.saes.sae import SAEConfig
 
-from sae_allocators.architectures._common import check_k
+from sae_allocators.architectures._common import check_k, load_alias_config
 from sae_allocators.architectures.abstopk import AbsTopKSAE, AbsTopKSAEConfig, AbsTopKTrainingSAE, AbsTopKTrainingSAEConfig
 from sae_allocators.hookspecs import hookimpl
 from sae_allocators.losses import AuxLossConfig, AuxLossMixin
@@ -51,14 +51,7 @@ class AbsTopKZipfTrainingSAE(AuxLossMixin, AbsTopKTrainingSAE):  # type: ignore[
     signed_selection = True
 
 
-@dataclass
-class AbsTopKSAEZipfLoadConfig(AbsTopKSAEConfig):  # type: ignore[misc,valid-type]
-    """Only so that a ``cfg.json`` saying ``'abstopk_zipf'`` (a hand-made one: training saves
-    ``'abstopk'``) still loads, as an ``abstopk`` SAE."""
-
-    @classmethod
-    def architecture(cls) -> str:
-        return NAME
+AbsTopKSAEZipfLoadConfig = load_alias_config(AbsTopKSAEConfig, NAME)
 
 
 @hookimpl

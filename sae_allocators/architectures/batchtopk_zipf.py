@@ -16,7 +16,7 @@ from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingS
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
 from sae_lens.saes.topk_sae import TopKTrainingSAE
 
-from sae_allocators.architectures._common import check_k, check_rate
+from sae_allocators.architectures._common import check_k, check_rate, load_alias_config
 from sae_allocators.hookspecs import hookimpl
 from sae_allocators.losses import AuxLossConfig, AuxLossMixin
 
@@ -49,14 +49,7 @@ class BatchTopKZipfTrainingSAE(AuxLossMixin, BatchTopKTrainingSAE):
             self.topk_threshold /= scaling_factor
 
 
-@dataclass
-class JumpReLUSAEZipfLoadConfig(JumpReLUSAEConfig):
-    """Only so that a ``cfg.json`` saying ``'batchtopk_zipf'`` (a hand-made one: training saves
-    ``'jumprelu'``) still loads, as SAELens's own ``JumpReLUSAE``."""
-
-    @classmethod
-    def architecture(cls) -> str:
-        return NAME
+JumpReLUSAEZipfLoadConfig = load_alias_config(JumpReLUSAEConfig, NAME)
 
 
 @hookimpl

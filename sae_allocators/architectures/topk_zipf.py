@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from sae_lens.saes.sae import SAEConfig
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
 
-from sae_allocators.architectures._common import check_k
+from sae_allocators.architectures._common import check_k, load_alias_config
 from sae_allocators.hookspecs import hookimpl
 from sae_allocators.losses import AuxLossConfig, AuxLossMixin
 
@@ -44,14 +44,7 @@ class TopKZipfTrainingSAE(AuxLossMixin, TopKTrainingSAE):
     """SAELens TopK with the auxiliary loss chosen by ``cfg.aux_loss``; saved as ``topk``."""
 
 
-@dataclass
-class TopKSAEZipfLoadConfig(TopKSAEConfig):
-    """Only so that a ``cfg.json`` saying ``'topk_zipf'`` (a hand-made one: training saves
-    ``'topk'``) still loads, as SAELens's own ``TopKSAE``."""
-
-    @classmethod
-    def architecture(cls) -> str:
-        return NAME
+TopKSAEZipfLoadConfig = load_alias_config(TopKSAEConfig, NAME)
 
 
 @hookimpl
