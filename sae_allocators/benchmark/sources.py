@@ -79,7 +79,8 @@ class SyntheticScale:
     training_samples: int = 307_200
     batch_size: int = 512
     eval_samples: int = 16_384
-    lr: float = 3e-3
+    #: the best of {1e-3, 3e-3, 1e-2, 2e-2, 4e-2} for TopK (the baseline) at k = 2, 4, 8 (docs/benchmark.md)
+    lr: float = 1e-2
     dead_feature_window: int = 100
 
 
@@ -211,7 +212,8 @@ class LMScale:
     train_batch_size: int = 128  # >= 300 steps: batch-level thresholds (EMA rate 0.01) settle
     eval_sequences: int = 128  # reconstruction and density figures (activations up to the hook only)
     ce_eval_sequences: int = 8  # CE/KL with the SAE spliced in (full forward passes)
-    lr: float = 5e-4
+    #: the best of {5e-4, 1e-3, 2e-3, 3e-3, 5e-3} for TopK (the baseline) at k = 16, 32 (docs/benchmark.md)
+    lr: float = 2e-3
     dead_feature_window: int = 100
     store_batch_size_prompts: int = 8
     norm_estimate_batches: int = 10
