@@ -32,7 +32,8 @@ for version in $SAELENS_VERSIONS; do
   if [ "$version" = newest ]; then spec="sae-lens>=6.38,<7"; else spec="sae-lens==$version"; fi
   echo "== installing sae-allocators (non-editable) with $spec"
   # --upgrade-strategy only-if-needed keeps the torch installed above.
-  pip install -q --upgrade-strategy only-if-needed ".[test]" "$spec"
+  # `report` (matplotlib) so the report's plots are tested too.
+  pip install -q --upgrade-strategy only-if-needed ".[test,report]" "$spec"
   if [ "$version" = newest ]; then pip install -q --upgrade "sae-lens>=6.38,<7"; fi
   "$VENV/bin/python" -c "import sae_lens, torch; print('== testing with sae-lens', sae_lens.__version__, '/ torch', torch.__version__)"
   # Run from tests/ so the checkout's package folder cannot shadow the installed distribution.
