@@ -271,7 +271,8 @@ def test_zipf_with_dead_set_only_equals_signed_auxk(monkeypatch):
     sae.feature_density.copy_(torch.rand(D_SAE) * 0.2)
     sae.density_steps.fill_(1000)
     x = torch.randn(40, D_IN)
-    dead = torch.rand(D_SAE) < 0.3
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[:3] = True  # fewer than k_aux = d_in // 2: the under-used latents get the other slots
     acts, pre, out = parts(sae, x)
     step = AuxLossInput(sae_in=x, sae_out=out, feature_acts=acts, hidden_pre=pre, dead_mask=dead)
     assert not torch.equal(zipf_loss(sae, step), auxk_loss(sae, step))

@@ -67,12 +67,46 @@ def test_zipf_with_underused_forced_to_dead_equals_auxk_exactly(monkeypatch):
     sae.feature_density.copy_(torch.rand(D_SAE) * 0.2)
     sae.density_steps.fill_(1000)
     x = torch.randn(40, D_IN)
-    dead = torch.rand(D_SAE) < 0.3
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[:3] = True  # fewer than k_aux = d_in // 2: the under-used latents get the other slots
     acts, pre, out = forward_parts(sae, x)
     step = AuxLossInput(sae_in=x, sae_out=out, feature_acts=acts, hidden_pre=pre, dead_mask=dead)
     assert not torch.equal(zipf_loss(sae, step), auxk_loss(sae, step))  # U is larger than the dead set here
     monkeypatch.setattr(sae, "underused_mask", lambda dead_mask: dead_mask)
     assert torch.equal(zipf_loss(sae, step), auxk_loss(sae, step))
+    monkeypatch.undo()
+    many = torch.rand(D_SAE) < 0.3  # at least k_aux dead latents: they take every slot, as in AuxK
+    assert int(many.sum()) >= sae.aux_k_value()
+    step = AuxLossInput(sae_in=x, sae_out=out, feature_acts=acts, hidden_pre=pre, dead_mask=many)
+    assert torch.equal(zipf_loss(sae, step), auxk_loss(sae, step))
+
+
+def test_dead_latents_take_their_aux_slots_before_underused_ones():
+    # k_aux = 8 slots per token; 3 dead latents with small pre-activations and 20 under-used ones
+    # with large ones: the dead latents must still be reconstructed with (all 3 slots), and the
+    # under-used ones fill the other 5 (before this rule they crowded the dead ones out)
+    sae = make_topk(aux_loss="zipf", aux_k=8, rescale_acts_by_decoder_norm=False)
+    x = torch.randn(6, D_IN)
+    pre = torch.randn(6, D_SAE).abs() + 10.0
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[:3] = True
+    pre[:, :3] = 0.01 * torch.arange(1, 4)
+    under = dead.clone()
+    under[10:30] = True
+    out = torch.zeros(6, D_IN)
+    step = AuxLossInput(sae_in=x, sae_out=out, feature_acts=torch.zeros_like(pre), hidden_pre=pre, dead_mask=dead)
+    seen = {}
+    original = sae.aux_decode
+    sae.aux_decode = lambda acts: (seen.setdefault("acts", acts), original(acts))[1]
+    residual_aux_loss(sae, step, under, priority=dead)
+    kept = seen["acts"] != 0
+    assert bool(kept[:, :3].all())  # every dead latent, on every token
+    assert torch.equal(kept.sum(-1), torch.full((6,), 8))
+    top_under = pre[:, 10:30].topk(5).indices + 10
+    assert bool(kept.gather(1, top_under).all())  # and the 5 largest under-used ones
+    seen.clear()
+    residual_aux_loss(sae, step, under)  # without priority: the large under-used ones win
+    assert not bool(seen["acts"][:, :3].any())
 
 
 def test_zipf_reduces_to_auxk_before_min_steps():

@@ -19,7 +19,9 @@ import torch
 from sae_allocators.hookspecs import hookimpl
 
 
-def residual_aux_loss(sae: Any, step: Any, candidates: torch.Tensor | None, weights: torch.Tensor | None = None) -> torch.Tensor:
+def residual_aux_loss(
+    sae: Any, step: Any, candidates: torch.Tensor | None, weights: torch.Tensor | None = None, priority: torch.Tensor | None = None
+) -> torch.Tensor:
     """AuxK-style loss over the latents in ``candidates`` ([d_sae] bool).
 
     Per token, the ``k_aux`` candidates with the largest ``sae.aux_scores(hidden_pre)`` keep their
@@ -27,6 +29,10 @@ def residual_aux_loss(sae: Any, step: Any, candidates: torch.Tensor | None, weig
     decoded without bias (``sae.aux_decode``) and regressed onto the detached residual:
     ``coef * min(|C| / k_aux, 1) * mean_tokens sum_d (recons - residual)^2`` with
     ``k_aux = min(sae.aux_k_value(), |C|)``. Zero when ``candidates`` is None or empty.
+
+    ``priority`` ([d_sae] bool, optional): those candidates are taken first, per token (the
+    ``min(k_aux, |P|)`` largest of them), and the remaining slots go to the largest of the other
+    candidates; so a large set of other candidates cannot crowd the priority ones out.
     """
     if candidates is None or (num := int(candidates.sum())) == 0:
         return step.sae_out.new_tensor(0.0)
@@ -37,13 +43,22 @@ def residual_aux_loss(sae: Any, step: Any, candidates: torch.Tensor | None, weig
     k_aux = min(k_aux, num)
     hidden_pre = step.hidden_pre
     scores = sae.aux_scores(hidden_pre)
-    masked = torch.where(candidates[None], scores, -torch.inf)
-    top = masked.topk(k_aux, sorted=False)
-    values = top.values if scores is hidden_pre else hidden_pre.gather(-1, top.indices)
+    prio = None if priority is None else (priority.bool() & candidates.bool())
+    n_prio = 0 if prio is None else int(prio.sum())
+    if 0 < n_prio < num:
+        k1 = min(k_aux, n_prio)
+        first = torch.where(prio[None], scores, -torch.inf).topk(k1, sorted=False).indices
+        if k_aux > k1:
+            rest = torch.where((candidates.bool() & ~prio)[None], scores, -torch.inf).topk(k_aux - k1, sorted=False).indices
+            first = torch.cat([first, rest], dim=-1)
+        indices = first
+    else:
+        indices = torch.where(candidates[None], scores, -torch.inf).topk(k_aux, sorted=False).indices
+    values = hidden_pre.gather(-1, indices)
     if weights is not None:
-        values = values * weights.to(values.dtype)[top.indices]
+        values = values * weights.to(values.dtype)[indices]
     acts = torch.zeros_like(hidden_pre)
-    acts.scatter_(-1, top.indices, values)
+    acts.scatter_(-1, indices, values)
     recons = sae.aux_decode(acts)
     loss = (recons - residual).pow(2).sum(dim=-1).mean()
     return sae.cfg.aux_loss_coefficient * scale * loss
@@ -60,7 +75,7 @@ def zipf_loss(sae: Any, step: Any) -> torch.Tensor:
     weights = sae.zipf_shortfall() if sae.cfg.zipf_weight_by_shortfall else None
     if weights is not None and step.dead_mask is not None:
         weights = torch.where(step.dead_mask.bool(), torch.ones_like(weights), weights)
-    return residual_aux_loss(sae, step, under, weights)
+    return residual_aux_loss(sae, step, under, weights, priority=step.dead_mask)
 
 
 def no_aux_loss(sae: Any, step: Any) -> Any:
