@@ -12,7 +12,7 @@ Two pure pieces:
   gets one ``torch.topk`` with the bucket's largest ``m``; the ``m_j``-th value of feature j is its
   threshold ``tau_j`` and the codes are ``pre`` where ``pre >= tau_j`` (and ``> 0``). Given a
   per-feature lower-bound estimate (last step's thresholds), only the candidates above it are
-  sorted, and the codes are scattered from the kept indices instead of a dense select.
+  sorted. The codes are scattered from the kept flat indices.
 """
 
 from __future__ import annotations
@@ -197,10 +197,10 @@ def feature_choice_select(
     adds at most one entry per such token to the budget; that entry does not change ``tau``).
     ``t_lo`` (optional, [F]) is a per-feature estimate of a lower bound on ``tau`` (e.g. last
     step's thresholds, lowered by their spread) that makes the exact selection cheaper
-    (:func:`column_thresholds_estimated`): the codes are then built from the kept indices
-    (a scatter, like TopK's) instead of a dense compare-and-select over ``[N, F]``; the result
-    does not depend on it. ``stats``, if given, receives ``fallback_features`` and
-    ``candidates`` (how well the estimate did).
+    (:func:`column_thresholds_estimated`) and hands over the kept indices directly; the result
+    does not depend on it. Either way the codes are scattered from the kept flat indices (like
+    TopK's), so the backward pass touches only those entries. ``stats``, if given, receives
+    ``fallback_features`` and ``candidates`` (how well the estimate did).
     """
     shape = affinity.shape
     pre = affinity.reshape(-1, shape[-1])
@@ -213,17 +213,8 @@ def feature_choice_select(
         tau, n_fail, n_cand, kept = _estimated_selection(pre, caps, t_lo, max_candidates=8 * kk + 1024)
         if stats is not None:
             stats.update(fallback_features=n_fail, candidates=n_cand)
-    if kept is None:
-        mask = pre >= tau  # tau > 0 (or inf), so only positive entries are kept
-        if one_per_token:
-            best = pre.detach().argmax(dim=-1)
-            empty = ~mask.any(dim=-1)
-            rows = empty.nonzero().squeeze(1)
-            if rows.numel():
-                cols = best[rows]
-                mask[rows, cols] = pre.detach()[rows, cols] > 0
-        codes = torch.where(mask, pre, torch.zeros((), dtype=pre.dtype, device=pre.device))
-        return codes.reshape(shape), tau
+    if kept is None:  # reference path: the kept entries are those at or above their tau
+        kept = (pre.detach() >= tau).view(-1).nonzero().squeeze(1)  # tau > 0 (or inf): positive only
     if one_per_token:
         empty = torch.bincount(kept // f, minlength=n) == 0
         rows = empty.nonzero().squeeze(1)

@@ -43,17 +43,20 @@ def residual_aux_loss(
     k_aux = min(k_aux, num)
     hidden_pre = step.hidden_pre
     scores = sae.aux_scores(hidden_pre)
-    prio = None if priority is None else (priority.bool() & candidates.bool())
+
+    def largest(mask: torch.Tensor, k: int) -> torch.Tensor:  # per token, the k best of mask
+        return torch.where(mask[None], scores, -torch.inf).topk(k, sorted=False).indices
+
+    prio = None if priority is None else priority.bool() & candidates.bool()
     n_prio = 0 if prio is None else int(prio.sum())
-    if 0 < n_prio < num:
+    if 0 < n_prio < num:  # (with all or none of the candidates first, the plain rule is the same)
         k1 = min(k_aux, n_prio)
-        first = torch.where(prio[None], scores, -torch.inf).topk(k1, sorted=False).indices
+        parts = [largest(prio, k1)]
         if k_aux > k1:
-            rest = torch.where((candidates.bool() & ~prio)[None], scores, -torch.inf).topk(k_aux - k1, sorted=False).indices
-            first = torch.cat([first, rest], dim=-1)
-        indices = first
+            parts.append(largest(candidates.bool() & ~prio, k_aux - k1))
+        indices = torch.cat(parts, dim=-1)
     else:
-        indices = torch.where(candidates[None], scores, -torch.inf).topk(k_aux, sorted=False).indices
+        indices = largest(candidates.bool(), k_aux)
     values = hidden_pre.gather(-1, indices)
     if weights is not None:
         values = values * weights.to(values.dtype)[indices]
