@@ -71,11 +71,23 @@ def test_fewer_positive_than_budget_keeps_all_positive():
     assert torch.equal(codes, B.batch_topk_reference(pre, 4.0))
 
 
-def test_ties_at_the_threshold_are_all_kept():
+def test_ties_at_the_threshold_spend_exactly_the_budget_lowest_index_first():
     pre = torch.tensor([[3.0, 1.0, 1.0, 0.0], [1.0, 2.0, 0.0, 0.0]])
     codes, tau = B.mutual_choice_select(pre, 1.5)  # budget 3; third largest value 1.0 is tied 3 times
     assert float(tau) == 1.0
-    assert int((codes != 0).sum()) == 5
+    assert int((codes != 0).sum()) == 3
+    # kept: 3.0, 2.0, and of the tied 1.0s the first in row-major order (token 0, feature 1)
+    assert torch.equal(codes, torch.tensor([[3.0, 1.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0]]))
+    assert torch.equal(codes, B.batch_topk_reference(pre, 1.5))
+
+
+def test_repeated_rows_cannot_overspend_the_budget():
+    row = gen(1, 256)
+    pre = row.repeat(64, 1)  # every value tied 64 times (a sequence-start token in every context)
+    for k in (0.5, 3.0, 7.3):
+        codes, _ = B.mutual_choice_select(pre, k)
+        assert int((codes != 0).sum()) == math.floor(k * 64)
+        assert torch.equal(codes, B.batch_topk_reference(pre, k))
 
 
 def test_mutual_choice_gradient_flows_only_through_kept_entries():

@@ -94,15 +94,31 @@ def afa_select(
         :class:`AFASelection` ``(codes, k, capped)``. ``codes`` is differentiable in ``acts``
         (the selection itself is not).
     """
-    check_k_max(k_max)
     shape = acts.shape
-    n_feat = shape[-1]
+    a = acts.reshape(-1, shape[-1])
+    kept, k, capped = afa_indices(acts, target, dec_norm, k_max)
+    flat = a.reshape(-1)
+    codes = flat.new_zeros(flat.shape).index_put((kept,), flat.index_select(0, kept).relu())
+    return AFASelection(codes.reshape(shape), k.reshape(shape[:-1]), capped.reshape(shape[:-1]))
+
+
+def afa_indices(
+    acts: torch.Tensor,
+    target: torch.Tensor,
+    dec_norm: torch.Tensor | None = None,
+    k_max: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-AFA selection as ``(flat, k, capped)``: ascending row-major indices (leading
+    dimensions flattened into tokens) of the kept entries, and per token (flat ``[N]``) how
+    many features the rule kept and whether the cap changed the result. A kept entry may have
+    a non-positive affinity (its code is then 0); arguments as :func:`afa_select`."""
+    check_k_max(k_max)
+    n_feat = acts.shape[-1]
     a, t = _flatten(acts, target)
     n_tok = a.shape[0]
-    lead = shape[:-1]
     if n_tok == 0 or n_feat == 0:
-        zeros = torch.zeros(lead, dtype=torch.long, device=acts.device)
-        return AFASelection(acts * 0, zeros, zeros.bool())
+        zeros = torch.zeros(n_tok, dtype=torch.long, device=acts.device)
+        return zeros[:0], zeros, zeros.bool()
     cap = n_feat if k_max is None else min(k_max, n_feat)
     with torch.no_grad():
         n_sorted = min(cap + 1, n_feat)
@@ -129,16 +145,17 @@ def afa_select(
         else:
             v_after = torch.where(k < n_feat, v.gather(-1, k.clamp(max=n_feat - 1)[:, None]).squeeze(-1), torch.full_like(v_k, -1.0))
         tie = v_after == v_k
-    idx_c = idx[:, :cap]
-    codes = torch.zeros_like(a)
-    codes.scatter_(-1, idx_c, a.gather(-1, idx_c).relu() * keep.to(a.dtype))
-    if bool(tie.any()):
-        rows = tie.nonzero().squeeze(1)
-        with torch.no_grad():
-            s_rows = squared_contributions(a.index_select(0, rows), dec_norm)
-            mask = _lowest_index_prefix_mask(s_rows, v_k.index_select(0, rows), k.index_select(0, rows))
-        codes = codes.index_copy(0, rows, a.index_select(0, rows).relu() * mask.to(a.dtype))
-    return AFASelection(codes.reshape(shape), k.reshape(lead), capped.reshape(lead))
+        rows = torch.arange(n_tok, device=a.device)[:, None]
+        if bool(tie.any()):
+            keep &= ~tie[:, None]
+            tie_rows = tie.nonzero().squeeze(1)
+            s_rows = squared_contributions(a.index_select(0, tie_rows), dec_norm)
+            mask = _lowest_index_prefix_mask(s_rows, v_k.index_select(0, tie_rows), k.index_select(0, tie_rows))
+            r, col = mask.nonzero(as_tuple=True)
+            flat = torch.cat([(rows * n_feat + idx[:, :cap])[keep], tie_rows[r] * n_feat + col])
+        else:
+            flat = (rows * n_feat + idx[:, :cap])[keep]
+    return torch.sort(flat).values, k, capped
 
 
 def _lowest_index_prefix_mask(s: torch.Tensor, v_k: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -175,3 +192,16 @@ def afa_loss(feature_acts: torch.Tensor, target_norm: torch.Tensor, dec_norm: to
     """
     f = feature_acts if dec_norm is None else feature_acts * dec_norm
     return (torch.linalg.vector_norm(f, dim=-1) - target_norm.detach()).square().mean()
+
+
+def afa_loss_sparse(values: torch.Tensor, rows: torch.Tensor, target_norm: torch.Tensor, dec_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`afa_loss` on kept codes only: ``values`` ``[M]`` of tokens ``rows`` (each token's
+    code vector is zero elsewhere), ``target_norm`` ``[N]``, ``dec_norm`` ``[M]`` (the kept
+    features' decoder norms, or None). Same value and gradients as the dense form, including the
+    zero subgradient of an all-zero code row."""
+    f = values if dec_norm is None else values * dec_norm
+    t = target_norm.detach().reshape(-1)
+    sq = torch.zeros(t.shape[0], dtype=f.dtype, device=f.device).index_add_(0, rows, f.square())
+    pos = sq > 0
+    norm = torch.where(pos, sq, torch.ones_like(sq)).sqrt() * pos
+    return (norm - t.to(norm.dtype)).square().mean()

@@ -16,10 +16,13 @@ a cheap estimate plus an exact correction:
 4. **apply** -- ``codes = pre if pre >= tau else 0`` in one fused ``F.threshold`` pass (its
    backward is a single masked pass, like ReLU's).
 
-Ties at ``tau`` are all kept (``torch.topk`` would keep an arbitrary subset of them); with
-continuous activations ties have probability zero. When fewer than ``K`` affinities are
-positive, every positive one is kept (``tau = 0``), which is what ``BatchTopK`` keeps too (it
-also "selects" zeros, which change nothing).
+Exact budget, ties included: the batch keeps exactly ``min(floor(k N), #positive)`` entries.
+Entries tied with ``tau`` are kept in row-major order (lowest token index first, then lowest
+feature index), as a stable sort would, until the budget is spent; so a batch with repeated
+rows (the sequence-start token of a language model repeats in every context) cannot overspend.
+Only positive affinities are ever kept (``tau = 0`` when fewer than ``floor(k N)`` are positive).
+:func:`mutual_choice_indices` returns the kept entries as sorted flat indices (the sparse
+training step's input); :func:`mutual_choice_select` the dense codes.
 """
 
 from __future__ import annotations
@@ -62,8 +65,8 @@ def kth_largest_with_candidates(
     flat: torch.Tensor, kk: int, row_len: int | None = None, sample_size: int = SAMPLE_SIZE
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Like :func:`kth_largest`, also returning the candidates it examined: ``(tau, values,
-    flat_indices)`` where the candidates include every entry ``>= tau`` (``None`` when the small-
-    input path sorted everything)."""
+    flat_indices)`` where the candidates include every entry ``>= tau`` and ``flat_indices`` are
+    ascending (``None, None`` when the small-input path sorted everything)."""
     n = flat.numel()
     if not 1 <= kk <= n:
         raise ValueError(f"kth_largest: kk={kk} must be in [1, {n}]")
@@ -90,15 +93,20 @@ def kth_largest_with_candidates(
     c = cand.numel()
     if c < kk:  # the estimate was too high (rare): exact fallback
         top = torch.topk(flat, kk, sorted=False)
-        return top.values.min(), top.values, top.indices
+        tau = top.values.min()
+        # every entry tied with tau is a candidate too (topk keeps an arbitrary subset of ties)
+        idx = torch.unique(torch.cat([top.indices, (flat == tau).nonzero().squeeze(1)]))  # sorted
+        return tau, flat.index_select(0, idx), idx
     return cand.kthvalue(c - kk + 1).values, cand, idx
 
 
 def keep_at_least(affinity: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
     """``affinity`` where ``affinity >= tau`` (and ``> 0``), else 0; differentiable in ``affinity``.
 
-    ``tau`` is a scalar. For float32/float64 this is one fused ``F.threshold`` pass (which keeps
-    ``x > t``) with ``t`` the largest float below ``tau``; other dtypes use ``torch.where``.
+    ``tau`` is a scalar. Every entry tied with ``tau`` is kept (no budget here: see
+    :func:`mutual_choice_indices` for the exact-budget rule). For float32/float64 this is one
+    fused ``F.threshold`` pass (which keeps ``x > t``) with ``t`` the largest float below ``tau``;
+    other dtypes use ``torch.where``.
     """
     t = float(tau)
     if t <= 0:
@@ -110,23 +118,50 @@ def keep_at_least(affinity: torch.Tensor, tau: torch.Tensor | float) -> torch.Te
     return torch.where(affinity >= t, affinity, torch.zeros((), dtype=affinity.dtype, device=affinity.device))
 
 
+def take_with_ties(values: torch.Tensor, flat_idx: torch.Tensor, tau: torch.Tensor, kk: int) -> torch.Tensor:
+    """Of candidate entries ``(values, flat_idx)`` (``flat_idx`` ascending) that include every
+    entry ``>= tau``, the ``kk`` kept ones: all ``> tau``, then entries ``== tau`` in ascending
+    flat order until ``kk`` are kept. Returns their flat indices, ascending."""
+    above = values > tau
+    tied = values == tau
+    need = kk - above.sum()
+    keep = above | (tied & (torch.cumsum(tied, 0) <= need))
+    return flat_idx[keep]
+
+
+def mutual_choice_indices(affinity: torch.Tensor, k: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mutual Choice selection as ``(flat, tau)``: the ascending row-major indices of the kept
+    entries of ``affinity`` (leading dimensions flattened into ``N`` tokens) and ``tau`` (0-d,
+    the smallest kept value, 0 when fewer than ``floor(k N)`` entries are positive, ``+inf`` when
+    the budget is 0). Exactly ``min(floor(k N), #positive)`` entries; ties as in the module doc.
+    One host sync (the candidate count)."""
+    flat = affinity.detach().reshape(-1)
+    f = affinity.shape[-1] if affinity.dim() else 1
+    n_tokens = flat.numel() // max(f, 1)
+    kk = min(budget(k, n_tokens), flat.numel())
+    if kk <= 0 or f == 0:
+        return flat.new_zeros(0, dtype=torch.long), flat.new_tensor(math.inf)
+    tau, cand, idx = kth_largest_with_candidates(flat, kk, row_len=f)
+    if cand is None:  # small input: every entry is a candidate
+        cand, idx = flat, torch.arange(flat.numel(), device=flat.device)
+    if float(tau) <= 0:  # fewer than kk positive entries: keep every positive one
+        return idx[cand > 0], tau.new_zeros(())
+    return take_with_ties(cand, idx, tau, kk), tau
+
+
 def mutual_choice_select(affinity: torch.Tensor, k: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Mutual Choice selection; returns ``(codes, tau)``.
 
-    Keeps the ``floor(k * N)`` largest entries of ``relu(affinity)`` over all leading dimensions
-    (N = their product) and zeroes the rest; ``tau`` (0-d, >= 0) is the smallest kept value, 0 when
-    fewer than ``floor(k * N)`` entries are positive. Differentiable in ``affinity``.
+    Keeps exactly ``min(floor(k * N), #positive)`` entries of ``affinity`` over all leading
+    dimensions (N = their product): the largest, ties by lowest row-major index; zeroes the rest.
+    ``tau`` as in :func:`mutual_choice_indices`. Differentiable in ``affinity``.
     """
     if affinity.shape[-1] == 0 or affinity.numel() == 0:
         return affinity.relu(), affinity.new_zeros(())
-    n_tokens = affinity.numel() // affinity.shape[-1]
-    flat = affinity.detach().reshape(-1)
-    kk = min(budget(k, n_tokens), flat.numel())
-    if kk <= 0:
-        return affinity * 0, affinity.new_tensor(math.inf)
-    tau = kth_largest(flat, kk, row_len=affinity.shape[-1]).clamp_min(0)
-    codes = keep_at_least(affinity, tau)
-    return codes, tau
+    kept, tau = mutual_choice_indices(affinity, k)
+    flat = affinity.reshape(-1)
+    codes = flat.new_zeros(flat.shape).index_put((kept,), flat.index_select(0, kept))
+    return codes.view(affinity.shape), tau
 
 
 def batch_topk(affinity: torch.Tensor, k: float) -> torch.Tensor:
@@ -135,13 +170,14 @@ def batch_topk(affinity: torch.Tensor, k: float) -> torch.Tensor:
 
 
 def batch_topk_reference(affinity: torch.Tensor, k: float) -> torch.Tensor:
-    """The plain full-``torch.topk`` version (SAELens's ``BatchTopK``), kept for tests and benchmarks."""
+    """The plain version: a full stable sort of ``relu(affinity)`` (descending, ties by lowest
+    row-major index), its first ``floor(k * N)`` entries kept. Tests and benchmarks only."""
     acts = affinity.relu()
     flat = acts.reshape(-1)
     n_tokens = acts.numel() // acts.shape[-1]
     keep = min(budget(k, n_tokens), flat.numel())
     out = torch.zeros_like(flat)
     if keep > 0:
-        top = torch.topk(flat, keep, sorted=False)
-        out.scatter_(0, top.indices, top.values)
+        order = torch.sort(flat, descending=True, stable=True).indices[:keep]
+        out[order] = flat[order]
     return out.reshape(acts.shape)

@@ -7,12 +7,15 @@ Two pure pieces:
   capacity exceeds the batch (``m_j <= N``), rounded by largest remainder, plus an optional floor
   ``min_capacity`` per feature (the one constraint a batch can be too small for: then a
   ``ValueError`` says so).
-- :func:`feature_choice_select` -- exact per-feature top-``m_j`` (ties aside): the affinity matrix
-  is transposed once, features are grouped by capacity into power-of-two buckets, and each bucket
-  gets one ``torch.topk`` with the bucket's largest ``m``; the ``m_j``-th value of feature j is its
-  threshold ``tau_j`` and the codes are ``pre`` where ``pre >= tau_j`` (and ``> 0``). Given a
-  per-feature lower-bound estimate (last step's thresholds), only the candidates above it are
-  sorted. The codes are scattered from the kept flat indices.
+- :func:`feature_choice_indices` / :func:`feature_choice_select` -- exact per-feature top-``m_j``:
+  feature j keeps exactly ``min(m_j, #positive entries of column j)`` tokens, its largest
+  affinities, ties at its threshold ``tau_j`` broken by lowest token index (a stable sort). The
+  affinity matrix is transposed once, features are grouped by capacity into power-of-two
+  buckets, and each bucket gets one ``torch.topk`` with the bucket's largest ``m`` for the
+  thresholds. Given a per-feature lower-bound estimate (last step's thresholds), only the
+  candidates above it are sorted, and the kept entries come straight from that sort. The
+  selection is handed over as flat indices (the sparse training step's input); the dense codes
+  are scattered from them.
 """
 
 from __future__ import annotations
@@ -123,13 +126,14 @@ def column_thresholds(affinity: torch.Tensor, caps: torch.Tensor) -> torch.Tenso
 
 
 def _group_desc_order(vals: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
-    """Order of (col ascending, value descending), with one sort when possible.
+    """Order of (col ascending, value descending, position ascending), with one sort when possible.
 
-    For positive float32 values the IEEE bit pattern is monotone in the value, so
+    Both sorts are stable, so equal values keep their input order (ascending token). For
+    positive float32 values the IEEE bit pattern is monotone in the value, so
     ``col * 2^31 + (2^31 - 1 - bits)`` is a single int64 key; otherwise two stable sorts."""
     if vals.dtype == torch.float32:
         bits = vals.view(torch.int32).to(torch.int64)
-        return torch.argsort(col * (1 << 31) + ((1 << 31) - 1 - bits))
+        return torch.argsort(col * (1 << 31) + ((1 << 31) - 1 - bits), stable=True)
     order = torch.argsort(vals, descending=True, stable=True)
     return order[torch.argsort(col[order], stable=True)]
 
@@ -149,24 +153,37 @@ def column_thresholds_estimated(affinity: torch.Tensor, caps: torch.Tensor, t_lo
     return tau, n_fail, n_cand
 
 
+def _kept_with_ties(pre: torch.Tensor, caps: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """Ascending flat indices of the kept entries given exact thresholds ``tau`` [F]: per column,
+    every entry ``> tau_j``, then entries ``== tau_j`` by lowest token index up to ``caps[j]``."""
+    above = pre > tau
+    tied = pre == tau  # tau is +inf (never equal to a finite value) for features keeping nothing
+    if not bool(tied.any()):
+        return above.view(-1).nonzero().squeeze(1)
+    need = caps.to(pre.device) - above.sum(0)
+    keep = above | (tied & (torch.cumsum(tied, 0) <= need))
+    return keep.view(-1).nonzero().squeeze(1)
+
+
 def _estimated_selection(
     affinity: torch.Tensor, caps: torch.Tensor, t_lo: torch.Tensor, max_candidates: int | None
 ) -> tuple[torch.Tensor, int, int, torch.Tensor | None]:
-    """:func:`column_thresholds_estimated` plus the flat indices (into ``affinity.reshape(-1)``,
-    row-major [N, F]) of every kept entry ``pre >= tau_j``, or ``None`` when the estimate was too
-    loose and the dense path was used."""
+    """:func:`column_thresholds_estimated` plus the ascending flat indices (into
+    ``affinity.reshape(-1)``, row-major [N, F]) of the kept entries, or ``None`` when the
+    estimate was too loose and the dense path was used."""
     n, f = affinity.shape
     pre = affinity.detach()
     caps = caps.to(pre.device).clamp(0, n)
     tiny = torch.nextafter(torch.zeros((), dtype=pre.dtype, device=pre.device), torch.ones((), dtype=pre.dtype, device=pre.device))
     lo = torch.where(caps > 0, torch.maximum(t_lo.to(pre.dtype), tiny), torch.full_like(t_lo, math.inf, dtype=pre.dtype))
-    idx = (pre >= lo).view(-1).nonzero().squeeze(1)
+    idx = (pre >= lo).view(-1).nonzero().squeeze(1)  # ascending: token-major
     if max_candidates is not None and idx.numel() > max_candidates:
         return column_thresholds(pre, caps), f, idx.numel(), None
     vals = pre.reshape(-1)[idx]
     col = idx % f
     counts = torch.bincount(col, minlength=f)
-    sorted_vals = vals[_group_desc_order(vals, col)]  # grouped by feature, descending within
+    order = _group_desc_order(vals, col)  # grouped by feature, descending, ties by token (stable)
+    sorted_vals = vals[order]
     start = torch.cumsum(counts, 0) - counts
     have = torch.minimum(counts, caps)
     pos = (start + have - 1).clamp(0, max(sorted_vals.numel() - 1, 0))
@@ -174,37 +191,38 @@ def _estimated_selection(
     tau = torch.where(have > 0, sorted_vals[pos] if sorted_vals.numel() else inf, inf)
     fail = (counts < caps) & (lo > tiny)
     n_fail = int(fail.sum())
-    kept = idx[vals >= tau[col]]  # complete for every feature whose estimate held
+    sorted_col = col[order]
+    rank = torch.arange(order.numel(), device=pre.device) - start[sorted_col]
+    kept = idx[order[rank < have[sorted_col]]]  # exact for every feature whose estimate held
     if n_fail:
         cols = fail.nonzero().squeeze(1)
         sub = pre.index_select(1, cols)
         tau_sub = column_thresholds(sub, caps[cols])
         tau[cols] = tau_sub
-        rows, which = (sub >= tau_sub).nonzero(as_tuple=True)
+        sub_kept = _kept_with_ties(sub, caps[cols], tau_sub)
+        rows, which = sub_kept // cols.numel(), sub_kept % cols.numel()
         kept = torch.cat([kept[~fail[kept % f]], rows * f + cols[which]])
-    return tau, n_fail, idx.numel(), kept
+    return tau, n_fail, idx.numel(), torch.sort(kept).values
 
 
-def feature_choice_select(
+def feature_choice_indices(
     affinity: torch.Tensor, caps: torch.Tensor, *, one_per_token: bool = False, t_lo: torch.Tensor | None = None, stats: dict | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Feature Choice codes; returns ``(codes, tau)``.
+    """Feature Choice selection as ``(flat, tau)``: ascending row-major indices of the kept
+    entries (leading dimensions of ``affinity`` flattened into tokens) and ``tau`` [F], each
+    feature's smallest kept value (``+inf`` for a feature that kept nothing).
 
-    Feature j keeps the entries of its column that are among its ``caps[j]`` largest and
-    positive; leading dimensions of ``affinity`` are flattened into tokens. ``tau`` [F] is each
-    feature's smallest kept value (``+inf`` for a feature that kept nothing). With
-    ``one_per_token``, a token no feature chose also keeps its largest positive affinity (this
-    adds at most one entry per such token to the budget; that entry does not change ``tau``).
-    ``t_lo`` (optional, [F]) is a per-feature estimate of a lower bound on ``tau`` (e.g. last
-    step's thresholds, lowered by their spread) that makes the exact selection cheaper
-    (:func:`column_thresholds_estimated`) and hands over the kept indices directly; the result
-    does not depend on it. Either way the codes are scattered from the kept flat indices (like
-    TopK's), so the backward pass touches only those entries. ``stats``, if given, receives
-    ``fallback_features`` and ``candidates`` (how well the estimate did).
+    Feature j keeps exactly ``min(caps[j], #positive in its column)`` entries, ties at ``tau_j``
+    by lowest token index. With ``one_per_token``, a token no feature chose also keeps its
+    largest positive affinity (at most one extra entry per such token; it does not change
+    ``tau``). ``t_lo`` (optional, [F]) is a per-feature estimate of a lower bound on ``tau``
+    (e.g. last step's thresholds, lowered by their spread) that makes the exact selection cheaper
+    (:func:`column_thresholds_estimated`); the result does not depend on it. ``stats``, if given,
+    receives ``fallback_features`` and ``candidates`` (how well the estimate did).
     """
-    shape = affinity.shape
-    pre = affinity.reshape(-1, shape[-1])
+    pre = affinity.detach().reshape(-1, affinity.shape[-1])
     n, f = pre.shape
+    caps = caps.to(pre.device).clamp(0, n)
     kept = None
     if t_lo is None:
         tau = column_thresholds(pre, caps)
@@ -213,28 +231,42 @@ def feature_choice_select(
         tau, n_fail, n_cand, kept = _estimated_selection(pre, caps, t_lo, max_candidates=8 * kk + 1024)
         if stats is not None:
             stats.update(fallback_features=n_fail, candidates=n_cand)
-    if kept is None:  # reference path: the kept entries are those at or above their tau
-        kept = (pre.detach() >= tau).view(-1).nonzero().squeeze(1)  # tau > 0 (or inf): positive only
+    if kept is None:  # reference path: the kept entries from the exact thresholds
+        kept = _kept_with_ties(pre, caps, tau)
     if one_per_token:
         empty = torch.bincount(kept // f, minlength=n) == 0
         rows = empty.nonzero().squeeze(1)
         if rows.numel():
-            cols = pre.detach().index_select(0, rows).argmax(dim=-1)
-            ok = pre.detach()[rows, cols] > 0
-            kept = torch.cat([kept, (rows * f + cols)[ok]])
-    flat = pre.reshape(-1)
-    codes = flat.new_zeros(flat.shape).index_copy(0, kept, flat.index_select(0, kept))
-    return codes.reshape(shape), tau
+            cols = pre.index_select(0, rows).argmax(dim=-1)
+            ok = pre[rows, cols] > 0
+            kept = torch.sort(torch.cat([kept, (rows * f + cols)[ok]])).values
+    return kept, tau
+
+
+def feature_choice_select(
+    affinity: torch.Tensor, caps: torch.Tensor, *, one_per_token: bool = False, t_lo: torch.Tensor | None = None, stats: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feature Choice codes; returns ``(codes, tau)`` (see :func:`feature_choice_indices`).
+
+    The codes are scattered from the kept flat indices (like TopK's), so the backward pass
+    touches only those entries. Differentiable in ``affinity``.
+    """
+    kept, tau = feature_choice_indices(affinity, caps, one_per_token=one_per_token, t_lo=t_lo, stats=stats)
+    flat = affinity.reshape(-1)
+    codes = flat.new_zeros(flat.shape).index_put((kept,), flat.index_select(0, kept))
+    return codes.reshape(affinity.shape), tau
 
 
 def feature_choice_reference(affinity: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
-    """Per-feature ``torch.topk`` loop over ``relu(affinity)`` (slow; tests and benchmarks only)."""
+    """Per-feature stable-sort loop over ``relu(affinity)``: each column keeps its ``caps[j]``
+    largest positive entries, ties by lowest token index (slow; tests and benchmarks only)."""
     shape = affinity.shape
     acts = affinity.reshape(-1, shape[-1]).relu()
     out = torch.zeros_like(acts)
     for j in range(acts.shape[1]):
         m = int(caps[j])
         if m > 0:
-            top = torch.topk(acts[:, j], min(m, acts.shape[0]))
-            out[top.indices, j] = top.values
+            order = torch.sort(acts[:, j], descending=True, stable=True).indices[: min(m, acts.shape[0])]
+            order = order[acts[order, j] > 0]
+            out[order, j] = acts[order, j]
     return out.reshape(shape)

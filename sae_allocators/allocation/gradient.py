@@ -57,6 +57,30 @@ def topk_by_score(codes: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Te
     return out.scatter_(-1, idx, codes.gather(-1, idx))
 
 
+def gradient_topk_indices(
+    hidden_pre: torch.Tensor,
+    grad: torch.Tensor | None,
+    decoder: torch.Tensor,
+    k: int,
+    beta: float,
+    grad_normalization: str = "none",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The g-SAE selection as ``(indices, keep)``, both ``[..., k]``: per token the columns of the
+    ``k`` largest scores, and whether each is kept with a non-zero code (``z > 0``). Arguments as
+    :func:`gradient_topk`; nothing here is differentiable."""
+    with torch.no_grad():
+        codes = hidden_pre.detach().relu()
+        if grad is None or beta == 0:
+            scores = codes
+        else:
+            if grad.shape[:-1] != hidden_pre.shape[:-1]:
+                raise ValueError(f"grad has leading shape {tuple(grad.shape[:-1])}, codes {tuple(hidden_pre.shape[:-1])}")
+            g = normalize_grad(grad.to(decoder.dtype), grad_normalization)
+            scores = gradient_scores(codes, gradient_attribution(g, decoder.detach()), beta)
+        indices = torch.topk(scores, k=k, dim=-1, sorted=False).indices
+        return indices, codes.gather(-1, indices) > 0
+
+
 def gradient_topk(
     hidden_pre: torch.Tensor,
     grad: torch.Tensor | None,

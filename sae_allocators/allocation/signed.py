@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from sae_allocators.allocation.batch import budget, kth_largest
+from sae_allocators.allocation.batch import budget, mutual_choice_indices
 
 
 def abs_topk(affinity: torch.Tensor, k: int) -> torch.Tensor:
@@ -25,35 +25,44 @@ def abs_topk(affinity: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
+def abs_topk_indices(affinity: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(indices, keep)``, both ``[..., k]``: per row the column indices of the ``k`` largest
+    ``|affinity|`` (as :func:`abs_topk`) and whether each is non-zero (kept with a non-zero code)."""
+    indices = torch.topk(affinity.abs(), k=k, dim=-1, sorted=False).indices
+    return indices, affinity.gather(-1, indices) != 0
+
+
+def signed_mutual_choice_indices(affinity: torch.Tensor, k: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mutual Choice by magnitude as ``(flat, tau)``: ascending row-major indices of the kept
+    entries and ``tau`` (0-d), the smallest kept magnitude. Exactly ``min(floor(k N), #non-zero)``
+    entries: the largest ``|affinity|``, ties by lowest row-major index (as the ReLU rule in
+    :mod:`sae_allocators.allocation.batch`); ``tau = 0`` when fewer than ``floor(k N)`` entries
+    are non-zero (then every non-zero entry is kept), ``+inf`` when the budget is 0."""
+    mag = affinity.detach().abs()
+    return mutual_choice_indices(mag, k)
+
+
 def signed_mutual_choice_select(affinity: torch.Tensor, k: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Mutual Choice by magnitude: keep the ``floor(k * N)`` entries of largest ``|affinity|``
-    over all leading dimensions (N = their product), signed values kept; returns ``(codes, tau)``.
-
-    ``tau`` (0-d, >= 0) is the smallest kept magnitude (0 when fewer than ``floor(k * N)`` entries
-    are non-zero: then every non-zero entry is kept). Entries tied with ``tau`` are all kept, as in
-    :func:`sae_allocators.allocation.batch.mutual_choice_select`. Differentiable in ``affinity``.
+    over all leading dimensions (N = their product), signed values kept; returns ``(codes, tau)``
+    as in :func:`signed_mutual_choice_indices`. Differentiable in ``affinity``.
     """
     if affinity.numel() == 0:
         return affinity.clone(), affinity.new_zeros(())
-    n_tokens = affinity.numel() // affinity.shape[-1]
-    mag = affinity.detach().abs().reshape(-1)
-    kk = min(budget(k, n_tokens), mag.numel())
-    if kk <= 0:
-        return affinity * 0, affinity.new_tensor(float("inf"))
-    tau = kth_largest(mag, kk, row_len=affinity.shape[-1])
-    keep = affinity.detach().abs() >= tau
-    if float(tau) <= 0:
-        keep = affinity.detach() != 0
-    return affinity * keep, tau
+    kept, tau = signed_mutual_choice_indices(affinity, k)
+    flat = affinity.reshape(-1)
+    codes = flat.new_zeros(flat.shape).index_put((kept,), flat.index_select(0, kept))
+    return codes.view(affinity.shape), tau
 
 
 def signed_mutual_choice_reference(affinity: torch.Tensor, k: float) -> torch.Tensor:
-    """Plain full-``torch.topk`` version of :func:`signed_mutual_choice_select` (tests, benchmarks)."""
+    """Plain version of :func:`signed_mutual_choice_select`: a full stable sort of ``|affinity|`` (tests, benchmarks)."""
     flat = affinity.reshape(-1)
     n_tokens = affinity.numel() // max(affinity.shape[-1], 1)
     keep = min(budget(k, n_tokens), flat.numel())
     out = torch.zeros_like(flat)
     if keep > 0:
-        idx = torch.topk(flat.abs(), keep, sorted=False).indices
+        idx = torch.sort(flat.abs(), descending=True, stable=True).indices[:keep]
+        idx = idx[flat[idx] != 0]
         out.scatter_(0, idx, flat.gather(0, idx))
     return out.reshape(affinity.shape)

@@ -14,10 +14,16 @@ It needs a name of its own because SAELens picks the training class from the arc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+import torch
 
 from sae_lens.saes.sae import SAEConfig
 
+from sae_allocators import sparse
+from sae_allocators.allocation.signed import abs_topk_indices
 from sae_allocators.architectures._common import check_k, load_alias_config
+from sae_allocators.architectures._step import SelectionStepMixin
 from sae_allocators.architectures.abstopk import AbsTopKSAE, AbsTopKSAEConfig, AbsTopKTrainingSAE, AbsTopKTrainingSAEConfig
 from sae_allocators.hookspecs import hookimpl
 from sae_allocators.losses import AuxLossConfig, AuxLossMixin
@@ -45,10 +51,17 @@ class AbsTopKZipfTrainingSAEConfig(AuxLossConfig, AbsTopKTrainingSAEConfig):  # 
         return AbsTopKSAEConfig
 
 
-class AbsTopKZipfTrainingSAE(AuxLossMixin, AbsTopKTrainingSAE):  # type: ignore[misc,valid-type]
-    """AbsTopK with the auxiliary loss chosen by ``cfg.aux_loss`` (signed selection); saved as ``abstopk``."""
+class AbsTopKZipfTrainingSAE(AuxLossMixin, SelectionStepMixin, AbsTopKTrainingSAE):  # type: ignore[misc,valid-type]
+    """AbsTopK with the auxiliary loss chosen by ``cfg.aux_loss`` (signed selection); saved as ``abstopk``.
+
+    The training step keeps, per token, the ``k`` entries of largest ``|pre|`` that are non-zero.
+    """
 
     signed_selection = True
+
+    def select(self, hidden_pre: torch.Tensor, **context: Any) -> sparse.Selection:
+        indices, keep = abs_topk_indices(hidden_pre, int(self.cfg.k))
+        return sparse.from_row_indices(indices, hidden_pre.shape[-1], keep)
 
 
 AbsTopKSAEZipfLoadConfig = load_alias_config(AbsTopKSAEConfig, NAME)

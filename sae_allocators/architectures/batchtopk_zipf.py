@@ -10,13 +10,17 @@ For the fast exact selection with a warm-started threshold use ``mutual_choice``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
 from sae_lens.saes.topk_sae import TopKTrainingSAE
 
+from sae_allocators import sparse
+from sae_allocators.allocation.batch import mutual_choice_indices
 from sae_allocators.architectures._common import check_k, check_rate, load_alias_config
+from sae_allocators.architectures._step import SelectionStepMixin, StepState
 from sae_allocators.hookspecs import hookimpl
 from sae_allocators.losses import AuxLossConfig, AuxLossMixin
 
@@ -39,8 +43,21 @@ class BatchTopKZipfTrainingSAEConfig(AuxLossConfig, BatchTopKTrainingSAEConfig):
         return NAME
 
 
-class BatchTopKZipfTrainingSAE(AuxLossMixin, BatchTopKTrainingSAE):
-    """SAELens BatchTopK with the auxiliary loss chosen by ``cfg.aux_loss``; saved as ``jumprelu``."""
+class BatchTopKZipfTrainingSAE(AuxLossMixin, SelectionStepMixin, BatchTopKTrainingSAE):
+    """SAELens BatchTopK with the auxiliary loss chosen by ``cfg.aux_loss``; saved as ``jumprelu``.
+
+    The training step keeps the batch's ``floor(k N)`` largest positive pre-activations (SAELens's
+    BatchTopK selection; ties by lowest row-major index) and updates SAELens's threshold with
+    SAELens's own rule (EMA of the smallest positive kept value).
+    """
+
+    def select(self, hidden_pre: torch.Tensor, **context: Any) -> sparse.Selection:
+        flat, tau = mutual_choice_indices(hidden_pre, self.cfg.k)
+        return sparse.from_flat(flat, hidden_pre.shape[0], hidden_pre.shape[1], tau, is_sorted=True)
+
+    def after_step(self, state: StepState, output: Any) -> None:
+        self.update_topk_threshold(state.values.detach())
+        output.metrics["topk_threshold"] = self.topk_threshold
 
     @torch.no_grad()
     def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:

@@ -22,9 +22,11 @@ from sae_lens.saes.jumprelu_sae import JumpReLUSAEConfig
 from sae_lens.saes.sae import SAEConfig
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
 
+from sae_allocators import sparse
 from sae_allocators.allocation.batch import budget, kth_largest_with_candidates
-from sae_allocators.allocation.feature_choice import capacities, feature_choice_select, usage_rank
+from sae_allocators.allocation.feature_choice import capacities, feature_choice_indices, feature_choice_select, usage_rank
 from sae_allocators.architectures._common import check_k, check_rate, pre_activations, warm_ema_
+from sae_allocators.architectures._step import SelectionStepMixin, StepState
 from sae_allocators.hookspecs import hookimpl
 from sae_allocators.losses import AuxLossConfig, AuxLossMixin
 
@@ -125,7 +127,7 @@ class FeatureChoiceTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
         return JumpReLUSAEConfig
 
 
-class FeatureChoiceTrainingSAE(AuxLossMixin, TopKTrainingSAE):
+class FeatureChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE):
     """Feature Choice training SAE; ``encode`` is the batch rule, ``encode_thresholded`` the saved one."""
 
     cfg: FeatureChoiceTrainingSAEConfig  # type: ignore[assignment]
@@ -153,8 +155,8 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, TopKTrainingSAE):
         buf("global_threshold_steps", torch.zeros((), dtype=torch.long, device=dev))
         buf("feature_usage", torch.zeros(f, dtype=torch.float32, device=dev))
         buf("usage_steps", torch.zeros((), dtype=torch.long, device=dev))
-        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
-        # not saved: a resumed run does its first selection without an estimate
+        # The selection's speed-up estimate (last step's thresholds and their spread). Not saved,
+        # and the selection does not depend on it: a resumed run's first step is exact too.
         self._tau_last: torch.Tensor | None = None
         self._tau_dev: torch.Tensor | None = None
         self._margin_z = 2.0
@@ -176,22 +178,24 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, TopKTrainingSAE):
             device=self.W_dec.device,
         )
 
-    def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden_pre = pre_activations(self, x)
-        n = hidden_pre.numel() // hidden_pre.shape[-1]
+    def select(self, hidden_pre: torch.Tensor, **context: Any) -> sparse.Selection:
+        """Each feature keeps its top ``m_j`` tokens of the batch (exact; ties by token index)."""
+        n, f = hidden_pre.shape
         caps = self.current_capacities(n)
         stats: dict = {}
-        codes, tau = feature_choice_select(hidden_pre, caps, one_per_token=self.cfg.one_per_token, t_lo=self._estimate_lower_bound(), stats=stats)
+        flat, tau = feature_choice_indices(hidden_pre, caps, one_per_token=self.cfg.one_per_token, t_lo=self._estimate_lower_bound(), stats=stats)
         self._adapt_margin(stats, int(caps.sum()))
-        self._last = (hidden_pre.detach(), tau)
+        return sparse.from_flat(flat, n, f, tau, is_sorted=True)
+
+    def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch rule on ``x`` (SAELens's contract; training steps go through :meth:`select`)."""
+        hidden_pre = pre_activations(self, x)
+        caps = self.current_capacities(hidden_pre.numel() // hidden_pre.shape[-1])
+        codes, _ = feature_choice_select(hidden_pre, caps, one_per_token=self.cfg.one_per_token)
         return self.hook_sae_acts_post(codes), hidden_pre
 
-    def training_forward_pass(self, step_input: Any) -> Any:
-        output = super().training_forward_pass(step_input)
-        if self._last is not None:
-            self._update_running_stats(*self._last)
-            self._last = None
-        return output
+    def after_step(self, state: StepState, output: Any) -> None:
+        self._update_running_stats(state.hidden_pre.detach(), state.selection.tau)
 
     def _estimate_lower_bound(self) -> torch.Tensor | None:
         """Last step's tau_j lowered by ``z`` times its running step-to-step change: a cheap

@@ -20,7 +20,9 @@ import torch
 from sae_lens.saes.sae import SAEConfig, TrainStepInput, TrainStepOutput
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
 
-from sae_allocators.allocation.gradient import GRAD_NORMALIZATIONS, gradient_topk
+from sae_allocators import sparse
+from sae_allocators.allocation.gradient import GRAD_NORMALIZATIONS, gradient_topk, gradient_topk_indices
+from sae_allocators.architectures._step import SelectionStepMixin, StepState
 from sae_allocators.gradient.store import split_rows
 from sae_allocators.hookspecs import hookimpl
 from sae_allocators.losses import AuxLossConfig, AuxLossMixin, check_finite
@@ -131,23 +133,29 @@ class GradientTopKTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
         return GradientActivationsStore
 
 
-class GradientTopKTrainingSAE(AuxLossMixin, TopKTrainingSAE):
+class GradientTopKTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE):
     """TopK training SAE with the g-SAE selection; accepts ``[x | g]`` rows or plain ``x`` rows."""
 
     cfg: GradientTopKTrainingSAEConfig  # type: ignore[assignment]
 
     def __init__(self, cfg: GradientTopKTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
-        self._step_grad: torch.Tensor | None = None
         self._warned_no_grad = False
 
     def encode_with_hidden_pre(self, x: torch.Tensor, grad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        return _encode(self, x, self._step_grad if grad is None else grad)
+        return _encode(self, x, grad)
 
     def encode(self, x: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         return self.encode_with_hidden_pre(x, grad)[0]
 
-    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+    def select(self, hidden_pre: torch.Tensor, grad: torch.Tensor | None = None, **context: Any) -> sparse.Selection:
+        if grad is not None:
+            grad = self.reshape_fn_in(grad).reshape(-1, self.cfg.d_in)  # identity unless hook_z reshaping is on, as for x
+        indices, keep = gradient_topk_indices(hidden_pre, grad, _decoder_directions(self), self.cfg.k, self.cfg.beta, self.cfg.grad_normalization)
+        return sparse.from_row_indices(indices, hidden_pre.shape[-1], keep)
+
+    def step_context(self, step_input: TrainStepInput) -> tuple[TrainStepInput, dict[str, Any]]:
+        """Split ``[x | g]`` rows: the step trains on ``x``; ``g`` goes to :meth:`select`."""
         x, grad = split_rows(step_input.sae_in, self.cfg.d_in)
         check_finite(step_input.sae_in, "gradient_topk training rows ([activation | gradient])")
         if grad is None and self.cfg.beta > 0 and not self._warned_no_grad:
@@ -158,23 +166,21 @@ class GradientTopKTrainingSAE(AuxLossMixin, TopKTrainingSAE):
                 "imported) to use the loss gradient.",
                 stacklevel=2,
             )
-        self._step_grad = grad
-        try:
-            out = super().training_forward_pass(dataclasses.replace(step_input, sae_in=x))
-        finally:
-            self._step_grad = None
-        if grad is not None:
-            hidden_pre, acts = out.hidden_pre.detach(), out.feature_acts.detach()
+        return dataclasses.replace(step_input, sae_in=x), {"grad": grad}
 
-            def changed() -> torch.Tensor:
-                # fraction of this batch's selections that plain TopK would not have made
-                plain = torch.topk(hidden_pre, self.cfg.k, dim=-1).indices
-                plain_mask = torch.zeros_like(hidden_pre, dtype=torch.bool).scatter_(-1, plain, True)
-                chosen = (acts.to_dense() if acts.is_sparse else acts) != 0
-                return (chosen & ~plain_mask).sum() / chosen.sum().clamp_min(1)
+    def after_step(self, state: StepState, output: TrainStepOutput) -> None:
+        if state.info.get("grad") is None:
+            return
+        hidden_pre, sel = state.hidden_pre.detach(), state.selection
 
-            out.metrics["gradient_selection_changed"] = changed
-        return out
+        def changed() -> torch.Tensor:
+            # fraction of this batch's selections that plain TopK would not have made
+            plain = torch.topk(hidden_pre, self.cfg.k, dim=-1).indices
+            plain_mask = torch.zeros_like(hidden_pre, dtype=torch.bool).scatter_(-1, plain, True)
+            chosen = plain_mask.view(-1).index_select(0, sel.flat)
+            return (~chosen).sum() / max(len(sel), 1)
+
+        output.metrics["gradient_selection_changed"] = changed
 
 
 @hookimpl

@@ -16,8 +16,10 @@ import torch
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig, TopKTrainingSAE
 
-from sae_allocators.allocation.batch import batch_topk, mutual_choice_select
+from sae_allocators import sparse
+from sae_allocators.allocation.batch import batch_topk, mutual_choice_indices, mutual_choice_select
 from sae_allocators.architectures._common import check_k, check_rate, pre_activations, warm_ema_
+from sae_allocators.architectures._step import SelectionStepMixin, StepState
 from sae_allocators.hookspecs import hookimpl
 from sae_allocators.losses import AuxLossConfig, AuxLossMixin
 
@@ -80,8 +82,9 @@ class MutualChoiceTrainingSAEConfig(AuxLossConfig, BatchTopKTrainingSAEConfig):
         return NAME
 
 
-class MutualChoiceTrainingSAE(AuxLossMixin, BatchTopKTrainingSAE):
-    """Mutual Choice training SAE; ``encode`` is the batch rule, ``encode_thresholded`` the saved one."""
+class MutualChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, BatchTopKTrainingSAE):
+    """Mutual Choice training SAE; the training step keeps the batch's ``floor(k N)`` largest
+    affinities (:meth:`select`), ``encode_thresholded`` is the saved batch-free rule."""
 
     cfg: MutualChoiceTrainingSAEConfig  # type: ignore[assignment]
     training_only_buffers = ("threshold_steps",)
@@ -89,24 +92,28 @@ class MutualChoiceTrainingSAE(AuxLossMixin, BatchTopKTrainingSAE):
     def __init__(self, cfg: MutualChoiceTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
         self.register_buffer("threshold_steps", torch.zeros((), dtype=torch.long, device=self.W_dec.device))
-        self._last_tau: torch.Tensor | None = None
 
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
         return MutualChoice(self.cfg.k)
 
+    def select(self, hidden_pre: torch.Tensor, **context: Any) -> sparse.Selection:
+        flat, tau = mutual_choice_indices(hidden_pre, self.cfg.k)
+        return sparse.from_flat(flat, hidden_pre.shape[0], hidden_pre.shape[1], tau, is_sorted=True)
+
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch rule on ``x`` (SAELens's contract; training steps go through :meth:`select`)."""
         hidden_pre = pre_activations(self, x)
-        codes, tau = mutual_choice_select(hidden_pre, self.cfg.k)
-        self._last_tau = tau
+        codes, _ = mutual_choice_select(hidden_pre, self.cfg.k)
         return self.hook_sae_acts_post(codes), hidden_pre
 
+    def after_step(self, state: StepState, output: Any) -> None:
+        self.update_threshold(state.selection.tau)
+        output.metrics["topk_threshold"] = self.topk_threshold
+
     @torch.no_grad()
-    def update_topk_threshold(self, acts_topk: torch.Tensor) -> None:  # noqa: ARG002
+    def update_threshold(self, tau: torch.Tensor) -> None:
         """theta <- running mean (first 1/lr steps), then EMA, of the batch's smallest kept value."""
-        if self._last_tau is None:
-            return
-        warm_ema_(self.topk_threshold, self._last_tau.detach().double(), self.threshold_steps, self.cfg.topk_threshold_lr)
-        self._last_tau = None
+        warm_ema_(self.topk_threshold, tau.detach().double(), self.threshold_steps, self.cfg.topk_threshold_lr)
 
     @torch.no_grad()
     def encode_thresholded(self, x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,9 @@ from sae_lens.saes.sae import SAEConfig, TrainingSAEConfig
 from sae_lens.saes.topk_sae import TopKSAE, TopKTrainingSAE
 from torch import nn
 
-from sae_allocators.allocation.afa import AFASelection, afa_loss, afa_select, check_k_max
+from sae_allocators import sparse
+from sae_allocators.allocation.afa import AFASelection, afa_indices, afa_loss, afa_loss_sparse, afa_select, check_k_max
+from sae_allocators.architectures._step import SelectionStepMixin, StepState
 from sae_allocators.diagnostics.afa import afa_k_stats, epsilon_lbo, epsilon_lbo_stats
 from sae_allocators.hookspecs import hookimpl
 from sae_allocators.losses import AuxLossConfig, AuxLossMixin
@@ -172,7 +174,7 @@ class TopAFATrainingSAEConfig(AuxLossConfig, TrainingSAEConfig):
         return TopAFASAEConfig
 
 
-class TopAFATrainingSAE(AuxLossMixin, _AFAEncodeMixin, TopKTrainingSAE):
+class TopAFATrainingSAE(AuxLossMixin, SelectionStepMixin, _AFAEncodeMixin, TopKTrainingSAE):
     """Training: top-AFA codes, MSE + AFA loss + the configured auxiliary loss.
 
     Logged (lazily) besides the mixin's metrics: ``afa_k_mean / afa_k_p50 / afa_k_p99``,
@@ -181,17 +183,21 @@ class TopAFATrainingSAE(AuxLossMixin, _AFAEncodeMixin, TopKTrainingSAE):
 
     cfg: TopAFATrainingSAEConfig  # type: ignore[assignment]
 
-    def __init__(self, cfg: TopAFATrainingSAEConfig, use_error_term: bool = False):
-        super().__init__(cfg, use_error_term)
-        self._last_selection: tuple[torch.Tensor, torch.Tensor] | None = None
-
     def get_activation_fn(self) -> Callable[..., torch.Tensor]:
         return TopAFA(self.cfg.k_max)
 
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         selection, hidden_pre = self.afa_encode(x)
-        self._last_selection = (selection.k.detach(), selection.capped.detach())
         return self.hook_sae_acts_post(selection.codes), hidden_pre
+
+    def select(self, hidden_pre: torch.Tensor, sae_in: torch.Tensor, **context: Any) -> sparse.Selection:  # type: ignore[override]
+        """Per token, the prefix whose norm best matches ``||x - b_dec||`` (entries with code 0
+        -- a non-positive affinity kept by the rule -- are left out: they change nothing)."""
+        centred = sae_in if self.cfg.apply_b_dec_to_input else sae_in - self.b_dec
+        target = torch.linalg.vector_norm(centred.detach(), dim=-1)
+        kept, k, capped = afa_indices(hidden_pre, target, self.afa_decoder_norms(), self.cfg.k_max)
+        kept = kept[hidden_pre.reshape(-1).index_select(0, kept) > 0]
+        return sparse.from_flat(kept, hidden_pre.shape[0], hidden_pre.shape[1], is_sorted=True, info={"k": k, "capped": capped})
 
     def afa_loss_target_norm(self, sae_in: torch.Tensor) -> torch.Tensor:
         """Per-token norm the AFA loss aims at (see ``afa_loss_target``), a constant."""
@@ -200,19 +206,21 @@ class TopAFATrainingSAE(AuxLossMixin, _AFAEncodeMixin, TopKTrainingSAE):
             x = x - self.b_dec
         return torch.linalg.vector_norm(x.detach(), dim=-1)
 
-    def calculate_aux_loss(self, step_input: Any, feature_acts: torch.Tensor, hidden_pre: torch.Tensor, sae_out: torch.Tensor) -> dict[str, torch.Tensor]:
-        losses = super().calculate_aux_loss(step_input, feature_acts, hidden_pre, sae_out)
-        if self.cfg.afa_coefficient > 0:
-            target = self.afa_loss_target_norm(step_input.sae_in)
-            acts = feature_acts.to_dense() if feature_acts.is_sparse else feature_acts
-            losses["afa_loss"] = self.cfg.afa_coefficient * afa_loss(acts, target, self.afa_decoder_norms())
-        return losses
+    def extra_losses(self, step_input: Any, state: StepState) -> dict[str, torch.Tensor]:
+        if self.cfg.afa_coefficient <= 0:
+            return {}
+        target = self.afa_loss_target_norm(step_input.sae_in).reshape(-1)
+        norms = self.afa_decoder_norms()
+        sel = state.selection
+        if state.sparse:
+            loss = afa_loss_sparse(state.values, sel.rows, target, None if norms is None else norms.index_select(0, sel.cols))
+        else:
+            loss = afa_loss(sparse.dense_codes(state.hidden_pre, sel), target, norms)
+        return {"afa_loss": self.cfg.afa_coefficient * loss}
 
-    def training_forward_pass(self, step_input: Any) -> Any:
-        output = super().training_forward_pass(step_input)
-        if self._last_selection is not None:
-            output.metrics.update(self.afa_lazy_metrics(step_input.sae_in, output.feature_acts, *self._last_selection))
-        return output
+    def after_step(self, state: StepState, output: Any) -> None:
+        info = state.selection.info
+        output.metrics.update(self.afa_lazy_metrics(state.x, output.feature_acts, info["k"].reshape(state.lead_shape), info["capped"].reshape(state.lead_shape)))
 
     def afa_lazy_metrics(self, sae_in: torch.Tensor, feature_acts: torch.Tensor, k: torch.Tensor, capped: torch.Tensor) -> dict[str, Callable[[], float]]:
         """Zero-argument callables (evaluated only on logging steps, so no sync otherwise)."""

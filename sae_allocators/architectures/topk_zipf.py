@@ -9,11 +9,17 @@ because SAELens picks the training class from the architecture name.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+import torch
 
 from sae_lens.saes.sae import SAEConfig
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
 
+from sae_allocators import sparse
+from sae_allocators.allocation.topk import topk_indices
 from sae_allocators.architectures._common import check_k, load_alias_config
+from sae_allocators.architectures._step import SelectionStepMixin
 from sae_allocators.hookspecs import hookimpl
 from sae_allocators.losses import AuxLossConfig, AuxLossMixin
 
@@ -40,8 +46,16 @@ class TopKZipfTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
         return TopKSAEConfig
 
 
-class TopKZipfTrainingSAE(AuxLossMixin, TopKTrainingSAE):
-    """SAELens TopK with the auxiliary loss chosen by ``cfg.aux_loss``; saved as ``topk``."""
+class TopKZipfTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE):
+    """SAELens TopK with the auxiliary loss chosen by ``cfg.aux_loss``; saved as ``topk``.
+
+    The training step keeps, per token, the ``k`` largest pre-activations that are positive
+    (SAELens's TopK codes: the others it keeps are ReLU'd to 0).
+    """
+
+    def select(self, hidden_pre: torch.Tensor, **context: Any) -> sparse.Selection:
+        indices, keep = topk_indices(hidden_pre, int(self.cfg.k))
+        return sparse.from_row_indices(indices, hidden_pre.shape[-1], keep)
 
 
 TopKSAEZipfLoadConfig = load_alias_config(TopKSAEConfig, NAME)

@@ -50,6 +50,10 @@ class AuxLossInput:
     dead_mask: torch.Tensor | None
     #: the SAELens ``TrainStepInput`` (coefficients, step count, ...)
     step_input: Any = None
+    #: the step's :class:`~sae_allocators.architectures._step.StepState` when the architecture
+    #: runs the shared selection step (None when called through SAELens's ``calculate_aux_loss``);
+    #: on the sparse path ``hidden_pre`` is detached and aux values come from ``state.gather``
+    state: Any = None
 
     @property
     def residual(self) -> torch.Tensor:
@@ -83,6 +87,9 @@ class AuxLossConfig:
             dead set only (the ``zipf`` loss is then exactly ``auxk``).
         zipf_weight_by_shortfall: weight each under-used latent's code by its shortfall
             ``1 - density/target`` (in [0, 1]); off by default.
+        sparse_step: train on the sparse path (one dense encoder matmul, everything after it on
+            the kept entries only; see :mod:`sae_allocators.sparse`); ``False`` runs the dense
+            reference computation (same selections, losses and gradients, slower).
     """
 
     aux_loss: str = "zipf"
@@ -94,6 +101,7 @@ class AuxLossConfig:
     zipf_exponent: float | None = None
     zipf_min_steps: int = 100
     zipf_weight_by_shortfall: bool = False
+    sparse_step: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()  # type: ignore[misc]
@@ -129,6 +137,8 @@ class AuxLossConfig:
             raise _field_error("zipf_exponent", self.zipf_exponent, "use a finite exponent >= 0, or None to fit it")
         if not (isinstance(self.zipf_min_steps, int) and self.zipf_min_steps >= 0):
             raise _field_error("zipf_min_steps", self.zipf_min_steps, "use an integer >= 0")
+        if not isinstance(self.sparse_step, bool):
+            raise _field_error("sparse_step", self.sparse_step, "use True (the sparse training step) or False (the dense reference)")
 
 
 def check_finite(x: torch.Tensor, what: str = "input activations") -> None:
@@ -238,7 +248,7 @@ class AuxLossMixin:
             entry = self._aux_entry = registry.get(self.cfg.aux_loss)
         return entry
 
-    def calculate_aux_loss(self, step_input: Any, feature_acts: torch.Tensor, hidden_pre: torch.Tensor, sae_out: torch.Tensor) -> dict[str, torch.Tensor]:
+    def calculate_aux_loss(self, step_input: Any, feature_acts: torch.Tensor, hidden_pre: torch.Tensor, sae_out: torch.Tensor, state: Any = None) -> dict[str, torch.Tensor]:
         step = AuxLossInput(
             sae_in=step_input.sae_in,
             sae_out=sae_out,
@@ -246,11 +256,16 @@ class AuxLossMixin:
             hidden_pre=hidden_pre,
             dead_mask=step_input.dead_neuron_mask,
             step_input=step_input,
+            state=state,
         )
         out = self._aux_loss_entry().loss(self, step)
         if isinstance(out, dict):
             return out
         return {"auxiliary_reconstruction_loss": out}
+
+    def step_aux_losses(self, step_input: Any, state: Any, feature_acts: torch.Tensor, sae_out: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The configured auxiliary loss for the shared selection step (its state included)."""
+        return self.calculate_aux_loss(step_input, feature_acts, state.hidden_pre.view(*state.lead_shape, -1), sae_out, state=state)
 
     def training_forward_pass(self, step_input: Any) -> Any:
         check_finite(step_input.sae_in)
