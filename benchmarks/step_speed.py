@@ -1,5 +1,12 @@
 """Time full training steps of each architecture against SAELens's ``topk`` at identical shapes.
 
+Two reference rows come first: ``floor`` -- the encoder matmul ``relu(x @ W_enc + b)`` alone,
+which every SAE pays -- and, when EleutherAI's ``sparsify`` is importable (``pip install --no-deps
+eai-sparsify einops simple-parsing natsort schedulefree accelerate``; a reference, not a
+dependency), ``sparsify_topk``: sparsify 1.3's TopK training step (its fused encoder with sparse
+backward, its ``embedding_bag`` decoder, FVU loss, gradient clipping, Adam) at the same shapes.
+Every row is printed as a ratio to the floor, to SAELens ``topk`` and to sparsify.
+
 A step is what SAELens's trainer does: ``training_forward_pass`` (encode, select, decode, MSE,
 auxiliary loss), ``backward``, gradient clipping, ``Adam.step``, ``zero_grad``. All architectures
 live in one process and are timed round-robin (one step of each per round), so machine noise
@@ -16,6 +23,8 @@ per-feature ``torch.topk`` loop.
     python benchmarks/step_speed.py                # N=4096, d_in=512, d_sae=8192, k=32
     python benchmarks/step_speed.py --quick        # small shapes, a few seconds
     python benchmarks/step_speed.py --device cuda
+    python benchmarks/step_speed.py --dense         # this project's architectures on the dense reference path
+    python benchmarks/step_speed.py --d-sae 32768 --n 2048
 """
 
 from __future__ import annotations
@@ -34,11 +43,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-ARCHS = ["topk", "batchtopk", "mutual_choice", "feature_choice", "feature_choice_uniform", "topk_zipf"]
+ARCHS = [
+    "topk",
+    "batchtopk",
+    "mutual_choice",
+    "feature_choice",
+    "feature_choice_uniform",
+    "topk_zipf",
+    "batchtopk_zipf",
+    "abstopk_zipf",
+    "gradient_topk",
+    "top_afa",
+]
+#: reference rows (not SAELens SAEs): the encoder-matmul floor and sparsify's TopK step
+REFERENCES = ["floor", "sparsify_topk"]
 
 
-def build(arch: str, d_in: int, d_sae: int, k: int, device: str, aux_loss: str | None):
+def build(arch: str, d_in: int, d_sae: int, k: int, device: str, aux_loss: str | None, sparse_step: bool = True):
     import sae_allocators  # noqa: F401
+    from sae_allocators.architectures.abstopk_zipf import AbsTopKZipfTrainingSAE, AbsTopKZipfTrainingSAEConfig
+    from sae_allocators.architectures.batchtopk_zipf import BatchTopKZipfTrainingSAE, BatchTopKZipfTrainingSAEConfig
+    from sae_allocators.architectures.gradient_topk import GradientTopKTrainingSAE, GradientTopKTrainingSAEConfig
+    from sae_allocators.architectures.top_afa import TopAFATrainingSAE, TopAFATrainingSAEConfig
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
@@ -47,7 +73,7 @@ def build(arch: str, d_in: int, d_sae: int, k: int, device: str, aux_loss: str |
     from sae_allocators.architectures.topk_zipf import TopKZipfTrainingSAE, TopKZipfTrainingSAEConfig
 
     common = dict(d_in=d_in, d_sae=d_sae, device=device)
-    ours = {} if aux_loss is None else {"aux_loss": aux_loss}
+    ours = {"sparse_step": sparse_step} if aux_loss is None else {"aux_loss": aux_loss, "sparse_step": sparse_step}
     torch.manual_seed(0)
     if arch == "topk":
         return TopKTrainingSAE(TopKTrainingSAEConfig(k=k, **common))
@@ -61,6 +87,14 @@ def build(arch: str, d_in: int, d_sae: int, k: int, device: str, aux_loss: str |
         return FeatureChoiceTrainingSAE(FeatureChoiceTrainingSAEConfig(k=float(k), capacity="uniform", **common, **ours))
     if arch == "topk_zipf":
         return TopKZipfTrainingSAE(TopKZipfTrainingSAEConfig(k=k, **common, **ours))
+    if arch == "batchtopk_zipf":
+        return BatchTopKZipfTrainingSAE(BatchTopKZipfTrainingSAEConfig(k=float(k), **common, **ours))
+    if arch == "abstopk_zipf":
+        return AbsTopKZipfTrainingSAE(AbsTopKZipfTrainingSAEConfig(k=k, **common, **ours))
+    if arch == "gradient_topk":  # trained on [x | g] rows (see data(): the step gets gradients)
+        return GradientTopKTrainingSAE(GradientTopKTrainingSAEConfig(k=k, **common, **ours))
+    if arch == "top_afa":
+        return TopAFATrainingSAE(TopAFATrainingSAEConfig(k_max=2 * k, **common, **ours))
     raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
 
 
@@ -76,6 +110,8 @@ class Stepper:
     def __call__(self, x: torch.Tensor) -> None:
         from sae_lens.saes.sae import TrainStepInput
 
+        if getattr(self.sae.cfg, "architecture", lambda: "")() == "gradient_topk":
+            x = torch.cat([x, gradient_rows(x)], dim=-1)  # [x | dL/dx], as its gradient store yields
         self.sae.train()
         out = self.sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=self.dead, n_training_steps=self.n, is_logging_step=False))
         out.loss.backward()
@@ -83,6 +119,68 @@ class Stepper:
         self.opt.step()
         self.opt.zero_grad()
         self.n += 1
+
+
+def gradient_rows(x: torch.Tensor) -> torch.Tensor:
+    """Stand-in loss gradients for gradient_topk (fixed seed; only their shape matters for speed)."""
+    g = torch.Generator().manual_seed(7)
+    return (torch.randn(x.shape, generator=g) * 1e-3).to(device=x.device, dtype=x.dtype)
+
+
+class Floor:
+    """The encoder matmul alone, ``relu(x @ W_enc + b_enc)``: the floor every SAE's step pays."""
+
+    def __init__(self, d_in: int, d_sae: int, device: str):
+        g = torch.Generator().manual_seed(0)
+        self.w = (torch.randn(d_in, d_sae, generator=g) * 0.02).to(device)
+        self.b = torch.zeros(d_sae, device=device)
+
+    def __call__(self, x: torch.Tensor) -> None:
+        torch.relu(torch.addmm(self.b, x, self.w))
+
+
+class SparsifyTopK:
+    """EleutherAI sparsify's TopK training step (``SparseCoder.forward``'s FVU loss on its fused
+    encoder and eager ``embedding_bag`` decoder), clipping and Adam, at the same shapes."""
+
+    def __init__(self, d_in: int, d_sae: int, k: int, device: str):
+        from sparsify.fused_encoder import fused_encoder
+        from sparsify.utils import eager_decode
+
+        self.encode, self.decode, self.k = fused_encoder, eager_decode, k
+        g = torch.Generator().manual_seed(0)
+        self.w_enc = torch.nn.Parameter((torch.randn(d_sae, d_in, generator=g) * 0.02).to(device))
+        self.b_enc = torch.nn.Parameter(torch.zeros(d_sae, device=device))
+        self.w_dec = torch.nn.Parameter(self.w_enc.detach().clone())
+        self.b_dec = torch.nn.Parameter(torch.zeros(d_in, device=device))
+        self.params = [self.w_enc, self.b_enc, self.w_dec, self.b_dec]
+        self.opt = torch.optim.Adam(self.params, lr=1e-4)
+
+    def __call__(self, x: torch.Tensor) -> None:
+        top_acts, top_indices, _ = self.encode(x - self.b_dec, self.w_enc, self.b_enc, self.k, "topk")
+        out = self.decode(top_indices, top_acts, self.w_dec.mT) + self.b_dec
+        loss = (out - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.opt.zero_grad()
+
+
+def sparsify_available() -> bool:
+    try:
+        import sparsify.fused_encoder  # noqa: F401
+        import sparsify.utils  # noqa: F401
+    except Exception:  # noqa: BLE001 -- any import failure means: no reference row
+        return False
+    return True
+
+
+def make_stepper(name: str, args):
+    if name == "floor":
+        return Floor(args.d_in, args.d_sae, args.device)
+    if name == "sparsify_topk":
+        return SparsifyTopK(args.d_in, args.d_sae, args.k, args.device)
+    return Stepper(build(name, args.d_in, args.d_sae, args.k, args.device, args.aux_loss, sparse_step=not args.dense), args.dead_frac)
 
 
 def sync(device: str) -> None:
@@ -114,7 +212,7 @@ def check_exact(args) -> dict[str, bool]:
 
 
 def time_all(args) -> dict[str, list[float]]:
-    steppers = {a: Stepper(build(a, args.d_in, args.d_sae, args.k, args.device, args.aux_loss), args.dead_frac) for a in args.archs}
+    steppers = {a: make_stepper(a, args) for a in args.archs}
     batches = [data(args.n, args.d_in, args.device, s) for s in range(4)]
     for _ in range(args.warmup):
         for st in steppers.values():
@@ -139,7 +237,7 @@ def _rss_bytes() -> int:
 
 
 def memory_child(args) -> None:
-    st = Stepper(build(args.archs[0], args.d_in, args.d_sae, args.k, args.device, args.aux_loss), args.dead_frac)
+    st = make_stepper(args.archs[0], args)
     x = data(args.n, args.d_in, args.device, 0)
     if args.device.startswith("cuda"):
         st(x)
@@ -176,6 +274,8 @@ def memory_all(args) -> dict[str, float]:
         cmd = [sys.executable, __file__, "--_memory-child", "--archs", a, "--n", str(args.n), "--d-in", str(args.d_in), "--d-sae", str(args.d_sae), "--k", str(args.k), "--device", args.device, "--dead-frac", str(args.dead_frac)]
         if args.aux_loss:
             cmd += ["--aux-loss", args.aux_loss]
+        if args.dense:
+            cmd += ["--dense"]
         res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled", "MALLOC_MMAP_THRESHOLD_": "131072"})
         if res.returncode != 0:
             print(res.stderr[-2000:], file=sys.stderr)
@@ -197,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dead-frac", type=float, default=0.0, help="fraction of latents marked dead (exercises the aux loss)")
     p.add_argument("--aux-loss", default=None, help="aux_loss for this project's architectures (default: each config's default)")
     p.add_argument("--archs", nargs="+", default=ARCHS)
+    p.add_argument("--dense", action="store_true", help="this project's architectures on the dense reference path (sparse_step=False)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--quick", action="store_true", help="N=1024, d_in=128, d_sae=2048, k=16, 5 rounds")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-check", action="store_true")
@@ -205,10 +307,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.n, args.d_in, args.d_sae, args.k, args.rounds = 1024, 128, 2048, 16, 5
     if args._memory_child:
+        if args.threads:
+            torch.set_num_threads(args.threads)
         memory_child(args)
         return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if "topk" not in args.archs:
         args.archs = ["topk", *args.archs]
+    refs = ["floor"] + (["sparsify_topk"] if sparsify_available() else [])
+    args.archs = refs + [a for a in args.archs if a not in refs]
     import sae_lens
 
     dev = args.device
@@ -223,18 +331,25 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_check:
         for name, ok in check_exact(args).items():
             print(f"exact selection: {name}: {ok}")
+    if "sparsify_topk" not in args.archs:
+        print("sparsify is not importable: no sparsify_topk reference row (see the module docstring)")
     times = time_all(args)
-    ref = statistics.median(times["topk"])
-    ref_min = min(times["topk"])
     mem = {} if args.no_memory else memory_all(args)
-    print(f"{'architecture':<24}{'median step (s)':>16}{'min (s)':>10}{'median ratio':>14}{'min ratio':>11}{'peak mem (MiB)':>16}{'mem ratio':>11}")
+    med = {a: statistics.median(times[a]) for a in args.archs}
+    ref = {r: med[r] for r in ("floor", "topk", "sparsify_topk") if r in med}
+    head = f"{'step':<24}{'median (ms)':>12}{'min (ms)':>10}{'x floor':>9}{'x topk':>8}"
+    head += f"{'x sparsify':>12}" if "sparsify_topk" in ref else ""
+    head += f"{'peak mem (MiB)':>16}{'mem x topk':>12}" if mem else ""
+    print(head)
     for a in args.archs:
-        med = statistics.median(times[a])
-        line = f"{a:<24}{med:>16.3f}{min(times[a]):>10.3f}{med / ref:>14.3f}{min(times[a]) / ref_min:>11.3f}"
+        line = f"{a:<24}{med[a] * 1e3:>12.1f}{min(times[a]) * 1e3:>10.1f}{med[a] / ref['floor']:>9.2f}{med[a] / ref['topk']:>8.2f}"
+        if "sparsify_topk" in ref:
+            line += f"{med[a] / ref['sparsify_topk']:>12.2f}"
         if mem:
-            line += f"{mem[a] / 2**20:>16.1f}{mem[a] / mem['topk']:>11.3f}"
+            line += f"{mem[a] / 2**20:>16.1f}{mem[a] / mem['topk']:>12.2f}"
         print(line)
-    print("ratios are to topk in this process; 'min ratio' is less sensitive to other load on the machine")
+    path = "dense reference path (sparse_step=False)" if args.dense else "sparse training step (sparse_step=True)"
+    print(f"this project's architectures ran the {path}; ratios are medians of rounds in this process")
     return 0
 
 
