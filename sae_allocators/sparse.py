@@ -37,8 +37,9 @@ import torch.nn.functional as F
 class Selection:
     """Kept entries of an ``[N, F]`` matrix: ``rows`` (token index, non-decreasing) and ``cols``.
 
-    ``offsets[n]`` is where token n's entries start (``embedding_bag``'s offsets); a token with no
-    entry has an empty bag. ``tau`` is whatever threshold(s) the rule determined (``None`` for
+    ``offsets`` (``[N + 1]``) are the bag boundaries: token n's entries are
+    ``offsets[n]:offsets[n + 1]`` (``embedding_bag``'s ``include_last_offset`` form); a token with
+    no entry has an empty bag. ``tau`` is whatever threshold(s) the rule determined (``None`` for
     per-token rules): a 0-d tensor (batch rules) or ``[F]`` (Feature Choice). ``info`` holds a
     rule's other by-products (top-AFA's per-token ``k``, for its metrics).
     """
@@ -71,8 +72,9 @@ class Selection:
 
 
 def _offsets_from_rows(rows: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """``[n_tokens + 1]`` bag boundaries (``embedding_bag``'s ``include_last_offset`` form)."""
     counts = torch.bincount(rows, minlength=n_tokens)
-    return torch.cumsum(counts, 0) - counts
+    return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
 
 
 def from_flat(flat: torch.Tensor, n_tokens: int, n_features: int, tau: torch.Tensor | None = None, *, is_sorted: bool = False, info: dict | None = None) -> Selection:
@@ -90,7 +92,7 @@ def from_row_indices(indices: torch.Tensor, n_features: int, keep: torch.Tensor 
     rows = torch.arange(n, device=indices.device).repeat_interleave(j)
     cols = indices.reshape(-1)
     if keep is None:
-        offsets = torch.arange(0, n * j, j, device=indices.device)
+        offsets = torch.arange(0, n * j + 1, j, device=indices.device)
         return Selection(rows, cols, n, n_features, offsets, tau)
     mask = keep.reshape(-1)
     rows, cols = rows[mask], cols[mask]
@@ -99,18 +101,23 @@ def from_row_indices(indices: torch.Tensor, n_features: int, keep: torch.Tensor 
 
 def encoder_pre(sae_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, dec_norm: torch.Tensor | None) -> torch.Tensor:
     """``(sae_in @ W_enc + b_enc) [* dec_norm]`` with autograd (the dense reference path): the
-    same operations, hence the same numbers, as :func:`dense_pre`."""
-    pre = torch.addmm(b_enc, sae_in, W_enc)
-    return pre if dec_norm is None else pre * dec_norm
+    same operations, hence the same numbers, as :func:`dense_pre`. The decoder norms are folded
+    into ``W_enc`` and ``b_enc`` before the matmul (``F d`` multiplications instead of ``N F``),
+    which is also how the saved inference model computes it (norms folded on save)."""
+    if dec_norm is None:
+        return torch.addmm(b_enc, sae_in, W_enc)
+    return torch.addmm(b_enc * dec_norm, sae_in, W_enc * dec_norm)
 
 
 def dense_pre(sae_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, dec_norm: torch.Tensor | None) -> torch.Tensor:
-    """``(sae_in @ W_enc + b_enc) [* dec_norm]`` as one fused matmul, detached (no autograd graph)."""
+    """:func:`encoder_pre` without autograd (the sparse path's one dense matmul)."""
     with torch.no_grad():
-        pre = torch.addmm(b_enc, sae_in, W_enc)
-        if dec_norm is not None:
-            pre.mul_(dec_norm)
-    return pre
+        return encoder_pre(sae_in, W_enc, b_enc, dec_norm)
+
+
+def _bag_sum(indices: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``out[b] = sum_{i in bag b} weights[i] * table[indices[i]]`` (``offsets`` of length bags + 1)."""
+    return F.embedding_bag(indices, table, offsets, mode="sum", per_sample_weights=weights.to(table.dtype), include_last_offset=True)
 
 
 class _SelectedValues(torch.autograd.Function):
@@ -139,13 +146,11 @@ class _SelectedValues(torch.autograd.Function):
                 grad_dec_norm = torch.zeros(f, dtype=dec_norm.dtype, device=dec_norm.device).index_add_(0, cols, contrib.to(dec_norm.dtype))
             g = g * norm_sel
         grad_in = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_in = F.embedding_bag(cols, W_enc.t(), offsets, mode="sum", per_sample_weights=g.to(W_enc.dtype)).to(sae_in.dtype)
+        if ctx.needs_input_grad[0]:  # (embedding_bag needs a contiguous table: W_enc^T is copied once)
+            grad_in = _bag_sum(cols, W_enc.t().contiguous(), offsets, g).to(sae_in.dtype)
         if ctx.needs_input_grad[1]:
             order = torch.argsort(cols, stable=True)
-            counts = torch.bincount(cols, minlength=f)
-            col_offsets = torch.cumsum(counts, 0) - counts
-            grad_W = F.embedding_bag(rows.index_select(0, order), sae_in.to(W_enc.dtype), col_offsets, mode="sum", per_sample_weights=g.index_select(0, order).to(W_enc.dtype)).t()
+            grad_W = _bag_sum(rows.index_select(0, order), sae_in.to(W_enc.dtype).contiguous(), _offsets_from_rows(cols.index_select(0, order), f), g.index_select(0, order)).t()
         if ctx.needs_input_grad[2]:
             grad_b = torch.zeros(f, dtype=ctx.b_enc_dtype, device=g.device).index_add_(0, cols, g.to(ctx.b_enc_dtype))
         return grad_in, grad_W, grad_b, grad_dec_norm, None, None, None, None
@@ -172,7 +177,7 @@ def decode(values: torch.Tensor, sel: Selection, W_dec: torch.Tensor) -> torch.T
     The same numbers as ``sel.to_dense(values) @ W_dec`` up to summation order; ``W_dec`` and
     ``values`` get their gradients from ``embedding_bag``'s autograd.
     """
-    return F.embedding_bag(sel.cols, W_dec, sel.offsets, mode="sum", per_sample_weights=values.to(W_dec.dtype))
+    return _bag_sum(sel.cols, W_dec, sel.offsets, values)
 
 
 def dense_codes(hidden_pre: torch.Tensor, sel: Selection) -> torch.Tensor:

@@ -186,7 +186,7 @@ def test_selection_from_row_indices_with_keep_mask() -> None:
     sel = sparse.from_row_indices(idx, 4, keep)
     assert sel.rows.tolist() == [0, 2, 2]
     assert sel.cols.tolist() == [3, 1, 1]
-    assert sel.offsets.tolist() == [0, 1, 1]
+    assert sel.offsets.tolist() == [0, 1, 1, 3]
 
 
 def test_dense_reference_switch_is_a_validated_config_field() -> None:

@@ -82,9 +82,9 @@ def kth_largest_with_candidates(
     blocks = flat[:usable].view(-1, BLOCK)
     hit = (blocks.amax(dim=-1) >= t_lo).nonzero().squeeze(1)
     sub = blocks.index_select(0, hit)
-    keep = sub >= t_lo
-    cand = sub[keep]
-    idx = (hit[:, None] * BLOCK + torch.arange(BLOCK, device=flat.device))[keep]
+    bi, off = (sub >= t_lo).nonzero(as_tuple=True)  # row-major: ascending flat indices
+    cand = sub[bi, off]
+    idx = hit.index_select(0, bi) * BLOCK + off
     if usable < n:
         tail = flat[usable:]
         tail_keep = tail >= t_lo
