@@ -151,9 +151,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m sae_allocators.be
     if args.tiny_lm:
         st.lm.hook_layer = min(st.lm.hook_layer, 1)
         st.lm.expansion = 4
+        st.lm.d_sae = None
         st.lm.train_batch_size = min(st.lm.train_batch_size, 256)
         ctx = min(ctx, 32)
         st.lm_data = lambda: lm_data.tiny_lm_data(context_size=ctx, device=device)
+        st.live_lm_data = None  # the LM is already the tiny one: the live runs train on it
     elif args.model:
         st.lm_data = lambda: lm_data.hub_lm_data(
             args.model, args.dataset, ctx, int(st.lm.training_tokens * 1.3), st.lm.eval_sequences, device=device

@@ -254,9 +254,9 @@ def gradient_claim(agg: list[dict[str, Any]]) -> dict[str, Any]:
     order, the same initialisation and settings (the beta = 0 control); both are saved as TopK at k."""
     lines, verdicts = [], []
     for r in agg:
-        if r["dataset"] != "lm" or r["architecture"] != "gradient_topk" or "ce_loss_recovered" not in r:
+        if r["dataset"] == "synthetic" or r["architecture"] != "gradient_topk" or "ce_loss_recovered" not in r:
             continue
-        b = _get(agg, "lm", "topk[live]", r["k_target"])
+        b = _get(agg, r["dataset"], "topk[live]", r["k_target"])
         if b is None or "ce_loss_recovered" not in b:
             continue
         ce, ce_b = r["ce_loss_recovered"], b["ce_loss_recovered"]
@@ -265,7 +265,7 @@ def gradient_claim(agg: list[dict[str, Any]]) -> dict[str, Any]:
         verdicts.append(better)
         sep = (ce["min"] > ce_b["max"]) if better else (ce["max"] < ce_b["min"])
         lines.append(
-            f"lm, k={r['k_target']:g}: {r['label']} CE recovered {ce['mean']:.4f}, KL {kl['mean']:.4f} at L0 "
+            f"{r['dataset']}, k={r['k_target']:g}: {r['label']} CE recovered {ce['mean']:.4f}, KL {kl['mean']:.4f} at L0 "
             f"{r['l0_mean']['mean']:.1f} vs topk[live] {ce_b['mean']:.4f}, KL {kl_b['mean']:.4f} at L0 "
             f"{b['l0_mean']['mean']:.1f} ({'higher' if better else 'not higher'}; KL "
             f"{'lower' if kl['mean'] < kl_b['mean'] else 'not lower'}; "
@@ -281,25 +281,29 @@ def gradient_claim(agg: list[dict[str, Any]]) -> dict[str, Any]:
 def gradient_cost(meta: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
     """What a training token costs on the gradient path, against the cached path (markdown lines)."""
     lines = []
-    src = next((s for s in meta.get("sources", []) if s.get("kind") == "lm"), None)
-    cache_per_token = None
-    if src and src.get("activation_cache_seconds") and src.get("cached_tokens"):
-        cache_per_token = src["activation_cache_seconds"] / src["cached_tokens"]
+    cache_per_token: dict[str, float] = {}
+    for src in meta.get("sources", []):
+        build = src.get("activation_cache_seconds") or src.get("activation_cache_build_seconds")
+        if build and src.get("cached_tokens"):
+            cache_per_token[src["kind"]] = build / src["cached_tokens"]
     for r in records:
-        if r["dataset"] != "lm" or r["architecture"] != "gradient_topk" or not r.get("train_seconds_per_token"):
+        if r["dataset"] == "synthetic" or r["architecture"] != "gradient_topk" or not r.get("train_seconds_per_token"):
             continue
+
         def per_token(label: str) -> float | None:
-            m = [q for q in records if q["dataset"] == "lm" and q["label"] == label
+            m = [q for q in records if q["dataset"] == r["dataset"] and q["label"] == label
                  and q["k_target"] == r["k_target"] and q["seed"] == r["seed"] and q.get("train_seconds_per_token")]
             return m[0]["train_seconds_per_token"] if m else None
+
         g, c, live = r["train_seconds_per_token"], per_token("topk"), per_token("topk[live]")
-        parts = [f"{r['label']} k={r['k_target']:g} seed {r['seed']}: {g * 1e3:.2f} ms per training token "
+        per_cached = cache_per_token.get(r["dataset"])
+        parts = [f"{r['dataset']}, {r['label']} k={r['k_target']:g} seed {r['seed']}: {g * 1e3:.2f} ms per training token "
                  f"({r.get('training_tokens', 0):,} tokens, {r.get('store') or 'its store'})"]
         if c:
             parts.append(f"{g / c:.1f}x topk from the activation cache ({c * 1e3:.3f} ms)")
-            if cache_per_token:
-                parts.append(f"{g / (c + cache_per_token):.1f}x that plus building the cache once "
-                             f"({cache_per_token * 1e3:.3f} ms per cached token, shared by every SAE)")
+            if per_cached:
+                parts.append(f"{g / (c + per_cached):.1f}x that plus building the cache once "
+                             f"({per_cached * 1e3:.3f} ms per cached token, shared by every SAE)")
         if live:
             parts.append(f"{g / live:.1f}x topk[live] from the plain live store ({live * 1e3:.3f} ms)")
         lines.append("; ".join(parts))
@@ -514,16 +518,23 @@ def _markdown(meta: dict[str, Any], agg: list[dict[str, Any]], claims: list[dict
         if d == "synthetic":
             line += f"; the true features fire {src['true_l0']:.2f} per token on average"
         else:
-            line += (
-                f"; CE/KL on {src['ce_eval_tokens']:,} tokens. Activations computed once by SAELens's "
-                f"CacheActivationsRunner"
-                + (f" in {src['activation_cache_seconds']:.0f} s" if src.get("activation_cache_seconds") else " (reused from the cache)")
-                + " and read by every run"
-                + (f"; {src['cached_tokens']:,} tokens cached, so each SAE reads them "
-                   f"{src['passes_over_training_data']:.1f} times" if src.get("passes_over_training_data", 0) > 1.01 else "")
-                + (f". gradient_topk and topk[live] train from live stores (no cache, no input scaling) on "
-                   f"{src['live_training_tokens']:,} tokens" if src.get("live_training_tokens") else "")
-            )
+            line += f"; CE/KL on {src['ce_eval_tokens']:,} tokens"
+            if not src.get("live_only"):
+                line += (
+                    ". Activations computed once by SAELens's CacheActivationsRunner"
+                    + (f" in {src['activation_cache_seconds']:.0f} s" if src.get("activation_cache_seconds")
+                       else " (reused from an earlier run)")
+                    + " and read by every run"
+                    + (f"; {src['cached_tokens']:,} tokens cached, so each SAE reads them "
+                       f"{src['passes_over_training_data']:.1f} times" if src.get("passes_over_training_data", 0) > 1.01 else "")
+                )
+            if any(r["dataset"] == d and r["label"] == "topk[live]" for r in agg):
+                line += (
+                    (". Only" if src.get("live_only") else ". Except")
+                    + f" gradient_topk and topk[live]: trained from live stores (activations, and gradient_topk's "
+                    f"gradients, computed as they train; same tokens in the same order) on "
+                    f"{src['live_training_tokens']:,} tokens in batches of {src.get('live_train_batch_size')}"
+                )
         L.append(line + ".")
         L.append("")
         rows = [r for r in agg if r["dataset"] == d]

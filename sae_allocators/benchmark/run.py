@@ -45,10 +45,17 @@ class Settings:
     lm_live_seeds: int | None = 1
     #: TF32 matrix multiplies on CUDA (torch.set_float32_matmul_precision("high")); off: full float32
     tf32: bool = False
+    #: a second, small language model (a callable returning sources.LMData, and its scale) on which
+    #: the live-store architectures train instead of the main LM (``--quick``: the tiny random LM,
+    #: because a few steps of gradient_topk on SmolLM2 cost a minute and learn nothing)
+    live_lm_data: Any = None
+    live_lm: LMScale | None = None
 
 
 def quick_settings(out: Path) -> Settings:
-    return Settings(
+    from sae_allocators.benchmark import lm_data
+
+    st = Settings(
         out=out,
         seeds=1,
         lm_spread_seeds=1,
@@ -58,14 +65,20 @@ def quick_settings(out: Path) -> Settings:
         lm=LMScale(
             hook_layer=3, expansion=2, training_tokens=19_200, train_batch_size=64, eval_sequences=32,
             ce_eval_sequences=2, dead_feature_window=50,
-            # the gradient path is a smoke test here: a full forward and backward of the LM per token
-            live_training_tokens=1_024, live_store_batch_size_prompts=4,
         ),
         lm_live_ks=(32,),
         lm_live_seeds=1,
         quick=True,
         preset="quick",
+        # the gradient path as a smoke test, on the tiny random LM (k = 32 of d_sae 128, 300 steps)
+        live_lm=LMScale(
+            hook_layer=1, expansion=4, training_tokens=19_200, train_batch_size=64, eval_sequences=16,
+            ce_eval_sequences=4, dead_feature_window=50, live_training_tokens=19_200, live_train_batch_size=64,
+            live_store_batch_size_prompts=8,
+        ),
     )
+    st.live_lm_data = lambda: lm_data.tiny_lm_data(context_size=32, n_rows=256, n_eval=16, device=st.device)
+    return st
 
 
 def default_settings(out: Path) -> Settings:
@@ -75,19 +88,20 @@ def default_settings(out: Path) -> Settings:
 def gpu_settings(out: Path) -> Settings:
     """``--preset gpu``: one 24-80 GB GPU, about an hour (untested until run on a GPU: docs/benchmark.md).
 
-    On the LM: d_sae 18,432 (32 x 576), k in {16, 32, 64}, 2 seeds, 20,480,000 training tokens per SAE
-    (4,096 per step, 5,000 steps) -- the offline corpus's training split holds about 3.2M tokens, so
-    the cache is read about 7 times; gradient_topk and its control at every k and seed from the live
-    stores, same token count."""
+    On the LM: d_sae 16,384, k in {16, 32, 64}, 2 seeds, 20,480,000 training tokens per SAE (4,096 per
+    step, 5,000 steps) -- the offline corpus's training split holds about 3.2M tokens, so SAELens reads
+    the activation cache about 7 times per SAE; gradient_topk and topk[live] at every k and seed from
+    the live stores, same token count. lr 5e-4: the CPU sweep's 2e-3 at d_sae 1,152 scaled by
+    sqrt(1152 / 16384) (Gao et al.'s lr ~ 1/sqrt(d_sae)); not swept at this scale. Synthetic data at
+    the default scale (already cheap). TF32 matrix multiplies."""
     return Settings(
         out=out,
         seeds=2,
         synthetic_ks=(2, 4, 8),
         lm_ks=(16, 32, 64),
-        synthetic=SyntheticScale(training_samples=1_228_800, batch_size=1024, eval_samples=65_536),
         lm=LMScale(
-            hook_layer=6, expansion=32, training_tokens=20_480_000, train_batch_size=4096,
-            eval_sequences=512, ce_eval_sequences=64, lr=2e-3, dead_feature_window=1000,
+            hook_layer=6, d_sae=16_384, training_tokens=20_480_000, train_batch_size=4096,
+            eval_sequences=512, ce_eval_sequences=64, lr=5e-4, dead_feature_window=1000,
             store_batch_size_prompts=32, norm_estimate_batches=20,
             live_training_tokens=None, live_store_batch_size_prompts=32,
         ),
@@ -118,6 +132,11 @@ def _build_sources(st: Settings, workdir: Path) -> list[Any]:
             src.prep_seconds = time.perf_counter() - t0
             sources.append((src, st.lm_ks, st.lm_seeds or st.seeds))
             src.spread_seeds = st.lm_spread_seeds
+            if st.live_lm_data is not None and st.live_lm is not None:
+                live = LMSource(st.live_lm_data(), st.live_lm, workdir, device=st.device, kind="lm-live",
+                                live_only=True)
+                sources.append((live, st.lm_ks, st.lm_live_seeds or st.lm_seeds or st.seeds))
+                live.spread_seeds = 0
         else:
             raise ValueError(f"--datasets: unknown dataset {name!r}; use synthetic and/or lm")
     return sources
@@ -188,28 +207,34 @@ def run(st: Settings) -> Path:
         live_ks = tuple(ks) if st.lm_live_ks is None else tuple(k for k in ks if k in st.lm_live_ks)
         live_seeds = n_seeds if st.lm_live_seeds is None else st.lm_live_seeds
         spread = getattr(src, "spread_seeds", 0)
-        for seed in range(max(n_seeds, spread, live_seeds if src.kind == "lm" else 0)):
+        is_lm = src.kind != "synthetic"
+        trains_live = is_lm and not any(getattr(s, "live_only", False) for s, _, _ in sources if s is not src)
+        for seed in range(max(n_seeds, spread, live_seeds if trains_live else 0)):
             for k in ks:
                 paired: set[str] = set()
                 for p in todo:
-                    live = src.kind == "lm" and p.entry is not None and not p.entry.lm_from_cache
+                    live = is_lm and p.entry is not None and not p.entry.lm_from_cache
                     if live:
-                        if k not in live_ks or seed >= live_seeds:
+                        if not trains_live or k not in live_ks or seed >= live_seeds:
                             continue
+                    elif getattr(src, "live_only", False):
+                        continue
                     elif not (seed < n_seeds or (seed < spread and k == k_mid)):
                         continue
                     if not p.fixed_l0 and k != max(ks):
                         continue  # chooses its own L0: trained once per seed
+                    if not is_lm and p.extra.get("beta", st.gradient_betas[0]) != st.gradient_betas[0]:
+                        continue  # no gradients off the LM: one beta is enough there
                     control = controls.get(p.entry.lm_live_control or "") if live and p.entry else None
                     if control is not None and control.label not in paired:
                         paired.add(control.label)
                         jobs.append((src, ks, seed, k, control, "live"))
                     jobs.append((src, ks, seed, k, p, "live" if live else "cache"))
-        if src.kind == "lm":
+        if trains_live:
             for p in todo:
                 if p.entry is not None and not p.entry.lm_from_cache:
                     _log(
-                        f"[plan] {p.label} on the language model: from its own live store at k in "
+                        f"[plan] {p.label} on {src.kind} ({src.data.name}): from its own live store at k in "
                         f"{{{', '.join(f'{k:g}' for k in live_ks) or 'none of the sweep'}}}, {live_seeds} seed(s), "
                         f"{src.live_tokens():,} tokens per SAE"
                     )
@@ -218,7 +243,7 @@ def run(st: Settings) -> Path:
     failures: list[dict[str, str]] = []
     for i, (src, ks, seed, k, p, path) in enumerate(jobs, 1):
         ctx = configs.Context(
-            d_in=src.d_in, d_sae=src.d_sae, ks=tuple(ks), has_lm_gradients=src.kind == "lm" and path == "live",
+            d_in=src.d_in, d_sae=src.d_sae, ks=tuple(ks), has_lm_gradients=path == "live",
             gradient_beta=float(st.gradient_betas[0]),
         )
         tag = f"{src.kind}/{p.label}/k{k:g}/seed{seed}"
@@ -227,7 +252,7 @@ def run(st: Settings) -> Path:
         try:
             folder = workdir / tag.replace("[", "_").replace("]", "").replace("=", "-")
             if path == "live":
-                cfg = configs.build_training_config(p, k, ctx, **src.sae_fields(live=True))
+                cfg = configs.build_training_config(p, k, ctx, **src.sae_fields())
                 result = src.train_live(cfg, seed, folder)
             else:
                 cfg = configs.build_training_config(p, k, ctx, **src.sae_fields())
@@ -312,7 +337,7 @@ def _add_step_ratios(records: list[dict[str, Any]]) -> None:
 
 
 def _settings_dict(st: Settings) -> dict[str, Any]:
-    d = {k: v for k, v in asdict(st).items() if k not in ("lm_data",)}
+    d = {k: v for k, v in asdict(st).items() if k not in ("lm_data", "live_lm_data")}
     d["out"] = str(st.out)
     return d
 

@@ -215,6 +215,8 @@ class LMScale:
     hook_layer: int = 6
     hook_point: str = "hook_resid_post"
     expansion: int = 2
+    #: latents per SAE; None: ``expansion * d_in``
+    d_sae: int | None = None
     training_tokens: int = 51_200
     train_batch_size: int = 128  # >= 300 steps: batch-level thresholds (EMA rate 0.01) settle
     eval_sequences: int = 128  # reconstruction and density figures (activations up to the hook only)
@@ -231,6 +233,11 @@ class LMScale:
     live_training_tokens: int | None = 12_800
     #: sequences per forward (and backward) of the live stores
     live_store_batch_size_prompts: int = 8
+    #: training sequences from which the live runs' input scale is estimated, once per source
+    live_norm_estimate_sequences: int = 16
+    #: tokens per training step of the live runs (None: ``train_batch_size``): smaller batches give
+    #: the expensive gradient path more steps for its tokens
+    live_train_batch_size: int | None = 32
 
 
 @dataclass
@@ -254,7 +261,13 @@ class LMData:
 class LMSource:
     kind = "lm"
 
-    def __init__(self, data: LMData, scale: LMScale, workdir: Path, device: Any = devices.AUTO):
+    def __init__(
+        self, data: LMData, scale: LMScale, workdir: Path, device: Any = devices.AUTO, kind: str = "lm",
+        live_only: bool = False,
+    ):
+        self.kind = kind
+        #: only the architectures that train from a live store run here (gradient_topk, topk[live])
+        self.live_only = live_only
         data = with_bos(data)
         self.data = data
         self.scale = scale
@@ -264,18 +277,27 @@ class LMSource:
         self.model = data.model
         self.hook_name = f"blocks.{scale.hook_layer}.{scale.hook_point}"
         self.d_in = int(self.model.cfg.d_model)
-        self.d_sae = self.d_in * scale.expansion
+        self.d_sae = int(scale.d_sae) if scale.d_sae else self.d_in * scale.expansion
         self.train_batch_size = scale.train_batch_size
         self.context_size = len(data.train_dataset[0]["tokens"])
         self.name = f"{data.name} @ {self.hook_name}, {data.corpus}"
         self.workdir = workdir
         self.cache_seconds: float | None = None
         self.cache_reused = False
-        self.activation_path = self._prepare_activations()
+        #: seconds the cache took when it was built (this run or the one that built a reused cache)
+        self.cache_build_seconds: float | None = None
+        self._activation_path: Path | None = None
         self._eval_x: torch.Tensor | None = None
         self._clean: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
     # activation cache -------------------------------------------------------------------------
+    @property
+    def activation_path(self) -> Path:
+        """The activation cache, computed the first time a run needs it."""
+        if self._activation_path is None:
+            self._activation_path = self._prepare_activations()
+        return self._activation_path
+
     def _cache_tokens(self) -> int:
         """Tokens to cache: the training tokens (plus the norm estimate's, and 15% for the special
         tokens filtered out), at most the training data there is; SAELens's store then reads the
@@ -317,6 +339,10 @@ class LMSource:
         done = path / "benchmark_done.json"
         if done.exists():
             self.cache_reused = True
+            try:
+                self.cache_build_seconds = float(json.loads(done.read_text()).get("seconds"))
+            except (ValueError, TypeError):
+                pass
             _log(f"[activations] reusing cached activations of {self.hook_name}: {path}")
             return path
         if path.exists():
@@ -357,7 +383,7 @@ class LMSource:
         finally:
             car.load_model = original
         runner.run()
-        self.cache_seconds = time.perf_counter() - t0
+        self.cache_seconds = self.cache_build_seconds = time.perf_counter() - t0
         done.write_text(json.dumps({"tokens": n_tokens, "seconds": self.cache_seconds, "hook": self.hook_name}))
         _log(f"[activations] done in {self.cache_seconds:.1f} s")
         return path
@@ -381,23 +407,27 @@ class LMSource:
             "dead_feature_window_steps": s.dead_feature_window,
             "device": str(self.device),
             "live_training_tokens": self.live_tokens(),
+            "live_input_scale": getattr(self, "_live_scale", None),
+            "live_train_batch_size": s.live_train_batch_size or s.train_batch_size,
+            "live_only": self.live_only,
             "cached_tokens": self._cache_tokens(),
             "available_training_tokens": self.available_tokens(),
             "passes_over_training_data": self.passes(),
-            "activation_cache": str(self.activation_path),
+            "activation_cache": None if self._activation_path is None else str(self._activation_path),
             "activation_cache_seconds": self.cache_seconds,
+            "activation_cache_build_seconds": self.cache_build_seconds,
             "activation_cache_reused": self.cache_reused,
             "excluded_token_ids": self.data.special_ids,
             "provenance": self.data.provenance,
         }
 
     # training ---------------------------------------------------------------------------------
-    def sae_fields(self, live: bool = False) -> dict[str, Any]:
+    def sae_fields(self) -> dict[str, Any]:
         """Config fields every SAE gets here: inputs scaled to mean norm sqrt(d_in) (SAELens folds
-        the factor into the saved weights, so the saved model takes raw activations). From a live
-        store: no scaling, since the gradient store refuses it (it would scale ``[x | g]`` as one
-        vector) and the control must be trained the same way."""
-        return {"normalize_activations": "none" if live else "expected_average_only_in"}
+        the factor into the saved weights, so the saved model takes raw activations). The gradient
+        store's packed ``[x | g]`` rows are scaled by one factor too, which gradient_topk's
+        self-normalised gradient (``grad_normalization="batch"``) does not see."""
+        return {"normalize_activations": "expected_average_only_in"}
 
     def live_tokens(self) -> int:
         s = self.scale
@@ -422,6 +452,7 @@ class LMSource:
         s = self.scale
         tokens = self.live_tokens() if live else s.training_tokens
         store_prompts = s.live_store_batch_size_prompts if live else s.store_batch_size_prompts
+        batch = (s.live_train_batch_size or s.train_batch_size) if live else s.train_batch_size
         cfg = LanguageModelSAERunnerConfig(
             **_runner_kwargs(
                 LanguageModelSAERunnerConfig,
@@ -433,9 +464,9 @@ class LMSource:
                 streaming=False,
                 context_size=self.context_size,
                 training_tokens=tokens,
-                train_batch_size_tokens=s.train_batch_size,
+                train_batch_size_tokens=batch,
                 store_batch_size_prompts=store_prompts,
-                n_batches_in_buffer=max(4, -(-2 * s.train_batch_size // self.context_size)),
+                n_batches_in_buffer=max(2 if live else 4, -(-2 * batch // self.context_size)),
                 use_cached_activations=not live,
                 cached_activations_path=None if live else str(self.activation_path),
                 exclude_special_tokens=list(self.data.special_ids) or False,
@@ -453,7 +484,8 @@ class LMSource:
             )
         )
         torch.manual_seed(seed)
-        with quiet_saelens():
+        scale = _fixed_input_scale(self.live_input_scale()) if live else contextlib.nullcontext()
+        with quiet_saelens(), scale:
             runner = LanguageModelSAETrainingRunner(
                 cfg, override_model=self.model, override_dataset=self.data.train_dataset
             )
@@ -464,7 +496,26 @@ class LMSource:
             devices.synchronize(self.device)
         seconds = time.perf_counter() - t0
         store = type(runner.activations_store).__name__
-        return TrainResult(sae, out_dir, seconds, tokens // s.train_batch_size, tokens, "live" if live else "cache", store)
+        return TrainResult(sae, out_dir, seconds, tokens // batch, tokens, "live" if live else "cache", store)
+
+    @torch.no_grad()
+    def live_input_scale(self) -> float:
+        """SAELens's ``expected_average_only_in`` factor ``sqrt(d_in) / mean ||x||``, estimated once from
+        the first training sequences (special tokens excluded) and given to every live run. SAELens would
+        estimate it per run from the rows it trains on, which for the gradient store are ``[x | g]``: a
+        slightly different factor than the control's, and a forward and backward per estimate batch."""
+        if getattr(self, "_live_scale", None) is None:
+            n = min(self.scale.live_norm_estimate_sequences, len(self.data.train_dataset))
+            toks = torch.tensor(self.data.train_dataset[:n]["tokens"]).to(self.device)
+            norms = []
+            for i in range(0, n, 4):
+                batch = toks[i : i + 4]
+                _, cache = self.model.run_with_cache(
+                    batch, names_filter=[self.hook_name], stop_at_layer=self.scale.hook_layer + 1
+                )
+                norms.append(cache[self.hook_name][self._keep_mask(batch)].float().norm(dim=-1))
+            self._live_scale = float(self.d_in**0.5 / torch.cat(norms).mean())
+        return self._live_scale
 
     # evaluation -------------------------------------------------------------------------------
     def _keep_mask(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -557,6 +608,28 @@ def _model_device(model: Any) -> torch.device:
         return next(model.parameters()).device
     except (StopIteration, AttributeError):
         return devices.resolve(cfg_device or devices.CPU)
+
+
+@contextlib.contextmanager
+def _fixed_input_scale(factor: float):
+    """SAELens's trainer (6.38-6.54) builds ``ActivationScaler()`` and estimates its factor only when it
+    is unset: while this is active, the trainers built start with ``factor`` (folded into the saved
+    weights at the end as usual)."""
+    import sae_lens.training.sae_trainer as trainer_module
+
+    original = trainer_module.ActivationScaler
+
+    class FixedScale(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            if getattr(self, "scaling_factor", None) is None:
+                self.scaling_factor = factor
+
+    trainer_module.ActivationScaler = FixedScale
+    try:
+        yield
+    finally:
+        trainer_module.ActivationScaler = original
 
 
 def _move(model: Any, device: torch.device) -> Any:
