@@ -91,6 +91,7 @@ def test_gpu_preset_is_the_documented_size(tmp_path):
     st = PRESETS["gpu"](tmp_path)
     assert st.lm.d_sae >= 16_384
     assert st.lm.training_tokens >= 20_000_000 and st.lm.live_training_tokens is None
+    assert st.lm.live_train_batch_size is None  # the live runs use the same 4,096-token batches
     assert len(st.lm_ks) == 3 and st.lm_seeds == 2 and st.seeds == 2
     assert st.lm_live_ks is None and st.lm_live_seeds is None  # gradient_topk at every k and seed
     assert st.device == "auto" and st.tf32

@@ -35,7 +35,7 @@ class Settings:
     lm_data: Any = None  # a callable returning sources.LMData (built lazily)
     #: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``: everything runs there
     device: str = "auto"
-    #: the preset these settings came from (``cpu``, ``quick``, ``gpu``), for the report
+    #: the preset these settings came from (``default``, ``quick``, ``gpu``), for the report
     preset: str = "default"
     #: gradient_topk's beta on the LM; several: one run per beta, labelled gradient_topk[beta=B]
     gradient_betas: tuple[float, ...] = (1.0,)
@@ -86,7 +86,8 @@ def default_settings(out: Path) -> Settings:
 
 
 def gpu_settings(out: Path) -> Settings:
-    """``--preset gpu``: one 24-80 GB GPU, about an hour (untested until run on a GPU: docs/benchmark.md).
+    """``--preset gpu``: one 24-80 GB GPU; estimated 70-80 min on an H100 (arithmetic, untested until run on
+    a GPU: docs/benchmark.md).
 
     On the LM: d_sae 16,384, k in {16, 32, 64}, 2 seeds, 20,480,000 training tokens per SAE (4,096 per
     step, 5,000 steps) -- the offline corpus's training split holds about 3.2M tokens, so SAELens reads
@@ -103,7 +104,7 @@ def gpu_settings(out: Path) -> Settings:
             hook_layer=6, d_sae=16_384, training_tokens=20_480_000, train_batch_size=4096,
             eval_sequences=512, ce_eval_sequences=64, lr=5e-4, dead_feature_window=1000,
             store_batch_size_prompts=32, norm_estimate_batches=20,
-            live_training_tokens=None, live_store_batch_size_prompts=32,
+            live_training_tokens=None, live_train_batch_size=None, live_store_batch_size_prompts=32,
         ),
         lm_seeds=2,
         lm_spread_seeds=2,
