@@ -3,6 +3,8 @@
 #
 #   bash benchmarks/run.sh                 # default run (< 20 min on 2 CPU cores): report in reports/<time>/
 #   bash benchmarks/run.sh --quick         # CI smoke run (~3 min on 2 CPU cores)
+#   bash benchmarks/run.sh --preset gpu    # one 24-80 GB GPU, about an hour (untested: docs/benchmark.md)
+#   bash benchmarks/run.sh --device cpu    # --device auto (default: CUDA when torch sees one), cpu, cuda[:N]
 #   bash benchmarks/run.sh --out reports/mine --datasets synthetic --arch topk --arch mutual_choice
 #   bash benchmarks/run.sh --model gpt2 --dataset NeelNanda/pile-10k   # with network: your model and data
 #
@@ -54,7 +56,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 step "installing sae-allocators[report,offline] from this checkout into $VENV"
 pip install -q --upgrade-strategy only-if-needed ".[report,offline]"
-"$VENV/bin/python" -c "import sae_lens, torch; print('== sae-lens', sae_lens.__version__, '/ torch', torch.__version__, '/ device: cpu')"
+"$VENV/bin/python" -c "import sae_lens, torch; from sae_allocators import devices; print('== sae-lens', sae_lens.__version__, '/ torch', torch.__version__, '/ --device auto is', devices.describe('auto'))"
 echo "== environment ready in $(($(date +%s) - t0)) s"
 
 if [ "$needs_lm" = 1 ]; then

@@ -18,16 +18,25 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from sae_allocators import devices
+
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
 
 TINY_D_MODEL = 32
 TINY_HOOK = "blocks.0.hook_resid_post"
 
 
-def tiny_model(d_model: int = TINY_D_MODEL, n_layers: int = 2, d_vocab: int = 101, n_ctx: int = 64, seed: int = 0):
-    """A random 2-layer HookedTransformer (no tokenizer, no download)."""
+def tiny_model(
+    d_model: int = TINY_D_MODEL, n_layers: int = 2, d_vocab: int = 101, n_ctx: int = 64, seed: int = 0,
+    device: Any = devices.CPU,
+):
+    """A random 2-layer HookedTransformer (no tokenizer, no download), on ``device`` (the CPU by default;
+    ``"auto"``: a GPU when there is one). The weights are drawn on the CPU, so they are the same on
+    every device."""
     import torch
     from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    dev = devices.resolve(device)
 
     torch.manual_seed(seed)
     cfg = HookedTransformerConfig(
@@ -40,10 +49,11 @@ def tiny_model(d_model: int = TINY_D_MODEL, n_layers: int = 2, d_vocab: int = 10
         d_vocab=d_vocab,
         act_fn="gelu",
         normalization_type="LN",
-        device="cpu",
+        device=devices.CPU,
         seed=seed,
     )
-    return HookedTransformer(cfg)
+    model = HookedTransformer(cfg)
+    return model if dev.type == devices.CPU else model.to(dev, print_details=False)
 
 
 def tiny_dataset(n_rows: int = 64, context_size: int = 16, d_vocab: int = 101, seed: int = 0):
@@ -72,7 +82,7 @@ def runner_config(sae_cfg: Any, *, steps: int = 10, batch_tokens: int = 64, cont
         train_batch_size_tokens=batch_tokens,
         store_batch_size_prompts=4,
         n_batches_in_buffer=max(4, -(-2 * batch_tokens // (4 * context_size))),
-        device="cpu",
+        device=devices.CPU,
         checkpoint_path=None,
         output_path=None if output_path is None else str(output_path),
         logger=LoggingConfig(log_to_wandb=False),
@@ -95,7 +105,7 @@ def train_tiny(sae_cfg: Any, *, steps: int = 10, output_path: str | Path | None 
     cfg = runner_config(sae_cfg, steps=steps, output_path=output_path, **overrides)
     runner = LanguageModelSAETrainingRunner(
         cfg,
-        override_model=model if model is not None else tiny_model(d_model=sae_cfg.d_in),
+        override_model=model if model is not None else tiny_model(d_model=sae_cfg.d_in, device=cfg.device),
         override_dataset=dataset if dataset is not None else tiny_dataset(context_size=cfg.context_size),
     )
     return runner.run()

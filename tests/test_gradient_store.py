@@ -242,7 +242,14 @@ def test_model_without_loss():
 
 def test_normalize_activations_refused():
     with pytest.raises(ValueError, match="normalize_activations"):
-        GradientTopKTrainingSAEConfig(d_in=D, d_sae=64, k=4, normalize_activations="expected_average_only_in")
+        GradientTopKTrainingSAEConfig(d_in=D, d_sae=64, k=4, normalize_activations="layer_norm")
+    with pytest.raises(ValueError, match="grad_normalization='none'"):
+        GradientTopKTrainingSAEConfig(
+            d_in=D, d_sae=64, k=4, normalize_activations="expected_average_only_in", grad_normalization="none"
+        )
+    # one factor per row scales x correctly and leaves a self-normalised g's selection unchanged
+    cfg = GradientTopKTrainingSAEConfig(d_in=D, d_sae=64, k=4, normalize_activations="expected_average_only_in")
+    assert cfg.grad_normalization == "batch"
 
 
 def test_cached_activations_refused(model):

@@ -101,7 +101,10 @@ class GradientTopKTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
         grad_normalization: ``"batch"`` (default; ``g`` divided by the batch's mean per-token
             gradient norm), ``"token"`` (unit norm per token) or ``"none"`` (raw ``g``).
         aux_loss: ``"auxk"`` (default: exactly SAELens's TopK AuxK), ``"zipf"``, ``"none"``, ...
-        normalize_activations: must stay ``"none"`` (the store packs ``[x | g]``).
+        normalize_activations: ``"none"``, or ``"expected_average_only_in"`` with ``grad_normalization``
+            ``"batch"`` or ``"token"``: SAELens's scaler multiplies the packed ``[x | g]`` row by one
+            factor ``c``, which is right for ``x`` and leaves the selection unchanged, since those
+            normalisations divide ``g`` by its own norm (``"none"`` would need ``g / c``).
     """
 
     aux_loss: str = "auxk"
@@ -111,10 +114,16 @@ class GradientTopKTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_fields(self)
-        if self.normalize_activations != "none":
+        if self.normalize_activations not in ("none", "expected_average_only_in"):
             raise ValueError(
                 f"normalize_activations={self.normalize_activations!r} is not supported by gradient_topk: "
-                "SAELens's scaler would scale x and g together (x*c needs g/c). Use normalize_activations='none'."
+                "SAELens's scaler would scale x and g together. Use 'none' or 'expected_average_only_in'."
+            )
+        if self.normalize_activations != "none" and self.grad_normalization == "none":
+            raise ValueError(
+                f"normalize_activations={self.normalize_activations!r} with grad_normalization='none': SAELens's "
+                "scaler multiplies x and g by the same factor c, but raw g would need g/c. Use "
+                "grad_normalization='batch' or 'token' (they divide g by its own norm), or normalize_activations='none'."
             )
 
     @classmethod

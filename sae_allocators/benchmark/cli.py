@@ -7,6 +7,8 @@ import os
 import time
 from pathlib import Path
 
+from sae_allocators import devices
+from sae_allocators.cli import command
 from sae_allocators.testing import OFFLINE_ENV
 
 
@@ -20,13 +22,53 @@ def _floats(text: str) -> tuple[float, ...]:
     return vals
 
 
-def parser() -> argparse.ArgumentParser:
+def _floats0(text: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.5,1,2, got {text!r}")
+    if not vals or any(v < 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected numbers >= 0 such as 0.5,1,2, got {text!r}")
+    return vals
+
+
+def parser(prog: str = "python -m sae_allocators.benchmark") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m sae_allocators.benchmark",
+        prog=prog,
         description="Train every registered SAE architecture at matched L0 on synthetic ground truth and "
         "on a real language model (offline), evaluate the saved models, and write a report folder.",
     )
-    p.add_argument("--quick", action="store_true", help="small smoke run for CI (a few minutes on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="small smoke run for CI (a few minutes on 2 cores); "
+                   "the same as --preset quick")
+    p.add_argument(
+        "--preset", choices=("default", "quick", "gpu"), default=None,
+        help="sizes: default (< 20 min on 2 CPU cores), quick (CI smoke run), gpu (one 24-80 GB GPU, "
+        "about an hour, untested until run on one: docs/benchmark.md); other options override its values",
+    )
+    p.add_argument(
+        "--device", type=devices.cli_device, default=devices.AUTO,
+        help="auto (default: CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N: the model, "
+        "activation caching, training and evaluation all run there",
+    )
+    p.add_argument(
+        "--gradient-betas", type=_floats0, default=None,
+        help="gradient_topk's beta on the LM (default 1, from the sweep in docs/benchmark.md); several, "
+        "e.g. 0.5,1,2: one run per beta (a sweep)",
+    )
+    p.add_argument(
+        "--live-tokens", type=int, default=None,
+        help="training tokens per SAE for gradient_topk and its topk[live] control on the LM (they compute "
+        "activations, and gradient_topk the LM's gradients, as they train; default: the preset's)",
+    )
+    p.add_argument(
+        "--live-ks", type=_floats, default=None,
+        help="the k at which gradient_topk and its control are trained on the LM (default: the preset's; "
+        "default: 32 only, gpu: every k)",
+    )
+    p.add_argument(
+        "--tf32", action=argparse.BooleanOptionalAction, default=None,
+        help="TF32 matrix multiplies on CUDA (default: on with --preset gpu, else off)",
+    )
     p.add_argument("--out", type=Path, default=None, help="report folder (default reports/<timestamp>[-quick])")
     p.add_argument("--datasets", default="synthetic,lm", help="comma-separated: synthetic, lm (default both)")
     p.add_argument("--arch", action="append", default=None, help="only this architecture (repeatable)")
@@ -50,8 +92,8 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m sae_allocators.benchmark") -> int:
+    args = parser(prog).parse_args(argv)
     for key, value in OFFLINE_ENV.items():
         if key == "HF_HUB_OFFLINE" and args.model:
             continue  # a user's --model name may need the Hub
@@ -67,11 +109,29 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     import sae_allocators  # noqa: F401  registers every architecture (ours and plugins)
     from sae_allocators.benchmark import lm_data
-    from sae_allocators.benchmark.run import default_settings, quick_settings, run
+    from sae_allocators.benchmark.run import PRESETS, run
 
+    if args.quick and args.preset not in (None, "quick"):
+        raise SystemExit(f"--quick is --preset quick; drop one of --quick and --preset {args.preset}")
+    preset = "quick" if args.quick else (args.preset or "default")
+    try:
+        device = devices.resolve(args.device)
+    except devices.DeviceError as exc:
+        raise SystemExit(f"--device: {exc}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = args.out or Path("reports") / (stamp + ("-quick" if args.quick else ""))
-    st = quick_settings(out) if args.quick else default_settings(out)
+    out = args.out or Path("reports") / (stamp + ("" if preset == "default" else f"-{preset}"))
+    st = PRESETS[preset](out)
+    st.device = str(device)
+    if preset == "gpu" and not devices.is_cuda(device):
+        print(f"note: --preset gpu on {device}: sized for one GPU, this will take many hours here", flush=True)
+    if args.gradient_betas:
+        st.gradient_betas = args.gradient_betas
+    if args.live_tokens:
+        st.lm.live_training_tokens = args.live_tokens
+    if args.live_ks:
+        st.lm_live_ks = args.live_ks
+    if args.tf32 is not None:
+        st.tf32 = args.tf32
     st.datasets = tuple(d.strip() for d in args.datasets.split(",") if d.strip())
     st.archs = args.arch
     st.keep_saes = args.keep_saes
@@ -91,16 +151,58 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny_lm:
         st.lm.hook_layer = min(st.lm.hook_layer, 1)
         st.lm.expansion = 4
+        st.lm.d_sae = None
         st.lm.train_batch_size = min(st.lm.train_batch_size, 256)
         ctx = min(ctx, 32)
-        st.lm_data = lambda: lm_data.tiny_lm_data(context_size=ctx)
+        st.lm_data = lambda: lm_data.tiny_lm_data(context_size=ctx, device=device)
+        st.live_lm_data = None  # the LM is already the tiny one: the live runs train on it
     elif args.model:
         st.lm_data = lambda: lm_data.hub_lm_data(
-            args.model, args.dataset, ctx, int(st.lm.training_tokens * 1.3), st.lm.eval_sequences
+            args.model, args.dataset, ctx, int(st.lm.training_tokens * 1.3), st.lm.eval_sequences, device=device
         )
     else:
         st.lm_data = lambda: lm_data.offline_lm_data(
-            ctx, int(st.lm.training_tokens * 1.3) + 16 * ctx, st.lm.eval_sequences, args.cache_dir
+            ctx, int(st.lm.training_tokens * 1.3) + 16 * ctx, st.lm.eval_sequences, args.cache_dir, device=device
         )
     run(st)
     return 0
+
+
+@command(
+    "bench",
+    "run the benchmark (the main job: every registered architecture at matched L0, offline; the same as "
+    "python -m sae_allocators.benchmark), then check its report; --help for its options",
+    raw=True,
+)
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``sae-allocators bench [options]``: the main job for a pip-installed user (``benchmarks/run.sh``
+    is not in the wheel). Prepares the offline model and corpus when the LM is used (cached after the
+    first time), runs the benchmark, then checks the report (exit 1 when the check fails)."""
+    argv = list(args.argv)
+    if any(a in ("-h", "--help") for a in argv):
+        return main(argv, prog="sae-allocators bench")
+    out = _out_arg(argv)
+    if out is None:
+        quick = "--quick" in argv
+        preset = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--preset"), None)
+        preset = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), preset)
+        suffix = "-quick" if quick else ("" if preset in (None, "default") else f"-{preset}")
+        out = str(Path("reports") / (time.strftime("%Y%m%d-%H%M%S") + suffix))
+        argv += ["--out", out]
+    status = main(argv, prog="sae-allocators bench")
+    if status != 0:
+        return status
+    from sae_allocators.benchmark import check
+
+    status = check.main([out])
+    print(f"report: {Path(out).resolve() / 'report.md'}")
+    return status
+
+
+def _out_arg(argv: list[str]) -> str | None:
+    for i, a in enumerate(argv):
+        if a == "--out" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--out="):
+            return a.split("=", 1)[1]
+    return None

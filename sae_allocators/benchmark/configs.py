@@ -33,8 +33,13 @@ class Entry:
     fixed_l0: bool = True
     #: batch-level selection at training time (inference L0 may drift from k)
     batch_level: bool = False
-    #: ``False`` when training on a language model needs more than cached activations
+    #: ``False`` when training on a language model needs more than cached activations: then it is
+    #: trained from SAELens's live store (the one its config asks for; gradient_topk: the gradient
+    #: store) on ``LMScale.live_training_tokens`` tokens
     lm_from_cache: bool = True
+    #: for a live-store architecture, the registered name trained next to it from SAELens's plain
+    #: live store on the same tokens in the same order (its control, label ``<name>[live]``)
+    lm_live_control: str | None = None
     #: extra runs with ``aux_loss=<name>`` (labelled ``name[aux=<name>]``), when that loss is registered
     aux_variants: tuple[str, ...] = ()
     #: the label of the same selection trained with AuxK (for the aux_zipf vs AuxK comparison)
@@ -50,6 +55,8 @@ class Context:
     d_sae: int
     ks: tuple[float, ...]
     has_lm_gradients: bool = False
+    #: gradient_topk's beta on the language model (synthetic data has no gradients)
+    gradient_beta: float = 1.0
 
 
 def _int_k(k: float, ctx: Context) -> dict[str, Any]:
@@ -58,6 +65,13 @@ def _int_k(k: float, ctx: Context) -> dict[str, Any]:
 
 def _float_k(k: float, ctx: Context) -> dict[str, Any]:
     return {"k": float(k)}
+
+
+def _gradient_k(k: float, ctx: Context) -> dict[str, Any]:
+    out: dict[str, Any] = {"k": max(1, int(round(k)))}
+    if ctx.has_lm_gradients:
+        out["beta"] = float(ctx.gradient_beta)
+    return out
 
 
 def _top_afa(k: float, ctx: Context) -> dict[str, Any]:
@@ -82,11 +96,13 @@ KNOWN: dict[str, Entry] = {
     ),
     "feature_choice": Entry(_float_k, batch_level=True, aux_variants=("auxk",)),
     "gradient_topk": Entry(
-        _int_k,
+        _gradient_k,
         lm_from_cache=False,
-        note="needs dL/dx from a full forward and backward of the LM per training token (its own "
-        "activation store), so it is not trained from the activation cache; on synthetic data, "
-        "which has no gradients, its selection is plain TopK",
+        lm_live_control="topk",
+        note="on the LM: trained from its gradient store (a full forward and backward of the LM for "
+        "every training token gives dL/dx), not from the activation cache, next to topk[live] (SAELens's "
+        "topk from the plain live store, same tokens in the same order: the beta = 0 control); on "
+        "synthetic data, which has no gradients, its selection is plain TopK",
     ),
     "top_afa": Entry(_top_afa, fixed_l0=False, note="chooses its own L0 per token (k_max is only a cap)"),
 }

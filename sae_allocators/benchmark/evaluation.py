@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from sae_allocators import devices
 from sae_allocators.benchmark.metrics import Accumulator
 
 
@@ -20,7 +21,7 @@ def evaluate_saved(source: Any, result: Any) -> tuple[dict[str, Any], torch.Tens
     from sae_allocators.benchmark.sources import quiet_saelens
 
     with quiet_saelens():
-        sae = SAE.load_from_disk(str(result.path), device="cpu")
+        sae = SAE.load_from_disk(str(result.path), device=str(source.device))
     sae.eval()
     acc = Accumulator(sae.cfg.d_sae)
     for x in source.eval_batches():
@@ -93,13 +94,17 @@ def step_seconds(training_sae: Any, source: Any, dead_mask: torch.Tensor, repeat
         x = x.repeat(-(-bs // x.shape[0]), 1)
     x = x[:bs].contiguous()
     training_sae.train()
+    x = x.to(source.device)
+    dead_mask = dead_mask.to(source.device)
     times = []
     for i in range(repeats + 2):
         step = _step_input(training_sae, x, dead_mask)
+        devices.synchronize(source.device)
         t0 = time.perf_counter()
         with torch.enable_grad():
             out = training_sae.training_forward_pass(step)
             out.loss.backward()
+        devices.synchronize(source.device)
         dt = time.perf_counter() - t0
         training_sae.zero_grad(set_to_none=True)
         if i >= 2:

@@ -15,16 +15,19 @@ from typing import Any
 
 import torch
 
+from sae_allocators import devices
 from sae_allocators.benchmark.sources import LMData
 from sae_allocators.testing import OFFLINE_ENV
 
 
-def tiny_lm_data(context_size: int = 32, n_rows: int = 256, n_eval: int = 16, seed: int = 0) -> LMData:
+def tiny_lm_data(
+    context_size: int = 32, n_rows: int = 256, n_eval: int = 16, seed: int = 0, device: Any = devices.AUTO
+) -> LMData:
     import datasets
 
     from sae_allocators.testing import tiny_model
 
-    model = tiny_model(d_model=32, n_ctx=max(64, context_size), seed=seed)
+    model = tiny_model(d_model=32, n_ctx=max(64, context_size), seed=seed, device=device)
     vocab = model.cfg.d_vocab
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(1, vocab, (n_rows + n_eval, context_size), generator=g)
@@ -56,7 +59,9 @@ def benchmark_cache_dir() -> Path:
     return Path(xdg) / "sae-allocators" / "benchmark"
 
 
-def offline_lm_data(context_size: int, max_tokens: int, n_eval_sequences: int, cache_dir: str | None) -> LMData:
+def offline_lm_data(
+    context_size: int, max_tokens: int, n_eval_sequences: int, cache_dir: str | None, device: Any = devices.AUTO
+) -> LMData:
     """SmolLM2-135M and the English corpus from the project's offline preparation step."""
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
@@ -65,7 +70,7 @@ def offline_lm_data(context_size: int, max_tokens: int, n_eval_sequences: int, c
     # benchmarks/run.sh has just run the preparation step (checksums verified): sizes only here
     verified = os.environ.get("SAE_ALLOCATORS_ASSETS_VERIFIED") == "1"
     prepared = offline.prepare(cache_dir=cache_dir, verify=not verified)
-    model = offline.load_model(prepared, "cpu", n_ctx=max(context_size, 128))
+    model = offline.load_model(prepared, devices.resolve(device), n_ctx=max(context_size, 128))
     tok = offline.load_tokenizer(prepared)
     train = offline.tokenized_dataset(prepared, tok, context_size, max_tokens=max_tokens, seed=0, split="train")
     held = offline.tokenized_dataset(
@@ -110,13 +115,15 @@ def _provenance(prepared: Any) -> dict[str, Any]:
         return {"prepared": repr(prepared)}
 
 
-def hub_lm_data(model_name: str, dataset: str, context_size: int, max_tokens: int, n_eval_sequences: int) -> LMData:
+def hub_lm_data(
+    model_name: str, dataset: str, context_size: int, max_tokens: int, n_eval_sequences: int, device: Any = devices.AUTO
+) -> LMData:
     """A user's model and dataset (network access): any TransformerLens model name, any dataset."""
     import datasets
     from transformer_lens import HookedTransformer
     from transformer_lens.utils import tokenize_and_concatenate
 
-    model = HookedTransformer.from_pretrained_no_processing(model_name, device="cpu")
+    model = HookedTransformer.from_pretrained_no_processing(model_name, device=str(devices.resolve(device)))
     path = Path(dataset)
     if path.exists():
         builder = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}

@@ -119,7 +119,7 @@ class Accumulator:
         nz = codes != 0
         counts = nz.sum(0).double()
         self.fired = counts if self.fired is None else self.fired + counts
-        self.l0.append(nz.sum(-1).cpu())
+        self.l0.append(nz.sum(-1))  # on the data's device; moved to the host once, in per_token_l0
         self.n += x.shape[0]
 
     def density(self) -> torch.Tensor:
@@ -127,7 +127,7 @@ class Accumulator:
         return (self.fired / self.n).cpu()
 
     def per_token_l0(self) -> torch.Tensor:
-        return torch.cat(self.l0)
+        return torch.cat(self.l0).cpu()
 
     def result(self) -> dict[str, float]:
         assert self.sum_x is not None and self.n > 0

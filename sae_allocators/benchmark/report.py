@@ -22,6 +22,7 @@ AGG_KEYS = (
     "l0_mean", "l0_p50", "l0_p99", "frac_empty_tokens", "explained_variance", "nmse", "dead_fraction",
     "underused_fraction", "mcc", "ce_loss_recovered", "kl_div", "step_seconds", "step_time_vs_topk",
     "train_mode_l0_mean", "train_mode_nmse", "l0_drift", "zipf_exponent", "train_seconds",
+    "train_seconds_per_token",
 )
 
 DEFINITIONS = {
@@ -243,7 +244,70 @@ def check_claims(agg: list[dict[str, Any]]) -> list[dict[str, Any]]:
         "top-AFA matches TopK without tuning k",
         lines, verdicts, "needs top_afa and topk in the same run",
     ))
+    claims.append(gradient_claim(agg))
     return claims
+
+
+def gradient_claim(agg: list[dict[str, Any]]) -> dict[str, Any]:
+    """5. g-SAE: gradient_topk recovers more of the LM's loss than TopK at equal L0. Each gradient_topk
+    run against ``topk[live]``: SAELens's topk from the plain live store on the same tokens in the same
+    order, the same initialisation and settings (the beta = 0 control); both are saved as TopK at k."""
+    lines, verdicts = [], []
+    for r in agg:
+        if r["dataset"] == "synthetic" or r["architecture"] != "gradient_topk" or "ce_loss_recovered" not in r:
+            continue
+        b = _get(agg, r["dataset"], "topk[live]", r["k_target"])
+        if b is None or "ce_loss_recovered" not in b:
+            continue
+        ce, ce_b = r["ce_loss_recovered"], b["ce_loss_recovered"]
+        kl, kl_b = r["kl_div"], b["kl_div"]
+        better = ce["mean"] > ce_b["mean"]
+        verdicts.append(better)
+        sep = (ce["min"] > ce_b["max"]) if better else (ce["max"] < ce_b["min"])
+        lines.append(
+            f"{r['dataset']}, k={r['k_target']:g}: {r['label']} CE recovered {ce['mean']:.4f}, KL {kl['mean']:.4f} at L0 "
+            f"{r['l0_mean']['mean']:.1f} vs topk[live] {ce_b['mean']:.4f}, KL {kl_b['mean']:.4f} at L0 "
+            f"{b['l0_mean']['mean']:.1f} ({'higher' if better else 'not higher'}; KL "
+            f"{'lower' if kl['mean'] < kl_b['mean'] else 'not lower'}; "
+            f"{'seed ranges do not overlap' if sep else 'seed ranges overlap or 1 seed'}; "
+            f"{r['seeds']} seed(s))"
+        )
+    return _claim(
+        "gradient_topk (g-SAE) recovers more CE loss than TopK at equal L0",
+        lines, verdicts, "needs gradient_topk and topk[live] on the language model in the same run",
+    )
+
+
+def gradient_cost(meta: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
+    """What a training token costs on the gradient path, against the cached path (markdown lines)."""
+    lines = []
+    cache_per_token: dict[str, float] = {}
+    for src in meta.get("sources", []):
+        build = src.get("activation_cache_seconds") or src.get("activation_cache_build_seconds")
+        if build and src.get("cached_tokens"):
+            cache_per_token[src["kind"]] = build / src["cached_tokens"]
+    for r in records:
+        if r["dataset"] == "synthetic" or r["architecture"] != "gradient_topk" or not r.get("train_seconds_per_token"):
+            continue
+
+        def per_token(label: str) -> float | None:
+            m = [q for q in records if q["dataset"] == r["dataset"] and q["label"] == label
+                 and q["k_target"] == r["k_target"] and q["seed"] == r["seed"] and q.get("train_seconds_per_token")]
+            return m[0]["train_seconds_per_token"] if m else None
+
+        g, c, live = r["train_seconds_per_token"], per_token("topk"), per_token("topk[live]")
+        per_cached = cache_per_token.get(r["dataset"])
+        parts = [f"{r['dataset']}, {r['label']} k={r['k_target']:g} seed {r['seed']}: {g * 1e3:.2f} ms per training token "
+                 f"({r.get('training_tokens', 0):,} tokens, {r.get('store') or 'its store'})"]
+        if c:
+            parts.append(f"{g / c:.1f}x topk from the activation cache ({c * 1e3:.3f} ms)")
+            if per_cached:
+                parts.append(f"{g / (c + per_cached):.1f}x that plus building the cache once "
+                             f"({per_cached * 1e3:.3f} ms per cached token, shared by every SAE)")
+        if live:
+            parts.append(f"{g / live:.1f}x topk[live] from the plain live store ({live * 1e3:.3f} ms)")
+        lines.append("; ".join(parts))
+    return lines
 
 
 #: dead + under-used fractions closer than this (absolute) count as no clear difference
@@ -427,6 +491,14 @@ def _markdown(meta: dict[str, Any], agg: list[dict[str, Any]], claims: list[dict
         for e in c["evidence"]:
             L.append(f"  - {e}")
     L.append("")
+    cost = gradient_cost(meta, meta.get("_records", []))
+    if cost:
+        L.append("What a training token costs on gradient_topk's path (a whole forward and backward of the "
+                 "LM per token, recomputed for each SAE) against the cached path (training wall time / "
+                 "training tokens):")
+        L.append("")
+        L.extend(f"- {c}" for c in cost)
+        L.append("")
     for src in meta["sources"]:
         d = src["kind"]
         L.append(f"## {src['name']}")
@@ -446,12 +518,23 @@ def _markdown(meta: dict[str, Any], agg: list[dict[str, Any]], claims: list[dict
         if d == "synthetic":
             line += f"; the true features fire {src['true_l0']:.2f} per token on average"
         else:
-            line += (
-                f"; CE/KL on {src['ce_eval_tokens']:,} tokens. Activations computed once by SAELens's "
-                f"CacheActivationsRunner"
-                + (f" in {src['activation_cache_seconds']:.0f} s" if src.get("activation_cache_seconds") else " (reused from the cache)")
-                + " and read by every run"
-            )
+            line += f"; CE/KL on {src['ce_eval_tokens']:,} tokens"
+            if not src.get("live_only"):
+                line += (
+                    ". Activations computed once by SAELens's CacheActivationsRunner"
+                    + (f" in {src['activation_cache_seconds']:.0f} s" if src.get("activation_cache_seconds")
+                       else " (reused from an earlier run)")
+                    + " and read by every run"
+                    + (f"; {src['cached_tokens']:,} tokens cached, so each SAE reads them "
+                       f"{src['passes_over_training_data']:.1f} times" if src.get("passes_over_training_data", 0) > 1.01 else "")
+                )
+            if any(r["dataset"] == d and r["label"] == "topk[live]" for r in agg):
+                line += (
+                    (". Only" if src.get("live_only") else ". Except")
+                    + f" gradient_topk and topk[live]: trained from live stores (activations, and gradient_topk's "
+                    f"gradients, computed as they train; same tokens in the same order) on "
+                    f"{src['live_training_tokens']:,} tokens in batches of {src.get('live_train_batch_size')}"
+                )
         L.append(line + ".")
         L.append("")
         rows = [r for r in agg if r["dataset"] == d]
@@ -512,6 +595,7 @@ def write(out: Path, meta: dict[str, Any], records: list[dict[str, Any]], curves
         if tag in plotted
     }
     plots = _plots(out, records, agg, curves) if curves else []
+    meta = {k: v for k, v in meta.items() if k != "_records"}
     doc = {
         "meta": meta,
         "definitions": DEFINITIONS,
@@ -522,7 +606,7 @@ def write(out: Path, meta: dict[str, Any], records: list[dict[str, Any]], curves
         "curves": kept_curves,  # density and L0 histogram of the plotted runs (re-rendering)
     }
     (out / "report.json").write_text(json.dumps(doc, indent=1, allow_nan=True))
-    (out / "report.md").write_text(_markdown(meta, agg, claims, plots))
+    (out / "report.md").write_text(_markdown({**meta, "_records": records}, agg, claims, plots))
 
 
 def rerender(out: Path) -> None:
@@ -538,7 +622,9 @@ def rerender(out: Path) -> None:
         new["plots"] = [p for p in old_plots if (out / p).is_file()]
         (out / "report.json").write_text(json.dumps(new, indent=1, allow_nan=True))
         agg = aggregate(new["runs"])
-        (out / "report.md").write_text(_markdown(new["meta"], agg, check_claims(agg), new["plots"]))
+        (out / "report.md").write_text(
+            _markdown({**new["meta"], "_records": new["runs"]}, agg, check_claims(agg), new["plots"])
+        )
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from typing import Any, Iterator
 
 import torch
 
+from sae_allocators import devices
 from sae_allocators.testing import OFFLINE_ENV
 
 
@@ -57,6 +58,9 @@ class TrainResult:
     path: Path  # the saved inference model folder
     seconds: float
     steps: int
+    tokens: int = 0  # training tokens (samples) the SAE saw
+    path_kind: str = "cache"  # synthetic, cache (activation cache) or live (the store computes them)
+    store: str | None = None  # the activation store class SAELens's runner built
 
 
 def _runner_kwargs(cls: type, **kwargs: Any) -> dict[str, Any]:
@@ -87,10 +91,11 @@ class SyntheticScale:
 class SyntheticSource:
     kind = "synthetic"
 
-    def __init__(self, scale: SyntheticScale, model_seed: int = 1234):
+    def __init__(self, scale: SyntheticScale, model_seed: int = 1234, device: Any = devices.AUTO):
         from sae_lens.synthetic import SyntheticModel, SyntheticModelConfig, ZipfianFiringProbabilityConfig
 
         self.scale = scale
+        self.device = devices.resolve(device)
         self.cfg = SyntheticModelConfig(
             num_features=scale.num_features,
             hidden_dim=scale.hidden_dim,
@@ -99,11 +104,11 @@ class SyntheticSource:
             ),
             seed=model_seed,
         )
-        self.model = SyntheticModel(self.cfg)
+        self.model = SyntheticModel(self.cfg, device=str(self.device))
         self.d_in = scale.hidden_dim
         self.d_sae = scale.d_sae
         self.train_batch_size = scale.batch_size
-        with _seeded(10_000 + model_seed):
+        with _seeded(10_000 + model_seed, self.device):
             feats = self.model.activation_generator.sample(scale.eval_samples)
             self._eval_feats = feats.to_dense() if feats.is_sparse else feats
             self._eval_x = self.model.feature_dict(self._eval_feats).detach()
@@ -142,7 +147,7 @@ class SyntheticSource:
                 training_samples=s.training_samples,
                 batch_size=s.batch_size,
                 lr=s.lr,
-                device="cpu",
+                device=str(self.device),
                 checkpoint_path=None,
                 output_path=str(out_dir),
                 eval_samples=0,
@@ -159,7 +164,9 @@ class SyntheticSource:
         with quiet_saelens():
             result = runner.run()
         seconds = time.perf_counter() - t0
-        return TrainResult(result.sae, out_dir, seconds, s.training_samples // s.batch_size)
+        return TrainResult(
+            result.sae, out_dir, seconds, s.training_samples // s.batch_size, s.training_samples, "synthetic"
+        )
 
     def eval_batches(self, batch_size: int = 4096) -> Iterator[torch.Tensor]:
         for i in range(0, self._eval_x.shape[0], batch_size):
@@ -170,13 +177,13 @@ class SyntheticSource:
 
 
 @contextlib.contextmanager
-def _seeded(seed: int):
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+def _seeded(seed: int, device: Any = None):
+    """Seed torch's generators (the CPU's and ``device``'s) inside, restore them after."""
+    dev = devices.resolve(device or devices.CPU)
+    forked = [dev.index if dev.index is not None else torch.cuda.current_device()] if devices.is_cuda(dev) else []
+    with torch.random.fork_rng(devices=forked):
+        torch.manual_seed(seed)
         yield
-    finally:
-        torch.random.set_rng_state(state)
 
 
 def with_bos(data: LMData) -> LMData:
@@ -208,6 +215,8 @@ class LMScale:
     hook_layer: int = 6
     hook_point: str = "hook_resid_post"
     expansion: int = 2
+    #: latents per SAE; None: ``expansion * d_in``
+    d_sae: int | None = None
     training_tokens: int = 51_200
     train_batch_size: int = 128  # >= 300 steps: batch-level thresholds (EMA rate 0.01) settle
     eval_sequences: int = 128  # reconstruction and density figures (activations up to the hook only)
@@ -217,6 +226,18 @@ class LMScale:
     dead_feature_window: int = 100
     store_batch_size_prompts: int = 8
     norm_estimate_batches: int = 10
+    #: training tokens per SAE trained from a live store (gradient_topk and its control; None: as
+    #: ``training_tokens``). The gradient store runs the whole LM forward and backward for every
+    #: token (about 10x the cache's forward to the hook, recomputed for each SAE), so on a CPU the
+    #: default keeps it at a quarter of the cached runs' tokens.
+    live_training_tokens: int | None = 12_800
+    #: sequences per forward (and backward) of the live stores
+    live_store_batch_size_prompts: int = 8
+    #: training sequences from which the live runs' input scale is estimated, once per source
+    live_norm_estimate_sequences: int = 16
+    #: tokens per training step of the live runs (None: ``train_batch_size``): smaller batches give
+    #: the expensive gradient path more steps for its tokens
+    live_train_batch_size: int | None = 32
 
 
 @dataclass
@@ -240,36 +261,73 @@ class LMData:
 class LMSource:
     kind = "lm"
 
-    def __init__(self, data: LMData, scale: LMScale, workdir: Path):
+    def __init__(
+        self, data: LMData, scale: LMScale, workdir: Path, device: Any = devices.AUTO, kind: str = "lm",
+        live_only: bool = False,
+    ):
+        self.kind = kind
+        #: only the architectures that train from a live store run here (gradient_topk, topk[live])
+        self.live_only = live_only
         data = with_bos(data)
         self.data = data
         self.scale = scale
+        self.device = devices.resolve(device)
+        if _model_device(data.model) != self.device:
+            data.model = _move(data.model, self.device)
         self.model = data.model
         self.hook_name = f"blocks.{scale.hook_layer}.{scale.hook_point}"
         self.d_in = int(self.model.cfg.d_model)
-        self.d_sae = self.d_in * scale.expansion
+        self.d_sae = int(scale.d_sae) if scale.d_sae else self.d_in * scale.expansion
         self.train_batch_size = scale.train_batch_size
         self.context_size = len(data.train_dataset[0]["tokens"])
         self.name = f"{data.name} @ {self.hook_name}, {data.corpus}"
         self.workdir = workdir
         self.cache_seconds: float | None = None
         self.cache_reused = False
-        self.activation_path = self._prepare_activations()
+        #: seconds the cache took when it was built (this run or the one that built a reused cache)
+        self.cache_build_seconds: float | None = None
+        self._activation_path: Path | None = None
         self._eval_x: torch.Tensor | None = None
         self._clean: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
     # activation cache -------------------------------------------------------------------------
+    @property
+    def activation_path(self) -> Path:
+        """The activation cache, computed the first time a run needs it."""
+        if self._activation_path is None:
+            self._activation_path = self._prepare_activations()
+        return self._activation_path
+
     def _cache_tokens(self) -> int:
+        """Tokens to cache: the training tokens (plus the norm estimate's, and 15% for the special
+        tokens filtered out), at most the training data there is; SAELens's store then reads the
+        cache again from the start (one more pass) for as long as training needs."""
         s = self.scale
         extra = (s.norm_estimate_batches + 4) * s.train_batch_size
-        return int((s.training_tokens + extra) * 1.15)  # special tokens are filtered out
+        wanted = int((s.training_tokens + extra) * 1.15)  # special tokens are filtered out
+        return min(wanted, self.available_tokens())
+
+    def available_tokens(self) -> int:
+        return len(self.data.train_dataset) * self.context_size
+
+    def passes(self) -> float:
+        """How many times each cached token is read in one SAE's training (>1: the data ran out)."""
+        return self.scale.training_tokens / max(1, self._cache_tokens() * self.kept_fraction())
+
+    def kept_fraction(self) -> float:
+        """Share of training positions that are not special tokens (those are not trained on)."""
+        if not self.data.special_ids:
+            return 1.0
+        rows = torch.tensor(self.data.train_dataset[: min(len(self.data.train_dataset), 256)]["tokens"])
+        return float(self._keep_mask(rows).float().mean())
 
     def _cache_key(self) -> str:
         d = self.data
         fp = getattr(d.train_dataset, "_fingerprint", None) or str(len(d.train_dataset))
-        blob = json.dumps(
-            [d.name, self.hook_name, self.context_size, self._cache_tokens(), fp, self.d_in], sort_keys=True
-        )
+        key: list[Any] = [d.name, self.hook_name, self.context_size, self._cache_tokens(), fp, self.d_in]
+        if self.device.type != devices.CPU:
+            key.append(self.device.type)  # another device's kernels give slightly different activations
+        blob = json.dumps(key, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def _prepare_activations(self) -> Path:
@@ -281,6 +339,10 @@ class LMSource:
         done = path / "benchmark_done.json"
         if done.exists():
             self.cache_reused = True
+            try:
+                self.cache_build_seconds = float(json.loads(done.read_text()).get("seconds"))
+            except (ValueError, TypeError):
+                pass
             _log(f"[activations] reusing cached activations of {self.hook_name}: {path}")
             return path
         if path.exists():
@@ -302,7 +364,7 @@ class LMSource:
             shuffle=True,
             seed=0,
             dtype="float32",
-            device="cpu",
+            device=str(self.device),
             buffer_size_gb=min(32e6, n_tokens * bytes_per_token) / 1e9,
             prepend_bos=False,
             streaming=False,
@@ -321,7 +383,7 @@ class LMSource:
         finally:
             car.load_model = original
         runner.run()
-        self.cache_seconds = time.perf_counter() - t0
+        self.cache_seconds = self.cache_build_seconds = time.perf_counter() - t0
         done.write_text(json.dumps({"tokens": n_tokens, "seconds": self.cache_seconds, "hook": self.hook_name}))
         _log(f"[activations] done in {self.cache_seconds:.1f} s")
         return path
@@ -343,8 +405,17 @@ class LMSource:
             "ce_eval_tokens": int(min(s.ce_eval_sequences, self.data.eval_tokens.shape[0]) * self.context_size),
             "lr": s.lr,
             "dead_feature_window_steps": s.dead_feature_window,
-            "activation_cache": str(self.activation_path),
+            "device": str(self.device),
+            "live_training_tokens": self.live_tokens(),
+            "live_input_scale": getattr(self, "_live_scale", None),
+            "live_train_batch_size": s.live_train_batch_size or s.train_batch_size,
+            "live_only": self.live_only,
+            "cached_tokens": self._cache_tokens(),
+            "available_training_tokens": self.available_tokens(),
+            "passes_over_training_data": self.passes(),
+            "activation_cache": None if self._activation_path is None else str(self._activation_path),
             "activation_cache_seconds": self.cache_seconds,
+            "activation_cache_build_seconds": self.cache_build_seconds,
             "activation_cache_reused": self.cache_reused,
             "excluded_token_ids": self.data.special_ids,
             "provenance": self.data.provenance,
@@ -353,15 +424,35 @@ class LMSource:
     # training ---------------------------------------------------------------------------------
     def sae_fields(self) -> dict[str, Any]:
         """Config fields every SAE gets here: inputs scaled to mean norm sqrt(d_in) (SAELens folds
-        the factor into the saved weights, so the saved model takes raw activations)."""
+        the factor into the saved weights, so the saved model takes raw activations). The gradient
+        store's packed ``[x | g]`` rows are scaled by one factor too, which gradient_topk's
+        self-normalised gradient (``grad_normalization="batch"``) does not see."""
         return {"normalize_activations": "expected_average_only_in"}
 
+    def live_tokens(self) -> int:
+        s = self.scale
+        return int(s.training_tokens if s.live_training_tokens is None else s.live_training_tokens)
+
     def train(self, sae_cfg: Any, seed: int, out_dir: Path) -> TrainResult:
+        """Train from the activation cache (every architecture that needs nothing but activations)."""
+        return self._train(sae_cfg, seed, out_dir, live=False)
+
+    def train_live(self, sae_cfg: Any, seed: int, out_dir: Path) -> TrainResult:
+        """Train from the store the config asks for, computing activations as it goes: for
+        gradient_topk its gradient store (``[x | dL/dx]`` rows: the whole model forward and backward),
+        for the control SAELens's plain store (the model forward up to the hook). The token data and
+        order are those of the dataset (no cache shuffle), the same for every live run of a seed."""
+        return self._train(sae_cfg, seed, out_dir, live=True)
+
+    def _train(self, sae_cfg: Any, seed: int, out_dir: Path, live: bool) -> TrainResult:
         from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
 
         for key, value in OFFLINE_ENV.items():
             os.environ.setdefault(key, value)
         s = self.scale
+        tokens = self.live_tokens() if live else s.training_tokens
+        store_prompts = s.live_store_batch_size_prompts if live else s.store_batch_size_prompts
+        batch = (s.live_train_batch_size or s.train_batch_size) if live else s.train_batch_size
         cfg = LanguageModelSAERunnerConfig(
             **_runner_kwargs(
                 LanguageModelSAERunnerConfig,
@@ -372,15 +463,15 @@ class LMSource:
                 is_dataset_tokenized=True,
                 streaming=False,
                 context_size=self.context_size,
-                training_tokens=s.training_tokens,
-                train_batch_size_tokens=s.train_batch_size,
-                store_batch_size_prompts=s.store_batch_size_prompts,
-                n_batches_in_buffer=max(4, -(-2 * s.train_batch_size // self.context_size)),
-                use_cached_activations=True,
-                cached_activations_path=str(self.activation_path),
+                training_tokens=tokens,
+                train_batch_size_tokens=batch,
+                store_batch_size_prompts=store_prompts,
+                n_batches_in_buffer=max(2 if live else 4, -(-2 * batch // self.context_size)),
+                use_cached_activations=not live,
+                cached_activations_path=None if live else str(self.activation_path),
                 exclude_special_tokens=list(self.data.special_ids) or False,
                 prepend_bos=False,
-                device="cpu",
+                device=str(self.device),
                 lr=s.lr,
                 checkpoint_path=None,
                 output_path=str(out_dir),
@@ -393,15 +484,38 @@ class LMSource:
             )
         )
         torch.manual_seed(seed)
-        with quiet_saelens():
+        scale = _fixed_input_scale(self.live_input_scale()) if live else contextlib.nullcontext()
+        with quiet_saelens(), scale:
             runner = LanguageModelSAETrainingRunner(
                 cfg, override_model=self.model, override_dataset=self.data.train_dataset
             )
             torch.manual_seed(1_000_003 * (seed + 1))
+            devices.synchronize(self.device)
             t0 = time.perf_counter()
             sae = runner.run()
+            devices.synchronize(self.device)
         seconds = time.perf_counter() - t0
-        return TrainResult(sae, out_dir, seconds, s.training_tokens // s.train_batch_size)
+        store = type(runner.activations_store).__name__
+        return TrainResult(sae, out_dir, seconds, tokens // batch, tokens, "live" if live else "cache", store)
+
+    @torch.no_grad()
+    def live_input_scale(self) -> float:
+        """SAELens's ``expected_average_only_in`` factor ``sqrt(d_in) / mean ||x||``, estimated once from
+        the first training sequences (special tokens excluded) and given to every live run. SAELens would
+        estimate it per run from the rows it trains on, which for the gradient store are ``[x | g]``: a
+        slightly different factor than the control's, and a forward and backward per estimate batch."""
+        if getattr(self, "_live_scale", None) is None:
+            n = min(self.scale.live_norm_estimate_sequences, len(self.data.train_dataset))
+            toks = torch.tensor(self.data.train_dataset[:n]["tokens"]).to(self.device)
+            norms = []
+            for i in range(0, n, 4):
+                batch = toks[i : i + 4]
+                _, cache = self.model.run_with_cache(
+                    batch, names_filter=[self.hook_name], stop_at_layer=self.scale.hook_layer + 1
+                )
+                norms.append(cache[self.hook_name][self._keep_mask(batch)].float().norm(dim=-1))
+            self._live_scale = float(self.d_in**0.5 / torch.cat(norms).mean())
+        return self._live_scale
 
     # evaluation -------------------------------------------------------------------------------
     def _keep_mask(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -413,7 +527,7 @@ class LMSource:
     @torch.no_grad()
     def eval_x(self) -> torch.Tensor:
         if self._eval_x is None:
-            toks = self.data.eval_tokens[: self.scale.eval_sequences]
+            toks = self.data.eval_tokens[: self.scale.eval_sequences].to(self.device)
             xs = []
             for i in range(0, toks.shape[0], 4):
                 batch = toks[i : i + 4]
@@ -430,7 +544,7 @@ class LMSource:
             yield x[i : i + batch_size]
 
     def _ce_batches(self) -> list[torch.Tensor]:
-        toks = self.data.eval_tokens[: self.scale.ce_eval_sequences]
+        toks = self.data.eval_tokens[: self.scale.ce_eval_sequences].to(self.device)
         return [toks[i : i + 4] for i in range(0, toks.shape[0], 4)]
 
     @torch.no_grad()
@@ -486,6 +600,43 @@ class LMSource:
             "kl_div": float(torch.cat([k.reshape(-1) for k in kls]).mean()),
             **ref,
         }
+
+
+def _model_device(model: Any) -> torch.device:
+    cfg_device = getattr(getattr(model, "cfg", None), "device", None)
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return devices.resolve(cfg_device or devices.CPU)
+
+
+@contextlib.contextmanager
+def _fixed_input_scale(factor: float):
+    """SAELens's trainer (6.38-6.54) builds ``ActivationScaler()`` and estimates its factor only when it
+    is unset: while this is active, the trainers built start with ``factor`` (folded into the saved
+    weights at the end as usual)."""
+    import sae_lens.training.sae_trainer as trainer_module
+
+    original = trainer_module.ActivationScaler
+
+    class FixedScale(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            if getattr(self, "scaling_factor", None) is None:
+                self.scaling_factor = factor
+
+    trainer_module.ActivationScaler = FixedScale
+    try:
+        yield
+    finally:
+        trainer_module.ActivationScaler = original
+
+
+def _move(model: Any, device: torch.device) -> Any:
+    try:
+        return model.to(device, print_details=False)  # HookedTransformer (updates cfg.device too)
+    except TypeError:
+        return model.to(device)
 
 
 def scale_dict(scale: Any) -> dict[str, Any]:

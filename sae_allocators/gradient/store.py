@@ -148,14 +148,21 @@ def check_model(model: Any, hook_name: str, model_kwargs: dict[str, Any] | None 
         )
 
 
+#: what SAELens's scaler may do to the packed rows: nothing, or multiply the whole row by one factor
+#: ``c = sqrt(d_in) / mean ||row||`` (right for ``x``; the SAE config then needs a scale-free use of
+#: ``g``, which gradient_topk's config checks; ``||g|| << ||x||`` makes the row norm ``||x||`` to
+#: about ``||g||^2 / (2 ||x||^2)``, relative)
+NORMALIZATIONS = ("none", "expected_average_only_in")
+
+
 def check_normalization(norm: str) -> None:
-    """Only ``normalize_activations='none'``: SAELens's scaler would scale the packed row as one vector
-    (``c*x`` needs ``g/c``) and estimate its norm over ``2*d_in`` columns."""
-    if norm != "none":
+    """``normalize_activations`` must be ``'none'`` or ``'expected_average_only_in'``: SAELens's scaler
+    scales the packed row as one vector, so anything that is not one factor per row would mix ``x``
+    into ``g``'s scale (and whitening would mix the two halves)."""
+    if norm not in NORMALIZATIONS:
         raise GradientStoreError(
-            f"normalize_activations={norm!r} is not supported with the gradient store: SAELens would scale the "
-            "packed [x | g] row as one vector. Use normalize_activations='none' (gradient_topk's "
-            "grad_normalization rescales g for the selection)."
+            f"normalize_activations={norm!r} is not supported with the gradient store: SAELens would transform "
+            "the packed [x | g] row as one vector. Use normalize_activations='none' or 'expected_average_only_in'."
         )
 
 

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from .. import devices
+
 for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_k, "1")
 
@@ -156,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="also verify SHA-256 checksums")
     p.set_defaults(func=_cmd_info)
     p = sub.add_parser("check", help="load the model; compare with Hugging Face; time run_with_cache")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default=devices.CPU)
     p.add_argument("--layer", type=int, default=None, help="hook layer (default: the middle one)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Sequence, TypeVar
 
+from .. import devices
 from . import builders, cache
 from .builders import Document
 from .sources import OfflineAssetError, Reporter
@@ -264,7 +265,7 @@ def load_tokenizer(prepared: PreparedAssets) -> Any:
 
 def load_model(
     prepared: PreparedAssets,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = devices.CPU,
     *,
     dtype: torch.dtype | None = None,
     first_n_layers: int | None = None,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sae_allocators import devices
 from sae_allocators.cli import command
 from sae_allocators.io import CFG_FILENAME, SPARSITY_FILENAME, WEIGHTS_FILENAME, SaeFolderError, SaeFolderInfo, check_sae_folder
 from sae_allocators.names import DISTRIBUTION
@@ -88,7 +89,7 @@ def _cached_folder(repo_id: str, sae_id: str) -> Path:
     return cfg_path.parent
 
 
-def load(source: str, sae_id: str | None = None, *, device: str = "cpu") -> Loaded:
+def load(source: str, sae_id: str | None = None, *, device: str = devices.CPU) -> Loaded:
     """Load an SAE from a Hub repo (``source`` = ``org/name`` and ``sae_id``) or from a local folder."""
     from sae_allocators import host
 
@@ -114,7 +115,7 @@ def load(source: str, sae_id: str | None = None, *, device: str = "cpu") -> Load
 def _load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="Hub repo id (org/name) or a local SAE output folder")
     p.add_argument("sae_id", nargs="?", default=None, help="SAE id inside the repo (omit for a local folder)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default=devices.CPU)
 
 
 @command("load", HELP, _load_args)
