@@ -22,6 +22,7 @@ is derandomized (the same examples on every run) and bounded, so CI is determini
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -39,7 +40,9 @@ KINDS = ("normal", "pool", "constant", "zeros", "dup_rows", "dup_cols", "extreme
 
 # derandomized: the same examples on every run; no example database, no "explain" phase (slow)
 PHASES = (Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink)
-SETTINGS = settings(max_examples=120, deadline=None, derandomize=True, database=None, phases=PHASES, suppress_health_check=[HealthCheck.too_slow])
+#: examples per property (tests/mutation.py lowers it per mutant; CI runs the default)
+EXAMPLES = int(os.environ.get("SAE_ALLOCATORS_PROPERTY_EXAMPLES", "120"))
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, phases=PHASES, suppress_health_check=[HealthCheck.too_slow])
 
 
 def huge(dtype: torch.dtype) -> float:
@@ -383,7 +386,7 @@ def test_column_thresholds_exact_with_any_estimate(case, scale):
     assert floats(tau2) == tau_ref
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, database=None, phases=PHASES)
+@settings(max_examples=EXAMPLES * 2, deadline=None, derandomize=True, database=None, phases=PHASES)
 @given(
     n=st.integers(1, 300),
     f=st.integers(1, 80),
