@@ -27,7 +27,7 @@ DOC = REPO / "docs" / "testing.md"
 
 #: target -> (files to mutate (globs relative to the checkout), test modules that cover them (fast ones))
 TARGETS: dict[str, tuple[list[str], list[str]]] = {
-    "allocation": (["sae_allocators/allocation/*.py"], ["tests/test_allocation.py", "tests/test_allocation_properties.py", "tests/test_promises.py"]),
+    "allocation": (["sae_allocators/allocation/*.py"], ["tests/test_allocation_properties.py", "tests/test_promises.py"]),
     "losses": (["sae_allocators/losses/*.py"], ["tests/test_losses.py", "tests/test_promises.py"]),
     "autoload": (["sae_allocators_autoload.py"], ["tests/test_promises.py"]),
     "io": (["sae_allocators/io.py"], ["tests/test_promises.py"]),
@@ -57,7 +57,7 @@ def pytest_ini() -> str:
     return m.group(0) if m else ""
 
 
-def prepare(target: str) -> Path:
+def prepare(target: str, k_expr: str | None = None) -> Path:
     globs, tests = TARGETS[target]
     work = SCRATCH / target
     if work.exists():
@@ -76,7 +76,7 @@ def prepare(target: str) -> Path:
         f"source_paths = {toml_list(['sae_allocators', 'sae_allocators_autoload.py'])}\n"
         f"only_mutate = {toml_list(existing)}\n"
         f"pytest_add_cli_args_test_selection = {toml_list(tests)}\n"
-        'pytest_add_cli_args = ["-p", "no:xdist", "-p", "no:cacheprovider"]\n'
+        f"pytest_add_cli_args = {toml_list(['-p', 'no:xdist', '-p', 'no:cacheprovider'] + (['-k', k_expr] if k_expr else []))}\n"
         'process_isolation = "forkserver"\n'
         "use_git_change_detection = false\n"
         "timeout_multiplier = 5.0\n\n" + pytest_ini()
@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("targets", nargs="*", default=["allocation"], help=f"any of {sorted(TARGETS)} or 'all' (default: allocation)")
     p.add_argument("--python", default=sys.executable, help="interpreter with the test extra and mutmut installed")
+    p.add_argument("-k", dest="k_expr", default=None, help="pytest -k expression restricting the tests (e.g. to leave out a known failure)")
     p.add_argument("--report-only", action="store_true", help="print the scores of the last run, do not run")
     args = p.parse_args(argv)
     targets = sorted(TARGETS) if args.targets == ["all"] else args.targets
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     for target in targets:
         work = SCRATCH / target
         if not args.report_only:
-            work = prepare(target)
+            work = prepare(target, args.k_expr)
             t0 = time.monotonic()
             print(f"== mutmut run: target {target} in {work}", flush=True)
             proc = subprocess.run([args.python, "-m", "mutmut", "run", "--max-children", "1"], cwd=work, env=env, check=False)
