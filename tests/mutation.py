@@ -16,6 +16,7 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -58,6 +59,7 @@ def pytest_ini() -> str:
 
 
 def prepare(target: str, k_expr: str | None = None) -> Path:
+    """A fresh scratch copy for ``target`` (its previous results are discarded)."""
     globs, tests = TARGETS[target]
     work = SCRATCH / target
     if work.exists():
@@ -79,7 +81,8 @@ def prepare(target: str, k_expr: str | None = None) -> Path:
         f"pytest_add_cli_args = {toml_list(['-p', 'no:xdist', '-p', 'no:cacheprovider'] + (['-k', k_expr] if k_expr else []))}\n"
         'process_isolation = "forkserver"\n'
         "use_git_change_detection = false\n"
-        "timeout_multiplier = 5.0\n\n" + pytest_ini()
+        "timeout_multiplier = 5.0\n"
+        "timeout_constant = 20.0\n\n" + pytest_ini()
     )
     return work
 
@@ -124,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("targets", nargs="*", default=["allocation"], help=f"any of {sorted(TARGETS)} or 'all' (default: allocation)")
     p.add_argument("--python", default=sys.executable, help="interpreter with the test extra and mutmut installed")
     p.add_argument("-k", dest="k_expr", default=None, help="pytest -k expression restricting the tests (e.g. to leave out a known failure)")
+    p.add_argument("--resume", action="store_true", help="continue the last run of each target (mutmut skips the mutants it already checked)")
+    p.add_argument("--max-seconds", type=int, default=None, help="stop each target's run after this long (resume later with --resume)")
     p.add_argument("--report-only", action="store_true", help="print the scores of the last run, do not run")
     args = p.parse_args(argv)
     targets = sorted(TARGETS) if args.targets == ["all"] else args.targets
@@ -138,11 +143,23 @@ def main(argv: list[str] | None = None) -> int:
     for target in targets:
         work = SCRATCH / target
         if not args.report_only:
-            work = prepare(target, args.k_expr)
+            if not (args.resume and (work / "mutants").is_dir()):
+                work = prepare(target, args.k_expr)
             t0 = time.monotonic()
             print(f"== mutmut run: target {target} in {work}", flush=True)
-            proc = subprocess.run([args.python, "-m", "mutmut", "run", "--max-children", "1"], cwd=work, env=env, check=False)
-            print(f"== target {target}: mutmut exited {proc.returncode} after {time.monotonic() - t0:.0f} s", flush=True)
+            # its own process group: on timeout the forkserver and its workers end with it
+            proc = subprocess.Popen([args.python, "-m", "mutmut", "run", "--max-children", "1"], cwd=work, env=env, start_new_session=True)
+            try:
+                rc = proc.wait(timeout=args.max_seconds)
+                print(f"\n== target {target}: mutmut exited {rc} after {time.monotonic() - t0:.0f} s", flush=True)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                print(f"\n== target {target}: stopped after {args.max_seconds} s; continue with --resume", flush=True)
         all_ok &= report(target, results(work, args.python), equivalent)
     return 0 if all_ok else 1
 
