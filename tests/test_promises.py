@@ -421,3 +421,130 @@ def test_benchmark_module_help_in_a_fresh_interpreter():
     assert proc.returncode == 0, proc.stderr[-2000:]
     for flag in ("--quick", "--out", "--datasets", "--arch", "--seeds", "--ks", "--lm-tokens", "--tiny-lm", "--keep-saes", "--threads"):
         assert flag in proc.stdout
+
+
+# --- io.py: folder checks and atomic writes, on hand-made folders (fast) ----------------------------
+
+
+def _sae_folder(root, **cfg_changes):
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = {"architecture": "jumprelu", "d_in": 4, "d_sae": 8, "metadata": {"training_architecture": "mutual_choice", "hook_name": "h"}}
+    cfg.update(cfg_changes)
+    (root / "cfg.json").write_text(json.dumps(cfg))
+    save_file({"W_enc": torch.zeros(4, 8), "b_dec": torch.zeros(4)}, str(root / "sae_weights.safetensors"))
+    return root
+
+
+def test_check_sae_folder_describes_a_good_folder(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from sae_allocators.io import check_sae_folder
+
+    folder = _sae_folder(tmp_path / "out")
+    info = check_sae_folder(folder)
+    assert (info.architecture, info.training_architecture, info.has_sparsity) == ("jumprelu", "mutual_choice", False)
+    assert info.tensors == {"W_enc": {"dtype": "F32", "shape": [4, 8]}, "b_dec": {"dtype": "F32", "shape": [4]}}
+    assert info.metadata["hook_name"] == "h" and info.path == folder
+    save_file({"sparsity": torch.zeros(8)}, str(folder / "sparsity.safetensors"))
+    assert check_sae_folder(folder).has_sparsity is True
+    (folder / "sparsity.safetensors").write_bytes(b"\x01")
+    with pytest.raises(ValueError, match="sparsity.safetensors is corrupted"):
+        check_sae_folder(folder)
+    assert check_sae_folder(_sae_folder(tmp_path / "nometa", metadata=None)).training_architecture is None
+
+
+@pytest.mark.parametrize(
+    "damage,phrases",
+    [
+        ("missing", ["no such folder"]),
+        ("file", ["is a file, not a folder"]),
+        ("no_cfg", ["cfg.json is missing"]),
+        ("checkpoint", ["training checkpoint", "trainer_state.pt"]),
+        ("cfg_list", ["must hold a JSON object", "list"]),
+        ("no_d_sae", ["no 'd_sae' entry"]),
+        ("arch_not_str", ["'architecture' must be a string"]),
+        ("unknown_arch", ["'nobody_has_this'", "which nothing provides"]),
+        ("bad_json", ["not valid JSON"]),
+        ("no_weights", ["weights file not found"]),
+        ("short", ["too short for a safetensors file"]),
+        ("zero_header", ["not a valid safetensors header"]),
+        ("huge_header", ["not a valid safetensors header"]),
+        ("header_not_json", ["header is not valid JSON"]),
+        ("header_list", ["header is not a JSON object"]),
+        ("outside", ["'W_enc' lies outside the file"]),
+        ("no_offsets", ["'W_enc' lies outside the file"]),
+    ],
+)
+def test_check_sae_folder_names_each_problem(tmp_path, damage, phrases):
+    import json
+    import struct
+
+    from sae_allocators.io import SaeFolderError, check_sae_folder
+
+    folder = tmp_path / "out"
+    if damage == "missing":
+        pass
+    elif damage == "file":
+        folder.write_text("x")
+    elif damage == "no_cfg":
+        folder.mkdir()
+    else:
+        _sae_folder(folder)
+    cfg, weights = folder / "cfg.json", folder / "sae_weights.safetensors"
+    header = lambda obj: (lambda b: struct.pack("<Q", len(b)) + b)(json.dumps(obj).encode())  # noqa: E731
+    edits = {
+        "checkpoint": lambda: (folder / "trainer_state.pt").write_bytes(b""),
+        "cfg_list": lambda: cfg.write_text("[1, 2]"),
+        "no_d_sae": lambda: cfg.write_text(json.dumps({"architecture": "jumprelu", "d_in": 4})),
+        "arch_not_str": lambda: cfg.write_text(json.dumps({"architecture": 3, "d_in": 4, "d_sae": 8})),
+        "unknown_arch": lambda: cfg.write_text(json.dumps({"architecture": "nobody_has_this", "d_in": 4, "d_sae": 8})),
+        "bad_json": lambda: cfg.write_text("{"),
+        "no_weights": lambda: weights.unlink(),
+        "short": lambda: weights.write_bytes(b"\x00" * 7),
+        "zero_header": lambda: weights.write_bytes(b"\x00" * 16),
+        "huge_header": lambda: weights.write_bytes(struct.pack("<Q", 200 * 1024 * 1024) + b"{}" * 8),
+        "header_not_json": lambda: weights.write_bytes(struct.pack("<Q", 4) + b"{{{{"),
+        "header_list": lambda: weights.write_bytes(header([1])),
+        "outside": lambda: weights.write_bytes(header({"W_enc": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}) + b"\x00" * 4),
+        "no_offsets": lambda: weights.write_bytes(header({"W_enc": {"dtype": "F32", "shape": [2]}}) + b"\x00" * 8),
+    }
+    if damage in edits:
+        edits[damage]()
+    with pytest.raises(SaeFolderError) as exc:
+        check_sae_folder(folder)
+    for phrase in phrases:
+        assert phrase in str(exc.value), str(exc.value)
+
+
+def test_read_safetensors_header_accepts_exact_bounds_and_drops_metadata(tmp_path):
+    import json
+    import struct
+
+    from sae_allocators.io import read_safetensors_header
+
+    body = json.dumps({"__metadata__": {"a": "b"}, "t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", len(body)) + body + b"\x00" * 8)  # data ends exactly at the file's end
+    assert read_safetensors_header(path) == {"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    with pytest.raises(ValueError, match="file not found"):
+        read_safetensors_header(tmp_path / "absent.safetensors")
+
+
+def test_atomic_writes_replace_whole_files_and_folders(tmp_path):
+    import json
+
+    from sae_allocators.io import atomic_dir, atomic_write_json
+
+    target = atomic_write_json(tmp_path / "sub" / "m.json", {"b": 1, "a": [2]})
+    assert target == tmp_path / "sub" / "m.json"
+    assert target.read_text() == '{\n  "a": [\n    2\n  ],\n  "b": 1\n}\n' and json.loads(target.read_text()) == {"a": [2], "b": 1}
+    assert sorted(p.name for p in target.parent.iterdir()) == ["m.json"]  # no temporary file left
+    with atomic_dir(tmp_path / "new" / "out") as tmp:  # a parent that does not exist yet
+        (tmp / "f").write_text("1")
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["out"] and (tmp_path / "new" / "out" / "f").read_text() == "1"
