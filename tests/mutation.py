@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("targets", nargs="*", default=["allocation"], help=f"any of {sorted(TARGETS)} or 'all' (default: allocation)")
     p.add_argument("--python", default=sys.executable, help="interpreter with the test extra and mutmut installed")
     p.add_argument("-k", dest="k_expr", default=None, help="pytest -k expression restricting the tests (e.g. to leave out a known failure)")
+    p.add_argument("--mutants", nargs="+", default=None, metavar="GLOB", help="only these mutant names (fnmatch globs, e.g. 'sae_allocators.allocation.batch.*')")
     p.add_argument("--resume", action="store_true", help="continue the last run of each target (mutmut skips the mutants it already checked)")
     p.add_argument("--max-seconds", type=int, default=None, help="stop each target's run after this long (resume later with --resume)")
     p.add_argument("--report-only", action="store_true", help="print the scores of the last run, do not run")
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.monotonic()
             print(f"== mutmut run: target {target} in {work}", flush=True)
             # its own process group: on timeout the forkserver and its workers end with it
-            proc = subprocess.Popen([args.python, "-m", "mutmut", "run", "--max-children", "1"], cwd=work, env=env, start_new_session=True)
+            proc = subprocess.Popen([args.python, "-m", "mutmut", "run", "--max-children", "1", *(args.mutants or [])], cwd=work, env=env, start_new_session=True)
             try:
                 rc = proc.wait(timeout=args.max_seconds)
                 print(f"\n== target {target}: mutmut exited {rc} after {time.monotonic() - t0:.0f} s", flush=True)

@@ -229,6 +229,26 @@ def test_kth_largest_equals_sorted_on_both_paths(data):
         assert int((cand >= tau).sum()) == int((flat >= tau).sum())  # every entry >= tau is a candidate
 
 
+@SETTINGS
+@given(data=st.data())
+def test_the_packages_own_reference_functions_agree_without_ties(data):
+    """batch_topk_reference / signed_mutual_choice_reference / feature_choice_reference (kept for
+    tests and benchmarks) on tie-free batches (distinct values: their tie order is torch.topk's)."""
+    x = data.draw(matrices(dtypes=(torch.float32, torch.float64), kinds=("normal", "extreme")))
+    vals = floats(x)
+    nonzero = [abs(v) for v in vals if v != 0]
+    if len(set(vals)) != len(vals) or len(set(nonzero)) != len(nonzero):
+        return  # a tie slipped in (rounding of "extreme" values): not this test's case
+    n, f = n_tokens_of(x), x.shape[-1]
+    k = data.draw(budgets(n, f))
+    assert kept_set(B.batch_topk_reference(x, k)) == ref_batch_keep(vals, k, n)
+    assert kept_set(S.signed_mutual_choice_reference(x, k)) == ref_batch_keep(vals, k, n, key=abs, eligible=lambda v: v != 0)
+    caps = data.draw(st.lists(st.integers(0, n + 2), min_size=f, max_size=f))
+    ref = FC.feature_choice_reference(x, torch.tensor(caps))
+    assert ref.shape == x.shape and kept_set(ref) == ref_feature_keep(vals, n, f, caps)
+    assert torch.equal(ref, torch.where(mask_of(kept_set(ref), x), x, torch.zeros((), dtype=x.dtype)))
+
+
 def test_kth_largest_refuses_out_of_range():
     for kk in (0, 5):
         with pytest.raises(ValueError, match=r"kk=.* must be in \[1, 4\]"):
@@ -470,6 +490,8 @@ def test_afa_select_equals_the_sorted_running_norm_rule(x, k_max, norms, tseed):
     codes = sel.codes.detach().reshape(n, f)
     ks = sel.k.reshape(n)
     capped = sel.capped.reshape(n)
+    ref_codes, ref_k = AFA.afa_select_reference(x, target, dec)  # the package's brute force (no cap)
+    ref_codes, ref_k = ref_codes.reshape(n, f), ref_k.reshape(n)
     kept_all: set[int] = set()
     for i in range(n):
         order, k, capped_ref, clear = ref_afa(floats(x.reshape(n, f)[i]), floats(s_all[i]), float(t[i]), cap)
@@ -480,6 +502,8 @@ def test_afa_select_equals_the_sorted_running_norm_rule(x, k_max, norms, tseed):
         kept = set(order[:k])
         row = floats(x.reshape(n, f)[i])
         assert floats(codes[i]) == [max(row[j], 0.0) if j in kept else 0.0 for j in range(f)]
+        if not capped_ref:  # the uncapped brute force agrees
+            assert int(ref_k[i]) == k and floats(ref_codes[i]) == floats(codes[i])
         kept_all.update(i * f + j for j in kept if row[j] > 0)
     # gradients: the upstream gradient on kept positive entries, zero elsewhere (rows checked above)
     up = build("normal", x.shape[:-1], f, torch.float32, seed=3).to(x.dtype)
