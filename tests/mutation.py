@@ -113,9 +113,12 @@ def report(target: str, status: dict[str, str], equivalent: dict[str, str]) -> b
         denom = total - len(eq)
         score = 100.0 * killed / denom if denom else 100.0
         others = ", ".join(f"{k} {len(v)}" for k, v in sorted(groups.items()) if k != "killed")
-        print(f"  {mod}: {killed}/{denom} non-equivalent mutants killed = {score:.1f}%  (all {total}; equivalent {len(eq)}; {others or 'no survivors'})")
+        checked = denom - len([n for n in groups.get("not checked", []) if n not in equivalent])
+        of_checked = f"; of the {checked} checked: {100.0 * killed / checked:.1f}%" if checked and checked < denom else ""
+        print(f"  {mod}: {killed}/{denom} non-equivalent mutants killed = {score:.1f}%{of_checked}  (all {total}; equivalent {len(eq)}; {others or 'no survivors'})")
         for st, names in sorted(groups.items()):
-            if st == "killed":
+            if st in ("killed", "not checked"):
+                ok = ok and st == "killed"
                 continue
             for n in names:
                 if n not in equivalent:
