@@ -34,6 +34,7 @@ from sae_allocators.allocation import batch as B
 from sae_allocators.allocation import feature_choice as FC
 from sae_allocators.allocation import gradient as G
 from sae_allocators.allocation import signed as S
+from sae_allocators.allocation import topk as T
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KINDS = ("normal", "pool", "constant", "zeros", "dup_rows", "dup_cols", "extreme", "sparse")
@@ -192,6 +193,8 @@ def test_mutual_choice_keeps_exactly_the_budget_with_lowest_index_ties(data):
     assert kept_set(codes) == kept
     assert torch.equal(codes, torch.where(mask_of(kept, x), x, torch.zeros((), dtype=x.dtype)))
     assert torch.equal(B.batch_topk(x, k), codes)
+    flat, tau_i = B.mutual_choice_indices(x, k)  # the sparse step's form: ascending row-major indices
+    assert flat.tolist() == sorted(kept) and float(tau_i) == float(tau)
     if kept:
         assert float(tau) <= min(vals[i] for i in kept)
     if len(kept) == math.floor(k * n) and kept:
@@ -297,13 +300,15 @@ def test_signed_mutual_choice_keeps_the_budget_by_magnitude(data):
     assert torch.equal(codes.detach(), torch.where(mask, x, torch.zeros((), dtype=x.dtype)))
     if len(kept) == math.floor(k * n) and kept:
         assert float(tau) == min(abs(vals[i]) for i in kept)
+    flat, tau_i = S.signed_mutual_choice_indices(x, k)
+    assert flat.tolist() == sorted(kept) and float(tau_i) == float(tau)
     codes.sum().backward()
     assert torch.equal(leaf.grad, mask.to(x.dtype))
 
 
 @SETTINGS
 @given(data=st.data())
-def test_abs_topk_keeps_k_largest_magnitudes_per_token_with_sign(data):
+def test_abs_topk_and_topk_keep_the_k_largest_per_token(data):
     x = data.draw(matrices())
     f = x.shape[-1]
     k = data.draw(st.integers(1, f))
@@ -320,6 +325,13 @@ def test_abs_topk_keeps_k_largest_magnitudes_per_token_with_sign(data):
         assert all(abs(vals[j]) >= threshold for j in nz)
         assert sum(abs(v) > threshold for v in vals) <= len(nz) <= k
         assert sorted((abs(got[j]) for j in range(f)), reverse=True)[:k] == [abs(vals[j]) for j in ref[:k]]
+    t_idx, t_keep = T.topk_indices(x, k)  # per-token TopK: the k largest values, positive ones kept
+    assert torch.equal(x.gather(-1, t_idx).reshape(-1, k).double().sort(-1).values, x.reshape(-1, f).double().sort(-1).values[:, -k:])
+    assert torch.equal(t_keep, x.gather(-1, t_idx) > 0)
+    idx, keep = S.abs_topk_indices(x, k)
+    assert idx.shape == (*x.shape[:-1], k) and torch.equal(keep, x.gather(-1, idx) != 0)
+    mags = x.abs().gather(-1, idx).reshape(-1, k).double().sort(-1, descending=True).values
+    assert torch.equal(mags, x.abs().reshape(-1, f).double().sort(-1, descending=True).values[:, :k])
     out.sum().backward()
     g = leaf.grad.reshape(-1, f)
     assert bool((g.sum(-1) == k).all())  # exactly k entries pass the gradient per token (kept zeros included)
@@ -352,6 +364,8 @@ def test_feature_choice_keeps_exactly_m_j_per_feature_with_lowest_token_ties(cas
     elif est is not None:
         t_lo = (torch.tensor(tau_ref, dtype=torch.float64) * est).nan_to_num(posinf=1e300).to(x.dtype)
     codes, tau = FC.feature_choice_select(x, caps_t, t_lo=t_lo)
+    flat, tau_i = FC.feature_choice_indices(x, caps_t, t_lo=t_lo)
+    assert flat.tolist() == sorted(kept) and floats(tau_i) == tau_ref
     assert codes.shape == x.shape and codes.dtype == x.dtype
     assert floats(tau) == tau_ref
     flat = codes.reshape(-1, f)
@@ -490,6 +504,12 @@ def test_afa_select_equals_the_sorted_running_norm_rule(x, k_max, norms, tseed):
     codes = sel.codes.detach().reshape(n, f)
     ks = sel.k.reshape(n)
     capped = sel.capped.reshape(n)
+    flat_i, k_i, capped_i = AFA.afa_indices(x, target, dec, k_max=k_max)
+    assert torch.equal(k_i, sel.k.reshape(-1)) and torch.equal(capped_i, sel.capped.reshape(-1))
+    by_row: dict[int, set[int]] = {}
+    for v in flat_i.tolist():
+        by_row.setdefault(v // f, set()).add(v % f)
+    assert flat_i.tolist() == sorted(flat_i.tolist())
     ref_codes, ref_k = AFA.afa_select_reference(x, target, dec)  # the package's brute force (no cap)
     ref_codes, ref_k = ref_codes.reshape(n, f), ref_k.reshape(n)
     kept_all: set[int] = set()
@@ -500,6 +520,7 @@ def test_afa_select_equals_the_sorted_running_norm_rule(x, k_max, norms, tseed):
             continue  # two running norms within rounding of the target: either is right
         assert int(ks[i]) == k and bool(capped[i]) == capped_ref
         kept = set(order[:k])
+        assert by_row.get(i, set()) == kept  # afa_indices keeps the same entries (zeros included)
         row = floats(x.reshape(n, f)[i])
         assert floats(codes[i]) == [max(row[j], 0.0) if j in kept else 0.0 for j in range(f)]
         if not capped_ref:  # the uncapped brute force agrees
@@ -554,6 +575,14 @@ def test_gradient_topk_keeps_the_k_best_scores_per_token(n, f, d, beta, seed, wi
         assert all(got[j] == z[j] for j in nz)
         assert all(score[j] >= threshold for j in nz)  # only top-k scores (any of tied ones)
         assert all(got[j] == z[j] for j in range(f) if score[j] > threshold)  # every strictly better one kept
+    idx, keep = G.gradient_topk_indices(pre.reshape(*lead, f), None if grad is None else grad.reshape(*lead, d), dec, k, beta)
+    assert idx.shape == (*lead, k) and torch.equal(keep, pre.reshape(*lead, f).gather(-1, idx) > 0)
+    chosen = idx.reshape(n, k).tolist()
+    for i in range(n):
+        z = [max(v, 0.0) for v in pre[i].tolist()]
+        attr = [abs(sum(grad[i, c].item() * dec[j, c].item() for c in range(d))) for j in range(f)] if grad is not None and beta else [0.0] * f
+        score = [z[j] + beta * z[j] * attr[j] for j in range(f)]
+        assert sorted((score[j] for j in chosen[i]), reverse=True) == sorted(score, reverse=True)[:k]
     up = build("normal", lead, f, torch.float32, seed=5)
     (out * up).sum().backward()
     kept_pos = (leaf.grad != 0) | (out.detach() != 0)
