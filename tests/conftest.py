@@ -13,6 +13,26 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_
 warnings.filterwarnings("ignore", message=".*model_from_pretrained_kwargs.*")
 
 
+@pytest.fixture(autouse=True)
+def _seed_every_random_source():
+    """Seed Python's, NumPy's and torch's global generators before every test, so a test that
+    draws random numbers without its own generator sees the same numbers alone, in any order and
+    on any xdist worker."""
+    import random
+
+    random.seed(0)
+    try:
+        import numpy as np
+
+        np.random.seed(0)
+    except ImportError:
+        pass
+    import torch
+
+    torch.manual_seed(0)
+    yield
+
+
 class FakeDistributions:
     """Writes real installed-distribution metadata (dist-info + entry points) into a temp dir on
     ``sys.path``, so ``importlib.metadata`` finds plugins exactly as it would after ``pip install``."""

@@ -150,7 +150,7 @@ class FakeHub:
                     raise ValueError(f"unsupported commit operation {op['key']}")
             repo.files.update(added)
             repo.sha = hashlib.sha1(repr(sorted(repo.files.items())).encode()).hexdigest()
-            repo.commits.append({"summary": header["summary"], "files": sorted(added)})
+            repo.commits.append({"summary": header["summary"], "files": sorted(added), "revision": m.group(3)})
             return h._send(200, {"commitUrl": f"{self.url}/{repo_id}/commit/{repo.sha}", "commitOid": repo.sha, "pullRequestUrl": None})
         m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
         if method in ("HEAD", "GET") and m:

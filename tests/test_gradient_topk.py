@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import glob
 import json
 import sys
@@ -155,7 +157,6 @@ def test_aux_loss_is_selectable():
     torch.testing.assert_close(out.losses["auxiliary_reconstruction_loss"], ref)
     with pytest.raises(ValueError, match="aux_loss"):
         GradientTopKTrainingSAEConfig(d_in=D, d_sae=64, k=4, aux_loss="nope")
-    assert TopKTrainingSAEConfig  # SAELens's own class is the base of ours
     assert issubclass(GradientTopKTrainingSAEConfig, TopKTrainingSAEConfig)
 
 
@@ -225,27 +226,27 @@ def test_evals_ran_on_plain_activations(trained):
         assert metrics["sparsity"]["l0"] == pytest.approx(4.0)
 
 
-def test_saved_sae_loads_as_topk_with_plain_saelens(trained):
+def test_saved_sae_loads_as_topk_with_plain_saelens(trained, tmp_path):
     code = f"""
         import sys, json, torch
         from sae_lens import SAE
         sae = SAE.load_from_disk({str(trained['out'])!r})
-        x = torch.load({str(trained['out'] / 'x.pt')!r})
+        x = torch.load({str(tmp_path / 'x.pt')!r})
         print(json.dumps(dict(cls=type(sae).__name__, arch=sae.cfg.architecture(),
                               ours='sae_allocators' in sys.modules,
                               training=sae.cfg.metadata.training_architecture,
                               codes=sae.encode(x).tolist())))
     """
     x = _rand(6, D)
-    torch.save(x, trained["out"] / "x.pt")
+    torch.save(x, tmp_path / "x.pt")  # not into the shared output folder
     # autoload off: in an installed environment the .pth hook would import this package
-    proc = run_fresh(code, python=sys.executable, env={"PYTHONPATH": "", "SAE_ALLOCATORS_NO_AUTOLOAD": "1"}, cwd=trained["out"])
+    proc = run_fresh(code, python=sys.executable, env={"PYTHONPATH": "", "SAE_ALLOCATORS_NO_AUTOLOAD": "1"}, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["cls"] == "TopKSAE" and res["arch"] == "topk" and res["ours"] is False
     assert res["training"] == "gradient_topk"
     # the loaded topk SAE encodes as the training SAE does without a gradient
-    sae = trained["sae"].eval()
+    sae = copy.deepcopy(trained["sae"]).eval()  # the shared fixture stays in training mode
     with torch.no_grad():
         torch.testing.assert_close(torch.tensor(res["codes"]), sae.encode(x), rtol=1e-5, atol=1e-5)
 

