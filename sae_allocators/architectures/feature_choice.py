@@ -27,6 +27,8 @@ from sae_allocators.allocation.batch import budget, kth_largest_with_candidates
 from sae_allocators.allocation.feature_choice import capacities, feature_choice_indices, feature_choice_select, usage_rank
 from sae_allocators.architectures._common import check_k, check_rate, pre_activations, warm_ema_
 from sae_allocators.architectures._step import SelectionStepMixin, StepState
+from sae_allocators.distributed import all_reduce, group_of
+from sae_allocators.distributed import select as dist_select
 from sae_allocators.hookspecs import hookimpl
 from sae_allocators.losses import AuxLossConfig, AuxLossMixin
 
@@ -181,6 +183,12 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE
     def select(self, hidden_pre: torch.Tensor, **context: Any) -> sparse.Selection:
         """Each feature keeps its top ``m_j`` tokens of the batch (exact; ties by token index)."""
         n, f = hidden_pre.shape
+        group = group_of(self)
+        if group is not None:  # data-parallel: capacities and thresholds over the global batch
+            sizes = dist_select.token_sizes(n, group, hidden_pre.device)
+            caps = self.current_capacities(sum(sizes))
+            flat, tau = dist_select.feature_choice_indices(hidden_pre, caps, group, one_per_token=self.cfg.one_per_token, sizes=sizes)
+            return sparse.from_flat(flat, n, f, tau, is_sorted=True)
         caps = self.current_capacities(n)
         stats: dict = {}
         flat, tau = feature_choice_indices(hidden_pre, caps, one_per_token=self.cfg.one_per_token, t_lo=self._estimate_lower_bound(), stats=stats)
@@ -235,6 +243,10 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE
             return
         flat = hidden_pre.detach().reshape(-1)
         f = hidden_pre.shape[-1]
+        group = group_of(self)
+        if group is not None:
+            self._update_demand_global(flat, f, group)
+            return
         kk = min(budget(self.cfg.k, flat.numel() // f), flat.numel())
         if kk < 1:
             return
@@ -249,6 +261,19 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE
             demand = torch.bincount(idx[keep] % f, minlength=f).float()
         n_tokens = flat.numel() // f
         warm_ema_(self.feature_usage, demand / n_tokens, self.usage_steps, 1.0 / self.cfg.density_window)
+
+    @torch.no_grad()
+    def _update_demand_global(self, flat: torch.Tensor, f: int, group: object) -> None:
+        """The demand update over the global batch (data-parallel): the same numbers on every rank."""
+        sizes = dist_select.token_sizes(flat.numel() // f, group, flat.device)
+        kk = budget(self.cfg.k, sum(sizes))
+        if kk < 1:
+            return
+        tau_g, kept, n_kept = dist_select.global_budget_select(flat, kk, group, sizes=[s * f for s in sizes], row_len=f)
+        tau_g = tau_g if n_kept >= kk else torch.zeros_like(tau_g)
+        warm_ema_(self.global_threshold, tau_g.double(), self.global_threshold_steps, self.cfg.threshold_lr)
+        demand = all_reduce(torch.bincount(kept % f, minlength=f).float(), "sum", group)
+        warm_ema_(self.feature_usage, demand / sum(sizes), self.usage_steps, 1.0 / self.cfg.density_window)
 
     def inference_thresholds(self) -> torch.Tensor:
         """theta_j, or the global threshold for a feature stale for > threshold_fallback_steps."""

@@ -22,6 +22,7 @@ from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopK
 
 from sae_allocators import sparse
 from sae_allocators.allocation.gradient import GRAD_NORMALIZATIONS, gradient_topk, gradient_topk_indices
+from sae_allocators.distributed import global_mean, group_of
 from sae_allocators.architectures._step import SelectionStepMixin, StepState
 from sae_allocators.gradient.store import split_rows
 from sae_allocators.hookspecs import hookimpl
@@ -158,9 +159,13 @@ class GradientTopKTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE)
         return self.encode_with_hidden_pre(x, grad)[0]
 
     def select(self, hidden_pre: torch.Tensor, grad: torch.Tensor | None = None, **context: Any) -> sparse.Selection:
+        mode = self.cfg.grad_normalization
         if grad is not None:
             grad = self.reshape_fn_in(grad).reshape(-1, self.cfg.d_in)  # identity unless hook_z reshaping is on, as for x
-        indices, keep = gradient_topk_indices(hidden_pre, grad, _decoder_directions(self), self.cfg.k, self.cfg.beta, self.cfg.grad_normalization)
+            group = group_of(self)
+            if group is not None and mode == "batch":  # data-parallel: the global batch's mean gradient norm
+                grad, mode = grad / global_mean(grad.norm(dim=-1), group).clamp_min(1e-12), "none"
+        indices, keep = gradient_topk_indices(hidden_pre, grad, _decoder_directions(self), self.cfg.k, self.cfg.beta, mode)
         return sparse.from_row_indices(indices, hidden_pre.shape[-1], keep)
 
     def step_context(self, step_input: TrainStepInput) -> tuple[TrainStepInput, dict[str, Any]]:

@@ -20,6 +20,8 @@ from sae_allocators import sparse
 from sae_allocators.allocation.batch import batch_topk, mutual_choice_indices, mutual_choice_select
 from sae_allocators.architectures._common import check_k, check_rate, pre_activations, warm_ema_
 from sae_allocators.architectures._step import SelectionStepMixin, StepState
+from sae_allocators.distributed import group_of
+from sae_allocators.distributed import select as dist_select
 from sae_allocators.hookspecs import hookimpl
 from sae_allocators.losses import AuxLossConfig, AuxLossMixin
 
@@ -97,7 +99,8 @@ class MutualChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, BatchTopKTrainin
         return MutualChoice(self.cfg.k)
 
     def select(self, hidden_pre: torch.Tensor, **context: Any) -> sparse.Selection:
-        flat, tau = mutual_choice_indices(hidden_pre, self.cfg.k)
+        group = group_of(self)  # data-parallel: the global batch's k*N largest (docs/distributed.md)
+        flat, tau = mutual_choice_indices(hidden_pre, self.cfg.k) if group is None else dist_select.mutual_choice_indices(hidden_pre, self.cfg.k, group)
         return sparse.from_flat(flat, hidden_pre.shape[0], hidden_pre.shape[1], tau, is_sorted=True)
 
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

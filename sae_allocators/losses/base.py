@@ -35,6 +35,9 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from sae_allocators import metrics as M
+from sae_allocators.distributed.comm import all_reduce
+from sae_allocators.distributed.data_parallel import group_of
+from sae_allocators.distributed.select import strided_token_sample
 from sae_allocators.losses import registry
 
 
@@ -212,8 +215,14 @@ class AuxLossMixin:
         flat = feature_acts.detach().reshape(-1, feature_acts.shape[-1])
         if flat.is_sparse:
             flat = flat.to_dense()
-        stride = max(1, flat.shape[0] // self.density_sample_tokens)
-        frac = M.batch_density(flat[::stride]).to(self.feature_density.dtype)
+        group = group_of(self)
+        if group is None:
+            stride = max(1, flat.shape[0] // self.density_sample_tokens)
+            frac = M.batch_density(flat[::stride]).to(self.feature_density.dtype)
+        else:  # data-parallel: the same strided sample of the global batch, counts summed over ranks
+            rows, n_sample = strided_token_sample(flat.shape[0], self.density_sample_tokens, group, flat.device)
+            fired = all_reduce(M.firing(flat.index_select(0, rows)).float().sum(0), "sum", group)
+            frac = (fired / max(n_sample, 1)).to(self.feature_density.dtype)
         self.density_steps += 1
         rate = (1.0 / self.density_steps.double()).clamp_min(1.0 / self.cfg.density_window).to(frac.dtype)
         self.feature_density.lerp_(frac, rate)

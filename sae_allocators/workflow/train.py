@@ -167,6 +167,16 @@ def train(cfg, *, override_model=None, override_dataset=None):
 def main(argv: Sequence[str], *, override_model=None, override_dataset=None) -> int:
     """The ``train`` subcommand (``override_*`` only for tests and notebooks)."""
     argv = list(argv)
+    if any(a.startswith(("--nproc-per-node", "--nproc_per_node")) for a in argv):
+        # data-parallel on N processes: the same options under torchrun (docs/distributed.md)
+        from sae_allocators.distributed.launch import LaunchError, relaunch, split_nproc
+
+        try:
+            nproc, rest = split_nproc(argv)
+        except LaunchError as exc:
+            print(f"sae-allocators train: error: {exc}", file=sys.stderr)
+            return 2
+        return relaunch(nproc, rest)  # type: ignore[arg-type]
     if not argv or any(a in ("-h", "--help") for a in argv):
         print(architectures_help() + "\n")
     try:

@@ -1,0 +1,308 @@
+"""Launch SAELens training on many processes: ``sae-allocators train --nproc-per-node N <SAELens options>``.
+
+``--nproc-per-node N`` re-runs the same command line under ``torchrun`` (``torch.distributed.run
+--standalone``), which starts N copies of :func:`main`; for several nodes, or your own launcher, run
+the module directly on every node::
+
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
+        -m sae_allocators.distributed.launch --architecture mutual_choice --k 32 ...
+
+Each rank runs SAELens's runner and trainer (:class:`~sae_allocators.workflow.train`'s runner) on its
+own shard of the dataset (``datasets.distributed.split_dataset_by_node``). The options mean what they
+mean in one process: ``train_batch_size_tokens`` is the *global* batch (each of R ranks takes
+``1/R`` of it; it must divide), ``training_tokens`` the total over ranks, so the number of steps, the
+schedules and the algorithm (global Mutual/Feature Choice, see :mod:`sae_allocators.distributed.select`)
+are those of the one-process run. Rank 0 alone logs to wandb, writes checkpoints and the final output;
+every rank writes its data position into ``<checkpoint>/ranks/<r>/`` so a resume with the same number of
+ranks continues each shard where it stopped.
+
+Backend: NCCL with one GPU per rank when the config's device is CUDA, gloo on CPU; override with
+``SAE_ALLOCATORS_DIST_BACKEND`` (``nccl`` / ``gloo``). Collective timeout: ``SAE_ALLOCATORS_DIST_TIMEOUT``
+seconds (default 600): a rank that hangs makes the others fail with an error after that long, never a
+silent hang; a rank that dies makes torchrun stop the others.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Sequence
+
+DISTRIBUTED_STATE = "distributed.json"
+RANKS_DIR = "ranks"
+
+
+class LaunchError(RuntimeError):
+    """A distributed launch that cannot work as configured (the message says how to fix it)."""
+
+
+# --- before torchrun: `sae-allocators train --nproc-per-node N ...` ---------------------------------
+
+
+def split_nproc(argv: Sequence[str]) -> tuple[int | None, list[str]]:
+    """``(N, rest)`` from ``--nproc-per-node N`` / ``--nproc-per-node=N`` (``None`` if absent)."""
+    rest: list[str] = []
+    n = None
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a in ("--nproc-per-node", "--nproc_per_node"):
+            if i + 1 >= len(args):
+                raise LaunchError("--nproc-per-node needs a number of processes (e.g. --nproc-per-node 2)")
+            n, i = args[i + 1], i + 2
+            continue
+        if a.startswith(("--nproc-per-node=", "--nproc_per_node=")):
+            n, i = a.split("=", 1)[1], i + 1
+            continue
+        rest.append(a)
+        i += 1
+    if n is None:
+        return None, rest
+    if not str(n).isdigit() or int(n) < 1:
+        raise LaunchError(f"--nproc-per-node {n!r} is invalid: use a whole number of processes >= 1 (e.g. 2)")
+    return int(n), rest
+
+
+def torchrun_command(nproc: int, argv: Sequence[str], python: str | None = None) -> list[str]:
+    """The ``torchrun`` command line that ``--nproc-per-node`` runs (one node, a free port)."""
+    return [python or sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "sae_allocators.distributed.launch", *argv]
+
+
+def relaunch(nproc: int, argv: Sequence[str], timeout: float | None = None) -> int:
+    """Run :func:`torchrun_command`; returns torchrun's exit status (non-zero if any rank failed)."""
+    return subprocess.run(torchrun_command(nproc, argv), timeout=timeout).returncode
+
+
+# --- under torchrun: one rank ----------------------------------------------------------------------
+
+
+def choose_backend(device: str, requested: str | None, local_world: int, gpus: int) -> str:
+    """``nccl`` for CUDA devices (one GPU per local rank), ``gloo`` otherwise; errors say the fix."""
+    want = (requested or "auto").lower()
+    if want not in ("auto", "nccl", "gloo"):
+        raise LaunchError(f"SAE_ALLOCATORS_DIST_BACKEND={requested!r} is invalid: use nccl, gloo or auto")
+    cuda = str(device).startswith("cuda")
+    if want == "auto":
+        want = "nccl" if cuda else "gloo"
+    if want == "nccl":
+        if not cuda:
+            raise LaunchError(f"the NCCL backend needs CUDA, but the config's device is {device!r}: use --device cuda, or the gloo backend (SAE_ALLOCATORS_DIST_BACKEND=gloo)")
+        if gpus < local_world:
+            raise LaunchError(
+                f"NCCL needs one GPU per rank: {local_world} ranks on this node but {gpus} GPU(s) visible. "
+                f"Use --nproc-per-node {max(gpus, 1)} (or fewer), make more GPUs visible (CUDA_VISIBLE_DEVICES), "
+                "or train on CPU with --device cpu (gloo)."
+            )
+    return want
+
+
+def env_int(name: str, default: int | None = None) -> int:
+    v = os.environ.get(name)
+    if v is None:
+        if default is None:
+            raise LaunchError(
+                f"{name} is not set: sae_allocators.distributed.launch runs under torchrun "
+                "(use `sae-allocators train --nproc-per-node N ...` or `torchrun ... -m sae_allocators.distributed.launch ...`)"
+            )
+        return default
+    return int(v)
+
+
+def per_rank_config(cfg: Any, rank: int, world: int, device: str | None = None) -> Any:
+    """This rank's copy of the runner config: ``1/world`` of the global batch and of the tokens; only
+    rank 0 logs and writes the final output; non-zero ranks keep ``checkpoint_path`` for their data
+    position only (the trainer's own checkpoint writing is turned off on them, see :class:`_Runner`)."""
+    n = cfg.train_batch_size_tokens
+    if n % world:
+        raise LaunchError(
+            f"train_batch_size_tokens={n} does not divide into {world} ranks: it is the global batch, "
+            f"split evenly across ranks. Use a multiple of {world} (e.g. {n - n % world or world})."
+        )
+    steps = cfg.training_tokens // n
+    changes: dict[str, Any] = {"train_batch_size_tokens": n // world, "training_tokens": steps * (n // world)}
+    if device is not None:
+        changes["device"] = device
+    if rank != 0:
+        changes["output_path"] = None
+        changes["logger"] = dataclasses.replace(cfg.logger, log_to_wandb=False)
+    # a shallow copy with fields set (dataclasses.replace would re-run __post_init__, which gives
+    # SAELens's checkpoint_path a new random suffix)
+    out = copy.copy(cfg)
+    for key, value in changes.items():
+        setattr(out, key, value)
+    return out
+
+
+def check_resume(cfg: Any, world: int) -> None:
+    """Resuming needs the checkpoint of a run with the same number of ranks."""
+    path = getattr(cfg, "resume_from_checkpoint", None)
+    if path is None:
+        return
+    f = Path(path) / DISTRIBUTED_STATE
+    if not f.exists():
+        raise LaunchError(f"cannot resume {path} on {world} ranks: it was not written by a distributed run (no {DISTRIBUTED_STATE}); resume it in one process")
+    saved = json.loads(f.read_text())["world_size"]
+    if saved != world:
+        raise LaunchError(f"cannot resume {path} on {world} ranks: it was written by {saved} ranks (each holds its own data position). Resume with --nproc-per-node {saved}")
+
+
+def shard_dataset(cfg: Any, rank: int, world: int) -> Any:
+    """This rank's shard of the configured dataset (loaded as SAELens's ActivationsStore loads it)."""
+    from datasets import load_dataset
+    from datasets.distributed import split_dataset_by_node
+
+    kw = {}
+    if "dataset_trust_remote_code" in {f.name for f in dataclasses.fields(cfg)}:
+        kw["trust_remote_code"] = cfg.dataset_trust_remote_code
+    ds = load_dataset(cfg.dataset_path, split="train", streaming=cfg.streaming, **kw)
+    return split_dataset_by_node(ds, rank=rank, world_size=world)
+
+
+def global_checkpoint_name(name: str, world: int) -> str:
+    """SAELens names checkpoints by the trainer's (here: this rank's) token count; use the global count."""
+    prefix, _, count = name.rpartition("_")
+    if count.isdigit():
+        return f"{prefix}_{int(count) * world}" if prefix else str(int(count) * world)
+    return name
+
+
+def _runner_class(rank: int, world: int, group: Any):
+    from sae_allocators.distributed.data_parallel import make_data_parallel, sync_trainer
+    from sae_allocators.workflow.train import _runner_class as workflow_runner
+
+    base = workflow_runner()
+
+    class DistributedRunner(base):  # type: ignore[misc,valid-type]
+        """SAELens's runner (through the workflow's) on one rank of a data-parallel run."""
+
+        def __init__(self, cfg: Any, global_cfg: Any, **kw: Any):
+            super().__init__(cfg, **kw)
+            self.global_cfg = global_cfg
+            if rank != 0:  # each rank resumes its own data position
+                load = self.activations_store.load_from_checkpoint
+                self.activations_store.load_from_checkpoint = lambda path: load(Path(path) / RANKS_DIR / str(rank))
+
+        def run_trainer_with_interruption_handling(self, trainer: Any) -> Any:
+            self.data_parallel = make_data_parallel(self.sae, group)
+            sync_trainer(trainer, group)
+            save = trainer.save_checkpoint
+            if rank == 0:  # checkpoint names count the tokens of all ranks, as in one process
+                trainer.save_checkpoint = lambda checkpoint_name, wandb_aliases=None: save(global_checkpoint_name(checkpoint_name, world), wandb_aliases=wandb_aliases)
+            elif trainer.cfg.checkpoint_path is not None:
+                # the trainer on rank 0 writes the model and trainer state; here only the data position
+                trainer.save_checkpoint = lambda checkpoint_name, wandb_aliases=None: self.save_checkpoint(
+                    Path(trainer.cfg.checkpoint_path) / global_checkpoint_name(checkpoint_name, world)
+                )
+            sae = super().run_trainer_with_interruption_handling(trainer)
+            if self.final_metrics is not None:
+                self.final_metrics["training_tokens"] = int(trainer.n_training_samples) * world
+                self.final_metrics["source"] = f"last training step on rank 0 of {world} (sae-allocators train --nproc-per-node {world})"
+                self.final_metrics["distributed"] = {"world_size": world, "tokens_per_rank_per_step": int(self.cfg.train_batch_size_tokens)}
+            return sae
+
+        def _as_global(self, fn: Any, *args: Any, **kw: Any) -> Any:
+            """Run ``fn`` with ``self.cfg`` the global config, so runner_cfg.json records the command line's
+            options (global batch, total tokens), not this rank's share."""
+            local, self.cfg = self.cfg, self.global_cfg
+            try:
+                return fn(*args, **kw)
+            finally:
+                self.cfg = local
+
+        def save_final_sae(self, sae: Any, output_path: str, log_feature_sparsity: Any = None) -> None:
+            self._as_global(super().save_final_sae, sae, output_path, log_feature_sparsity=log_feature_sparsity)
+
+        def save_checkpoint(self, checkpoint_path: Any) -> None:
+            if checkpoint_path is None:
+                return
+            if rank == 0:
+                self._as_global(super().save_checkpoint, checkpoint_path)
+                (Path(checkpoint_path) / DISTRIBUTED_STATE).write_text(json.dumps({"world_size": world}))
+            else:
+                own = Path(checkpoint_path) / RANKS_DIR / str(rank)
+                own.mkdir(parents=True, exist_ok=True)
+                self.activations_store.save_to_checkpoint(own)
+
+    return DistributedRunner
+
+
+def explain_collective_failure(exc: BaseException, rank: int, world: int) -> str | None:
+    """The error to show when a collective failed because another rank died or hung (else None)."""
+    text = str(exc)
+    if not (type(exc).__name__ == "DistBackendError" or any(w in text.lower() for w in ("timed out", "timeout", "connection", "closed by peer"))):
+        return None
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return (
+        f"sae-allocators train (rank {rank}/{world}): a collective failed ({type(exc).__name__}: {first}). "
+        "Another rank died or hung (see its own error above); this rank stops and writes nothing. Fix that "
+        "rank's problem and restart, or resume from the last checkpoint with the same --nproc-per-node "
+        "(SAE_ALLOCATORS_DIST_TIMEOUT sets how long a rank waits for the others, default 600 s)."
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """One rank: parse SAELens options, join the process group, train this rank's shard."""
+    import torch
+    import torch.distributed as dist
+
+    from sae_allocators.distributed.data_parallel import DistributedConfigError, check_same_everywhere, config_digest
+    from sae_allocators.workflow import train as wf
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rank, world = env_int("RANK"), env_int("WORLD_SIZE")
+    local_rank, local_world = env_int("LOCAL_RANK", 0), env_int("LOCAL_WORLD_SIZE", world)
+    if rank != 0:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    try:
+        cfg = wf.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    backend = choose_backend(cfg.device, os.environ.get("SAE_ALLOCATORS_DIST_BACKEND"), local_world, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    device = None
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    timeout = timedelta(seconds=env_int("SAE_ALLOCATORS_DIST_TIMEOUT", 600))
+    dist.init_process_group(backend, timeout=timeout)
+    try:
+        group = dist.group.WORLD
+        dev = torch.device(device) if device else torch.device("cpu")
+        # SAELens's default checkpoint_path has a random suffix: every rank takes rank 0's
+        shared = [cfg.checkpoint_path]
+        dist.broadcast_object_list(shared, src=0)
+        cfg.checkpoint_path = shared[0]
+        check_same_everywhere("training configuration (command-line options)", config_digest(cfg), group, dev)
+        check_resume(cfg, world)
+        local_cfg = per_rank_config(cfg, rank, world, device)
+        dataset = shard_dataset(cfg, rank, world) if isinstance(cfg.dataset_path, str) and cfg.dataset_path else None
+        runner = _runner_class(rank, world, group)(local_cfg, cfg, override_dataset=dataset)
+        runner.sae_result = runner.run()
+        if rank == 0 and cfg.output_path is not None:
+            print(f"Trained {cfg.sae.architecture()} SAE on {world} ranks ({backend}); saved to {cfg.output_path}")
+            if runner.final_metrics:
+                print(f"Final metrics ({runner.final_metrics['training_tokens']} tokens): " + ", ".join(f"{k}={v:.4g}" for k, v in runner.final_metrics["metrics"].items()))
+        dist.barrier()
+    except (DistributedConfigError, LaunchError) as exc:
+        print(f"sae-allocators train (rank {rank}/{world}): error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        message = explain_collective_failure(exc, rank, world)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
