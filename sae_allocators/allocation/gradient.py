@@ -104,12 +104,5 @@ def gradient_topk(
     ``grad`` and ``decoder``) gets none.
     """
     codes = hidden_pre.relu()
-    if grad is None or beta == 0:
-        scores = codes
-    else:
-        if grad.shape[:-1] != hidden_pre.shape[:-1]:
-            raise ValueError(f"grad has leading shape {tuple(grad.shape[:-1])}, codes {tuple(hidden_pre.shape[:-1])}")
-        with torch.no_grad():
-            g = normalize_grad(grad.to(decoder.dtype), grad_normalization)
-            scores = gradient_scores(codes.detach(), gradient_attribution(g, decoder.detach()), beta)
-    return topk_by_score(codes, scores, k)
+    indices, _ = gradient_topk_indices(hidden_pre, grad, decoder, k, beta, grad_normalization)
+    return torch.zeros_like(codes).scatter_(-1, indices, codes.gather(-1, indices))
