@@ -42,6 +42,8 @@ class BatchTopKZipfTrainingSAEConfig(AuxLossConfig, BatchTopKTrainingSAEConfig):
 class BatchTopKZipfTrainingSAE(AuxLossMixin, BatchTopKTrainingSAE):
     """SAELens BatchTopK with the auxiliary loss chosen by ``cfg.aux_loss``; saved as ``jumprelu``."""
 
+    batch_selection = True  # encode refuses non-finite input
+
     @torch.no_grad()
     def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
         TopKTrainingSAE.fold_activation_norm_scaling_factor(self, scaling_factor)

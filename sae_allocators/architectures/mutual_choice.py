@@ -19,7 +19,8 @@ from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig, TopKTrainingSAE
 from sae_allocators.allocation.batch import batch_topk, mutual_choice_select
 from sae_allocators.architectures._common import check_k, check_rate, pre_activations, warm_ema_
 from sae_allocators.hookspecs import hookimpl
-from sae_allocators.losses import AuxLossConfig, AuxLossMixin
+from sae_allocators.losses import AuxLossConfig, AuxLossMixin, check_finite
+from sae_allocators.losses.base import BATCH_ENCODE_REASON
 
 NAME = "mutual_choice"
 
@@ -32,6 +33,7 @@ class MutualChoice(torch.nn.Module):
         self.k = k
 
     def forward(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+        check_finite(hidden_pre, f"{NAME} pre-activations", BATCH_ENCODE_REASON)
         return batch_topk(hidden_pre, self.k)
 
 
@@ -82,6 +84,8 @@ class MutualChoiceTrainingSAEConfig(AuxLossConfig, BatchTopKTrainingSAEConfig):
 
 class MutualChoiceTrainingSAE(AuxLossMixin, BatchTopKTrainingSAE):
     """Mutual Choice training SAE; ``encode`` is the batch rule, ``encode_thresholded`` the saved one."""
+
+    batch_selection = True  # encode refuses non-finite input
 
     cfg: MutualChoiceTrainingSAEConfig  # type: ignore[assignment]
     training_only_buffers = ("threshold_steps",)
