@@ -511,14 +511,7 @@ def check_loadable(path: str | Path, info: SaeFolderInfo | None = None, *, check
     sae, expected = _expected_state(info)
     header = info.tensors
     # what SAELens's loader does to the file's tensors before load_state_dict, on meta tensors
-    meta = {}
-    for name, t in header.items():
-        if t.get("dtype") not in _FLOAT_DTYPES:
-            raise SaeFolderError(
-                f"{weights}: tensor {name!r} has dtype {t.get('dtype')}, but SAE weights are floating point "
-                f"(F32, F16, BF16, ...); the file was not written by SAELens. Re-copy it from the training output, or train again."
-            )
-        meta[name] = torch.empty(t["shape"], device="meta")
+    meta = {name: torch.empty(t["shape"], device="meta") for name, t in header.items()}
     try:
         sae.process_state_dict_for_loading(meta)
     except Exception:  # noqa: BLE001 - a conversion that needs real values: compare the raw names
@@ -526,8 +519,7 @@ def check_loadable(path: str | Path, info: SaeFolderInfo | None = None, *, check
     missing = sorted(set(expected) - set(meta))
     extra = sorted(set(meta) - set(expected))
     if extra:
-        training_only = _training_only_names(info)
-        if training_only and set(extra) <= training_only:
+        if set(extra) & _training_only_names(info):
             raise SaeFolderError(
                 f"{weights} holds training-only tensors ({', '.join(extra)}): these are a training checkpoint's "
                 f"weights, which SAELens saves with the training model's buffers. Pass the final output folder "
@@ -543,6 +535,12 @@ def check_loadable(path: str | Path, info: SaeFolderInfo | None = None, *, check
             f"{weights} lacks tensor(s) {', '.join(map(repr, missing))} that a {info.architecture!r} SAE needs; "
             f"SAELens would refuse to load it. Re-copy the weights from the training output, or train again."
         )
+    for name, t in header.items():
+        if name in expected and t.get("dtype") not in _FLOAT_DTYPES:
+            raise SaeFolderError(
+                f"{weights}: tensor {name!r} has dtype {t.get('dtype')}, but SAE weights are floating point "
+                f"(F32, F16, BF16, ...); the file was not written by SAELens. Re-copy it from the training output, or train again."
+            )
     for name, (shape, _) in expected.items():
         got = list(meta[name].shape)
         if got != shape:
