@@ -1,7 +1,8 @@
-"""Atomic writes and checks of SAE output folders (used by ``train``, ``push`` and ``load``).
+"""Crash-consistent writes and checks of SAE output folders (used by ``train``, ``push`` and ``load``).
 
 Every message names the file or name at fault and what to do about it. Nothing here unpickles:
-safetensors files are checked by reading their JSON header only.
+:func:`check_sae_folder` reads safetensors headers only; :func:`check_loadable` builds the SAE on
+the meta device (no memory) and reads the weights one tensor at a time with ``safetensors``.
 """
 
 from __future__ import annotations
