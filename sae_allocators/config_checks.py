@@ -123,15 +123,32 @@ def nearest_field(name: str, names: list[str] | set[str]) -> str | None:
     return match[0] if match else None
 
 
+#: SAELens functions that build a config from a saved cfg.json (plus keys their loaders add, such
+#: as ``finetuning_scaling_factor``): what they drop is not a user's typo, so nothing is said
+_SAELENS_LOADERS = frozenset({"load_from_disk", "load_from_checkpoint", "from_pretrained", "from_pretrained_with_cfg_and_sparsity", "load_weights_from_checkpoint"})
+
+
+def _in_sae_lens(frame: Any) -> bool:
+    return str(frame.f_globals.get("__name__", "")).startswith("sae_lens")
+
+
 def _from_dict_keys(max_depth: int = 12) -> dict[str, Any] | None:
-    """The dict a SAELens ``from_dict`` on the call stack is building a config from, if any."""
+    """The dict a SAELens ``from_dict`` on the call stack is building a config from, if any
+    (None when that ``from_dict`` serves one of SAELens's loaders of saved SAEs)."""
     frame = sys._getframe(2)
     for _ in range(max_depth):
         if frame is None:
             return None
         code = frame.f_code
-        if code.co_name == "from_dict" and str(frame.f_globals.get("__name__", "")).startswith("sae_lens") and code.co_argcount >= 2:
+        if code.co_name == "from_dict" and _in_sae_lens(frame) and code.co_argcount >= 2:
             data = frame.f_locals.get(code.co_varnames[1])
+            caller = frame.f_back
+            for _ in range(max_depth):
+                if caller is None:
+                    break
+                if caller.f_code.co_name in _SAELENS_LOADERS and _in_sae_lens(caller):
+                    return None
+                caller = caller.f_back
             return data if isinstance(data, dict) else None
         frame = frame.f_back
     return None
