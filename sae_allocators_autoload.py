@@ -63,19 +63,29 @@ class SaeLensImportHook:
 _HOOK = SaeLensImportHook()
 
 
+#: ``"ExcType: message"`` when the registration at ``import sae_lens`` failed (read by the
+#: unknown-architecture message), else None
+last_error = None
+
+
 def _register_after_import() -> None:
+    global last_error
     try:
         import sae_allocators  # noqa: F401  (importing registers everything)
     except Exception as exc:  # never break `import sae_lens` because of us
         import warnings
 
-        warnings.warn(
-            f"sae-allocators could not register its architectures when sae_lens was imported: "
-            f"{type(exc).__name__}: {exc}. SAELens itself works; run `import sae_allocators` "
-            f"to see the full error, or set {ENV_DISABLE}=1 to silence this.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        last_error = f"{type(exc).__name__}: {exc}"
+        try:  # (under `python -W error` this warning is an exception too: still never break sae_lens)
+            warnings.warn(
+                f"sae-allocators could not register its architectures when sae_lens was imported: "
+                f"{last_error}. SAELens itself works; run `import sae_allocators` "
+                f"to see the full error, or set {ENV_DISABLE}=1 to silence this.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def install() -> bool:

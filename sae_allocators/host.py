@@ -95,8 +95,17 @@ def _own_source(module: str) -> Source:
     return Source(plugin=module, distribution=names.DISTRIBUTION, version=_version(names.DISTRIBUTION), builtin=True)
 
 
+#: warnings raised while loading, emitted only once every registration is done, so that a
+#: warnings filter turning them into errors (``python -W error``, pytest's ``filterwarnings =
+#: error``) cannot stop this project's own architectures from being registered
+_pending: list[str] | None = None
+
+
 def _warn(msg: str) -> None:
-    warnings.warn(msg, PluginWarning, stacklevel=3)
+    if _pending is not None:
+        _pending.append(msg)
+    else:
+        warnings.warn(msg, PluginWarning, stacklevel=3)
 
 
 def external_plugins_disabled() -> set[str] | bool:
@@ -333,17 +342,23 @@ def _collect(pm: pluggy.PluginManager, plugins: list[tuple[Any, Source]], report
 
 def load(force: bool = False) -> LoadReport:
     """Load every plugin and register its architectures into SAELens (once per process)."""
-    global _report, _pm
+    global _report, _pm, _pending
     if _report is not None and not force:
         return _report
     compat.apply()
     reg.install_error_messages()
     report = LoadReport()
     pm = _new_manager()
-    plugins = _load_plugins(pm, report)
-    report.plugins = [src for _, src in plugins]
-    _collect(pm, plugins, report)
-    _report, _pm = report, pm
+    _pending = []
+    try:
+        plugins = _load_plugins(pm, report)
+        report.plugins = [src for _, src in plugins]
+        _collect(pm, plugins, report)
+        _report, _pm = report, pm
+    finally:
+        pending, _pending = _pending, None
+    for msg in pending:  # everything is registered; a filter may now turn these into errors
+        warnings.warn(msg, PluginWarning, stacklevel=2)
     return report
 
 

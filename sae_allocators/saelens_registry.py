@@ -35,10 +35,18 @@ class UnknownArchitectureError(KeyError):
         name, side = self.architecture, self.side
         msg = f"Unknown SAE architecture {name!r}: no {side} class is registered in SAELens under that name."
         if name in PROVIDED_ARCHITECTURES:
+            autoload_error = _autoload_error()
             if os.environ.get(ENV_NO_AUTOLOAD):
                 how = f"{ENV_NO_AUTOLOAD} is set, so run `import sae_allocators` before loading"
+            elif _installed():
+                how = (
+                    f"{DISTRIBUTION} is installed, but its architectures are not registered in this process: "
+                    "run `import sae_allocators` before loading (if that raises, its error says why)"
+                )
+                if autoload_error:
+                    how += f"; registering them automatically when sae_lens was imported failed with {autoload_error}"
             else:
-                how = "run `import sae_allocators` before loading, or `pip install sae-allocators`"
+                how = f"`pip install {DISTRIBUTION}`, then `import sae_allocators` before loading"
             msg += f" {name!r} is provided by the {DISTRIBUTION} package: {how}."
         else:
             msg += (
@@ -47,6 +55,22 @@ class UnknownArchitectureError(KeyError):
             )
         msg += f" Registered {side} architectures: {', '.join(sorted(self.registered)) or '(none)'}."
         return msg
+
+
+def _installed() -> bool:
+    import importlib.metadata as md
+
+    try:
+        md.version(DISTRIBUTION)
+    except md.PackageNotFoundError:
+        return False
+    return True
+
+
+def _autoload_error() -> str | None:
+    """What stopped the automatic registration at ``import sae_lens`` (``sae_allocators_autoload``)."""
+    autoload = sys.modules.get("sae_allocators_autoload")
+    return getattr(autoload, "last_error", None)
 
 
 class ExplainingRegistry(dict):

@@ -484,15 +484,15 @@ def test_bad_repo_and_sae_id(trained):
 def test_atomic_writes_leave_nothing_half_written(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
-    (target / "old.txt").write_text("old")
+    (target / "cfg.json").write_text("old")
     with pytest.raises(RuntimeError):
         with atomic_dir(target) as tmp:
-            (tmp / "new.txt").write_text("half")
+            (tmp / "sae_weights.safetensors").write_text("half")
             raise RuntimeError("crash mid-save")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (target / "old.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (target / "cfg.json").read_text() == "old"
     with atomic_dir(target) as tmp:
-        (tmp / "new.txt").write_text("new")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and [p.name for p in target.iterdir()] == ["new.txt"]
+        (tmp / "sae_weights.safetensors").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and [p.name for p in target.iterdir()] == ["sae_weights.safetensors"]
     atomic_write_text(tmp_path / "f.txt", "one")
 
     class Boom(str):

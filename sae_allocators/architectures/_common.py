@@ -11,11 +11,17 @@ import torch
 
 def check_k(k: Any, d_sae: int, field: str = "k") -> None:
     """``k`` is the average number of active features per token: a float in (0, d_sae]."""
+    check_d_sae(d_sae)  # a bad d_sae is named as such, not blamed on k
     if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k) or not 0 < k <= d_sae:
         raise ValueError(
             f"{field}={k!r} is invalid: it is the average number of active features per token, so it "
             f"must be a number with 0 < {field} <= d_sae={d_sae} (e.g. {field}=32)."
         )
+
+
+def check_d_sae(d_sae: Any) -> None:
+    if isinstance(d_sae, bool) or not isinstance(d_sae, int) or d_sae < 1:
+        raise ValueError(f"d_sae={d_sae!r} is invalid: use a positive integer (the number of latents, e.g. 16384).")
 
 
 def check_rate(value: Any, field: str) -> None:

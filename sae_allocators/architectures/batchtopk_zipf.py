@@ -76,6 +76,8 @@ class BatchTopKZipfTrainingSAE(AuxLossMixin, SelectionStepMixin, BatchTopKTraini
             self.topk_threshold = (1 - lr) * self.topk_threshold + lr * smallest.to(self.topk_threshold.dtype)
         return None
 
+    batch_selection = True  # encode refuses non-finite input
+
     @torch.no_grad()
     def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
         TopKTrainingSAE.fold_activation_norm_scaling_factor(self, scaling_factor)

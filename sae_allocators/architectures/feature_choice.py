@@ -30,7 +30,8 @@ from sae_allocators.architectures._step import SelectionStepMixin, StepState
 from sae_allocators.distributed import all_reduce, group_of
 from sae_allocators.distributed import select as dist_select
 from sae_allocators.hookspecs import hookimpl
-from sae_allocators.losses import AuxLossConfig, AuxLossMixin
+from sae_allocators.losses import AuxLossConfig, AuxLossMixin, check_finite
+from sae_allocators.losses.base import BATCH_ENCODE_REASON
 
 NAME = "feature_choice"
 #: default Zipf exponent of the capacities (see docs/feature_choice.md, "Choosing the exponent")
@@ -57,6 +58,7 @@ class FeatureChoice(torch.nn.Module):
         self.k, self.one_per_token = k, one_per_token
 
     def forward(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+        check_finite(hidden_pre, f"{NAME} pre-activations", BATCH_ENCODE_REASON)
         n = hidden_pre.numel() // hidden_pre.shape[-1]
         caps = capacities(n, self.k, hidden_pre.shape[-1], device=hidden_pre.device)
         return feature_choice_select(hidden_pre, caps, one_per_token=self.one_per_token)[0]
@@ -129,8 +131,14 @@ class FeatureChoiceTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
         return JumpReLUSAEConfig
 
 
+def _sync_demand_tick(module: Any, incompatible_keys: Any) -> None:  # noqa: ARG001
+    module._demand_tick = int(module.demand_tick)  # after load_state_dict (checkpoint resume)
+
+
 class FeatureChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE):
     """Feature Choice training SAE; ``encode`` is the batch rule, ``encode_thresholded`` the saved one."""
+
+    batch_selection = True  # encode refuses non-finite input
 
     cfg: FeatureChoiceTrainingSAEConfig  # type: ignore[assignment]
     training_only_buffers = (
@@ -141,6 +149,7 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE
         "global_threshold_steps",
         "feature_usage",
         "usage_steps",
+        "demand_tick",
     )
 
     def __init__(self, cfg: FeatureChoiceTrainingSAEConfig, use_error_term: bool = False):
@@ -157,12 +166,16 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE
         buf("global_threshold_steps", torch.zeros((), dtype=torch.long, device=dev))
         buf("feature_usage", torch.zeros(f, dtype=torch.float32, device=dev))
         buf("usage_steps", torch.zeros((), dtype=torch.long, device=dev))
+        # phase of the every-DEMAND_EVERY-steps demand update: saved in checkpoints so a resumed
+        # run updates on the same steps; mirrored in _demand_tick so that no step reads it back
+        buf("demand_tick", torch.zeros((), dtype=torch.long, device=dev))
         # The selection's speed-up estimate (last step's thresholds and their spread). Not saved,
         # and the selection does not depend on it: a resumed run's first step is exact too.
         self._tau_last: torch.Tensor | None = None
         self._tau_dev: torch.Tensor | None = None
         self._margin_z = 2.0
         self._demand_tick = 0
+        self.register_load_state_dict_post_hook(_sync_demand_tick)
 
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
         return FeatureChoice(self.cfg.k, self.cfg.one_per_token)
@@ -239,6 +252,7 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE
         # demand: where Mutual Choice at the same budget would fire (global k*N-th largest value).
         # It feeds slow averages (density_window steps), so every DEMAND_EVERY-th step suffices.
         self._demand_tick = (self._demand_tick + 1) % DEMAND_EVERY
+        self.demand_tick.fill_(self._demand_tick)
         if self._demand_tick != 1 % DEMAND_EVERY:
             return
         flat = hidden_pre.detach().reshape(-1)

@@ -23,7 +23,8 @@ from sae_allocators.architectures._step import SelectionStepMixin, StepState
 from sae_allocators.distributed import group_of
 from sae_allocators.distributed import select as dist_select
 from sae_allocators.hookspecs import hookimpl
-from sae_allocators.losses import AuxLossConfig, AuxLossMixin
+from sae_allocators.losses import AuxLossConfig, AuxLossMixin, check_finite
+from sae_allocators.losses.base import BATCH_ENCODE_REASON
 
 NAME = "mutual_choice"
 
@@ -36,6 +37,7 @@ class MutualChoice(torch.nn.Module):
         self.k = k
 
     def forward(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+        check_finite(hidden_pre, f"{NAME} pre-activations", BATCH_ENCODE_REASON)
         return batch_topk(hidden_pre, self.k)
 
 
@@ -87,6 +89,8 @@ class MutualChoiceTrainingSAEConfig(AuxLossConfig, BatchTopKTrainingSAEConfig):
 class MutualChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, BatchTopKTrainingSAE):
     """Mutual Choice training SAE; the training step keeps the batch's ``floor(k N)`` largest
     affinities (:meth:`select`), ``encode_thresholded`` is the saved batch-free rule."""
+
+    batch_selection = True  # encode refuses non-finite input
 
     cfg: MutualChoiceTrainingSAEConfig  # type: ignore[assignment]
     training_only_buffers = ("threshold_steps",)

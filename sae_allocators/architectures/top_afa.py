@@ -26,6 +26,7 @@ from torch import nn
 
 from sae_allocators import sparse
 from sae_allocators.allocation.afa import AFASelection, afa_indices, afa_loss, afa_loss_sparse, afa_select, check_k_max
+from sae_allocators.architectures._common import check_d_sae
 from sae_allocators.architectures._step import SelectionStepMixin, StepState
 from sae_allocators.diagnostics.afa import afa_k_stats, epsilon_lbo, epsilon_lbo_stats
 from sae_allocators.hookspecs import hookimpl
@@ -56,6 +57,7 @@ class TopAFA(nn.Module):
 
 
 def _check_k_max_field(k_max: Any, d_sae: int) -> None:
+    check_d_sae(d_sae)
     check_k_max(k_max)
     if k_max is not None and k_max > d_sae:
         raise ValueError(f"k_max={k_max!r} is invalid: it cannot exceed d_sae={d_sae}; use k_max <= d_sae, or None for no cap.")

@@ -28,17 +28,24 @@ Put the mixins *first* in the bases so their ``__post_init__`` / ``calculate_aux
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 from typing import Any, Callable, ClassVar
 
 import torch
 
+from sae_allocators import config_checks
 from sae_allocators import metrics as M
 from sae_allocators.distributed.comm import all_reduce
 from sae_allocators.distributed.data_parallel import group_of
 from sae_allocators.distributed.select import strided_token_sample
 from sae_allocators.losses import registry
+
+#: the built-in losses that regress a bias-free reconstruction onto the residual
+RESIDUAL_AUX_LOSSES = ("auxk", "zipf")
+#: normalizations under which that residual reconstruction is not possible
+UNNORMALIZED_RESIDUAL_NORMALIZATIONS = ("constant_norm_rescale", "layer_norm")
 
 
 @dataclass
@@ -106,7 +113,32 @@ class AuxLossConfig:
     zipf_weight_by_shortfall: bool = False
     sparse_step: bool = True
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Each subclass's own __post_init__ is wrapped so that the checks every config shares
+        # (unknown from_dict keys, field types, d_in / d_sae) run first -- before an
+        # architecture's own checks could trip over a string or blame k for d_sae=0.
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is None or getattr(own, "_runs_shared_checks", False):
+            return
+
+        @functools.wraps(own)
+        def __post_init__(self: Any, *args: Any) -> None:
+            self._shared_checks_if_outermost(cls)
+            own(self, *args)
+
+        __post_init__._runs_shared_checks = True  # type: ignore[attr-defined]
+        cls.__post_init__ = __post_init__  # type: ignore[method-assign]
+
+    def _shared_checks_if_outermost(self, owner: type) -> None:
+        outermost = next(k for k in type(self).__mro__ if "__post_init__" in k.__dict__)
+        if outermost is owner:
+            config_checks.warn_unknown_keys(self)
+            config_checks.check_field_types(self)
+            config_checks.check_dimensions(self)
+
     def __post_init__(self) -> None:
+        self._shared_checks_if_outermost(AuxLossConfig)
         super().__post_init__()  # type: ignore[misc]
         self.validate_aux_loss_fields()
 
@@ -124,7 +156,16 @@ class AuxLossConfig:
         return result
 
     def validate_aux_loss_fields(self) -> None:
+        config_checks.check_field_types(self)  # before any comparison below meets a string
         registry.get(self.aux_loss)  # ValueError naming aux_loss and the registered names
+        norm = getattr(self, "normalize_activations", "none")
+        if self.aux_loss in RESIDUAL_AUX_LOSSES and norm in UNNORMALIZED_RESIDUAL_NORMALIZATIONS:
+            raise ValueError(
+                f"aux_loss={self.aux_loss!r} does not support normalize_activations={norm!r}: its residual "
+                "reconstruction would be in normalized space while the residual is not, which fails at the "
+                "first dead latent. Use normalize_activations='none' or 'expected_average_only_in', or "
+                "aux_loss='none'."
+            )
         if not (isinstance(self.aux_loss_coefficient, (int, float)) and math.isfinite(self.aux_loss_coefficient) and self.aux_loss_coefficient >= 0):
             raise _field_error("aux_loss_coefficient", self.aux_loss_coefficient, "use a finite number >= 0 (e.g. 1.0; 0 disables the term)")
         d_sae = getattr(self, "d_sae", None)
@@ -144,15 +185,25 @@ class AuxLossConfig:
             raise _field_error("sparse_step", self.sparse_step, "use True (the sparse training step) or False (the dense reference)")
 
 
-def check_finite(x: torch.Tensor, what: str = "input activations") -> None:
-    """Raise a ValueError if ``x`` holds NaN or inf (one reduction; a sync on GPU)."""
+#: why a batch rule refuses non-finite input in ``encode`` (see :func:`check_finite`)
+BATCH_ENCODE_REASON = (
+    "the selection is over the whole batch, so a non-finite token would take other tokens' share of the "
+    "budget; the SAE refuses to encode them"
+)
+
+
+def check_finite(x: torch.Tensor, what: str = "input activations", reason: str | None = None) -> None:
+    """Raise a ValueError if ``x`` holds NaN or inf (one reduction; a sync on GPU).
+
+    ``reason`` says why they are refused (default: training would write NaN into the weights).
+    """
     if not bool(torch.isfinite(x).all()):
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())
+        why = reason or "the SAE refuses to train on them rather than write NaN into its weights"
         raise ValueError(
-            f"{what} contain {n_nan} NaN and {n_inf} inf values (shape {tuple(x.shape)}): the SAE "
-            "refuses to train on them rather than write NaN into its weights. Fix the activation "
-            "source (e.g. the model's dtype overflowing: try dtype='float32', or filter the batch)."
+            f"{what} contain {n_nan} NaN and {n_inf} inf values (shape {tuple(x.shape)}): {why}. Fix the "
+            "activation source (e.g. the model's dtype overflowing: try dtype='float32', or filter the batch)."
         )
 
 
@@ -171,6 +222,9 @@ class AuxLossMixin:
     training_only_buffers: ClassVar[tuple[str, ...]] = ("feature_density", "density_steps")
     #: tokens per step (at least; strided) on which running densities are measured
     density_sample_tokens: ClassVar[int] = 512
+    #: True for rules selecting over the whole batch: ``encode`` then refuses non-finite input
+    #: (one NaN token would change every other token's codes); the training step always does
+    batch_selection: ClassVar[bool] = False
 
     def __init__(self, cfg: Any, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)  # type: ignore[call-arg]
@@ -275,6 +329,11 @@ class AuxLossMixin:
     def step_aux_losses(self, step_input: Any, state: Any, feature_acts: torch.Tensor, sae_out: torch.Tensor) -> dict[str, torch.Tensor]:
         """The configured auxiliary loss for the shared selection step (its state included)."""
         return self.calculate_aux_loss(step_input, feature_acts, state.hidden_pre.view(*state.lead_shape, -1), sae_out, state=state)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_selection:
+            check_finite(x, f"{self.cfg.architecture()} encode input", BATCH_ENCODE_REASON)
+        return super().encode(x)  # type: ignore[misc]
 
     def training_forward_pass(self, step_input: Any) -> Any:
         check_finite(step_input.sae_in)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,10 @@ from typing import Any
 
 from sae_allocators import devices
 from sae_allocators.cli import command
-from sae_allocators.io import CFG_FILENAME, SPARSITY_FILENAME, WEIGHTS_FILENAME, SaeFolderError, SaeFolderInfo, check_sae_folder
+from sae_allocators.io import CFG_FILENAME, SPARSITY_FILENAME, WEIGHTS_FILENAME, SaeFolderError, SaeFolderInfo, check_loadable
 from sae_allocators.names import DISTRIBUTION
 
+_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 HELP = "load an SAE from the Hub (or the local cache, or a folder) and describe it"
 
 
@@ -58,6 +60,11 @@ def _provider(arch: str) -> tuple[str, bool]:
     return f"{prov.distribution} {prov.version}".strip(), prov.is_saelens
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
 def _cached_folder(repo_id: str, sae_id: str) -> Path:
     """Download (or, offline, find in the cache) the SAE's files; return their folder."""
     from huggingface_hub import constants, hf_hub_download
@@ -75,18 +82,36 @@ def _cached_folder(repo_id: str, sae_id: str) -> Path:
                 f"downloading it: unset HF_HUB_OFFLINE (with network access) to download it, or check the repo id and "
                 f"sae id (`hf cache ls` lists what is cached)."
             ) from None
-        raise SaeFolderError(f"{where} could not be downloaded and is not cached: check the network connection.") from None
+        raise SaeFolderError(
+            f"{where} could not be downloaded from {constants.ENDPOINT} and is not cached: check the network connection "
+            f"(and HF_ENDPOINT)."
+        ) from None
     except RepositoryNotFoundError:
         raise SaeFolderError(f"Hub repo {repo_id!r} not found (or private without a token): check the name, or set HF_TOKEN.") from None
     except EntryNotFoundError:
         raise SaeFolderError(
             f"{repo_id!r} has no {sae_id}/{CFG_FILENAME} or {sae_id}/{WEIGHTS_FILENAME}: check the sae id (the folder name inside the repo)."
         ) from None
+    except Exception as exc:  # noqa: BLE001 - connection errors (httpx / requests), refused requests, ...
+        raise SaeFolderError(
+            f"{where} could not be downloaded from {constants.ENDPOINT}: {type(exc).__name__}: {_first_line(exc)}. "
+            f"Check the network connection, HF_ENDPOINT and HF_TOKEN."
+        ) from None
     try:  # optional, as in SAELens
         hf_hub_download(repo_id, f"{sae_id}/{SPARSITY_FILENAME}")
     except Exception:  # noqa: BLE001 - absent sparsity is normal
         pass
     return cfg_path.parent
+
+
+def _saelens_load(fn: Any, what: str) -> Any:
+    """Run SAELens's loader; anything it still refuses becomes one SaeFolderError line."""
+    try:
+        return fn()
+    except SaeFolderError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the checks above should have caught it; never a traceback
+        raise SaeFolderError(f"SAELens could not load {what}: {type(exc).__name__}: {_first_line(exc)}") from None
 
 
 def load(source: str, sae_id: str | None = None, *, device: str = devices.CPU) -> Loaded:
@@ -98,15 +123,24 @@ def load(source: str, sae_id: str | None = None, *, device: str = devices.CPU) -
 
     if sae_id is None:
         folder = Path(source)
-        if not folder.exists() and "/" in source and not source.startswith((".", "/")):
-            raise SaeFolderError(f"{source!r} looks like a Hub repo id: give the SAE id too, `sae-allocators load {source} SAE_ID`.")
-        info = check_sae_folder(folder)
-        sae = SAE.load_from_disk(str(folder), device=device)
+        if not folder.exists() and not folder.is_symlink():
+            hub = ""
+            if _REPO_RE.match(source):
+                hub = f" If {source!r} is a Hub repo id, give the SAE id too: `sae-allocators load {source} SAE_ID`."
+            raise SaeFolderError(
+                f"{source}: no such local folder ({folder.resolve()} does not exist); give the --output_path of "
+                f"`sae-allocators train`.{hub}"
+            )
+        info = check_loadable(folder)
+        sae = _saelens_load(lambda: SAE.load_from_disk(str(folder), device=device), str(folder))
         label = str(folder)
     else:
+        if not _REPO_RE.match(source):
+            local = " (and no local folder has that name)" if not Path(source).exists() else " (a local folder is loaded without an SAE id)"
+            raise SaeFolderError(f"{source!r} is not a Hub repo id{local}; use the form 'org/name' with an SAE id, or a local folder alone.")
         folder = _cached_folder(source, sae_id)
-        info = check_sae_folder(folder)
-        sae = SAE.from_pretrained(source, sae_id, device=device)
+        info = check_loadable(folder)
+        sae = _saelens_load(lambda: SAE.from_pretrained(source, sae_id, device=device), f"{source} / {sae_id}")
         label = f"{source} / {sae_id}"
     provider, plain = _provider(info.architecture)
     return Loaded(sae=sae, info=info, source=label, provider=provider, plain_saelens=plain)

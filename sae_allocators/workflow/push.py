@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sae_allocators.cli import command
-from sae_allocators.io import METRICS_FILENAME, RUNNER_CFG_FILENAME, SaeFolderError, SaeFolderInfo, check_sae_folder
+from sae_allocators.io import METRICS_FILENAME, RUNNER_CFG_FILENAME, SaeFolderError, SaeFolderInfo, check_loadable
 from sae_allocators.names import DISTRIBUTION
 
 HELP = "upload a trained SAE output folder to the Hugging Face Hub, with a model card"
@@ -138,6 +138,34 @@ def model_card(info: SaeFolderInfo, repo_id: str, sae_id: str) -> str:
     return "\n".join(lines)
 
 
+def check_loadable_like_from_pretrained(output_dir: str | Path) -> SaeFolderInfo:
+    """Refuse, before any network call, a folder that ``SAE.from_pretrained`` could not load into a
+    usable SAE: the header checks, then :func:`sae_allocators.io.check_loadable` (config field
+    types, tensor names / shapes / dtypes, finite weights), then SAELens's own loader on the CPU."""
+    from sae_lens import SAE
+
+    info = check_loadable(output_dir)
+    try:
+        SAE.load_from_disk(str(info.path), device="cpu")
+    except Exception as exc:  # noqa: BLE001 - whatever SAELens still refuses: one line, no traceback
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else "(no message)"
+        raise SaeFolderError(f"SAELens cannot load {info.path}, so it is not uploaded: {type(exc).__name__}: {first}") from None
+    return info
+
+
+def _connection_error(exc: BaseException) -> bool:
+    """True for a transport failure (no answer from the endpoint), whichever HTTP client raised it."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        names = {k.__name__ for k in type(exc).__mro__}
+        if names & {"ConnectError", "ConnectTimeout", "ConnectionError", "TimeoutException", "TransportError", "ProxyError", "ReadTimeout"}:
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
 def _scrub(text: str, token: str | None) -> str:
     return text.replace(token, "***") if token else text
 
@@ -154,7 +182,7 @@ def push(
     """Upload ``output_dir`` as ``repo_id/<sae_id>/`` plus a model card; return what was done."""
     if not _REPO_RE.match(repo_id or ""):
         raise SaeFolderError(f"--repo {repo_id!r} is not a Hub repo id; use the form 'org/name' (or 'user/name').")
-    info = check_sae_folder(output_dir)
+    info = check_loadable_like_from_pretrained(output_dir)
     sae_id = _check_sae_id(sae_id if sae_id is not None else default_sae_id(info))
 
     from huggingface_hub import HfApi, get_token
@@ -195,10 +223,19 @@ def push(
         raise PushError(_scrub(f"Upload to {repo_id} failed ({status}): {exc}. Fix: {hint}.", token)) from None
     except ValueError as exc:  # e.g. the Hub refusing the card's metadata
         raise PushError(_scrub(f"Upload to {repo_id} failed: {exc}", token)) from None
-    except OSError as exc:  # connection errors, offline mode
-        raise PushError(
-            _scrub(f"Upload to {repo_id} failed: {type(exc).__name__}: {exc}. Check the network and that HF_HUB_OFFLINE is not set.", token)
-        ) from None
+    except Exception as exc:  # noqa: BLE001 - connection errors (httpx, requests), offline mode, anything else
+        from huggingface_hub import constants
+
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else "(no message)"
+        if _connection_error(exc):
+            msg = (
+                f"Upload to {repo_id} failed: cannot reach {constants.ENDPOINT} ({type(exc).__name__}: {first}). "
+                f"Check the network connection and HF_ENDPOINT, then push again."
+            )
+        else:
+            msg = f"Upload to {repo_id} failed: {type(exc).__name__}: {first}. Check the network and that HF_HUB_OFFLINE is not set."
+        raise PushError(_scrub(msg, token)) from None
     return {"repo_id": repo_id, "sae_id": sae_id, "card_written": card_written, "card_existed": card_exists, "info": info}
 
 

@@ -7,10 +7,14 @@ hard-codes the choices) the same parser is rebuilt the same way -- simple_parsin
 choices read from the registry. Nothing is copied by hand, so each architecture's fields
 (``--k``, ...) appear as SAELens would show them.
 
-Differences from ``python -m sae_lens.llm_sae_training_runner``: plugins are loaded first, the
-final output folder is written atomically (a temporary sibling folder renamed into place), and
-``final_metrics.json`` (the last training step's losses, L0, explained variance, dead features and
-the number of training tokens) is written next to it for ``sae-allocators push``'s model card.
+Differences from ``python -m sae_lens.llm_sae_training_runner``: plugins are loaded first; the
+output path is checked before training (an existing folder holding files an SAE output folder
+does not is refused, since the save replaces it whole) and leftovers of interrupted saves to it
+are cleaned up; the final output folder is written crash-consistently
+(:func:`sae_allocators.io.atomic_dir`: a hidden sibling folder switched into place in one
+``renameat2(RENAME_EXCHANGE)``); and ``final_metrics.json`` (the last training step's losses, L0,
+explained variance, dead features and the number of training tokens) is written next to it for
+``sae-allocators push``'s model card.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sae_allocators.cli import command
+from sae_allocators.io import SaeFolderError
 
 HELP = "train an SAE with SAELens's training options (any registered architecture, ours included)"
 
@@ -159,6 +164,10 @@ def _runner_class():
 
 def train(cfg, *, override_model=None, override_dataset=None):
     """Train ``cfg`` (a ``LanguageModelSAERunnerConfig``) with SAELens's runner; return the runner."""
+    if cfg.output_path is not None:
+        from sae_allocators.io import check_replaceable_output, recover_output_dir
+
+        recover_output_dir(check_replaceable_output(cfg.output_path))  # fail before training, not after
     runner = _runner_class()(cfg, override_model=override_model, override_dataset=override_dataset)
     runner.sae_result = runner.run()
     return runner
@@ -189,7 +198,11 @@ def main(argv: Sequence[str], *, override_model=None, override_dataset=None) -> 
     except (ValueError, KeyError) as exc:  # config __post_init__ validation, unknown names
         print(f"sae-allocators train: error: {exc}", file=sys.stderr)
         return 2
-    runner = train(cfg, override_model=override_model, override_dataset=override_dataset)
+    try:
+        runner = train(cfg, override_model=override_model, override_dataset=override_dataset)
+    except SaeFolderError as exc:  # the output path is not one a save may replace
+        print(f"sae-allocators train: error: {exc}", file=sys.stderr)
+        return 2
     if cfg.output_path is not None:
         arch = cfg.sae.architecture()
         print(f"Trained {arch} SAE (d_in={cfg.sae.d_in}, d_sae={cfg.sae.d_sae}); saved to {cfg.output_path}")
