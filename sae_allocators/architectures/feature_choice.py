@@ -25,6 +25,7 @@ from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopK
 from sae_allocators.allocation.batch import budget, kth_largest_with_candidates
 from sae_allocators.allocation.feature_choice import capacities, feature_choice_select, usage_rank
 from sae_allocators.architectures._common import check_k, check_rate, pre_activations, warm_ema_
+from sae_allocators.thresholds import ThresholdTracker, check_exportable, require_budget, tokens_in
 from sae_allocators.hookspecs import hookimpl
 from sae_allocators.losses import AuxLossConfig, AuxLossMixin
 
@@ -137,6 +138,7 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, TopKTrainingSAE):
         "global_threshold_steps",
         "feature_usage",
         "usage_steps",
+        "threshold_calibrated",
     )
 
     def __init__(self, cfg: FeatureChoiceTrainingSAEConfig, use_error_term: bool = False):
@@ -146,11 +148,13 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, TopKTrainingSAE):
         def buf(name: str, value: torch.Tensor) -> None:
             self.register_buffer(name, value)
 
-        buf("feature_threshold", torch.zeros(f, dtype=torch.double, device=dev))
-        buf("feature_threshold_steps", torch.zeros(f, dtype=torch.long, device=dev))
-        buf("steps_since_selected", torch.zeros(f, dtype=torch.long, device=dev))
-        buf("global_threshold", torch.zeros((), dtype=torch.double, device=dev))
-        buf("global_threshold_steps", torch.zeros((), dtype=torch.long, device=dev))
+        #: theta_j (sae_allocators.thresholds): running tau_j; calibrated values replace it at the end
+        self.threshold_tracker = ThresholdTracker(
+            self, value="feature_threshold", steps="feature_threshold_steps", shape=(f,), rate_field="threshold_lr",
+            age="steps_since_selected", calibrated="threshold_calibrated",
+        )
+        #: theta: the Mutual-Choice threshold at the same budget (fallback of stale features)
+        self.global_threshold_tracker = ThresholdTracker(self, value="global_threshold", steps="global_threshold_steps", rate_field="threshold_lr")
         buf("feature_usage", torch.zeros(f, dtype=torch.float32, device=dev))
         buf("usage_steps", torch.zeros((), dtype=torch.long, device=dev))
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -187,6 +191,7 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, TopKTrainingSAE):
         return self.hook_sae_acts_post(codes), hidden_pre
 
     def training_forward_pass(self, step_input: Any) -> Any:
+        require_budget(self.cfg.k, tokens_in(step_input.sae_in), NAME)
         output = super().training_forward_pass(step_input)
         if self._last is not None:
             self._update_running_stats(*self._last)
@@ -213,17 +218,13 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, TopKTrainingSAE):
 
     @torch.no_grad()
     def _update_running_stats(self, hidden_pre: torch.Tensor, tau: torch.Tensor) -> None:
-        lr = self.cfg.threshold_lr
         finite_tau = torch.where(torch.isfinite(tau), tau, torch.zeros_like(tau))
         if self._tau_last is None:
             self._tau_dev = 0.05 * finite_tau.abs()
         else:
             self._tau_dev = 0.7 * self._tau_dev + 0.3 * (finite_tau - self._tau_last).abs()
         self._tau_last = finite_tau
-        selected = torch.isfinite(tau)
-        warm_ema_(self.feature_threshold, torch.where(selected, tau, torch.zeros_like(tau)).double(), self.feature_threshold_steps, lr, where=selected)
-        self.steps_since_selected += 1
-        self.steps_since_selected[selected] = 0
+        self.threshold_tracker.update(tau)  # +inf (kept nothing) entries are skipped
         # demand: where Mutual Choice at the same budget would fire (global k*N-th largest value).
         # It feeds slow averages (density_window steps), so every DEMAND_EVERY-th step suffices.
         self._demand_tick = (self._demand_tick + 1) % DEMAND_EVERY
@@ -236,7 +237,7 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, TopKTrainingSAE):
             return
         tau_g, cand, idx = kth_largest_with_candidates(flat, kk, row_len=f)
         tau_g = tau_g.clamp_min(0)
-        warm_ema_(self.global_threshold, tau_g.double(), self.global_threshold_steps, lr)
+        self.global_threshold_tracker.update(tau_g)
         if cand is None:
             fired = (hidden_pre.detach().reshape(-1, f) >= tau_g) & (hidden_pre.detach().reshape(-1, f) > 0)
             demand = fired.sum(0).float()
@@ -247,7 +248,10 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, TopKTrainingSAE):
         warm_ema_(self.feature_usage, demand / n_tokens, self.usage_steps, 1.0 / self.cfg.density_window)
 
     def inference_thresholds(self) -> torch.Tensor:
-        """theta_j, or the global threshold for a feature stale for > threshold_fallback_steps."""
+        """The calibrated theta_j if calibration ran (:mod:`sae_allocators.calibration`); else the
+        running theta_j, or the global threshold for a feature stale for > threshold_fallback_steps."""
+        if self.threshold_tracker.is_calibrated:
+            return self.feature_threshold
         stale = (self.steps_since_selected > self.cfg.threshold_fallback_steps) | (self.feature_threshold_steps == 0)
         return torch.where(stale, self.global_threshold.expand_as(self.feature_threshold), self.feature_threshold)
 
@@ -260,18 +264,18 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, TopKTrainingSAE):
     @torch.no_grad()
     def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
         super().fold_activation_norm_scaling_factor(scaling_factor)
-        if self.cfg.rescale_acts_by_decoder_norm:
-            self.feature_threshold /= scaling_factor
-            self.global_threshold /= scaling_factor
+        self.threshold_tracker.fold(scaling_factor)
+        self.global_threshold_tracker.fold(scaling_factor)
 
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_saving_inference(state_dict)
-        state_dict["threshold"] = self.inference_thresholds().to(self.b_enc.dtype).clone()
+        theta = self.inference_thresholds().detach()
+        check_exportable(theta, "feature_choice threshold theta_j")
+        state_dict["threshold"] = theta.to(self.b_enc.dtype).clone()
 
     def lazy_metrics(self, feature_acts: torch.Tensor, dead_mask: torch.Tensor | None) -> dict[str, Any]:
         out = super().lazy_metrics(feature_acts, dead_mask)
-        theta = self.global_threshold.detach().clone()
-        out["threshold"] = lambda: float(theta)
+        out["threshold"] = self.global_threshold_tracker.metric()
         return out
 
 

@@ -17,9 +17,10 @@ from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingS
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig, TopKTrainingSAE
 
 from sae_allocators.allocation.batch import batch_topk, mutual_choice_select
-from sae_allocators.architectures._common import check_k, check_rate, pre_activations, warm_ema_
+from sae_allocators.architectures._common import check_k, check_rate, pre_activations
 from sae_allocators.hookspecs import hookimpl
 from sae_allocators.losses import AuxLossConfig, AuxLossMixin
+from sae_allocators.thresholds import ThresholdTracker, require_budget, tokens_in
 
 NAME = "mutual_choice"
 
@@ -84,11 +85,14 @@ class MutualChoiceTrainingSAE(AuxLossMixin, BatchTopKTrainingSAE):
     """Mutual Choice training SAE; ``encode`` is the batch rule, ``encode_thresholded`` the saved one."""
 
     cfg: MutualChoiceTrainingSAEConfig  # type: ignore[assignment]
-    training_only_buffers = ("threshold_steps",)
+    training_only_buffers = ("threshold_steps", "threshold_calibrated")
 
     def __init__(self, cfg: MutualChoiceTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
-        self.register_buffer("threshold_steps", torch.zeros((), dtype=torch.long, device=self.W_dec.device))
+        #: theta: SAELens BatchTopK's ``topk_threshold`` buffer, warm-started (sae_allocators.thresholds)
+        self.threshold_tracker = ThresholdTracker(
+            self, value="topk_threshold", steps="threshold_steps", rate_field="topk_threshold_lr", calibrated="threshold_calibrated"
+        )
         self._last_tau: torch.Tensor | None = None
 
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -100,12 +104,16 @@ class MutualChoiceTrainingSAE(AuxLossMixin, BatchTopKTrainingSAE):
         self._last_tau = tau
         return self.hook_sae_acts_post(codes), hidden_pre
 
+    def training_forward_pass(self, step_input: Any) -> Any:
+        require_budget(self.cfg.k, tokens_in(step_input.sae_in), NAME)
+        return super().training_forward_pass(step_input)
+
     @torch.no_grad()
     def update_topk_threshold(self, acts_topk: torch.Tensor) -> None:  # noqa: ARG002
         """theta <- running mean (first 1/lr steps), then EMA, of the batch's smallest kept value."""
         if self._last_tau is None:
             return
-        warm_ema_(self.topk_threshold, self._last_tau.detach().double(), self.threshold_steps, self.cfg.topk_threshold_lr)
+        self.threshold_tracker.update(self._last_tau)
         self._last_tau = None
 
     @torch.no_grad()
@@ -118,13 +126,19 @@ class MutualChoiceTrainingSAE(AuxLossMixin, BatchTopKTrainingSAE):
     def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
         # Same on every SAELens version (BatchTopK only fixed this in 6.4x, #763).
         TopKTrainingSAE.fold_activation_norm_scaling_factor(self, scaling_factor)
-        if self.cfg.rescale_acts_by_decoder_norm:
-            self.topk_threshold /= scaling_factor
+        self.threshold_tracker.fold(scaling_factor)
+
+    def inference_thresholds(self) -> torch.Tensor:
+        """The saved JumpReLU threshold: theta for every feature (calibrated if calibration ran)."""
+        return self.topk_threshold.expand(self.cfg.d_sae)
+
+    def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
+        super().process_state_dict_for_saving_inference(state_dict)
+        state_dict["threshold"] = self.threshold_tracker.exported(self.b_enc, "mutual_choice threshold theta (topk_threshold)")
 
     def lazy_metrics(self, feature_acts: torch.Tensor, dead_mask: torch.Tensor | None) -> dict[str, Any]:
         out = super().lazy_metrics(feature_acts, dead_mask)
-        theta = self.topk_threshold.detach().clone()
-        out["threshold"] = lambda: float(theta)
+        out["threshold"] = self.threshold_tracker.metric()
         return out
 
 
