@@ -29,7 +29,8 @@ updates then run eagerly on the real ``tau`` of every step.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -197,3 +198,28 @@ class ThresholdTracker:
         check_exportable(theta, what or f"threshold {self.value_name!r}")
         return (torch.ones_like(like) * theta.to(like.dtype)).clone()
 
+
+
+@dataclass
+class CalibrationConfig:
+    """Config fields of the architectures whose saved thresholds are calibrated after training.
+
+    Attributes:
+        calibrate: fit the saved thresholds on held-out activations at the end of training
+            (:mod:`sae_allocators.calibration`); ``False`` saves the running thresholds as they are.
+        calibration_tokens: held-out tokens for it; ``None``: 2 % of the training tokens, at least
+            4 training batches, at most 262,144.
+    """
+
+    calibrate: bool = True
+    calibration_tokens: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.calibrate, bool):
+            raise ValueError(f"calibrate={self.calibrate!r} is invalid: use True or False.")
+        n = self.calibration_tokens
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"calibration_tokens={n!r} is invalid: use a positive number of tokens, or None for 2 % of the training tokens.")
+        super_post = getattr(super(), "__post_init__", None)
+        if super_post is not None:
+            super_post()

@@ -24,13 +24,13 @@ from sae_lens.saes.topk_sae import TopKTrainingSAE
 from sae_allocators.architectures._common import check_k, check_rate, load_alias_config
 from sae_allocators.hookspecs import hookimpl
 from sae_allocators.losses import AuxLossConfig, AuxLossMixin
-from sae_allocators.thresholds import ThresholdTracker, require_budget, tokens_in
+from sae_allocators.thresholds import CalibrationConfig, ThresholdTracker, require_budget, tokens_in
 
 NAME = "batchtopk_zipf"
 
 
 @dataclass
-class BatchTopKZipfTrainingSAEConfig(AuxLossConfig, BatchTopKTrainingSAEConfig):
+class BatchTopKZipfTrainingSAEConfig(CalibrationConfig, AuxLossConfig, BatchTopKTrainingSAEConfig):
     """SAELens ``BatchTopKTrainingSAEConfig`` plus the :class:`AuxLossConfig` fields (default ``zipf``)."""
 
     aux_loss: str = "zipf"

@@ -25,7 +25,7 @@ from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopK
 from sae_allocators.allocation.batch import budget, kth_largest_with_candidates
 from sae_allocators.allocation.feature_choice import capacities, feature_choice_select, usage_rank
 from sae_allocators.architectures._common import check_k, check_rate, pre_activations, warm_ema_
-from sae_allocators.thresholds import ThresholdTracker, check_exportable, require_budget, tokens_in
+from sae_allocators.thresholds import CalibrationConfig, ThresholdTracker, check_exportable, require_budget, tokens_in
 from sae_allocators.hookspecs import hookimpl
 from sae_allocators.losses import AuxLossConfig, AuxLossMixin
 
@@ -83,7 +83,7 @@ class FeatureChoiceSAE(TopKSAE):
 
 
 @dataclass
-class FeatureChoiceTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
+class FeatureChoiceTrainingSAEConfig(CalibrationConfig, AuxLossConfig, TopKTrainingSAEConfig):
     """Training config.
 
     Attributes:
@@ -99,6 +99,8 @@ class FeatureChoiceTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
         threshold_fallback_steps: a feature that kept nothing for more than this many steps (or
             never) is saved with the global threshold instead of its own.
         aux_loss: ``"zipf"`` (default), ``"auxk"``, ``"none"`` or a plugin's loss.
+        calibrate, calibration_tokens: fit the saved theta_j on held-out activations at the end
+            of training (:class:`~sae_allocators.thresholds.CalibrationConfig`).
     """
 
     k: float = 32  # type: ignore[assignment]

@@ -20,7 +20,7 @@ from sae_allocators.allocation.batch import batch_topk, mutual_choice_select
 from sae_allocators.architectures._common import check_k, check_rate, pre_activations
 from sae_allocators.hookspecs import hookimpl
 from sae_allocators.losses import AuxLossConfig, AuxLossMixin
-from sae_allocators.thresholds import ThresholdTracker, require_budget, tokens_in
+from sae_allocators.thresholds import CalibrationConfig, ThresholdTracker, require_budget, tokens_in
 
 NAME = "mutual_choice"
 
@@ -59,12 +59,14 @@ class MutualChoiceSAE(TopKSAE):
 
 
 @dataclass
-class MutualChoiceTrainingSAEConfig(AuxLossConfig, BatchTopKTrainingSAEConfig):
+class MutualChoiceTrainingSAEConfig(CalibrationConfig, AuxLossConfig, BatchTopKTrainingSAEConfig):
     """Training config.
 
     Attributes:
         k: average active features per token (float); the batch keeps ``floor(k * N)`` entries.
         topk_threshold_lr: EMA rate of the global threshold (after a running-mean warm-up).
+        calibrate, calibration_tokens: fit the saved threshold on held-out activations at the
+            end of training (:class:`~sae_allocators.thresholds.CalibrationConfig`).
         aux_loss: ``"zipf"`` (default), ``"auxk"``, ``"none"`` or a plugin's loss.
         (plus SAELens's TopK fields and the :class:`AuxLossConfig` fields)
     """

@@ -57,6 +57,8 @@ class TrainResult:
     path: Path  # the saved inference model folder
     seconds: float
     steps: int
+    #: sae_allocators.calibration.CalibrationResult when the saved thresholds were calibrated
+    calibration: Any = None
 
 
 def _runner_kwargs(cls: type, **kwargs: Any) -> dict[str, Any]:
@@ -82,6 +84,8 @@ class SyntheticScale:
     #: the best of {1e-3, 3e-3, 1e-2, 2e-2, 4e-2} for TopK (the baseline) at k = 2, 4, 8 (docs/benchmark.md)
     lr: float = 1e-2
     dead_feature_window: int = 100
+    #: held-out samples on which batch-level rules calibrate their saved thresholds (fresh draws)
+    calibration_tokens: int = 16_384
 
 
 class SyntheticSource:
@@ -126,11 +130,13 @@ class SyntheticSource:
         }
 
     def sae_fields(self) -> dict[str, Any]:
-        return {}
+        return {"calibration_tokens": self.scale.calibration_tokens}
 
     def train(self, sae_cfg: Any, seed: int, out_dir: Path) -> TrainResult:
         from sae_lens import LoggingConfig
         from sae_lens.synthetic import SyntheticSAERunner, SyntheticSAERunnerConfig
+
+        from sae_allocators.calibration import calibrating
 
         s = self.scale
         torch.manual_seed(seed)
@@ -153,13 +159,13 @@ class SyntheticSource:
                 logger=LoggingConfig(log_to_wandb=False),
             )
         )
-        runner = SyntheticSAERunner(cfg, override_synthetic_model=self.model)
+        runner = calibrating(SyntheticSAERunner)(cfg, override_synthetic_model=self.model)
         torch.manual_seed(1_000_003 * (seed + 1))  # same data stream for every architecture
         t0 = time.perf_counter()
         with quiet_saelens():
             result = runner.run()
         seconds = time.perf_counter() - t0
-        return TrainResult(result.sae, out_dir, seconds, s.training_samples // s.batch_size)
+        return TrainResult(result.sae, out_dir, seconds, s.training_samples // s.batch_size, runner.calibration_result)
 
     def eval_batches(self, batch_size: int = 4096) -> Iterator[torch.Tensor]:
         for i in range(0, self._eval_x.shape[0], batch_size):
@@ -217,6 +223,8 @@ class LMScale:
     dead_feature_window: int = 100
     store_batch_size_prompts: int = 8
     norm_estimate_batches: int = 10
+    #: held-out tokens (cached after the training tokens) on which batch-level rules calibrate
+    calibration_tokens: int = 8192
 
 
 @dataclass
@@ -261,7 +269,7 @@ class LMSource:
     # activation cache -------------------------------------------------------------------------
     def _cache_tokens(self) -> int:
         s = self.scale
-        extra = (s.norm_estimate_batches + 4) * s.train_batch_size
+        extra = (s.norm_estimate_batches + 4) * s.train_batch_size + s.calibration_tokens
         return int((s.training_tokens + extra) * 1.15)  # special tokens are filtered out
 
     def _cache_key(self) -> str:
@@ -354,10 +362,12 @@ class LMSource:
     def sae_fields(self) -> dict[str, Any]:
         """Config fields every SAE gets here: inputs scaled to mean norm sqrt(d_in) (SAELens folds
         the factor into the saved weights, so the saved model takes raw activations)."""
-        return {"normalize_activations": "expected_average_only_in"}
+        return {"normalize_activations": "expected_average_only_in", "calibration_tokens": self.scale.calibration_tokens}
 
     def train(self, sae_cfg: Any, seed: int, out_dir: Path) -> TrainResult:
         from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
+
+        from sae_allocators.calibration import calibrating
 
         for key, value in OFFLINE_ENV.items():
             os.environ.setdefault(key, value)
@@ -394,14 +404,14 @@ class LMSource:
         )
         torch.manual_seed(seed)
         with quiet_saelens():
-            runner = LanguageModelSAETrainingRunner(
+            runner = calibrating(LanguageModelSAETrainingRunner)(
                 cfg, override_model=self.model, override_dataset=self.data.train_dataset
             )
             torch.manual_seed(1_000_003 * (seed + 1))
             t0 = time.perf_counter()
             sae = runner.run()
         seconds = time.perf_counter() - t0
-        return TrainResult(sae, out_dir, seconds, s.training_tokens // s.train_batch_size)
+        return TrainResult(sae, out_dir, seconds, s.training_tokens // s.train_batch_size, runner.calibration_result)
 
     # evaluation -------------------------------------------------------------------------------
     def _keep_mask(self, tokens: torch.Tensor) -> torch.Tensor:

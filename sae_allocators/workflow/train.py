@@ -8,7 +8,9 @@ choices read from the registry. Nothing is copied by hand, so each architecture'
 (``--k``, ...) appear as SAELens would show them.
 
 Differences from ``python -m sae_lens.llm_sae_training_runner``: plugins are loaded first, the
-final output folder is written atomically (a temporary sibling folder renamed into place), and
+final output folder is written atomically (a temporary sibling folder renamed into place), the
+saved thresholds of batch-level rules are calibrated on held-out batches of the activation store
+first (:mod:`sae_allocators.calibration`; ``--calibrate False`` switches it off), and
 ``final_metrics.json`` (the last training step's losses, L0, explained variance, dead features and
 the number of training tokens) is written next to it for ``sae-allocators push``'s model card.
 """
@@ -97,9 +99,10 @@ def _runner_class():
     import torch
     from sae_lens import LanguageModelSAETrainingRunner
 
+    from sae_allocators.calibration import CalibratingRunnerMixin
     from sae_allocators.io import METRICS_FILENAME, atomic_dir, atomic_write_json
 
-    class WorkflowRunner(LanguageModelSAETrainingRunner):
+    class WorkflowRunner(CalibratingRunnerMixin, LanguageModelSAETrainingRunner):
         final_metrics: dict[str, Any] | None = None
 
         def _set_sae_metadata(self):
@@ -128,6 +131,8 @@ def _runner_class():
         def save_final_sae(self, sae, output_path, log_feature_sparsity=None):
             with atomic_dir(output_path) as tmp:
                 super().save_final_sae(sae, str(tmp), log_feature_sparsity=log_feature_sparsity)
+                if self.final_metrics is not None and self.calibration_result is not None:
+                    self.final_metrics["calibration"] = self.calibration_result.metadata()
                 if self.final_metrics is not None:
                     atomic_write_json(Path(tmp) / METRICS_FILENAME, self.final_metrics)
 
@@ -187,6 +192,12 @@ def main(argv: Sequence[str], *, override_model=None, override_dataset=None) -> 
             m = runner.final_metrics["metrics"]
             shown = ", ".join(f"{k}={v:.4g}" for k, v in m.items())
             print(f"Final metrics ({runner.final_metrics['training_tokens']} tokens): {shown}")
+        cal = runner.calibration_result
+        if cal is not None:
+            print(
+                f"Saved model calibrated on {cal.tokens} held-out tokens: L0 {cal.achieved_l0:.4g} "
+                f"(target {cal.target_l0:g}; {cal.l0_before:.4g} with the running thresholds)"
+            )
         print(f"Next: sae-allocators push {cfg.output_path} --repo <org/name>")
     return 0
 
