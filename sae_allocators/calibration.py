@@ -143,10 +143,11 @@ class _TopPerGroup:
         dev = self.floor.device
         v = torch.cat(self.vals) if self.vals else torch.zeros(0, device=dev)
         g = torch.cat(self.grp) if self.grp else torch.zeros(0, dtype=torch.long, device=dev)
-        order = torch.argsort(v, descending=True, stable=True)
-        v, g = v[order], g[order]
-        order = torch.argsort(g, stable=True)
-        v, g = v[order], g[order]
+        v, order = torch.sort(v, descending=True)
+        g = g[order]
+        if self.groups > 1:  # group-major, descending within each group
+            g, order = torch.sort(g, stable=True)
+            v = v[order]
         counts = torch.bincount(g, minlength=self.groups)
         starts = torch.cumsum(counts, 0) - counts
         full = counts >= self.caps
@@ -391,19 +392,28 @@ def planned_tokens(sae: Any, training_tokens: int, batch_size: int) -> int:
     return int(n) if n else default_tokens(training_tokens, batch_size)
 
 
-def _batches_from(source: Any) -> Iterator[torch.Tensor]:
-    """Batches from an activation store / iterator; notes when it starts a new epoch (the
-    batches are then no longer held out)."""
-    while True:
+class HeldOutBatches:
+    """Batches from an activation store / iterator, noting whether it started a new epoch (SAELens
+    warns "All samples in the training dataset have been exhausted"): the batches are then no
+    longer held out, which the calibration records."""
+
+    def __init__(self, source: Any):
+        self.source = iter(source)
+        self.wrapped = False
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            batch = next(source)
+            batch = next(self.source)
         for w in caught:
             if "exhausted" in str(w.message) or "new epoch" in str(w.message):
-                _batches_from.wrapped = True  # type: ignore[attr-defined]
+                self.wrapped = True
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        yield batch
+        return batch
 
 
 def calibrate_after_training(sae: Any, source: Any, training_tokens: int, batch_size: int, log: Any = print) -> CalibrationResult | None:
@@ -412,14 +422,14 @@ def calibrate_after_training(sae: Any, source: Any, training_tokens: int, batch_
     if not wants_calibration(sae):
         return None
     n = planned_tokens(sae, training_tokens, batch_size)
-    _batches_from.wrapped = False  # type: ignore[attr-defined]
+    batches = HeldOutBatches(source)
     was_training = sae.training
     sae.eval()
     try:
-        result = calibrate(sae, _batches_from(iter(source)), n)
+        result = calibrate(sae, batches, n)
     finally:
         sae.train(was_training)
-    if getattr(_batches_from, "wrapped", False):
+    if batches.wrapped:
         result.held_out = False
         sae.cfg.metadata.calibration = result.metadata()
         warnings.warn(

@@ -1,4 +1,4 @@
-"""The ``sae-allocators`` command line: ``list``, ``train``, ``push``, ``load``."""
+"""The ``sae-allocators`` command line: ``list``, ``train``, ``calibrate``, ``push``, ``load``."""
 
 from __future__ import annotations
 
@@ -86,6 +86,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "sae_allocators.workflow.train",
     "sae_allocators.workflow.push",
     "sae_allocators.workflow.load",
+    "sae_allocators.workflow.calibrate",
 )
 
 

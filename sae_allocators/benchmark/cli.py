@@ -96,11 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         st.lm_data = lambda: lm_data.tiny_lm_data(context_size=ctx)
     elif args.model:
         st.lm_data = lambda: lm_data.hub_lm_data(
-            args.model, args.dataset, ctx, int(st.lm.training_tokens * 1.3), st.lm.eval_sequences
+            args.model, args.dataset, ctx, int((st.lm.training_tokens + st.lm.calibration_tokens) * 1.3), st.lm.eval_sequences
         )
     else:
         st.lm_data = lambda: lm_data.offline_lm_data(
-            ctx, int(st.lm.training_tokens * 1.3) + 16 * ctx, st.lm.eval_sequences, args.cache_dir
+            ctx, int((st.lm.training_tokens + st.lm.calibration_tokens) * 1.3) + 16 * ctx, st.lm.eval_sequences, args.cache_dir
         )
     run(st)
     return 0

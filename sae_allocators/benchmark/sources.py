@@ -160,6 +160,7 @@ class SyntheticSource:
             )
         )
         runner = calibrating(SyntheticSAERunner)(cfg, override_synthetic_model=self.model)
+        runner.calibration_batches = self.calibration_batches()
         torch.manual_seed(1_000_003 * (seed + 1))  # same data stream for every architecture
         t0 = time.perf_counter()
         with quiet_saelens():
@@ -170,6 +171,17 @@ class SyntheticSource:
     def eval_batches(self, batch_size: int = 4096) -> Iterator[torch.Tensor]:
         for i in range(0, self._eval_x.shape[0], batch_size):
             yield self._eval_x[i : i + batch_size]
+
+    def calibration_batches(self) -> Iterator[torch.Tensor]:
+        """Held-out samples for the end-of-training calibration: drawn once (seeded, disjoint
+        from training and evaluation draws) and shared by every SAE, like the evaluation set."""
+        if getattr(self, "_cal_x", None) is None:
+            with _seeded(20_000 + self.cfg.seed):
+                feats = self.model.activation_generator.sample(self.scale.calibration_tokens)
+                feats = feats.to_dense() if feats.is_sparse else feats
+                self._cal_x = self.model.feature_dict(feats).detach()
+        bs = self.scale.batch_size
+        return (self._cal_x[i : i + bs] for i in range(0, self._cal_x.shape[0], bs))
 
     def ground_truth(self) -> torch.Tensor:
         return self.model.feature_dict.feature_vectors.detach()
