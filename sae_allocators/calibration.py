@@ -9,7 +9,11 @@ activations the SAE did not train on:
 - **global rule** (``mutual_choice``, ``batchtopk_zipf``): ``K = floor(k N)``; theta is the
   midpoint of the ``K``-th and ``(K+1)``-th largest pre-activation of the pooled calibration set
   (0 if at most ``K`` are positive), so exactly ``K`` entries satisfy ``pre > theta``: mean L0 = k.
-- **per-feature rule** (``feature_choice``): feature ``j`` gets the target count
+- **per-feature rule, ``scale``** (``feature_choice``'s default): the running per-feature thresholds
+  of training keep their shape and are multiplied by one factor ``a``, the exact cut that makes
+  ``K`` entries fire: entry ``(i, j)`` fires iff ``pre_ij / theta_j > a``, so ``a`` is the global
+  rule applied to these ratios. At equal L0 it is the uncalibrated export itself (same NMSE).
+- **per-feature rule, ``shares``** (``calibration_rule="shares"``): feature ``j`` gets the target count
   ``c_j = K * s_j / sum(s)`` (largest-remainder rounding, ``sum c_j = K``), where ``s_j`` is its
   share of the training allocation: the running firing density of the training selection
   (``feature_density``; the current capacities if the SAE never trained), or, for a saved
@@ -64,7 +68,7 @@ def default_tokens(training_tokens: int, batch_size: int) -> int:
 
 @dataclass
 class CalibrationResult:
-    rule: str  # "global" or "per_feature"
+    rule: str  # "global", "per_feature/scale" or "per_feature/shares"
     architecture: str
     tokens: int
     target_l0: float
@@ -254,6 +258,7 @@ def calibrate(
     k: float | None = None,
     shares: torch.Tensor | None = None,
     shares_source: str = "",
+    method: str | None = None,
     apply: bool = True,
 ) -> CalibrationResult:
     """Fit the thresholds of ``sae`` on ``n_tokens`` activations from ``batches`` (raw activations,
@@ -272,6 +277,10 @@ def calibrate(
         k = getattr(sae.cfg, "k", None)
     if k is None:
         raise ValueError(f"calibrating a saved {arch} model needs its training k (pass k=..., or --k on the command line).")
+    if rule == "per_feature":
+        method = method or getattr(sae.cfg, "calibration_rule", None) or "scale"
+        if method not in ("scale", "shares"):
+            raise ValueError(f"feature_choice calibration rule {method!r}: use 'scale' (default) or 'shares'.")
     if not isinstance(n_tokens, int) or n_tokens < 1:
         raise ValueError(f"calibration tokens={n_tokens!r}: use a positive number of tokens.")
     d_sae = int(sae.cfg.d_sae)
@@ -309,6 +318,24 @@ def calibrate(
         theta = _cut(v, starts, counts, torch.tensor([budget], device=dev), top.dropped_max).reshape(())
         fired = int((v > theta).sum())
         source = ""
+    elif method == "scale":
+        # theta_j = a * base_j with one factor a: entry (i, j) fires iff pre_ij / base_j > a, so a
+        # is the global cut of the ratios (base_j = 0: fires on every positive value, ratio +inf)
+        base = before_theta.double().expand(d_sae)
+        top = _TopPerGroup(torch.tensor([budget + 1], device=dev))
+        finite_max = torch.zeros((), dtype=torch.float32, device=dev)
+        for x in take():
+            pre = pre_activations(sae, x)
+            before += int(((pre > before_theta.to(pre.dtype)) & (pre > 0)).sum())
+            ratio = torch.where(base > 0, pre.double() / base.clamp_min(1e-300), torch.where(pre > 0, math.inf, -1.0)).float()
+            finite_max = torch.maximum(finite_max, torch.where(torch.isfinite(ratio), ratio, torch.zeros((), device=dev)).max())
+            top.add(ratio)
+        v, starts, counts = top.sorted_values()
+        a = _cut(v, starts, counts, torch.tensor([budget], device=dev), top.dropped_max).reshape(())
+        a = torch.minimum(a, finite_max)  # more always-firing entries than K: silence the others
+        theta = torch.where(base > 0, a.double() * base, torch.zeros((), dtype=torch.double, device=dev))
+        fired = int((v > a).sum())
+        source = f"running thresholds of training scaled by one factor a = {float(a):.6g}"
     else:
         if shares is None:
             shares, shares_source = training_shares(sae, n_tokens)
@@ -338,7 +365,7 @@ def calibrate(
     if seen < n_tokens:
         warnings.warn(f"calibration asked for {n_tokens} tokens but the source gave {seen}; calibrated on those.", stacklevel=2)
     result = CalibrationResult(
-        rule=rule,
+        rule=rule if rule == "global" else f"{rule}/{method}",
         architecture=arch,
         tokens=seen,
         target_l0=float(k),

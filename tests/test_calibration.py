@@ -181,7 +181,7 @@ def test_calibration_does_not_depend_on_the_batching():
     sae.feature_density.copy_(torch.rand(F, generator=torch.Generator().manual_seed(2)))
     sae.density_steps.fill_(10)
     x = torch.randn(2000, D, generator=torch.Generator().manual_seed(3))
-    thetas = [C.calibrate(sae, chunks(x, size), 2000, apply=False).theta for size in (2000, 97, 7)]
+    thetas = [C.calibrate(sae, chunks(x, size), 2000, apply=False, method="shares").theta for size in (2000, 97, 7)]
     assert torch.equal(thetas[0], thetas[1]) and torch.equal(thetas[0], thetas[2])
 
 
@@ -193,7 +193,7 @@ def test_per_feature_calibration_reproduces_the_training_shares():
     sae.density_steps.fill_(10)
     n = 4000
     x = torch.randn(n, D, generator=torch.Generator().manual_seed(5))
-    res = C.calibrate(sae, chunks(x, 256), n)
+    res = C.calibrate(sae, chunks(x, 256), n, method="shares")
     counts = brute_l0(sae, x)
     target = shares.double() / shares.sum() * math.floor(K * n)
     assert int(counts.sum()) == math.floor(K * n) and res.achieved_l0 == pytest.approx(K)
@@ -201,6 +201,24 @@ def test_per_feature_calibration_reproduces_the_training_shares():
     assert counts[:4].tolist() == [0, 0, 0, 0] and res.never_fired_features == 4
     assert bool(torch.isfinite(sae.feature_threshold).all())
     assert torch.equal(sae.inference_thresholds(), sae.feature_threshold)  # no stale fallback once calibrated
+
+
+def test_scale_rule_keeps_the_running_thresholds_shape_and_hits_k():
+    sae = make("feature_choice")
+    running = torch.rand(F, dtype=torch.double, generator=torch.Generator().manual_seed(8)) * 3
+    running[:3] = 0.0  # fires on every positive value whatever the factor
+    sae.feature_threshold.copy_(running)
+    sae.feature_threshold_steps.fill_(5)
+    n = 3000
+    x = torch.randn(n, D, generator=torch.Generator().manual_seed(9))
+    res = C.calibrate(sae, chunks(x, 200), n)  # the default rule
+    assert res.rule == "per_feature/scale"
+    counts = brute_l0(sae, x)
+    assert int(counts.sum()) == math.floor(K * n) and res.achieved_l0 == pytest.approx(K)
+    a = sae.feature_threshold[3:] / running[3:]
+    assert torch.allclose(a, a[0].expand_as(a)) and float(a[0]) > 0
+    assert sae.feature_threshold[:3].tolist() == [0.0, 0.0, 0.0]
+    assert torch.equal(sae.inference_thresholds(), sae.feature_threshold)
 
 
 def test_short_features_hand_their_share_to_the_others():
@@ -211,7 +229,7 @@ def test_short_features_hand_their_share_to_the_others():
         sae.b_enc[:8] = -50.0  # these features are (almost) never positive
     n = 3000
     x = torch.randn(n, D, generator=torch.Generator().manual_seed(6))
-    res = C.calibrate(sae, chunks(x, 300), n)
+    res = C.calibrate(sae, chunks(x, 300), n, method="shares")
     counts = brute_l0(sae, x)
     assert res.short_features == 8 and int(counts[:8].sum()) == int((pre_activations(sae, x)[:, :8] > 0).sum())
     assert int(counts.sum()) == math.floor(K * n)
@@ -297,7 +315,7 @@ print(json.dumps({{"arch": sae.cfg.architecture(), "cal": sae.cfg.metadata.calib
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["arch"] == "jumprelu" and got["plugins"] == []
-    assert got["cal"]["rule"] == "per_feature" and got["cal"]["tokens"] == 1024
+    assert got["cal"]["rule"] == "per_feature/scale" and got["cal"]["tokens"] == 1024
     theta = calibrated_run["feature_choice"][2].theta.float()
     assert torch.allclose(torch.tensor(got["threshold"]), theta)
 
@@ -326,7 +344,7 @@ def test_calibrate_command_on_a_saved_folder(calibrated_run, tmp_path, capsys):
     folder = calibrated_run["feature_choice_off"][1]
     model = tiny_model(d_model=32)
     argv = [
-        "calibrate", str(folder), "--calibration_tokens", "1024", "--output", str(tmp_path / "cal"),
+        "calibrate", str(folder), "--calibration_tokens", "1024", "--output", str(tmp_path / "cal"), "--feature_rule", "shares",
         "--model_name", "tiny-random", "--hook_name", TINY_HOOK, "--dataset_path", "", "--is_dataset_tokenized", "True",
         "--streaming", "False", "--context_size", "16", "--train_batch_size_tokens", "64", "--store_batch_size_prompts", "4",
         "--n_batches_in_buffer", "4", "--device", "cpu",
@@ -335,7 +353,7 @@ def test_calibrate_command_on_a_saved_folder(calibrated_run, tmp_path, capsys):
 
     rc = cmd.main(argv[1:], override_model=model, override_dataset=tiny_dataset(n_rows=128, context_size=16, seed=7))
     assert rc == 0
-    assert "Calibrated feature_choice (per_feature rule) on 1024 tokens" in capsys.readouterr().out
+    assert "Calibrated feature_choice (per_feature/shares rule) on 1024 tokens" in capsys.readouterr().out
     meta = json.loads((tmp_path / "cal" / "cfg.json").read_text())["metadata"]["calibration"]
     assert meta["tokens"] == 1024 and abs(meta["achieved_l0"] - 4.0) < 0.1 and "sparsity.safetensors" in meta["shares"]
     assert "calibration" not in json.loads((folder / "cfg.json").read_text())["metadata"]  # --output: original untouched

@@ -101,6 +101,9 @@ class FeatureChoiceTrainingSAEConfig(CalibrationConfig, AuxLossConfig, TopKTrain
         aux_loss: ``"zipf"`` (default), ``"auxk"``, ``"none"`` or a plugin's loss.
         calibrate, calibration_tokens: fit the saved theta_j on held-out activations at the end
             of training (:class:`~sae_allocators.thresholds.CalibrationConfig`).
+        calibration_rule: ``"scale"`` (default: the running theta_j times one factor giving
+            L0 = k) or ``"shares"`` (each feature fires at its training share); see
+            :mod:`sae_allocators.calibration`.
     """
 
     k: float = 32  # type: ignore[assignment]
@@ -110,12 +113,15 @@ class FeatureChoiceTrainingSAEConfig(CalibrationConfig, AuxLossConfig, TopKTrain
     one_per_token: bool = False
     threshold_lr: float = 0.01
     threshold_fallback_steps: int = 1000
+    calibration_rule: Literal["scale", "shares"] = "scale"
     aux_loss: str = "zipf"
 
     def __post_init__(self) -> None:
         check_k(self.k, self.d_sae)
         _check_capacity_fields(self)
         check_rate(self.threshold_lr, "threshold_lr")
+        if self.calibration_rule not in ("scale", "shares"):
+            raise ValueError(f"calibration_rule={self.calibration_rule!r} is invalid: use 'scale' (running theta_j times one factor) or 'shares' (each feature at its training share).")
         if isinstance(self.threshold_fallback_steps, bool) or not isinstance(self.threshold_fallback_steps, int) or self.threshold_fallback_steps < 1:
             raise ValueError(f"threshold_fallback_steps={self.threshold_fallback_steps!r} is invalid: use an integer number of steps >= 1 (e.g. 1000).")
         super().__post_init__()

@@ -36,6 +36,9 @@ def _own_parser() -> argparse.ArgumentParser:
                    help="held-out tokens (default: 2%% of the training tokens in runner_cfg.json, >= 4 batches, <= 262144)")
     p.add_argument("--skip_tokens", type=int, default=0, help="draw and discard this many tokens first (e.g. the training tokens)")
     p.add_argument("--target_k", type=float, default=None, help="target mean L0 (default: the training k from runner_cfg.json or cfg.json)")
+    p.add_argument("--feature_rule", choices=("scale", "shares"), default=None,
+                   help="feature_choice: 'scale' (the saved thresholds times one factor; default) or 'shares' "
+                   "(each feature at its training share, from sparsity.safetensors or feature_density)")
     p.add_argument("--output", default=None, help="write the calibrated SAE here instead of rewriting SAE_FOLDER")
     return p
 
@@ -120,7 +123,8 @@ def main(argv: Sequence[str], *, override_model=None, override_dataset=None) -> 
         cfg = parse_args(data_args)
         n = own.calibration_tokens or calibration.default_tokens(int(runner_cfg.get("training_tokens") or 0), cfg.train_batch_size_tokens)
         shares = source = None
-        if arch in calibration.PER_FEATURE_RULES and kind == "inference":
+        method = own.feature_rule or getattr(sae.cfg, "calibration_rule", None) or "scale"
+        if arch in calibration.PER_FEATURE_RULES and kind == "inference" and method == "shares":
             shares, source = _shares_from_folder(folder)
     except (ValueError, KeyError) as exc:
         print(f"sae-allocators calibrate: error: {exc}", file=sys.stderr)
@@ -138,7 +142,8 @@ def main(argv: Sequence[str], *, override_model=None, override_dataset=None) -> 
     while skipped < own.skip_tokens:
         skipped += next(store).shape[0]
     batches = calibration.HeldOutBatches(store)
-    result = calibration.calibrate(sae, batches, int(n), k=float(k), shares=shares, shares_source=source or "")
+    result = calibration.calibrate(sae, batches, int(n), k=float(k), shares=shares, shares_source=source or "",
+                                   method=method if arch in calibration.PER_FEATURE_RULES else None)
     meta = result.metadata()
     meta["held_out"] = not batches.wrapped
     meta["skipped_tokens"] = skipped
