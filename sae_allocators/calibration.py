@@ -288,7 +288,6 @@ def calibrate(
     before_theta = current_thresholds(sae)
     # collect at most n_tokens (the last batch is cut), counting L0 under the old thresholds
     seen, before = 0, 0
-    chunks: list[torch.Tensor] = []
 
     def take() -> Iterator[torch.Tensor]:
         nonlocal seen
@@ -314,6 +313,7 @@ def calibrate(
             pre = pre_activations(sae, x)
             before += int(((pre > before_theta.to(pre.dtype)) & (pre > 0)).sum())
             top.add(pre)
+        budget = math.floor(k * seen)  # = floor(k * n_tokens) unless the source ran dry
         v, starts, counts = top.sorted_values()
         theta = _cut(v, starts, counts, torch.tensor([budget], device=dev), top.dropped_max).reshape(())
         fired = int((v > theta).sum())
@@ -330,6 +330,7 @@ def calibrate(
             ratio = torch.where(base > 0, pre.double() / base.clamp_min(1e-300), torch.where(pre > 0, math.inf, -1.0)).float()
             finite_max = torch.maximum(finite_max, torch.where(torch.isfinite(ratio), ratio, torch.zeros((), device=dev)).max())
             top.add(ratio)
+        budget = math.floor(k * seen)
         v, starts, counts = top.sorted_values()
         a = _cut(v, starts, counts, torch.tensor([budget], device=dev), top.dropped_max).reshape(())
         a = torch.minimum(a, finite_max)  # more always-firing entries than K: silence the others
@@ -362,6 +363,8 @@ def calibrate(
         g = torch.repeat_interleave(torch.arange(d_sae, device=dev), counts)
         fired = int((v > theta[g]).sum()) if v.numel() else 0
         source = shares_source
+    if seen == 0:
+        raise ValueError("calibration: the activation source gave no tokens; give it held-out activations.")
     if seen < n_tokens:
         warnings.warn(f"calibration asked for {n_tokens} tokens but the source gave {seen}; calibrated on those.", stacklevel=2)
     result = CalibrationResult(
