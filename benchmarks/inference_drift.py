@@ -1,65 +1,151 @@
-"""How far the batch-free inference L0 drifts from the training L0, on held-out data.
+"""How far the saved (batch-free) model's L0 drifts from k on held-out data, before and after calibration.
 
-Trains ``mutual_choice`` and ``feature_choice`` (uniform and Zipf capacities) through SAELens's
-real runner on the tiny random model of ``sae_allocators.testing``, saves them (as SAELens
-``jumprelu``), reloads the saved folders with plain SAELens, and prints the per-token L0 of the
-saved model on tokens the training never saw, next to the training L0 (the batch rule spends
-exactly k per token on average).
+Trains ``mutual_choice`` and ``feature_choice`` exactly as the main job does (the benchmark's own
+sources and configs: SAELens's runners, the synthetic ground-truth model and the offline SmolLM2
+activations, the main job's k values), with the end-of-training calibration of
+:mod:`sae_allocators.calibration`. For each SAE it reloads the saved ``jumprelu`` with plain
+SAELens and measures on the benchmark's held-out evaluation tokens:
 
-    python benchmarks/inference_drift.py                 # 200 steps, k=4, d_sae=128
-    python benchmarks/inference_drift.py --steps 400 --threshold-lr 0.01
+- L0 and NMSE with the calibrated thresholds (the saved model) and with the running thresholds of
+  training (what was saved before calibration existed), and their drift ``L0 / k - 1``;
+- for ``feature_choice``, the NMSE of the uncalibrated thresholds *at the calibrated model's L0*
+  (all theta_j scaled by one factor, found by bisection): calibration must not buy its L0 with a
+  worse reconstruction. (For ``mutual_choice`` both are one global threshold, so at equal L0 they
+  are the same model.)
+- the calibration's cost: its seconds against the training's.
+
+    python benchmarks/inference_drift.py --quick              # the main job's --quick scale (CI)
+    python benchmarks/inference_drift.py                      # the default scale: k 2,4,8 / 16,32,64
+    python benchmarks/inference_drift.py --datasets synthetic --arch mutual_choice
+
+The language model needs the offline assets (``SAE_ALLOCATORS_CACHE``, see docs/offline-assets.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def _measure(sae, batches, theta):
+    import torch
+
+    saved = sae.threshold.detach().clone()
+    total = n = 0
+    err = norm = 0.0
+    with torch.no_grad():
+        return _measure_with(sae, batches, theta, saved)
+
+
+def _measure_with(sae, batches, theta, saved):
+    total = n = 0
+    err = norm = 0.0
+    try:
+        sae.threshold.copy_(theta.to(sae.threshold.dtype).expand_as(sae.threshold))
+        for x in batches:
+            codes = sae.encode(x)
+            total += int((codes != 0).sum())
+            n += x.shape[0]
+            err += float((x.double() - sae.decode(codes).double()).pow(2).sum())
+            norm += float(x.double().pow(2).sum())
+    finally:
+        sae.threshold.copy_(saved)
+    return total / n, err / norm
+
+
+def _at_l0(sae, batches, theta, l0_target, iters=30):
+    """Scale ``theta`` by one factor so that the L0 on ``batches`` matches ``l0_target``."""
+    lo, hi = 0.0, 1.0
+    while _measure(sae, batches, theta * hi)[0] > l0_target and hi < 1e6:
+        hi *= 2
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if _measure(sae, batches, theta * mid)[0] > l0_target:
+            lo = mid
+        else:
+            hi = mid
+    return _measure(sae, batches, theta * hi)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--k", type=float, default=4.0)
-    p.add_argument("--d-sae", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3, help="SAE learning rate")
-    p.add_argument("--threshold-lr", type=float, default=0.1)
+    p.add_argument("--quick", action="store_true", help="the main job's --quick scale and k values")
+    p.add_argument("--datasets", nargs="+", default=["synthetic", "lm"])
+    p.add_argument("--arch", action="append", default=None, help="mutual_choice and/or feature_choice (default both)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
+    os.environ.setdefault("WANDB_MODE", "disabled")
 
     import torch
     from sae_lens import SAE
 
     import sae_allocators  # noqa: F401
-    from sae_allocators.architectures.feature_choice import FeatureChoiceTrainingSAEConfig
-    from sae_allocators.architectures.mutual_choice import MutualChoiceTrainingSAEConfig
-    from sae_allocators.testing import TINY_D_MODEL, TINY_HOOK, tiny_dataset, tiny_model, train_tiny
+    from sae_allocators.benchmark import configs, lm_data
+    from sae_allocators.benchmark.run import default_settings, quick_settings
+    from sae_allocators.benchmark.sources import LMSource, SyntheticSource, quiet_saelens
 
-    d = TINY_D_MODEL
-    model = tiny_model(d_model=d)
-    tokens = torch.tensor(tiny_dataset(n_rows=64, context_size=16, seed=123)["tokens"])
-    _, cache = model.run_with_cache(tokens, names_filter=TINY_HOOK)
-    held_out = cache[TINY_HOOK].reshape(-1, d).detach()
-
-    configs = {
-        "mutual_choice": MutualChoiceTrainingSAEConfig(d_in=d, d_sae=args.d_sae, k=args.k, topk_threshold_lr=args.threshold_lr),
-        "feature_choice (zipf)": FeatureChoiceTrainingSAEConfig(d_in=d, d_sae=args.d_sae, k=args.k, threshold_lr=args.threshold_lr),
-        "feature_choice (uniform)": FeatureChoiceTrainingSAEConfig(d_in=d, d_sae=args.d_sae, k=args.k, threshold_lr=args.threshold_lr, capacity="uniform"),
-    }
-    print(f"tiny model d_in={d}, d_sae={args.d_sae}, k={args.k}, {args.steps} steps of 64 tokens, SAE lr={args.lr}, threshold lr={args.threshold_lr}")
-    print(f"held-out tokens: {held_out.shape[0]}")
-    print(f"{'architecture':<28}{'training L0':>12}{'inference L0':>14}{'drift':>9}{'empty tokens':>14}")
-    for name, cfg in configs.items():
-        with tempfile.TemporaryDirectory() as out:
-            sae = train_tiny(cfg, steps=args.steps, output_path=out, lr=args.lr)
-            batch_l0 = float((sae.encode(held_out) != 0).sum(-1).float().mean())
-            acts = SAE.load_from_disk(out).encode(held_out).detach()
-        l0 = (acts != 0).sum(-1).float()
-        print(f"{name:<28}{batch_l0:>12.2f}{float(l0.mean()):>14.2f}{(float(l0.mean()) - args.k) / args.k:>+9.1%}{float((l0 == 0).float().mean()):>14.1%}")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    work = Path(tempfile.mkdtemp(prefix="inference_drift-"))
+    st = quick_settings(work) if args.quick else default_settings(work)
+    archs = args.arch or ["mutual_choice", "feature_choice"]
+    plans = [pl for pl in configs.plan_architectures(archs) if pl.skip_reason is None and "aux_loss" not in pl.extra]
+    rows = []
+    print(f"scale: {'--quick' if args.quick else 'default'}; load average {os.getloadavg()[0]:.2f}; torch threads {torch.get_num_threads()}")
+    header = f"{'dataset':<10}{'architecture':<16}{'k':>5}{'L0 before':>11}{'drift':>9}{'L0 after':>10}{'drift':>9}{'NMSE before':>13}{'NMSE after':>12}{'NMSE before @L0 after':>23}{'cal. s / train s':>18}"
+    for name in args.datasets:
+        if name == "synthetic":
+            src, ks = SyntheticSource(st.synthetic), st.synthetic_ks
+        else:
+            ctx = 128
+            data = lm_data.offline_lm_data(ctx, int((st.lm.training_tokens + st.lm.calibration_tokens) * 1.3) + 16 * ctx, st.lm.eval_sequences, None)
+            src, ks = LMSource(data, st.lm, work), st.lm_ks
+        batches = list(src.eval_batches())
+        print(f"\n{src.name}: {sum(b.shape[0] for b in batches)} held-out evaluation tokens")
+        print(header)
+        for k in ks:
+            for plan in plans:
+                cctx = configs.Context(d_in=src.d_in, d_sae=src.d_sae, ks=tuple(ks))
+                cfg = configs.build_training_config(plan, k, cctx, **src.sae_fields())
+                out = work / f"{name}-{plan.label}-k{k:g}"
+                t0 = time.perf_counter()
+                result = src.train(cfg, args.seed, out)
+                cal = result.calibration
+                with quiet_saelens():
+                    sae = SAE.load_from_disk(str(out), device="cpu")
+                l0_a, nmse_a = _measure(sae, batches, sae.threshold.detach().clone())
+                l0_b, nmse_b = _measure(sae, batches, cal.theta_before)
+                if plan.name == "feature_choice":
+                    _, nmse_eq = _at_l0(sae, batches, cal.theta_before.double(), l0_a)
+                else:
+                    nmse_eq = float("nan")
+                row = {
+                    "dataset": name, "architecture": plan.name, "k": float(k), "l0_before": l0_b, "l0_after": l0_a,
+                    "drift_before": l0_b / k - 1, "drift_after": l0_a / k - 1, "nmse_before": nmse_b, "nmse_after": nmse_a,
+                    "nmse_before_at_l0_after": nmse_eq, "calibration_tokens": cal.tokens,
+                    "calibration_seconds": cal.seconds, "train_seconds": result.seconds,
+                    "calibration_l0": cal.achieved_l0, "held_out": cal.held_out, "wall_seconds": time.perf_counter() - t0,
+                }
+                rows.append(row)
+                eq = "–" if nmse_eq != nmse_eq else f"{nmse_eq:.4f}"
+                print(
+                    f"{name:<10}{plan.name:<16}{k:>5g}{l0_b:>11.2f}{l0_b / k - 1:>+9.1%}{l0_a:>10.2f}{l0_a / k - 1:>+9.1%}"
+                    f"{nmse_b:>13.4f}{nmse_a:>12.4f}{eq:>23}{cal.seconds / result.seconds:>18.1%}",
+                    flush=True,
+                )
+    worst = max(abs(r["drift_after"]) for r in rows) if rows else float("nan")
+    print(f"\nlargest |L0 after calibration / k - 1| on held-out data: {worst:.2%}; load average {os.getloadavg()[0]:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
 
 

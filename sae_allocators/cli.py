@@ -1,4 +1,4 @@
-"""The ``sae-allocators`` command line: ``list``, ``train``, ``push``, ``load``, ``bench``."""
+"""The ``sae-allocators`` command line: ``list``, ``train``, ``calibrate``, ``push``, ``load``, ``bench``."""
 
 from __future__ import annotations
 
@@ -87,6 +87,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "sae_allocators.workflow.push",
     "sae_allocators.workflow.load",
     "sae_allocators.benchmark.cli",
+    "sae_allocators.workflow.calibrate",
 )
 
 

@@ -1,9 +1,13 @@
 """SAELens's own ``batchtopk`` SAE trained with this project's auxiliary losses (``aux_loss="zipf"``).
 
-Selection and threshold are SAELens's ``BatchTopKTrainingSAE`` unchanged (full ``torch.topk``,
-EMA of the smallest positive code); the saved model is SAELens's ``jumprelu``. Only the auxiliary
-loss is dispatched through :class:`AuxLossMixin`, and the threshold is rescaled when the
-activation-norm scaling factor is folded on every SAELens version (SAELens fixed that in 6.4x).
+Selection is SAELens's ``BatchTopKTrainingSAE`` unchanged (full ``torch.topk``); the saved model
+is SAELens's ``jumprelu``. The auxiliary loss is dispatched through :class:`AuxLossMixin`. The
+threshold is this project's :class:`~sae_allocators.thresholds.ThresholdTracker` on SAELens's
+``topk_threshold`` buffer: the same quantity (the batch's smallest positive code), but a running
+mean over the first ``1/topk_threshold_lr`` steps before the EMA (SAELens's EMA starts at 0), a
+refusal of batches with a zero budget, rescaling when the activation-norm scaling factor is
+folded (on every SAELens version; SAELens fixed that in 6.4x), and calibration on held-out data
+at the end of training (:mod:`sae_allocators.calibration`).
 For the fast exact selection with a warm-started threshold use ``mutual_choice``.
 """
 
@@ -25,12 +29,13 @@ from sae_allocators.distributed import all_reduce, group_of
 from sae_allocators.distributed import select as dist_select
 from sae_allocators.hookspecs import hookimpl
 from sae_allocators.losses import AuxLossConfig, AuxLossMixin
+from sae_allocators.thresholds import CalibrationConfig, ThresholdTracker, require_budget, tokens_in
 
 NAME = "batchtopk_zipf"
 
 
 @dataclass
-class BatchTopKZipfTrainingSAEConfig(AuxLossConfig, BatchTopKTrainingSAEConfig):
+class BatchTopKZipfTrainingSAEConfig(CalibrationConfig, AuxLossConfig, BatchTopKTrainingSAEConfig):
     """SAELens ``BatchTopKTrainingSAEConfig`` plus the :class:`AuxLossConfig` fields (default ``zipf``)."""
 
     aux_loss: str = "zipf"
@@ -78,11 +83,42 @@ class BatchTopKZipfTrainingSAE(AuxLossMixin, SelectionStepMixin, BatchTopKTraini
 
     batch_selection = True  # encode refuses non-finite input
 
+    training_only_buffers = ("threshold_steps", "threshold_calibrated")
+
+    def __init__(self, cfg: BatchTopKZipfTrainingSAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+        self.threshold_tracker = ThresholdTracker(
+            self, value="topk_threshold", steps="threshold_steps", rate_field="topk_threshold_lr", calibrated="threshold_calibrated"
+        )
+
+    def training_forward_pass(self, step_input: Any) -> Any:
+        require_budget(self.cfg.k, tokens_in(step_input.sae_in), NAME)
+        return super().training_forward_pass(step_input)
+
+    @torch.no_grad()
+    def update_topk_threshold(self, acts_topk: torch.Tensor) -> None:
+        """theta <- running mean, then EMA, of the batch's smallest positive code (SAELens's tau)."""
+        acts = acts_topk.detach()
+        tau = torch.where(acts > 0, acts, torch.full((), torch.inf, dtype=acts.dtype, device=acts.device)).amin()
+        self.threshold_tracker.update(tau)
+
     @torch.no_grad()
     def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
         TopKTrainingSAE.fold_activation_norm_scaling_factor(self, scaling_factor)
-        if self.cfg.rescale_acts_by_decoder_norm:
-            self.topk_threshold /= scaling_factor
+        self.threshold_tracker.fold(scaling_factor)
+
+    def inference_thresholds(self) -> torch.Tensor:
+        """The saved JumpReLU threshold: theta for every feature (calibrated if calibration ran)."""
+        return self.topk_threshold.expand(self.cfg.d_sae)
+
+    def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
+        super().process_state_dict_for_saving_inference(state_dict)
+        state_dict["threshold"] = self.threshold_tracker.exported(self.b_enc, "batchtopk_zipf threshold theta (topk_threshold)")
+
+    def lazy_metrics(self, feature_acts: torch.Tensor, dead_mask: torch.Tensor | None) -> dict[str, Any]:
+        out = super().lazy_metrics(feature_acts, dead_mask)
+        out["threshold"] = self.threshold_tracker.metric()
+        return out
 
 
 JumpReLUSAEZipfLoadConfig = load_alias_config(JumpReLUSAEConfig, NAME)

@@ -29,6 +29,7 @@ from sae_allocators.architectures._common import check_k, check_rate, pre_activa
 from sae_allocators.architectures._step import SelectionStepMixin, StepState
 from sae_allocators.distributed import all_reduce, group_of
 from sae_allocators.distributed import select as dist_select
+from sae_allocators.thresholds import CalibrationConfig, ThresholdTracker, check_exportable, require_budget, tokens_in
 from sae_allocators.hookspecs import hookimpl
 from sae_allocators.losses import AuxLossConfig, AuxLossMixin, check_finite
 from sae_allocators.losses.base import BATCH_ENCODE_REASON
@@ -88,7 +89,7 @@ class FeatureChoiceSAE(TopKSAE):
 
 
 @dataclass
-class FeatureChoiceTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
+class FeatureChoiceTrainingSAEConfig(CalibrationConfig, AuxLossConfig, TopKTrainingSAEConfig):
     """Training config.
 
     Attributes:
@@ -104,6 +105,11 @@ class FeatureChoiceTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
         threshold_fallback_steps: a feature that kept nothing for more than this many steps (or
             never) is saved with the global threshold instead of its own.
         aux_loss: ``"zipf"`` (default), ``"auxk"``, ``"none"`` or a plugin's loss.
+        calibrate, calibration_tokens: fit the saved theta_j on held-out activations at the end
+            of training (:class:`~sae_allocators.thresholds.CalibrationConfig`).
+        calibration_rule: ``"scale"`` (default: the running theta_j times one factor giving
+            L0 = k) or ``"shares"`` (each feature fires at its training share); see
+            :mod:`sae_allocators.calibration`.
     """
 
     k: float = 32  # type: ignore[assignment]
@@ -113,12 +119,15 @@ class FeatureChoiceTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
     one_per_token: bool = False
     threshold_lr: float = 0.01
     threshold_fallback_steps: int = 1000
+    calibration_rule: Literal["scale", "shares"] = "scale"
     aux_loss: str = "zipf"
 
     def __post_init__(self) -> None:
         check_k(self.k, self.d_sae)
         _check_capacity_fields(self)
         check_rate(self.threshold_lr, "threshold_lr")
+        if self.calibration_rule not in ("scale", "shares"):
+            raise ValueError(f"calibration_rule={self.calibration_rule!r} is invalid: use 'scale' (running theta_j times one factor) or 'shares' (each feature at its training share).")
         if isinstance(self.threshold_fallback_steps, bool) or not isinstance(self.threshold_fallback_steps, int) or self.threshold_fallback_steps < 1:
             raise ValueError(f"threshold_fallback_steps={self.threshold_fallback_steps!r} is invalid: use an integer number of steps >= 1 (e.g. 1000).")
         super().__post_init__()
@@ -150,6 +159,7 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE
         "feature_usage",
         "usage_steps",
         "demand_tick",
+        "threshold_calibrated",
     )
 
     def __init__(self, cfg: FeatureChoiceTrainingSAEConfig, use_error_term: bool = False):
@@ -159,11 +169,13 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE
         def buf(name: str, value: torch.Tensor) -> None:
             self.register_buffer(name, value)
 
-        buf("feature_threshold", torch.zeros(f, dtype=torch.double, device=dev))
-        buf("feature_threshold_steps", torch.zeros(f, dtype=torch.long, device=dev))
-        buf("steps_since_selected", torch.zeros(f, dtype=torch.long, device=dev))
-        buf("global_threshold", torch.zeros((), dtype=torch.double, device=dev))
-        buf("global_threshold_steps", torch.zeros((), dtype=torch.long, device=dev))
+        #: theta_j (sae_allocators.thresholds): running tau_j; calibrated values replace it at the end
+        self.threshold_tracker = ThresholdTracker(
+            self, value="feature_threshold", steps="feature_threshold_steps", shape=(f,), rate_field="threshold_lr",
+            age="steps_since_selected", calibrated="threshold_calibrated",
+        )
+        #: theta: the Mutual-Choice threshold at the same budget (fallback of stale features)
+        self.global_threshold_tracker = ThresholdTracker(self, value="global_threshold", steps="global_threshold_steps", rate_field="threshold_lr")
         buf("feature_usage", torch.zeros(f, dtype=torch.float32, device=dev))
         buf("usage_steps", torch.zeros((), dtype=torch.long, device=dev))
         # phase of the every-DEMAND_EVERY-steps demand update: saved in checkpoints so a resumed
@@ -218,6 +230,10 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE
     def after_step(self, state: StepState, output: Any) -> None:
         self._update_running_stats(state.hidden_pre.detach(), state.selection.tau)
 
+    def training_forward_pass(self, step_input: Any) -> Any:
+        require_budget(self.cfg.k, tokens_in(step_input.sae_in), NAME)
+        return super().training_forward_pass(step_input)
+
     def _estimate_lower_bound(self) -> torch.Tensor | None:
         """Last step's tau_j lowered by ``z`` times its running step-to-step change: a cheap
         lower-bound estimate for this step's exact selection (None on the first step)."""
@@ -238,17 +254,13 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE
 
     @torch.no_grad()
     def _update_running_stats(self, hidden_pre: torch.Tensor, tau: torch.Tensor) -> None:
-        lr = self.cfg.threshold_lr
         finite_tau = torch.where(torch.isfinite(tau), tau, torch.zeros_like(tau))
         if self._tau_last is None:
             self._tau_dev = 0.05 * finite_tau.abs()
         else:
             self._tau_dev = 0.7 * self._tau_dev + 0.3 * (finite_tau - self._tau_last).abs()
         self._tau_last = finite_tau
-        selected = torch.isfinite(tau)
-        warm_ema_(self.feature_threshold, torch.where(selected, tau, torch.zeros_like(tau)).double(), self.feature_threshold_steps, lr, where=selected)
-        self.steps_since_selected += 1
-        self.steps_since_selected[selected] = 0
+        self.threshold_tracker.update(tau)  # +inf (kept nothing) entries are skipped
         # demand: where Mutual Choice at the same budget would fire (global k*N-th largest value).
         # It feeds slow averages (density_window steps), so every DEMAND_EVERY-th step suffices.
         self._demand_tick = (self._demand_tick + 1) % DEMAND_EVERY
@@ -266,7 +278,7 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE
             return
         tau_g, cand, idx = kth_largest_with_candidates(flat, kk, row_len=f)
         tau_g = tau_g.clamp_min(0)
-        warm_ema_(self.global_threshold, tau_g.double(), self.global_threshold_steps, lr)
+        self.global_threshold_tracker.update(tau_g)
         if cand is None:
             fired = (hidden_pre.detach().reshape(-1, f) >= tau_g) & (hidden_pre.detach().reshape(-1, f) > 0)
             demand = fired.sum(0).float()
@@ -285,12 +297,15 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE
             return
         tau_g, kept, n_kept = dist_select.global_budget_select(flat, kk, group, sizes=[s * f for s in sizes], row_len=f)
         tau_g = tau_g if n_kept >= kk else torch.zeros_like(tau_g)
-        warm_ema_(self.global_threshold, tau_g.double(), self.global_threshold_steps, self.cfg.threshold_lr)
+        self.global_threshold_tracker.update(tau_g)
         demand = all_reduce(torch.bincount(kept % f, minlength=f).float(), "sum", group)
         warm_ema_(self.feature_usage, demand / sum(sizes), self.usage_steps, 1.0 / self.cfg.density_window)
 
     def inference_thresholds(self) -> torch.Tensor:
-        """theta_j, or the global threshold for a feature stale for > threshold_fallback_steps."""
+        """The calibrated theta_j if calibration ran (:mod:`sae_allocators.calibration`); else the
+        running theta_j, or the global threshold for a feature stale for > threshold_fallback_steps."""
+        if self.threshold_tracker.is_calibrated:
+            return self.feature_threshold
         stale = (self.steps_since_selected > self.cfg.threshold_fallback_steps) | (self.feature_threshold_steps == 0)
         return torch.where(stale, self.global_threshold.expand_as(self.feature_threshold), self.feature_threshold)
 
@@ -303,18 +318,18 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE
     @torch.no_grad()
     def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
         super().fold_activation_norm_scaling_factor(scaling_factor)
-        if self.cfg.rescale_acts_by_decoder_norm:
-            self.feature_threshold /= scaling_factor
-            self.global_threshold /= scaling_factor
+        self.threshold_tracker.fold(scaling_factor)
+        self.global_threshold_tracker.fold(scaling_factor)
 
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_saving_inference(state_dict)
-        state_dict["threshold"] = self.inference_thresholds().to(self.b_enc.dtype).clone()
+        theta = self.inference_thresholds().detach()
+        check_exportable(theta, "feature_choice threshold theta_j")
+        state_dict["threshold"] = theta.to(self.b_enc.dtype).clone()
 
     def lazy_metrics(self, feature_acts: torch.Tensor, dead_mask: torch.Tensor | None) -> dict[str, Any]:
         out = super().lazy_metrics(feature_acts, dead_mask)
-        theta = self.global_threshold.detach().clone()
-        out["threshold"] = lambda: float(theta)
+        out["threshold"] = self.global_threshold_tracker.metric()
         return out
 
 

@@ -18,13 +18,14 @@ from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig, TopKTrainingSAE
 
 from sae_allocators import sparse
 from sae_allocators.allocation.batch import batch_topk, mutual_choice_indices, mutual_choice_select
-from sae_allocators.architectures._common import check_k, check_rate, pre_activations, warm_ema_
+from sae_allocators.architectures._common import check_k, check_rate, pre_activations
 from sae_allocators.architectures._step import SelectionStepMixin, StepState
 from sae_allocators.distributed import group_of
 from sae_allocators.distributed import select as dist_select
 from sae_allocators.hookspecs import hookimpl
 from sae_allocators.losses import AuxLossConfig, AuxLossMixin, check_finite
 from sae_allocators.losses.base import BATCH_ENCODE_REASON
+from sae_allocators.thresholds import CalibrationConfig, ThresholdTracker, require_budget, tokens_in
 
 NAME = "mutual_choice"
 
@@ -64,12 +65,14 @@ class MutualChoiceSAE(TopKSAE):
 
 
 @dataclass
-class MutualChoiceTrainingSAEConfig(AuxLossConfig, BatchTopKTrainingSAEConfig):
+class MutualChoiceTrainingSAEConfig(CalibrationConfig, AuxLossConfig, BatchTopKTrainingSAEConfig):
     """Training config.
 
     Attributes:
         k: average active features per token (float); the batch keeps ``floor(k * N)`` entries.
         topk_threshold_lr: EMA rate of the global threshold (after a running-mean warm-up).
+        calibrate, calibration_tokens: fit the saved threshold on held-out activations at the
+            end of training (:class:`~sae_allocators.thresholds.CalibrationConfig`).
         aux_loss: ``"zipf"`` (default), ``"auxk"``, ``"none"`` or a plugin's loss.
         (plus SAELens's TopK fields and the :class:`AuxLossConfig` fields)
     """
@@ -93,11 +96,14 @@ class MutualChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, BatchTopKTrainin
     batch_selection = True  # encode refuses non-finite input
 
     cfg: MutualChoiceTrainingSAEConfig  # type: ignore[assignment]
-    training_only_buffers = ("threshold_steps",)
+    training_only_buffers = ("threshold_steps", "threshold_calibrated")
 
     def __init__(self, cfg: MutualChoiceTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
-        self.register_buffer("threshold_steps", torch.zeros((), dtype=torch.long, device=self.W_dec.device))
+        #: theta: SAELens BatchTopK's ``topk_threshold`` buffer, warm-started (sae_allocators.thresholds)
+        self.threshold_tracker = ThresholdTracker(
+            self, value="topk_threshold", steps="threshold_steps", rate_field="topk_threshold_lr", calibrated="threshold_calibrated"
+        )
 
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
         return MutualChoice(self.cfg.k)
@@ -117,10 +123,14 @@ class MutualChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, BatchTopKTrainin
         self.update_threshold(state.selection.tau)
         output.metrics["topk_threshold"] = self.topk_threshold
 
+    def training_forward_pass(self, step_input: Any) -> Any:
+        require_budget(self.cfg.k, tokens_in(step_input.sae_in), NAME)
+        return super().training_forward_pass(step_input)
+
     @torch.no_grad()
     def update_threshold(self, tau: torch.Tensor) -> None:
         """theta <- running mean (first 1/lr steps), then EMA, of the batch's smallest kept value."""
-        warm_ema_(self.topk_threshold, tau.detach().double(), self.threshold_steps, self.cfg.topk_threshold_lr)
+        self.threshold_tracker.update(tau)
 
     @torch.no_grad()
     def encode_thresholded(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,13 +142,19 @@ class MutualChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, BatchTopKTrainin
     def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
         # Same on every SAELens version (BatchTopK only fixed this in 6.4x, #763).
         TopKTrainingSAE.fold_activation_norm_scaling_factor(self, scaling_factor)
-        if self.cfg.rescale_acts_by_decoder_norm:
-            self.topk_threshold /= scaling_factor
+        self.threshold_tracker.fold(scaling_factor)
+
+    def inference_thresholds(self) -> torch.Tensor:
+        """The saved JumpReLU threshold: theta for every feature (calibrated if calibration ran)."""
+        return self.topk_threshold.expand(self.cfg.d_sae)
+
+    def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
+        super().process_state_dict_for_saving_inference(state_dict)
+        state_dict["threshold"] = self.threshold_tracker.exported(self.b_enc, "mutual_choice threshold theta (topk_threshold)")
 
     def lazy_metrics(self, feature_acts: torch.Tensor, dead_mask: torch.Tensor | None) -> dict[str, Any]:
         out = super().lazy_metrics(feature_acts, dead_mask)
-        theta = self.topk_threshold.detach().clone()
-        out["threshold"] = lambda: float(theta)
+        out["threshold"] = self.threshold_tracker.metric()
         return out
 
 

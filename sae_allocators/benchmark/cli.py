@@ -158,11 +158,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m sae_allocators.be
         st.live_lm_data = None  # the LM is already the tiny one: the live runs train on it
     elif args.model:
         st.lm_data = lambda: lm_data.hub_lm_data(
-            args.model, args.dataset, ctx, int(st.lm.training_tokens * 1.3), st.lm.eval_sequences, device=device
+            args.model, args.dataset, ctx, int((st.lm.training_tokens + st.lm.calibration_tokens) * 1.3), st.lm.eval_sequences, device=device
         )
     else:
         st.lm_data = lambda: lm_data.offline_lm_data(
-            ctx, int(st.lm.training_tokens * 1.3) + 16 * ctx, st.lm.eval_sequences, args.cache_dir, device=device
+            ctx, int((st.lm.training_tokens + st.lm.calibration_tokens) * 1.3) + 16 * ctx, st.lm.eval_sequences, args.cache_dir, device=device
         )
     run(st)
     return 0

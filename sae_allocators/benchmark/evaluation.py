@@ -38,11 +38,40 @@ def evaluate_saved(source: Any, result: Any) -> tuple[dict[str, Any], torch.Tens
         figures.update(source.splice(sae))
     figures.update(training_mode_figures(result.sae, source))
     figures["l0_drift"] = figures["l0_mean"] / max(figures["train_mode_l0_mean"], 1e-12) - 1.0
+    figures.update(uncalibrated_figures(sae, source, getattr(result, "calibration", None)))
+    if "uncalibrated_l0_mean" in figures:
+        figures["l0_drift_uncalibrated"] = figures["uncalibrated_l0_mean"] / max(figures["train_mode_l0_mean"], 1e-12) - 1.0
     dead_mask = acc.density() == 0
     figures["step_seconds"] = step_seconds(result.sae, source, dead_mask)
     figures["train_seconds"] = float(result.seconds)
     figures["train_steps"] = int(result.steps)
     return figures, acc.density(), acc.per_token_l0()
+
+
+@torch.no_grad()
+def uncalibrated_figures(sae: Any, source: Any, calibration: Any) -> dict[str, Any]:
+    """L0 and NMSE of the saved model with the running thresholds of training (before
+    calibration, sae_allocators.calibration) on the same evaluation tokens; empty if uncalibrated."""
+    if calibration is None or getattr(calibration, "theta_before", None) is None:
+        return {}
+    calibrated = sae.threshold.detach().clone()
+    total, n, err, norm = 0, 0, 0.0, 0.0
+    try:
+        sae.threshold.copy_(calibration.theta_before.to(sae.threshold.dtype).expand_as(sae.threshold))
+        for x in source.eval_batches():
+            codes = sae.encode(x)
+            total += int((codes != 0).sum())
+            n += x.shape[0]
+            err += float((x.double() - sae.decode(codes).double()).pow(2).sum())
+            norm += float(x.double().pow(2).sum())
+    finally:
+        sae.threshold.copy_(calibrated)
+    return {
+        "calibration_tokens": int(calibration.tokens),
+        "calibration_seconds": float(calibration.seconds),
+        "uncalibrated_l0_mean": total / max(n, 1),
+        "uncalibrated_nmse": err / max(norm, 1e-30),
+    }
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ AGG_KEYS = (
     "underused_fraction", "mcc", "ce_loss_recovered", "kl_div", "step_seconds", "step_time_vs_topk",
     "train_mode_l0_mean", "train_mode_nmse", "l0_drift", "zipf_exponent", "train_seconds",
     "train_seconds_per_token",
+    "l0_drift_uncalibrated", "uncalibrated_nmse",
 )
 
 DEFINITIONS = {
@@ -43,7 +44,11 @@ DEFINITIONS = {
     "step_time_vs_topk": "median wall time of one training step (forward, aux losses, backward; "
     "no data loading, no optimizer) on the same batch / that of topk at the same k and seed",
     "l0_drift": "inference L0 (saved model, reloaded) / L0 of the training-time selection on the "
-    "same tokens in training-size batches - 1; non-zero only for batch-level selection",
+    "same tokens in training-size batches - 1; non-zero only for batch-level selection. Shown as "
+    "'before → after' calibration (sae_allocators.calibration: thresholds fitted on held-out tokens "
+    "at the end of training); 'before' is the saved model with the running thresholds of training",
+    "l0_drift_uncalibrated": "l0_drift of the saved model with the running thresholds (before calibration)",
+    "uncalibrated_nmse": "NMSE of the saved model with the running thresholds (before calibration)",
     "train_mode_nmse": "NMSE of the training-time selection (batch-level rules: over batches of the "
     "training batch size) on the evaluation tokens, before the inference threshold is applied",
     "zipf_exponent": "s of the least-squares fit log density = log C - s log rank over live latents",
@@ -548,6 +553,8 @@ def _markdown(meta: dict[str, Any], agg: list[dict[str, Any]], claims: list[dict
             k = "own" if r["k_target"] is None else f"{r['k_target']:g}"
             ex = _pm(r, "mcc") if d == "synthetic" else f"{_pm(r, 'ce_loss_recovered')} | {_pm(r, 'kl_div', '{:.3f}')}"
             drift = _pm(r, "l0_drift", "{:+.1%}") if r["batch_level"] else "–"
+            if r["batch_level"] and r.get("l0_drift_uncalibrated") is not None:
+                drift = f"{_pm(r, 'l0_drift_uncalibrated', '{:+.1%}')} → {drift}"
             L.append(
                 f"| {r['label']} | {k} | {r['inference_architecture']} | {_pm(r, 'l0_mean', '{:.2f}')} | "
                 f"{_m(r, 'l0_p50'):.0f} / {_m(r, 'l0_p99'):.0f} | {_pm(r, 'frac_empty_tokens', '{:.1%}')} | "

@@ -61,6 +61,8 @@ class TrainResult:
     tokens: int = 0  # training tokens (samples) the SAE saw
     path_kind: str = "cache"  # synthetic, cache (activation cache) or live (the store computes them)
     store: str | None = None  # the activation store class SAELens's runner built
+    #: sae_allocators.calibration.CalibrationResult when the saved thresholds were calibrated
+    calibration: Any = None
 
 
 def _runner_kwargs(cls: type, **kwargs: Any) -> dict[str, Any]:
@@ -86,6 +88,8 @@ class SyntheticScale:
     #: the best of {1e-3, 3e-3, 1e-2, 2e-2, 4e-2} for TopK (the baseline) at k = 2, 4, 8 (docs/benchmark.md)
     lr: float = 1e-2
     dead_feature_window: int = 100
+    #: held-out samples on which batch-level rules calibrate their saved thresholds (fresh draws)
+    calibration_tokens: int = 16_384
 
 
 class SyntheticSource:
@@ -131,11 +135,13 @@ class SyntheticSource:
         }
 
     def sae_fields(self) -> dict[str, Any]:
-        return {}
+        return {"calibration_tokens": self.scale.calibration_tokens}
 
     def train(self, sae_cfg: Any, seed: int, out_dir: Path) -> TrainResult:
         from sae_lens import LoggingConfig
         from sae_lens.synthetic import SyntheticSAERunner, SyntheticSAERunnerConfig
+
+        from sae_allocators.calibration import calibrating
 
         s = self.scale
         torch.manual_seed(seed)
@@ -158,19 +164,31 @@ class SyntheticSource:
                 logger=LoggingConfig(log_to_wandb=False),
             )
         )
-        runner = SyntheticSAERunner(cfg, override_synthetic_model=self.model)
+        runner = calibrating(SyntheticSAERunner)(cfg, override_synthetic_model=self.model)
+        runner.calibration_batches = self.calibration_batches()
         torch.manual_seed(1_000_003 * (seed + 1))  # same data stream for every architecture
         t0 = time.perf_counter()
         with quiet_saelens():
             result = runner.run()
         seconds = time.perf_counter() - t0
         return TrainResult(
-            result.sae, out_dir, seconds, s.training_samples // s.batch_size, s.training_samples, "synthetic"
+            result.sae, out_dir, seconds, s.training_samples // s.batch_size, s.training_samples, "synthetic", calibration=runner.calibration_result
         )
 
     def eval_batches(self, batch_size: int = 4096) -> Iterator[torch.Tensor]:
         for i in range(0, self._eval_x.shape[0], batch_size):
             yield self._eval_x[i : i + batch_size]
+
+    def calibration_batches(self) -> Iterator[torch.Tensor]:
+        """Held-out samples for the end-of-training calibration: drawn once (seeded, disjoint
+        from training and evaluation draws) and shared by every SAE, like the evaluation set."""
+        if getattr(self, "_cal_x", None) is None:
+            with _seeded(20_000 + self.cfg.seed):
+                feats = self.model.activation_generator.sample(self.scale.calibration_tokens)
+                feats = feats.to_dense() if feats.is_sparse else feats
+                self._cal_x = self.model.feature_dict(feats).detach()
+        bs = self.scale.batch_size
+        return (self._cal_x[i : i + bs] for i in range(0, self._cal_x.shape[0], bs))
 
     def ground_truth(self) -> torch.Tensor:
         return self.model.feature_dict.feature_vectors.detach()
@@ -238,6 +256,8 @@ class LMScale:
     #: tokens per training step of the live runs (None: ``train_batch_size``): smaller batches give
     #: the expensive gradient path more steps for its tokens
     live_train_batch_size: int | None = 32
+    #: held-out tokens (cached after the training tokens) on which batch-level rules calibrate
+    calibration_tokens: int = 8192
 
 
 @dataclass
@@ -303,7 +323,7 @@ class LMSource:
         tokens filtered out), at most the training data there is; SAELens's store then reads the
         cache again from the start (one more pass) for as long as training needs."""
         s = self.scale
-        extra = (s.norm_estimate_batches + 4) * s.train_batch_size
+        extra = (s.norm_estimate_batches + 4) * s.train_batch_size + s.calibration_tokens
         wanted = int((s.training_tokens + extra) * 1.15)  # special tokens are filtered out
         return min(wanted, self.available_tokens())
 
@@ -427,7 +447,7 @@ class LMSource:
         the factor into the saved weights, so the saved model takes raw activations). The gradient
         store's packed ``[x | g]`` rows are scaled by one factor too, which gradient_topk's
         self-normalised gradient (``grad_normalization="batch"``) does not see."""
-        return {"normalize_activations": "expected_average_only_in"}
+        return {"normalize_activations": "expected_average_only_in", "calibration_tokens": self.scale.calibration_tokens}
 
     def live_tokens(self) -> int:
         s = self.scale
@@ -446,6 +466,8 @@ class LMSource:
 
     def _train(self, sae_cfg: Any, seed: int, out_dir: Path, live: bool) -> TrainResult:
         from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
+
+        from sae_allocators.calibration import calibrating
 
         for key, value in OFFLINE_ENV.items():
             os.environ.setdefault(key, value)
@@ -486,7 +508,7 @@ class LMSource:
         torch.manual_seed(seed)
         scale = _fixed_input_scale(self.live_input_scale()) if live else contextlib.nullcontext()
         with quiet_saelens(), scale:
-            runner = LanguageModelSAETrainingRunner(
+            runner = calibrating(LanguageModelSAETrainingRunner)(
                 cfg, override_model=self.model, override_dataset=self.data.train_dataset
             )
             torch.manual_seed(1_000_003 * (seed + 1))
@@ -496,7 +518,7 @@ class LMSource:
             devices.synchronize(self.device)
         seconds = time.perf_counter() - t0
         store = type(runner.activations_store).__name__
-        return TrainResult(sae, out_dir, seconds, tokens // batch, tokens, "live" if live else "cache", store)
+        return TrainResult(sae, out_dir, seconds, tokens // batch, tokens, "live" if live else "cache", store, runner.calibration_result)
 
     @torch.no_grad()
     def live_input_scale(self) -> float:

@@ -12,7 +12,9 @@ output path is checked before training (an existing folder holding files an SAE 
 does not is refused, since the save replaces it whole) and leftovers of interrupted saves to it
 are cleaned up; the final output folder is written crash-consistently
 (:func:`sae_allocators.io.atomic_dir`: a hidden sibling folder switched into place in one
-``renameat2(RENAME_EXCHANGE)``); and ``final_metrics.json`` (the last training step's losses, L0,
+``renameat2(RENAME_EXCHANGE)``); the saved thresholds of batch-level rules are calibrated on
+held-out batches of the activation store first (:mod:`sae_allocators.calibration`;
+``--calibrate False`` switches it off); and ``final_metrics.json`` (the last training step's losses, L0,
 explained variance, dead features and the number of training tokens) is written next to it for
 ``sae-allocators push``'s model card.
 """
@@ -102,9 +104,10 @@ def _runner_class():
     import torch
     from sae_lens import LanguageModelSAETrainingRunner
 
+    from sae_allocators.calibration import CalibratingRunnerMixin
     from sae_allocators.io import METRICS_FILENAME, atomic_dir, atomic_write_json
 
-    class WorkflowRunner(LanguageModelSAETrainingRunner):
+    class WorkflowRunner(CalibratingRunnerMixin, LanguageModelSAETrainingRunner):
         final_metrics: dict[str, Any] | None = None
 
         def _set_sae_metadata(self):
@@ -133,6 +136,8 @@ def _runner_class():
         def save_final_sae(self, sae, output_path, log_feature_sparsity=None):
             with atomic_dir(output_path) as tmp:
                 super().save_final_sae(sae, str(tmp), log_feature_sparsity=log_feature_sparsity)
+                if self.final_metrics is not None and self.calibration_result is not None:
+                    self.final_metrics["calibration"] = self.calibration_result.metadata()
                 if self.final_metrics is not None:
                     atomic_write_json(Path(tmp) / METRICS_FILENAME, self.final_metrics)
 
@@ -210,6 +215,12 @@ def main(argv: Sequence[str], *, override_model=None, override_dataset=None) -> 
             m = runner.final_metrics["metrics"]
             shown = ", ".join(f"{k}={v:.4g}" for k, v in m.items())
             print(f"Final metrics ({runner.final_metrics['training_tokens']} tokens): {shown}")
+        cal = runner.calibration_result
+        if cal is not None:
+            print(
+                f"Saved model calibrated on {cal.tokens} held-out tokens: L0 {cal.achieved_l0:.4g} "
+                f"(target {cal.target_l0:g}; {cal.l0_before:.4g} with the running thresholds)"
+            )
         print(f"Next: sae-allocators push {cfg.output_path} --repo <org/name>")
     return 0
 

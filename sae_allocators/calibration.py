@@ -1,0 +1,543 @@
+"""Calibration: fit the saved JumpReLU thresholds on held-out activations after training.
+
+A batch-level rule (``mutual_choice``, ``batchtopk_zipf``, ``feature_choice``) spends exactly its
+budget on every training batch, but the saved model applies fixed thresholds one token at a time.
+Running averages of past batches' thresholds (:mod:`sae_allocators.thresholds`) lag and drift;
+calibration replaces them by the thresholds that reproduce the training allocation on ``N``
+activations the SAE did not train on:
+
+- **global rule** (``mutual_choice``, ``batchtopk_zipf``): ``K = floor(k N)``; theta is the
+  midpoint of the ``K``-th and ``(K+1)``-th largest pre-activation of the pooled calibration set
+  (0 if at most ``K`` are positive), so exactly ``K`` entries satisfy ``pre > theta``: mean L0 = k.
+- **per-feature rule, ``scale``** (``feature_choice``'s default): the running per-feature thresholds
+  of training keep their shape and are multiplied by one factor ``a``, the exact cut that makes
+  ``K`` entries fire: entry ``(i, j)`` fires iff ``pre_ij / theta_j > a``, so ``a`` is the global
+  rule applied to these ratios. At equal L0 it is the uncalibrated export itself (same NMSE).
+- **per-feature rule, ``shares``** (``calibration_rule="shares"``): feature ``j`` gets the target count
+  ``c_j = K * s_j / sum(s)`` (largest-remainder rounding, ``sum c_j = K``), where ``s_j`` is its
+  share of the training allocation: the running firing density of the training selection
+  (``feature_density``; the current capacities if the SAE never trained), or, for a saved
+  ``jumprelu`` folder, SAELens's ``sparsity.safetensors``. theta_j is the midpoint of the
+  ``c_j``-th and ``(c_j+1)``-th largest values of column ``j``. A feature with fewer positive
+  values than ``c_j`` fires on all of them, and its shortfall goes to the other features in
+  proportion to their shares (water-filling), so the total stays ``K`` while the data allow.
+  **A feature that never fired in training** (``s_j = 0``) gets theta_j = its largest calibration
+  pre-activation (0 if none is positive): it stays silent on the calibration set, as in training.
+
+Both are exact quantiles computed in one streaming pass without holding ``[N, d_sae]``: only the
+values that can still be among each group's top ``c + 1`` are kept (memory ~ ``1.25 k N``
+values), with a per-group floor that rises as batches arrive.
+
+Where it runs: at the end of training in :class:`CalibratingRunnerMixin` (the runner of
+``sae-allocators train`` and of the benchmark), on held-out batches drawn from the same
+activation store after the last training batch, before the final model is saved; and as
+``sae-allocators calibrate SAE_FOLDER [data options]`` for a saved folder. The saved
+``cfg.json`` records ``metadata.calibration`` (tokens, target L0, achieved L0, L0 before).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from sae_allocators.architectures._common import pre_activations
+
+#: default calibration tokens: this fraction of the training tokens ...
+DEFAULT_FRACTION = 0.02
+#: ... but at least this many training batches ...
+MIN_BATCHES = 4
+#: ... and at most this many tokens (the L0 estimate's sampling error is ~0.2 % there)
+MAX_TOKENS = 262_144
+#: extra room kept per feature for the water-filling of feature_choice
+MARGIN = 0.25
+
+GLOBAL_RULES = ("mutual_choice", "batchtopk_zipf")
+PER_FEATURE_RULES = ("feature_choice",)
+
+
+def default_tokens(training_tokens: int, batch_size: int) -> int:
+    """Calibration tokens when none are given: 2 % of training, >= 4 batches, <= 262,144."""
+    n = int(round(DEFAULT_FRACTION * training_tokens))
+    return int(min(MAX_TOKENS, max(n, MIN_BATCHES * batch_size)))
+
+
+@dataclass
+class CalibrationResult:
+    rule: str  # "global", "per_feature/scale" or "per_feature/shares"
+    architecture: str
+    tokens: int
+    target_l0: float
+    achieved_l0: float  # on the calibration set, with the calibrated thresholds
+    l0_before: float  # on the calibration set, with the thresholds of training
+    seconds: float
+    never_fired_features: int = 0  # per-feature rule: s_j = 0
+    short_features: int = 0  # per-feature rule: fewer positive values than their target
+    shares: str = ""
+    held_out: bool = True
+    theta: torch.Tensor | None = field(default=None, repr=False)
+    #: the thresholds before calibration (the running ones of training)
+    theta_before: torch.Tensor | None = field(default=None, repr=False)
+
+    def metadata(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k not in ("theta", "theta_before")}
+        d["method"] = "sae_allocators.calibration (exact quantile on held-out activations)"
+        return d
+
+
+def rule_of(architecture: str) -> str | None:
+    if architecture in GLOBAL_RULES:
+        return "global"
+    if architecture in PER_FEATURE_RULES:
+        return "per_feature"
+    return None
+
+
+def architecture_of(sae: Any) -> str:
+    """The training architecture: the SAE's own, or the one a saved ``jumprelu`` records."""
+    arch = sae.cfg.architecture()
+    if arch == "jumprelu":
+        return str(sae.cfg.metadata.training_architecture or arch)
+    return arch
+
+
+# --- the streaming top-values collector --------------------------------------------------------
+
+
+class _TopPerGroup:
+    """Keeps, per group (feature, or one group for the pooled batch), the ``cap_g`` largest
+    positive values seen so far plus every copy of a value tied with the ``cap_g``-th, in one pass
+    over batches: a value below the group's current ``cap_g``-th largest can never enter, so it is
+    dropped on arrival (only the largest dropped value per group is remembered, as the next
+    value below the kept ones)."""
+
+    def __init__(self, caps: torch.Tensor):
+        self.caps = caps.long()
+        self.groups = caps.numel()
+        dev = caps.device
+        self.floor = torch.zeros(self.groups, dtype=torch.float32, device=dev)
+        self.dropped_max = torch.zeros(self.groups, dtype=torch.float32, device=dev)
+        self.vals: list[torch.Tensor] = []
+        self.grp: list[torch.Tensor] = []
+        self.pending = 0
+        self.limit = 2 * int(self.caps.sum()) + 65_536
+        self.positive = torch.zeros(self.groups, dtype=torch.long, device=dev)
+
+    def add(self, pre: torch.Tensor) -> None:
+        """``pre``: ``[n, groups]`` (per feature) or any shape when there is one group."""
+        pre = pre.detach().float()
+        pre = pre.reshape(-1, 1) if self.groups == 1 else pre.reshape(-1, self.groups)
+        positive = pre > 0
+        self.positive += positive.sum(0)
+        keep = positive & (pre >= self.floor)
+        dropped = torch.where(keep, torch.zeros((), dtype=pre.dtype, device=pre.device), pre).amax(0).clamp_min(0)
+        self.dropped_max = torch.maximum(self.dropped_max, dropped)
+        idx = keep.nonzero()
+        self.vals.append(pre[idx[:, 0], idx[:, 1]])
+        self.grp.append(idx[:, 1])
+        self.pending += idx.shape[0]
+        if self.pending > self.limit:
+            self._prune()
+
+    def _prune(self) -> None:
+        dev = self.floor.device
+        v = torch.cat(self.vals) if self.vals else torch.zeros(0, device=dev)
+        g = torch.cat(self.grp) if self.grp else torch.zeros(0, dtype=torch.long, device=dev)
+        v, order = torch.sort(v, descending=True)
+        g = g[order]
+        if self.groups > 1:  # group-major, descending within each group
+            g, order = torch.sort(g, stable=True)
+            v = v[order]
+        counts = torch.bincount(g, minlength=self.groups)
+        starts = torch.cumsum(counts, 0) - counts
+        full = counts >= self.caps
+        boundary = _value_at(v, starts, counts, self.caps)  # the cap-th largest (0 if fewer)
+        boundary = torch.where(full, boundary, torch.zeros_like(boundary))
+        keep = v >= boundary[g]
+        if v.numel():
+            lost = torch.where(keep, torch.zeros((), dtype=v.dtype, device=dev), v)
+            self.dropped_max = self.dropped_max.scatter_reduce(0, g, lost, "amax", include_self=True)
+        self.vals, self.grp = [v[keep]], [g[keep]]
+        self.pending = int(keep.sum())
+        self.floor = torch.maximum(self.floor, boundary)
+
+    def sorted_values(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(values, starts, counts)``: per group, descending values at ``values[starts[g]:...]``."""
+        self._prune()
+        v, g = self.vals[0], self.grp[0]
+        counts = torch.bincount(g, minlength=self.groups)
+        return v, torch.cumsum(counts, 0) - counts, counts
+
+
+def _value_at(v: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """The ``rank``-th largest (1-based) value per group; 0 where the group has fewer values."""
+    ok = (rank >= 1) & (rank <= counts)
+    idx = (starts + rank - 1).clamp(0, max(v.numel() - 1, 0))
+    out = v[idx] if v.numel() else torch.zeros_like(starts, dtype=torch.float32)
+    return torch.where(ok, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def _cut(v: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor, c: torch.Tensor, dropped_max: torch.Tensor) -> torch.Tensor:
+    """Per group, the threshold theta with ``#(values > theta)`` closest to ``c`` (values sorted
+    descending per group; absent values count as 0). Without ties at the ``c``-th value this is
+    the midpoint of the ``c``-th and ``(c+1)``-th largest (exactly ``c`` values above it); with
+    ties (repeated activation rows) all copies are kept or none, whichever is nearer to ``c``."""
+    groups = counts.numel()
+    g = torch.repeat_interleave(torch.arange(groups, device=counts.device), counts)
+    t = _value_at(v, starts, counts, c)
+    zero = torch.zeros((), dtype=v.dtype, device=v.device)
+    above = torch.bincount(g[v > t[g]], minlength=groups) if v.numel() else torch.zeros_like(counts)
+    at_or_above = torch.bincount(g[v >= t[g]], minlength=groups) if v.numel() else torch.zeros_like(counts)
+    below = torch.where(v < t[g], v, zero)
+    next_down = dropped_max.to(v.dtype).clone().scatter_reduce(0, g, below, "amax", include_self=True)
+    keep_ties = (at_or_above - c) < (c - above)
+    theta = torch.where(keep_ties, (t + next_down) / 2, t)
+    # c = 0: above the largest value; t = 0 (c beyond the positives): every positive fires
+    theta = torch.where(c <= 0, _value_at(v, starts, counts, torch.ones_like(c)), theta)
+    return torch.where((c > 0) & (c >= counts), zero, theta)
+
+
+def _largest_remainder(weights: torch.Tensor, total: int) -> torch.Tensor:
+    """Non-negative integers proportional to ``weights`` summing to ``total``."""
+    w = weights.double().clamp_min(0)
+    if total <= 0 or float(w.sum()) <= 0:
+        return torch.zeros_like(w, dtype=torch.long)
+    exact = w / w.sum() * total
+    base = exact.floor().long()
+    rest = total - int(base.sum())
+    if rest > 0:
+        frac = exact - base.double()
+        top = torch.topk(frac, rest).indices
+        base[top] += 1
+    return base
+
+
+def _water_fill(target: torch.Tensor, avail: torch.Tensor, room: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
+    """Move the shortfall of features with ``avail < target`` to the others (by share, at most
+    ``room`` each), so the total is kept while the data allow."""
+    c = torch.minimum(target, avail)
+    deficit = int(target.sum() - c.sum())
+    for _ in range(16):
+        if deficit <= 0:
+            break
+        limit = torch.minimum(avail, room)
+        free = (limit - c).clamp_min(0)
+        w = torch.where(free > 0, shares.double(), torch.zeros((), dtype=torch.double, device=shares.device))
+        if float(w.sum()) <= 0:
+            break
+        extra = torch.minimum(_largest_remainder(w, deficit), free)
+        c = c + extra
+        deficit -= int(extra.sum())
+    return c
+
+
+# --- the calibration itself ------------------------------------------------------------------
+
+
+def training_shares(sae: Any, n_tokens: int) -> tuple[torch.Tensor, str]:
+    """Per-feature share of the training allocation of a feature_choice training SAE."""
+    density = getattr(sae, "feature_density", None)
+    steps = getattr(sae, "density_steps", None)
+    if density is not None and steps is not None and int(steps) > 0:
+        return density.detach().double(), "feature_density (running firing rate of the training selection)"
+    if hasattr(sae, "current_capacities"):
+        return sae.current_capacities(n_tokens).double(), "current capacities (the SAE has not trained)"
+    raise ValueError("feature_choice calibration needs each feature's training share: none found")
+
+
+@torch.no_grad()
+def calibrate(
+    sae: Any,
+    batches: Iterable[torch.Tensor],
+    n_tokens: int,
+    *,
+    k: float | None = None,
+    shares: torch.Tensor | None = None,
+    shares_source: str = "",
+    method: str | None = None,
+    apply: bool = True,
+) -> CalibrationResult:
+    """Fit the thresholds of ``sae`` on ``n_tokens`` activations from ``batches`` (raw activations,
+    ``[..., d_in]``, as the saved model receives them); with ``apply``, write them into ``sae`` (a
+    training SAE's tracker, or a ``jumprelu``'s ``threshold``) and record the result in its
+    ``cfg.metadata.calibration``."""
+    t0 = time.perf_counter()
+    arch = architecture_of(sae)
+    rule = rule_of(arch)
+    if rule is None:
+        raise ValueError(
+            f"calibration is defined for {', '.join(GLOBAL_RULES + PER_FEATURE_RULES)} (saved as jumprelu); "
+            f"this SAE is {arch!r}, whose inference rule has no batch threshold to calibrate."
+        )
+    if k is None:
+        k = getattr(sae.cfg, "k", None)
+    if k is None:
+        raise ValueError(f"calibrating a saved {arch} model needs its training k (pass k=..., or --k on the command line).")
+    if rule == "per_feature":
+        method = method or getattr(sae.cfg, "calibration_rule", None) or "scale"
+        if method not in ("scale", "shares"):
+            raise ValueError(f"feature_choice calibration rule {method!r}: use 'scale' (default) or 'shares'.")
+    if not isinstance(n_tokens, int) or n_tokens < 1:
+        raise ValueError(f"calibration tokens={n_tokens!r}: use a positive number of tokens.")
+    d_sae = int(sae.cfg.d_sae)
+    dev = sae.W_enc.device
+    before_theta = current_thresholds(sae)
+    # collect at most n_tokens (the last batch is cut), counting L0 under the old thresholds
+    seen, before = 0, 0
+
+    def take() -> Iterator[torch.Tensor]:
+        nonlocal seen
+        for x in batches:
+            x = x.reshape(-1, x.shape[-1])[: n_tokens - seen].to(dev)
+            if x.shape[0] == 0:
+                break
+            seen += x.shape[0]
+            yield x
+            if seen >= n_tokens:
+                break
+
+    budget = math.floor(k * n_tokens)
+    if budget < 1:
+        raise ValueError(
+            f"calibration with k={k:g} on {n_tokens} tokens has a budget floor(k * N) = 0: "
+            f"use at least {math.ceil(1 / k)} tokens."
+        )
+    never, short = 0, 0
+    if rule == "global":
+        top = _TopPerGroup(torch.tensor([budget + 1], device=dev))
+        for x in take():
+            pre = pre_activations(sae, x)
+            before += int(((pre > before_theta.to(pre.dtype)) & (pre > 0)).sum())
+            top.add(pre)
+        budget = math.floor(k * seen)  # = floor(k * n_tokens) unless the source ran dry
+        v, starts, counts = top.sorted_values()
+        theta = _cut(v, starts, counts, torch.tensor([budget], device=dev), top.dropped_max).reshape(())
+        fired = int((v > theta).sum())
+        source = ""
+    elif method == "scale":
+        # theta_j = a * base_j with one factor a: entry (i, j) fires iff pre_ij / base_j > a, so a
+        # is the global cut of the ratios (base_j = 0: fires on every positive value, ratio +inf)
+        base = before_theta.double().expand(d_sae)
+        top = _TopPerGroup(torch.tensor([budget + 1], device=dev))
+        finite_max = torch.zeros((), dtype=torch.float32, device=dev)
+        for x in take():
+            pre = pre_activations(sae, x)
+            before += int(((pre > before_theta.to(pre.dtype)) & (pre > 0)).sum())
+            ratio = torch.where(base > 0, pre.double() / base.clamp_min(1e-300), torch.where(pre > 0, math.inf, -1.0)).float()
+            finite_max = torch.maximum(finite_max, torch.where(torch.isfinite(ratio), ratio, torch.zeros((), device=dev)).max())
+            top.add(ratio)
+        budget = math.floor(k * seen)
+        v, starts, counts = top.sorted_values()
+        a = _cut(v, starts, counts, torch.tensor([budget], device=dev), top.dropped_max).reshape(())
+        a = torch.minimum(a, finite_max)  # more always-firing entries than K: silence the others
+        theta = torch.where(base > 0, a.double() * base, torch.zeros((), dtype=torch.double, device=dev))
+        fired = int((v > a).sum())
+        source = f"running thresholds of training scaled by one factor a = {float(a):.6g}"
+    else:
+        if shares is None:
+            shares, shares_source = training_shares(sae, n_tokens)
+        shares = shares.to(dev).double().clamp_min(0).reshape(-1)
+        if shares.numel() != d_sae or float(shares.sum()) <= 0:
+            raise ValueError(f"feature shares must be {d_sae} non-negative values with a positive sum.")
+        # target counts are fixed once the number of tokens is known; the pass keeps room for water-filling
+        target = _largest_remainder(shares, budget)
+        caps = torch.where(target > 0, (target.double() * (1 + MARGIN)).ceil().long() + 1, torch.ones_like(target))
+        top = _TopPerGroup(caps)
+        for x in take():
+            pre = pre_activations(sae, x)
+            before += int(((pre > before_theta.to(pre.dtype)) & (pre > 0)).sum())
+            top.add(pre)
+        if seen < n_tokens:  # fewer tokens than asked: retarget on what arrived
+            budget = math.floor(k * seen)
+            target = _largest_remainder(shares, budget)
+        v, starts, counts = top.sorted_values()
+        avail = top.positive
+        c = _water_fill(target, avail, caps - 1, shares)
+        theta = _cut(v, starts, counts, c, top.dropped_max)
+        never = int((shares == 0).sum())
+        short = int((avail < target).sum())
+        g = torch.repeat_interleave(torch.arange(d_sae, device=dev), counts)
+        fired = int((v > theta[g]).sum()) if v.numel() else 0
+        source = shares_source
+    if seen == 0:
+        raise ValueError("calibration: the activation source gave no tokens; give it held-out activations.")
+    if seen < n_tokens:
+        warnings.warn(f"calibration asked for {n_tokens} tokens but the source gave {seen}; calibrated on those.", stacklevel=2)
+    result = CalibrationResult(
+        rule=rule if rule == "global" else f"{rule}/{method}",
+        architecture=arch,
+        tokens=seen,
+        target_l0=float(k),
+        achieved_l0=fired / max(seen, 1),
+        l0_before=before / max(seen, 1),
+        seconds=time.perf_counter() - t0,
+        never_fired_features=never,
+        short_features=short,
+        shares=source,
+        theta=theta.detach(),
+        theta_before=before_theta.detach().clone(),
+    )
+    if apply:
+        apply_thresholds(sae, theta, result)
+    return result
+
+
+def current_thresholds(sae: Any) -> torch.Tensor:
+    """The thresholds the saved model would use now (0-d or [d_sae])."""
+    if hasattr(sae, "inference_thresholds"):
+        return sae.inference_thresholds().detach().float()
+    if hasattr(sae, "threshold"):
+        return sae.threshold.detach().float()
+    raise ValueError(f"{type(sae).__name__} has no inference threshold to calibrate")
+
+
+@torch.no_grad()
+def apply_thresholds(sae: Any, theta: torch.Tensor, result: CalibrationResult) -> None:
+    tracker = getattr(sae, "threshold_tracker", None)
+    if tracker is not None:
+        tracker.set_calibrated(theta)
+    elif hasattr(sae, "threshold"):
+        from sae_allocators.thresholds import check_exportable
+
+        check_exportable(theta, "calibrated threshold")
+        sae.threshold.copy_(theta.to(sae.threshold.dtype).expand_as(sae.threshold))
+    else:
+        raise ValueError(f"{type(sae).__name__} has no threshold to write the calibration into")
+    sae.cfg.metadata.calibration = result.metadata()
+
+
+# --- at the end of training, through SAELens's runners ---------------------------------------
+
+
+def wants_calibration(sae: Any) -> bool:
+    return rule_of(architecture_of(sae)) is not None and bool(getattr(sae.cfg, "calibrate", True))
+
+
+def planned_tokens(sae: Any, training_tokens: int, batch_size: int) -> int:
+    n = getattr(sae.cfg, "calibration_tokens", None)
+    return int(n) if n else default_tokens(training_tokens, batch_size)
+
+
+class HeldOutBatches:
+    """Batches from an activation store / iterator, noting whether it started a new epoch (SAELens
+    warns "All samples in the training dataset have been exhausted"): the batches are then no
+    longer held out, which the calibration records."""
+
+    def __init__(self, source: Any):
+        self.source = iter(source)
+        self.wrapped = False
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            batch = next(self.source)
+        for w in caught:
+            if "exhausted" in str(w.message) or "new epoch" in str(w.message):
+                self.wrapped = True
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return batch
+
+
+def calibrate_after_training(sae: Any, source: Any, training_tokens: int, batch_size: int, log: Any = print) -> CalibrationResult | None:
+    """The end-of-training step: calibrate ``sae`` on the next batches of ``source`` (unless the
+    SAE's config switches it off or its rule has no batch threshold)."""
+    if not wants_calibration(sae):
+        return None
+    n = planned_tokens(sae, training_tokens, batch_size)
+    batches = HeldOutBatches(source)
+    was_training = sae.training
+    sae.eval()
+    try:
+        result = calibrate(sae, batches, n)
+    finally:
+        sae.train(was_training)
+    if batches.wrapped:
+        result.held_out = False
+        sae.cfg.metadata.calibration = result.metadata()
+        warnings.warn(
+            "calibration: the activation source started a new epoch, so some calibration tokens were "
+            "also training tokens (recorded as held_out=false). Give the run more data than "
+            "training_tokens + calibration_tokens for held-out calibration.",
+            stacklevel=2,
+        )
+    log(
+        f"Calibrated {result.architecture} thresholds on {result.tokens} held-out tokens ({result.seconds:.1f} s): "
+        f"L0 {result.l0_before:.3g} -> {result.achieved_l0:.4g} (target k={result.target_l0:g})"
+    )
+    return result
+
+
+class CalibratingRunnerMixin:
+    """Mix into SAELens's ``LanguageModelSAETrainingRunner`` (or ``SyntheticSAERunner``):
+    before the final model is saved, the thresholds are calibrated on held-out batches.
+
+    The batches come from :meth:`calibration_source`: by default the runner's own activation
+    store (the batches after the last training batch) -- for the synthetic runner, fresh samples
+    of its synthetic model. A subclass or a caller (``runner.calibration_batches = iterable``)
+    may supply another held-out source. ``cfg.sae.calibrate = False`` switches it off.
+    """
+
+    calibration_batches: Iterable[torch.Tensor] | None = None
+    calibration_result: CalibrationResult | None = None
+
+    def calibration_source(self) -> Iterable[torch.Tensor]:
+        if self.calibration_batches is not None:
+            return self.calibration_batches
+        store = getattr(self, "activations_store", None)
+        if store is not None:
+            return store
+        model = getattr(self, "synthetic_model", None)
+        if model is not None:
+            return _synthetic_batches(model, self.cfg.batch_size)
+        raise ValueError(f"{type(self).__name__}: no held-out activation source for calibration")
+
+    def _run_calibration(self, sae: Any) -> None:
+        cfg = self.cfg  # type: ignore[attr-defined]
+        training = int(getattr(cfg, "training_tokens", 0) or getattr(cfg, "training_samples", 0))
+        batch = int(getattr(cfg, "train_batch_size_tokens", 0) or getattr(cfg, "batch_size", 1))
+        self.calibration_result = calibrate_after_training(sae, self.calibration_source(), training, batch, log=_log)
+
+    # LanguageModelSAETrainingRunner
+    def save_final_sae(self, sae: Any, output_path: str, log_feature_sparsity: torch.Tensor | None = None):
+        self._run_calibration(sae)
+        return super().save_final_sae(sae, output_path, log_feature_sparsity=log_feature_sparsity)  # type: ignore[misc]
+
+    # SyntheticSAERunner
+    def _save_outputs(self, output_path: Any, sae: Any, *args: Any, **kwargs: Any):
+        self._run_calibration(sae)
+        return super()._save_outputs(output_path, sae, *args, **kwargs)  # type: ignore[misc]
+
+
+def _log(msg: str) -> None:
+    import logging
+
+    logging.getLogger("sae_allocators").info(msg)
+    print(msg, flush=True)
+
+
+def _synthetic_batches(model: Any, batch_size: int) -> Iterator[torch.Tensor]:
+    while True:
+        feats = model.activation_generator.sample(batch_size)
+        feats = feats.to_dense() if feats.is_sparse else feats
+        yield model.feature_dict(feats).detach()
+
+
+def calibrating(runner_cls: type) -> type:
+    """``runner_cls`` with :class:`CalibratingRunnerMixin` (a cached subclass)."""
+    if issubclass(runner_cls, CalibratingRunnerMixin):
+        return runner_cls
+    cached = _CACHE.get(runner_cls)
+    if cached is None:
+        cached = _CACHE[runner_cls] = type(f"Calibrating{runner_cls.__name__}", (CalibratingRunnerMixin, runner_cls), {})
+    return cached
+
+
+_CACHE: dict[type, type] = {}

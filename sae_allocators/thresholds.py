@@ -1,0 +1,225 @@
+"""The running threshold a batch-level rule saves for batch-free inference (one implementation).
+
+``mutual_choice``, ``feature_choice`` and ``batchtopk_zipf`` select per batch, so their saved
+SAELens ``jumprelu`` needs a threshold theta that the batch never gave explicitly. During
+training each step reports its selection threshold ``tau`` (0-d: the batch's smallest kept
+value; ``[d_sae]``: each feature's smallest kept value, ``+inf`` for a feature that kept nothing)
+and :class:`ThresholdTracker` folds it into theta:
+
+    theta_t = theta_{t-1} + w_t (tau_t - theta_{t-1}),   w_t = max(1 / t, rate)
+
+(``t`` counts the updates, per element: a running mean for the first ``1/rate`` updates, then an
+EMA). A non-finite ``tau`` entry is skipped, never averaged in, so theta cannot become NaN.
+
+The tracker's state lives in persistent buffers *of the SAE* under the names the architecture
+gives (so checkpoints keep them and the state-dict keys stay flat). It also:
+
+- folds the activation-norm scaling factor (theta is divided by it when the selection runs on
+  decoder-norm-rescaled pre-activations: :meth:`fold`);
+- takes calibrated values (:meth:`set_calibrated`, used by :mod:`sae_allocators.calibration`),
+  flagged in a buffer until the next training update;
+- produces the ``threshold`` training metric (:meth:`metric`) and refuses to export a
+  non-finite threshold (:func:`check_exportable`).
+
+The update runs outside ``torch.compile`` graphs (:func:`torch.compiler.disable`): SAELens's
+``compile_sae=True`` compiles ``training_forward_pass``, and the tracker's in-place buffer
+updates then run eagerly on the real ``tau`` of every step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+
+def _compiler_disable(fn: Callable) -> Callable:
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
+
+
+def smallest_working_batch(k: float) -> int:
+    """The fewest tokens N with ``floor(k * N) >= 1``."""
+    n = max(1, math.ceil(1.0 / k))
+    while math.floor(k * n) < 1:  # float rounding (e.g. k = 1/3)
+        n += 1
+    return n
+
+
+def require_budget(k: float, n_tokens: int, architecture: str) -> None:
+    """Raise when a batch of ``n_tokens`` gives the batch rule no entry at all (``floor(k N) = 0``)."""
+    if math.floor(k * n_tokens) >= 1:
+        return
+    raise ValueError(
+        f"{architecture}: k={k:g} with a batch of {n_tokens} token(s) gives a budget of "
+        f"floor(k * N) = 0 entries, so the batch would keep nothing (L0 0) and the selection "
+        f"threshold is undefined. Use a batch of at least {smallest_working_batch(k)} tokens "
+        f"(train_batch_size_tokens) or a larger k."
+    )
+
+
+def tokens_in(sae_in: torch.Tensor) -> int:
+    """Tokens in a batch: all leading dimensions of ``sae_in`` ([..., d_in])."""
+    return sae_in.numel() // max(1, sae_in.shape[-1])
+
+
+def check_exportable(theta: torch.Tensor, what: str) -> None:
+    """Refuse to save a non-finite JumpReLU threshold (it would silently zero or keep features)."""
+    bad = ~torch.isfinite(theta)
+    if not bool(bad.any()):
+        return
+    idx = bad.reshape(-1).nonzero().reshape(-1)
+    where = "" if theta.dim() == 0 else f" for {idx.numel()} feature(s), e.g. {idx[:5].tolist()}"
+    raise ValueError(
+        f"{what} is not finite ({theta.reshape(-1)[idx[:1]].tolist()[0]}){where}: saving it as the "
+        "JumpReLU threshold would make the saved model fire on nothing or everything. Train on "
+        "batches with a non-zero budget (floor(k * N) >= 1), or fit the threshold on held-out "
+        "activations with `sae-allocators calibrate` before saving."
+    )
+
+
+class ThresholdTracker:
+    """A warm-started running threshold in persistent buffers of ``owner`` (see module doc).
+
+    Args:
+        owner: the training SAE; buffers are registered on it (an existing buffer of that name,
+            e.g. SAELens BatchTopK's ``topk_threshold``, is reused).
+        value: buffer name of theta (double).
+        steps: buffer name of the per-element update count (long).
+        shape: ``()`` for a global threshold, ``(d_sae,)`` for per-feature ones.
+        rate_field: the ``owner.cfg`` field holding the EMA rate.
+        age: optional buffer name counting updates since each element last updated (long).
+        calibrated: optional buffer name of a 0-d bool flag set by :meth:`set_calibrated`.
+    """
+
+    def __init__(
+        self,
+        owner: torch.nn.Module,
+        *,
+        value: str,
+        steps: str,
+        shape: tuple[int, ...] = (),
+        rate_field: str,
+        age: str | None = None,
+        calibrated: str | None = None,
+    ):
+        self.owner = owner
+        self.value_name, self.steps_name, self.age_name, self.calibrated_name = value, steps, age, calibrated
+        self.rate_field = rate_field
+        dev = owner.W_dec.device  # type: ignore[attr-defined]
+
+        def ensure(name: str | None, dtype: torch.dtype, shp: tuple[int, ...]) -> None:
+            if name is None:
+                return
+            current = getattr(owner, name, None)
+            if isinstance(current, torch.Tensor) and tuple(current.shape) == shp:
+                owner.register_buffer(name, current.to(dtype))
+            else:
+                owner.register_buffer(name, torch.zeros(shp, dtype=dtype, device=dev))
+
+        ensure(value, torch.double, shape)
+        ensure(steps, torch.long, shape)
+        ensure(age, torch.long, shape)
+        ensure(calibrated, torch.bool, ())
+
+    # --- state ------------------------------------------------------------------------------
+
+    @property
+    def buffer_names(self) -> tuple[str, ...]:
+        return tuple(n for n in (self.value_name, self.steps_name, self.age_name, self.calibrated_name) if n)
+
+    @property
+    def value(self) -> torch.Tensor:
+        return getattr(self.owner, self.value_name)
+
+    @property
+    def steps(self) -> torch.Tensor:
+        return getattr(self.owner, self.steps_name)
+
+    @property
+    def age(self) -> torch.Tensor:
+        assert self.age_name is not None, "this tracker keeps no age buffer"
+        return getattr(self.owner, self.age_name)
+
+    @property
+    def is_calibrated(self) -> bool:
+        return self.calibrated_name is not None and bool(getattr(self.owner, self.calibrated_name))
+
+    @property
+    def rate(self) -> float:
+        return float(getattr(self.owner.cfg, self.rate_field))  # type: ignore[attr-defined]
+
+    # --- training ---------------------------------------------------------------------------
+
+    @_compiler_disable
+    @torch.no_grad()
+    def update(self, tau: torch.Tensor) -> None:
+        """Fold this step's selection threshold(s) in; non-finite entries are skipped."""
+        value, steps = self.value, self.steps
+        tau = tau.detach().to(device=value.device, dtype=value.dtype)
+        if tau.shape != value.shape:
+            tau = tau.expand_as(value)
+        ok = torch.isfinite(tau)
+        steps += ok.to(steps.dtype)
+        w = torch.where(ok, (1.0 / steps.clamp_min(1).double()).clamp_min(self.rate), torch.zeros((), dtype=torch.double, device=value.device))
+        value.lerp_(torch.where(ok, tau, value), w.to(value.dtype))
+        if self.age_name is not None:
+            age = self.age
+            age += 1
+            age.masked_fill_(ok, 0)
+        if self.calibrated_name is not None:
+            getattr(self.owner, self.calibrated_name).fill_(False)
+
+    @torch.no_grad()
+    def fold(self, scaling_factor: float) -> None:
+        """The trainer folded the activation scaling factor ``s`` into the weights: with
+        decoder-norm rescaled pre-activations they shrink by ``s``, and so does theta."""
+        if getattr(self.owner.cfg, "rescale_acts_by_decoder_norm", False):  # type: ignore[attr-defined]
+            self.value.div_(scaling_factor)
+
+    @torch.no_grad()
+    def set_calibrated(self, theta: torch.Tensor) -> None:
+        """Replace theta by calibrated values (flagged until the next training update)."""
+        check_exportable(theta, f"calibrated threshold {self.value_name!r}")
+        self.value.copy_(theta.to(self.value.dtype).expand_as(self.value))
+        if self.calibrated_name is not None:
+            getattr(self.owner, self.calibrated_name).fill_(True)
+
+    def metric(self) -> Callable[[], float]:
+        """Lazy ``threshold`` metric: theta (its mean over features for a per-feature tracker)."""
+        theta = self.value.detach().clone()
+        return lambda: float(theta.float().mean())
+
+    def exported(self, like: torch.Tensor, what: str | None = None) -> torch.Tensor:
+        """theta as the saved JumpReLU ``threshold`` (shape and dtype of ``like``), checked finite."""
+        theta = self.value.detach()
+        check_exportable(theta, what or f"threshold {self.value_name!r}")
+        return (torch.ones_like(like) * theta.to(like.dtype)).clone()
+
+
+
+@dataclass
+class CalibrationConfig:
+    """Config fields of the architectures whose saved thresholds are calibrated after training.
+
+    Attributes:
+        calibrate: fit the saved thresholds on held-out activations at the end of training
+            (:mod:`sae_allocators.calibration`); ``False`` saves the running thresholds as they are.
+        calibration_tokens: held-out tokens for it; ``None``: 2 % of the training tokens, at least
+            4 training batches, at most 262,144.
+    """
+
+    calibrate: bool = True
+    calibration_tokens: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.calibrate, bool):
+            raise ValueError(f"calibrate={self.calibrate!r} is invalid: use True or False.")
+        n = self.calibration_tokens
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"calibration_tokens={n!r} is invalid: use a positive number of tokens, or None for 2 % of the training tokens.")
+        super_post = getattr(super(), "__post_init__", None)
+        if super_post is not None:
+            super_post()
