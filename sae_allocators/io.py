@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from sae_allocators import devices
+
 CFG_FILENAME = "cfg.json"  # = sae_lens.constants.SAE_CFG_FILENAME
 WEIGHTS_FILENAME = "sae_weights.safetensors"  # = SAE_WEIGHTS_FILENAME
 SPARSITY_FILENAME = "sparsity.safetensors"
@@ -559,7 +561,7 @@ def check_loadable(path: str | Path, info: SaeFolderInfo | None = None, *, check
                     f"re-copy it from the training output, or delete it (it is optional)."
                 )
     if check_values:
-        with safe_open(str(weights), framework="pt", device="cpu") as f:  # type: ignore[no-untyped-call]
+        with safe_open(str(weights), framework="pt", device=devices.CPU) as f:  # type: ignore[no-untyped-call]
             for name in f.keys():  # noqa: SIM118
                 t = f.get_tensor(name)
                 if not bool(torch.isfinite(t).all()):

@@ -190,7 +190,7 @@ class ThresholdTracker:
     def metric(self) -> Callable[[], float]:
         """Lazy ``threshold`` metric: theta (its mean over features for a per-feature tracker)."""
         theta = self.value.detach().clone()
-        return lambda: float(theta.float().mean())
+        return lambda: float(theta.double().mean())
 
     def exported(self, like: torch.Tensor, what: str | None = None) -> torch.Tensor:
         """theta as the saved JumpReLU ``threshold`` (shape and dtype of ``like``), checked finite."""
@@ -207,7 +207,7 @@ class CalibrationConfig:
     Attributes:
         calibrate: fit the saved thresholds on held-out activations at the end of training
             (:mod:`sae_allocators.calibration`); ``False`` saves the running thresholds as they are.
-        calibration_tokens: held-out tokens for it; ``None``: 2 % of the training tokens, at least
+        calibration_tokens: held-out tokens for it; ``None``: 2 percent of the training tokens, at least
             4 training batches, at most 262,144.
     """
 

@@ -379,7 +379,7 @@ def test_benchmark_flags_reach_the_settings(bench_run, tmp_path):
     assert (st.lm.training_tokens, st.lm.hook_layer, st.keep_saes, seen["threads"]) == (12345, 2, True, 1)
     assert st.lm.eval_sequences == quick.lm.eval_sequences  # the --quick preset underneath
     st.lm_data()
-    assert seen["offline"] == (64, int(12345 * 1.3) + 16 * 64, st.lm.eval_sequences, str(tmp_path / "c"))
+    assert seen["offline"] == (64, int((12345 + st.lm.calibration_tokens) * 1.3) + 16 * 64, st.lm.eval_sequences, str(tmp_path / "c"))
     plain = bench_run("--out", str(tmp_path / "d"))["st"]
     full = default_settings(tmp_path / "d")
     assert plain.datasets == ("synthetic", "lm") and plain.archs is None and plain.keep_saes is False

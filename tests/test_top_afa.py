@@ -243,7 +243,11 @@ def test_training_codes_follow_the_rule_and_metrics_are_lazy_and_right():
     out = sae.training_forward_pass(step_input(x))
     with torch.no_grad():
         sae_in = x - sae.b_dec
-        pre = (sae_in @ sae.W_enc + sae.b_enc) * sae.W_dec.norm(dim=-1)
+        norm = sae.W_dec.norm(dim=-1)
+        # the training step folds the decoder norms into W_enc / b_enc before its matmul (as the saved
+        # model does): the same pre-activations up to float rounding
+        pre = torch.addmm(sae.b_enc * norm, sae_in, sae.W_enc * norm)
+        torch.testing.assert_close(pre, (sae_in @ sae.W_enc + sae.b_enc) * norm)
         ref = afa_select(pre.relu(), sae_in.norm(dim=-1), None, 10)
     assert torch.equal(out.feature_acts, ref.codes)
     m = out.metrics

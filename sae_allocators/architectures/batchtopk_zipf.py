@@ -68,19 +68,6 @@ class BatchTopKZipfTrainingSAE(AuxLossMixin, SelectionStepMixin, BatchTopKTraini
         self.update_topk_threshold(state.values.detach())
         output.metrics["topk_threshold"] = self.topk_threshold
 
-    @torch.no_grad()
-    def update_topk_threshold(self, acts_topk: torch.Tensor) -> None:
-        group = group_of(self)
-        if group is None:
-            return super().update_topk_threshold(acts_topk)
-        pos = acts_topk[acts_topk > 0]  # the global smallest positive kept value, then SAELens's EMA
-        inf = torch.tensor(float("inf"), dtype=torch.double, device=acts_topk.device)
-        smallest = all_reduce((pos.min().double() if pos.numel() else inf).reshape(1), "min", group)[0]
-        if torch.isfinite(smallest):
-            lr = self.cfg.topk_threshold_lr
-            self.topk_threshold = (1 - lr) * self.topk_threshold + lr * smallest.to(self.topk_threshold.dtype)
-        return None
-
     batch_selection = True  # encode refuses non-finite input
 
     training_only_buffers = ("threshold_steps", "threshold_calibrated")
@@ -97,9 +84,13 @@ class BatchTopKZipfTrainingSAE(AuxLossMixin, SelectionStepMixin, BatchTopKTraini
 
     @torch.no_grad()
     def update_topk_threshold(self, acts_topk: torch.Tensor) -> None:
-        """theta <- running mean, then EMA, of the batch's smallest positive code (SAELens's tau)."""
+        """theta <- running mean, then EMA, of the batch's smallest positive code (SAELens's tau;
+        over the global batch when data-parallel, so every rank holds the same theta)."""
         acts = acts_topk.detach()
         tau = torch.where(acts > 0, acts, torch.full((), torch.inf, dtype=acts.dtype, device=acts.device)).amin()
+        group = group_of(self)
+        if group is not None:  # data-parallel: the global batch's smallest positive kept value
+            tau = all_reduce(tau.double().reshape(1), "min", group)[0]
         self.threshold_tracker.update(tau)
 
     @torch.no_grad()

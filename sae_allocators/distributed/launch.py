@@ -34,6 +34,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Sequence
 
+from sae_allocators import devices
+
 DISTRIBUTED_STATE = "distributed.json"
 RANKS_DIR = "ranks"
 
@@ -88,7 +90,7 @@ def choose_backend(device: str, requested: str | None, local_world: int, gpus: i
     want = (requested or "auto").lower()
     if want not in ("auto", "nccl", "gloo"):
         raise LaunchError(f"SAE_ALLOCATORS_DIST_BACKEND={requested!r} is invalid: use nccl, gloo or auto")
-    cuda = str(device).startswith("cuda")
+    cuda = devices.is_cuda(device)
     if want == "auto":
         want = "nccl" if cuda else "gloo"
     if want == "nccl":
@@ -268,12 +270,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = None
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-        device = f"cuda:{local_rank}"
+        device = f"{devices.CUDA}:{local_rank}"
     timeout = timedelta(seconds=env_int("SAE_ALLOCATORS_DIST_TIMEOUT", 600))
     dist.init_process_group(backend, timeout=timeout)
     try:
         group = dist.group.WORLD
-        dev = torch.device(device) if device else torch.device("cpu")
+        dev = torch.device(device) if device else torch.device(devices.CPU)
         # SAELens's default checkpoint_path has a random suffix: every rank takes rank 0's
         shared = [cfg.checkpoint_path]
         dist.broadcast_object_list(shared, src=0)

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from sae_allocators import devices
 from sae_allocators.cli import command
 
 HELP = "fit a saved mutual_choice / feature_choice / batchtopk_zipf SAE's thresholds on held-out activations"
@@ -59,8 +60,8 @@ def _load(folder: Path):
     if not cfg:
         raise ValueError(f"{folder} has no cfg.json: give the folder SAELens saved (the final output or a checkpoint).")
     if cfg.get("architecture") == "jumprelu":
-        return SAE.load_from_disk(str(folder), device="cpu"), "inference"
-    return TrainingSAE.load_from_disk(str(folder), device="cpu"), "training"
+        return SAE.load_from_disk(str(folder), device=devices.CPU), "inference"
+    return TrainingSAE.load_from_disk(str(folder), device=devices.CPU), "training"
 
 
 def _shares_from_folder(folder: Path):

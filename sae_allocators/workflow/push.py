@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sae_allocators import devices
 from sae_allocators.cli import command
 from sae_allocators.io import METRICS_FILENAME, RUNNER_CFG_FILENAME, SaeFolderError, SaeFolderInfo, check_loadable
 from sae_allocators.names import DISTRIBUTION
@@ -146,7 +147,7 @@ def check_loadable_like_from_pretrained(output_dir: str | Path) -> SaeFolderInfo
 
     info = check_loadable(output_dir)
     try:
-        SAE.load_from_disk(str(info.path), device="cpu")
+        SAE.load_from_disk(str(info.path), device=devices.CPU)
     except Exception as exc:  # noqa: BLE001 - whatever SAELens still refuses: one line, no traceback
         text = str(exc).strip()
         first = text.splitlines()[0] if text else "(no message)"
