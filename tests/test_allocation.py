@@ -18,6 +18,10 @@ from sae_allocators.allocation.feature_choice import (
     usage_rank,
 )
 
+# Runs once in CI, at the newest SAELens (tests/run.sh): pure tensor rules (and SAELens's BatchTopK
+# activation, the same code throughout 6.x).
+pytestmark = pytest.mark.saelens_independent
+
 
 def gen(*shape, seed=0, dtype=torch.float32):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)

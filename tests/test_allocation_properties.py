@@ -36,6 +36,9 @@ from sae_allocators.allocation import gradient as G
 from sae_allocators.allocation import signed as S
 from sae_allocators.allocation import topk as T
 
+# Runs once in CI, at the newest SAELens (tests/run.sh): pure tensor functions: no SAELens code runs.
+pytestmark = pytest.mark.saelens_independent
+
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KINDS = ("normal", "pool", "constant", "zeros", "dup_rows", "dup_cols", "extreme", "sparse")
 

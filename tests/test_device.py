@@ -18,6 +18,9 @@ import torch
 import sae_allocators
 from sae_allocators import devices
 
+# Runs once in CI, at the newest SAELens (tests/run.sh): the benchmark's device plumbing (the main job's CI run is at the newest SAELens).
+pytestmark = pytest.mark.saelens_independent
+
 PACKAGE = Path(sae_allocators.__file__).resolve().parent
 DEVICE = devices.test_device()
 

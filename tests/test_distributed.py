@@ -19,6 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# Runs once in CI, at the newest SAELens (tests/run.sh): collectives and global selection; the SAELens trainer part is the same calls at every version.
+pytestmark = pytest.mark.saelens_independent
+
 HERE = Path(__file__).parent
 
 
