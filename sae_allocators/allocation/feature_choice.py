@@ -221,8 +221,7 @@ def feature_choice_indices(
     receives ``fallback_features`` and ``candidates`` (how well the estimate did).
     """
     pre = affinity.detach().reshape(-1, affinity.shape[-1])
-    n, f = pre.shape
-    caps = caps.to(pre.device).clamp(0, n)
+    caps = caps.to(pre.device).clamp(0, pre.shape[0])
     kept = None
     if t_lo is None:
         tau = column_thresholds(pre, caps)
@@ -234,13 +233,20 @@ def feature_choice_indices(
     if kept is None:  # reference path: the kept entries from the exact thresholds
         kept = _kept_with_ties(pre, caps, tau)
     if one_per_token:
-        empty = torch.bincount(kept // f, minlength=n) == 0
-        rows = empty.nonzero().squeeze(1)
-        if rows.numel():
-            cols = pre.index_select(0, rows).argmax(dim=-1)
-            ok = pre[rows, cols] > 0
-            kept = torch.sort(torch.cat([kept, (rows * f + cols)[ok]])).values
+        kept = with_one_per_token(pre, kept)
     return kept, tau
+
+
+def with_one_per_token(pre: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``kept`` (ascending flat indices into ``pre`` ``[N, F]``) plus, for every token that kept
+    nothing, its largest affinity if that is positive (Feature Choice's ``one_per_token``)."""
+    n, f = pre.shape
+    rows = (torch.bincount(kept // f, minlength=n) == 0).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return kept
+    cols = pre.index_select(0, rows).argmax(dim=-1)
+    ok = pre[rows, cols] > 0
+    return torch.sort(torch.cat([kept, (rows * f + cols)[ok]])).values
 
 
 def feature_choice_select(

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from sae_allocators.allocation.batch import kth_largest
-from sae_allocators.allocation.feature_choice import column_thresholds
+from sae_allocators.allocation.feature_choice import column_thresholds, with_one_per_token
 from sae_allocators.distributed import comm
 
 
@@ -234,15 +234,9 @@ def feature_choice_indices(
     concatenated batch. ``one_per_token`` is per token, so it needs no communication. ``sizes``: every
     rank's token count, if known."""
     pre = affinity.detach().reshape(-1, affinity.shape[-1])
-    n, f = pre.shape
     tau, kept = global_column_select(pre, caps, group, sizes=sizes)
     if one_per_token:
-        empty = torch.bincount(kept // f, minlength=n) == 0
-        rows = empty.nonzero().squeeze(1)
-        if rows.numel():
-            cols = pre.index_select(0, rows).argmax(dim=-1)
-            ok = pre[rows, cols] > 0
-            kept = torch.sort(torch.cat([kept, (rows * f + cols)[ok]])).values
+        kept = with_one_per_token(pre, kept)
     return kept, tau
 
 
