@@ -36,29 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _measure(sae, batches, theta):
-    import torch
+    from sae_allocators.benchmark.evaluation import l0_nmse_at_threshold
 
-    saved = sae.threshold.detach().clone()
-    total = n = 0
-    err = norm = 0.0
-    with torch.no_grad():
-        return _measure_with(sae, batches, theta, saved)
-
-
-def _measure_with(sae, batches, theta, saved):
-    total = n = 0
-    err = norm = 0.0
-    try:
-        sae.threshold.copy_(theta.to(sae.threshold.dtype).expand_as(sae.threshold))
-        for x in batches:
-            codes = sae.encode(x)
-            total += int((codes != 0).sum())
-            n += x.shape[0]
-            err += float((x.double() - sae.decode(codes).double()).pow(2).sum())
-            norm += float(x.double().pow(2).sum())
-    finally:
-        sae.threshold.copy_(saved)
-    return total / n, err / norm
+    return l0_nmse_at_threshold(sae, batches, theta)
 
 
 def _at_l0(sae, batches, theta, l0_target, iters=30):

@@ -49,28 +49,35 @@ def evaluate_saved(source: Any, result: Any) -> tuple[dict[str, Any], torch.Tens
 
 
 @torch.no_grad()
-def uncalibrated_figures(sae: Any, source: Any, calibration: Any) -> dict[str, Any]:
-    """L0 and NMSE of the saved model with the running thresholds of training (before
-    calibration, sae_allocators.calibration) on the same evaluation tokens; empty if uncalibrated."""
-    if calibration is None or getattr(calibration, "theta_before", None) is None:
-        return {}
-    calibrated = sae.threshold.detach().clone()
+def l0_nmse_at_threshold(sae: Any, batches: Any, theta: torch.Tensor) -> tuple[float, float]:
+    """``(L0, NMSE)`` of a saved jumprelu ``sae`` on ``batches`` with its threshold temporarily set to
+    ``theta`` (a scalar or per-feature tensor); the threshold is restored afterwards."""
+    saved = sae.threshold.detach().clone()
     total, n, err, norm = 0, 0, 0.0, 0.0
     try:
-        sae.threshold.copy_(calibration.theta_before.to(sae.threshold.dtype).expand_as(sae.threshold))
-        for x in source.eval_batches():
+        sae.threshold.copy_(theta.to(sae.threshold.dtype).expand_as(sae.threshold))
+        for x in batches:
             codes = sae.encode(x)
             total += int((codes != 0).sum())
             n += x.shape[0]
             err += float((x.double() - sae.decode(codes).double()).pow(2).sum())
             norm += float(x.double().pow(2).sum())
     finally:
-        sae.threshold.copy_(calibrated)
+        sae.threshold.copy_(saved)
+    return total / max(n, 1), err / max(norm, 1e-30)
+
+
+def uncalibrated_figures(sae: Any, source: Any, calibration: Any) -> dict[str, Any]:
+    """L0 and NMSE of the saved model with the running thresholds of training (before
+    calibration, sae_allocators.calibration) on the same evaluation tokens; empty if uncalibrated."""
+    if calibration is None or getattr(calibration, "theta_before", None) is None:
+        return {}
+    l0, nmse = l0_nmse_at_threshold(sae, source.eval_batches(), calibration.theta_before)
     return {
         "calibration_tokens": int(calibration.tokens),
         "calibration_seconds": float(calibration.seconds),
-        "uncalibrated_l0_mean": total / max(n, 1),
-        "uncalibrated_nmse": err / max(norm, 1e-30),
+        "uncalibrated_l0_mean": l0,
+        "uncalibrated_nmse": nmse,
     }
 
 
