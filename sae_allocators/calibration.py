@@ -28,9 +28,10 @@ Both are exact quantiles computed in one streaming pass without holding ``[N, d_
 values that can still be among each group's top ``c + 1`` are kept (memory ~ ``1.25 k N``
 values), with a per-group floor that rises as batches arrive.
 
-Where it runs: at the end of training in :class:`CalibratingRunnerMixin` (the runner of
-``sae-allocators train`` and of the benchmark), on held-out batches drawn from the same
-activation store after the last training batch, before the final model is saved; and as
+Where it runs: at the end of training in every SAELens runner (``LanguageModelSAETrainingRunner``,
+``SyntheticSAERunner``: :func:`install` wraps their final save when the plugins load), on held-out
+batches drawn from the same activation store after the last training batch, before the final
+model is saved (:class:`CalibratingRunnerMixin` picks another source); and as
 ``sae-allocators calibrate SAE_FOLDER [data options]`` for a saved folder. The saved
 ``cfg.json`` records ``metadata.calibration`` (tokens, target L0, achieved L0, L0 before).
 """
@@ -476,44 +477,117 @@ def calibrate_after_training(sae: Any, source: Any, training_tokens: int, batch_
 
 
 class CalibratingRunnerMixin:
-    """Mix into SAELens's ``LanguageModelSAETrainingRunner`` (or ``SyntheticSAERunner``):
-    before the final model is saved, the thresholds are calibrated on held-out batches.
+    """Mix into SAELens's ``LanguageModelSAETrainingRunner`` (or ``SyntheticSAERunner``) to choose
+    the held-out batches the final calibration uses.
 
-    The batches come from :meth:`calibration_source`: by default the runner's own activation
-    store (the batches after the last training batch) -- for the synthetic runner, fresh samples
-    of its synthetic model. A subclass or a caller (``runner.calibration_batches = iterable``)
-    may supply another held-out source. ``cfg.sae.calibrate = False`` switches it off.
+    Calibration itself runs in every SAELens runner once this package is loaded (:func:`install`
+    wraps the runners' final save); this mixin only lets a subclass or a caller pick the source:
+    :meth:`calibration_source` -- by default the runner's own activation store (the batches after
+    the last training batch), for the synthetic runner fresh samples of its synthetic model -- or
+    ``runner.calibration_batches = iterable``. ``cfg.sae.calibrate = False`` switches it off.
     """
 
     calibration_batches: Iterable[torch.Tensor] | None = None
     calibration_result: CalibrationResult | None = None
 
     def calibration_source(self) -> Iterable[torch.Tensor]:
-        if self.calibration_batches is not None:
-            return self.calibration_batches
-        store = getattr(self, "activations_store", None)
-        if store is not None:
-            return store
-        model = getattr(self, "synthetic_model", None)
-        if model is not None:
-            return _synthetic_batches(model, self.cfg.batch_size)
-        raise ValueError(f"{type(self).__name__}: no held-out activation source for calibration")
+        return default_calibration_source(self)
 
-    def _run_calibration(self, sae: Any) -> None:
-        cfg = self.cfg  # type: ignore[attr-defined]
-        training = int(getattr(cfg, "training_tokens", 0) or getattr(cfg, "training_samples", 0))
-        batch = int(getattr(cfg, "train_batch_size_tokens", 0) or getattr(cfg, "batch_size", 1))
-        self.calibration_result = calibrate_after_training(sae, self.calibration_source(), training, batch, log=_log)
 
-    # LanguageModelSAETrainingRunner
-    def save_final_sae(self, sae: Any, output_path: str, log_feature_sparsity: torch.Tensor | None = None):
-        self._run_calibration(sae)
-        return super().save_final_sae(sae, output_path, log_feature_sparsity=log_feature_sparsity)  # type: ignore[misc]
+def default_calibration_source(runner: Any) -> Iterable[torch.Tensor]:
+    """The held-out batches of a SAELens runner: ``runner.calibration_batches`` if set, else its
+    activation store (the batches after the last training batch), else fresh samples of its
+    synthetic model."""
+    batches = getattr(runner, "calibration_batches", None)
+    if batches is not None:
+        return batches
+    store = getattr(runner, "activations_store", None)
+    if store is not None:
+        return store
+    model = getattr(runner, "synthetic_model", None)
+    if model is not None:
+        return _synthetic_batches(model, runner.cfg.batch_size)
+    raise ValueError(
+        f"{type(runner).__name__}: no held-out activation source for calibration; set "
+        f"runner.calibration_batches = <iterable of [batch, d_in] tensors>, or cfg.sae.calibrate = False"
+    )
 
-    # SyntheticSAERunner
-    def _save_outputs(self, output_path: Any, sae: Any, *args: Any, **kwargs: Any):
-        self._run_calibration(sae)
-        return super()._save_outputs(output_path, sae, *args, **kwargs)  # type: ignore[misc]
+
+def calibrate_runner_sae(runner: Any, sae: Any) -> CalibrationResult | None:
+    """Calibrate ``sae`` (the trained SAE of ``runner``) before the runner's final save; sets and
+    returns ``runner.calibration_result`` (``None`` when the SAE's rule has no batch threshold or
+    ``cfg.sae.calibrate`` is False)."""
+    runner.calibration_result = None
+    if not wants_calibration(sae):
+        return None
+    cfg = runner.cfg
+    training = int(getattr(cfg, "training_tokens", 0) or getattr(cfg, "training_samples", 0))
+    batch = int(getattr(cfg, "train_batch_size_tokens", 0) or getattr(cfg, "batch_size", 1))
+    source_of = getattr(runner, "calibration_source", None)
+    source = source_of() if callable(source_of) else default_calibration_source(runner)
+    runner.calibration_result = calibrate_after_training(sae, source, training, batch, log=_log)
+    return runner.calibration_result
+
+
+# --- the wrap that makes SAELens's own runners calibrate ---------------------------------------
+#
+# SAELens's runners have no hook between the end of training and the final save. install() wraps
+# the one method each runner calls there -- LanguageModelSAETrainingRunner.save_final_sae and
+# SyntheticSAERunner._save_outputs (SAELens >= 6.35) -- so that a plain
+# ``LanguageModelSAETrainingRunner(cfg).run()`` calibrates an SAE of ours before saving it. For an
+# SAE whose rule has no batch threshold (every SAELens architecture, topk_zipf, ...) the wrapped
+# method only calls the original. Installed by the host when the plugins load; idempotent;
+# uninstall() restores SAELens's methods.
+
+_MARK = "__sae_allocators_calibration__"
+
+
+def _runner_methods() -> list[tuple[type, str]]:
+    from sae_lens import LanguageModelSAETrainingRunner
+
+    out: list[tuple[type, str]] = [(LanguageModelSAETrainingRunner, "save_final_sae")]
+    try:
+        from sae_lens.synthetic import SyntheticSAERunner  # SAELens >= 6.35
+    except ImportError:
+        return out
+    if "_save_outputs" in SyntheticSAERunner.__dict__:
+        out.append((SyntheticSAERunner, "_save_outputs"))
+    return out
+
+
+def installed() -> bool:
+    return all(getattr(cls.__dict__[name], _MARK, None) is not None for cls, name in _runner_methods())
+
+
+def install() -> None:
+    """Wrap the runners' final-save methods (once)."""
+    for cls, name in _runner_methods():
+        original = cls.__dict__[name]
+        if getattr(original, _MARK, None) is not None:
+            continue
+        setattr(cls, name, _calibrating_save(original, sae_position=0 if name == "save_final_sae" else 1))
+
+
+def uninstall() -> None:
+    """Restore SAELens's runner methods."""
+    for cls, name in _runner_methods():
+        original = getattr(cls.__dict__[name], _MARK, None)
+        if original is not None:
+            setattr(cls, name, original)
+
+
+def _calibrating_save(original: Any, sae_position: int) -> Any:
+    import functools
+
+    @functools.wraps(original)
+    def save(self: Any, *args: Any, **kwargs: Any) -> Any:
+        # save_final_sae(sae, output_path, ...) / _save_outputs(output_path, sae, ...)
+        sae = kwargs["sae"] if "sae" in kwargs else args[sae_position]
+        calibrate_runner_sae(self, sae)
+        return original(self, *args, **kwargs)
+
+    setattr(save, _MARK, original)
+    return save
 
 
 def _log(msg: str) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 
 import pluggy
 
-from sae_allocators import compat, hookspecs, names
+from sae_allocators import calibration, compat, hookspecs, names
 from sae_allocators import saelens_registry as reg
 
 SAELENS = "sae-lens"
@@ -347,6 +347,7 @@ def load(force: bool = False) -> LoadReport:
         return _report
     compat.apply()
     reg.install_error_messages()
+    calibration.install()  # SAELens's runners calibrate our batch-rule SAEs before the final save
     report = LoadReport()
     pm = _new_manager()
     _pending = []

@@ -277,7 +277,8 @@ def calibrated_run(tmp_path_factory):
     }.items():
         torch.manual_seed(0)
         rc = runner_config(cfg, steps=40, output_path=out / name, lr=1e-3)
-        runner = C.calibrating(LanguageModelSAETrainingRunner)(rc, override_model=model, override_dataset=tiny_dataset(n_rows=512, context_size=16))
+        # SAELens's own runner, not a subclass: loading the plugin makes its final save calibrate
+        runner = LanguageModelSAETrainingRunner(rc, override_model=model, override_dataset=tiny_dataset(n_rows=512, context_size=16))
         sae = runner.run()
         # held out from training and calibration: the store's next tokens
         held = torch.cat([next(runner.activations_store) for _ in range(32)])
@@ -297,6 +298,44 @@ def test_runner_calibrates_before_saving_and_records_it(calibrated_run):
         assert torch.allclose(saved, res.theta.float().expand_as(saved))
     sae, folder, res, _ = calibrated_run["feature_choice_off"]
     assert res is None and "calibration" not in json.loads((folder / "cfg.json").read_text())["metadata"]
+
+
+def test_runner_wrap_is_installed_once_and_uninstall_restores_saelens():
+    from sae_lens import LanguageModelSAETrainingRunner
+
+    wrapped = LanguageModelSAETrainingRunner.__dict__["save_final_sae"]
+    assert C.installed() and getattr(wrapped, C._MARK, None) is not None
+    C.install()  # idempotent: no second layer
+    assert LanguageModelSAETrainingRunner.__dict__["save_final_sae"] is wrapped
+    try:
+        C.uninstall()
+        assert not C.installed()
+        original = LanguageModelSAETrainingRunner.__dict__["save_final_sae"]
+        assert getattr(original, C._MARK, None) is None and original is getattr(wrapped, C._MARK)
+    finally:
+        C.install()
+    assert C.installed()
+
+
+def test_runner_calibration_uses_the_chosen_source_and_respects_calibrate_false():
+    from types import SimpleNamespace
+
+    torch.manual_seed(3)
+    held = [torch.randn(256, D) for _ in range(4)]
+    for calibrate in (True, False):
+        sae = make("mutual_choice", calibrate=calibrate, calibration_tokens=1024)
+        runner = SimpleNamespace(cfg=SimpleNamespace(training_tokens=10**6, train_batch_size_tokens=256), calibration_batches=iter(held))
+        res = C.calibrate_runner_sae(runner, sae)
+        assert runner.calibration_result is res
+        if not calibrate:
+            assert res is None
+            continue
+        assert res.tokens == 1024
+        pooled = torch.cat(held)
+        l0 = ((pre_activations(sae, pooled) > C.current_thresholds(sae).to(pooled.dtype)) & (pre_activations(sae, pooled) > 0)).sum() / pooled.shape[0]
+        assert abs(float(l0) - K) < 1e-6  # the global rule is exact on the calibration set
+    with pytest.raises(ValueError, match="calibration_batches"):
+        C.calibrate_runner_sae(SimpleNamespace(cfg=SimpleNamespace(training_tokens=1, batch_size=1)), make("mutual_choice"))
 
 
 def test_calibrated_export_loads_in_plain_saelens_at_its_l0(calibrated_run):

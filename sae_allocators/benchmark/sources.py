@@ -141,7 +141,6 @@ class SyntheticSource:
         from sae_lens import LoggingConfig
         from sae_lens.synthetic import SyntheticSAERunner, SyntheticSAERunnerConfig
 
-        from sae_allocators.calibration import calibrating
 
         s = self.scale
         torch.manual_seed(seed)
@@ -164,7 +163,7 @@ class SyntheticSource:
                 logger=LoggingConfig(log_to_wandb=False),
             )
         )
-        runner = calibrating(SyntheticSAERunner)(cfg, override_synthetic_model=self.model)
+        runner = SyntheticSAERunner(cfg, override_synthetic_model=self.model)
         runner.calibration_batches = self.calibration_batches()
         torch.manual_seed(1_000_003 * (seed + 1))  # same data stream for every architecture
         t0 = time.perf_counter()
@@ -467,7 +466,6 @@ class LMSource:
     def _train(self, sae_cfg: Any, seed: int, out_dir: Path, live: bool) -> TrainResult:
         from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
 
-        from sae_allocators.calibration import calibrating
 
         for key, value in OFFLINE_ENV.items():
             os.environ.setdefault(key, value)
@@ -508,7 +506,7 @@ class LMSource:
         torch.manual_seed(seed)
         scale = _fixed_input_scale(self.live_input_scale()) if live else contextlib.nullcontext()
         with quiet_saelens(), scale:
-            runner = calibrating(LanguageModelSAETrainingRunner)(
+            runner = LanguageModelSAETrainingRunner(
                 cfg, override_model=self.model, override_dataset=self.data.train_dataset
             )
             torch.manual_seed(1_000_003 * (seed + 1))
