@@ -72,10 +72,12 @@ def offline_lm_data(
     prepared = offline.prepare(cache_dir=cache_dir, verify=not verified)
     model = offline.load_model(prepared, devices.resolve(device), n_ctx=max(context_size, 128))
     tok = offline.load_tokenizer(prepared)
-    train = offline.tokenized_dataset(prepared, tok, context_size, max_tokens=max_tokens, seed=0, split="train")
-    held = offline.tokenized_dataset(
-        prepared, tok, context_size, max_tokens=n_eval_sequences * context_size, seed=0, split="eval"
-    )
+    # Pack each whole split, then take the first rows of its (seeded) row shuffle: the rows come
+    # from all documents. (tokenized_dataset's max_tokens takes whole documents from the front of
+    # the document shuffle: at the benchmark's sizes that was one or two documents -- one
+    # Shakespeare play for training, another text for evaluation and calibration.)
+    train = _first_rows(offline.tokenized_dataset(prepared, tok, context_size, seed=0, split="train"), max_tokens // context_size)
+    held = offline.tokenized_dataset(prepared, tok, context_size, seed=0, split="eval")
     eval_tokens = torch.tensor(held["tokens"][:n_eval_sequences])
     info = prepared.model_info
     counts = prepared.token_counts
@@ -94,9 +96,15 @@ def offline_lm_data(
             "model": info,
             "corpus_tokens": counts,
             "split": "train: the corpus's training documents; evaluation: its held-out documents "
-            "(sae_allocators.offline.held_out_split, 10%)",
+            "(sae_allocators.offline.held_out_split, 10%); each side packed whole and its rows shuffled "
+            "(seed 0), the first rows used",
         },
     )
+
+
+def _first_rows(ds: Any, n_rows: int) -> Any:
+    """The first ``n_rows`` rows of a row-shuffled dataset (all of it if it has fewer)."""
+    return ds.select(range(min(len(ds), max(1, n_rows))))
 
 
 def _provenance(prepared: Any) -> dict[str, Any]:
@@ -138,6 +146,7 @@ def hub_lm_data(
         tokens = ds
     else:
         tokens = tokenize_and_concatenate(ds, model.tokenizer, max_length=context_size, column_name=column)
+    tokens = tokens.shuffle(seed=0)  # rows from all documents on both sides of the split (seeded)
     n_train = max(1, min(len(tokens) - n_eval_sequences, -(-max_tokens // context_size)))
     if len(tokens) < n_train + n_eval_sequences:
         raise SystemExit(f"--dataset {dataset}: only {len(tokens)} sequences of {context_size} tokens")
