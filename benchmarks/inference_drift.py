@@ -17,6 +17,7 @@ SAELens and measures on the benchmark's held-out evaluation tokens:
     python benchmarks/inference_drift.py --quick              # the main job's --quick scale (CI)
     python benchmarks/inference_drift.py                      # the default scale: k 2,4,8 / 16,32,64
     python benchmarks/inference_drift.py --datasets synthetic --arch mutual_choice
+    python benchmarks/inference_drift.py --datasets lm --calibration-tokens 65536 --eval-sequences 512
 
 The language model needs the offline assets (``SAE_ALLOCATORS_CACHE``, see docs/offline-assets.md).
 """
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", action="append", default=None, help="mutual_choice and/or feature_choice (default both)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--calibration-tokens", type=int, default=None, help="LM: held-out tokens to calibrate on (default: the main job's, 8,192)")
+    p.add_argument("--eval-sequences", type=int, default=None, help="LM: held-out sequences of 128 tokens to measure L0 on (default: the main job's, 128)")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("WANDB_MODE", "disabled")
@@ -77,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     work = Path(tempfile.mkdtemp(prefix="inference_drift-"))
     st = quick_settings(work) if args.quick else default_settings(work)
+    import dataclasses
+
+    lm_overrides = {"calibration_tokens": args.calibration_tokens, "eval_sequences": args.eval_sequences}
+    st.lm = dataclasses.replace(st.lm, **{k: v for k, v in lm_overrides.items() if v is not None})
     archs = args.arch or ["mutual_choice", "feature_choice"]
     plans = [pl for pl in configs.plan_architectures(archs) if pl.skip_reason is None and "aux_loss" not in pl.extra]
     rows = []
