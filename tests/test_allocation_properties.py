@@ -834,3 +834,74 @@ def test_afa_keys_follow_the_activations_dtype_and_match_the_brute_force_for_flo
     assert sel.k.tolist() == ref_k.tolist() == [1, 1, 1] and torch.equal(sel.codes, ref_codes)
     flat, k, _ = AFA.afa_indices(acts, target)
     assert flat.tolist() == [1, 2, 5] and k.tolist() == [1, 1, 1]
+
+
+def test_afa_capped_flag_at_the_cap_and_on_a_tie():
+    # s sorted [16, 9, 4, 4, 1]: running norms c = [4, 5, 5.39, 5.74, 5.83]; k_max = 3
+    acts = torch.tensor([[4.0, 3.0, 2.0, 2.0, 1.0]])
+    for t, k_full in ((5.7, 4), (5.4, 3), (4.4, 1)):
+        sel = AFA.afa_select(acts, torch.tensor([t]), k_max=3)
+        assert int(sel.k) == min(k_full, 3) and bool(sel.capped) == (k_full > 3), t
+        assert sel.capped.dtype == torch.bool
+    # c = [4], the next running norm is 5, t = 4.5 between them: the first minimum is the full
+    # rule's choice too, so the cap changed nothing
+    sel = AFA.afa_select(torch.tensor([[4.0, 3.0]]), torch.tensor([4.5]), k_max=1)
+    assert int(sel.k) == 1 and not bool(sel.capped)
+    uncapped = AFA.afa_select(acts, torch.tensor([5.7]))
+    assert int(uncapped.k) == 4 and uncapped.capped.dtype == torch.bool and not bool(uncapped.capped)
+
+
+def test_capacities_give_a_single_entry_to_the_most_used_feature():
+    # budget floor(0.1 * 10) = 1; Zipf shares (rank + 1)^-2 with feature 2 the most used
+    caps = FC.capacities(10, 0.1, 3, rank=torch.tensor([2, 1, 0]), exponent=2.0)
+    assert caps.tolist() == [0, 0, 1]
+    caps = FC.capacities(10, 0.2, 3, rank=torch.tensor([1, 2, 0]), exponent=1.0)
+    assert caps.tolist() == [1, 0, 1]  # shares [0.5, 0.33, 1] * 2 / 1.83: the remainder to feature 0
+
+
+def test_usage_rank_breaks_ties_by_feature_index_on_large_inputs():
+    usage = torch.zeros(300)  # 300 tied features: an unstable sort orders them differently
+    assert FC.usage_rank(usage).tolist() == list(range(300))
+    usage[150] = 1.0
+    assert FC.usage_rank(usage).tolist() == list(range(1, 151)) + [0] + list(range(151, 300))
+
+
+def test_normalize_grad_norms_over_the_last_dimension_of_3d_gradients():
+    g = torch.tensor([[[3.0, 4.0], [0.0, 2.0]]])  # [B=1, T=2, d=2]: token norms 5 and 2
+    assert torch.allclose(G.normalize_grad(g, "token"), torch.tensor([[[0.6, 0.8], [0.0, 1.0]]]))
+    assert torch.allclose(G.normalize_grad(g, "batch"), g / 3.5)
+
+
+def test_kth_largest_estimate_keeps_every_tie_and_falls_back_when_the_sample_misses():
+    """The estimate path (a strided sample, here of one value, ``sample_size=1``): with ties at
+    the sampled bound every entry ``>= tau`` is still a candidate (blocks, and the tail past the
+    last whole block of 32); a sample above the kk-th value triggers the exact fallback, whose
+    candidates again include every entry tied with ``tau``."""
+    flat = torch.ones(200)  # 6 blocks of 32 + a tail of 8; the one sampled value is flat[100] = 1
+    flat[torch.tensor([3, 50, 90, 120, 150])] = 2.0
+    tau, cand, idx = B.kth_largest_with_candidates(flat, 10, sample_size=1)
+    assert float(tau) == 1.0 and idx.tolist() == list(range(200)) and torch.equal(cand, flat)
+    assert float(B.kth_largest(flat, 10, sample_size=1)) == 1.0 and float(B.kth_largest(flat, 5, sample_size=1)) == 2.0
+    # the sampled value (flat[100] = 100) is above the 3rd largest: fallback to a full topk
+    spiky = torch.zeros(200)
+    spiky[100], spiky[torch.tensor([3, 7, 150, 199])] = 100.0, 5.0
+    tau, cand, idx = B.kth_largest_with_candidates(spiky, 2, sample_size=1)
+    assert float(tau) == 5.0 and idx.tolist() == [3, 7, 100, 150, 199] and cand.tolist() == [5.0, 5.0, 100.0, 5.0, 5.0]
+    tau, cand, idx = B.kth_largest_with_candidates(spiky, 6, sample_size=1)  # tau = 0: every entry
+    assert float(tau) == 0.0 and idx.tolist() == list(range(200)) and torch.equal(cand, spiky)
+    flat, tau_mc = B.mutual_choice_indices(spiky.reshape(20, 10), 0.1)  # budget 2 of 5 tied at 5: lowest index
+    assert flat.tolist() == [3, 100] and float(tau_mc) == 5.0
+
+
+def test_largest_remainder_rounding_sums_to_the_total_in_both_directions():
+    """``capacities``' rounding step: integers in ``[0, cap]`` summing to ``total``, each within 1
+    of its real share; the largest remainders get the +1s, the smallest give the -1s (ties:
+    lowest feature first)."""
+    rnd = FC._round_largest_remainder
+    assert rnd(torch.tensor([0.5, 1.7, 0.8], dtype=torch.double), 3, 5).tolist() == [0, 2, 1]  # +1 to 0.8
+    assert rnd(torch.tensor([0.5, 0.5, 2.0], dtype=torch.double), 3, 5).tolist() == [1, 0, 2]  # tie: lowest index
+    assert rnd(torch.tensor([2.0, 2.0, 1.3], dtype=torch.double), 4, 5).tolist() == [1, 2, 1]  # -1 from the smallest remainders
+    assert rnd(torch.tensor([3.0, 3.0, 0.0], dtype=torch.double), 4, 3).tolist() == [2, 2, 0]  # -1s skip an empty feature
+    assert rnd(torch.tensor([5.0, 0.6, 0.4], dtype=torch.double), 5, 4).tolist() == [4, 1, 0]  # clipped at cap first
+    out = rnd(torch.tensor([2.9999999995, 1.0000000005], dtype=torch.double), 4, 5)
+    assert out.dtype == torch.long and out.tolist() == [3, 1]  # within 1e-9 of an integer counts as it
