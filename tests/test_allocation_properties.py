@@ -905,3 +905,63 @@ def test_largest_remainder_rounding_sums_to_the_total_in_both_directions():
     assert rnd(torch.tensor([5.0, 0.6, 0.4], dtype=torch.double), 5, 4).tolist() == [4, 1, 0]  # clipped at cap first
     out = rnd(torch.tensor([2.9999999995, 1.0000000005], dtype=torch.double), 4, 5)
     assert out.dtype == torch.long and out.tolist() == [3, 1]  # within 1e-9 of an integer counts as it
+
+
+def test_afa_loss_sparse_in_float64_with_kept_zeros_and_on_the_inputs_device():
+    # token 0 keeps a zero code (its norm is 0: zero subgradient, no NaN), token 1 keeps [3, 4], token 2 nothing
+    values = torch.tensor([0.0, 3.0, 4.0], dtype=torch.float64, requires_grad=True)
+    rows, target = torch.tensor([0, 1, 1]), torch.tensor([1.0, 4.0, 2.0], dtype=torch.float64)
+    loss = AFA.afa_loss_sparse(values, rows, target)
+    assert loss.dtype == torch.float64 and math.isclose(loss.item(), (1.0 + 1.0 + 4.0) / 3, rel_tol=1e-12)
+    loss.backward()
+    assert torch.allclose(values.grad, torch.tensor([0.0, 2 * (5 - 4) * 3 / 5 / 3, 2 * (5 - 4) * 4 / 5 / 3], dtype=torch.float64), rtol=1e-12, atol=0)
+    dense = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0]], dtype=torch.float64)
+    assert math.isclose(AFA.afa_loss(dense, target).item(), loss.item(), rel_tol=1e-12)
+    meta = AFA.afa_loss_sparse(torch.ones(3, device="meta"), torch.zeros(3, dtype=torch.long, device="meta"), torch.ones(2, device="meta"))
+    assert meta.device.type == "meta" and meta.shape == ()
+
+
+def test_mutual_choice_on_a_single_value_and_a_single_token():
+    flat, tau = B.mutual_choice_indices(torch.tensor(2.0), 1.0)  # a 0-d affinity: one token, one feature
+    assert flat.tolist() == [0] and float(tau) == 2.0
+    codes, tau = B.mutual_choice_select(torch.tensor([3.0, 1.0, 2.0]), 2.0)  # 1-D: one token of 3 features
+    assert codes.tolist() == [3.0, 0.0, 2.0] and float(tau) == 2.0
+
+
+def test_estimated_selection_statistics_follow_the_documented_counts():
+    pre = torch.tensor([[3.0, 1.0, 9.0], [2.0, 5.0, 8.0], [1.0, 4.0, 7.0]])
+    # feature 2 has capacity 0: its column is never a candidate; a capacity above N is N
+    tau, n_fail, n_cand = FC.column_thresholds_estimated(pre, torch.tensor([1, 5, 0]), torch.tensor([2.5, 0.5, 0.5]))
+    assert tau.tolist() == [3.0, 1.0, math.inf] and n_fail == 0 and n_cand == 4  # 3 | 1, 5, 4
+    # a float64 bound is taken in the affinities' dtype (3.0000000001 is 3.0 in float32)
+    t64 = torch.tensor([3.0000000001, 4.0 - 1e-10, 0.0], dtype=torch.float64)
+    tau, n_fail, n_cand = FC.column_thresholds_estimated(pre, torch.tensor([1, 2, 0]), t64)
+    assert tau.tolist() == [3.0, 4.0, math.inf] and n_fail == 0 and n_cand == 3
+    # exactly max_candidates candidates is not "more than": no dense fallback
+    tau, n_fail, n_cand = FC.column_thresholds_estimated(pre, torch.tensor([1, 2, 0]), torch.tensor([2.5, 3.5, 0.0]), max_candidates=3)
+    assert tau.tolist() == [3.0, 4.0, math.inf] and n_fail == 0 and n_cand == 3
+    # feature_choice_select passes t_lo and stats through; a bound far too loose goes dense
+    stats: dict = {}
+    codes, tau = FC.feature_choice_select(pre, torch.tensor([1, 2, 0]), t_lo=torch.tensor([3.5, 3.5, 0.0]), stats=stats)
+    assert stats == {"fallback_features": 1, "candidates": 2} and codes.reshape(-1).nonzero().squeeze(1).tolist() == [0, 4, 7]
+    stats = {}
+    flat, _ = FC.feature_choice_indices(torch.ones(5000, 1), torch.tensor([1]), t_lo=torch.zeros(1), stats=stats)
+    assert flat.tolist() == [0] and stats == {"fallback_features": 1, "candidates": 5000}
+
+
+def test_capacities_errors_name_the_batch_size_needed_and_uniform_without_a_rank():
+    with pytest.raises(ValueError, match=r"budget of floor\(k \* N\) = 5 entries, less than d_sae \* min_capacity = 8\. Use batches of at least 16 tokens"):
+        FC.capacities(10, 0.5, 4, min_capacity=2)
+    with pytest.raises(ValueError, match=r"Use batches of at least inf tokens"):
+        FC.capacities(10, 0.0, 4, min_capacity=1)
+    assert FC.capacities(10, 1.0, 4, exponent=2.0).tolist() == [3, 3, 2, 2]  # no rank: uniform, remainder to the lowest index
+    assert FC.capacities(10, 1.0, 4, rank=torch.tensor([3, 2, 1, 0])).tolist() == [3, 3, 2, 2]  # exponent 0 by default: uniform
+    caps = FC.capacities(10, 10.0, 200)  # 100 entries for 200 features: 0.5 each, all tied
+    assert caps.tolist() == [1] * 100 + [0] * 100
+
+
+def test_largest_remainder_rounding_down_skips_empty_features_and_breaks_ties_by_index():
+    rnd = FC._round_largest_remainder
+    assert rnd(torch.tensor([2.5, 2.5, 0.0], dtype=torch.double), 3, 5).tolist() == [1, 2, 0]
+    assert rnd(torch.tensor([1.0, 2.4], dtype=torch.double), 2, 5).tolist() == [0, 2]
+    assert rnd(torch.ones(200, dtype=torch.double), 100, 5).tolist() == [0] * 100 + [1] * 100
