@@ -612,3 +612,356 @@ def test_normalize_grad_matches_its_formula(n, d, seed, mode):
     assert torch.allclose(out, torch.tensor(ref, dtype=torch.float64), rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="grad_normalization='rms'"):
         G.normalize_grad(grad, "rms")
+
+
+# --- losses and helpers the architectures call (added for the mutation run: no test covered them) ---
+
+
+@SETTINGS
+@given(
+    lead=st.sampled_from([(1,), (5,), (12,), (2, 3), (3, 4)]),
+    f=st.integers(1, 12),
+    seed=st.integers(0, 2**16),
+    with_norms=st.booleans(),
+    keep_p=st.sampled_from([0.0, 0.3, 0.7, 1.0]),
+)
+def test_afa_loss_dense_and_sparse_equal_the_formula_and_each_others_gradients(lead, f, seed, with_norms, keep_p):
+    """``afa_loss = mean_tokens (||f * dec_norm|| - t)^2`` (t a constant), and ``afa_loss_sparse`` on
+    the kept entries only has the same value and the same gradient, all-zero rows included."""
+    g = torch.Generator().manual_seed(seed)
+    n = math.prod(lead)
+    keep = torch.rand(n, f, generator=g) < keep_p
+    dense = torch.where(keep, torch.rand(n, f, generator=g) * 3, torch.zeros(()))
+    norms = (torch.rand(f, generator=g) * 2 + 0.25) if with_norms else None
+    target = torch.rand(n, generator=g) * 4
+    rows_l, targets = dense.tolist(), target.tolist()
+    nl = norms.tolist() if norms is not None else [1.0] * f
+    ref = sum((math.sqrt(sum((v * nl[j]) ** 2 for j, v in enumerate(r))) - t) ** 2 for r, t in zip(rows_l, targets)) / n
+    leaf = dense.reshape(*lead, f).clone().requires_grad_(True)
+    t_leaf = target.reshape(lead).clone().requires_grad_(True)
+    loss = AFA.afa_loss(leaf, t_leaf, norms)
+    assert loss.shape == () and math.isclose(loss.item(), ref, rel_tol=1e-5, abs_tol=1e-6)
+    loss.backward()
+    assert t_leaf.grad is None or not bool(t_leaf.grad.any())  # the target is a constant
+    assert bool(leaf.grad.isfinite().all())  # zero subgradient at an all-zero row
+    # the sparse form: kept entries only (a kept entry may be zero)
+    r, c = keep.nonzero(as_tuple=True)
+    values = dense[r, c].clone().requires_grad_(True)
+    t2 = target.reshape(lead).clone().requires_grad_(True)
+    sparse = AFA.afa_loss_sparse(values, r, t2, None if norms is None else norms[c])
+    assert sparse.shape == () and math.isclose(sparse.item(), ref, rel_tol=1e-5, abs_tol=1e-6)
+    sparse.backward()
+    assert t2.grad is None or not bool(t2.grad.any())
+    assert torch.allclose(values.grad, leaf.grad.reshape(n, f)[r, c], rtol=1e-5, atol=1e-6)
+    assert bool(values.grad.isfinite().all())
+
+
+@SETTINGS
+@given(n=st.integers(1, 8), f=st.integers(1, 12), seed=st.integers(0, 2**16), three_d=st.booleans(), data=st.data())
+def test_topk_by_score_keeps_the_k_best_scores_with_the_codes_values(n, f, seed, three_d, data):
+    g = torch.Generator().manual_seed(seed)
+    k = data.draw(st.integers(1, f))
+    codes = torch.rand(n, f, generator=g) + 0.5  # non-zero: every kept entry shows
+    scores = torch.stack([torch.randperm(f, generator=g) for _ in range(n)]).float()  # distinct per row
+    lead = (1, n) if three_d else (n,)
+    out = G.topk_by_score(codes.reshape(*lead, f), scores.reshape(*lead, f), k)
+    assert out.shape == (*lead, f)
+    got = out.reshape(n, f).tolist()
+    for i in range(n):
+        best = set(sorted(range(f), key=lambda j: -float(scores[i, j]))[:k])
+        assert got[i] == [float(codes[i, j]) if j in best else 0.0 for j in range(f)]
+
+
+def test_batch_rules_on_empty_batches():
+    """No tokens or no features: nothing kept, no error, ``tau = 0`` (documented shapes kept)."""
+    for shape in ((0, 5), (3, 0), (2, 0, 4)):
+        x = torch.zeros(shape)
+        codes, tau = B.mutual_choice_select(x, 2.0)
+        assert codes.shape == x.shape and tau.shape == () and float(tau) == 0.0
+        s_codes, s_tau = S.signed_mutual_choice_select(x, 2.0)
+        assert s_codes.shape == x.shape and s_tau.shape == () and float(s_tau) == 0.0
+
+
+def test_keep_at_least_keeps_ties_under_a_float64_default_dtype():
+    """Ties at ``tau`` are kept whatever ``torch.get_default_dtype()`` is (a float32 batch while
+    the default is float64: the next float below ``tau`` must be taken in float32)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        x = torch.tensor([1.0, 2.0, 0.5, 1.0], dtype=torch.float32)
+        out = B.keep_at_least(x, torch.tensor(1.0, dtype=torch.float32))
+    finally:
+        torch.set_default_dtype(old)
+    assert out.dtype == torch.float32 and out.tolist() == [1.0, 2.0, 0.0, 1.0]
+
+
+def test_column_thresholds_estimated_counts_candidates_and_fallbacks():
+    """The documented ``(tau, features that needed the fallback, candidates)``: a tight bound
+    needs no fallback; more candidates than ``max_candidates`` sends every feature to the dense
+    path (all ``F`` counted); ``feature_choice_indices`` reports the same through ``stats``."""
+    pre = torch.tensor([[3.0, 1.0], [2.0, 5.0], [1.0, 4.0]])
+    caps = torch.tensor([1, 2])
+    tau, n_fail, n_cand = FC.column_thresholds_estimated(pre, caps, torch.tensor([2.5, 3.5]))
+    assert tau.tolist() == [3.0, 4.0] and n_fail == 0 and n_cand == 3  # candidates 3 | 5, 4
+    tau, n_fail, n_cand = FC.column_thresholds_estimated(pre, caps, torch.zeros(2), max_candidates=0)
+    assert tau.tolist() == [3.0, 4.0] and n_fail == 2 and n_cand == 6
+    tau, n_fail, n_cand = FC.column_thresholds_estimated(pre, caps, torch.tensor([3.5, 3.5]))
+    assert tau.tolist() == [3.0, 4.0] and n_fail == 1 and n_cand == 2  # column 0: bound above its tau
+    stats: dict = {}
+    flat, tau = FC.feature_choice_indices(pre, caps, t_lo=torch.tensor([3.5, 3.5]), stats=stats)
+    assert flat.tolist() == [0, 3, 5] and tau.tolist() == [3.0, 4.0]
+    assert stats == {"fallback_features": 1, "candidates": 2}
+
+
+def test_gradient_topk_uses_the_gradient_term_at_every_nonzero_beta():
+    # z = [2, 1], |g . d_j| = [0, 3]: score = z + beta * z * attr = [2, 1 + 3 beta]
+    pre, grad, dec = torch.tensor([[2.0, 1.0]]), torch.tensor([[3.0]]), torch.tensor([[0.0], [1.0]])
+    assert G.gradient_topk(pre, grad, dec, 1, beta=0.0).tolist() == [[2.0, 0.0]]  # plain TopK
+    assert G.gradient_topk(pre, grad, dec, 1, beta=1.0).tolist() == [[0.0, 1.0]]  # score 4 > 2
+    assert G.gradient_topk(pre, grad, dec, 1, beta=0.25).tolist() == [[2.0, 0.0]]  # score 1.75 < 2
+    assert G.gradient_topk(pre, None, dec, 1, beta=1.0).tolist() == [[2.0, 0.0]]  # no gradient: plain TopK
+    idx, keep = G.gradient_topk_indices(pre, grad, dec, 1, beta=1.0)
+    assert idx.tolist() == [[1]] and keep.tolist() == [[True]]
+
+
+def test_gradient_topk_refuses_a_gradient_of_another_shape_naming_both():
+    with pytest.raises(ValueError, match=r"^grad has leading shape \(3,\), codes \(4,\)$"):
+        G.gradient_topk_indices(torch.ones(4, 5), torch.ones(3, 2), torch.ones(5, 2), 2, beta=1.0)
+    with pytest.raises(ValueError, match=r"^grad has leading shape \(2, 3\), codes \(2, 4\)$"):
+        G.gradient_topk(torch.ones(2, 4, 5), torch.ones(2, 3, 2), torch.ones(5, 2), 2, beta=1.0)
+
+
+def test_one_per_token_adds_only_positive_affinities():
+    """A token no feature chose gets its largest affinity only if that is positive: an all-zero
+    or all-negative token keeps nothing (no index, no gradient)."""
+    x = torch.tensor([[5.0, 1.0, 0.0], [0.0, 0.0, 0.0], [-1.0, -2.0, -0.5], [0.0, 2.0, 3.0]])
+    caps = torch.tensor([1, 0, 0])  # feature 0 takes token 0; tokens 1-3 chose nothing
+    flat, tau = FC.feature_choice_indices(x, caps, one_per_token=True)
+    assert flat.tolist() == [0, 11] and tau.tolist()[0] == 5.0  # token 3's best is feature 2
+    leaf = x.clone().requires_grad_(True)
+    codes, _ = FC.feature_choice_select(leaf, caps, one_per_token=True)
+    codes.sum().backward()
+    assert leaf.grad.reshape(-1).nonzero().squeeze(1).tolist() == [0, 11]
+
+
+def test_reference_functions_break_ties_by_lowest_index_and_keep_the_budget():
+    """The package's plain references (``*_reference``, used by tests and benchmarks) follow the
+    documented rule on ties too: a stable sort, lowest row-major index (Feature Choice: lowest
+    token) first. 200 tied entries: an unstable CPU sort orders them differently."""
+    x = torch.ones(10, 20)
+    x[3, 5], x[7, 1], x[8, 8] = 2.0, -1.0, 0.0
+    vals, k = floats(x), 5.5  # budget floor(5.5 * 10) = 55 of ~200 tied entries
+    assert kept_set(B.batch_topk_reference(x, k)) == ref_batch_keep(vals, k, 10)
+    assert kept_set(S.signed_mutual_choice_reference(x, k)) == ref_batch_keep(vals, k, 10, key=abs, eligible=lambda v: v != 0)
+    cols = torch.ones(200, 3)
+    caps = [150, 1, 0]
+    assert kept_set(FC.feature_choice_reference(cols, torch.tensor(caps))) == ref_feature_keep(floats(cols), 200, 3, caps)
+    # budgets of 1, 2, 3 on one token [1, -3, 0]: by magnitude, a zero never kept
+    y = torch.tensor([[1.0, -3.0, 0.0]])
+    assert [S.signed_mutual_choice_reference(y, k).tolist() for k in (0.0, 1.0, 2.0, 3.0)] == [[[0.0, 0.0, 0.0]], [[0.0, -3.0, 0.0]], [[1.0, -3.0, 0.0]], [[1.0, -3.0, 0.0]]]
+    z = torch.tensor([[1.0, 3.0, 0.0], [2.0, -1.0, 1.0]])
+    assert [kept_set(B.batch_topk_reference(z, k)) for k in (0.0, 0.5, 1.0, 2.0)] == [set(), {1}, {1, 3}, {0, 1, 3, 5}]
+
+
+def test_gradient_topk_normalizes_the_gradient_as_asked_and_casts_it_to_the_decoder():
+    # z = [2, 1], raw |g . d_j| = [0, 3]; beta = 0.5: raw score [2, 2.5] -> feature 1;
+    # with g / ||g|| (token or batch normalisation: one token) the attribution is [0, 1]: [2, 1.5] -> feature 0
+    pre, grad, dec = torch.tensor([[2.0, 1.0]]), torch.tensor([[3.0]]), torch.tensor([[0.0], [1.0]])
+    assert G.gradient_topk(pre, grad, dec, 1, 0.5).tolist() == [[0.0, 1.0]]
+    assert G.gradient_topk(pre, grad, dec, 1, 0.5, grad_normalization="none").tolist() == [[0.0, 1.0]]
+    for mode in ("token", "batch"):
+        assert G.gradient_topk(pre, grad, dec, 1, 0.5, grad_normalization=mode).tolist() == [[2.0, 0.0]]
+        idx, _ = G.gradient_topk_indices(pre, grad, dec, 1, 0.5, grad_normalization=mode)
+        assert idx.tolist() == [[0]]
+    # the model's gradient may come in another dtype than the SAE's decoder
+    for dtype in (torch.float64, torch.bfloat16):
+        assert G.gradient_topk(pre, grad.to(dtype), dec, 1, 0.5).tolist() == [[0.0, 1.0]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES + (torch.float64,))
+def test_keep_at_least_keeps_the_dtype_of_a_single_value(dtype):
+    for v, tau, expected in ((2.0, 1.0, 2.0), (1.0, 1.0, 1.0), (0.5, 1.0, 0.0)):
+        out = B.keep_at_least(torch.tensor(v, dtype=dtype), tau)
+        assert out.dtype == dtype and out.shape == () and float(out) == expected
+
+
+def test_afa_refuses_bad_k_max_and_mismatched_targets_with_the_fix():
+    acts, target = torch.tensor([[3.0, 4.0, 1.0]]), torch.tensor([4.0])
+    for bad in (0, -1, True, 1.5, "2"):
+        with pytest.raises(ValueError, match=rf"^k_max={bad!r} is invalid: use an integer >= 1 \(e\.g\. 64\), or None for no cap\.$"):
+            AFA.afa_select(acts, target, k_max=bad)
+        with pytest.raises(ValueError, match=r"k_max=.* is invalid"):
+            AFA.afa_indices(acts, target, k_max=bad)
+    for good in (None, 1, 2, 5):
+        AFA.check_k_max(good)
+        assert int(AFA.afa_select(acts, target, k_max=good).k) == 1  # c = [4, 5, 5.1]: 4 is the target
+    msg = r"^target has 3 entries but acts has 2 tokens: pass one target norm per token \(acts \(2, 3\), target \(3,\)\)$"
+    with pytest.raises(ValueError, match=msg):
+        AFA.afa_select(torch.ones(2, 3), torch.ones(3))
+    with pytest.raises(ValueError, match=r"^target has 4 entries but acts has 6 tokens: .*\(acts \(2, 3, 5\), target \(2, 2\)\)$"):
+        AFA.afa_indices(torch.ones(2, 3, 5), torch.ones(2, 2))
+
+
+def test_afa_on_empty_batches_single_tokens_and_the_inputs_device():
+    # no tokens: nothing kept, k and capped per token (none), on the input's device ("meta": no data)
+    for device in ("cpu", "meta"):
+        flat, k, capped = AFA.afa_indices(torch.empty(0, 5, device=device), torch.empty(0, device=device))
+        assert flat.shape == (0,) and k.shape == (0,) and capped.shape == (0,)
+        assert flat.dtype == k.dtype == torch.long and capped.dtype == torch.bool
+        assert flat.device.type == k.device.type == capped.device.type == device
+    sel = AFA.afa_select(torch.empty(2, 0, 5), torch.empty(2, 0))
+    assert sel.codes.shape == (2, 0, 5) and sel.k.shape == (2, 0) and sel.k.dtype == torch.long
+    # one token given as a 1-D [F] vector: s = [9, 16, 0] -> c = [4, 5, 5]; t = 4.4 -> k = 1
+    sel = AFA.afa_select(torch.tensor([3.0, 4.0, -1.0]), torch.tensor(4.4))
+    assert sel.codes.tolist() == [0.0, 4.0, 0.0] and sel.k.shape == () and int(sel.k) == 1
+    sel = AFA.afa_select(torch.tensor([3.0, 4.0, -1.0]), torch.tensor(4.6), k_max=1)
+    assert sel.codes.tolist() == [0.0, 4.0, 0.0] and bool(sel.capped)  # the full rule keeps 2
+
+
+def test_afa_keys_follow_the_activations_dtype_and_match_the_brute_force_for_float64_targets():
+    """``squared_contributions`` is float32 for bf16/fp16/float32 activations and float64 for
+    float64 ones, whatever the decoder norms' dtype; the target is compared in that dtype, so
+    ``afa_select`` equals ``afa_select_reference`` (the definition it must match) even for a
+    float64 target that rounds onto the midpoint of two running norms."""
+    for dtype, key in ((torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.float32), (torch.float64, torch.float64)):
+        s = AFA.squared_contributions(torch.tensor([[3.0, -1.0]], dtype=dtype), torch.tensor([2.0, 1.0], dtype=torch.float64))
+        assert s.dtype == key and s.tolist() == [[36.0, 0.0]]
+        assert AFA.squared_contributions(torch.tensor([[3.0, -1.0]], dtype=dtype)).dtype == key
+    acts = torch.tensor([[3.0, 4.0], [4.0, 3.0], [1.0, 2.0]])  # running norms [4, 5], [4, 5], [2, sqrt 5]
+    target = torch.tensor([4.5 + 1e-9, 4.5 - 1e-9, 2.1], dtype=torch.float64)  # 4.5 +- 1e-9 is 4.5 in float32
+    ref_codes, ref_k = AFA.afa_select_reference(acts, target)
+    sel = AFA.afa_select(acts, target)
+    assert sel.k.tolist() == ref_k.tolist() == [1, 1, 1] and torch.equal(sel.codes, ref_codes)
+    flat, k, _ = AFA.afa_indices(acts, target)
+    assert flat.tolist() == [1, 2, 5] and k.tolist() == [1, 1, 1]
+
+
+def test_afa_capped_flag_at_the_cap_and_on_a_tie():
+    # s sorted [16, 9, 4, 4, 1]: running norms c = [4, 5, 5.39, 5.74, 5.83]; k_max = 3
+    acts = torch.tensor([[4.0, 3.0, 2.0, 2.0, 1.0]])
+    for t, k_full in ((5.7, 4), (5.4, 3), (4.4, 1)):
+        sel = AFA.afa_select(acts, torch.tensor([t]), k_max=3)
+        assert int(sel.k) == min(k_full, 3) and bool(sel.capped) == (k_full > 3), t
+        assert sel.capped.dtype == torch.bool
+    # c = [4], the next running norm is 5, t = 4.5 between them: the first minimum is the full
+    # rule's choice too, so the cap changed nothing
+    sel = AFA.afa_select(torch.tensor([[4.0, 3.0]]), torch.tensor([4.5]), k_max=1)
+    assert int(sel.k) == 1 and not bool(sel.capped)
+    uncapped = AFA.afa_select(acts, torch.tensor([5.7]))
+    assert int(uncapped.k) == 4 and uncapped.capped.dtype == torch.bool and not bool(uncapped.capped)
+
+
+def test_capacities_give_a_single_entry_to_the_most_used_feature():
+    # budget floor(0.1 * 10) = 1; Zipf shares (rank + 1)^-2 with feature 2 the most used
+    caps = FC.capacities(10, 0.1, 3, rank=torch.tensor([2, 1, 0]), exponent=2.0)
+    assert caps.tolist() == [0, 0, 1]
+    caps = FC.capacities(10, 0.2, 3, rank=torch.tensor([1, 2, 0]), exponent=1.0)
+    assert caps.tolist() == [1, 0, 1]  # shares [0.5, 0.33, 1] * 2 / 1.83: the remainder to feature 0
+
+
+def test_usage_rank_breaks_ties_by_feature_index_on_large_inputs():
+    usage = torch.zeros(300)  # 300 tied features: an unstable sort orders them differently
+    assert FC.usage_rank(usage).tolist() == list(range(300))
+    usage[150] = 1.0
+    assert FC.usage_rank(usage).tolist() == list(range(1, 151)) + [0] + list(range(151, 300))
+
+
+def test_normalize_grad_norms_over_the_last_dimension_of_3d_gradients():
+    g = torch.tensor([[[3.0, 4.0], [0.0, 2.0]]])  # [B=1, T=2, d=2]: token norms 5 and 2
+    assert torch.allclose(G.normalize_grad(g, "token"), torch.tensor([[[0.6, 0.8], [0.0, 1.0]]]))
+    assert torch.allclose(G.normalize_grad(g, "batch"), g / 3.5)
+
+
+def test_kth_largest_estimate_keeps_every_tie_and_falls_back_when_the_sample_misses():
+    """The estimate path (a strided sample, here of one value, ``sample_size=1``): with ties at
+    the sampled bound every entry ``>= tau`` is still a candidate (blocks, and the tail past the
+    last whole block of 32); a sample above the kk-th value triggers the exact fallback, whose
+    candidates again include every entry tied with ``tau``."""
+    flat = torch.ones(200)  # 6 blocks of 32 + a tail of 8; the one sampled value is flat[100] = 1
+    flat[torch.tensor([3, 50, 90, 120, 150])] = 2.0
+    tau, cand, idx = B.kth_largest_with_candidates(flat, 10, sample_size=1)
+    assert float(tau) == 1.0 and idx.tolist() == list(range(200)) and torch.equal(cand, flat)
+    assert float(B.kth_largest(flat, 10, sample_size=1)) == 1.0 and float(B.kth_largest(flat, 5, sample_size=1)) == 2.0
+    # the sampled value (flat[100] = 100) is above the 3rd largest: fallback to a full topk
+    spiky = torch.zeros(200)
+    spiky[100], spiky[torch.tensor([3, 7, 150, 199])] = 100.0, 5.0
+    tau, cand, idx = B.kth_largest_with_candidates(spiky, 2, sample_size=1)
+    assert float(tau) == 5.0 and idx.tolist() == [3, 7, 100, 150, 199] and cand.tolist() == [5.0, 5.0, 100.0, 5.0, 5.0]
+    tau, cand, idx = B.kth_largest_with_candidates(spiky, 6, sample_size=1)  # tau = 0: every entry
+    assert float(tau) == 0.0 and idx.tolist() == list(range(200)) and torch.equal(cand, spiky)
+    flat, tau_mc = B.mutual_choice_indices(spiky.reshape(20, 10), 0.1)  # budget 2 of 5 tied at 5: lowest index
+    assert flat.tolist() == [3, 100] and float(tau_mc) == 5.0
+
+
+def test_largest_remainder_rounding_sums_to_the_total_in_both_directions():
+    """``capacities``' rounding step: integers in ``[0, cap]`` summing to ``total``, each within 1
+    of its real share; the largest remainders get the +1s, the smallest give the -1s (ties:
+    lowest feature first)."""
+    rnd = FC._round_largest_remainder
+    assert rnd(torch.tensor([0.5, 1.7, 0.8], dtype=torch.double), 3, 5).tolist() == [0, 2, 1]  # +1 to 0.8
+    assert rnd(torch.tensor([0.5, 0.5, 2.0], dtype=torch.double), 3, 5).tolist() == [1, 0, 2]  # tie: lowest index
+    assert rnd(torch.tensor([2.0, 2.0, 1.3], dtype=torch.double), 4, 5).tolist() == [1, 2, 1]  # -1 from the smallest remainders
+    assert rnd(torch.tensor([3.0, 3.0, 0.0], dtype=torch.double), 4, 3).tolist() == [2, 2, 0]  # -1s skip an empty feature
+    assert rnd(torch.tensor([5.0, 0.6, 0.4], dtype=torch.double), 5, 4).tolist() == [4, 1, 0]  # clipped at cap first
+    out = rnd(torch.tensor([2.9999999995, 1.0000000005], dtype=torch.double), 4, 5)
+    assert out.dtype == torch.long and out.tolist() == [3, 1]  # within 1e-9 of an integer counts as it
+
+
+def test_afa_loss_sparse_in_float64_with_kept_zeros_and_on_the_inputs_device():
+    # token 0 keeps a zero code (its norm is 0: zero subgradient, no NaN), token 1 keeps [3, 4], token 2 nothing
+    values = torch.tensor([0.0, 3.0, 4.0], dtype=torch.float64, requires_grad=True)
+    rows, target = torch.tensor([0, 1, 1]), torch.tensor([1.0, 4.0, 2.0], dtype=torch.float64)
+    loss = AFA.afa_loss_sparse(values, rows, target)
+    assert loss.dtype == torch.float64 and math.isclose(loss.item(), (1.0 + 1.0 + 4.0) / 3, rel_tol=1e-12)
+    loss.backward()
+    assert torch.allclose(values.grad, torch.tensor([0.0, 2 * (5 - 4) * 3 / 5 / 3, 2 * (5 - 4) * 4 / 5 / 3], dtype=torch.float64), rtol=1e-12, atol=0)
+    dense = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0]], dtype=torch.float64)
+    assert math.isclose(AFA.afa_loss(dense, target).item(), loss.item(), rel_tol=1e-12)
+    meta = AFA.afa_loss_sparse(torch.ones(3, device="meta"), torch.zeros(3, dtype=torch.long, device="meta"), torch.ones(2, device="meta"))
+    assert meta.device.type == "meta" and meta.shape == ()
+
+
+def test_mutual_choice_on_a_single_value_and_a_single_token():
+    flat, tau = B.mutual_choice_indices(torch.tensor(2.0), 1.0)  # a 0-d affinity: one token, one feature
+    assert flat.tolist() == [0] and float(tau) == 2.0
+    codes, tau = B.mutual_choice_select(torch.tensor([3.0, 1.0, 2.0]), 2.0)  # 1-D: one token of 3 features
+    assert codes.tolist() == [3.0, 0.0, 2.0] and float(tau) == 2.0
+
+
+def test_estimated_selection_statistics_follow_the_documented_counts():
+    pre = torch.tensor([[3.0, 1.0, 9.0], [2.0, 5.0, 8.0], [1.0, 4.0, 7.0]])
+    # feature 2 has capacity 0: its column is never a candidate; a capacity above N is N
+    tau, n_fail, n_cand = FC.column_thresholds_estimated(pre, torch.tensor([1, 5, 0]), torch.tensor([2.5, 0.5, 0.5]))
+    assert tau.tolist() == [3.0, 1.0, math.inf] and n_fail == 0 and n_cand == 4  # 3 | 1, 5, 4
+    # a float64 bound is taken in the affinities' dtype (3.0000000001 is 3.0 in float32)
+    t64 = torch.tensor([3.0000000001, 4.0 - 1e-10, 0.0], dtype=torch.float64)
+    tau, n_fail, n_cand = FC.column_thresholds_estimated(pre, torch.tensor([1, 2, 0]), t64)
+    assert tau.tolist() == [3.0, 4.0, math.inf] and n_fail == 0 and n_cand == 3
+    # exactly max_candidates candidates is not "more than": no dense fallback
+    tau, n_fail, n_cand = FC.column_thresholds_estimated(pre, torch.tensor([1, 2, 0]), torch.tensor([2.5, 3.5, 0.0]), max_candidates=3)
+    assert tau.tolist() == [3.0, 4.0, math.inf] and n_fail == 0 and n_cand == 3
+    # feature_choice_select passes t_lo and stats through; a bound far too loose goes dense
+    stats: dict = {}
+    codes, tau = FC.feature_choice_select(pre, torch.tensor([1, 2, 0]), t_lo=torch.tensor([3.5, 3.5, 0.0]), stats=stats)
+    assert stats == {"fallback_features": 1, "candidates": 2} and codes.reshape(-1).nonzero().squeeze(1).tolist() == [0, 4, 7]
+    stats = {}
+    flat, _ = FC.feature_choice_indices(torch.ones(5000, 1), torch.tensor([1]), t_lo=torch.zeros(1), stats=stats)
+    assert flat.tolist() == [0] and stats == {"fallback_features": 1, "candidates": 5000}
+
+
+def test_capacities_errors_name_the_batch_size_needed_and_uniform_without_a_rank():
+    with pytest.raises(ValueError, match=r"budget of floor\(k \* N\) = 5 entries, less than d_sae \* min_capacity = 8\. Use batches of at least 16 tokens"):
+        FC.capacities(10, 0.5, 4, min_capacity=2)
+    with pytest.raises(ValueError, match=r"Use batches of at least inf tokens"):
+        FC.capacities(10, 0.0, 4, min_capacity=1)
+    assert FC.capacities(10, 1.0, 4, exponent=2.0).tolist() == [3, 3, 2, 2]  # no rank: uniform, remainder to the lowest index
+    assert FC.capacities(10, 1.0, 4, rank=torch.tensor([3, 2, 1, 0])).tolist() == [3, 3, 2, 2]  # exponent 0 by default: uniform
+    caps = FC.capacities(10, 10.0, 200)  # 100 entries for 200 features: 0.5 each, all tied
+    assert caps.tolist() == [1] * 100 + [0] * 100
+
+
+def test_largest_remainder_rounding_down_skips_empty_features_and_breaks_ties_by_index():
+    rnd = FC._round_largest_remainder
+    assert rnd(torch.tensor([2.5, 2.5, 0.0], dtype=torch.double), 3, 5).tolist() == [1, 2, 0]
+    assert rnd(torch.tensor([1.0, 2.4], dtype=torch.double), 2, 5).tolist() == [0, 2]
+    assert rnd(torch.ones(200, dtype=torch.double), 100, 5).tolist() == [0] * 100 + [1] * 100
