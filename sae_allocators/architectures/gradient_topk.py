@@ -199,9 +199,7 @@ class GradientTopKTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE)
 
 @hookimpl
 def register_architectures(register) -> None:
-    from sae_allocators.gradient import dispatch
-
-    dispatch.install()
+    # the runner builds GradientActivationsStore through sae_allocators.gradient.dispatch, which the host installs
     register(
         NAME,
         training=(GradientTopKTrainingSAE, GradientTopKTrainingSAEConfig),

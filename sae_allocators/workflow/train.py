@@ -28,7 +28,6 @@ from dataclasses import fields, make_dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from sae_allocators.cli import command
 from sae_allocators.io import SaeFolderError
 
 HELP = "train an SAE with SAELens's training options (any registered architecture, ours included)"
@@ -183,7 +182,7 @@ def main(argv: Sequence[str], *, override_model=None, override_dataset=None) -> 
     argv = list(argv)
     if any(a.startswith(("--nproc-per-node", "--nproc_per_node")) for a in argv):
         # data-parallel on N processes: the same options under torchrun (docs/distributed.md)
-        from sae_allocators.distributed.launch import LaunchError, relaunch, split_nproc
+        from sae_allocators.distributed.relaunch import LaunchError, relaunch, split_nproc
 
         try:
             nproc, rest = split_nproc(argv)
@@ -225,6 +224,5 @@ def main(argv: Sequence[str], *, override_model=None, override_dataset=None) -> 
     return 0
 
 
-@command("train", HELP, raw=True)
 def cmd_train(args: argparse.Namespace) -> int:
     return main(args.argv)
