@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sae_allocators import devices
-from sae_allocators.io import CFG_FILENAME, SPARSITY_FILENAME, WEIGHTS_FILENAME, SaeFolderError, SaeFolderInfo, check_loadable
+from sae_allocators.sae_folder import CFG_FILENAME, SPARSITY_FILENAME, WEIGHTS_FILENAME, SaeFolderError, SaeFolderInfo, check_loadable
 from sae_allocators.names import DISTRIBUTION
 
 _REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")

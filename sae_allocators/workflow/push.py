@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sae_allocators import devices
-from sae_allocators.io import METRICS_FILENAME, RUNNER_CFG_FILENAME, SaeFolderError, SaeFolderInfo, check_loadable
+from sae_allocators.sae_folder import METRICS_FILENAME, RUNNER_CFG_FILENAME, SaeFolderError, SaeFolderInfo, check_loadable
 from sae_allocators.names import DISTRIBUTION
 
 HELP = "upload a trained SAE output folder to the Hugging Face Hub, with a model card"
@@ -140,7 +140,7 @@ def model_card(info: SaeFolderInfo, repo_id: str, sae_id: str) -> str:
 
 def check_loadable_like_from_pretrained(output_dir: str | Path) -> SaeFolderInfo:
     """Refuse, before any network call, a folder that ``SAE.from_pretrained`` could not load into a
-    usable SAE: the header checks, then :func:`sae_allocators.io.check_loadable` (config field
+    usable SAE: the header checks, then :func:`sae_allocators.sae_folder.check_loadable` (config field
     types, tensor names / shapes / dtypes, finite weights), then SAELens's own loader on the CPU."""
     from sae_lens import SAE
 
