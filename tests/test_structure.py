@@ -156,3 +156,53 @@ def test_the_host_installs_the_store_dispatch_not_a_register_hook():
         dispatch.install()
     hooks = (PACKAGE / "architectures" / "gradient_topk.py").read_text()
     assert "dispatch.install" not in hooks
+
+
+# --- step state and shared helpers -------------------------------------------------------------
+
+
+def test_feature_choice_selection_estimate_lives_in_buffers_that_are_not_saved():
+    # the speed-up estimate of the exact selection (last thresholds, their spread, the margin) is
+    # module state: non-persistent buffers follow .to(); they are not in checkpoints or exports
+    import torch
+
+    from sae_allocators.architectures.feature_choice import FeatureChoiceTrainingSAE, FeatureChoiceTrainingSAEConfig
+
+    sae = FeatureChoiceTrainingSAE(FeatureChoiceTrainingSAEConfig(d_in=8, d_sae=16, k=2.0))
+    assert sae.tau_estimate is None and sae.estimate_margin is None and sae._estimate_lower_bound() is None
+    torch.manual_seed(0)
+    sae._update_running_stats(torch.randn(32, 16), torch.rand(16))
+    assert sae.tau_estimate is not None and sae.tau_estimate_spread is not None and float(sae.estimate_margin) == 2.0
+    buffers = dict(sae.named_buffers())
+    assert {"tau_estimate", "tau_estimate_spread", "estimate_margin"} <= set(buffers)
+    assert not {"tau_estimate", "tau_estimate_spread", "estimate_margin"} & set(sae.state_dict())
+    assert sae._estimate_lower_bound() is not None
+    sae.to("meta")
+    assert sae.tau_estimate.is_meta and sae.estimate_margin.is_meta
+    assert not any(k.startswith("_") for k in vars(sae) if isinstance(vars(sae)[k], torch.Tensor))
+
+
+def test_keep_flat_scatters_kept_entries_into_zeros_differentiably():
+    import torch
+
+    from sae_allocators.sparse import keep_flat
+
+    flat = torch.tensor([3.0, -1.0, 2.0, 5.0], requires_grad=True)
+    kept = torch.tensor([3, 0])
+    out = keep_flat(flat, kept)
+    assert out.tolist() == [3.0, 0.0, 0.0, 5.0]
+    out.sum().backward()
+    assert flat.grad.tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert keep_flat(flat.detach(), kept, torch.tensor([7.0, 8.0])).tolist() == [8.0, 0.0, 0.0, 7.0]
+
+
+def test_every_rule_and_the_shared_helpers_use_one_encode_and_one_export():
+    # one inference-side pre-activation encode (architectures/_common.py), one threshold export
+    # (thresholds.export_threshold), one "kept entries into zeros" (sparse.keep_flat): no copies
+    sources = {m: p.read_text() for m, (p, _) in _modules(PACKAGE).items()}
+    encode = [m for m, text in sources.items() if "@ sae.W_enc + sae.b_enc" in text or "@ self.W_enc + self.b_enc" in text]
+    assert encode == ["sae_allocators.architectures._common"], encode
+    scatter = [m for m, text in sources.items() if ".index_put((" in text]
+    assert scatter == ["sae_allocators.sparse"], scatter
+    exports = [line.strip() for text in sources.values() for line in text.splitlines() if 'state_dict["threshold"] =' in line]
+    assert len(exports) >= 3 and all("export" in line for line in exports), exports
