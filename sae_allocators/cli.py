@@ -4,39 +4,31 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
-Command = Callable[[argparse.Namespace], int]
-_COMMANDS: dict[str, Command] = {}
-#: subcommands that parse their own arguments: they get ``Namespace(argv=[...rest of the line])``
-_RAW: set[str] = set()
+from sae_allocators.benchmark import cli as bench_cli
+from sae_allocators.workflow import calibrate, load, push, train
 
 
-def command(name: str, help: str, configure: Callable[[argparse.ArgumentParser], None] | None = None, raw: bool = False):
-    """Decorator registering a subcommand (each module adding one stays self-contained).
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: ``run(args)`` returns the exit status.
 
-    ``raw=True``: the command parses the rest of the line itself (``train`` hands it to SAELens's parser).
+    ``raw=True``: the command parses the rest of the line itself (``train`` hands it to SAELens's
+    parser); it gets ``Namespace(argv=[...rest of the line])``.
     """
 
-    def wrap(fn: Command) -> Command:
-        _COMMANDS[name] = fn
-        if raw:
-            _RAW.add(name)
-        if all(n != name for n, _, _ in _PARSER_SETUP):
-            _PARSER_SETUP.append((name, help, configure))
-        return fn
-
-    return wrap
-
-
-_PARSER_SETUP: list[tuple[str, str, Callable[[argparse.ArgumentParser], None] | None]] = []
+    run: Callable[[argparse.Namespace], int]
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None] | None = None
+    raw: bool = False
 
 
 def _list_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--all", action="store_true", help="also list SAELens's own architectures")
 
 
-@command("list", "list SAE architectures and what provides them", _list_args)
 def cmd_list(args: argparse.Namespace) -> int:
     from sae_allocators import host
 
@@ -67,48 +59,37 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+#: every subcommand, in the order ``--help`` lists them
+COMMANDS: dict[str, Command] = {
+    "list": Command(cmd_list, "list SAE architectures and what provides them", _list_args),
+    "train": Command(train.cmd_train, train.HELP, raw=True),
+    "push": Command(push.cmd_push, push.HELP, push.add_arguments),
+    "load": Command(load.cmd_load, load.HELP, load.add_arguments),
+    "bench": Command(bench_cli.cmd_bench, bench_cli.HELP, raw=True),
+    "calibrate": Command(calibrate.cmd_calibrate, calibrate.HELP, raw=True),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    _load_command_modules()
     parser = argparse.ArgumentParser(prog="sae-allocators", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help, configure in _PARSER_SETUP:
-        if name in _RAW:
-            sub.add_parser(name, help=help, add_help=False).add_argument("argv", nargs=argparse.REMAINDER)
+    for name, cmd in COMMANDS.items():
+        if cmd.raw:
+            sub.add_parser(name, help=cmd.help, add_help=False).add_argument("argv", nargs=argparse.REMAINDER)
             continue
-        p = sub.add_parser(name, help=help, description=help)
-        if configure is not None:
-            configure(p)
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        if cmd.configure is not None:
+            cmd.configure(p)
     return parser
-
-
-#: modules that add subcommands with @command (imported lazily so `list` stays fast)
-COMMAND_MODULES: tuple[str, ...] = (
-    "sae_allocators.workflow.train",
-    "sae_allocators.workflow.push",
-    "sae_allocators.workflow.load",
-    "sae_allocators.benchmark.cli",
-    "sae_allocators.workflow.calibrate",
-)
-
-
-def _load_command_modules() -> None:
-    import importlib
-
-    for mod in COMMAND_MODULES:
-        importlib.import_module(mod)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _load_command_modules()
-    if argv and argv[0] in _RAW:
-        return _COMMANDS[argv[0]](argparse.Namespace(command=argv[0], argv=argv[1:]))
+    if argv and argv[0] in COMMANDS and COMMANDS[argv[0]].raw:
+        return COMMANDS[argv[0]].run(argparse.Namespace(command=argv[0], argv=argv[1:]))
     args = build_parser().parse_args(argv)
-    return _COMMANDS[args.command](args)
+    return COMMANDS[args.command].run(args)
 
 
 if __name__ == "__main__":
-    # `python -m sae_allocators.cli`: run the importable module, where subcommands register themselves
-    from sae_allocators.cli import main as _main
-
-    raise SystemExit(_main())
+    raise SystemExit(main())

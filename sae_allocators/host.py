@@ -27,61 +27,23 @@ import importlib
 import importlib.metadata as md
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pluggy
 
-from sae_allocators import calibration, compat, hookspecs, names
+from sae_allocators import compat, hookspecs, names, plugin_state
 from sae_allocators import saelens_registry as reg
+from sae_allocators.plugin_state import SAELENS, LoadReport, LossEntry, PluginState, Provider, Source
 
-SAELENS = "sae-lens"
+__all__ = [
+    "SAELENS", "LoadReport", "PluginState", "PluginWarning", "Provider", "Source",
+    "external_plugins_disabled", "load", "plugin_manager", "providers", "state", "validate_offer",
+]
 
 
 class PluginWarning(UserWarning):
     """A plugin could not be loaded, or one of its registrations was refused."""
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where a plugin comes from."""
-
-    plugin: str  # entry-point name or module name
-    distribution: str
-    version: str
-    builtin: bool = False
-
-    def describe(self) -> str:
-        return f"{self.distribution} {self.version}".strip()
-
-
-@dataclass
-class Provider:
-    """Who provides one architecture name, as recorded by the host."""
-
-    name: str
-    distribution: str
-    version: str
-    plugin: str
-    has_training: bool
-    has_inference: bool
-    description: str = ""
-    deferred: list[str] = field(default_factory=list)  # offers we did not take, "dist version"
-
-    @property
-    def is_saelens(self) -> bool:
-        return self.distribution == SAELENS
-
-
-@dataclass
-class LoadReport:
-    plugins: list[Source] = field(default_factory=list)
-    failed: list[tuple[str, str]] = field(default_factory=list)  # (plugin description, error)
-    external_enabled: bool = True
-
-
-_report: LoadReport | None = None
-_pm: pluggy.PluginManager | None = None
 
 
 def _version(dist: str) -> str:
@@ -281,13 +243,14 @@ def _commit(offers: list[_Offer]) -> dict[str, Provider]:
     return providers
 
 
-_providers: dict[str, Provider] = {}
-
-
-def _collect(pm: pluggy.PluginManager, plugins: list[tuple[Any, Source]], report: LoadReport) -> None:
-    from sae_allocators.losses import registry as loss_registry
+def _collect(
+    pm: pluggy.PluginManager, plugins: list[tuple[Any, Source]], report: LoadReport
+) -> tuple[dict[str, Provider], dict[str, LossEntry]]:
+    """Call each plugin's hooks; return the architectures committed to SAELens and the losses."""
+    from sae_allocators.losses import registry as loss_registry  # here: import order as before
 
     offers: list[_Offer] = []
+    loss_table: dict[str, LossEntry] = {}
     for plugin, src in plugins:
         others = [p for p in pm.get_plugins() if p is not plugin]
         mine: list[_Offer] = []
@@ -334,28 +297,43 @@ def _collect(pm: pluggy.PluginManager, plugins: list[tuple[Any, Source]], report
             else:
                 offers.append(offer)
         for name, loss, description in losses:
-            if problem := loss_registry.add(name, loss, description=description, provider=src.describe()):
+            if problem := loss_registry.add(loss_table, name, loss, description=description, provider=src.describe()):
                 _warn(f"sae-allocators: plugin {src.plugin!r} from {src.describe()}: {problem}")
-    _providers.clear()
-    _providers.update(_commit(offers))
+    return _commit(offers), loss_table
+
+
+def _install_runner_wraps() -> None:
+    """Install what this package's architectures need from SAELens's runner (idempotent).
+
+    The host does this, not an architecture's register hook: registering stays a pure offer.
+    """
+    from sae_allocators.gradient import dispatch
+
+    from sae_allocators import calibration
+
+    dispatch.install()  # gradient_topk: the runner builds the activation store its config names
+    calibration.install()  # batch-level rules: the runner calibrates the saved thresholds before its final save
 
 
 def load(force: bool = False) -> LoadReport:
-    """Load every plugin and register its architectures into SAELens (once per process)."""
-    global _report, _pm, _pending
-    if _report is not None and not force:
-        return _report
+    """Load every plugin and register its architectures into SAELens (once per process).
+
+    Builds a new :class:`~sae_allocators.plugin_state.PluginState` and publishes it; every other
+    module reads that (:func:`state`, :func:`sae_allocators.plugin_state.current`)."""
+    global _pending
+    if plugin_state.loaded() and not force:
+        return plugin_state.current().report
     compat.apply()
     reg.install_error_messages()
-    calibration.install()  # SAELens's runners calibrate our batch-rule SAEs before the final save
+    _install_runner_wraps()
     report = LoadReport()
     pm = _new_manager()
     _pending = []
     try:
         plugins = _load_plugins(pm, report)
         report.plugins = [src for _, src in plugins]
-        _collect(pm, plugins, report)
-        _report, _pm = report, pm
+        architectures, losses = _collect(pm, plugins, report)
+        plugin_state.publish(PluginState(report=report, manager=pm, architectures=architectures, losses=losses))
     finally:
         pending, _pending = _pending, None
     for msg in pending:  # everything is registered; a filter may now turn these into errors
@@ -363,19 +341,29 @@ def load(force: bool = False) -> LoadReport:
     return report
 
 
-def providers() -> dict[str, Provider]:
-    """Every architecture in SAELens's registries, with who provides it."""
+def state() -> PluginState:
+    """The plugin state of the last load (loading first if needed)."""
     load()
+    return plugin_state.current()
+
+
+def providers() -> dict[str, Provider]:
+    """Every architecture in SAELens's registries, with who provides it (fresh copies: the
+    training / inference flags say what SAELens's registries hold now)."""
+    committed = state().architectures
     out: dict[str, Provider] = {}
     for name in reg.all_names():
-        prov = _providers.get(name)
+        prov = committed.get(name)
         if prov is None:
             rec = reg.provider_records().get(name)
             dist, plugin = (rec["distribution"], rec["plugin"]) if rec else _owner_of(name)
             prov = Provider(name=name, distribution=dist, version=_version(dist), plugin=plugin, has_training=False, has_inference=False)
-        prov.has_training = reg.get(reg.TRAINING, name) is not None
-        prov.has_inference = reg.get(reg.INFERENCE, name) is not None
-        out[name] = prov
+        out[name] = replace(
+            prov,
+            has_training=reg.get(reg.TRAINING, name) is not None,
+            has_inference=reg.get(reg.INFERENCE, name) is not None,
+            deferred=list(prov.deferred),
+        )
     return out
 
 
@@ -392,7 +380,5 @@ def _owner_of(name: str) -> tuple[str, str]:
 
 
 def plugin_manager() -> pluggy.PluginManager:
-    load()
-    assert _pm is not None
-    return _pm
+    return state().manager
 

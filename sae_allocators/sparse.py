@@ -180,9 +180,14 @@ def decode(values: torch.Tensor, sel: Selection, W_dec: torch.Tensor) -> torch.T
     return _bag_sum(sel.cols, W_dec, sel.offsets, values)
 
 
+def keep_flat(flat: torch.Tensor, kept: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
+    """Zeros shaped like the 1-D ``flat``, holding ``values`` (default: ``flat``'s own entries) at the
+    flat indices ``kept``: one scatter, differentiable in ``flat`` / ``values``. Every rule's dense
+    codes are this, from its kept row-major indices."""
+    return flat.new_zeros(flat.shape).index_put((kept,), flat.index_select(0, kept) if values is None else values)
+
+
 def dense_codes(hidden_pre: torch.Tensor, sel: Selection) -> torch.Tensor:
     """The dense reference: ``hidden_pre`` at the kept entries, zeros elsewhere, differentiable in
     ``hidden_pre`` (the plain path every sparse computation here is tested against)."""
-    flat = hidden_pre.reshape(-1)
-    idx = sel.flat
-    return flat.new_zeros(flat.shape).index_put((idx,), flat.index_select(0, idx)).view(sel.n_tokens, sel.n_features)
+    return keep_flat(hidden_pre.reshape(-1), sel.flat).view(sel.n_tokens, sel.n_features)

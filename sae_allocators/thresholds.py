@@ -194,9 +194,14 @@ class ThresholdTracker:
 
     def exported(self, like: torch.Tensor, what: str | None = None) -> torch.Tensor:
         """theta as the saved JumpReLU ``threshold`` (shape and dtype of ``like``), checked finite."""
-        theta = self.value.detach()
-        check_exportable(theta, what or f"threshold {self.value_name!r}")
-        return (torch.ones_like(like) * theta.to(like.dtype)).clone()
+        return export_threshold(self.value.detach(), like, what or f"threshold {self.value_name!r}")
+
+
+def export_threshold(theta: torch.Tensor, like: torch.Tensor, what: str) -> torch.Tensor:
+    """``theta`` as the saved JumpReLU ``threshold`` (shape and dtype of ``like``), checked finite
+    (:func:`check_exportable`): the one export of every batch rule's threshold."""
+    check_exportable(theta, what)
+    return (torch.ones_like(like) * theta.to(like.dtype)).clone()
 
 
 

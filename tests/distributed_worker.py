@@ -122,7 +122,10 @@ def build(arch: str):
 
 def state(sae, trainer) -> dict[str, torch.Tensor]:
     out = {f"p.{k}": v.detach().clone() for k, v in sae.named_parameters()}
-    out.update({f"b.{k}": v.detach().clone().double() for k, v in sae.named_buffers()})
+    # persistent buffers only: a non-persistent one is a process's own speed-up state (feature_choice's
+    # selection estimate, which the global selection does not use), not part of the model
+    saved = set(sae.state_dict())
+    out.update({f"b.{k}": v.detach().clone().double() for k, v in sae.named_buffers() if k in saved})
     out["t.passes_since_fired"] = trainer.n_forward_passes_since_fired.clone()
     out["t.act_freq"] = trainer.act_freq_scores.clone()
     return out

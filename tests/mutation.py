@@ -32,7 +32,7 @@ TARGETS: dict[str, tuple[list[str], list[str], str | None]] = {
     "allocation": (["sae_allocators/allocation/*.py"], ["tests/test_allocation_properties.py", "tests/test_promises.py"], None),
     "losses": (["sae_allocators/losses/*.py"], ["tests/test_losses.py", "tests/test_promises.py"], "not train_with_zipf and not third_party"),
     "autoload": (["sae_allocators_autoload.py"], ["tests/test_promises.py"], None),
-    "io": (["sae_allocators/io.py"], ["tests/test_promises.py"], None),
+    "io": (["sae_allocators/io.py", "sae_allocators/sae_folder.py"], ["tests/test_promises.py"], None),
     # test_calibration.py's unit tests (its runner fixture and torch.compile test are slow): without
     # them 776 of the 927 mutants had no test at all
     "thresholds": (

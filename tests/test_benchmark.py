@@ -34,7 +34,7 @@ def test_l0_counts_signed_codes_and_empty_tokens():
     codes = torch.tensor([[0.0, -2.0, 3.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 5.0]])
     l0 = metrics.token_l0(codes)
     assert l0.tolist() == [2, 0, 3, 1]
-    s = metrics.l0_stats(l0)
+    s = metrics.l0_summary(l0)
     assert s["l0_mean"] == pytest.approx(1.5)
     assert s["l0_p50"] == pytest.approx(1.5)
     assert s["frac_empty_tokens"] == pytest.approx(0.25)
@@ -43,20 +43,20 @@ def test_l0_counts_signed_codes_and_empty_tokens():
 
 def test_dead_and_underused_fractions():
     density = torch.tensor([0.0, 0.5, 0.001, 0.2, 0.0, 0.3])
-    assert metrics.dead_fraction(density) == pytest.approx(2 / 6)
+    assert metrics.never_fired_fraction(density) == pytest.approx(2 / 6)
     # l0_mean 1.0 over 6 latents: uniform share 1/6, threshold 1/60; only 0.001 is alive and below
-    assert metrics.underused_fraction(density, 1.0) == pytest.approx(1 / 6)
+    assert metrics.below_uniform_share_fraction(density, 1.0) == pytest.approx(1 / 6)
 
 
 def test_zipf_fit_recovers_a_power_law():
     ranks = torch.arange(1, 201, dtype=torch.float64)
     density = 0.3 * ranks.pow(-1.3)
     shuffled = density[torch.randperm(200, generator=torch.Generator().manual_seed(0))]
-    fit = metrics.zipf_fit(torch.cat([shuffled, torch.zeros(10, dtype=torch.float64)]))
+    fit = metrics.zipf_loglog_fit(torch.cat([shuffled, torch.zeros(10, dtype=torch.float64)]))
     assert fit["zipf_exponent"] == pytest.approx(1.3, abs=1e-9)
     assert fit["zipf_scale"] == pytest.approx(0.3, rel=1e-9)
     assert fit["zipf_r2"] == pytest.approx(1.0)
-    assert math.isnan(metrics.zipf_fit(torch.tensor([0.0, 0.5]))["zipf_exponent"])
+    assert math.isnan(metrics.zipf_loglog_fit(torch.tensor([0.0, 0.5]))["zipf_exponent"])
 
 
 def test_ce_recovered_and_kl():

@@ -36,6 +36,8 @@ from typing import NamedTuple
 
 import torch
 
+from sae_allocators.sparse import keep_flat
+
 
 class AFASelection(NamedTuple):
     """Result of :func:`afa_select` (leading dimensions of the input restored)."""
@@ -98,7 +100,7 @@ def afa_select(
     a = acts.reshape(-1, shape[-1])
     kept, k, capped = afa_indices(acts, target, dec_norm, k_max)
     flat = a.reshape(-1)
-    codes = flat.new_zeros(flat.shape).index_put((kept,), flat.index_select(0, kept).relu())
+    codes = keep_flat(flat, kept, flat.index_select(0, kept).relu())
     return AFASelection(codes.reshape(shape), k.reshape(shape[:-1]), capped.reshape(shape[:-1]))
 
 

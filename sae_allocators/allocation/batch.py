@@ -32,6 +32,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from sae_allocators.sparse import keep_flat
+
 #: values sampled for the threshold estimate
 SAMPLE_SIZE = 65536
 #: standard deviations of slack below the sample quantile
@@ -160,7 +162,7 @@ def mutual_choice_select(affinity: torch.Tensor, k: float) -> tuple[torch.Tensor
         return affinity.relu(), affinity.new_zeros(())
     kept, tau = mutual_choice_indices(affinity, k)
     flat = affinity.reshape(-1)
-    codes = flat.new_zeros(flat.shape).index_put((kept,), flat.index_select(0, kept))
+    codes = keep_flat(flat, kept)
     return codes.view(affinity.shape), tau
 
 

@@ -25,6 +25,7 @@ import math
 import torch
 
 from sae_allocators.allocation.batch import budget
+from sae_allocators.sparse import keep_flat
 
 
 def _waterfill(shape: torch.Tensor, total: float, cap: float) -> torch.Tensor:
@@ -259,7 +260,7 @@ def feature_choice_select(
     """
     kept, tau = feature_choice_indices(affinity, caps, one_per_token=one_per_token, t_lo=t_lo, stats=stats)
     flat = affinity.reshape(-1)
-    codes = flat.new_zeros(flat.shape).index_put((kept,), flat.index_select(0, kept))
+    codes = keep_flat(flat, kept)
     return codes.reshape(affinity.shape), tau
 
 

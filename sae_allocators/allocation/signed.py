@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from sae_allocators.allocation.batch import budget, mutual_choice_indices
+from sae_allocators.sparse import keep_flat
 
 
 def abs_topk(affinity: torch.Tensor, k: int) -> torch.Tensor:
@@ -51,7 +52,7 @@ def signed_mutual_choice_select(affinity: torch.Tensor, k: float) -> tuple[torch
         return affinity.clone(), affinity.new_zeros(())
     kept, tau = signed_mutual_choice_indices(affinity, k)
     flat = affinity.reshape(-1)
-    codes = flat.new_zeros(flat.shape).index_put((kept,), flat.index_select(0, kept))
+    codes = keep_flat(flat, kept)
     return codes.view(affinity.shape), tau
 
 

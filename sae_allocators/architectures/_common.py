@@ -34,12 +34,19 @@ def pre_activations(sae: Any, x: torch.Tensor) -> torch.Tensor:
 
     In these units the saved inference model (norms folded into ``W_enc``/``b_enc``) computes
     exactly the same numbers, so thresholds learned on them are the saved JumpReLU thresholds.
+    The one inference-side encode of every architecture here (the training step's is
+    :func:`sae_allocators.sparse.encoder_pre`).
     """
+    return input_and_pre_activations(sae, x)[1]
+
+
+def input_and_pre_activations(sae: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sae_in, hidden_pre)``: the processed input and :func:`pre_activations` of it."""
     sae_in = sae.process_sae_in(x)
     hidden_pre = sae.hook_sae_acts_pre(sae_in @ sae.W_enc + sae.b_enc)
     if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
         hidden_pre = hidden_pre * sae.W_dec.norm(dim=-1)
-    return hidden_pre
+    return sae_in, hidden_pre
 
 
 def warm_ema_(buffer: torch.Tensor, target: torch.Tensor, steps: torch.Tensor, rate: float, where: torch.Tensor | None = None) -> None:

@@ -29,7 +29,7 @@ from sae_allocators.architectures._common import check_k, check_rate, pre_activa
 from sae_allocators.architectures._step import SelectionStepMixin, StepState
 from sae_allocators.distributed import all_reduce, group_of
 from sae_allocators.distributed import select as dist_select
-from sae_allocators.thresholds import CalibrationConfig, ThresholdTracker, check_exportable, require_budget, tokens_in
+from sae_allocators.thresholds import CalibrationConfig, ThresholdTracker, export_threshold, require_budget, tokens_in
 from sae_allocators.hookspecs import hookimpl
 from sae_allocators.losses import AuxLossConfig, AuxLossMixin, check_finite
 from sae_allocators.losses.base import BATCH_ENCODE_REASON
@@ -39,6 +39,8 @@ NAME = "feature_choice"
 DEFAULT_CAPACITY_EXPONENT = 0.5
 #: the demand ranking and the global (fallback) threshold are updated every this many steps
 DEMAND_EVERY = 4
+#: the first margin z of the selection estimate (last thresholds minus z times their spread)
+ESTIMATE_MARGIN = 2.0
 
 
 def _check_capacity_fields(cfg: Any) -> None:
@@ -181,11 +183,14 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE
         # phase of the every-DEMAND_EVERY-steps demand update: saved in checkpoints so a resumed
         # run updates on the same steps; mirrored in _demand_tick so that no step reads it back
         buf("demand_tick", torch.zeros((), dtype=torch.long, device=dev))
-        # The selection's speed-up estimate (last step's thresholds and their spread). Not saved,
-        # and the selection does not depend on it: a resumed run's first step is exact too.
-        self._tau_last: torch.Tensor | None = None
-        self._tau_dev: torch.Tensor | None = None
-        self._margin_z = 2.0
+        # The selection's speed-up estimate: last step's thresholds (tau_estimate), their running
+        # step-to-step change (tau_estimate_spread) and the margin z (float64, ESTIMATE_MARGIN at
+        # first). Non-persistent buffers, None until the first step: they follow the SAE across
+        # devices but are not saved (nor built by SAELens's meta-device loader), and the selection
+        # does not depend on them (it is exact either way): a resumed run's first step is exact too.
+        self.register_buffer("tau_estimate", None, persistent=False)
+        self.register_buffer("tau_estimate_spread", None, persistent=False)
+        self.register_buffer("estimate_margin", None, persistent=False)
         self._demand_tick = 0
         self.register_load_state_dict_post_hook(_sync_demand_tick)
 
@@ -237,9 +242,9 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE
     def _estimate_lower_bound(self) -> torch.Tensor | None:
         """Last step's tau_j lowered by ``z`` times its running step-to-step change: a cheap
         lower-bound estimate for this step's exact selection (None on the first step)."""
-        if self._tau_last is None:
+        if self.tau_estimate is None:
             return None
-        return self._tau_last - self._margin_z * self._tau_dev
+        return self.tau_estimate - self.estimate_margin * self.tau_estimate_spread
 
     def _adapt_margin(self, stats: dict, budget_entries: int) -> None:
         """Keep the estimate tight: widen it when many features needed the exact fallback,
@@ -248,18 +253,19 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE
             return
         fail = stats["fallback_features"] / self.cfg.d_sae
         if fail > 0.05:
-            self._margin_z = min(self._margin_z * 1.5, 16.0)
+            self.estimate_margin.mul_(1.5).clamp_(max=16.0)
         elif stats["candidates"] > 3 * budget_entries:
-            self._margin_z = max(self._margin_z / 1.25, 0.25)
+            self.estimate_margin.div_(1.25).clamp_(min=0.25)
 
     @torch.no_grad()
     def _update_running_stats(self, hidden_pre: torch.Tensor, tau: torch.Tensor) -> None:
         finite_tau = torch.where(torch.isfinite(tau), tau, torch.zeros_like(tau))
-        if self._tau_last is None:
-            self._tau_dev = 0.05 * finite_tau.abs()
+        if self.tau_estimate is None:
+            self.tau_estimate_spread = 0.05 * finite_tau.abs()
+            self.estimate_margin = torch.tensor(ESTIMATE_MARGIN, dtype=torch.float64, device=finite_tau.device)
         else:
-            self._tau_dev = 0.7 * self._tau_dev + 0.3 * (finite_tau - self._tau_last).abs()
-        self._tau_last = finite_tau
+            self.tau_estimate_spread = 0.7 * self.tau_estimate_spread + 0.3 * (finite_tau - self.tau_estimate).abs()
+        self.tau_estimate = finite_tau
         self.threshold_tracker.update(tau)  # +inf (kept nothing) entries are skipped
         # demand: where Mutual Choice at the same budget would fire (global k*N-th largest value).
         # It feeds slow averages (density_window steps), so every DEMAND_EVERY-th step suffices.
@@ -323,9 +329,7 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE
 
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_saving_inference(state_dict)
-        theta = self.inference_thresholds().detach()
-        check_exportable(theta, "feature_choice threshold theta_j")
-        state_dict["threshold"] = theta.to(self.b_enc.dtype).clone()
+        state_dict["threshold"] = export_threshold(self.inference_thresholds().detach(), self.b_enc, "feature_choice threshold theta_j")
 
     def lazy_metrics(self, feature_acts: torch.Tensor, dead_mask: torch.Tensor | None) -> dict[str, Any]:
         out = super().lazy_metrics(feature_acts, dead_mask)

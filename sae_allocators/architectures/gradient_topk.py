@@ -23,6 +23,7 @@ from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopK
 from sae_allocators import sparse
 from sae_allocators.allocation.gradient import GRAD_NORMALIZATIONS, gradient_topk, gradient_topk_indices
 from sae_allocators.distributed import global_mean, group_of
+from sae_allocators.architectures._common import pre_activations
 from sae_allocators.architectures._step import SelectionStepMixin, StepState
 from sae_allocators.gradient.store import split_rows
 from sae_allocators.hookspecs import hookimpl
@@ -48,10 +49,7 @@ def _decoder_directions(sae: Any) -> torch.Tensor:
 
 def _encode(sae: Any, x: torch.Tensor, grad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """TopK's encode with the g-SAE selection; returns ``(feature_acts, hidden_pre)``."""
-    sae_in = sae.process_sae_in(x)
-    hidden_pre = sae.hook_sae_acts_pre(sae_in @ sae.W_enc + sae.b_enc)
-    if sae.cfg.rescale_acts_by_decoder_norm:
-        hidden_pre = hidden_pre * sae.W_dec.norm(dim=-1)
+    hidden_pre = pre_activations(sae, x)
     if grad is not None:
         grad = sae.reshape_fn_in(grad)  # identity unless hook_z reshaping is on, as for x
     codes = gradient_topk(hidden_pre, grad, _decoder_directions(sae), sae.cfg.k, sae.cfg.beta, sae.cfg.grad_normalization)
@@ -199,9 +197,7 @@ class GradientTopKTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE)
 
 @hookimpl
 def register_architectures(register) -> None:
-    from sae_allocators.gradient import dispatch
-
-    dispatch.install()
+    # the runner builds GradientActivationsStore through sae_allocators.gradient.dispatch, which the host installs
     register(
         NAME,
         training=(GradientTopKTrainingSAE, GradientTopKTrainingSAEConfig),

@@ -26,7 +26,7 @@ from torch import nn
 
 from sae_allocators import sparse
 from sae_allocators.allocation.afa import AFASelection, afa_indices, afa_loss, afa_loss_sparse, afa_select, check_k_max
-from sae_allocators.architectures._common import check_d_sae
+from sae_allocators.architectures._common import check_d_sae, input_and_pre_activations
 from sae_allocators.architectures._step import SelectionStepMixin, StepState
 from sae_allocators.diagnostics.afa import afa_k_stats, epsilon_lbo, epsilon_lbo_stats
 from sae_allocators.hookspecs import hookimpl
@@ -77,10 +77,7 @@ class _AFAEncodeMixin:
 
     def afa_encode(self, x: torch.Tensor) -> tuple[AFASelection, torch.Tensor]:
         """``(selection, hidden_pre)``; the target norm is ``||x - b_dec||`` in the SAE's units."""
-        sae_in = self.process_sae_in(x)  # type: ignore[attr-defined]
-        hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)  # type: ignore[attr-defined]
-        if self.cfg.rescale_acts_by_decoder_norm:
-            hidden_pre = hidden_pre * self.W_dec.norm(dim=-1)  # type: ignore[attr-defined]
+        sae_in, hidden_pre = input_and_pre_activations(self, x)
         centred = sae_in if self.cfg.apply_b_dec_to_input else sae_in - self.b_dec  # type: ignore[attr-defined]
         target = torch.linalg.vector_norm(centred.detach(), dim=-1)
         return self.activation_fn.select(hidden_pre, target, self.afa_decoder_norms()), hidden_pre

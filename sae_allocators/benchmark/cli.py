@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 from sae_allocators import devices
-from sae_allocators.cli import command
 from sae_allocators.testing import OFFLINE_ENV
 
 
@@ -168,12 +167,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m sae_allocators.be
     return 0
 
 
-@command(
-    "bench",
+HELP = (
     "run the benchmark (the main job: every registered architecture at matched L0, offline; the same as "
-    "python -m sae_allocators.benchmark), then check its report; --help for its options",
-    raw=True,
+    "python -m sae_allocators.benchmark), then check its report; --help for its options"
 )
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """``sae-allocators bench [options]``: the main job for a pip-installed user (``benchmarks/run.sh``
     is not in the wheel). Prepares the offline model and corpus when the LM is used (cached after the

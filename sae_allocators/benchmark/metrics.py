@@ -13,8 +13,14 @@ Definitions (used everywhere in the benchmark and stated in every report):
 - *Zipf fit*: least squares of ``log density`` on ``log rank`` over the live latents,
   ``density(r) ~ C * r^(-s)``.
 
-These are the benchmark's own definitions; ``sae_allocators.metrics`` (branch ``allocation``)
-will provide the project-wide ones, and this module should then delegate to it.
+These are evaluation definitions, measured once on held-out tokens, and named apart from the
+training-time ones in :mod:`sae_allocators.metrics` / :mod:`sae_allocators.losses`, which differ:
+there *dead* is SAELens's window mask (no firing for ``dead_feature_window`` steps, the
+``dead_frac`` metric), *under-used* is below ``zipf_underused_ratio`` times the feature's Zipf
+target (``underused_frac``, the ``zipf`` loss's set), and the Zipf fit uses only the densest ranks.
+Here: :func:`never_fired_fraction`, :func:`below_uniform_share_fraction`,
+:func:`zipf_loglog_fit`, :func:`l0_summary` (the report's keys ``dead_fraction``,
+``underused_fraction``, ``zipf_*`` are unchanged).
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ def token_l0(codes: torch.Tensor) -> torch.Tensor:
     return (codes != 0).reshape(-1, codes.shape[-1]).sum(-1)
 
 
-def l0_stats(l0: torch.Tensor) -> dict[str, float]:
+def l0_summary(l0: torch.Tensor) -> dict[str, float]:
     """Mean, median, 99th percentile and fraction of empty tokens of a per-token L0 vector."""
     l0 = l0.double()
     return {
@@ -55,17 +61,19 @@ def l0_stats(l0: torch.Tensor) -> dict[str, float]:
     }
 
 
-def dead_fraction(density: torch.Tensor) -> float:
+def never_fired_fraction(density: torch.Tensor) -> float:
+    """Fraction of latents with density 0 on the evaluation tokens (the report's ``dead_fraction``)."""
     return float((density == 0).double().mean())
 
 
-def underused_fraction(density: torch.Tensor, l0_mean: float, factor: float = UNDERUSED_FACTOR) -> float:
-    """Fraction of all latents that are alive but below ``factor * l0_mean / d_sae``."""
+def below_uniform_share_fraction(density: torch.Tensor, l0_mean: float, factor: float = UNDERUSED_FACTOR) -> float:
+    """Fraction of all latents that are alive but below ``factor * l0_mean / d_sae`` (the report's
+    ``underused_fraction``)."""
     share = l0_mean / density.numel()
     return float(((density > 0) & (density < factor * share)).double().mean())
 
 
-def zipf_fit(density: torch.Tensor) -> dict[str, float]:
+def zipf_loglog_fit(density: torch.Tensor) -> dict[str, float]:
     """Fit ``log d = log C - s log r`` over live latents ranked by density; returns s, C, R^2."""
     d = density[density > 0].double().sort(descending=True).values
     if d.numel() < 2:
@@ -135,20 +143,27 @@ class Accumulator:
         var = self.sum_sq_x - float(self.sum_x.pow(2).sum()) / self.n
         ev = 1.0 - self.sq_err / var
         density = self.density()
-        stats = l0_stats(self.per_token_l0())
+        stats = l0_summary(self.per_token_l0())
         out = {
             "explained_variance": ev,
             "one_minus_ev": 1.0 - ev,
             "nmse": self.sq_err / self.sq_norm,
             "mse_per_token": self.sq_err / self.n,
             **stats,
-            "dead_fraction": dead_fraction(density),
-            "underused_fraction": underused_fraction(density, stats["l0_mean"]),
+            "dead_fraction": never_fired_fraction(density),
+            "underused_fraction": below_uniform_share_fraction(density, stats["l0_mean"]),
             "n_eval_tokens": float(self.n),
         }
-        out.update(zipf_fit(density))
+        out.update(zipf_loglog_fit(density))
         return out
 
 
 def finite(value: float) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+# The names these functions had before (scripts may use them): the same objects, not new definitions.
+l0_stats = l0_summary
+dead_fraction = never_fired_fraction
+underused_fraction = below_uniform_share_fraction
+zipf_fit = zipf_loglog_fit

@@ -125,11 +125,19 @@ def _pm(row: dict[str, Any], key: str, fmt: str = "{:.3f}", scale: float = 1.0) 
 
 
 def check_claims(agg: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    claims = []
+    """Every claim of the report, one function each, in the report's order."""
     datasets = sorted({r["dataset"] for r in agg})
-    labels = {r["label"] for r in agg}
+    return [
+        zero_dead_claim(agg, datasets),
+        beats_topk_claim(agg, datasets),
+        aux_zipf_claim(agg, datasets),
+        top_afa_claim(agg, datasets),
+        gradient_claim(agg),
+    ]
 
-    # 1. Feature Choice: zero dead features
+
+def zero_dead_claim(agg: list[dict[str, Any]], datasets: list[str]) -> dict[str, Any]:
+    """1. Feature Choice: zero dead features"""
     lines, verdicts = [], []
     for d in datasets:
         for r in agg:
@@ -139,14 +147,16 @@ def check_claims(agg: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 lines.append(
                     f"{d}, {r['label']}, k={r['k_target']:g}: dead {dead['mean']:.2%} (max over seeds {dead['max']:.2%})"
                 )
-    claims.append(_claim(
+    return _claim(
         "Feature Choice reaches zero dead features",
         lines, verdicts, "feature_choice is not registered in this install",
-    ))
+    )
 
-    # 2. FC and MC reconstruct better than TopK at equal L0: (a) the training-time selection at
-    # exactly k against TopK at k; (b) the saved inference model against the TopK frontier
-    # interpolated at the inference model's own L0 (batch-level models drift from k at inference).
+
+def beats_topk_claim(agg: list[dict[str, Any]], datasets: list[str]) -> dict[str, Any]:
+    """2. FC and MC reconstruct better than TopK at equal L0: (a) the training-time selection at exactly k
+    against TopK at k; (b) the saved inference model against the TopK frontier interpolated at the
+    inference model's own L0 (batch-level models drift from k at inference)."""
     lines, verdicts = [], []
     for d in datasets:
         topk_rows = sorted(
@@ -178,13 +188,15 @@ def check_claims(agg: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     f"{b['mean']:.4f} ({'lower' if better else 'not lower'}; "
                     f"{'seed ranges do not overlap' if sep else 'seed ranges overlap or 1 seed'}); {saved}"
                 )
-    claims.append(_claim(
+    return _claim(
         "Feature and Mutual Choice reconstruct better than TopK at equal L0",
         lines, verdicts, "needs topk and feature_choice or mutual_choice in the same run",
-    ))
+    )
 
-    # 3. aux_zipf vs AuxK: each run trained with aux_loss="zipf" against the same selection
-    # trained with AuxK (its `auxk_counterpart`: topk_zipf -> topk, feature_choice -> feature_choice[aux=auxk])
+
+def aux_zipf_claim(agg: list[dict[str, Any]], datasets: list[str]) -> dict[str, Any]:
+    """3. aux_zipf vs AuxK: each run trained with aux_loss="zipf" against the same selection trained with
+    AuxK (its `auxk_counterpart`: topk_zipf -> topk, feature_choice -> feature_choice[aux=auxk])"""
     lines, verdicts = [], []
     for d in datasets:
         for r in agg:
@@ -212,13 +224,15 @@ def check_claims(agg: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 f"{b['dead_fraction']['mean']:.1%} + under-used {b['underused_fraction']['mean']:.1%} "
                 f"(NMSE {b['nmse']['mean']:.4f}): {verdict}"
             )
-    claims.append(_claim(
+    return _claim(
         "aux_zipf leaves fewer dead and under-used features than AuxK",
         lines, verdicts, "needs an aux_zipf run and its AuxK counterpart in the same run "
         "(e.g. topk_zipf and topk)",
-    ))
+    )
 
-    # 4. top-AFA matches TopK without tuning k
+
+def top_afa_claim(agg: list[dict[str, Any]], datasets: list[str]) -> dict[str, Any]:
+    """4. top-AFA matches TopK without tuning k"""
     lines, verdicts = [], []
     for d in datasets:
         afa = [r for r in agg if r["dataset"] == d and r["architecture"] == "top_afa"]
@@ -245,12 +259,10 @@ def check_claims(agg: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 f"{d}: top_afa settles at L0 {l0:.1f}{capped} with NMSE {r['nmse']['mean']:.4f}; TopK at that "
                 f"L0 ({how}) {ref:.4f} -> {'within 5% or better' if ok else 'worse by more than 5%'}"
             )
-    claims.append(_claim(
+    return _claim(
         "top-AFA matches TopK without tuning k",
         lines, verdicts, "needs top_afa and topk in the same run",
-    ))
-    claims.append(gradient_claim(agg))
-    return claims
+    )
 
 
 def gradient_claim(agg: list[dict[str, Any]]) -> dict[str, Any]:
@@ -378,80 +390,94 @@ def _plots(out: Path, records: list[dict[str, Any]], agg: list[dict[str, Any]], 
     cmap = plt.cm.tab10 if len(labels) <= 10 else plt.cm.tab20
     colors = {lab: cmap(i % cmap.N) for i, lab in enumerate(labels)}
     for d in datasets:
-        # L0 vs NMSE frontier
-        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=80)
-        for lab in labels:
-            rows = sorted(
-                [r for r in agg if r["dataset"] == d and r["label"] == lab], key=lambda r: r["l0_mean"]["mean"]
-            )
-            if not rows:
-                continue
-            xs = [r["l0_mean"]["mean"] for r in rows]
-            ys = [r["nmse"]["mean"] for r in rows]
-            es = [r["nmse"]["std"] for r in rows]
-            ax.errorbar(xs, ys, yerr=es, marker="o", ms=4, capsize=2, label=lab, color=colors[lab])
-        ax.set_xscale("log")
-        ax.set_xlabel("mean L0 at inference (saved model)")
-        ax.set_ylabel("normalised MSE (lower is better)")
-        ax.set_title(f"{d}: sparsity vs reconstruction")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        name = PLOTS["frontier"].format(dataset=d)
-        fig.savefig(out / name)
-        plt.close(fig)
-        written.append(name)
-
-        # feature density by rank, at the middle k of the sweep, seed 0, with the fitted Zipf law
+        written.append(_frontier_plot(plt, out, d, labels, agg, colors))
+        # the density and L0 panels: the middle k of the sweep, seed 0
         ks = sorted({r["k_target"] for r in records if r["dataset"] == d and r["k_target"] is not None})
         k_mid = ks[len(ks) // 2] if ks else None
         sel = [r for r in records if r["dataset"] == d and r["seed"] == 0 and (r["k_target"] in (k_mid, None))]
         for kind in ("density", "l0_hist"):
-            n = len(sel)
-            if n == 0:
-                continue
-            cols = min(4, n)
-            rows_n = -(-n // cols)
-            fig, axes = plt.subplots(rows_n, cols, figsize=(2.6 * cols, 2.2 * rows_n), dpi=80, squeeze=False)
-            for ax in axes.flat[n:]:
-                ax.axis("off")
-            for ax, r in zip(axes.flat, sel):
-                tag = _tag(r)
-                c = curves.get(tag)
-                if c is None:
-                    continue
-                if kind == "density":
-                    dens = np.sort(np.asarray(c["density"]))[::-1]
-                    alive = dens[dens > 0]
-                    ranks = np.arange(1, alive.size + 1)
-                    ax.loglog(ranks, alive, color=colors[r["label"]], lw=1.2)
-                    if math.isfinite(r.get("zipf_exponent", float("nan"))):
-                        ax.loglog(ranks, r["zipf_scale"] * ranks ** (-r["zipf_exponent"]), "k--", lw=0.8)
-                    if alive.size:
-                        ax.set_ylim(alive.min() / 2, alive.max() * 2)
-                    ax.set_title(f"{r['label']}\ns={r.get('zipf_exponent', float('nan')):.2f}, dead {r['dead_fraction']:.0%}", fontsize=7)
-                    ax.set_xlabel("rank", fontsize=7)
-                    ax.set_ylabel("density", fontsize=7)
-                else:
-                    h = np.asarray(c["l0_hist"], dtype=float)
-                    ax.bar(np.arange(h.size), h / max(h.sum(), 1), width=1.0, color=colors[r["label"]])
-                    ax.axvline(r["l0_mean"], color="k", lw=0.8, ls="--")
-                    ax.set_title(f"{r['label']}\nmean {r['l0_mean']:.1f}, p99 {r['l0_p99']:.0f}", fontsize=7)
-                    ax.set_xlabel("L0 of a token", fontsize=7)
-                ax.tick_params(labelsize=6)
-            what = "feature density by rank (dashed: fitted Zipf law)" if kind == "density" else "per-token L0 (dashed: mean)"
-            fig.suptitle(f"{d}, k={k_mid:g}, seed 0: {what}" if k_mid is not None else f"{d}: {what}", fontsize=8)
-            fig.tight_layout()
-            name = PLOTS[kind].format(dataset=d)
-            fig.savefig(out / name)
-            plt.close(fig)
-            written.append(name)
+            name = _grid_plot(plt, np, out, d, kind, k_mid, sel, curves, colors)
+            if name is not None:
+                written.append(name)
     return written
+
+
+def _frontier_plot(plt: Any, out: Path, d: str, labels: list[str], agg: list[dict[str, Any]], colors: dict[str, Any]) -> str:
+    """L0 vs NMSE frontier of one data source (every architecture, mean ± std over seeds)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=80)
+    for lab in labels:
+        rows = sorted(
+            [r for r in agg if r["dataset"] == d and r["label"] == lab], key=lambda r: r["l0_mean"]["mean"]
+        )
+        if not rows:
+            continue
+        xs = [r["l0_mean"]["mean"] for r in rows]
+        ys = [r["nmse"]["mean"] for r in rows]
+        es = [r["nmse"]["std"] for r in rows]
+        ax.errorbar(xs, ys, yerr=es, marker="o", ms=4, capsize=2, label=lab, color=colors[lab])
+    ax.set_xscale("log")
+    ax.set_xlabel("mean L0 at inference (saved model)")
+    ax.set_ylabel("normalised MSE (lower is better)")
+    ax.set_title(f"{d}: sparsity vs reconstruction")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    name = PLOTS["frontier"].format(dataset=d)
+    fig.savefig(out / name)
+    plt.close(fig)
+    return name
+
+
+def _grid_plot(
+    plt: Any, np: Any, out: Path, d: str, kind: str, k_mid: Any, sel: list[dict[str, Any]], curves: dict[str, Any], colors: dict[str, Any]
+) -> str | None:
+    """One panel per run of ``sel``: feature density by rank with the fitted Zipf law (``kind`` "density")
+    or the per-token L0 histogram ("l0_hist"); None when there is no run."""
+    n = len(sel)
+    if n == 0:
+        return None
+    cols = min(4, n)
+    rows_n = -(-n // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(2.6 * cols, 2.2 * rows_n), dpi=80, squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, sel):
+        tag = _tag(r)
+        c = curves.get(tag)
+        if c is None:
+            continue
+        if kind == "density":
+            dens = np.sort(np.asarray(c["density"]))[::-1]
+            alive = dens[dens > 0]
+            ranks = np.arange(1, alive.size + 1)
+            ax.loglog(ranks, alive, color=colors[r["label"]], lw=1.2)
+            if math.isfinite(r.get("zipf_exponent", float("nan"))):
+                ax.loglog(ranks, r["zipf_scale"] * ranks ** (-r["zipf_exponent"]), "k--", lw=0.8)
+            if alive.size:
+                ax.set_ylim(alive.min() / 2, alive.max() * 2)
+            ax.set_title(f"{r['label']}\ns={r.get('zipf_exponent', float('nan')):.2f}, dead {r['dead_fraction']:.0%}", fontsize=7)
+            ax.set_xlabel("rank", fontsize=7)
+            ax.set_ylabel("density", fontsize=7)
+        else:
+            h = np.asarray(c["l0_hist"], dtype=float)
+            ax.bar(np.arange(h.size), h / max(h.sum(), 1), width=1.0, color=colors[r["label"]])
+            ax.axvline(r["l0_mean"], color="k", lw=0.8, ls="--")
+            ax.set_title(f"{r['label']}\nmean {r['l0_mean']:.1f}, p99 {r['l0_p99']:.0f}", fontsize=7)
+            ax.set_xlabel("L0 of a token", fontsize=7)
+        ax.tick_params(labelsize=6)
+    what = "feature density by rank (dashed: fitted Zipf law)" if kind == "density" else "per-token L0 (dashed: mean)"
+    fig.suptitle(f"{d}, k={k_mid:g}, seed 0: {what}" if k_mid is not None else f"{d}: {what}", fontsize=8)
+    fig.tight_layout()
+    name = PLOTS[kind].format(dataset=d)
+    fig.savefig(out / name)
+    plt.close(fig)
+    return name
 
 
 def _plotted_runs(records: list[dict[str, Any]]) -> set[str]:
     out = set()
     for d in {r["dataset"] for r in records}:
+        # the density and L0 panels: the middle k of the sweep, seed 0
         ks = sorted({r["k_target"] for r in records if r["dataset"] == d and r["k_target"] is not None})
         k_mid = ks[len(ks) // 2] if ks else None
         out |= {r["run"] for r in records if r["dataset"] == d and r["seed"] == 0 and r["k_target"] in (k_mid, None)}
@@ -466,6 +492,19 @@ def _tag(r: dict[str, Any]) -> str:
 
 
 def _markdown(meta: dict[str, Any], agg: list[dict[str, Any]], claims: list[dict[str, Any]], plots: list[str]) -> str:
+    """The report page: one function per section, in the page's order."""
+    L = _header_section(meta)
+    L += _claims_section(meta, claims)
+    for src in meta["sources"]:
+        L += _source_section(meta, src, agg)
+        L += _results_table(src["kind"], agg, plots)
+    L += _architectures_section(meta)
+    L += _definitions_section()
+    return "\n".join(L) + "\n"
+
+
+def _header_section(meta: dict[str, Any]) -> list[str]:
+    """Title, machine and versions, how the SAEs were trained and evaluated."""
     L = ["# sae-allocators benchmark report", ""]
     env = meta["environment"]
     L.append(
@@ -489,6 +528,12 @@ def _markdown(meta: dict[str, Any], agg: list[dict[str, Any]], claims: list[dict
         L.append("The machine was shared with other jobs (load above its CPU count): wall times and step-time "
                  "ratios are noisy; repeat a timing on an idle machine before relying on it.")
     L.append("")
+    return L
+
+
+def _claims_section(meta: dict[str, Any], claims: list[dict[str, Any]]) -> list[str]:
+    """Each claim with its status and evidence, then the cost of gradient_topk's training tokens."""
+    L: list[str] = []
     L.append("## Claims from the papers, as these runs show them")
     L.append("")
     for c in claims:
@@ -504,69 +549,86 @@ def _markdown(meta: dict[str, Any], agg: list[dict[str, Any]], claims: list[dict
         L.append("")
         L.extend(f"- {c}" for c in cost)
         L.append("")
-    for src in meta["sources"]:
-        d = src["kind"]
-        L.append(f"## {src['name']}")
-        L.append("")
-        seeds = meta["seeds"][d]
-        spread = meta.get("spread_seeds_at_middle_k", {}).get(d, 0)
-        seeds_txt = f"{seeds} seed(s)" + (
-            f" ({spread} at the middle k, for the spread)" if spread > seeds else ""
-        )
-        line = (
-            f"{src['training_tokens']:,} training tokens per SAE (batch {src['train_batch_size']}), "
-            f"{seeds_txt}, target L0 k ∈ {{{', '.join(f'{k:g}' for k in meta['ks'][d])}}}, "
-            f"d_in {src['d_in']}, d_sae {src['d_sae']}, lr {src['lr']}, a latent counts as dead for AuxK "
-            f"after {src['dead_feature_window_steps']} steps without firing; evaluation on "
-            f"{src['eval_tokens']:,} held-out tokens"
-        )
-        if d == "synthetic":
-            line += f"; the true features fire {src['true_l0']:.2f} per token on average"
-        else:
-            line += f"; CE/KL on {src['ce_eval_tokens']:,} tokens"
-            if not src.get("live_only"):
-                line += (
-                    ". Activations computed once by SAELens's CacheActivationsRunner"
-                    + (f" in {src['activation_cache_seconds']:.0f} s" if src.get("activation_cache_seconds")
-                       else " (reused from an earlier run)")
-                    + " and read by every run"
-                    + (f"; {src['cached_tokens']:,} tokens cached, so each SAE reads them "
-                       f"{src['passes_over_training_data']:.1f} times" if src.get("passes_over_training_data", 0) > 1.01 else "")
-                )
-            if any(r["dataset"] == d and r["label"] == "topk[live]" for r in agg):
-                line += (
-                    (". Only" if src.get("live_only") else ". Except")
-                    + f" gradient_topk and topk[live]: trained from live stores (activations, and gradient_topk's "
-                    f"gradients, computed as they train; same tokens in the same order) on "
-                    f"{src['live_training_tokens']:,} tokens in batches of {src.get('live_train_batch_size')}"
-                )
-        L.append(line + ".")
-        L.append("")
-        rows = [r for r in agg if r["dataset"] == d]
-        extra = "MCC" if d == "synthetic" else "CE rec. | KL"
-        L.append(
-            f"| architecture | k | saved as | L0 mean | p50 / p99 | empty | EV | NMSE | dead | under-used | "
-            f"{extra} | step / topk | L0 drift |"
-        )
-        L.append("|" + " --- |" * (13 + (0 if d == "synthetic" else 1)))
-        for r in rows:
-            k = "own" if r["k_target"] is None else f"{r['k_target']:g}"
-            ex = _pm(r, "mcc") if d == "synthetic" else f"{_pm(r, 'ce_loss_recovered')} | {_pm(r, 'kl_div', '{:.3f}')}"
-            drift = _pm(r, "l0_drift", "{:+.1%}") if r["batch_level"] else "–"
-            if r["batch_level"] and r.get("l0_drift_uncalibrated") is not None:
-                drift = f"{_pm(r, 'l0_drift_uncalibrated', '{:+.1%}')} → {drift}"
-            L.append(
-                f"| {r['label']} | {k} | {r['inference_architecture']} | {_pm(r, 'l0_mean', '{:.2f}')} | "
-                f"{_m(r, 'l0_p50'):.0f} / {_m(r, 'l0_p99'):.0f} | {_pm(r, 'frac_empty_tokens', '{:.1%}')} | "
-                f"{_pm(r, 'explained_variance', '{:.4f}')} | {_pm(r, 'nmse', '{:.4f}')} | "
-                f"{_pm(r, 'dead_fraction', '{:.1%}')} | {_pm(r, 'underused_fraction', '{:.1%}')} | {ex} | "
-                f"{_pm(r, 'step_time_vs_topk', '{:.2f}')} | {drift} |"
+    return L
+
+
+def _source_section(meta: dict[str, Any], src: dict[str, Any], agg: list[dict[str, Any]]) -> list[str]:
+    """One data source: its heading and how its SAEs were trained and evaluated."""
+    L: list[str] = []
+    d = src["kind"]
+    L.append(f"## {src['name']}")
+    L.append("")
+    seeds = meta["seeds"][d]
+    spread = meta.get("spread_seeds_at_middle_k", {}).get(d, 0)
+    seeds_txt = f"{seeds} seed(s)" + (
+        f" ({spread} at the middle k, for the spread)" if spread > seeds else ""
+    )
+    line = (
+        f"{src['training_tokens']:,} training tokens per SAE (batch {src['train_batch_size']}), "
+        f"{seeds_txt}, target L0 k ∈ {{{', '.join(f'{k:g}' for k in meta['ks'][d])}}}, "
+        f"d_in {src['d_in']}, d_sae {src['d_sae']}, lr {src['lr']}, a latent counts as dead for AuxK "
+        f"after {src['dead_feature_window_steps']} steps without firing; evaluation on "
+        f"{src['eval_tokens']:,} held-out tokens"
+    )
+    if d == "synthetic":
+        line += f"; the true features fire {src['true_l0']:.2f} per token on average"
+    else:
+        line += f"; CE/KL on {src['ce_eval_tokens']:,} tokens"
+        if not src.get("live_only"):
+            line += (
+                ". Activations computed once by SAELens's CacheActivationsRunner"
+                + (f" in {src['activation_cache_seconds']:.0f} s" if src.get("activation_cache_seconds")
+                   else " (reused from an earlier run)")
+                + " and read by every run"
+                + (f"; {src['cached_tokens']:,} tokens cached, so each SAE reads them "
+                   f"{src['passes_over_training_data']:.1f} times" if src.get("passes_over_training_data", 0) > 1.01 else "")
             )
-        L.append("")
-        for p in plots:
-            if p.endswith(f"_{d}.png"):
-                L.append(f"![{p}]({p})")
-        L.append("")
+        if any(r["dataset"] == d and r["label"] == "topk[live]" for r in agg):
+            line += (
+                (". Only" if src.get("live_only") else ". Except")
+                + f" gradient_topk and topk[live]: trained from live stores (activations, and gradient_topk's "
+                f"gradients, computed as they train; same tokens in the same order) on "
+                f"{src['live_training_tokens']:,} tokens in batches of {src.get('live_train_batch_size')}"
+            )
+    L.append(line + ".")
+    L.append("")
+    return L
+
+
+def _results_table(d: str, agg: list[dict[str, Any]], plots: list[str]) -> list[str]:
+    """One data source's table of figures (one row per architecture and k) and its plots."""
+    L: list[str] = []
+    rows = [r for r in agg if r["dataset"] == d]
+    extra = "MCC" if d == "synthetic" else "CE rec. | KL"
+    L.append(
+        f"| architecture | k | saved as | L0 mean | p50 / p99 | empty | EV | NMSE | dead | under-used | "
+        f"{extra} | step / topk | L0 drift |"
+    )
+    L.append("|" + " --- |" * (13 + (0 if d == "synthetic" else 1)))
+    for r in rows:
+        k = "own" if r["k_target"] is None else f"{r['k_target']:g}"
+        ex = _pm(r, "mcc") if d == "synthetic" else f"{_pm(r, 'ce_loss_recovered')} | {_pm(r, 'kl_div', '{:.3f}')}"
+        drift = _pm(r, "l0_drift", "{:+.1%}") if r["batch_level"] else "–"
+        if r["batch_level"] and r.get("l0_drift_uncalibrated") is not None:
+            drift = f"{_pm(r, 'l0_drift_uncalibrated', '{:+.1%}')} → {drift}"
+        L.append(
+            f"| {r['label']} | {k} | {r['inference_architecture']} | {_pm(r, 'l0_mean', '{:.2f}')} | "
+            f"{_m(r, 'l0_p50'):.0f} / {_m(r, 'l0_p99'):.0f} | {_pm(r, 'frac_empty_tokens', '{:.1%}')} | "
+            f"{_pm(r, 'explained_variance', '{:.4f}')} | {_pm(r, 'nmse', '{:.4f}')} | "
+            f"{_pm(r, 'dead_fraction', '{:.1%}')} | {_pm(r, 'underused_fraction', '{:.1%}')} | {ex} | "
+            f"{_pm(r, 'step_time_vs_topk', '{:.2f}')} | {drift} |"
+        )
+    L.append("")
+    for p in plots:
+        if p.endswith(f"_{d}.png"):
+            L.append(f"![{p}]({p})")
+    L.append("")
+    return L
+
+
+def _architectures_section(meta: dict[str, Any]) -> list[str]:
+    """Every planned architecture (trained or why not) and every failed run."""
+    L: list[str] = []
     L.append("## Architectures")
     L.append("")
     for p in meta["plans"]:
@@ -581,13 +643,19 @@ def _markdown(meta: dict[str, Any], agg: list[dict[str, Any]], claims: list[dict
         for f in meta["failures"]:
             L.append(f"- {f['run']}: {f['error']}")
     L.append("")
+    return L
+
+
+def _definitions_section() -> list[str]:
+    """What each figure means."""
+    L: list[str] = []
     L.append("## Definitions")
     L.append("")
     for k, v in DEFINITIONS.items():
         L.append(f"- `{k}`: {v}")
     L.append("")
     L.append("Every figure of every run (per seed) is in `report.json`.")
-    return "\n".join(L) + "\n"
+    return L
 
 
 def write(out: Path, meta: dict[str, Any], records: list[dict[str, Any]], curves: dict[str, Any]) -> None:

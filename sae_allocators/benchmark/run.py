@@ -191,6 +191,26 @@ def run(st: Settings) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     workdir = out / "saes"
     _log(f"[device] {env_start['device']}" + (" (TF32 matrix multiplies)" if env_start.get("tf32") else ""))
+    plans, todo, controls = _plan(st)
+    sources = _build_sources(st, workdir)
+    jobs = _jobs(st, sources, todo, controls)
+    records: list[dict[str, Any]] = []
+    curves: dict[str, Any] = {}
+    failures: list[dict[str, str]] = []
+    for i, job in enumerate(jobs, 1):
+        _train_and_evaluate(f"{i}/{len(jobs)}", job, st, workdir, records, curves, failures)
+    _add_step_ratios(records)
+    meta = _meta(st, env_start, sources, plans, controls, failures, device, t_start)
+    report.write(out, meta, records, curves)
+    if not st.keep_saes:
+        shutil.rmtree(workdir, ignore_errors=True)
+    _log(f"[done] report: {out / 'report.md'} ({time.perf_counter() - t_start:.0f} s)")
+    return out
+
+
+def _plan(st: Settings) -> tuple[list[Any], list[Any], dict[str, Any]]:
+    """Phase 1: which architectures (and beta variants) train, which are skipped and why, and the
+    live-store controls they are paired with."""
     plans = _with_betas(configs.plan_architectures(st.archs), tuple(st.gradient_betas))
     todo = [p for p in plans if p.skip_reason is None]
     controls = _live_controls(todo, configs.plan_architectures(None) if st.archs else plans)
@@ -201,7 +221,11 @@ def run(st: Settings) -> Path:
     if not any(p.name == "topk" for p in todo):
         _log("[plan] note: topk is not in the run, so step-time ratios to topk are not reported")
 
-    sources = _build_sources(st, workdir)
+    return plans, todo, controls
+
+
+def _jobs(st: Settings, sources: list[Any], todo: list[Any], controls: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """Phase 2: every ``(source, ks, seed, k, plan, "live" | "cache")`` run, in training order."""
     jobs = []
     for src, ks, n_seeds in sources:
         k_mid = sorted(ks)[len(ks) // 2]
@@ -239,62 +263,73 @@ def run(st: Settings) -> Path:
                         f"{{{', '.join(f'{k:g}' for k in live_ks) or 'none of the sweep'}}}, {live_seeds} seed(s), "
                         f"{src.live_tokens():,} tokens per SAE"
                     )
-    records: list[dict[str, Any]] = []
-    curves: dict[str, Any] = {}
-    failures: list[dict[str, str]] = []
-    for i, (src, ks, seed, k, p, path) in enumerate(jobs, 1):
-        ctx = configs.Context(
-            d_in=src.d_in, d_sae=src.d_sae, ks=tuple(ks), has_lm_gradients=path == "live",
-            gradient_beta=float(st.gradient_betas[0]),
-        )
-        tag = f"{src.kind}/{p.label}/k{k:g}/seed{seed}"
-        _log(f"[{i}/{len(jobs)}] {src.kind}: training {p.label} at k={k:g}, seed {seed} ({p.provider})"
-             + (" from the live store" if path == "live" else ""))
-        try:
-            folder = workdir / tag.replace("[", "_").replace("]", "").replace("=", "-")
-            if path == "live":
-                cfg = configs.build_training_config(p, k, ctx, **src.sae_fields())
-                result = src.train_live(cfg, seed, folder)
-            else:
-                cfg = configs.build_training_config(p, k, ctx, **src.sae_fields())
-                result = src.train(cfg, seed, folder)
-            figures, density, l0 = evaluate_saved(src, result)
-        except Exception as exc:  # one broken architecture must not stop the benchmark
-            _log(f"[{i}/{len(jobs)}] FAILED {tag}: {type(exc).__name__}: {exc}")
-            failures.append({"run": tag, "error": f"{type(exc).__name__}: {exc}"})
-            continue
-        rec = {
-            "dataset": src.kind,
-            "architecture": p.name,
-            "label": p.label,
-            "provider": p.provider,
-            "k_target": float(k) if p.fixed_l0 else None,
-            "fixed_l0": p.fixed_l0,
-            "batch_level": p.batch_level,
-            "seed": seed,
-            "run": tag,
-            "config_fields": {key: v for key, v in p.config_fields(k, ctx).items()},
-            "aux_loss": getattr(cfg, "aux_loss", None) or "SAELens's own",
-            "auxk_counterpart": p.auxk_counterpart,
-            "training_path": result.path_kind,
-            "store": result.store,
-            "training_tokens": result.tokens,
-            "train_seconds_per_token": result.seconds / max(1, result.tokens),
-            **figures,
-        }
-        if getattr(cfg, "beta", None) is not None and path == "live":
-            rec["beta"] = float(cfg.beta)
-        records.append(rec)
-        curves[tag] = {"density": density.tolist(), "l0_hist": torch.bincount(l0).tolist()}
-        _log(
-            f"[{i}/{len(jobs)}]   L0 {figures['l0_mean']:.2f}  NMSE {figures['nmse']:.4f}  "
-            f"EV {figures['explained_variance']:.4f}  dead {figures['dead_fraction']:.3f}  "
-            + (f"MCC {figures['mcc']:.3f}  " if "mcc" in figures else "")
-            + (f"CE rec {figures['ce_loss_recovered']:.3f}  " if "ce_loss_recovered" in figures else "")
-            + f"({figures['train_seconds']:.1f} s)"
-        )
-    _add_step_ratios(records)
-    meta = {
+    return jobs
+
+
+def _train_and_evaluate(
+    i: str, job: tuple[Any, ...], st: Settings, workdir: Path, records: list[dict[str, Any]], curves: dict[str, Any], failures: list[dict[str, str]]
+) -> None:
+    """Phase 3, one run (``i``: "3/40"): train, save, reload, evaluate; its record and curves (or
+    its failure) are appended."""
+    src, ks, seed, k, p, path = job
+    ctx = configs.Context(
+        d_in=src.d_in, d_sae=src.d_sae, ks=tuple(ks), has_lm_gradients=path == "live",
+        gradient_beta=float(st.gradient_betas[0]),
+    )
+    tag = f"{src.kind}/{p.label}/k{k:g}/seed{seed}"
+    _log(f"[{i}] {src.kind}: training {p.label} at k={k:g}, seed {seed} ({p.provider})"
+         + (" from the live store" if path == "live" else ""))
+    try:
+        folder = workdir / tag.replace("[", "_").replace("]", "").replace("=", "-")
+        if path == "live":
+            cfg = configs.build_training_config(p, k, ctx, **src.sae_fields())
+            result = src.train_live(cfg, seed, folder)
+        else:
+            cfg = configs.build_training_config(p, k, ctx, **src.sae_fields())
+            result = src.train(cfg, seed, folder)
+        figures, density, l0 = evaluate_saved(src, result)
+    except Exception as exc:  # one broken architecture must not stop the benchmark
+        _log(f"[{i}] FAILED {tag}: {type(exc).__name__}: {exc}")
+        failures.append({"run": tag, "error": f"{type(exc).__name__}: {exc}"})
+        return
+    rec = {
+        "dataset": src.kind,
+        "architecture": p.name,
+        "label": p.label,
+        "provider": p.provider,
+        "k_target": float(k) if p.fixed_l0 else None,
+        "fixed_l0": p.fixed_l0,
+        "batch_level": p.batch_level,
+        "seed": seed,
+        "run": tag,
+        "config_fields": {key: v for key, v in p.config_fields(k, ctx).items()},
+        "aux_loss": getattr(cfg, "aux_loss", None) or "SAELens's own",
+        "auxk_counterpart": p.auxk_counterpart,
+        "training_path": result.path_kind,
+        "store": result.store,
+        "training_tokens": result.tokens,
+        "train_seconds_per_token": result.seconds / max(1, result.tokens),
+        **figures,
+    }
+    if getattr(cfg, "beta", None) is not None and path == "live":
+        rec["beta"] = float(cfg.beta)
+    records.append(rec)
+    curves[tag] = {"density": density.tolist(), "l0_hist": torch.bincount(l0).tolist()}
+    _log(
+        f"[{i}]   L0 {figures['l0_mean']:.2f}  NMSE {figures['nmse']:.4f}  "
+        f"EV {figures['explained_variance']:.4f}  dead {figures['dead_fraction']:.3f}  "
+        + (f"MCC {figures['mcc']:.3f}  " if "mcc" in figures else "")
+        + (f"CE rec {figures['ce_loss_recovered']:.3f}  " if "ce_loss_recovered" in figures else "")
+        + f"({figures['train_seconds']:.1f} s)"
+    )
+
+
+def _meta(
+    st: Settings, env_start: dict[str, Any], sources: list[Any], plans: list[Any], controls: dict[str, Any],
+    failures: list[dict[str, str]], device: Any, t_start: float,
+) -> dict[str, Any]:
+    """Phase 4: what the report says about the run itself (settings, sources, plans, failures, machine)."""
+    meta: dict[str, Any] = {
         "device": env_start["device"],
         "preset": st.preset,
         "command_settings": _settings_dict(st),
@@ -316,11 +351,7 @@ def run(st: Settings) -> Path:
     for src, _, _ in sources:
         if hasattr(src, "prep_seconds"):
             meta.setdefault("lm_prep_seconds", src.prep_seconds)
-    report.write(out, meta, records, curves)
-    if not st.keep_saes:
-        shutil.rmtree(workdir, ignore_errors=True)
-    _log(f"[done] report: {out / 'report.md'} ({time.perf_counter() - t_start:.0f} s)")
-    return out
+    return meta
 
 
 def _add_step_ratios(records: list[dict[str, Any]]) -> None:

@@ -9,8 +9,8 @@ method, unchanged. So ``architecture="gradient_topk"`` is the only switch, and e
 builds its store through ``from_config`` -- the runner, resume from checkpoint, the CLI --
 gets the gradient store.
 
-The wrap is installed when this package registers ``gradient_topk`` (at ``import sae_allocators``)
-and is idempotent; :func:`uninstall` restores SAELens's method.
+The wrap is installed by the plugin host (``host.load()``, at ``import sae_allocators``) and is
+idempotent; :func:`uninstall` restores SAELens's method.
 """
 
 from __future__ import annotations

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sae_allocators import devices
-from sae_allocators.cli import command
 
 HELP = "fit a saved mutual_choice / feature_choice / batchtopk_zipf SAE's thresholds on held-out activations"
 
@@ -158,6 +157,5 @@ def main(argv: Sequence[str], *, override_model=None, override_dataset=None) -> 
     return 0
 
 
-@command("calibrate", HELP, raw=True)
 def cmd_calibrate(args: argparse.Namespace) -> int:
     return main(args.argv)

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sae_allocators import devices
-from sae_allocators.cli import command
-from sae_allocators.io import CFG_FILENAME, SPARSITY_FILENAME, WEIGHTS_FILENAME, SaeFolderError, SaeFolderInfo, check_loadable
+from sae_allocators.sae_folder import CFG_FILENAME, SPARSITY_FILENAME, WEIGHTS_FILENAME, SaeFolderError, SaeFolderInfo, check_loadable
 from sae_allocators.names import DISTRIBUTION
 
 _REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -146,13 +145,12 @@ def load(source: str, sae_id: str | None = None, *, device: str = devices.CPU) -
     return Loaded(sae=sae, info=info, source=label, provider=provider, plain_saelens=plain)
 
 
-def _load_args(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="Hub repo id (org/name) or a local SAE output folder")
     p.add_argument("sae_id", nargs="?", default=None, help="SAE id inside the repo (omit for a local folder)")
     p.add_argument("--device", default=devices.CPU)
 
 
-@command("load", HELP, _load_args)
 def cmd_load(args: argparse.Namespace) -> int:
     try:
         loaded = load(args.source, args.sae_id, device=args.device)

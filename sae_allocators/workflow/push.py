@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sae_allocators import devices
-from sae_allocators.cli import command
-from sae_allocators.io import METRICS_FILENAME, RUNNER_CFG_FILENAME, SaeFolderError, SaeFolderInfo, check_loadable
+from sae_allocators.sae_folder import METRICS_FILENAME, RUNNER_CFG_FILENAME, SaeFolderError, SaeFolderInfo, check_loadable
 from sae_allocators.names import DISTRIBUTION
 
 HELP = "upload a trained SAE output folder to the Hugging Face Hub, with a model card"
@@ -141,7 +140,7 @@ def model_card(info: SaeFolderInfo, repo_id: str, sae_id: str) -> str:
 
 def check_loadable_like_from_pretrained(output_dir: str | Path) -> SaeFolderInfo:
     """Refuse, before any network call, a folder that ``SAE.from_pretrained`` could not load into a
-    usable SAE: the header checks, then :func:`sae_allocators.io.check_loadable` (config field
+    usable SAE: the header checks, then :func:`sae_allocators.sae_folder.check_loadable` (config field
     types, tensor names / shapes / dtypes, finite weights), then SAELens's own loader on the CPU."""
     from sae_lens import SAE
 
@@ -240,7 +239,7 @@ def push(
     return {"repo_id": repo_id, "sae_id": sae_id, "card_written": card_written, "card_existed": card_exists, "info": info}
 
 
-def _push_args(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("output_dir", help="the SAE's output folder (--output_path of `train`)")
     p.add_argument("--repo", required=True, help="Hub repo id, org/name")
     p.add_argument("--sae-id", default=None, help="folder in the repo (default: the SAE's hook name)")
@@ -249,7 +248,6 @@ def _push_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", default="main", help="branch to push to (default: main)")
 
 
-@command("push", HELP, _push_args)
 def cmd_push(args: argparse.Namespace) -> int:
     try:
         done = push(args.output_dir, args.repo, args.sae_id, private=args.private, overwrite_card=args.overwrite_card, revision=args.revision)

@@ -28,8 +28,7 @@ from dataclasses import fields, make_dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from sae_allocators.cli import command
-from sae_allocators.io import SaeFolderError
+from sae_allocators.sae_folder import SaeFolderError
 
 HELP = "train an SAE with SAELens's training options (any registered architecture, ours included)"
 
@@ -105,7 +104,8 @@ def _runner_class():
     from sae_lens import LanguageModelSAETrainingRunner
 
     from sae_allocators.calibration import CalibratingRunnerMixin
-    from sae_allocators.io import METRICS_FILENAME, atomic_dir, atomic_write_json
+    from sae_allocators.io import atomic_dir, atomic_write_json
+    from sae_allocators.sae_folder import METRICS_FILENAME
 
     class WorkflowRunner(CalibratingRunnerMixin, LanguageModelSAETrainingRunner):
         final_metrics: dict[str, Any] | None = None
@@ -170,7 +170,8 @@ def _runner_class():
 def train(cfg, *, override_model=None, override_dataset=None):
     """Train ``cfg`` (a ``LanguageModelSAERunnerConfig``) with SAELens's runner; return the runner."""
     if cfg.output_path is not None:
-        from sae_allocators.io import check_replaceable_output, recover_output_dir
+        from sae_allocators.io import recover_output_dir
+        from sae_allocators.sae_folder import check_replaceable_output
 
         recover_output_dir(check_replaceable_output(cfg.output_path))  # fail before training, not after
     runner = _runner_class()(cfg, override_model=override_model, override_dataset=override_dataset)
@@ -183,7 +184,7 @@ def main(argv: Sequence[str], *, override_model=None, override_dataset=None) -> 
     argv = list(argv)
     if any(a.startswith(("--nproc-per-node", "--nproc_per_node")) for a in argv):
         # data-parallel on N processes: the same options under torchrun (docs/distributed.md)
-        from sae_allocators.distributed.launch import LaunchError, relaunch, split_nproc
+        from sae_allocators.distributed.relaunch import LaunchError, relaunch, split_nproc
 
         try:
             nproc, rest = split_nproc(argv)
@@ -225,6 +226,5 @@ def main(argv: Sequence[str], *, override_model=None, override_dataset=None) -> 
     return 0
 
 
-@command("train", HELP, raw=True)
 def cmd_train(args: argparse.Namespace) -> int:
     return main(args.argv)

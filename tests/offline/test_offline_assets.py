@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sae_allocators.offline import assets, builders, cache, sources, text
+from sae_allocators.offline import assets, builders, cache, preparation, sources, text
 from sae_allocators.offline.assets import PreparedAssets
 
 for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
@@ -126,7 +126,7 @@ def registry(tmp_path, monkeypatch) -> FakeRegistry:
     reg = FakeRegistry(make_fixture_archives(tmp_path / "registry"))
     monkeypatch.setattr(sources, "fetch_archive", reg.fetch)
     monkeypatch.setattr(builders, "build_model", fake_build_model)
-    monkeypatch.setattr(assets, "_load_tokenizer_from", lambda _path: CharTokenizer())
+    monkeypatch.setattr(preparation, "_load_tokenizer_from", lambda _path: CharTokenizer())
     return reg
 
 
