@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's main command (README): benchmark every registered SAE architecture offline.
 #
-#   bash benchmarks/run.sh                 # default run (< 20 min on 2 CPU cores): report in reports/<time>/
+#   bash benchmarks/run.sh                 # default run (about 30 min on 2 idle CPU cores): report in reports/<time>/
 #   bash benchmarks/run.sh --quick         # CI smoke run (~3 min on 2 CPU cores)
 #   bash benchmarks/run.sh --preset gpu    # one 24-80 GB GPU, about an hour (untested: docs/benchmark.md)
 #   bash benchmarks/run.sh --device cpu    # --device auto (default: CUDA when torch sees one), cpu, cuda[:N]

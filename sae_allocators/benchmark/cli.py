@@ -41,7 +41,7 @@ def parser(prog: str = "python -m sae_allocators.benchmark") -> argparse.Argumen
                    "the same as --preset quick")
     p.add_argument(
         "--preset", choices=("default", "quick", "gpu"), default=None,
-        help="sizes: default (< 20 min on 2 CPU cores), quick (CI smoke run), gpu (one 24-80 GB GPU, "
+        help="sizes: default (about 30 min on 2 idle CPU cores), quick (CI smoke run), gpu (one 24-80 GB GPU, "
         "about an hour, untested until run on one: docs/benchmark.md); other options override its values",
     )
     p.add_argument(
