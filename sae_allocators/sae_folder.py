@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sae_allocators import devices
 
 CFG_FILENAME = "cfg.json"  # = sae_lens.constants.SAE_CFG_FILENAME
 WEIGHTS_FILENAME = "sae_weights.safetensors"  # = SAE_WEIGHTS_FILENAME
@@ -307,6 +306,8 @@ def check_loadable(path: str | Path, info: SaeFolderInfo | None = None, *, check
                     f"re-copy it from the training output, or delete it (it is optional)."
                 )
     if check_values:
+        from sae_allocators import devices  # here, not at import: io.py (and this module) load without torch
+
         with safe_open(str(weights), framework="pt", device=devices.CPU) as f:  # type: ignore[no-untyped-call]
             for name in f.keys():  # noqa: SIM118
                 t = f.get_tensor(name)

@@ -481,7 +481,12 @@ def test_feature_choice_demand_phase_is_saved_for_training_only():
 # --- crash consistency: a real subprocess killed at each filesystem step of a save -------------
 
 CRASH_SCRIPT = r"""
-import importlib.util, json, os, signal, sys
+import importlib.util, json, os, signal, sys, types
+# io.py and sae_folder.py alone, without the package's __init__ (torch, SAELens, plugins): a stand-in
+# package whose path is the installed one, so `from sae_allocators.sae_folder import ...` loads that file
+pkg = types.ModuleType("sae_allocators")
+pkg.__path__ = [os.path.dirname(sys.argv[1])]
+sys.modules["sae_allocators"] = pkg
 spec = importlib.util.spec_from_file_location("sae_io_alone", sys.argv[1])
 io = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = io
@@ -495,6 +500,7 @@ with io.atomic_dir(target) as tmp:
         (tmp / name).write_text(text)
         if kill_at == "mid_write" and i == 0:
             os.kill(os.getpid(), signal.SIGKILL)
+assert "torch" not in sys.modules, "io.py must save without importing torch"
 print("SAVED")
 """
 

@@ -676,7 +676,7 @@ def test_real_cli_check_compares_with_hugging_face(capsys):
 
 
 @pytest.mark.slow
-def test_benchmark_lm_training_rows_come_from_many_documents():
+def test_benchmark_lm_training_rows_come_from_many_documents(monkeypatch):
     """The main job's LM training set is the first rows of the whole shuffled training split: at its
     --quick/default sizes (216 rows of 128 tokens) they span many documents. Taking whole documents
     from the front of the document shuffle gave one or two (one Shakespeare play: 2 rows held a
@@ -684,8 +684,10 @@ def test_benchmark_lm_training_rows_come_from_many_documents():
     held-out documents by +37-50 %."""
     import torch
 
+    from sae_allocators import offline
     from sae_allocators.benchmark import lm_data
 
+    monkeypatch.setattr(offline, "load_model", lambda *a, **k: None)  # only the rows matter here
     data = lm_data.offline_lm_data(128, 216 * 128, 8, str(_real_cache().cache_dir), device="cpu")
     rows = torch.tensor(data.train_dataset["tokens"])
     boundaries = int((rows[:, 1:] == data.bos_token_id).any(1).sum())  # BOS after position 0: a new document
