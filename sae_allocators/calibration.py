@@ -602,16 +602,3 @@ def _synthetic_batches(model: Any, batch_size: int) -> Iterator[torch.Tensor]:
         feats = model.activation_generator.sample(batch_size)
         feats = feats.to_dense() if feats.is_sparse else feats
         yield model.feature_dict(feats).detach()
-
-
-def calibrating(runner_cls: type) -> type:
-    """``runner_cls`` with :class:`CalibratingRunnerMixin` (a cached subclass)."""
-    if issubclass(runner_cls, CalibratingRunnerMixin):
-        return runner_cls
-    cached = _CACHE.get(runner_cls)
-    if cached is None:
-        cached = _CACHE[runner_cls] = type(f"Calibrating{runner_cls.__name__}", (CalibratingRunnerMixin, runner_cls), {})
-    return cached
-
-
-_CACHE: dict[type, type] = {}
