@@ -11,6 +11,11 @@ import pytest
 for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}.items():
     os.environ.setdefault(_k, _v)
 warnings.filterwarnings("ignore", message=".*model_from_pretrained_kwargs.*")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # several workers on a few cores: one thread each (set before torch starts its thread pool, and
+    # inherited by the fresh interpreters tests start); see tests/run.sh
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -20,6 +20,11 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 SAELENS_VERSIONS=${SAELENS_VERSIONS:-"6.38.0 newest"}  # the newest last: the environment is left at it
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off
+# One thread per test worker: two xdist workers, each with torch's default of one OpenMP thread per
+# core, oversubscribe a 2-core machine and OpenMP's spinning threads then slow a busy test by up
+# to 10x (the suite took 311 s with the default, 172 s with one thread each). The fresh
+# interpreters the tests start inherit it.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip() { "$VENV/bin/python" -m pip "$@"; }
