@@ -2,11 +2,10 @@ from __future__ import annotations
 
 import os
 import sys
-import textwrap
 import warnings
-from pathlib import Path
 
 import pytest
+from helpers import FakeDistributions, forget_plugins_not_ours
 
 for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}.items():
     os.environ.setdefault(_k, _v)
@@ -38,25 +37,6 @@ def _seed_every_random_source():
     yield
 
 
-class FakeDistributions:
-    """Writes real installed-distribution metadata (dist-info + entry points) into a temp dir on
-    ``sys.path``, so ``importlib.metadata`` finds plugins exactly as it would after ``pip install``."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.modules: list[str] = []
-
-    def add(self, dist: str, version: str, entry_points: dict[str, str], modules: dict[str, str]) -> None:
-        info = self.root / f"{dist.replace('-', '_')}-{version}.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
-        eps = "".join(f"{name} = {value}\n" for name, value in entry_points.items())
-        (info / "entry_points.txt").write_text(f"[sae_allocators]\n{eps}")
-        for mod, source in modules.items():
-            (self.root / f"{mod}.py").write_text(textwrap.dedent(source))
-            self.modules.append(mod)
-
-
 @pytest.fixture
 def fake_dists(tmp_path, monkeypatch):
     """Yield a FakeDistributions; afterwards reload the host so the fakes leave no trace."""
@@ -71,17 +51,5 @@ def fake_dists(tmp_path, monkeypatch):
         sys.modules.pop(mod, None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _forget_plugins_not_ours()
+        forget_plugins_not_ours()
         host.load(force=True)
-
-
-def _forget_plugins_not_ours() -> None:
-    from sae_allocators import names
-    from sae_allocators import saelens_registry as reg
-
-    records = reg.provider_records()
-    for name, rec in list(records.items()):
-        if rec["distribution"] not in (names.DISTRIBUTION, "sae-lens"):
-            reg.remove(reg.TRAINING, name)
-            reg.remove(reg.INFERENCE, name)
-            del records[name]

@@ -29,15 +29,15 @@ DOC = REPO / "docs" / "testing.md"
 #: target -> (files to mutate (globs relative to the checkout), test modules that cover them (fast
 #: ones), a pytest -k expression leaving out their slow tests (runner training, fresh interpreters))
 TARGETS: dict[str, tuple[list[str], list[str], str | None]] = {
-    "allocation": (["sae_allocators/allocation/*.py"], ["tests/test_allocation_properties.py", "tests/test_promises.py"], None),
-    "losses": (["sae_allocators/losses/*.py"], ["tests/test_losses.py", "tests/test_promises.py"], "not train_with_zipf and not third_party"),
+    "allocation": (["sae_allocators/allocation/*.py"], ["tests/allocation/test_allocation_properties.py", "tests/test_promises.py"], None),
+    "losses": (["sae_allocators/losses/*.py"], ["tests/losses/test_losses.py", "tests/test_promises.py"], "not train_with_zipf and not third_party"),
     "autoload": (["sae_allocators_autoload.py"], ["tests/test_promises.py"], None),
     "io": (["sae_allocators/io.py", "sae_allocators/sae_folder.py"], ["tests/test_promises.py"], None),
     # test_calibration.py's unit tests (its runner fixture and torch.compile test are slow): without
     # them 776 of the 927 mutants had no test at all
     "thresholds": (
         ["sae_allocators/thresholds.py", "sae_allocators/calibration.py"],
-        ["tests/test_promises.py", "tests/test_mutual_feature_choice.py", "tests/test_calibration.py"],
+        ["tests/test_promises.py", "tests/architectures/test_mutual_feature_choice.py", "tests/test_calibration.py"],
         "not fresh_interpreter and not runner and not torch_compile and not calibrated and not calibrate_command",
     ),
 }
@@ -77,8 +77,7 @@ def prepare(target: str, k_expr: str | None = None) -> Path | None:
     work.mkdir(parents=True)
     shutil.copytree(REPO / "sae_allocators", work / "sae_allocators", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(REPO / "sae_allocators_autoload.py", work / "sae_allocators_autoload.py")
-    shutil.copytree(REPO / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__", "fixtures", "offline"))
-    shutil.copytree(REPO / "tests" / "fixtures", work / "tests" / "fixtures")
+    shutil.copytree(REPO / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__", "offline"))
     existing = [g for g in globs if list(work.glob(g))]
     toml_list = lambda xs: "[" + ", ".join(f'"{x}"' for x in xs) + "]"  # noqa: E731
     # -p no:unraisableexception: that plugin runs gc.collect() five times when each pytest session
@@ -156,8 +155,12 @@ def report(target: str, status: dict[str, str], equivalent: dict[str, str]) -> b
 def refresh_tests(work: Path) -> None:
     """Copy the checkout's test modules into a resumed scratch copy (tests added since the run
     started take part; mutmut collects the new ones' coverage itself)."""
-    for src in (REPO / "tests").glob("*.py"):
-        shutil.copy2(src, work / "tests" / src.name)
+    for src in (REPO / "tests").rglob("*.py"):
+        rel = src.relative_to(REPO / "tests")
+        if rel.parts[0] in ("offline", "__pycache__") or "__pycache__" in rel.parts:
+            continue
+        (work / "tests" / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, work / "tests" / rel)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +25,6 @@ from sae_allocators.testing import TINY_HOOK, run_fresh, runner_config, tiny_dat
 from sae_allocators.thresholds import require_budget, smallest_working_batch
 
 D, F, K = 16, 64, 4.0
-REPO = Path(__file__).resolve().parents[1]
 
 TRAINING = {
     "mutual_choice": (MutualChoiceTrainingSAE, lambda **kw: MutualChoiceTrainingSAEConfig(**{"d_in": D, "d_sae": F, "k": K, "topk_threshold_lr": 0.1, **kw})),

@@ -17,6 +17,7 @@ import torch
 
 import sae_allocators
 from sae_allocators import devices
+from helpers import REPO
 
 # Runs once in CI, at the newest SAELens (tests/run.sh): the benchmark's device plumbing (the main job's CI run is at the newest SAELens).
 pytestmark = pytest.mark.saelens_independent
@@ -98,7 +99,7 @@ def test_gpu_preset_is_the_documented_size(tmp_path):
     assert len(st.lm_ks) == 3 and st.lm_seeds == 2 and st.seeds == 2
     assert st.lm_live_ks is None and st.lm_live_seeds is None  # gradient_topk at every k and seed
     assert st.device == "auto" and st.tf32
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "benchmark.md")
+    doc = (REPO / "docs" / "benchmark.md")
     if doc.is_file():  # a source checkout: the docs state the same numbers
         text = doc.read_text()
         assert "--preset gpu" in text and "16,384" in text and "20,480,000" in text and "untested" in text

@@ -21,10 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import sae_allocators  # noqa: E402,F401  (registers our architectures)
-from architectures_table import training_kwargs  # noqa: E402
+from helpers import training_kwargs  # noqa: E402
 
 from sae_allocators import io as sio  # noqa: E402
 from sae_allocators.config_checks import UnknownConfigKeyWarning  # noqa: E402
@@ -623,7 +621,7 @@ def test_broken_plugin_under_warnings_as_errors_leaves_ours_registered(fake_dist
 def test_python_W_error_with_broken_plugin_in_a_fresh_interpreter(tmp_path):
     """`python -W error::UserWarning`: SAELens imports, our architectures are registered (through the
     autoload hook), and the failure is recorded naming the plugin."""
-    from conftest import FakeDistributions
+    from helpers import FakeDistributions
 
     FakeDistributions(tmp_path).add("broken-sae", "0.9", {"broken": "broken_plugin"}, {"broken_plugin": BROKEN_PLUGIN})
     code = f"""

@@ -20,7 +20,7 @@ import pytest
 
 from sae_allocators.testing import run_fresh
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import REPO as ROOT
 PLUGIN_DIR = ROOT / "plugins" / "sae-allocators-nucleus"
 
 pytestmark = pytest.mark.install

@@ -25,7 +25,7 @@ all-gather of the candidates ``(value, feature)``; ``tau_j`` is the ``m_j``-th l
 j, ties broken by global token index as above.
 
 Both return what a single process would return on the concatenated batch (tested against it in
-tests/test_distributed.py); with ``group=None`` they *are* the single-process rule.
+tests/distributed/test_distributed.py); with ``group=None`` they *are* the single-process rule.
 """
 
 from __future__ import annotations

@@ -32,10 +32,10 @@ def free_port() -> int:
 
 
 def spawn(world: int, tmp_path: Path, timeout: float = 240, **env: str) -> list[list[str]]:
-    """Run tests/distributed_worker.py on ``world`` ranks; return every rank's failures."""
+    """Run tests/distributed/worker.py on ``world`` ranks; return every rank's failures."""
     base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world), "OUT": str(tmp_path), "OMP_NUM_THREADS": "1", **env}
     procs = [
-        subprocess.Popen([sys.executable, str(HERE / "distributed_worker.py")], env={**base, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen([sys.executable, str(HERE / "worker.py")], env={**base, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for r in range(world)
     ]
     logs = []

@@ -4,7 +4,6 @@ plain-SAELens reload in a fresh interpreter, inference drift, batch mode from a 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +15,6 @@ from sae_allocators.architectures.mutual_choice import MutualChoiceSAE, MutualCh
 from sae_allocators.testing import TINY_HOOK, run_fresh, tiny_dataset, tiny_model, train_tiny
 
 D_IN, D_SAE, K = 32, 128, 4.0
-REPO = Path(__file__).resolve().parents[1]
 
 CONFIGS = {
     "mutual_choice": lambda **kw: MutualChoiceTrainingSAEConfig(**{"d_in": D_IN, "d_sae": D_SAE, "k": K, "topk_threshold_lr": 0.1, **kw}),

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from sae_lens import SAE
-from sae_lens.saes.sae import TrainStepInput
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 
+import helpers
 import sae_allocators  # noqa: F401  (registers the architectures)
 from sae_allocators import metrics
 from sae_allocators.allocation.afa import afa_loss, afa_select, afa_select_reference
@@ -35,7 +35,7 @@ D_IN, D_SAE = 16, 48
 
 
 def step_input(x, dead=None):
-    return TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=0, is_logging_step=True)
+    return helpers.step_input(x, dead, logging=True)
 
 
 def reference_code(acts: torch.Tensor, target: torch.Tensor, dec_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""One rank of tests/test_distributed.py (run as a script by that test: RANK, WORLD_SIZE, MASTER_ADDR,
+"""One rank of tests/distributed/test_distributed.py (run as a script by that test: RANK, WORLD_SIZE, MASTER_ADDR,
 MASTER_PORT and OUT set). World size 3: every check runs at R=3 on the world group and at R=2 on the
 sub-group of ranks {0, 1}. Each rank writes OUT/rank<r>.json with its failures (empty list: passed)."""
 

@@ -25,7 +25,7 @@ MINIMAL_TRAINING_KWARGS: dict[str, dict[str, Any]] = {
 def training_kwargs(name: str) -> dict[str, Any]:
     if name not in MINIMAL_TRAINING_KWARGS:
         raise KeyError(
-            f"tests/architectures_table.py has no entry for architecture {name!r}: add its minimal training "
+            f"tests/helpers/architectures.py has no entry for architecture {name!r}: add its minimal training "
             f"config kwargs to MINIMAL_TRAINING_KWARGS so the workflow tests cover it."
         )
     return dict(MINIMAL_TRAINING_KWARGS[name])

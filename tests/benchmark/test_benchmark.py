@@ -6,8 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch

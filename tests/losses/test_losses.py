@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-from sae_lens.saes.sae import TrainStepInput
 
 import sae_allocators  # noqa: F401  (registers the architectures and losses)
 from sae_allocators import metrics as M
@@ -16,12 +15,9 @@ from sae_allocators.architectures.mutual_choice import MutualChoiceTrainingSAE, 
 from sae_allocators.architectures.topk_zipf import TopKZipfTrainingSAE, TopKZipfTrainingSAEConfig
 from sae_allocators.losses import AuxLossInput, available, get
 from sae_allocators.losses.builtin import auxk_loss, residual_aux_loss, zipf_loss
+from helpers import step_input
 
 D_IN, D_SAE = 16, 64
-
-
-def step_input(x, dead=None, step=0):
-    return TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=step, is_logging_step=False)
 
 
 def make_topk(**kw) -> TopKZipfTrainingSAE:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,6 @@ from safetensors.torch import load_file
 import sae_lens
 import sae_lens.registry as saelens_registry
 from sae_lens import SAE
-from sae_lens.saes.sae import TrainStepInput
 
 import sae_allocators  # noqa: F401  (registers the architectures)
 from sae_allocators import host, metrics
@@ -31,14 +29,11 @@ from sae_allocators.losses import AuxLossInput
 from sae_allocators.losses.builtin import auxk_loss, zipf_loss
 from sae_allocators.testing import run_fresh, train_tiny
 
+from helpers import REPO, step_input
+
 FIXTURES = Path(__file__).parent / "fixtures" / "abstopk"
-REPO = Path(__file__).resolve().parents[1]
 D_IN, D_SAE = 16, 48
 SAELENS_VERSION = tuple(int(p) for p in sae_lens.__version__.split(".")[:2])
-
-
-def step_input(x, dead=None):
-    return TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=0, is_logging_step=False)
 
 
 # --- the activation ------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Train -> push -> load, end to end, for every architecture of this project.
 
 Training goes through ``sae-allocators train``'s code path (SAELens's parser and runner); pushing
-through the real ``huggingface_hub`` client against a local fake Hub (``tests/fake_hub.py``) in a
+through the real ``huggingface_hub`` client against a local fake Hub (``tests/helpers/fake_hub.py``) in a
 fresh interpreter with ``HF_ENDPOINT``; loading through ``SAE.from_pretrained`` in a fresh,
 offline interpreter from a Hugging Face cache built out of the pushed bytes. One subprocess serves
 all architectures per step, to keep the suite fast.
@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-WORKTREE = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import sae_allocators  # noqa: E402,F401  (registers our architectures)
-from architectures_table import cli_flags, training_kwargs  # noqa: E402
-from fake_hub import FakeHub  # noqa: E402
+from helpers import REPO as WORKTREE  # noqa: E402
+from helpers import FakeHub, cli_flags, training_kwargs  # noqa: E402
 
 from sae_allocators.io import SaeFolderError, atomic_dir, atomic_write_text, check_sae_folder  # noqa: E402
 from sae_allocators.names import OWN_ARCHITECTURES  # noqa: E402
