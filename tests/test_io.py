@@ -14,6 +14,7 @@ import json
 import os
 import re
 import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -167,28 +168,49 @@ def _two_folders(tmp_path):
     return a, b
 
 
-needs_exchange = pytest.mark.skipif(sio._renameat2() is None, reason="renameat2 needs Linux")
+def _kernel_can_exchange(folder: Path) -> bool:
+    """Whether ``renameat2(RENAME_EXCHANGE)`` works in ``folder``, asked of libc directly (not
+    through io.py, whose mutants must not be able to turn a test into a skip)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        return False
+    a, b = folder / ".probe_a", folder / ".probe_b"
+    a.mkdir()
+    b.mkdir()
+    try:
+        return fn(-100, os.fsencode(str(a)), -100, os.fsencode(str(b)), 2) == 0
+    finally:
+        a.rmdir()
+        b.rmdir()
 
 
-@needs_exchange
-def test_exchange_paths_swaps_two_folders_atomically(tmp_path):
+@pytest.fixture
+def exchange_ok(tmp_path):
+    if not _kernel_can_exchange(tmp_path):
+        pytest.skip("this kernel, libc or file system has no renameat2(RENAME_EXCHANGE)")
+    return True
+
+
+def test_exchange_paths_swaps_two_folders_atomically(tmp_path, exchange_ok):
     a, b = _two_folders(tmp_path)
-    if not sio.exchange_paths(a, b):
-        pytest.skip("this file system has no RENAME_EXCHANGE")
+    assert sio.exchange_paths(a, b) is True
     assert _tree(a) == {"fb": "B"} and _tree(b) == {"fa": "A"}
+    f = tmp_path / "f"
+    f.write_text("F")
+    assert sio.exchange_paths(str(f), str(a)) is True  # a file and a folder swap too
+    assert f.is_dir() and _tree(f) == {"fb": "B"} and a.read_text() == "F"
 
 
-@needs_exchange
-def test_exchange_paths_takes_relative_paths(tmp_path, monkeypatch):
+def test_exchange_paths_takes_relative_paths(tmp_path, monkeypatch, exchange_ok):
     _two_folders(tmp_path)
     monkeypatch.chdir(tmp_path)
-    if not sio.exchange_paths("a", Path("b")):
-        pytest.skip("this file system has no RENAME_EXCHANGE")
+    assert sio.exchange_paths("a", Path("b")) is True
     assert _tree(tmp_path / "a") == {"fb": "B"} and _tree(tmp_path / "b") == {"fa": "A"}
 
 
-@needs_exchange
-def test_exchange_paths_names_both_paths_and_the_errno_when_one_is_missing(tmp_path):
+def test_exchange_paths_names_both_paths_and_the_errno_when_one_is_missing(tmp_path, exchange_ok):
     a = tmp_path / "a"
     a.mkdir()
     ctypes.set_errno(0)
@@ -199,8 +221,7 @@ def test_exchange_paths_names_both_paths_and_the_errno_when_one_is_missing(tmp_p
     assert a.is_dir() and not (tmp_path / "missing").exists()
 
 
-@needs_exchange
-def test_exchange_paths_through_the_raw_syscall_when_libc_lacks_renameat2(tmp_path, monkeypatch):
+def test_exchange_paths_through_the_raw_syscall_when_libc_lacks_renameat2(tmp_path, monkeypatch, exchange_ok):
     """Older glibc has no ``renameat2`` wrapper: the swap goes through ``syscall(SYS_renameat2, ...)``."""
     import platform
 
@@ -220,9 +241,11 @@ def test_exchange_paths_through_the_raw_syscall_when_libc_lacks_renameat2(tmp_pa
     a, b = _two_folders(tmp_path)
     fn = sio._renameat2()
     assert fn is not None and asked == [(None, True)]
-    if not sio.exchange_paths(a, b):
-        pytest.skip("this file system has no RENAME_EXCHANGE")
+    assert sio.exchange_paths(a, b) is True
     assert _tree(a) == {"fb": "B"} and _tree(b) == {"fa": "A"}
+    monkeypatch.chdir(tmp_path)  # relative paths: resolved against the current folder (AT_FDCWD)
+    assert sio.exchange_paths("a", "b") is True
+    assert _tree(a) == {"fa": "A"} and _tree(b) == {"fb": "B"}
     ctypes.set_errno(0)
     with pytest.raises(OSError) as info:  # the syscall's errno reaches the error too
         sio.exchange_paths(a, tmp_path / "missing")
@@ -424,17 +447,28 @@ def test_remove_tree_tolerates_files_vanishing_under_it(tmp_path, monkeypatch):
     (d / "sub").mkdir(parents=True)
     (d / "sub" / "vanishing").write_text("v")
     (d / "sub" / "other").write_text("o")
-    real_unlink = os.unlink
+    (d / "top_vanishing").write_text("t")
+    real_unlink, real_rmdir = os.unlink, os.rmdir
 
     def unlink(name, *a, **k):
-        if os.fspath(name).endswith("vanishing"):
+        if "vanish" in os.fspath(name):
             real_unlink(name, *a, **k)
             raise FileNotFoundError(errno.ENOENT, "removed by someone else", os.fspath(name))
         return real_unlink(name, *a, **k)
 
+    def rmdir(name, *a, **k):
+        real_rmdir(name, *a, **k)
+        if Path(name) == d:
+            raise FileNotFoundError(errno.ENOENT, "removed by someone else", os.fspath(name))
+
     monkeypatch.setattr(os, "unlink", unlink)
+    monkeypatch.setattr(os, "rmdir", rmdir)
     sio._remove_tree(d)
     assert not d.exists()
+    f = tmp_path / f".out.{DEAD_PID}-vanish.partial"  # a leftover file another save removes at the same time
+    f.write_text("x")
+    assert sio.recover_output_dir(tmp_path / "out") == [f]
+    assert not f.exists()
 
 
 def test_fsync_path_opens_folders_as_folders_and_always_closes(tmp_path, monkeypatch):
@@ -533,10 +567,8 @@ def test_atomic_dir_replaces_an_existing_output_whole(tmp_path, steps, monkeypat
     out = _output(tmp_path / "out", **{"cfg.json": "old cfg", "sparsity.safetensors": "old s", "runner_cfg.json": "r"})
     if not exchange:
         monkeypatch.setattr(sio, "exchange_paths", lambda a, b: False)
-    elif not sio.exchange_paths(_output(tmp_path / "x1"), _output(tmp_path / "x2")):
+    elif not _kernel_can_exchange(tmp_path):
         pytest.skip("no RENAME_EXCHANGE here")
-    for x in ("x1", "x2"):
-        sio._remove_tree(tmp_path / x)
     states = {}
 
     def snapshot(name):
@@ -1009,3 +1041,93 @@ def test_check_loadable_config_messages(tmp_path):
     del cfg["dtype"]
     (out / "cfg.json").write_text(json.dumps(cfg))
     assert sf.check_loadable(out).architecture == "jumprelu"  # dtype defaults to float32
+
+
+def test_check_loadable_accepts_the_smallest_sae_and_names_what_saelens_cannot_build(tmp_path):
+    one = _folder(tmp_path / "one", tensors=_jumprelu_tensors(1, 1), d_in=1, d_sae=1)
+    assert sf.check_loadable(one).cfg["d_in"] == 1  # 1 is a positive integer
+    out = _folder(tmp_path / "bad", normalize_activations="bogus")
+    msg = _error(sf.check_loadable, out)
+    assert msg.startswith(f"{out / 'cfg.json'}: SAELens cannot build the 'jumprelu' SAE from it: ValueError: "), msg
+    assert "normalize_activations" in msg and "bogus" in msg
+
+
+def _set_header_shape(path: Path, name: str, shape: list[int]) -> None:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    header[name]["shape"] = shape
+    body = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n :])
+
+
+HUGE = [2**40, 2**20]  # 4 EiB as float32: a check that allocated it would fail
+
+
+def test_check_loadable_compares_shapes_without_allocating_them(tmp_path):
+    out = _folder(tmp_path / "huge")
+    _set_header_shape(out / "sae_weights.safetensors", "W_enc", HUGE)
+    assert f"tensor 'W_enc' has shape {HUGE}, but cfg.json (d_in={D_IN}, d_sae={D_SAE}) needs [{D_IN}, {D_SAE}]" in _error(sf.check_loadable, out)
+
+
+def test_check_loadable_applies_the_loaders_conversion_and_falls_back_to_raw_names(tmp_path, monkeypatch):
+    """The names compared are those SAELens's loader produces (``process_state_dict_for_loading``,
+    e.g. a plugin SAE renaming an older tensor); a conversion that needs real values (meta tensors
+    have none) falls back to the file's own names, even if it had changed the dict before failing."""
+    import torch
+    from sae_lens import SAE
+
+    cls = SAE.get_sae_class_for_architecture("jumprelu")
+
+    def convert(self, sd):
+        if "log_threshold" in sd:
+            sd["threshold"] = torch.exp(sd.pop("log_threshold"))
+
+    monkeypatch.setattr(cls, "process_state_dict_for_loading", convert)
+    t = _jumprelu_tensors()
+    t["log_threshold"] = torch.log(t.pop("threshold"))
+    old = _folder(tmp_path / "old_names", tensors=t)
+    assert "log_threshold" in sf.check_loadable(old).tensors
+    huge = _folder(tmp_path / "huge")
+    _set_header_shape(huge / "sae_weights.safetensors", "b_enc", HUGE)
+    assert f"tensor 'b_enc' has shape {HUGE}" in _error(sf.check_loadable, huge)
+
+    def needs_values(self, sd):
+        del sd["threshold"]
+        float(sd["b_enc"].sum())  # raises on meta tensors
+
+    monkeypatch.setattr(cls, "process_state_dict_for_loading", needs_values)
+    good = _folder(tmp_path / "good")
+    assert sf.check_loadable(good).architecture == "jumprelu"
+    assert f"tensor 'b_enc' has shape {HUGE}" in _error(sf.check_loadable, huge)
+    assert "holds tensor(s) 'log_threshold' that a 'jumprelu' SAE does not have" in _error(sf.check_loadable, old)  # not converted
+
+
+def test_training_only_names_unite_both_architectures(monkeypatch):
+    from sae_allocators import saelens_registry as reg
+
+    class A:
+        @staticmethod
+        def _all_training_only_buffers():
+            return ["a1", "a2"]
+
+    class B:
+        @staticmethod
+        def _all_training_only_buffers():
+            return ["b1"]
+
+    class C:  # no training-only buffers
+        pass
+
+    table = {"arch_a": (A, None), "arch_b": (B, None), "arch_c": (C, None)}
+    asked = []
+    monkeypatch.setattr(reg, "get", lambda side, name: (asked.append((side, name)), table.get(name))[1])
+    info = lambda t, a: sf.SaeFolderInfo(path=Path("."), cfg={}, architecture=a, training_architecture=t)  # noqa: E731
+    assert sf._training_only_names(info("arch_a", "arch_b")) == {"a1", "a2", "b1"}
+    assert sf._training_only_names(info("arch_b", "arch_a")) == {"a1", "a2", "b1"}
+    assert sf._training_only_names(info(None, "arch_a")) == {"a1", "a2"}
+    assert sf._training_only_names(info("arch_c", "nothing")) == set()
+    assert asked and all(side == reg.TRAINING for side, _ in asked)
+    asked.clear()
+    assert sf._training_only_names(info(3, "arch_b")) == {"b1"}
+    assert asked == [(reg.TRAINING, "arch_b")]  # a non-string name is never looked up
