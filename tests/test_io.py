@@ -348,14 +348,16 @@ def _debris(tmp_path, name, kind, pid=DEAD_PID, files=None):
 
 def test_recover_restores_the_newest_old_folder_when_the_output_is_missing(tmp_path):
     out = tmp_path / "out"
-    old1 = _debris(tmp_path, "out", "old", files={"cfg.json": "older"})
-    old2 = _debris(tmp_path, "out", "old", files={"cfg.json": "newer"})
+    old1 = _debris(tmp_path, "out", "old", files={"cfg.json": "newest"})
+    old2 = _debris(tmp_path, "out", "old", files={"cfg.json": "oldest"})
+    old3 = _debris(tmp_path, "out", "old", files={"cfg.json": "middle"})
     os.utime(old1, (2_000_000_000, 2_000_000_000))  # old1 is the newest despite its name
     os.utime(old2, (1_000_000_000, 1_000_000_000))
+    os.utime(old3, (1_500_000_000, 1_500_000_000))
     partial = _debris(tmp_path, "out", "partial")
     done = sio.recover_output_dir(str(out))
-    assert _tree(out) == {"cfg.json": "older"}
-    assert done[0] == old1 and sorted(done[1:]) == sorted([old2, partial])
+    assert _tree(out) == {"cfg.json": "newest"}
+    assert done[0] == old1 and sorted(done[1:]) == sorted([old2, old3, partial])
     assert _names(tmp_path) == ["out"]
 
 
@@ -722,6 +724,9 @@ def test_check_replaceable_output_refuses_a_file_a_checkpoint_and_foreign_files(
         f"output path {five} exists and holds a, b, c, d, e, which an SAE output folder does not; the save replaces "
         "the whole folder, so it would delete them. Choose a new or empty --output_path, or move those files away."
     )
+    six = _output(tmp_path / "six", **{n: "x" for n in ["f", "e", "d", "c", "b", "a"]})
+    with pytest.raises(SaeFolderError, match=r"holds a, b, c, d, e and 1 more, which"):
+        sf.check_replaceable_output(six)
     seven = _output(tmp_path / "seven", **{n: "x" for n in ["g", "f", "e", "d", "c", "b", "a"]})
     with pytest.raises(SaeFolderError, match=r"holds a, b, c, d, e and 2 more, which"):
         sf.check_replaceable_output(seven)
@@ -777,6 +782,10 @@ def test_read_safetensors_header_messages(tmp_path):
     with pytest.raises(SaeFolderError) as info:
         sf.read_safetensors_header(p)
     assert str(info.value) == f"{p} is corrupted: not a valid safetensors header (length 0, file size 8); {FIX}."
+    p.write_bytes(b"\xff" * 8 + b"{}" * 8)  # a length with the top bit set (an unsigned 64-bit field)
+    with pytest.raises(SaeFolderError) as info:
+        sf.read_safetensors_header(p)
+    assert str(info.value) == f"{p} is corrupted: not a valid safetensors header (length {2**64 - 1}, file size 24); {FIX}."
     p.write_bytes(struct.pack("<Q", 3) + b"{}")
     with pytest.raises(SaeFolderError) as info:
         sf.read_safetensors_header(p)
@@ -1131,3 +1140,49 @@ def test_training_only_names_unite_both_architectures(monkeypatch):
     asked.clear()
     assert sf._training_only_names(info(3, "arch_b")) == {"b1"}
     assert asked == [(reg.TRAINING, "arch_b")]  # a non-string name is never looked up
+
+
+def test_check_sae_folder_when_cfg_json_vanishes_while_it_is_read(tmp_path, monkeypatch):
+    """cfg.json removed between the existence check and the read (a concurrent save or copy)."""
+    out = _folder(tmp_path / "out")
+    real = Path.read_text
+
+    def read_text(self, *a, **k):
+        if self.name == "cfg.json":
+            raise FileNotFoundError(errno.ENOENT, "gone", str(self))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    assert _error(sf.check_sae_folder, out) == f"{out / 'cfg.json'}: SAE config not found; {FIX}."
+
+
+def test_json_is_read_as_utf8_whatever_the_locale(tmp_path, monkeypatch):
+    """A machine whose locale encoding is not UTF-8 (simulated: the default text encoding is latin-1)."""
+    import io
+
+    real = io.text_encoding
+    monkeypatch.setattr(io, "text_encoding", lambda encoding, stacklevel=2: real(encoding) if encoding else "latin-1")
+    p = tmp_path / "c.json"
+    p.write_bytes('{"x": "é"}'.encode("utf-8"))
+    assert sf.read_json_file(p, "w", "f") == {"x": "é"}
+
+
+def test_fsync_path_without_o_directory(tmp_path, monkeypatch):
+    """Where ``os`` has no O_DIRECTORY (not POSIX), a folder is opened read-only like a file."""
+    flags_seen = []
+    real_open = os.open
+    monkeypatch.delattr(os, "O_DIRECTORY", raising=False)
+    monkeypatch.setattr(os, "open", lambda path, flags, *a: (flags_seen.append(flags), real_open(path, flags, *a))[1])
+    sio._fsync_path(tmp_path, directory=True)
+    assert flags_seen == [os.O_RDONLY]
+
+
+def test_renameat2_uses_libcs_function_on_any_machine(monkeypatch):
+    """The raw syscall number is only the fallback for an old libc; libc's renameat2 works everywhere."""
+    import platform
+
+    if not sys.platform.startswith("linux") or getattr(ctypes.CDLL(None), "renameat2", None) is None:
+        pytest.skip("needs a libc with renameat2")
+    monkeypatch.setattr(platform, "machine", lambda: "riscv64")
+    fn = sio._renameat2()
+    assert fn is not None and fn.__name__ == "renameat2"
