@@ -197,8 +197,9 @@ def _training_only_names(info: SaeFolderInfo) -> set[str]:
     from sae_allocators import saelens_registry as reg
 
     names: set[str] = set()
-    for arch in {info.training_architecture, info.architecture} - {None}:
-        entry = reg.get(reg.TRAINING, arch) if isinstance(arch, str) else None
+    # only strings are architecture names: cfg.json's metadata may hold anything (a list is not even hashable)
+    for arch in {a for a in (info.training_architecture, info.architecture) if isinstance(a, str)}:
+        entry = reg.get(reg.TRAINING, arch)
         if entry is not None and hasattr(entry[0], "_all_training_only_buffers"):
             names |= set(entry[0]._all_training_only_buffers())
     return names

@@ -1000,6 +1000,9 @@ def test_check_loadable_tensor_messages(tmp_path):
         "weights, which SAELens saves with the training model's buffers. Pass the final output folder "
         "(--output_path of `sae-allocators train`) instead, which holds the inference model."
     )
+    # a cfg.json whose training_architecture is not a string (here a list): the same clean error, no TypeError
+    out = _folder(tmp_path / "listarch", tensors={**t, "stray": torch.zeros(2)}, metadata={"training_architecture": ["mutual_choice"]})
+    assert _error(sf.check_loadable, out).startswith(f"{w(out)} holds tensor(s) 'stray' that a 'jumprelu' SAE does not have")
     out = _folder(tmp_path / "ints", tensors={**t, "b_enc": torch.zeros(D_SAE, dtype=torch.int64)})
     assert _error(sf.check_loadable, out) == (
         f"{w(out)}: tensor 'b_enc' has dtype I64, but SAE weights are floating point "
@@ -1140,6 +1143,9 @@ def test_training_only_names_unite_both_architectures(monkeypatch):
     asked.clear()
     assert sf._training_only_names(info(3, "arch_b")) == {"b1"}
     assert asked == [(reg.TRAINING, "arch_b")]  # a non-string name is never looked up
+    asked.clear()
+    assert sf._training_only_names(info(["arch_a"], "arch_b")) == {"b1"}  # not hashable: no TypeError
+    assert asked == [(reg.TRAINING, "arch_b")]
 
 
 def test_check_sae_folder_when_cfg_json_vanishes_while_it_is_read(tmp_path, monkeypatch):
