@@ -29,7 +29,7 @@ from sae_allocators.losses import AuxLossInput
 from sae_allocators.losses.builtin import auxk_loss, zipf_loss
 from sae_allocators.testing import run_fresh, train_tiny
 
-from helpers import REPO, step_input
+from helpers import step_input
 
 FIXTURES = Path(__file__).parent / "fixtures" / "abstopk"
 D_IN, D_SAE = 16, 48
@@ -308,7 +308,7 @@ def test_abstopk_zipf_file_in_a_fresh_interpreter(tmp_path):
         sae = SAE.load_from_disk({str(folder)!r})
         print("plugin", type(sae).__module__, A.SAELENS_HAS_ABSTOPK, A.AbsTopKSAE.__module__)
         """,
-        env={"SAE_ALLOCATORS_NO_AUTOLOAD": "1", "PYTHONPATH": str(REPO)},
+        env={"SAE_ALLOCATORS_NO_AUTOLOAD": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     plain, plugin = proc.stdout.splitlines()[-2:]

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 import sae_allocators  # noqa: E402,F401  (registers our architectures)
-from helpers import REPO as WORKTREE  # noqa: E402
 from helpers import FakeHub, cli_flags, training_kwargs  # noqa: E402
 
 from sae_allocators.io import SaeFolderError, atomic_dir, atomic_write_text, check_sae_folder  # noqa: E402
@@ -43,7 +42,8 @@ def tiny_flags(arch: str, out: Path, tokens: int = 640) -> list[str]:
 
 
 def fresh(code: str, **env: str):
-    return run_fresh(code, env={"PYTHONPATH": str(WORKTREE), **env})
+    # the installed distribution, as in the test process (no PYTHONPATH to the checkout)
+    return run_fresh(code, env=env)
 
 
 def run_cli_script(jobs: list[list[str]]) -> str:
