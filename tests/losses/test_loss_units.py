@@ -397,6 +397,7 @@ def test_lazy_metrics_equal_plain_computations():
         assert m["dead_frac"]() == pytest.approx(4 / D_SAE)
         assert m["underused_frac"]() == pytest.approx(float(expect.float().mean()))
         assert m["zipf_exponent"]() == 1.0
+        assert torch.equal(sae.underused_mask(dead), expect)  # the loss's set U, same rule
     m = sae.lazy_metrics(acts, None)
     sae.feature_density.zero_()  # the metrics read the densities of their own step
     assert m["dead_frac"]() == 0.0 and m["underused_frac"]() == pytest.approx(float(below.float().mean()))
@@ -594,3 +595,117 @@ def test_from_dict_warns_about_an_unknown_key_naming_the_nearest_field():
         TopKZipfTrainingSAEConfig.from_dict({"d_in": D_IN, "d_sae": D_SAE, "k": 4, "zipf_min_step": 5})
     found = [w for w in caught if issubclass(w.category, UnknownConfigKeyWarning)]
     assert len(found) == 1 and "zipf_min_step" in str(found[0].message) and "zipf_min_steps" in str(found[0].message)
+
+
+@pytest.mark.parametrize("how", ["slots dataclass", "re-used parent __post_init__"])
+def test_the_shared_checks_run_first_in_a_slots_dataclass_and_a_reused_post_init(how):
+    # dataclass(slots=True) re-creates the class with the already-wrapped __post_init__ in it; a
+    # subclass may also re-use its parent's. The shared checks must still run first (once).
+    ran = []
+    if how == "slots dataclass":
+
+        @dataclass(slots=True)
+        class Sub(TopKZipfTrainingSAEConfig):
+            def __post_init__(self) -> None:
+                ran.append(self.d_sae)
+                super(Sub, self).__post_init__()
+
+    else:
+
+        class Base(TopKZipfTrainingSAEConfig):
+            def __post_init__(self) -> None:
+                ran.append(self.d_sae)
+                super().__post_init__()
+
+        class Sub(Base):
+            __post_init__ = Base.__post_init__
+
+    with pytest.raises(ValueError, match=re.escape("d_sae='64' is invalid: it must be an integer, not str (write 64 without quotes).")):
+        Sub(d_in=D_IN, d_sae="64", k=4)
+    assert ran == []
+    from sae_allocators.config_checks import UnknownConfigKeyWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert Sub.from_dict({"d_in": D_IN, "d_sae": D_SAE, "k": 4, "zipf_min_step": 5}).d_sae == D_SAE
+    assert len([w for w in caught if issubclass(w.category, UnknownConfigKeyWarning)]) == 1  # warned once
+    assert ran == [D_SAE]
+
+
+@pytest.mark.parametrize("parent_meta", [None, {"training_architecture_details": {"from": "saelens"}}], ids=["no metadata", "details already recorded"])
+def test_inference_cfg_dict_keeps_what_saelens_recorded(monkeypatch, parent_meta):
+    from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
+
+    parent = {} if parent_meta is None else {"metadata": dict(parent_meta)}
+    monkeypatch.setattr(TopKTrainingSAEConfig, "get_inference_sae_cfg_dict", lambda self: {k: dict(v) for k, v in parent.items()})
+    cfg = TopKZipfTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4, aux_loss="auxk")
+    meta = cfg.get_inference_sae_cfg_dict()["metadata"]
+    assert meta["training_architecture"] == "topk_zipf"
+    if parent_meta is None:
+        assert meta["training_architecture_details"]["aux_loss"] == "auxk"
+    else:
+        assert meta["training_architecture_details"] == {"from": "saelens"}
+
+
+@pytest.mark.parametrize("sparse_step", [True, False])
+def test_a_plugin_loss_with_float64_weights_on_the_training_step(sparse_step):
+    # a plugin's loss gets step.state and may pass weights of another dtype: they are cast to the codes'
+    sae = make_topk(sparse_step=sparse_step, rescale_acts_by_decoder_norm=True)
+    g = torch.Generator().manual_seed(6)
+    weights = torch.rand(D_SAE, generator=g, dtype=torch.float64)
+    cand = torch.arange(D_SAE) % 4 == 1
+
+    def weighted(s, step):
+        assert step.state is not None
+        return residual_aux_loss(s, step, cand, weights)
+
+    sae.cfg.aux_loss = "weighted_test"
+    sae._aux_entry = LossEntry("weighted_test", weighted, "", "test")
+    torch.manual_seed(7)
+    x = torch.randn(16, D_IN)
+    out = sae.training_forward_pass(step_input(x))
+    aux = out.losses["auxiliary_reconstruction_loss"]
+    assert aux.dtype == torch.float32
+    pre = sae.encode_with_hidden_pre(x)[1]
+    ref = plain_aux_loss(pre, x, out.sae_out, sae.W_dec, cand, k_cfg=D_IN // 2, coef=1.0, rescale=True, weights=weights.float())
+    torch.testing.assert_close(aux, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_running_density_is_a_mean_then_an_ema_with_rate_one_over_window():
+    sae = make_topk(density_window=3)
+    g = torch.Generator().manual_seed(8)
+    batches = [(torch.rand(40, D_SAE, generator=g) < p).float() for p in (0.1, 0.5, 0.2, 0.9, 0.3)]
+    expect = torch.zeros(D_SAE, dtype=torch.float64)
+    for i, b in enumerate(batches, start=1):
+        sae.update_feature_density(b if i % 2 else b.to_sparse())  # sparse codes count the same
+        frac = (b != 0).double().mean(0)
+        expect += (frac - expect) * max(1 / i, 1 / 3)  # mean over the first 3 steps, then EMA 1/3
+        assert int(sae.density_steps) == i
+        torch.testing.assert_close(sae.feature_density.double(), expect, rtol=1e-5, atol=1e-6)
+
+
+def test_data_parallel_density_is_the_strided_sample_of_the_global_batch(monkeypatch):
+    # two ranks (simulated): this rank holds the first 600 tokens of a 1200-token global batch; the
+    # density must be that of the global tokens 0, 2, 4, ... (1200 // 512 = 2), counts summed over ranks
+    from sae_allocators.losses import density as density_mod
+
+    g = torch.Generator().manual_seed(9)
+    glob = (torch.rand(1200, D_SAE, generator=g) < 0.3).float()
+    mine, other = glob[:600], glob[600:]
+    group = object()
+    calls = []
+
+    def fake_sample(n_local, stride_tokens, grp, device):
+        assert (n_local, stride_tokens, grp) == (600, 512, group)
+        return torch.arange(0, 600, 2), 600
+
+    def fake_all_reduce(t, op, grp):
+        calls.append((op, grp))
+        return t + (other[::2] != 0).float().sum(0)
+
+    monkeypatch.setattr(density_mod, "strided_token_sample", fake_sample)
+    monkeypatch.setattr(density_mod, "all_reduce", fake_all_reduce)
+    fd, steps = torch.zeros(D_SAE), torch.zeros((), dtype=torch.long)
+    density_mod.update_running_density(fd, steps, mine, 10, 512, group)
+    assert calls == [("sum", group)] and int(steps) == 1
+    torch.testing.assert_close(fd, (glob[::2] != 0).float().mean(0))
