@@ -709,3 +709,14 @@ def test_data_parallel_density_is_the_strided_sample_of_the_global_batch(monkeyp
     density_mod.update_running_density(fd, steps, mine, 10, 512, group)
     assert calls == [("sum", group)] and int(steps) == 1
     torch.testing.assert_close(fd, (glob[::2] != 0).float().mean(0))
+
+
+def test_zipf_shortfall_is_one_minus_density_over_target_clamped_to_0_1():
+    sae = make_topk(zipf_exponent=1.0, zipf_fit_fraction=0.5)
+    density = _power_law_density()
+    sae.feature_density.copy_(density)
+    short = sae.zipf_shortfall()
+    expect = plain_shortfall(density, 1.0, 0.5)
+    torch.testing.assert_close(short, expect, rtol=1e-5, atol=1e-6)
+    assert float(short.min()) == 0.0 and float(short.max()) <= 1.0  # features above the curve: 0, not negative
+    assert short.dtype == density.dtype
