@@ -30,7 +30,7 @@ DOC = REPO / "docs" / "testing.md"
 #: ones), a pytest -k expression leaving out their slow tests (runner training, fresh interpreters))
 TARGETS: dict[str, tuple[list[str], list[str], str | None]] = {
     "allocation": (["sae_allocators/allocation/*.py"], ["tests/allocation/test_allocation_properties.py", "tests/test_promises.py"], None),
-    "losses": (["sae_allocators/losses/*.py"], ["tests/losses/test_losses.py", "tests/test_promises.py"], "not train_with_zipf and not third_party"),
+    "losses": (["sae_allocators/losses/*.py"], ["tests/losses/test_losses.py", "tests/losses/test_loss_units.py", "tests/test_promises.py"], "not train_with_zipf and not third_party"),
     "autoload": (["sae_allocators_autoload.py"], ["tests/test_promises.py"], None),
     "io": (["sae_allocators/io.py", "sae_allocators/sae_folder.py"], ["tests/test_io.py", "tests/test_promises.py"], None),
     # test_calibration.py's unit tests (its runner fixture and torch.compile test are slow): without

@@ -67,10 +67,13 @@ class AuxLossConfig:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # Each subclass's own __post_init__ is wrapped so that the checks every config shares
         # (unknown from_dict keys, field types, d_in / d_sae) run first -- before an
-        # architecture's own checks could trip over a string or blame k for d_sae=0.
+        # architecture's own checks could trip over a string or blame k for d_sae=0. A
+        # __post_init__ that is already a wrapper (dataclass(slots=True) re-creates the class with
+        # it; or a subclass re-uses its parent's) is wrapped again for this class: only the
+        # wrapper of the outermost class runs the checks, so they run once.
         super().__init_subclass__(**kwargs)
         own = cls.__dict__.get("__post_init__")
-        if own is None or getattr(own, "_runs_shared_checks", False):
+        if own is None:
             return
 
         @functools.wraps(own)
@@ -78,7 +81,6 @@ class AuxLossConfig:
             self._shared_checks_if_outermost(cls)
             own(self, *args)
 
-        __post_init__._runs_shared_checks = True  # type: ignore[attr-defined]
         cls.__post_init__ = __post_init__  # type: ignore[method-assign]
 
     def _shared_checks_if_outermost(self, owner: type) -> None:

@@ -24,9 +24,10 @@ def update_running_density(
     """Fold this batch's firing rates into ``feature_density`` (and count the step in
     ``density_steps``); measured on every ``N // sample_tokens``-th token (a strided subsample:
     counting over the whole ``[N, d_sae]`` batch would cost a pass as slow as the selection itself)."""
-    flat = feature_acts.detach().reshape(-1, feature_acts.shape[-1])
-    if flat.is_sparse:
-        flat = flat.to_dense()
+    acts = feature_acts.detach()
+    if acts.is_sparse:  # (before the reshape: sparse COO tensors cannot be reshaped)
+        acts = acts.to_dense()
+    flat = acts.reshape(-1, acts.shape[-1])
     if group is None:
         stride = max(1, flat.shape[0] // sample_tokens)
         frac = M.batch_density(flat[::stride]).to(feature_density.dtype)
