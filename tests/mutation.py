@@ -65,19 +65,11 @@ def pytest_ini() -> str:
     return m.group(0) if m else ""
 
 
-def prepare(target: str, k_expr: str | None = None) -> Path | None:
-    """A fresh scratch copy for ``target`` (its previous results are discarded)."""
-    globs, tests, default_k = TARGETS[target]
-    k_expr = " and ".join(f"({e})" for e in (default_k, k_expr) if e) or None
-    work = SCRATCH / target
-    if not any(True for g in globs for _ in REPO.glob(g)):
-        return None
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    shutil.copytree(REPO / "sae_allocators", work / "sae_allocators", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy2(REPO / "sae_allocators_autoload.py", work / "sae_allocators_autoload.py")
-    shutil.copytree(REPO / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__", "offline"))
+def write_config(work: Path, target: str, k_expr: str | None) -> None:
+    """The scratch copy's pyproject.toml: mutmut's settings (files, the target's tests) and the
+    checkout's pytest settings. Written again on ``--resume``, so tests added to TARGETS since the
+    first run take part."""
+    globs, tests, _ = TARGETS[target]
     existing = [g for g in globs if list(work.glob(g))]
     toml_list = lambda xs: "[" + ", ".join(f'"{x}"' for x in xs) + "]"  # noqa: E731
     # -p no:unraisableexception: that plugin runs gc.collect() five times when each pytest session
@@ -99,6 +91,22 @@ def prepare(target: str, k_expr: str | None = None) -> Path | None:
         "timeout_multiplier = 3.0\n"
         "timeout_constant = 6.0\n\n" + pytest_ini()
     )
+
+
+def prepare(target: str, k_expr: str | None = None) -> Path | None:
+    """A fresh scratch copy for ``target`` (its previous results are discarded)."""
+    globs, tests, default_k = TARGETS[target]
+    k_expr = " and ".join(f"({e})" for e in (default_k, k_expr) if e) or None
+    work = SCRATCH / target
+    if not any(True for g in globs for _ in REPO.glob(g)):
+        return None
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    shutil.copytree(REPO / "sae_allocators", work / "sae_allocators", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(REPO / "sae_allocators_autoload.py", work / "sae_allocators_autoload.py")
+    shutil.copytree(REPO / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__", "offline"))
+    write_config(work, target, k_expr)
     return work
 
 
@@ -165,7 +173,7 @@ def refresh_tests(work: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("targets", nargs="*", default=["allocation"], help=f"any of {sorted(TARGETS)} or 'all' (default: allocation)")
+    p.add_argument("targets", nargs="*", default=[], help=f"any of {sorted(TARGETS)} or 'all' (default: allocation)")
     p.add_argument("--python", default=sys.executable, help="interpreter with the test extra and mutmut installed")
     p.add_argument("-k", dest="k_expr", default=None, help="pytest -k expression restricting the tests (e.g. to leave out a known failure)")
     p.add_argument("--mutants", nargs="+", default=None, metavar="GLOB", help="only these mutant names (fnmatch globs, e.g. 'sae_allocators.allocation.batch.*')")
@@ -174,6 +182,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rerun", nargs="+", default=None, metavar="STATUS", help="with --resume: run again the mutants whose last result is one of these ('timeout', 'survived', 'no tests', ...), e.g. after adding tests")
     p.add_argument("--report-only", action="store_true", help="print the scores of the last run, do not run")
     args = p.parse_args(argv)
+    # `--rerun survived io` / `--mutants GLOB io`: those options take several values, so a target
+    # written after them lands in their list; a target name is never a status or a mutant glob
+    for opt in ("rerun", "mutants"):
+        values = getattr(args, opt)
+        if values:
+            args.targets += [v for v in values if v in TARGETS or v == "all"]
+            setattr(args, opt, [v for v in values if not (v in TARGETS or v == "all")] or None)
+            if not getattr(args, opt):
+                p.error(f"--{opt} needs at least one value besides the target names")
+    args.targets = args.targets or ["allocation"]
     targets = sorted(TARGETS) if args.targets == ["all"] else args.targets
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
@@ -194,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                 work = prepared
             else:
                 refresh_tests(work)
+                default_k = TARGETS[target][2]
+                write_config(work, target, " and ".join(f"({e})" for e in (default_k, args.k_expr) if e) or None)
             names = list(args.mutants or [])
             if args.rerun:
                 names += [n for n, st in results(work, args.python).items() if st in args.rerun]
