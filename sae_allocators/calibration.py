@@ -250,7 +250,6 @@ def training_shares(sae: Any, n_tokens: int) -> tuple[torch.Tensor, str]:
     raise ValueError("feature_choice calibration needs each feature's training share: none found")
 
 
-@torch.no_grad()
 def calibrate(
     sae: Any,
     batches: Iterable[torch.Tensor],
@@ -266,125 +265,126 @@ def calibrate(
     ``[..., d_in]``, as the saved model receives them); with ``apply``, write them into ``sae`` (a
     training SAE's tracker, or a ``jumprelu``'s ``threshold``) and record the result in its
     ``cfg.metadata.calibration``."""
-    t0 = time.perf_counter()
-    arch = architecture_of(sae)
-    rule = rule_of(arch)
-    if rule is None:
-        raise ValueError(
-            f"calibration is defined for {', '.join(GLOBAL_RULES + PER_FEATURE_RULES)} (saved as jumprelu); "
-            f"this SAE is {arch!r}, whose inference rule has no batch threshold to calibrate."
-        )
-    if k is None:
-        k = getattr(sae.cfg, "k", None)
-    if k is None:
-        raise ValueError(f"calibrating a saved {arch} model needs its training k (pass k=..., or --k on the command line).")
-    if rule == "per_feature":
-        method = method or getattr(sae.cfg, "calibration_rule", None) or "scale"
-        if method not in ("scale", "shares"):
-            raise ValueError(f"feature_choice calibration rule {method!r}: use 'scale' (default) or 'shares'.")
-    if not isinstance(n_tokens, int) or n_tokens < 1:
-        raise ValueError(f"calibration tokens={n_tokens!r}: use a positive number of tokens.")
-    d_sae = int(sae.cfg.d_sae)
-    dev = sae.W_enc.device
-    before_theta = current_thresholds(sae)
-    # collect at most n_tokens (the last batch is cut), counting L0 under the old thresholds
-    seen, before = 0, 0
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        arch = architecture_of(sae)
+        rule = rule_of(arch)
+        if rule is None:
+            raise ValueError(
+                f"calibration is defined for {', '.join(GLOBAL_RULES + PER_FEATURE_RULES)} (saved as jumprelu); "
+                f"this SAE is {arch!r}, whose inference rule has no batch threshold to calibrate."
+            )
+        if k is None:
+            k = getattr(sae.cfg, "k", None)
+        if k is None:
+            raise ValueError(f"calibrating a saved {arch} model needs its training k (pass k=..., or --k on the command line).")
+        if rule == "per_feature":
+            method = method or getattr(sae.cfg, "calibration_rule", None) or "scale"
+            if method not in ("scale", "shares"):
+                raise ValueError(f"feature_choice calibration rule {method!r}: use 'scale' (default) or 'shares'.")
+        if not isinstance(n_tokens, int) or n_tokens < 1:
+            raise ValueError(f"calibration tokens={n_tokens!r}: use a positive number of tokens.")
+        d_sae = int(sae.cfg.d_sae)
+        dev = sae.W_enc.device
+        before_theta = current_thresholds(sae)
+        # collect at most n_tokens (the last batch is cut), counting L0 under the old thresholds
+        seen, before = 0, 0
 
-    def take() -> Iterator[torch.Tensor]:
-        nonlocal seen
-        for x in batches:
-            x = x.reshape(-1, x.shape[-1])[: n_tokens - seen].to(dev)
-            if x.shape[0] == 0:
-                break
-            seen += x.shape[0]
-            yield x
-            if seen >= n_tokens:
-                break
+        def take() -> Iterator[torch.Tensor]:
+            nonlocal seen
+            for x in batches:
+                x = x.reshape(-1, x.shape[-1])[: n_tokens - seen].to(dev)
+                if x.shape[0] == 0:
+                    break
+                seen += x.shape[0]
+                yield x
+                if seen >= n_tokens:
+                    break
 
-    budget = math.floor(k * n_tokens)
-    if budget < 1:
-        raise ValueError(
-            f"calibration with k={k:g} on {n_tokens} tokens has a budget floor(k * N) = 0: "
-            f"use at least {math.ceil(1 / k)} tokens."
-        )
-    never, short = 0, 0
-    if rule == "global":
-        top = _TopPerGroup(torch.tensor([budget + 1], device=dev))
-        for x in take():
-            pre = pre_activations(sae, x)
-            before += int(((pre > before_theta.to(pre.dtype)) & (pre > 0)).sum())
-            top.add(pre)
-        budget = math.floor(k * seen)  # = floor(k * n_tokens) unless the source ran dry
-        v, starts, counts = top.sorted_values()
-        theta = _cut(v, starts, counts, torch.tensor([budget], device=dev), top.dropped_max).reshape(())
-        fired = int((v > theta).sum())
-        source = ""
-    elif method == "scale":
-        # theta_j = a * base_j with one factor a: entry (i, j) fires iff pre_ij / base_j > a, so a
-        # is the global cut of the ratios (base_j = 0: fires on every positive value, ratio +inf)
-        base = before_theta.double().expand(d_sae)
-        top = _TopPerGroup(torch.tensor([budget + 1], device=dev))
-        finite_max = torch.zeros((), dtype=torch.float32, device=dev)
-        for x in take():
-            pre = pre_activations(sae, x)
-            before += int(((pre > before_theta.to(pre.dtype)) & (pre > 0)).sum())
-            ratio = torch.where(base > 0, pre.double() / base.clamp_min(1e-300), torch.where(pre > 0, math.inf, -1.0)).float()
-            finite_max = torch.maximum(finite_max, torch.where(torch.isfinite(ratio), ratio, torch.zeros((), device=dev)).max())
-            top.add(ratio)
-        budget = math.floor(k * seen)
-        v, starts, counts = top.sorted_values()
-        a = _cut(v, starts, counts, torch.tensor([budget], device=dev), top.dropped_max).reshape(())
-        a = torch.minimum(a, finite_max)  # more always-firing entries than K: silence the others
-        theta = torch.where(base > 0, a.double() * base, torch.zeros((), dtype=torch.double, device=dev))
-        fired = int((v > a).sum())
-        source = f"running thresholds of training scaled by one factor a = {float(a):.6g}"
-    else:
-        if shares is None:
-            shares, shares_source = training_shares(sae, n_tokens)
-        shares = shares.to(dev).double().clamp_min(0).reshape(-1)
-        if shares.numel() != d_sae or float(shares.sum()) <= 0:
-            raise ValueError(f"feature shares must be {d_sae} non-negative values with a positive sum.")
-        # target counts are fixed once the number of tokens is known; the pass keeps room for water-filling
-        target = _largest_remainder(shares, budget)
-        caps = torch.where(target > 0, (target.double() * (1 + MARGIN)).ceil().long() + 1, torch.ones_like(target))
-        top = _TopPerGroup(caps)
-        for x in take():
-            pre = pre_activations(sae, x)
-            before += int(((pre > before_theta.to(pre.dtype)) & (pre > 0)).sum())
-            top.add(pre)
-        if seen < n_tokens:  # fewer tokens than asked: retarget on what arrived
+        budget = math.floor(k * n_tokens)
+        if budget < 1:
+            raise ValueError(
+                f"calibration with k={k:g} on {n_tokens} tokens has a budget floor(k * N) = 0: "
+                f"use at least {math.ceil(1 / k)} tokens."
+            )
+        never, short = 0, 0
+        if rule == "global":
+            top = _TopPerGroup(torch.tensor([budget + 1], device=dev))
+            for x in take():
+                pre = pre_activations(sae, x)
+                before += int(((pre > before_theta.to(pre.dtype)) & (pre > 0)).sum())
+                top.add(pre)
+            budget = math.floor(k * seen)  # = floor(k * n_tokens) unless the source ran dry
+            v, starts, counts = top.sorted_values()
+            theta = _cut(v, starts, counts, torch.tensor([budget], device=dev), top.dropped_max).reshape(())
+            fired = int((v > theta).sum())
+            source = ""
+        elif method == "scale":
+            # theta_j = a * base_j with one factor a: entry (i, j) fires iff pre_ij / base_j > a, so a
+            # is the global cut of the ratios (base_j = 0: fires on every positive value, ratio +inf)
+            base = before_theta.double().expand(d_sae)
+            top = _TopPerGroup(torch.tensor([budget + 1], device=dev))
+            finite_max = torch.zeros((), dtype=torch.float32, device=dev)
+            for x in take():
+                pre = pre_activations(sae, x)
+                before += int(((pre > before_theta.to(pre.dtype)) & (pre > 0)).sum())
+                ratio = torch.where(base > 0, pre.double() / base.clamp_min(1e-300), torch.where(pre > 0, math.inf, -1.0)).float()
+                finite_max = torch.maximum(finite_max, torch.where(torch.isfinite(ratio), ratio, torch.zeros((), device=dev)).max())
+                top.add(ratio)
             budget = math.floor(k * seen)
+            v, starts, counts = top.sorted_values()
+            a = _cut(v, starts, counts, torch.tensor([budget], device=dev), top.dropped_max).reshape(())
+            a = torch.minimum(a, finite_max)  # more always-firing entries than K: silence the others
+            theta = torch.where(base > 0, a.double() * base, torch.zeros((), dtype=torch.double, device=dev))
+            fired = int((v > a).sum())
+            source = f"running thresholds of training scaled by one factor a = {float(a):.6g}"
+        else:
+            if shares is None:
+                shares, shares_source = training_shares(sae, n_tokens)
+            shares = shares.to(dev).double().clamp_min(0).reshape(-1)
+            if shares.numel() != d_sae or float(shares.sum()) <= 0:
+                raise ValueError(f"feature shares must be {d_sae} non-negative values with a positive sum.")
+            # target counts are fixed once the number of tokens is known; the pass keeps room for water-filling
             target = _largest_remainder(shares, budget)
-        v, starts, counts = top.sorted_values()
-        avail = top.positive
-        c = _water_fill(target, avail, caps - 1, shares)
-        theta = _cut(v, starts, counts, c, top.dropped_max)
-        never = int((shares == 0).sum())
-        short = int((avail < target).sum())
-        g = torch.repeat_interleave(torch.arange(d_sae, device=dev), counts)
-        fired = int((v > theta[g]).sum()) if v.numel() else 0
-        source = shares_source
-    if seen == 0:
-        raise ValueError("calibration: the activation source gave no tokens; give it held-out activations.")
-    if seen < n_tokens:
-        warnings.warn(f"calibration asked for {n_tokens} tokens but the source gave {seen}; calibrated on those.", stacklevel=2)
-    result = CalibrationResult(
-        rule=rule if rule == "global" else f"{rule}/{method}",
-        architecture=arch,
-        tokens=seen,
-        target_l0=float(k),
-        achieved_l0=fired / max(seen, 1),
-        l0_before=before / max(seen, 1),
-        seconds=time.perf_counter() - t0,
-        never_fired_features=never,
-        short_features=short,
-        shares=source,
-        theta=theta.detach(),
-        theta_before=before_theta.detach().clone(),
-    )
-    if apply:
-        apply_thresholds(sae, theta, result)
-    return result
+            caps = torch.where(target > 0, (target.double() * (1 + MARGIN)).ceil().long() + 1, torch.ones_like(target))
+            top = _TopPerGroup(caps)
+            for x in take():
+                pre = pre_activations(sae, x)
+                before += int(((pre > before_theta.to(pre.dtype)) & (pre > 0)).sum())
+                top.add(pre)
+            if seen < n_tokens:  # fewer tokens than asked: retarget on what arrived
+                budget = math.floor(k * seen)
+                target = _largest_remainder(shares, budget)
+            v, starts, counts = top.sorted_values()
+            avail = top.positive
+            c = _water_fill(target, avail, caps - 1, shares)
+            theta = _cut(v, starts, counts, c, top.dropped_max)
+            never = int((shares == 0).sum())
+            short = int((avail < target).sum())
+            g = torch.repeat_interleave(torch.arange(d_sae, device=dev), counts)
+            fired = int((v > theta[g]).sum()) if v.numel() else 0
+            source = shares_source
+        if seen == 0:
+            raise ValueError("calibration: the activation source gave no tokens; give it held-out activations.")
+        if seen < n_tokens:
+            warnings.warn(f"calibration asked for {n_tokens} tokens but the source gave {seen}; calibrated on those.", stacklevel=2)
+        result = CalibrationResult(
+            rule=rule if rule == "global" else f"{rule}/{method}",
+            architecture=arch,
+            tokens=seen,
+            target_l0=float(k),
+            achieved_l0=fired / max(seen, 1),
+            l0_before=before / max(seen, 1),
+            seconds=time.perf_counter() - t0,
+            never_fired_features=never,
+            short_features=short,
+            shares=source,
+            theta=theta.detach(),
+            theta_before=before_theta.detach().clone(),
+        )
+        if apply:
+            apply_thresholds(sae, theta, result)
+        return result
 
 
 def current_thresholds(sae: Any) -> torch.Tensor:
@@ -396,19 +396,19 @@ def current_thresholds(sae: Any) -> torch.Tensor:
     raise ValueError(f"{type(sae).__name__} has no inference threshold to calibrate")
 
 
-@torch.no_grad()
 def apply_thresholds(sae: Any, theta: torch.Tensor, result: CalibrationResult) -> None:
-    tracker = getattr(sae, "threshold_tracker", None)
-    if tracker is not None:
-        tracker.set_calibrated(theta)
-    elif hasattr(sae, "threshold"):
-        from sae_allocators.thresholds import check_exportable
+    with torch.no_grad():
+        tracker = getattr(sae, "threshold_tracker", None)
+        if tracker is not None:
+            tracker.set_calibrated(theta)
+        elif hasattr(sae, "threshold"):
+            from sae_allocators.thresholds import check_exportable
 
-        check_exportable(theta, "calibrated threshold")
-        sae.threshold.copy_(theta.to(sae.threshold.dtype).expand_as(sae.threshold))
-    else:
-        raise ValueError(f"{type(sae).__name__} has no threshold to write the calibration into")
-    sae.cfg.metadata.calibration = result.metadata()
+            check_exportable(theta, "calibrated threshold")
+            sae.threshold.copy_(theta.to(sae.threshold.dtype).expand_as(sae.threshold))
+        else:
+            raise ValueError(f"{type(sae).__name__} has no threshold to write the calibration into")
+        sae.cfg.metadata.calibration = result.metadata()
 
 
 # --- at the end of training, through SAELens's runners ---------------------------------------

@@ -242,6 +242,12 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     is written (:func:`check_replaceable_output`). Leftovers of earlier interrupted saves to the
     same path are cleaned up first.
     """
+    yield from _atomic_dir(path)
+
+
+# (the generator itself is undecorated: mutmut does not mutate decorated functions, and this is
+# the crash-consistent save; ``yield from`` hands the with-block's exception to it unchanged)
+def _atomic_dir(path: str | Path) -> Iterator[Path]:
     path = check_replaceable_output(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     recover_output_dir(path)

@@ -154,38 +154,43 @@ class ThresholdTracker:
     # --- training ---------------------------------------------------------------------------
 
     @_compiler_disable
-    @torch.no_grad()
     def update(self, tau: torch.Tensor) -> None:
         """Fold this step's selection threshold(s) in; non-finite entries are skipped."""
-        value, steps = self.value, self.steps
-        tau = tau.detach().to(device=value.device, dtype=value.dtype)
-        if tau.shape != value.shape:
-            tau = tau.expand_as(value)
-        ok = torch.isfinite(tau)
-        steps += ok.to(steps.dtype)
-        w = torch.where(ok, (1.0 / steps.clamp_min(1).double()).clamp_min(self.rate), torch.zeros((), dtype=torch.double, device=value.device))
-        value.lerp_(torch.where(ok, tau, value), w.to(value.dtype))
-        if self.age_name is not None:
-            age = self.age
-            age += 1
-            age.masked_fill_(ok, 0)
-        if self.calibrated_name is not None:
-            getattr(self.owner, self.calibrated_name).fill_(False)
+        self._update(tau)
 
-    @torch.no_grad()
+    # (undecorated, with ``no_grad`` inside: mutmut does not mutate decorated functions, and this
+    # one is the threshold estimate every batch-level SAE exports)
+    def _update(self, tau: torch.Tensor) -> None:
+        with torch.no_grad():
+            value, steps = self.value, self.steps
+            tau = tau.detach().to(device=value.device, dtype=value.dtype)
+            if tau.shape != value.shape:
+                tau = tau.expand_as(value)
+            ok = torch.isfinite(tau)
+            steps += ok.to(steps.dtype)
+            w = torch.where(ok, (1.0 / steps.clamp_min(1).double()).clamp_min(self.rate), torch.zeros((), dtype=torch.double, device=value.device))
+            value.lerp_(torch.where(ok, tau, value), w.to(value.dtype))
+            if self.age_name is not None:
+                age = self.age
+                age += 1
+                age.masked_fill_(ok, 0)
+            if self.calibrated_name is not None:
+                getattr(self.owner, self.calibrated_name).fill_(False)
+
     def fold(self, scaling_factor: float) -> None:
         """The trainer folded the activation scaling factor ``s`` into the weights: with
         decoder-norm rescaled pre-activations they shrink by ``s``, and so does theta."""
-        if getattr(self.owner.cfg, "rescale_acts_by_decoder_norm", False):  # type: ignore[attr-defined]
-            self.value.div_(scaling_factor)
+        with torch.no_grad():
+            if getattr(self.owner.cfg, "rescale_acts_by_decoder_norm", False):  # type: ignore[attr-defined]
+                self.value.div_(scaling_factor)
 
-    @torch.no_grad()
     def set_calibrated(self, theta: torch.Tensor) -> None:
         """Replace theta by calibrated values (flagged until the next training update)."""
-        check_exportable(theta, f"calibrated threshold {self.value_name!r}")
-        self.value.copy_(theta.to(self.value.dtype).expand_as(self.value))
-        if self.calibrated_name is not None:
-            getattr(self.owner, self.calibrated_name).fill_(True)
+        with torch.no_grad():
+            check_exportable(theta, f"calibrated threshold {self.value_name!r}")
+            self.value.copy_(theta.to(self.value.dtype).expand_as(self.value))
+            if self.calibrated_name is not None:
+                getattr(self.owner, self.calibrated_name).fill_(True)
 
     def metric(self) -> Callable[[], float]:
         """Lazy ``threshold`` metric: theta (its mean over features for a per-feature tracker)."""
