@@ -542,9 +542,12 @@ def _output(path: Path, **files) -> Path:
     return path
 
 
-def test_atomic_dir_creates_a_new_output_through_a_hidden_partial_sibling(tmp_path, steps):
+def test_atomic_dir_creates_a_new_output_through_a_hidden_partial_sibling(tmp_path, steps, monkeypatch):
     out = tmp_path / "a" / "b" / "out"
     seen = {}
+    synced = []
+    real_sync = sio._fsync_path
+    monkeypatch.setattr(sio, "_fsync_path", lambda p, directory=False: (synced.append((p, directory)), real_sync(p, directory)))
     steps.at["tmp_created"] = lambda: seen.update(debris=sio.debris_of(out))
     with sio.atomic_dir(str(out)) as tmp:
         assert tmp.is_dir() and not out.exists()
@@ -554,6 +557,7 @@ def test_atomic_dir_creates_a_new_output_through_a_hidden_partial_sibling(tmp_pa
     assert seen["debris"] == [tmp]
     assert steps == ["recovered", "tmp_created", "written", "synced", "switched", "done"]
     assert _tree(out) == {"cfg.json": "new"} and _names(out.parent) == ["out"]
+    assert synced[-1] == (out.parent, True)  # the rename into place is flushed: the parent, as a folder
 
 
 def test_atomic_dir_tags_differ_between_saves(tmp_path):
