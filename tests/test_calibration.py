@@ -8,8 +8,10 @@ interpreter, and through `sae-allocators calibrate`.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
+import sys
 import re
 from types import SimpleNamespace
 
@@ -453,7 +455,7 @@ def test_cut_uses_the_largest_dropped_value_as_the_next_one_down():
     assert float(theta) == 0.0  # c = all kept values: every positive value fires
 
 
-@pytest.mark.parametrize("groups", [1, 6])
+@pytest.mark.parametrize("groups", [1, 2, 6])
 def test_streaming_top_values_with_pruning_match_sorting_everything(groups):
     g = torch.Generator().manual_seed(11)
     n = 120_000 // groups
@@ -461,6 +463,8 @@ def test_streaming_top_values_with_pruning_match_sorting_everything(groups):
     x[:50] = 100.0  # a burst of huge values first: raises the floor early
     if groups == 1:
         c = torch.tensor([7_000])
+    elif groups == 2:
+        c = torch.tensor([5_000, 40])
     else:
         c = torch.tensor([0, 1, 50, 3_000, 9_000, 25_000])  # 25,000 > the positives of a column
     caps = c + 1
@@ -555,7 +559,8 @@ def test_calibrating_a_saved_jumprelu_writes_its_threshold():
     with pytest.raises(ValueError, match=r"^calibrating a saved mutual_choice model needs its training k \(pass k=\.\.\."):
         C.calibrate(sae, [x], n)
     res = C.calibrate(sae, chunks(x, 128), n, k=2.0)
-    assert res.rule == "global" and res.architecture == "mutual_choice" and res.tokens == n
+    assert res.rule == "global" and res.architecture == "mutual_choice" and res.tokens == n and res.shares == ""
+    assert res.never_fired_features == 0 and res.short_features == 0 and 0 <= res.seconds < 60
     assert res.l0_before == pytest.approx(float(before.sum()) / n)
     assert res.theta_before.tolist() == pytest.approx([0.3] * F)
     counts = brute_l0(sae, x)
@@ -625,9 +630,11 @@ def test_a_short_source_warns_and_calibrates_on_what_it_gave(name, method):
         sae.feature_density.copy_(torch.rand(F, generator=torch.Generator().manual_seed(5)))
         sae.density_steps.fill_(3)
     x = torch.randn(450, D, generator=torch.Generator().manual_seed(6))
+    before = brute_l0(sae, x)
     with pytest.warns(UserWarning, match=r"^calibration asked for 1000 tokens but the source gave 450; calibrated on those\.$"):
         res = C.calibrate(sae, chunks(x, 100), 1000, method=method)
-    assert res.tokens == 450
+    assert res.tokens == 450 and res.l0_before == pytest.approx(float(before.sum()) / 450)
+    assert 0 <= res.seconds < 60
     assert int(brute_l0(sae, x).sum()) == math.floor(K * 450) and res.achieved_l0 == pytest.approx(K)
 
 
@@ -639,7 +646,9 @@ def test_scale_rule_silences_the_rest_when_zero_threshold_features_exceed_the_bu
     sae.feature_threshold_steps.fill_(5)
     n = 200
     x = torch.randn(n, D, generator=torch.Generator().manual_seed(8))
+    before = brute_l0(sae, x)
     res = C.calibrate(sae, [x], n)
+    assert res.l0_before == pytest.approx(float(before.sum()) / n)
     counts = brute_l0(sae, x)
     pre = pre_activations(sae, x)
     assert counts[10:].sum() == 0 and counts[:10].tolist() == (pre[:, :10] > 0).sum(0).tolist()
@@ -655,7 +664,9 @@ def test_shares_rule_records_never_fired_and_short_features():
         sae.b_enc[3:7] = -50.0
     n = 500
     x = torch.randn(n, D, generator=torch.Generator().manual_seed(9))
+    before = brute_l0(sae, x)
     res = C.calibrate(sae, chunks(x, 64), n, method="shares", shares=shares, shares_source="given")
+    assert res.l0_before == pytest.approx(float(before.sum()) / n)
     assert res.rule == "per_feature/shares" and res.shares == "given"
     assert res.never_fired_features == 3 and res.short_features == 4
     counts = brute_l0(sae, x)
@@ -692,10 +703,13 @@ def test_current_and_applied_thresholds_of_each_kind_of_sae():
 def test_held_out_batches_note_a_new_epoch_and_pass_other_warnings_on():
     import warnings
 
+    lines = []
+
     def source():
         yield torch.zeros(1)
         warnings.warn("All samples in the training dataset have been exhausted, beginning new epoch.")
         yield torch.ones(1)
+        lines.append(inspect.currentframe().f_lineno + 1)
         warnings.warn("something else", FutureWarning)
         yield torch.full((1,), 2.0)
 
@@ -708,7 +722,7 @@ def test_held_out_batches_note_a_new_epoch_and_pass_other_warnings_on():
         assert b.wrapped and caught == []  # swallowed: recorded as wrapped
         assert next(b).tolist() == [2.0]
     assert [(w.category, str(w.message)) for w in caught] == [(FutureWarning, "something else")]
-    assert caught[0].filename == __file__  # re-emitted where the source warned
+    assert (caught[0].filename, caught[0].lineno) == (__file__, lines[0])  # re-emitted where the source warned
     with pytest.raises(StopIteration):
         next(b)
     epoch = C.HeldOutBatches([torch.zeros(1)])
@@ -769,7 +783,7 @@ def test_end_of_training_calibration_on_a_source_that_wrapped_records_it():
             yield torch.randn(100, D, generator=g)
 
     sae = make("mutual_choice", calibration_tokens=400)
-    with pytest.warns(UserWarning, match=r"^calibration: the activation source started a new epoch, so some calibration tokens were also training tokens \(recorded as held_out=false\)"):
+    with pytest.warns(UserWarning, match=r"^calibration: the activation source started a new epoch, so some calibration tokens were also training tokens \(recorded as held_out=false\)\. Give the run more data than training_tokens \+ calibration_tokens for held-out calibration\.$"):
         res = C.calibrate_after_training(sae, source(), 10**6, 100, log=lambda m: None)
     assert res.held_out is False and sae.cfg.metadata.calibration["held_out"] is False
     assert sae.cfg.metadata.calibration["tokens"] == 400
@@ -795,7 +809,10 @@ def test_final_save_step_plans_tokens_from_the_training_config():
     holder = StandIn(gaussian_batches(0), training_tokens=100_000, train_batch_size_tokens=100)
     res = C.calibrate_runner_sae(holder, make("mutual_choice"))
     assert holder.calibration_result is res and res.tokens == 2000
-    # the synthetic runner: training_samples and batch_size (4 batches of 300 > 2 % of 50,000)
+    # the synthetic runner's config has training_samples and batch_size (2 % of 100,000 = 2,000) ...
+    holder = StandIn(gaussian_batches(1), training_samples=100_000, batch_size=10)
+    assert C.calibrate_runner_sae(holder, make("mutual_choice")).tokens == 2000
+    # ... and at least 4 batches of 300 > 2 % of 50,000
     holder = StandIn(gaussian_batches(1), training_tokens=None, training_samples=50_000, batch_size=300)
     assert C.calibrate_runner_sae(holder, make("mutual_choice")).tokens == 1200
     holder = StandIn(gaussian_batches(2))  # neither: 4 batches of 1 token
@@ -902,10 +919,11 @@ def test_install_wraps_both_final_save_methods_and_uninstall_restores_them(monke
     assert calls[-1][:1] == ("synthetic",) and calls[-1][1].architecture == "feature_choice"
     assert sae.threshold_tracker.is_calibrated
 
-    # one method unwrapped is not "installed"
+    # one method unwrapped is not "installed"; install() wraps it and leaves the other as it is
     monkeypatch.setattr(SyntheticSAERunner, "_save_outputs", _save_outputs)
     assert not C.installed()
     C.install()
+    assert C.installed() and LanguageModelSAETrainingRunner.__dict__["save_final_sae"] is wrapped
     C.uninstall()
     assert LanguageModelSAETrainingRunner.__dict__["save_final_sae"] is save_final_sae
     assert SyntheticSAERunner.__dict__["_save_outputs"] is _save_outputs
@@ -921,3 +939,72 @@ def test_calibration_log_goes_to_stdout_and_the_package_logger(capsys, caplog):
         C._log("Calibrated x")
     assert capsys.readouterr().out == "Calibrated x\n"
     assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [("sae_allocators", logging.INFO, "Calibrated x")]
+
+
+def test_final_save_methods_without_the_synthetic_module(monkeypatch):
+    """SAELens < 6.35 has no sae_lens.synthetic: only the LM runner's save is wrapped."""
+    monkeypatch.setitem(sys.modules, "sae_lens.synthetic", None)  # makes the import fail
+    assert [(cls.__name__, name) for cls, name in C._runner_methods()] == [("LanguageModelSAETrainingRunner", "save_final_sae")]
+
+
+def identity_jumprelu(architecture: str = "feature_choice"):
+    """A saved jumprelu whose pre-activations are its input (W_enc = I, no bias): exact counts."""
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+
+    cfg = JumpReLUSAEConfig(d_in=4, d_sae=4)
+    cfg.metadata.training_architecture = architecture
+    sae = JumpReLUSAE(cfg)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(4))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def test_shares_rule_counts_features_with_fewer_values_than_their_target():
+    sae = identity_jumprelu()
+    x = -torch.ones(8, 4)
+    x[:2, 0] = torch.tensor([1.0, 2.0])  # exactly its target of 2: not short
+    x[:1, 1] = 3.0  # 1 < 2: short
+    x[:, 2] = torch.arange(1.0, 9.0)
+    x[:, 3] = torch.arange(1.0, 9.0) + 0.5
+    res = C.calibrate(sae, [x], 8, k=1.0, method="shares", shares=torch.ones(4))
+    assert res.short_features == 1 and res.never_fired_features == 0
+    counts = ((x > sae.threshold) & (x > 0)).sum(0)
+    assert counts[:2].tolist() == [2, 1] and int(counts.sum()) == 8  # the missing one moved to feature 2 or 3
+    assert res.achieved_l0 == 1.0
+
+
+def test_a_feature_takes_at_most_the_room_of_the_one_pass_collector():
+    """The pass keeps ceil(1.25 c_j) + 1 values per feature (memory ~ 1.25 k N): water-filling
+    can give a feature at most ceil(1.25 c_j) entries, however many it has."""
+    sae = identity_jumprelu()
+    x = -torch.ones(8, 4)
+    x[:, 3] = torch.arange(1.0, 9.0)  # features 0-2 never positive: their 6 entries look for a home
+    res = C.calibrate(sae, [x], 8, k=1.0, method="shares", shares=torch.ones(4))  # targets 2 each
+    counts = ((x > sae.threshold) & (x > 0)).sum(0)
+    assert counts.tolist() == [0, 0, 0, math.ceil(1.25 * 2)] and res.short_features == 3
+    assert res.achieved_l0 == 3 / 8
+
+
+@pytest.mark.parametrize("method", ["global", "scale", "shares"])
+def test_nothing_positive_calibrates_to_l0_zero(method):
+    sae = identity_jumprelu("mutual_choice" if method == "global" else "feature_choice")
+    with torch.no_grad():
+        sae.threshold.fill_(0.5)
+    res = C.calibrate(sae, [-torch.rand(8, 4) - 0.1], 8, k=1.0, method=None if method == "global" else method, shares=torch.ones(4))
+    assert res.achieved_l0 == 0.0 and res.l0_before == 0.0 and bool(torch.isfinite(sae.threshold).all())
+
+
+def test_one_token_is_enough_when_k_allows():
+    sae = make("mutual_choice")
+    x = torch.randn(1, D, generator=torch.Generator().manual_seed(14))
+    res = C.calibrate(sae, [x], 1)
+    assert res.tokens == 1 and res.achieved_l0 == K and int(brute_l0(sae, x).sum()) == K
+
+
+def test_feature_choice_rule_comes_from_its_config():
+    sae = make("feature_choice", calibration_rule="shares")
+    res = C.calibrate(sae, [torch.randn(300, D, generator=torch.Generator().manual_seed(15))], 300, apply=False)
+    assert res.rule == "per_feature/shares" and res.shares.startswith("current capacities")
+    assert C.calibrate(sae, [torch.randn(300, D)], 300, method="scale", apply=False).rule == "per_feature/scale"

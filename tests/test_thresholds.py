@@ -237,7 +237,7 @@ def test_update_counts_age_since_each_element_last_updated():
     assert tr.age.tolist() == [0, 0, 0]
 
 
-def test_set_calibrated_flags_until_the_next_update():
+def test_set_values_are_flagged_as_calibration_until_the_next_update():
     tr = tracker(Owner(d_sae=3), shape=(3,))
     tr.set_calibrated(torch.tensor(0.5))  # a global theta broadcasts to every feature
     assert tr.value.tolist() == [0.5, 0.5, 0.5] and tr.is_calibrated
@@ -288,7 +288,7 @@ def test_exported_threshold_shape_dtype_and_default_name():
         tr.exported(torch.zeros(3), "mutual_choice theta")
 
 
-def test_update_runs_outside_torch_compile_graphs():
+def test_update_runs_outside_compiled_graphs():
     """The update is wrapped by torch.compiler.disable (the compiled training step calls it eagerly)."""
     assert getattr(ThresholdTracker.update, "_torchdynamo_disable", False) is True
 
@@ -301,7 +301,7 @@ def test_update_runs_outside_torch_compile_graphs():
     assert getattr(f, "_torchdynamo_disable", None) is None
 
 
-def test_compiler_disable_falls_back_to_the_function_without_torch_compiler(monkeypatch):
+def test_compiler_disable_falls_back_to_the_plain_function(monkeypatch):
     def f(x):
         return x * 2
 
