@@ -509,13 +509,13 @@ def test_water_fill_moves_the_shortfall_by_share_within_room_and_data():
 def test_training_shares_sources():
     sae = make("feature_choice")
     shares, source = C.training_shares(sae, 1000)
-    assert source.startswith("current capacities") and torch.equal(shares, sae.current_capacities(1000).double())
+    assert source == "current capacities (the SAE has not trained)" and torch.equal(shares, sae.current_capacities(1000).double())
     sae.feature_density.copy_(torch.linspace(0, 1, F))
     sae.density_steps.fill_(1)
     shares, source = C.training_shares(sae, 1000)
-    assert source.startswith("feature_density") and shares.dtype == torch.double
+    assert source == "feature_density (running firing rate of the training selection)" and shares.dtype == torch.double
     assert torch.equal(shares, torch.linspace(0, 1, F).double())
-    with pytest.raises(ValueError, match="needs each feature's training share"):
+    with pytest.raises(ValueError, match="^feature_choice calibration needs each feature's training share: none found$"):
         C.training_shares(torch.nn.Linear(2, 2), 10)
 
 
@@ -549,6 +549,7 @@ def test_planned_tokens_config_or_default():
     assert C.planned_tokens(make("mutual_choice"), 10_000, 512) == 2048
     assert C.default_tokens(1_000_030, 10) == 20_001  # 2 % = 20,000.6: rounded, not cut
     assert C.default_tokens(0, 1) == 4
+    assert C.planned_tokens(jumprelu("mutual_choice"), 10**6, 4096) == 20_000  # a config without the field
 
 
 def test_calibrating_a_saved_jumprelu_writes_its_threshold():
@@ -714,7 +715,7 @@ def test_held_out_batches_note_a_new_epoch_and_pass_other_warnings_on():
         yield torch.full((1,), 2.0)
 
     b = C.HeldOutBatches(source())
-    assert iter(b) is b and not b.wrapped
+    assert iter(b) is b and b.wrapped is False
     assert next(b).tolist() == [0.0] and not b.wrapped
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -783,9 +784,10 @@ def test_end_of_training_calibration_on_a_source_that_wrapped_records_it():
             yield torch.randn(100, D, generator=g)
 
     sae = make("mutual_choice", calibration_tokens=400)
-    with pytest.warns(UserWarning, match=r"^calibration: the activation source started a new epoch, so some calibration tokens were also training tokens \(recorded as held_out=false\)\. Give the run more data than training_tokens \+ calibration_tokens for held-out calibration\.$"):
+    with pytest.warns(UserWarning, match=r"^calibration: the activation source started a new epoch, so some calibration tokens were also training tokens \(recorded as held_out=false\)\. Give the run more data than training_tokens \+ calibration_tokens for held-out calibration\.$") as rec:
         res = C.calibrate_after_training(sae, source(), 10**6, 100, log=lambda m: None)
     assert res.held_out is False and sae.cfg.metadata.calibration["held_out"] is False
+    assert all(w.filename != C.__file__ for w in rec)  # reported at the caller, not inside calibration.py
     assert sae.cfg.metadata.calibration["tokens"] == 400
 
 
@@ -802,6 +804,17 @@ def gaussian_batches(seed: int, rows: int = 100):
     g = torch.Generator().manual_seed(seed)
     while True:
         yield torch.randn(rows, D, generator=g)
+
+
+def test_final_save_step_logs_to_the_package_logger(caplog, capsys):
+    import logging
+
+    holder = StandIn(gaussian_batches(6), training_tokens=10_000, train_batch_size_tokens=100)
+    with caplog.at_level(logging.INFO, logger="sae_allocators"):
+        C.calibrate_runner_sae(holder, make("mutual_choice"))
+    assert [r.name for r in caplog.records] == ["sae_allocators"]
+    assert caplog.records[0].getMessage().startswith("Calibrated mutual_choice thresholds on 400 held-out tokens")
+    assert capsys.readouterr().out.startswith("Calibrated mutual_choice thresholds on 400 held-out tokens")
 
 
 def test_final_save_step_plans_tokens_from_the_training_config():
