@@ -222,7 +222,9 @@ def _water_fill(target: torch.Tensor, avail: torch.Tensor, room: torch.Tensor, s
     ``room`` each), so the total is kept while the data allow."""
     c = torch.minimum(target, avail)
     deficit = int(target.sum() - c.sum())
-    for _ in range(16):
+    # a round either places the whole deficit or fills some feature's room for good, and a short
+    # feature never takes any: fewer rounds than features always suffice (16 did not, issue 17)
+    for _ in range(c.numel()):
         if deficit <= 0:
             break
         limit = torch.minimum(avail, room)
