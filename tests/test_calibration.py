@@ -484,6 +484,7 @@ def test_streaming_top_values_with_pruning_match_sorting_everything(groups):
 def test_largest_remainder_rounding():
     assert C._largest_remainder(torch.tensor([0.5, 0.3, 0.2]), 7).tolist() == [4, 2, 1]
     assert C._largest_remainder(torch.tensor([1.0, 3.0]), 8).tolist() == [2, 6]
+    assert C._largest_remainder(torch.tensor([0.7, 0.3]), 2).tolist() == [1, 1]  # 1.4, 0.6: the larger remainder
     assert C._largest_remainder(torch.tensor([-1.0, 1.0]), 3).tolist() == [0, 3]
     out = C._largest_remainder(torch.tensor([0.0, 0.0]), 5)
     assert out.tolist() == [0, 0] and out.dtype == torch.long
@@ -504,6 +505,29 @@ def test_water_fill_moves_the_shortfall_by_share_within_room_and_data():
     assert c.tolist() == [1, 3]  # a feature with share 0 takes nothing: the total stays short
     c = C._water_fill(torch.tensor([2, 2]), torch.tensor([5, 5]), torch.tensor([9, 9]), torch.tensor([1.0, 1.0]))
     assert c.tolist() == [2, 2]  # no shortfall: the targets
+
+
+def test_water_fill_places_the_whole_shortfall_whenever_the_data_allow():
+    """Skewed shares (feature i has share 2^-i, room for one more entry): each round fills only the
+    few largest shares, so this takes 17 rounds; the shortfall of feature 0 must still all move."""
+    n = 87
+    target = torch.zeros(n + 1, dtype=torch.long)
+    target[0] = n  # no data at all: all of its n entries go to the others
+    avail = torch.ones(n + 1, dtype=torch.long)
+    avail[0] = 0
+    shares = torch.tensor([1.0] + [2.0**-i for i in range(n)], dtype=torch.double)
+    c = C._water_fill(target, avail, torch.full((n + 1,), 100), shares)
+    assert int(c.sum()) == n and c[1:].tolist() == [1] * n
+
+
+def test_values_tied_with_the_floor_still_count():
+    """A copy of the running floor value arriving after a prune is one more tie at the cut."""
+    filler = torch.full((70_000,), 0.5)  # enough values to make the collector prune mid-stream
+    first = torch.cat([torch.tensor([5.0, 4.0, 4.0, 4.0, 4.0]), filler])
+    theta, top = streamed_cut([first, torch.tensor([4.0])], torch.tensor([5]), torch.tensor([4]))
+    assert float(top.floor[0]) == 4.0  # pruned at the 5th largest value
+    # 1 above 4 and 5 copies of 4: keeping all (6) is nearer to c = 4 than dropping them (1)
+    assert float(theta) == ref_cut([5.0] + [4.0] * 5 + [0.5] * 70_000, 4) == 2.25
 
 
 def test_training_shares_sources():

@@ -85,10 +85,11 @@ def test_require_budget_passes_at_one_entry_and_names_the_fix_at_zero():
     require_budget(3.0, 1, "x")
     with pytest.raises(ValueError) as err:
         require_budget(0.25, 3, "mutual_choice")  # floor(0.75) = 0
-    msg = str(err.value)
-    assert msg.startswith("mutual_choice: k=0.25 with a batch of 3 token(s)")
-    assert "floor(k * N) = 0 entries" in msg
-    assert "Use a batch of at least 4 tokens (train_batch_size_tokens) or a larger k." in msg
+    assert str(err.value) == (
+        "mutual_choice: k=0.25 with a batch of 3 token(s) gives a budget of floor(k * N) = 0 entries, so the "
+        "batch would keep nothing (L0 0) and the selection threshold is undefined. Use a batch of at least 4 "
+        "tokens (train_batch_size_tokens) or a larger k."
+    )
     with pytest.raises(ValueError, match=r"k=0\.00621118 .* at least 162 tokens"):
         require_budget(1 / 161, 161, "feature_choice")
 
@@ -114,10 +115,12 @@ def test_check_exportable_scalar_names_the_value_and_the_fixes():
     for bad, shown in ((math.nan, "(nan)"), (math.inf, "(inf)"), (-math.inf, "(-inf)")):
         with pytest.raises(ValueError) as err:
             check_exportable(torch.tensor(bad, dtype=torch.double), "mutual_choice threshold theta")
-        msg = str(err.value)
-        assert msg.startswith(f"mutual_choice threshold theta is not finite {shown}: saving it as the JumpReLU threshold")
-        assert "feature(s)" not in msg  # one global threshold: no feature list
-        assert "floor(k * N) >= 1" in msg and "`sae-allocators calibrate`" in msg
+        assert str(err.value) == (
+            f"mutual_choice threshold theta is not finite {shown}: saving it as the JumpReLU threshold would "
+            "make the saved model fire on nothing or everything. Train on batches with a non-zero budget "
+            "(floor(k * N) >= 1), or fit the threshold on held-out activations with `sae-allocators "
+            "calibrate` before saving."
+        )  # one global threshold: no feature list
 
 
 def test_check_exportable_vector_lists_the_first_five_bad_features():
