@@ -425,8 +425,12 @@ def ref_cut(values: list[float], c: int) -> float:
 
 def streamed_cut(chunks_: list[torch.Tensor], caps: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, C._TopPerGroup]:
     top = C._TopPerGroup(caps)
+    top.pruned_during_pass = False
     for ch in chunks_:
         top.add(ch)
+        # bounded memory: what the collector holds never grows past its limit by more than a batch
+        assert sum(int(t.numel()) for t in top.vals) <= top.limit + ch.numel()
+        top.pruned_during_pass |= bool(top.floor.max() > 0)
     v, starts, counts = top.sorted_values()
     return C._cut(v, starts, counts, c, top.dropped_max), top
 
@@ -458,22 +462,22 @@ def test_cut_uses_the_largest_dropped_value_as_the_next_one_down():
 @pytest.mark.parametrize("groups", [1, 2, 6])
 def test_streaming_top_values_with_pruning_match_sorting_everything(groups):
     g = torch.Generator().manual_seed(11)
-    n = 120_000 // groups
-    x = (torch.randn(n, groups, generator=g) * 4).round() / 4  # many ties, zeros and negatives
-    x[:50] = 100.0  # a burst of huge values first: raises the floor early
+    n = 300_000 // groups
+    x = (torch.randn(n, groups, generator=g) * 4).round() / 4 + 2  # many ties, zeros and negatives
+    x[:50] = 100.0  # a burst of huge values first
     if groups == 1:
         c = torch.tensor([7_000])
     elif groups == 2:
         c = torch.tensor([5_000, 40])
     else:
-        c = torch.tensor([0, 1, 50, 3_000, 9_000, 25_000])  # 25,000 > the positives of a column
+        c = torch.tensor([0, 1, 50, 3_000, 9_000, 40_000])  # 40,000 > the positives of a column
     caps = c + 1
     chunks_ = [x[i : i + 9_000] for i in range(0, n, 9_000)]
     theta, top = streamed_cut(chunks_, caps, c)
     cols = [x.reshape(-1).tolist()] if groups == 1 else [x[:, j].tolist() for j in range(groups)]
     assert theta.tolist() == pytest.approx([ref_cut(col, int(cj)) for col, cj in zip(cols, c)])
     assert top.positive.tolist() == [sum(v > 0 for v in col) for col in cols]
-    assert top.floor.max() > 0  # pruned during the pass, not only at the end
+    assert top.pruned_during_pass  # (more positive values than the limit: it had to prune mid-stream)
     kept = sum(int(t.numel()) for t in top.vals)
     assert kept < int((x > 0).sum()) // 2  # dropped what could never be in the top c + 1
     # chunking does not change the result
