@@ -988,15 +988,15 @@ def test_final_save_methods_without_the_synthetic_module(monkeypatch):
     assert [(cls.__name__, name) for cls, name in C._runner_methods()] == [("LanguageModelSAETrainingRunner", "save_final_sae")]
 
 
-def identity_jumprelu(architecture: str = "feature_choice"):
+def identity_jumprelu(architecture: str = "feature_choice", d: int = 4):
     """A saved jumprelu whose pre-activations are its input (W_enc = I, no bias): exact counts."""
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 
-    cfg = JumpReLUSAEConfig(d_in=4, d_sae=4)
+    cfg = JumpReLUSAEConfig(d_in=d, d_sae=d)
     cfg.metadata.training_architecture = architecture
     sae = JumpReLUSAE(cfg)
     with torch.no_grad():
-        sae.W_enc.copy_(torch.eye(4))
+        sae.W_enc.copy_(torch.eye(d))
         sae.b_enc.zero_()
         sae.b_dec.zero_()
     return sae
@@ -1049,3 +1049,21 @@ def test_feature_choice_rule_comes_from_its_config():
     res = C.calibrate(sae, [torch.randn(300, D, generator=torch.Generator().manual_seed(15))], 300, apply=False)
     assert res.rule == "per_feature/shares" and res.shares.startswith("current capacities")
     assert C.calibrate(sae, [torch.randn(300, D)], 300, method="scale", apply=False).rule == "per_feature/scale"
+
+
+def test_never_fired_features_stay_silent_at_their_largest_value_or_zero():
+    """Shares 2:0:1:0:1 of K = 8: feature 1 never fired in training and is never positive (theta 0),
+    feature 3 never fired and has values (theta = its largest: silent), feature 4 has no data (its
+    2 entries go to features 0 and 2 by their shares 2:1, largest remainder: 5 and 3)."""
+    sae = identity_jumprelu(d=5)
+    g = torch.Generator().manual_seed(16)
+    x = -torch.ones(8, 5)
+    x[:, 0] = torch.rand(8, generator=g) + 0.1
+    x[:, 2] = torch.rand(8, generator=g) + 0.1
+    x[:, 3] = torch.rand(8, generator=g) + 0.1
+    res = C.calibrate(sae, [x], 8, k=1.0, method="shares", shares=torch.tensor([2.0, 0.0, 1.0, 0.0, 1.0]))
+    theta = sae.threshold.detach()
+    assert float(theta[1]) == 0.0 and float(theta[4]) == 0.0 and float(theta[3]) == float(x[:, 3].max())
+    counts = ((x > theta) & (x > 0)).sum(0)
+    assert counts.tolist() == [5, 0, 3, 0, 0] and res.achieved_l0 == 1.0
+    assert res.never_fired_features == 2 and res.short_features == 1
