@@ -369,7 +369,8 @@ def calibrate(
     if seen == 0:
         raise ValueError("calibration: the activation source gave no tokens; give it held-out activations.")
     if seen < n_tokens:
-        warnings.warn(f"calibration asked for {n_tokens} tokens but the source gave {seen}; calibrated on those.", stacklevel=2)
+        # stacklevel 3: past torch.no_grad's wrapper, at the caller
+        warnings.warn(f"calibration asked for {n_tokens} tokens but the source gave {seen}; calibrated on those.", stacklevel=3)
     result = CalibrationResult(
         rule=rule if rule == "global" else f"{rule}/{method}",
         architecture=arch,
