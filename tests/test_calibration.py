@@ -660,8 +660,9 @@ def test_a_short_source_warns_and_calibrates_on_what_it_gave(name, method):
         sae.density_steps.fill_(3)
     x = torch.randn(450, D, generator=torch.Generator().manual_seed(6))
     before = brute_l0(sae, x)
-    with pytest.warns(UserWarning, match=r"^calibration asked for 1000 tokens but the source gave 450; calibrated on those\.$"):
+    with pytest.warns(UserWarning, match=r"^calibration asked for 1000 tokens but the source gave 450; calibrated on those\.$") as rec:
         res = C.calibrate(sae, chunks(x, 100), 1000, method=method)
+    assert [w.filename for w in rec] == [__file__]  # reported at the caller, not inside torch.no_grad's wrapper
     assert res.tokens == 450 and res.l0_before == pytest.approx(float(before.sum()) / 450)
     assert 0 <= res.seconds < 60
     assert int(brute_l0(sae, x).sum()) == math.floor(K * 450) and res.achieved_l0 == pytest.approx(K)
