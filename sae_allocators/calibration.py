@@ -222,7 +222,9 @@ def _water_fill(target: torch.Tensor, avail: torch.Tensor, room: torch.Tensor, s
     ``room`` each), so the total is kept while the data allow."""
     c = torch.minimum(target, avail)
     deficit = int(target.sum() - c.sum())
-    for _ in range(16):
+    # a round either places the whole deficit or fills some feature's room for good, and a short
+    # feature never takes any: fewer rounds than features always suffice (16 did not, issue 17)
+    for _ in range(c.numel()):
         if deficit <= 0:
             break
         limit = torch.minimum(avail, room)
@@ -367,6 +369,7 @@ def calibrate(
         if seen == 0:
             raise ValueError("calibration: the activation source gave no tokens; give it held-out activations.")
         if seen < n_tokens:
+            # stacklevel 2: the caller (calibrate has no decorator: no_grad is a with-block inside)
             warnings.warn(f"calibration asked for {n_tokens} tokens but the source gave {seen}; calibrated on those.", stacklevel=2)
         result = CalibrationResult(
             rule=rule if rule == "global" else f"{rule}/{method}",

@@ -8,8 +8,12 @@ interpreter, and through `sae-allocators calibrate`.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
+import sys
+import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -394,3 +398,673 @@ def test_calibrate_command_on_a_saved_folder(calibrated_run, tmp_path, capsys):
     assert meta["tokens"] == 1024 and abs(meta["achieved_l0"] - 4.0) < 0.1 and "sparsity.safetensors" in meta["shares"]
     assert "calibration" not in json.loads((folder / "cfg.json").read_text())["metadata"]  # --output: original untouched
     assert main(["calibrate", str(folder)]) == 2  # no data options: a clear error, not a download
+
+
+# --- fast unit tests of the streaming quantiles, the rules' helpers and the end-of-training step --
+# (no runner training, no subprocess: the mutation target `thresholds` runs these per mutant; their
+# names avoid the words its -k expression leaves out)
+
+
+def ref_cut(values: list[float], c: int) -> float:
+    """The documented cut, by brute force on one group's positive values: c = 0 -> the largest
+    value (nothing above it); c >= #values -> 0 (every positive fires); else the c-th largest t,
+    lowered to the midpoint with the next smaller value (0 if none) when keeping all copies of t is
+    nearer to c than dropping them all (ties to dropping)."""
+    vals = sorted((v for v in values if v > 0), reverse=True)
+    if c <= 0:
+        return vals[0] if vals else 0.0
+    if c >= len(vals):
+        return 0.0
+    t = vals[c - 1]
+    above = sum(v > t for v in vals)
+    at_or_above = sum(v >= t for v in vals)
+    if at_or_above - c < c - above:
+        return (t + max((v for v in vals if v < t), default=0.0)) / 2
+    return t
+
+
+def streamed_cut(chunks_: list[torch.Tensor], caps: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, C._TopPerGroup]:
+    top = C._TopPerGroup(caps)
+    top.pruned_during_pass = False
+    for ch in chunks_:
+        top.add(ch)
+        # bounded memory: what the collector holds never grows past its limit by more than a batch
+        assert sum(int(t.numel()) for t in top.vals) <= top.limit + ch.numel()
+        top.pruned_during_pass |= bool(top.floor.max() > 0)
+    v, starts, counts = top.sorted_values()
+    return C._cut(v, starts, counts, c, top.dropped_max), top
+
+
+def test_cut_matches_brute_force_with_and_without_ties():
+    cases = [
+        ([5.0, 4.0, 3.0, 2.0, 1.0], [0, 1, 2, 4, 5, 6]),
+        ([3.0, 3.0, 3.0, 1.0], [1, 2, 3]),  # ties at the cut: keep all 3 (c=2, 3) or none (c=1)
+        ([4.0, 2.0, 2.0, 2.0, 2.0, 1.0], [2, 3, 4]),  # 1 above, 4 tied: nearer to drop for c=2
+        ([2.0, 2.0], [1]),  # tie between keeping 2 and keeping 0: drop
+        ([7.0, 0.0, -1.0], [1, 2]),  # non-positive values never fire
+    ]
+    for values, cs in cases:
+        for c in cs:
+            theta, _ = streamed_cut([torch.tensor(values)], torch.tensor([c + 1]), torch.tensor([c]))
+            assert float(theta) == pytest.approx(ref_cut(values, c)), (values, c)
+    empty, _ = streamed_cut([torch.tensor([-1.0, 0.0])], torch.tensor([3]), torch.tensor([2]))
+    assert float(empty) == 0.0
+
+
+def test_cut_uses_the_largest_dropped_value_as_the_next_one_down():
+    v = torch.tensor([5.0, 4.0])  # kept values of one group; 3.0 was dropped on arrival
+    theta = C._cut(v, torch.tensor([0]), torch.tensor([2]), torch.tensor([1]), torch.tensor([3.0]))
+    assert float(theta) == 4.5
+    theta = C._cut(v, torch.tensor([0]), torch.tensor([2]), torch.tensor([2]), torch.tensor([3.0]))
+    assert float(theta) == 0.0  # c = all kept values: every positive value fires
+
+
+@pytest.mark.parametrize("groups", [1, 2, 6])
+def test_streaming_top_values_with_pruning_match_sorting_everything(groups):
+    g = torch.Generator().manual_seed(11)
+    n = 300_000 // groups
+    x = (torch.randn(n, groups, generator=g) * 4).round() / 4 + 2  # many ties, zeros and negatives
+    x[:50] = 100.0  # a burst of huge values first
+    if groups == 1:
+        c = torch.tensor([7_000])
+    elif groups == 2:
+        c = torch.tensor([5_000, 40])
+    else:
+        c = torch.tensor([0, 1, 50, 3_000, 9_000, 40_000])  # 40,000 > the positives of a column
+    caps = c + 1
+    chunks_ = [x[i : i + 9_000] for i in range(0, n, 9_000)]
+    theta, top = streamed_cut(chunks_, caps, c)
+    cols = [x.reshape(-1).tolist()] if groups == 1 else [x[:, j].tolist() for j in range(groups)]
+    assert theta.tolist() == pytest.approx([ref_cut(col, int(cj)) for col, cj in zip(cols, c)])
+    assert top.positive.tolist() == [sum(v > 0 for v in col) for col in cols]
+    assert top.pruned_during_pass  # (more positive values than the limit: it had to prune mid-stream)
+    kept = sum(int(t.numel()) for t in top.vals)
+    assert kept < int((x > 0).sum()) // 2  # dropped what could never be in the top c + 1
+    # chunking does not change the result
+    theta_one, _ = streamed_cut([x], caps, c)
+    assert torch.equal(theta, theta_one)
+
+
+def test_largest_remainder_rounding():
+    assert C._largest_remainder(torch.tensor([0.5, 0.3, 0.2]), 7).tolist() == [4, 2, 1]
+    assert C._largest_remainder(torch.tensor([1.0, 3.0]), 8).tolist() == [2, 6]
+    assert C._largest_remainder(torch.tensor([0.7, 0.3]), 2).tolist() == [1, 1]  # 1.4, 0.6: the larger remainder
+    assert C._largest_remainder(torch.tensor([-1.0, 1.0]), 3).tolist() == [0, 3]
+    out = C._largest_remainder(torch.tensor([0.0, 0.0]), 5)
+    assert out.tolist() == [0, 0] and out.dtype == torch.long
+    assert C._largest_remainder(torch.tensor([1.0, 2.0]), 0).tolist() == [0, 0]
+    w = torch.rand(50, generator=torch.Generator().manual_seed(0))
+    for total in (1, 49, 50, 1001):
+        out = C._largest_remainder(w, total)
+        assert int(out.sum()) == total and out.dtype == torch.long
+        assert float((out.double() - w.double() / w.sum() * total).abs().max()) < 1.0
+
+
+def test_water_fill_moves_the_shortfall_by_share_within_room_and_data():
+    c = C._water_fill(torch.tensor([6, 0, 0]), torch.tensor([0, 100, 100]), torch.tensor([100, 100, 100]), torch.tensor([1.0, 1.0, 2.0]))
+    assert c.tolist() == [0, 2, 4]  # feature 0 has no data: its 6 go 1:2 to the others
+    c = C._water_fill(torch.tensor([4, 4, 4]), torch.tensor([1, 10, 10]), torch.tensor([10, 5, 10]), torch.tensor([1.0, 1.0, 1.0]))
+    assert c.tolist() == [1, 5, 6]  # feature 1 is capped by its room: the rest goes to feature 2
+    c = C._water_fill(torch.tensor([3, 3]), torch.tensor([1, 4]), torch.tensor([9, 9]), torch.tensor([1.0, 0.0]))
+    assert c.tolist() == [1, 3]  # a feature with share 0 takes nothing: the total stays short
+    c = C._water_fill(torch.tensor([2, 2]), torch.tensor([5, 5]), torch.tensor([9, 9]), torch.tensor([1.0, 1.0]))
+    assert c.tolist() == [2, 2]  # no shortfall: the targets
+
+
+def test_water_fill_places_the_whole_shortfall_whenever_the_data_allow():
+    """Skewed shares (feature i has share 2^-i, room for one more entry): each round fills only the
+    few largest shares, so this takes 17 rounds; the shortfall of feature 0 must still all move."""
+    n = 87
+    target = torch.zeros(n + 1, dtype=torch.long)
+    target[0] = n  # no data at all: all of its n entries go to the others
+    avail = torch.ones(n + 1, dtype=torch.long)
+    avail[0] = 0
+    shares = torch.tensor([1.0] + [2.0**-i for i in range(n)], dtype=torch.double)
+    c = C._water_fill(target, avail, torch.full((n + 1,), 100), shares)
+    assert int(c.sum()) == n and c[1:].tolist() == [1] * n
+
+
+def test_values_tied_with_the_floor_still_count():
+    """A copy of the running floor value arriving after a prune is one more tie at the cut."""
+    filler = torch.full((70_000,), 0.5)  # enough values to make the collector prune mid-stream
+    first = torch.cat([torch.tensor([5.0, 4.0, 4.0, 4.0, 4.0]), filler])
+    theta, top = streamed_cut([first, torch.tensor([4.0])], torch.tensor([5]), torch.tensor([4]))
+    assert float(top.floor[0]) == 4.0  # pruned at the 5th largest value
+    # 1 above 4 and 5 copies of 4: keeping all (6) is nearer to c = 4 than dropping them (1)
+    assert float(theta) == ref_cut([5.0] + [4.0] * 5 + [0.5] * 70_000, 4) == 2.25
+
+
+def test_training_shares_sources():
+    sae = make("feature_choice")
+    shares, source = C.training_shares(sae, 1000)
+    assert source == "current capacities (the SAE has not trained)" and torch.equal(shares, sae.current_capacities(1000).double())
+    sae.feature_density.copy_(torch.linspace(0, 1, F))
+    sae.density_steps.fill_(1)
+    shares, source = C.training_shares(sae, 1000)
+    assert source == "feature_density (running firing rate of the training selection)" and shares.dtype == torch.double
+    assert torch.equal(shares, torch.linspace(0, 1, F).double())
+    with pytest.raises(ValueError, match="^feature_choice calibration needs each feature's training share: none found$"):
+        C.training_shares(torch.nn.Linear(2, 2), 10)
+
+
+def jumprelu(training_architecture: str | None = "mutual_choice", theta: float = 0.0, seed: int = 0):
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+
+    torch.manual_seed(seed)
+    cfg = JumpReLUSAEConfig(d_in=D, d_sae=F)
+    cfg.metadata.training_architecture = training_architecture
+    sae = JumpReLUSAE(cfg)
+    with torch.no_grad():
+        sae.threshold.fill_(theta)
+    return sae
+
+
+def test_rules_and_architectures():
+    assert [C.rule_of(a) for a in ("mutual_choice", "batchtopk_zipf", "feature_choice", "topk", "jumprelu")] == [
+        "global", "global", "per_feature", None, None,
+    ]
+    assert C.architecture_of(make("batchtopk_zipf")) == "batchtopk_zipf"
+    assert C.architecture_of(jumprelu("feature_choice")) == "feature_choice"
+    assert C.architecture_of(jumprelu(None)) == "jumprelu"
+    assert C.wants_calibration(make("feature_choice")) and C.wants_calibration(jumprelu("mutual_choice"))
+    assert not C.wants_calibration(make("feature_choice", calibrate=False))
+    assert not C.wants_calibration(jumprelu(None)) and not C.wants_calibration(jumprelu("topk"))
+
+
+def test_planned_tokens_config_or_default():
+    assert C.planned_tokens(make("mutual_choice", calibration_tokens=1234), 10**6, 4096) == 1234
+    assert C.planned_tokens(make("mutual_choice"), 10**6, 4096) == 20_000
+    assert C.planned_tokens(make("mutual_choice"), 10_000, 512) == 2048
+    assert C.default_tokens(1_000_030, 10) == 20_001  # 2 % = 20,000.6: rounded, not cut
+    assert C.default_tokens(0, 1) == 4
+    assert C.planned_tokens(jumprelu("mutual_choice"), 10**6, 4096) == 20_000  # a config without the field
+
+
+def test_calibrating_a_saved_jumprelu_writes_its_threshold():
+    sae = jumprelu("mutual_choice", theta=0.3)
+    n = 600
+    x = torch.randn(n, D, generator=torch.Generator().manual_seed(1))
+    before = brute_l0(sae, x)
+    with pytest.raises(ValueError, match=r"^calibrating a saved mutual_choice model needs its training k \(pass k=\.\.\."):
+        C.calibrate(sae, [x], n)
+    res = C.calibrate(sae, chunks(x, 128), n, k=2.0)
+    assert res.rule == "global" and res.architecture == "mutual_choice" and res.tokens == n and res.shares == ""
+    assert res.never_fired_features == 0 and res.short_features == 0 and 0 <= res.seconds < 60
+    assert res.l0_before == pytest.approx(float(before.sum()) / n)
+    assert res.theta_before.tolist() == pytest.approx([0.3] * F)
+    counts = brute_l0(sae, x)
+    assert int(counts.sum()) == 2 * n and res.achieved_l0 == 2.0 and res.target_l0 == 2.0
+    assert sae.threshold.tolist() == [float(res.theta)] * F
+    meta = sae.cfg.metadata.calibration
+    assert set(meta) == {f.name for f in dataclasses_fields(C.CalibrationResult)} - {"theta", "theta_before"} | {"method"}
+    assert meta["method"] == "sae_allocators.calibration (exact quantile on held-out activations)"
+    assert meta["tokens"] == n and meta["held_out"] is True and meta["achieved_l0"] == 2.0 and meta["seconds"] >= 0
+    with pytest.raises(ValueError, match=r"^calibration is defined for mutual_choice, batchtopk_zipf, feature_choice \(saved as jumprelu\); this SAE is 'jumprelu'"):
+        C.calibrate(jumprelu(None), [x], n, k=2.0)
+
+
+def dataclasses_fields(cls):
+    import dataclasses
+
+    return dataclasses.fields(cls)
+
+
+def test_calibrate_without_apply_leaves_the_sae_alone():
+    sae = jumprelu("mutual_choice", theta=0.3)
+    x = torch.randn(300, D, generator=torch.Generator().manual_seed(2))
+    res = C.calibrate(sae, [x], 300, k=1.0, apply=False)
+    assert sae.threshold.tolist() == [pytest.approx(0.3)] * F and getattr(sae.cfg.metadata, "calibration", None) is None
+    assert res.theta is not None and float(res.theta) != pytest.approx(0.3)
+
+
+def test_calibrate_refuses_bad_arguments_with_the_fix():
+    sae = make("feature_choice")
+    x = torch.randn(50, D)
+    with pytest.raises(ValueError, match=r"^feature_choice calibration rule 'median': use 'scale' \(default\) or 'shares'\.$"):
+        C.calibrate(sae, [x], 50, method="median")
+    for bad in (0, -3, 2.5, "10"):
+        with pytest.raises(ValueError, match=r"^calibration tokens=.* use a positive number of tokens\.$"):
+            C.calibrate(make("mutual_choice"), [x], bad)
+    with pytest.raises(ValueError, match=r"^calibration with k=0\.01 on 10 tokens has a budget floor\(k \* N\) = 0: use at least 100 tokens\.$"):
+        C.calibrate(make("mutual_choice", k=0.01), [x], 10)
+    with pytest.raises(ValueError, match=r"feature shares must be 64 non-negative values with a positive sum"):
+        C.calibrate(sae, [x], 50, method="shares", shares=torch.zeros(F))
+    with pytest.raises(ValueError, match=r"feature shares must be 64"):
+        C.calibrate(sae, [x], 50, method="shares", shares=torch.ones(F + 1))
+    for name, method in (("mutual_choice", None), ("feature_choice", "scale"), ("feature_choice", "shares")):
+        with pytest.raises(ValueError, match=r"^calibration: the activation source gave no tokens; give it held-out activations\.$"):
+            C.calibrate(make(name), iter([]), 100, method=method)
+        with pytest.raises(ValueError, match="gave no tokens"):
+            C.calibrate(make(name), [torch.zeros(0, D)], 100, method=method)
+
+
+def test_calibrate_takes_exactly_n_tokens_and_leaves_the_rest_of_the_source():
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(2, 50, D, generator=g) for _ in range(3)]  # [batch, seq, d_in]: 100 tokens each
+    it = iter(batches)
+    sae = make("mutual_choice")
+    res = C.calibrate(sae, it, 130, apply=False)
+    assert res.tokens == 130
+    assert next(it) is batches[2]  # the third batch is still held out
+    flat = torch.cat([b.reshape(-1, D) for b in batches])[:130]
+    assert torch.equal(res.theta, C.calibrate(sae, [flat], 130, apply=False).theta)
+
+
+@pytest.mark.parametrize("name,method", [("mutual_choice", None), ("feature_choice", "scale"), ("feature_choice", "shares")])
+def test_a_short_source_warns_and_calibrates_on_what_it_gave(name, method):
+    sae = make(name)
+    if name == "feature_choice":
+        sae.feature_threshold.copy_(torch.rand(F, dtype=torch.double, generator=torch.Generator().manual_seed(4)))
+        sae.feature_threshold_steps.fill_(3)
+        sae.feature_density.copy_(torch.rand(F, generator=torch.Generator().manual_seed(5)))
+        sae.density_steps.fill_(3)
+    x = torch.randn(450, D, generator=torch.Generator().manual_seed(6))
+    before = brute_l0(sae, x)
+    with pytest.warns(UserWarning, match=r"^calibration asked for 1000 tokens but the source gave 450; calibrated on those\.$") as rec:
+        res = C.calibrate(sae, chunks(x, 100), 1000, method=method)
+    assert [w.filename for w in rec] == [__file__]  # reported at the caller, not inside torch.no_grad's wrapper
+    assert res.tokens == 450 and res.l0_before == pytest.approx(float(before.sum()) / 450)
+    assert 0 <= res.seconds < 60
+    assert int(brute_l0(sae, x).sum()) == math.floor(K * 450) and res.achieved_l0 == pytest.approx(K)
+
+
+def test_scale_rule_silences_the_rest_when_zero_threshold_features_exceed_the_budget():
+    sae = make("feature_choice", k=0.5)
+    running = torch.rand(F, dtype=torch.double, generator=torch.Generator().manual_seed(7)) + 0.5
+    running[:10] = 0.0  # these fire on every positive value: about 10 * n / 2 entries > K = n / 2
+    sae.feature_threshold.copy_(running)
+    sae.feature_threshold_steps.fill_(5)
+    n = 200
+    x = torch.randn(n, D, generator=torch.Generator().manual_seed(8))
+    before = brute_l0(sae, x)
+    res = C.calibrate(sae, [x], n)
+    assert res.l0_before == pytest.approx(float(before.sum()) / n)
+    counts = brute_l0(sae, x)
+    pre = pre_activations(sae, x)
+    assert counts[10:].sum() == 0 and counts[:10].tolist() == (pre[:, :10] > 0).sum(0).tolist()
+    assert res.achieved_l0 == pytest.approx(float(counts.sum()) / n) and res.achieved_l0 > 0.5
+    assert bool(torch.isfinite(sae.feature_threshold).all())
+
+
+def test_shares_rule_records_never_fired_and_short_features():
+    sae = make("feature_choice")
+    shares = torch.ones(F)
+    shares[:3] = 0
+    with torch.no_grad():
+        sae.b_enc[3:7] = -50.0
+    n = 500
+    x = torch.randn(n, D, generator=torch.Generator().manual_seed(9))
+    before = brute_l0(sae, x)
+    res = C.calibrate(sae, chunks(x, 64), n, method="shares", shares=shares, shares_source="given")
+    assert res.l0_before == pytest.approx(float(before.sum()) / n)
+    assert res.rule == "per_feature/shares" and res.shares == "given"
+    assert res.never_fired_features == 3 and res.short_features == 4
+    counts = brute_l0(sae, x)
+    assert counts[:3].tolist() == [0, 0, 0] and int(counts.sum()) == math.floor(K * n)
+    assert res.achieved_l0 == pytest.approx(K)
+    scale = C.calibrate(make("feature_choice"), [x], n, apply=False)
+    assert scale.rule == "per_feature/scale" and scale.shares.startswith("running thresholds of training scaled by one factor a = ")
+    assert scale.never_fired_features == 0 and scale.short_features == 0
+
+
+def test_current_and_applied_thresholds_of_each_kind_of_sae():
+    fc = make("feature_choice")
+    assert torch.equal(C.current_thresholds(fc), fc.inference_thresholds().float())
+    jr = jumprelu("mutual_choice", theta=0.25)
+    assert C.current_thresholds(jr).tolist() == [0.25] * F
+    with pytest.raises(ValueError, match="^Linear has no inference threshold to calibrate$"):
+        C.current_thresholds(torch.nn.Linear(2, 2))
+    res = C.CalibrationResult("global", "mutual_choice", 10, 1.0, 1.0, 0.5, 0.0)
+    C.apply_thresholds(jr, torch.tensor(0.75), res)
+    assert jr.threshold.tolist() == [0.75] * F and jr.cfg.metadata.calibration == res.metadata()
+    with pytest.raises(ValueError, match=r"^calibrated threshold is not finite"):
+        C.apply_thresholds(jr, torch.tensor(math.inf), res)
+    assert jr.threshold.tolist() == [0.75] * F
+    with pytest.raises(ValueError, match="^Linear has no threshold to write the calibration into$"):
+        C.apply_thresholds(torch.nn.Linear(2, 2), torch.tensor(0.5), res)
+    mc = make("mutual_choice")
+    C.apply_thresholds(mc, torch.tensor(0.5), res)
+    assert mc.threshold_tracker.is_calibrated and float(mc.topk_threshold) == 0.5
+
+
+# --- the end-of-training step (what SAELens's runners call before their final save) -------------
+
+
+def test_held_out_batches_note_a_new_epoch_and_pass_other_warnings_on():
+    import warnings
+
+    lines = []
+
+    def source():
+        yield torch.zeros(1)
+        warnings.warn("All samples in the training dataset have been exhausted, beginning new epoch.")
+        yield torch.ones(1)
+        lines.append(inspect.currentframe().f_lineno + 1)
+        warnings.warn("something else", FutureWarning)
+        yield torch.full((1,), 2.0)
+
+    b = C.HeldOutBatches(source())
+    assert iter(b) is b and b.wrapped is False
+    assert next(b).tolist() == [0.0] and not b.wrapped
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert next(b).tolist() == [1.0]
+        assert b.wrapped and caught == []  # swallowed: recorded as wrapped
+        assert next(b).tolist() == [2.0]
+    assert [(w.category, str(w.message)) for w in caught] == [(FutureWarning, "something else")]
+    assert (caught[0].filename, caught[0].lineno) == (__file__, lines[0])  # re-emitted where the source warned
+    with pytest.raises(StopIteration):
+        next(b)
+    epoch = C.HeldOutBatches([torch.zeros(1)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing escapes
+        assert [t.tolist() for t in epoch] == [[0.0]] and not epoch.wrapped
+
+    def new_epoch():
+        warnings.warn("starting a new epoch")
+        yield torch.zeros(1)
+
+    b2 = C.HeldOutBatches(new_epoch())
+    next(b2)
+    assert b2.wrapped
+
+
+def test_end_of_training_calibration_evaluates_logs_and_restores_the_mode():
+    g = torch.Generator().manual_seed(10)
+    modes = []
+
+    def source(sae):
+        while True:
+            modes.append(sae.training)
+            yield torch.randn(100, D, generator=g)
+
+    for start_training in (True, False):
+        sae = make("mutual_choice", calibration_tokens=300)
+        sae.train(start_training)
+        modes.clear()
+        logged = []
+        res = C.calibrate_after_training(sae, source(sae), 10**6, 256, log=logged.append)
+        assert modes == [False, False, False]  # eval() while calibrating: 3 batches of 100 tokens
+        assert sae.training is start_training
+        assert res.tokens == 300 and res.held_out and sae.threshold_tracker.is_calibrated
+        assert len(logged) == 1
+        assert re.fullmatch(
+            r"Calibrated mutual_choice thresholds on 300 held-out tokens \(\d+\.\d s\): L0 \S+ -> 4 \(target k=4\)", logged[0]
+        ), logged[0]
+    # the mode comes back when calibration fails, too
+    sae = make("mutual_choice", calibration_tokens=300)
+    logged.clear()
+    with pytest.raises(ValueError, match="gave no tokens"):
+        C.calibrate_after_training(sae, iter([]), 10**6, 256, log=logged.append)
+    assert sae.training
+    off = make("mutual_choice", calibrate=False)
+    assert C.calibrate_after_training(off, source(off), 10**6, 256, log=logged.append) is None
+    assert not off.threshold_tracker.is_calibrated and logged == []  # nothing calibrated, nothing logged
+
+
+def test_end_of_training_calibration_on_a_source_that_wrapped_records_it():
+    import warnings
+
+    def source():
+        g = torch.Generator().manual_seed(12)
+        for i in range(5):
+            if i == 2:
+                warnings.warn("All samples in the training dataset have been exhausted")
+            yield torch.randn(100, D, generator=g)
+
+    sae = make("mutual_choice", calibration_tokens=400)
+    with pytest.warns(UserWarning, match=r"^calibration: the activation source started a new epoch, so some calibration tokens were also training tokens \(recorded as held_out=false\)\. Give the run more data than training_tokens \+ calibration_tokens for held-out calibration\.$") as rec:
+        res = C.calibrate_after_training(sae, source(), 10**6, 100, log=lambda m: None)
+    assert res.held_out is False and sae.cfg.metadata.calibration["held_out"] is False
+    assert all(w.filename != C.__file__ for w in rec)  # reported at the caller, not inside calibration.py
+    assert sae.cfg.metadata.calibration["tokens"] == 400
+
+
+class StandIn:
+    """What calibrate_runner_sae reads of a SAELens runner: cfg, and a held-out source."""
+
+    def __init__(self, batches=None, **cfg):
+        self.cfg = SimpleNamespace(**cfg)
+        if batches is not None:
+            self.calibration_batches = batches
+
+
+def gaussian_batches(seed: int, rows: int = 100):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        yield torch.randn(rows, D, generator=g)
+
+
+def test_final_save_step_logs_to_the_package_logger(caplog, capsys):
+    import logging
+
+    holder = StandIn(gaussian_batches(6), training_tokens=10_000, train_batch_size_tokens=100)
+    with caplog.at_level(logging.INFO, logger="sae_allocators"):
+        C.calibrate_runner_sae(holder, make("mutual_choice"))
+    assert [r.name for r in caplog.records] == ["sae_allocators"]
+    assert caplog.records[0].getMessage().startswith("Calibrated mutual_choice thresholds on 400 held-out tokens")
+    assert capsys.readouterr().out.startswith("Calibrated mutual_choice thresholds on 400 held-out tokens")
+
+
+def test_final_save_step_plans_tokens_from_the_training_config():
+    # SAELens's LM runner: training_tokens and train_batch_size_tokens (2 % of 100,000 = 2,000)
+    holder = StandIn(gaussian_batches(0), training_tokens=100_000, train_batch_size_tokens=100)
+    res = C.calibrate_runner_sae(holder, make("mutual_choice"))
+    assert holder.calibration_result is res and res.tokens == 2000
+    # the synthetic runner's config has training_samples and batch_size (2 % of 100,000 = 2,000) ...
+    holder = StandIn(gaussian_batches(1), training_samples=100_000, batch_size=10)
+    assert C.calibrate_runner_sae(holder, make("mutual_choice")).tokens == 2000
+    # ... and at least 4 batches of 300 > 2 % of 50,000
+    holder = StandIn(gaussian_batches(1), training_tokens=None, training_samples=50_000, batch_size=300)
+    assert C.calibrate_runner_sae(holder, make("mutual_choice")).tokens == 1200
+    holder = StandIn(gaussian_batches(2))  # neither: 4 batches of 1 token
+    assert C.calibrate_runner_sae(holder, make("mutual_choice")).tokens == 4
+    # switched off: the result of an earlier call is cleared
+    holder = StandIn(gaussian_batches(3), training_tokens=1000, batch_size=10)
+    holder.calibration_result = "stale"
+    assert C.calibrate_runner_sae(holder, make("mutual_choice", calibrate=False)) is None and holder.calibration_result is None
+
+
+def test_final_save_step_uses_the_mixin_source():
+    class Custom(C.CalibratingRunnerMixin):
+        def __init__(self):
+            self.cfg = SimpleNamespace(training_tokens=10_000, train_batch_size_tokens=100)
+            self.calibration_batches = iter([])  # would give no tokens: the override wins
+
+        def calibration_source(self):
+            return gaussian_batches(4)
+
+    holder = Custom()
+    res = C.calibrate_runner_sae(holder, make("batchtopk_zipf"))
+    assert res.tokens == 400 and holder.calibration_result is res
+    plain = C.CalibratingRunnerMixin()
+    batches = [torch.zeros(1, D)]
+    plain.calibration_batches = batches
+    assert plain.calibration_source() is batches
+    assert C.CalibratingRunnerMixin.calibration_batches is None and C.CalibratingRunnerMixin.calibration_result is None
+
+
+class FakeGenerator:
+    def __init__(self, sparse: bool):
+        self.sparse, self.calls = sparse, []
+        self.g = torch.Generator().manual_seed(13)
+
+    def sample(self, n: int) -> torch.Tensor:
+        self.calls.append(n)
+        dense = torch.rand(n, 5, generator=self.g) * (torch.rand(n, 5, generator=self.g) < 0.3)
+        return dense.to_sparse() if self.sparse else dense
+
+
+def test_default_held_out_source_order_and_synthetic_samples():
+    store, given = object(), [torch.zeros(1, D)]
+    both = SimpleNamespace(calibration_batches=given, activations_store=store, synthetic_model=object(), cfg=None)
+    assert C.default_calibration_source(both) is given
+    assert C.default_calibration_source(SimpleNamespace(calibration_batches=None, activations_store=store)) is store
+    assert C.default_calibration_source(SimpleNamespace(activations_store=store, synthetic_model=object())) is store
+    for sparse in (True, False):
+        lin = torch.nn.Linear(5, D)
+        model = SimpleNamespace(activation_generator=FakeGenerator(sparse), feature_dict=lin)
+        it = C.default_calibration_source(SimpleNamespace(activations_store=None, synthetic_model=model, cfg=SimpleNamespace(batch_size=7)))
+        first, second = next(it), next(it)
+        assert model.activation_generator.calls == [7, 7]
+        assert first.shape == (7, D) and not first.requires_grad and not torch.equal(first, second)
+        g = torch.Generator().manual_seed(13)
+        feats = torch.rand(7, 5, generator=g) * (torch.rand(7, 5, generator=g) < 0.3)
+        assert torch.allclose(first, lin(feats))
+    with pytest.raises(ValueError) as err:
+        C.default_calibration_source(SimpleNamespace(cfg=None))
+    assert str(err.value) == (
+        "SimpleNamespace: no held-out activation source for calibration; set runner.calibration_batches = "
+        "<iterable of [batch, d_in] tensors>, or cfg.sae.calibrate = False"
+    )
+
+
+def test_install_wraps_both_final_save_methods_and_uninstall_restores_them(monkeypatch):
+    from sae_lens import LanguageModelSAETrainingRunner
+    from sae_lens.synthetic import SyntheticSAERunner
+
+    assert [(cls.__name__, name) for cls, name in C._runner_methods()] == [
+        ("LanguageModelSAETrainingRunner", "save_final_sae"),
+        ("SyntheticSAERunner", "_save_outputs"),
+    ]
+    calls = []
+
+    def save_final_sae(self, sae, output_path, extra=None):
+        calls.append(("lm", self.calibration_result, output_path, extra))
+        return "lm saved"
+
+    def _save_outputs(self, output_path, sae):
+        calls.append(("synthetic", self.calibration_result, output_path, None))
+        return "synthetic saved"
+
+    # stand-ins for SAELens's methods (monkeypatch puts the installed wraps back afterwards)
+    monkeypatch.setattr(LanguageModelSAETrainingRunner, "save_final_sae", save_final_sae)
+    monkeypatch.setattr(SyntheticSAERunner, "_save_outputs", _save_outputs)
+    assert not C.installed()
+    C.install()
+    assert C.installed()
+    wrapped = LanguageModelSAETrainingRunner.__dict__["save_final_sae"]
+    assert getattr(wrapped, C._MARK) is save_final_sae and wrapped.__name__ == "save_final_sae"
+    C.install()  # idempotent: no second layer
+    assert LanguageModelSAETrainingRunner.__dict__["save_final_sae"] is wrapped
+
+    holder = StandIn(gaussian_batches(5), training_tokens=10_000, train_batch_size_tokens=100)
+    sae = make("mutual_choice")
+    assert LanguageModelSAETrainingRunner.save_final_sae(holder, sae, "out", extra=1) == "lm saved"
+    assert calls[-1][0] == "lm" and calls[-1][1].tokens == 400 and calls[-1][2:] == ("out", 1)
+    assert sae.threshold_tracker.is_calibrated  # calibrated before the original saved it
+    sae = make("mutual_choice")
+    LanguageModelSAETrainingRunner.save_final_sae(holder, sae=sae, output_path="kw")
+    assert calls[-1][2] == "kw" and sae.threshold_tracker.is_calibrated
+    sae = make("feature_choice")
+    assert SyntheticSAERunner._save_outputs(holder, "syn", sae) == "synthetic saved"
+    assert calls[-1][:1] == ("synthetic",) and calls[-1][1].architecture == "feature_choice"
+    assert sae.threshold_tracker.is_calibrated
+
+    # one method unwrapped is not "installed"; install() wraps it and leaves the other as it is
+    monkeypatch.setattr(SyntheticSAERunner, "_save_outputs", _save_outputs)
+    assert not C.installed()
+    C.install()
+    assert C.installed() and LanguageModelSAETrainingRunner.__dict__["save_final_sae"] is wrapped
+    C.uninstall()
+    assert LanguageModelSAETrainingRunner.__dict__["save_final_sae"] is save_final_sae
+    assert SyntheticSAERunner.__dict__["_save_outputs"] is _save_outputs
+    assert not C.installed()
+    C.uninstall()  # nothing left to restore
+    assert LanguageModelSAETrainingRunner.__dict__["save_final_sae"] is save_final_sae
+
+
+def test_calibration_log_goes_to_stdout_and_the_package_logger(capsys, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="sae_allocators"):
+        C._log("Calibrated x")
+    assert capsys.readouterr().out == "Calibrated x\n"
+    assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [("sae_allocators", logging.INFO, "Calibrated x")]
+
+
+def test_final_save_methods_without_the_synthetic_module(monkeypatch):
+    """SAELens < 6.35 has no sae_lens.synthetic: only the LM runner's save is wrapped."""
+    monkeypatch.setitem(sys.modules, "sae_lens.synthetic", None)  # makes the import fail
+    assert [(cls.__name__, name) for cls, name in C._runner_methods()] == [("LanguageModelSAETrainingRunner", "save_final_sae")]
+
+
+def identity_jumprelu(architecture: str = "feature_choice", d: int = 4):
+    """A saved jumprelu whose pre-activations are its input (W_enc = I, no bias): exact counts."""
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+
+    cfg = JumpReLUSAEConfig(d_in=d, d_sae=d)
+    cfg.metadata.training_architecture = architecture
+    sae = JumpReLUSAE(cfg)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(d))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def test_shares_rule_counts_features_with_fewer_values_than_their_target():
+    sae = identity_jumprelu()
+    x = -torch.ones(8, 4)
+    x[:2, 0] = torch.tensor([1.0, 2.0])  # exactly its target of 2: not short
+    x[:1, 1] = 3.0  # 1 < 2: short
+    x[:, 2] = torch.arange(1.0, 9.0)
+    x[:, 3] = torch.arange(1.0, 9.0) + 0.5
+    res = C.calibrate(sae, [x], 8, k=1.0, method="shares", shares=torch.ones(4))
+    assert res.short_features == 1 and res.never_fired_features == 0
+    counts = ((x > sae.threshold) & (x > 0)).sum(0)
+    assert counts[:2].tolist() == [2, 1] and int(counts.sum()) == 8  # the missing one moved to feature 2 or 3
+    assert res.achieved_l0 == 1.0
+
+
+def test_a_feature_takes_at_most_the_room_of_the_one_pass_collector():
+    """The pass keeps ceil(1.25 c_j) + 1 values per feature (memory ~ 1.25 k N): water-filling
+    can give a feature at most ceil(1.25 c_j) entries, however many it has."""
+    sae = identity_jumprelu()
+    x = -torch.ones(8, 4)
+    x[:, 3] = torch.arange(1.0, 9.0)  # features 0-2 never positive: their 6 entries look for a home
+    res = C.calibrate(sae, [x], 8, k=1.0, method="shares", shares=torch.ones(4))  # targets 2 each
+    counts = ((x > sae.threshold) & (x > 0)).sum(0)
+    assert counts.tolist() == [0, 0, 0, math.ceil(1.25 * 2)] and res.short_features == 3
+    assert res.achieved_l0 == 3 / 8
+
+
+@pytest.mark.parametrize("method", ["global", "scale", "shares"])
+def test_nothing_positive_calibrates_to_l0_zero(method):
+    sae = identity_jumprelu("mutual_choice" if method == "global" else "feature_choice")
+    with torch.no_grad():
+        sae.threshold.fill_(0.5)
+    res = C.calibrate(sae, [-torch.rand(8, 4) - 0.1], 8, k=1.0, method=None if method == "global" else method, shares=torch.ones(4))
+    assert res.achieved_l0 == 0.0 and res.l0_before == 0.0 and bool(torch.isfinite(sae.threshold).all())
+
+
+def test_one_token_is_enough_when_k_allows():
+    sae = make("mutual_choice")
+    x = torch.randn(1, D, generator=torch.Generator().manual_seed(14))
+    res = C.calibrate(sae, [x], 1)
+    assert res.tokens == 1 and res.achieved_l0 == K and int(brute_l0(sae, x).sum()) == K
+
+
+def test_feature_choice_rule_comes_from_its_config():
+    sae = make("feature_choice", calibration_rule="shares")
+    res = C.calibrate(sae, [torch.randn(300, D, generator=torch.Generator().manual_seed(15))], 300, apply=False)
+    assert res.rule == "per_feature/shares" and res.shares.startswith("current capacities")
+    assert C.calibrate(sae, [torch.randn(300, D)], 300, method="scale", apply=False).rule == "per_feature/scale"
+
+
+def test_never_fired_features_stay_silent_at_their_largest_value_or_zero():
+    """Shares 2:0:1:0:1 of K = 8: feature 1 never fired in training and is never positive (theta 0),
+    feature 3 never fired and has values (theta = its largest: silent), feature 4 has no data (its
+    2 entries go to features 0 and 2 by their shares 2:1, largest remainder: 5 and 3)."""
+    sae = identity_jumprelu(d=5)
+    g = torch.Generator().manual_seed(16)
+    x = -torch.ones(8, 5)
+    x[:, 0] = torch.rand(8, generator=g) + 0.1
+    x[:, 2] = torch.rand(8, generator=g) + 0.1
+    x[:, 3] = torch.rand(8, generator=g) + 0.1
+    res = C.calibrate(sae, [x], 8, k=1.0, method="shares", shares=torch.tensor([2.0, 0.0, 1.0, 0.0, 1.0]))
+    theta = sae.threshold.detach()
+    assert float(theta[1]) == 0.0 and float(theta[4]) == 0.0 and float(theta[3]) == float(x[:, 3].max())
+    counts = ((x > theta) & (x > 0)).sum(0)
+    assert counts.tolist() == [5, 0, 3, 0, 0] and res.achieved_l0 == 1.0
+    assert res.never_fired_features == 2 and res.short_features == 1
