@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+import warnings
 import re
 from types import SimpleNamespace
 
@@ -1075,3 +1076,57 @@ def test_never_fired_features_stay_silent_at_their_largest_value_or_zero():
     counts = ((x > theta) & (x > 0)).sum(0)
     assert counts.tolist() == [5, 0, 3, 0, 0] and res.achieved_l0 == 1.0
     assert res.never_fired_features == 2 and res.short_features == 1
+
+
+# --- calibrate's counts at the edges (survivors of the mutation run once calibrate was mutated) --
+
+
+@pytest.mark.parametrize("method", ["global", "scale", "shares"])
+def test_l0_before_counts_strictly_above_the_old_threshold_and_above_zero(method):
+    """``l0_before`` is the saved JumpReLU rule's L0 with the old thresholds: an entry counts when
+    pre > theta and pre > 0, so a value equal to theta, and a zero under a negative theta, do not."""
+    sae = identity_jumprelu("mutual_choice" if method == "global" else "feature_choice")
+    x = torch.tensor([[1.0, 0.0, 2.0, 0.5], [1.0, 3.0, 0.0, 1.0], [0.25, 1.0, 1.0, 0.0]])
+    with torch.no_grad():
+        sae.threshold.copy_(torch.tensor([1.0, -1.0, 1.0, -0.5]))
+    # strictly above: row 0: 2.0 (f2), 0.5 (f3); row 1: 3.0 (f1), 1.0 (f3); row 2: 1.0 (f1) -> 5 of 3 tokens
+    want = int(((x > sae.threshold) & (x > 0)).sum())
+    assert want == 5
+    res = C.calibrate(sae, [x], 3, k=1.0, method=None if method == "global" else method, shares=torch.ones(4), apply=False)
+    assert res.l0_before == want / 3
+
+
+def test_l0_before_of_one_token_is_that_tokens_count():
+    sae = identity_jumprelu("mutual_choice")
+    with torch.no_grad():
+        sae.threshold.fill_(0.5)
+    res = C.calibrate(sae, [torch.tensor([[1.0, 2.0, 0.25, 3.0]])], 1, k=1.0, apply=False)
+    assert res.tokens == 1 and res.l0_before == 3.0
+
+
+def test_a_budget_of_exactly_one_entry_calibrates():
+    """floor(k * N) = 1 is a working budget (the error is for 0): one entry of the batch fires."""
+    sae = identity_jumprelu("mutual_choice")
+    x = torch.tensor([[0.5, 4.0, 1.0, 2.0], [3.0, 0.25, 1.5, 0.75]])
+    res = C.calibrate(sae, [x], 2, k=0.5)  # floor(0.5 * 2) = 1
+    assert int(((x > sae.threshold) & (x > 0)).sum()) == 1 and res.achieved_l0 == 0.5
+    assert bool((x[0, 1] > sae.threshold).all())  # the largest value is the one kept
+
+
+def test_a_source_with_exactly_the_tokens_asked_gives_no_warning():
+    sae = make("mutual_choice")
+    x = torch.randn(300, D, generator=torch.Generator().manual_seed(21))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = C.calibrate(sae, chunks(x, 100), 300)
+    assert res.tokens == 300 and res.achieved_l0 == K
+
+
+def test_per_feature_method_defaults_to_scale_for_a_saved_model_without_the_config_field():
+    """A saved jumprelu's config has no ``calibration_rule``: the per-feature rule is ``scale``."""
+    sae = identity_jumprelu("feature_choice")
+    assert not hasattr(sae.cfg, "calibration_rule")
+    with torch.no_grad():
+        sae.threshold.fill_(1.0)
+    res = C.calibrate(sae, [torch.rand(16, 4, generator=torch.Generator().manual_seed(22)) * 2], 16, k=1.0, apply=False)
+    assert res.rule == "per_feature/scale"

@@ -350,3 +350,20 @@ def test_calibration_config_chains_the_next_post_init():
     with pytest.raises(ValueError, match="calibration_tokens"):
         Cfg(calibration_tokens=0)
     assert seen == [7]  # validated before the base's checks run
+
+
+def test_update_after_the_owner_was_cast_to_float32_takes_tau_in_any_float_dtype():
+    """``Module.to(torch.float32)`` (what casting a whole SAE does) turns theta into float32; each
+    step's tau, in bfloat16 or float64, is still folded in (converted to theta's dtype; the step
+    weight too), with the same running mean as in plain arithmetic."""
+    owner = Owner(rate=0.25)
+    tr = tracker(owner)
+    owner.to(torch.float32)
+    assert tr.value.dtype == torch.float32 and tr.steps.dtype == torch.long
+    taus = [torch.full((6,), 2.0, dtype=torch.bfloat16), torch.arange(6, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)]
+    for tau in taus:
+        tr.update(tau)
+    want, steps = reference(taus, 0.25, (6,))
+    assert tr.value.dtype == torch.float32
+    torch.testing.assert_close(tr.value.double(), want, rtol=1e-6, atol=1e-6)
+    assert tr.steps.tolist() == steps.tolist()
