@@ -1130,3 +1130,13 @@ def test_per_feature_method_defaults_to_scale_for_a_saved_model_without_the_conf
         sae.threshold.fill_(1.0)
     res = C.calibrate(sae, [torch.rand(16, 4, generator=torch.Generator().manual_seed(22)) * 2], 16, k=1.0, apply=False)
     assert res.rule == "per_feature/scale"
+
+
+def test_shares_that_sum_to_one_or_less_are_fine():
+    """Shares are relative: normalised ones (sum 1) or smaller ones give the same thresholds as counts."""
+    sae = identity_jumprelu("feature_choice")
+    x = torch.rand(40, 4, generator=torch.Generator().manual_seed(23))
+    counts = C.calibrate(sae, [x], 40, k=1.0, method="shares", shares=torch.tensor([4.0, 2.0, 1.0, 1.0]), apply=False)
+    for shares in (torch.tensor([0.5, 0.25, 0.125, 0.125]), torch.tensor([0.2, 0.1, 0.05, 0.05])):
+        res = C.calibrate(sae, [x], 40, k=1.0, method="shares", shares=shares, apply=False)
+        assert torch.equal(res.theta, counts.theta) and res.achieved_l0 == 1.0
