@@ -5,16 +5,22 @@ import sys
 import warnings
 
 import pytest
-from helpers import FakeDistributions, forget_plugins_not_ours
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # several workers on a few cores: one thread each (inherited by the fresh interpreters tests
+    # start; see tests/run.sh). Set before anything imports torch, and set on torch too in case a
+    # plugin imported it first (then the variable alone comes too late for this process).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+from helpers import FakeDistributions, forget_plugins_not_ours  # noqa: E402  (after the thread setting)
 
 for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}.items():
     os.environ.setdefault(_k, _v)
 warnings.filterwarnings("ignore", message=".*model_from_pretrained_kwargs.*")
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # several workers on a few cores: one thread each (set before torch starts its thread pool, and
-    # inherited by the fresh interpreters tests start); see tests/run.sh
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)
