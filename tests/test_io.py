@@ -35,6 +35,13 @@ def _tree(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def _error(fn, *a, **k) -> str:
+    """The message of the SaeFolderError that ``fn(*a, **k)`` raises."""
+    with pytest.raises(SaeFolderError) as info:
+        fn(*a, **k)
+    return str(info.value)
+
+
 def _names(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
@@ -711,20 +718,14 @@ def test_check_replaceable_output_accepts_missing_and_output_folders(tmp_path):
 def test_check_replaceable_output_refuses_a_file_a_checkpoint_and_foreign_files(tmp_path):
     f = tmp_path / "f"
     f.write_text("x")
-    with pytest.raises(SaeFolderError) as info:
-        sf.check_replaceable_output(f)
-    assert str(info.value) == f"output path {f} exists and is a file, not a folder; choose another --output_path or remove it."
+    assert _error(sf.check_replaceable_output, f) == f"output path {f} exists and is a file, not a folder; choose another --output_path or remove it."
     ck = _output(tmp_path / "ck", **{"cfg.json": "c", "trainer_state.pt": "t"})
-    with pytest.raises(SaeFolderError) as info:
-        sf.check_replaceable_output(ck)
-    assert str(info.value) == (
+    assert _error(sf.check_replaceable_output, ck) == (
         f"output path {ck} is a training checkpoint (it has trainer_state.pt); saving there would replace it. "
         "Choose another --output_path (checkpoints go to --checkpoint_path)."
     )
     five = _output(tmp_path / "five", **{n: "x" for n in ["e", "d", "c", "b", "a", "cfg.json"]})
-    with pytest.raises(SaeFolderError) as info:
-        sf.check_replaceable_output(five)
-    assert str(info.value) == (
+    assert _error(sf.check_replaceable_output, five) == (
         f"output path {five} exists and holds a, b, c, d, e, which an SAE output folder does not; the save replaces "
         "the whole folder, so it would delete them. Choose a new or empty --output_path, or move those files away."
     )
@@ -760,9 +761,7 @@ def test_read_safetensors_header_bounds(tmp_path):
     assert sf.read_safetensors_header(_st(p, {"e": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]}}, 8))["e"]["data_offsets"] == [8, 8]
     for bad in ([4, 12], [-1, 3], [6, 2], [0, 8, 9], "08", None):
         _st(p, {"t": {"dtype": "F32", "shape": [2], "data_offsets": bad}}, 8)
-        with pytest.raises(SaeFolderError) as info:
-            sf.read_safetensors_header(p)
-        assert str(info.value) == f"{p} is corrupted: tensor 't' lies outside the file (truncated?); {FIX}.", bad
+        assert _error(sf.read_safetensors_header, p) == f"{p} is corrupted: tensor 't' lies outside the file (truncated?); {FIX}.", bad
     for bad_info in ({"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}, "F32", {"dtype": "F32", "data_offsets": [0, 8]}):
         _st(p, {"t": bad_info}, 8)
         with pytest.raises(SaeFolderError, match="tensor 't' lies outside the file"):
@@ -771,40 +770,26 @@ def test_read_safetensors_header_bounds(tmp_path):
 
 def test_read_safetensors_header_messages(tmp_path):
     p = tmp_path / "w.safetensors"
-    with pytest.raises(SaeFolderError) as info:
-        sf.read_safetensors_header(p)
-    assert str(info.value) == f"{p}: file not found; {FIX}."
+    assert _error(sf.read_safetensors_header, p) == f"{p}: file not found; {FIX}."
     p.mkdir()
     with pytest.raises(SaeFolderError, match="file not found"):
         sf.read_safetensors_header(p)  # a folder is not a file
     p.rmdir()
     p.write_bytes(b"\x01" * 7)
-    with pytest.raises(SaeFolderError) as info:
-        sf.read_safetensors_header(str(p))
-    assert str(info.value) == f"{p} is corrupted: 7 bytes, too short for a safetensors file; {FIX}."
+    assert _error(sf.read_safetensors_header, str(p)) == f"{p} is corrupted: 7 bytes, too short for a safetensors file; {FIX}."
     p.write_bytes(b"\x00" * 8)
-    with pytest.raises(SaeFolderError) as info:
-        sf.read_safetensors_header(p)
-    assert str(info.value) == f"{p} is corrupted: not a valid safetensors header (length 0, file size 8); {FIX}."
+    assert _error(sf.read_safetensors_header, p) == f"{p} is corrupted: not a valid safetensors header (length 0, file size 8); {FIX}."
     p.write_bytes(b"\xff" * 8 + b"{}" * 8)  # a length with the top bit set (an unsigned 64-bit field)
-    with pytest.raises(SaeFolderError) as info:
-        sf.read_safetensors_header(p)
-    assert str(info.value) == f"{p} is corrupted: not a valid safetensors header (length {2**64 - 1}, file size 24); {FIX}."
+    assert _error(sf.read_safetensors_header, p) == f"{p} is corrupted: not a valid safetensors header (length {2**64 - 1}, file size 24); {FIX}."
     p.write_bytes(struct.pack("<Q", 3) + b"{}")
-    with pytest.raises(SaeFolderError) as info:
-        sf.read_safetensors_header(p)
-    assert str(info.value) == f"{p} is corrupted: not a valid safetensors header (length 3, file size 10); {FIX}."
+    assert _error(sf.read_safetensors_header, p) == f"{p} is corrupted: not a valid safetensors header (length 3, file size 10); {FIX}."
     _st(p, None, 0, raw=b'{"\xff": 1}')
     with pytest.raises(SaeFolderError, match=re.escape(f"{p} is corrupted: its safetensors header is not valid JSON (")):
         sf.read_safetensors_header(p)
     _st(p, None, 0, raw=b"{oops}")
-    with pytest.raises(SaeFolderError) as info:
-        sf.read_safetensors_header(p)
-    assert re.fullmatch(re.escape(f"{p} is corrupted: its safetensors header is not valid JSON (") + r"Expecting .+\); " + re.escape(FIX + "."), str(info.value))
+    assert re.fullmatch(re.escape(f"{p} is corrupted: its safetensors header is not valid JSON (") + r"Expecting .+\); " + re.escape(FIX + "."), _error(sf.read_safetensors_header, p))
     _st(p, [1, 2], 0)
-    with pytest.raises(SaeFolderError) as info:
-        sf.read_safetensors_header(p)
-    assert str(info.value) == f"{p} is corrupted: its safetensors header is not a JSON object; {FIX}."
+    assert _error(sf.read_safetensors_header, p) == f"{p} is corrupted: its safetensors header is not a JSON object; {FIX}."
 
 
 def test_read_safetensors_header_refuses_headers_above_100_mib_only(tmp_path):
@@ -822,9 +807,7 @@ def test_read_safetensors_header_refuses_headers_above_100_mib_only(tmp_path):
 
 def test_read_json_file_messages(tmp_path):
     p = tmp_path / "c.json"
-    with pytest.raises(SaeFolderError) as info:
-        sf.read_json_file(p, "SAE config", "do this")
-    assert str(info.value) == f"{p}: SAE config not found; do this."
+    assert _error(sf.read_json_file, p, "SAE config", "do this") == f"{p}: SAE config not found; do this."
     p.write_bytes(b'{"a": "\xff"}')
     with pytest.raises(SaeFolderError, match=re.escape(f"{p} is not valid JSON (") + r".*\); do this\.$"):
         sf.read_json_file(p, "SAE config", "do this")
@@ -869,12 +852,6 @@ def _folder(root: Path, tensors=None, sparsity=None, **cfg_changes) -> Path:
     if sparsity is not None:
         save_file(sparsity, str(root / "sparsity.safetensors"))
     return root
-
-
-def _error(fn, *a, **k) -> str:
-    with pytest.raises(SaeFolderError) as info:
-        fn(*a, **k)
-    return str(info.value)
 
 
 def test_check_sae_folder_describes_the_folder(tmp_path):
