@@ -34,6 +34,8 @@ from typing import Callable, Optional
 
 import torch
 
+from sae_allocators.allocation.outliers import DEFAULT_GUARD_RATIO
+
 
 def _compiler_disable(fn: Callable) -> Callable:
     disable = getattr(getattr(torch, "compiler", None), "disable", None)
@@ -202,6 +204,63 @@ class ThresholdTracker:
         return export_threshold(self.value.detach(), like, what or f"threshold {self.value_name!r}")
 
 
+#: exponent of the export correction's multiplicative step (:class:`ExportSteering`)
+STEER_RATE = 0.1
+#: rows of a batch the export correction counts on (a strided sample; chunks of 256 rows)
+STEER_ROWS = 1024
+
+
+class ExportSteering:
+    """The correction that makes an *uncalibrated* saved model fire at the training L0.
+
+    The running thresholds average the batches' selection thresholds, so they lag while the SAE
+    still learns (pre-activations grow), and the batch-free rule ``pre > theta`` also fires on
+    rows the training rule ranked down (outlier rows: :mod:`sae_allocators.allocation.outliers`).
+    A mid-training checkpoint then fired at 6-9x its k on SmolLM2. This class keeps one scalar
+    factor ``c`` (a persistent buffer of ``owner``, so checkpoints resume it) and, after every
+    training step, measures the saved rule's L0 on that batch at ``c * theta`` and moves ``c`` by
+    ``(L0 / k) ** STEER_RATE`` (the ratio clamped to [1/2, 2]): a multiplicative controller whose
+    fixed point is L0 = k on training batches. The exported threshold is ``c * theta`` until
+    calibration (:mod:`sae_allocators.calibration`) replaces it; the running thetas themselves
+    (and so the training selection) are untouched.
+    """
+
+    def __init__(self, owner: torch.nn.Module, buffer: str = "threshold_export_scale"):
+        self.owner, self.name = owner, buffer
+        dev = owner.W_dec.device  # type: ignore[attr-defined]
+        owner.register_buffer(buffer, torch.ones((), dtype=torch.float64, device=dev))
+
+    @property
+    def factor(self) -> torch.Tensor:
+        return getattr(self.owner, self.name)
+
+    def apply(self, theta: torch.Tensor) -> torch.Tensor:
+        """``c * theta`` in ``theta``'s dtype."""
+        return theta * self.factor.to(theta.dtype)
+
+    @_compiler_disable
+    def update(self, pre: torch.Tensor, thresholds: torch.Tensor, k: float, group: object = None) -> None:
+        """One controller step on the batch's pre-activations ``pre`` ``[N, F]`` (the space of the
+        thresholds) with the current *uncorrected* ``thresholds`` (0-d or ``[F]``)."""
+        with torch.no_grad():
+            pre = pre.detach()
+            n = pre.shape[0]
+            if n == 0 or k <= 0:
+                return
+            rows = pre[:: max(1, n // STEER_ROWS)]
+            thr = self.apply(thresholds.detach().to(torch.float64)).to(pre.dtype)
+            fired = torch.zeros((), dtype=torch.float64, device=pre.device)
+            for chunk in rows.split(256):
+                fired += (chunk > thr).sum()
+            counts = torch.stack([fired, torch.tensor(float(rows.shape[0]), dtype=torch.float64, device=pre.device)])
+            if group is not None:
+                from sae_allocators.distributed import all_reduce
+
+                counts = all_reduce(counts, "sum", group)
+            ratio = (counts[0] / counts[1].clamp_min(1) / k).clamp(0.5, 2.0)
+            self.factor.mul_(ratio.pow(STEER_RATE))
+
+
 def export_threshold(theta: torch.Tensor, like: torch.Tensor, what: str) -> torch.Tensor:
     """``theta`` as the saved JumpReLU ``threshold`` (shape and dtype of ``like``), checked finite
     (:func:`check_exportable`): the one export of every batch rule's threshold."""
@@ -212,9 +271,14 @@ def export_threshold(theta: torch.Tensor, like: torch.Tensor, what: str) -> torc
 
 @dataclass
 class CalibrationConfig:
-    """Config fields of the architectures whose saved thresholds are calibrated after training.
+    """Config fields of the batch-level rules: their saved thresholds are calibrated after
+    training, and their ranking is guarded against outlier-norm rows.
 
     Attributes:
+        outlier_norm_ratio: a token whose activation norm exceeds this many times the batch's
+            median norm is an outlier row, and the rule ranks its affinities as if it had the
+            median norm (:mod:`sae_allocators.allocation.outliers`; docs/mutual_choice.md,
+            "Real token streams"). ``0`` turns the guard off (the paper's rule on every row).
         calibrate: fit the saved thresholds on held-out activations at the end of training
             (:mod:`sae_allocators.calibration`); ``False`` saves the running thresholds as they are.
         calibration_tokens: held-out tokens for it; ``None``: 2 percent of the training tokens, at least
@@ -223,8 +287,16 @@ class CalibrationConfig:
 
     calibrate: bool = True
     calibration_tokens: Optional[int] = None
+    outlier_norm_ratio: float = DEFAULT_GUARD_RATIO
 
     def __post_init__(self) -> None:
+        r = self.outlier_norm_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or (r != 0 and r <= 1):
+            raise ValueError(
+                f"outlier_norm_ratio={r!r} is invalid: use a number above 1 (rows whose norm exceeds that many "
+                f"times the batch median are ranked as if they had the median norm; default {DEFAULT_GUARD_RATIO:g}), or 0 to turn "
+                "the outlier guard off."
+            )
         if not isinstance(self.calibrate, bool):
             raise ValueError(f"calibrate={self.calibrate!r} is invalid: use True or False.")
         n = self.calibration_tokens

@@ -21,6 +21,7 @@ the same logged losses.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -29,7 +30,17 @@ from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from sae_lens.saes.topk_sae import act_times_W_dec
 
 from sae_allocators import sparse
+from sae_allocators.allocation import outliers
 from sae_allocators.sparse import Selection
+
+#: the budget shares every step logs (``metrics/<name>`` in W&B), in this order
+BUDGET_SHARE_KEYS = ("budget_share_top1pct", "budget_share_outlier_rows", "outlier_row_frac")
+#: shares that warn above :data:`WARN_SHARE`, with their wording
+WARNED_SHARES = {
+    "budget_share_top1pct": "the top 1 % of tokens",
+    "budget_share_outlier_rows": f"tokens with norms above {outliers.REPORT_RATIO:g}x the batch median",
+}
+WARN_SHARE = 0.25
 
 
 @dataclass
@@ -54,6 +65,24 @@ class StepState:
     sparse: bool
     #: the rule's context (:meth:`SelectionStepMixin.step_context`) and rule-specific extras
     info: dict[str, Any] = field(default_factory=dict)
+    #: what the rule ranked: ``hidden_pre`` itself, or a copy with outlier rows scaled (the guard)
+    affinity: torch.Tensor | None = None
+    #: ``[N]`` row norms of ``sae_in`` (the guard's and the budget-share metrics' input)
+    norms: torch.Tensor | None = None
+    #: the batch's median row norm (the global batch's under data parallelism)
+    median_norm: torch.Tensor | None = None
+
+    def ranked(self) -> torch.Tensor:
+        """The matrix the rule ranked (``hidden_pre``, detached, unless the guard scaled rows)."""
+        return self.affinity if self.affinity is not None else self.hidden_pre.detach()
+
+    def budget_shares(self) -> dict[str, torch.Tensor]:
+        """Where this step's kept entries went (:func:`~sae_allocators.allocation.outliers.budget_shares`;
+        outlier rows at the fixed report ratio), as 0-d tensors computed without a host sync."""
+        n = self.selection.n_tokens
+        norms = self.norms if self.norms is not None else outliers.row_norms(self.sae_in)
+        flagged = outliers.outlier_mask(norms, outliers.REPORT_RATIO, self.median_norm)
+        return outliers.budget_shares(self.selection.rows, n, flagged)
 
     def codes(self) -> torch.Tensor:
         """Dense detached codes ``[*lead, F]`` (what SAELens's trainer counts firing on)."""
@@ -92,6 +121,37 @@ class SelectionStepMixin:
     def uses_sparse_step(self) -> bool:
         return bool(getattr(self.cfg, "sparse_step", True))
 
+    def outlier_norm_ratio(self) -> float:
+        """The guard's ratio for a batch-level rule (``cfg.outlier_norm_ratio``; the default for a
+        plugin's batch rule whose config lacks the field); 0 for per-token rules (no guard)."""
+        if not getattr(self, "batch_selection", False):
+            return 0.0
+        return float(getattr(self.cfg, "outlier_norm_ratio", outliers.DEFAULT_GUARD_RATIO) or 0.0)
+
+    def row_norm_stats(self, sae_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[N]`` row norms and the batch's median norm (over the global batch when training
+        data-parallel, so every rank ranks with the same median)."""
+        norms = outliers.row_norms(sae_in)
+        from sae_allocators.distributed import group_of
+
+        group = group_of(self)
+        if group is None:
+            return norms, outliers.median_norm(norms)
+        from sae_allocators.distributed.comm import all_gather_variable
+
+        return norms, outliers.median_norm(torch.cat(all_gather_variable(norms, group)))
+
+    def guard(self, pre: torch.Tensor, sae_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``(affinity, norms, median)``: what the rule ranks -- ``pre`` with outlier rows scaled to
+        the median norm (:mod:`sae_allocators.allocation.outliers`) for a batch-level rule, else
+        ``pre`` itself -- and the row-norm statistics the step reports."""
+        ratio = self.outlier_norm_ratio()
+        if ratio <= 0:
+            return pre, None, None  # type: ignore[return-value]
+        norms, median = self.row_norm_stats(sae_in)
+        scale = outliers.ranking_scale(norms, ratio, median)
+        return outliers.guarded_affinity(pre, scale), norms, median
+
     def encode_step(self, x: torch.Tensor, **context: Any) -> StepState:
         """Pre-activations, the rule, and the kept values (sparse or dense path)."""
         sae_in = self.process_sae_in(x)  # type: ignore[attr-defined]
@@ -101,22 +161,26 @@ class SelectionStepMixin:
         dec_norm = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None  # type: ignore[attr-defined]
         if self.uses_sparse_step():
             pre = self.hook_sae_acts_pre(sparse.dense_pre(s2, W_enc, b_enc, dec_norm))  # type: ignore[attr-defined]
-            sel = self.select(pre, sae_in=s2, **context)
+            aff, norms, median = self.guard(pre, s2)
+            sel = self.select(aff, sae_in=s2, **context)
             values = sparse.selected_values(s2, W_enc, b_enc, dec_norm, pre, sel)
 
             def gather(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
                 return sparse.gather_values(s2, W_enc, b_enc, dec_norm, pre, rows, cols)
 
-            return StepState(x, s2, pre, sel, values, lead, gather, dec_norm, True, dict(context))
+            return StepState(x, s2, pre, sel, values, lead, gather, dec_norm, True, dict(context), aff, norms, median)
         hidden_pre = self.hook_sae_acts_pre(sparse.encoder_pre(s2, W_enc, b_enc, dec_norm))  # type: ignore[attr-defined]
-        sel = self.select(hidden_pre.detach(), sae_in=s2.detach(), **context)
+        aff, norms, median = self.guard(hidden_pre.detach(), s2)
+        sel = self.select(aff, sae_in=s2.detach(), **context)
         flat = hidden_pre.reshape(-1)
         f = hidden_pre.shape[-1]
 
         def gather_dense(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
             return flat.index_select(0, rows * f + cols)
 
-        return StepState(x, s2, hidden_pre, sel, flat.index_select(0, sel.flat), lead, gather_dense, dec_norm, False, dict(context))
+        return StepState(
+            x, s2, hidden_pre, sel, flat.index_select(0, sel.flat), lead, gather_dense, dec_norm, False, dict(context), aff, norms, median
+        )
 
     def decode_step(self, state: StepState) -> torch.Tensor:
         """SAELens TopK's decode of the kept values: ``codes [/ |W_dec rows|] @ W_dec + b_dec``."""
@@ -163,7 +227,76 @@ class SelectionStepMixin:
             losses=losses,
         )
         self.after_step(state, output)
+        self.record_budget_shares(state, output)
         return output
+
+    # --- where the budget goes (docs/mutual_choice.md, "Real token streams") -----------------
+
+    @torch.no_grad()
+    def record_budget_shares(self, state: StepState, output: TrainStepOutput) -> None:
+        """Log this step's budget shares (SAELens's metric dict: lazy, no sync unless logged) and
+        fold them into a running average (mean over the first 100 steps, then an EMA of rate
+        1/100) that the final metrics, the saved ``cfg.json`` and the warning read."""
+        shares = state.budget_shares()
+        stacked = torch.stack([shares[name] for name in BUDGET_SHARE_KEYS]).double()
+        count = getattr(self, "_budget_share_steps", 0) + 1
+        prev = getattr(self, "_budget_share_avg", None)
+        w = max(1.0 / count, 0.01)
+        self._budget_share_avg = stacked if prev is None else prev + w * (stacked - prev)
+        self._budget_share_steps = count
+        for name, value in shares.items():
+            output.metrics[name] = self._share_metric(name, value)
+
+    def _share_metric(self, name: str, value: torch.Tensor) -> Callable[[], float]:
+        def read() -> float:
+            share = float(value)
+            if name in WARNED_SHARES:
+                self.warn_budget_share({name: share}, "at this logging step")
+            return share
+
+        return read
+
+    def budget_share_summary(self) -> dict[str, float] | None:
+        """The running budget shares (see :meth:`record_budget_shares`); None before any step."""
+        avg = getattr(self, "_budget_share_avg", None)
+        if avg is None:
+            return None
+        out = {name: round(float(v), 6) for name, v in zip(BUDGET_SHARE_KEYS, avg.tolist())}
+        out["steps"] = int(self._budget_share_steps)
+        out["outlier_ratio"] = outliers.REPORT_RATIO
+        out["guard_ratio"] = self.outlier_norm_ratio()
+        return out
+
+    def warn_budget_share(self, shares: dict[str, float], when: str) -> None:
+        """Warn (once per SAE) when a few tokens hold more than :data:`WARN_SHARE` of the budget."""
+        if getattr(self, "_budget_share_warned", False):
+            return
+        bad = {k: v for k, v in shares.items() if k in WARNED_SHARES and v > WARN_SHARE}
+        if not bad:
+            return
+        self._budget_share_warned = True
+        what = ", ".join(f"{WARNED_SHARES[k]} hold {v:.0%}" for k, v in bad.items())
+        arch = self.cfg.architecture()  # type: ignore[attr-defined]
+        guard = self.outlier_norm_ratio()
+        fix = (
+            f"the outlier guard is on (outlier_norm_ratio={guard:g}): lower it (e.g. 2.5)"
+            if guard > 0
+            else f"set outlier_norm_ratio (default {outliers.DEFAULT_GUARD_RATIO:g}; 0 turns the guard off)"
+        ) if getattr(self, "batch_selection", False) else "exclude those tokens from the data"
+        warnings.warn(
+            f"{arch}: {what} of the batch budget ({when}): a few tokens take most of the SAE's capacity. "
+            f"Usually these are BOS / separator rows or the model's massive-activation tokens. Fix: {fix}, "
+            "or exclude special tokens (exclude_special_tokens=True). See docs/mutual_choice.md, 'Real token streams'.",
+            stacklevel=2,
+        )
+
+    def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
+        super().process_state_dict_for_saving_inference(state_dict)  # type: ignore[misc]
+        summary = self.budget_share_summary()
+        meta = getattr(self.cfg, "metadata", None)
+        if summary is not None and meta is not None:
+            meta.budget_shares = summary
+            self.warn_budget_share(summary, "averaged over training")
 
     def step_aux_losses(self, step_input: TrainStepInput, state: StepState, feature_acts: torch.Tensor, sae_out: torch.Tensor) -> dict[str, torch.Tensor]:
         """The auxiliary loss (``cfg.aux_loss``) with this step's state (AuxLossMixin provides it)."""

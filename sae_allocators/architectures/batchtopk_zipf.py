@@ -29,7 +29,7 @@ from sae_allocators.distributed import all_reduce, group_of
 from sae_allocators.distributed import select as dist_select
 from sae_allocators.hookspecs import hookimpl
 from sae_allocators.losses import AuxLossConfig, AuxLossMixin
-from sae_allocators.thresholds import CalibrationConfig, ThresholdTracker, require_budget, tokens_in
+from sae_allocators.thresholds import CalibrationConfig, ExportSteering, ThresholdTracker, export_threshold, require_budget, tokens_in
 
 NAME = "batchtopk_zipf"
 
@@ -66,17 +66,19 @@ class BatchTopKZipfTrainingSAE(AuxLossMixin, SelectionStepMixin, BatchTopKTraini
 
     def after_step(self, state: StepState, output: Any) -> None:
         self.update_topk_threshold(state.values.detach())
+        self.export_steering.update(state.hidden_pre, self.topk_threshold, self.cfg.k, group_of(self))
         output.metrics["topk_threshold"] = self.topk_threshold
 
     batch_selection = True  # encode refuses non-finite input
 
-    training_only_buffers = ("threshold_steps", "threshold_calibrated")
+    training_only_buffers = ("threshold_steps", "threshold_calibrated", "threshold_export_scale")
 
     def __init__(self, cfg: BatchTopKZipfTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
         self.threshold_tracker = ThresholdTracker(
             self, value="topk_threshold", steps="threshold_steps", rate_field="topk_threshold_lr", calibrated="threshold_calibrated"
         )
+        self.export_steering = ExportSteering(self)
 
     def training_forward_pass(self, step_input: Any) -> Any:
         require_budget(self.cfg.k, tokens_in(step_input.sae_in), NAME)
@@ -99,12 +101,15 @@ class BatchTopKZipfTrainingSAE(AuxLossMixin, SelectionStepMixin, BatchTopKTraini
         self.threshold_tracker.fold(scaling_factor)
 
     def inference_thresholds(self) -> torch.Tensor:
-        """The saved JumpReLU threshold: theta for every feature (calibrated if calibration ran)."""
-        return self.topk_threshold.expand(self.cfg.d_sae)
+        """The saved JumpReLU threshold for every feature: the calibrated theta if calibration ran,
+        else ``c * theta`` (the export correction, :class:`~sae_allocators.thresholds.ExportSteering`)."""
+        theta = self.topk_threshold if self.threshold_tracker.is_calibrated else self.export_steering.apply(self.topk_threshold)
+        return theta.expand(self.cfg.d_sae)
 
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_saving_inference(state_dict)
-        state_dict["threshold"] = self.threshold_tracker.exported(self.b_enc, "batchtopk_zipf threshold theta (topk_threshold)")
+        self.cfg.metadata.thresholds_calibrated = self.threshold_tracker.is_calibrated
+        state_dict["threshold"] = export_threshold(self.inference_thresholds().detach(), self.b_enc, "batchtopk_zipf threshold theta (topk_threshold)")
 
     def lazy_metrics(self, feature_acts: torch.Tensor, dead_mask: torch.Tensor | None) -> dict[str, Any]:
         out = super().lazy_metrics(feature_acts, dead_mask)

@@ -29,7 +29,7 @@ from sae_allocators.architectures._common import check_k, check_rate, pre_activa
 from sae_allocators.architectures._step import SelectionStepMixin, StepState
 from sae_allocators.distributed import all_reduce, group_of
 from sae_allocators.distributed import select as dist_select
-from sae_allocators.thresholds import CalibrationConfig, ThresholdTracker, export_threshold, require_budget, tokens_in
+from sae_allocators.thresholds import CalibrationConfig, ExportSteering, ThresholdTracker, export_threshold, require_budget, tokens_in
 from sae_allocators.hookspecs import hookimpl
 from sae_allocators.losses import AuxLossConfig, AuxLossMixin, check_finite
 from sae_allocators.losses.base import BATCH_ENCODE_REASON
@@ -162,6 +162,7 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE
         "usage_steps",
         "demand_tick",
         "threshold_calibrated",
+        "threshold_export_scale",
     )
 
     def __init__(self, cfg: FeatureChoiceTrainingSAEConfig, use_error_term: bool = False):
@@ -178,6 +179,8 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE
         )
         #: theta: the Mutual-Choice threshold at the same budget (fallback of stale features)
         self.global_threshold_tracker = ThresholdTracker(self, value="global_threshold", steps="global_threshold_steps", rate_field="threshold_lr")
+        #: c: the uncalibrated export's correction to the training L0 (sae_allocators.thresholds)
+        self.export_steering = ExportSteering(self)
         buf("feature_usage", torch.zeros(f, dtype=torch.float32, device=dev))
         buf("usage_steps", torch.zeros((), dtype=torch.long, device=dev))
         # phase of the every-DEMAND_EVERY-steps demand update: saved in checkpoints so a resumed
@@ -233,7 +236,8 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE
         return self.hook_sae_acts_post(codes), hidden_pre
 
     def after_step(self, state: StepState, output: Any) -> None:
-        self._update_running_stats(state.hidden_pre.detach(), state.selection.tau)
+        self._update_running_stats(state.ranked(), state.selection.tau)
+        self.export_steering.update(state.hidden_pre, self.running_thresholds(), self.cfg.k, group_of(self))
 
     def training_forward_pass(self, step_input: Any) -> Any:
         require_budget(self.cfg.k, tokens_in(step_input.sae_in), NAME)
@@ -307,13 +311,17 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE
         demand = all_reduce(torch.bincount(kept % f, minlength=f).float(), "sum", group)
         warm_ema_(self.feature_usage, demand / sum(sizes), self.usage_steps, 1.0 / self.cfg.density_window)
 
-    def inference_thresholds(self) -> torch.Tensor:
-        """The calibrated theta_j if calibration ran (:mod:`sae_allocators.calibration`); else the
-        running theta_j, or the global threshold for a feature stale for > threshold_fallback_steps."""
-        if self.threshold_tracker.is_calibrated:
-            return self.feature_threshold
+    def running_thresholds(self) -> torch.Tensor:
+        """The running theta_j, or the global threshold for a feature stale for > threshold_fallback_steps."""
         stale = (self.steps_since_selected > self.cfg.threshold_fallback_steps) | (self.feature_threshold_steps == 0)
         return torch.where(stale, self.global_threshold.expand_as(self.feature_threshold), self.feature_threshold)
+
+    def inference_thresholds(self) -> torch.Tensor:
+        """The calibrated theta_j if calibration ran (:mod:`sae_allocators.calibration`); else
+        ``c *`` :meth:`running_thresholds` (the export correction, :class:`ExportSteering`)."""
+        if self.threshold_tracker.is_calibrated:
+            return self.feature_threshold
+        return self.export_steering.apply(self.running_thresholds())
 
     @torch.no_grad()
     def encode_thresholded(self, x: torch.Tensor) -> torch.Tensor:
@@ -329,6 +337,7 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE
 
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_saving_inference(state_dict)
+        self.cfg.metadata.thresholds_calibrated = self.threshold_tracker.is_calibrated
         state_dict["threshold"] = export_threshold(self.inference_thresholds().detach(), self.b_enc, "feature_choice threshold theta_j")
 
     def lazy_metrics(self, feature_acts: torch.Tensor, dead_mask: torch.Tensor | None) -> dict[str, Any]:

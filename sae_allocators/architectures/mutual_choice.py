@@ -25,7 +25,7 @@ from sae_allocators.distributed import select as dist_select
 from sae_allocators.hookspecs import hookimpl
 from sae_allocators.losses import AuxLossConfig, AuxLossMixin, check_finite
 from sae_allocators.losses.base import BATCH_ENCODE_REASON
-from sae_allocators.thresholds import CalibrationConfig, ThresholdTracker, require_budget, tokens_in
+from sae_allocators.thresholds import CalibrationConfig, ExportSteering, ThresholdTracker, export_threshold, require_budget, tokens_in
 
 NAME = "mutual_choice"
 
@@ -96,7 +96,7 @@ class MutualChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, BatchTopKTrainin
     batch_selection = True  # encode refuses non-finite input
 
     cfg: MutualChoiceTrainingSAEConfig  # type: ignore[assignment]
-    training_only_buffers = ("threshold_steps", "threshold_calibrated")
+    training_only_buffers = ("threshold_steps", "threshold_calibrated", "threshold_export_scale")
 
     def __init__(self, cfg: MutualChoiceTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
@@ -104,6 +104,8 @@ class MutualChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, BatchTopKTrainin
         self.threshold_tracker = ThresholdTracker(
             self, value="topk_threshold", steps="threshold_steps", rate_field="topk_threshold_lr", calibrated="threshold_calibrated"
         )
+        #: c: the uncalibrated export's correction to the training L0 (sae_allocators.thresholds)
+        self.export_steering = ExportSteering(self)
 
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
         return MutualChoice(self.cfg.k)
@@ -121,6 +123,7 @@ class MutualChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, BatchTopKTrainin
 
     def after_step(self, state: StepState, output: Any) -> None:
         self.update_threshold(state.selection.tau)
+        self.export_steering.update(state.hidden_pre, self.topk_threshold, self.cfg.k, group_of(self))
         output.metrics["topk_threshold"] = self.topk_threshold
 
     def training_forward_pass(self, step_input: Any) -> Any:
@@ -136,7 +139,7 @@ class MutualChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, BatchTopKTrainin
     def encode_thresholded(self, x: torch.Tensor) -> torch.Tensor:
         """The batch-free rule the saved ``jumprelu`` applies: ``relu(pre) * (pre > theta)``."""
         hidden_pre = pre_activations(self, x)
-        return hidden_pre.relu() * (hidden_pre > self.topk_threshold.to(hidden_pre.dtype))
+        return hidden_pre.relu() * (hidden_pre > self.inference_thresholds().to(hidden_pre.dtype))
 
     @torch.no_grad()
     def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
@@ -145,12 +148,15 @@ class MutualChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, BatchTopKTrainin
         self.threshold_tracker.fold(scaling_factor)
 
     def inference_thresholds(self) -> torch.Tensor:
-        """The saved JumpReLU threshold: theta for every feature (calibrated if calibration ran)."""
-        return self.topk_threshold.expand(self.cfg.d_sae)
+        """The saved JumpReLU threshold for every feature: the calibrated theta if calibration ran,
+        else ``c * theta`` (the running theta with the export correction :class:`ExportSteering`)."""
+        theta = self.topk_threshold if self.threshold_tracker.is_calibrated else self.export_steering.apply(self.topk_threshold)
+        return theta.expand(self.cfg.d_sae)
 
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_saving_inference(state_dict)
-        state_dict["threshold"] = self.threshold_tracker.exported(self.b_enc, "mutual_choice threshold theta (topk_threshold)")
+        self.cfg.metadata.thresholds_calibrated = self.threshold_tracker.is_calibrated
+        state_dict["threshold"] = export_threshold(self.inference_thresholds().detach(), self.b_enc, "mutual_choice threshold theta (topk_threshold)")
 
     def lazy_metrics(self, feature_acts: torch.Tensor, dead_mask: torch.Tensor | None) -> dict[str, Any]:
         out = super().lazy_metrics(feature_acts, dead_mask)
