@@ -218,9 +218,9 @@ class ExportSteering:
     rows the training rule ranked down (outlier rows: :mod:`sae_allocators.allocation.outliers`).
     A mid-training checkpoint then fired at 6-9x its k on SmolLM2. This class keeps one scalar
     factor ``c`` (a persistent buffer of ``owner``, so checkpoints resume it) and, after every
-    training step, measures the saved rule's L0 on that batch at ``c * theta`` and moves ``c`` by
-    ``(L0 / k) ** STEER_RATE`` (the ratio clamped to [1/2, 2]): a multiplicative controller whose
-    fixed point is L0 = k on training batches. The exported threshold is ``c * theta`` until
+    training step, measures the saved rule's L0 on that batch at ``c * theta`` and multiplies ``c``
+    by ``1 + STEER_RATE * (L0 / k - 1)`` (the ratio clamped to [1/2, 2]): a controller whose fixed
+    point is a mean L0 of k on training batches. The exported threshold is ``c * theta`` until
     calibration (:mod:`sae_allocators.calibration`) replaces it; the running thetas themselves
     (and so the training selection) are untouched.
     """
@@ -258,7 +258,8 @@ class ExportSteering:
 
                 counts = all_reduce(counts, "sum", group)
             ratio = (counts[0] / counts[1].clamp_min(1) / k).clamp(0.5, 2.0)
-            self.factor.mul_(ratio.pow(STEER_RATE))
+            # arithmetic, not geometric: the fixed point is E[L0] = k (batches vary in L0)
+            self.factor.mul_(1.0 + STEER_RATE * (ratio - 1.0))
 
 
 def export_threshold(theta: torch.Tensor, like: torch.Tensor, what: str) -> torch.Tensor:

@@ -116,6 +116,17 @@ class SelectionStepMixin:
     def after_step(self, state: StepState, output: TrainStepOutput) -> None:
         """Called once per training step with its state (running thresholds, metrics)."""
 
+    def batch_rule_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch-mode encode (``encode_with_hidden_pre``) of a batch rule: ``(hidden_pre, ranked)``,
+        the pre-activations ``[*lead, F]`` and the ``[N, F]`` matrix the rule ranks (the guard
+        applied, as in a training step)."""
+        from sae_allocators.architectures._common import input_and_pre_activations
+
+        sae_in, hidden_pre = input_and_pre_activations(self, x)
+        f = hidden_pre.shape[-1]
+        ranked, _, _ = self.guard(hidden_pre.detach().reshape(-1, f), sae_in.reshape(-1, sae_in.shape[-1]))
+        return hidden_pre, ranked
+
     # --- the step ------------------------------------------------------------------------------
 
     def uses_sparse_step(self) -> bool:

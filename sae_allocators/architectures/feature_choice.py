@@ -229,10 +229,12 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE
         return sparse.from_flat(flat, n, f, tau, is_sorted=True)
 
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch rule on ``x`` (SAELens's contract; training steps go through :meth:`select`)."""
-        hidden_pre = pre_activations(self, x)
-        caps = self.current_capacities(hidden_pre.numel() // hidden_pre.shape[-1])
-        codes, _ = feature_choice_select(hidden_pre, caps, one_per_token=self.cfg.one_per_token)
+        """The batch rule on ``x``, outlier guard included (SAELens's contract; training steps go
+        through :meth:`select`)."""
+        hidden_pre, ranked = self.batch_rule_input(x)
+        caps = self.current_capacities(ranked.shape[0])
+        kept, _ = feature_choice_indices(ranked, caps, one_per_token=self.cfg.one_per_token)
+        codes = sparse.keep_flat(hidden_pre.reshape(-1), kept).view_as(hidden_pre)
         return self.hook_sae_acts_post(codes), hidden_pre
 
     def after_step(self, state: StepState, output: Any) -> None:

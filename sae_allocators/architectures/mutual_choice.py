@@ -17,7 +17,7 @@ from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingS
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig, TopKTrainingSAE
 
 from sae_allocators import sparse
-from sae_allocators.allocation.batch import batch_topk, mutual_choice_indices, mutual_choice_select
+from sae_allocators.allocation.batch import batch_topk, mutual_choice_indices
 from sae_allocators.architectures._common import check_k, check_rate, pre_activations
 from sae_allocators.architectures._step import SelectionStepMixin, StepState
 from sae_allocators.distributed import group_of
@@ -116,9 +116,11 @@ class MutualChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, BatchTopKTrainin
         return sparse.from_flat(flat, hidden_pre.shape[0], hidden_pre.shape[1], tau, is_sorted=True)
 
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch rule on ``x`` (SAELens's contract; training steps go through :meth:`select`)."""
-        hidden_pre = pre_activations(self, x)
-        codes, _ = mutual_choice_select(hidden_pre, self.cfg.k)
+        """The batch rule on ``x``, outlier guard included (SAELens's contract; training steps go
+        through :meth:`select`)."""
+        hidden_pre, ranked = self.batch_rule_input(x)
+        kept, _ = mutual_choice_indices(ranked, self.cfg.k)
+        codes = sparse.keep_flat(hidden_pre.reshape(-1), kept).view_as(hidden_pre)
         return self.hook_sae_acts_post(codes), hidden_pre
 
     def after_step(self, state: StepState, output: Any) -> None:

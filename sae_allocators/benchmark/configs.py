@@ -44,6 +44,8 @@ class Entry:
     aux_variants: tuple[str, ...] = ()
     #: the label of the same selection trained with AuxK (for the aux_zipf vs AuxK comparison)
     auxk_counterpart: str | None = None
+    #: extra runs ``(tag, config fields)``, labelled ``name[tag]`` (e.g. the outlier guard off)
+    variants: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
     note: str = ""
 
 
@@ -80,6 +82,9 @@ def _top_afa(k: float, ctx: Context) -> dict[str, Any]:
     return {"k_max": min(ctx.d_sae, 16 * int(max(ctx.ks)))}
 
 
+#: the batch rules trained without the outlier guard (sae_allocators.allocation.outliers), to compare
+GUARD_OFF = ("guard=off", (("outlier_norm_ratio", 0.0),))
+
 KNOWN: dict[str, Entry] = {
     # SAELens's baselines (AuxK)
     "topk": Entry(_int_k, note="SAELens baseline; AuxK"),
@@ -91,10 +96,10 @@ KNOWN: dict[str, Entry] = {
     "abstopk_zipf": Entry(_int_k, auxk_counterpart="abstopk", note="abstopk + aux_zipf (signed)"),
     # the project's allocators
     "mutual_choice": Entry(
-        _float_k, batch_level=True, auxk_counterpart="batchtopk",
+        _float_k, batch_level=True, auxk_counterpart="batchtopk", variants=(GUARD_OFF,),
         note="same selection as batchtopk; its AuxK run is batchtopk itself",
     ),
-    "feature_choice": Entry(_float_k, batch_level=True, aux_variants=("auxk",)),
+    "feature_choice": Entry(_float_k, batch_level=True, aux_variants=("auxk",), variants=(GUARD_OFF,)),
     "gradient_topk": Entry(
         _gradient_k,
         lm_from_cache=False,
@@ -130,7 +135,7 @@ class Plan:
     @property
     def auxk_counterpart(self) -> str | None:
         """Label of the same selection trained with AuxK, when this run's loss is not AuxK."""
-        if self.entry is None or "aux_loss" in self.extra:
+        if self.entry is None or self.extra:  # a variant (aux loss, guard off) has no counterpart
             return None
         if self.entry.auxk_counterpart:
             return self.entry.auxk_counterpart
@@ -190,6 +195,10 @@ def plan_architectures(only: list[str] | None = None) -> list[Plan]:
             for v in entry.aux_variants:
                 if v in losses:
                     plans.append(Plan(name, f"{name}[aux={v}]", provider, entry, extra={"aux_loss": v}))
+        if entry is not None:
+            for tag, extra in entry.variants:
+                if all(key in _config_fields(cfg_cls) for key, _ in extra):
+                    plans.append(Plan(name, f"{name}[{tag}]", provider, entry, extra=dict(extra)))
     if only:
         missing = sorted(set(only) - {p.name for p in plans})
         if missing:

@@ -41,11 +41,74 @@ def evaluate_saved(source: Any, result: Any) -> tuple[dict[str, Any], torch.Tens
     figures.update(uncalibrated_figures(sae, source, getattr(result, "calibration", None)))
     if "uncalibrated_l0_mean" in figures:
         figures["l0_drift_uncalibrated"] = figures["uncalibrated_l0_mean"] / max(figures["train_mode_l0_mean"], 1e-12) - 1.0
+    stream = getattr(source, "stream_eval", None)
+    if stream is not None:
+        figures.update(stream_figures(sae, result.sae, stream(), source.train_batch_size))
     dead_mask = acc.density() == 0
     figures["step_seconds"] = step_seconds(result.sae, source, dead_mask)
     figures["train_seconds"] = float(result.seconds)
     figures["train_steps"] = int(result.steps)
     return figures, acc.density(), acc.per_token_l0()
+
+
+#: norm bins (multiples of the median token norm) of the report's L0-against-norm plot
+NORM_BINS = (0.0, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, float("inf"))
+
+
+@torch.no_grad()
+def stream_figures(saved: Any, training_sae: Any, stream: dict[str, torch.Tensor], batch_size: int) -> dict[str, Any]:
+    """Figures on the held-out token stream with every token kept (docs/mutual_choice.md, "Real
+    token streams"): the saved model's L0 at BOS / special tokens, at the first token of a document
+    and elsewhere; the training rule's L0 at the same positions (batches of the training size, in
+    order); the median per-token FVU ``||x - x_hat||^2 / ||x - mean||^2`` over ordinary tokens (not
+    special, norm at most 5x the median: NMSE is dominated by the few outlier rows, this is not);
+    and the saved model's mean L0 per norm bin (multiples of the median norm) for the plot."""
+    from sae_allocators.allocation.outliers import REPORT_RATIO
+
+    x, pos = stream["x"], stream["position"]
+    codes = torch.cat([saved.encode(x[i : i + 2048]) for i in range(0, x.shape[0], 2048)])
+    x_hat = torch.cat([saved.decode(codes[i : i + 2048]) for i in range(0, x.shape[0], 2048)])
+    l0 = (codes != 0).sum(-1).float()
+    norms = x.norm(dim=-1)
+    med = norms.median()
+    ordinary = (pos != 0) & (norms <= REPORT_RATIO * med)
+    mean = x[ordinary].mean(0)
+    fvu = (x - x_hat).pow(2).sum(-1) / (x - mean).pow(2).sum(-1).clamp_min(1e-12)
+    out: dict[str, Any] = {"median_token_fvu": float(fvu[ordinary].median())}
+    for name, p in (("bos", 0), ("doc_first", 1), ("rest", 2)):
+        if bool((pos == p).any()):
+            out[f"l0_{name}"] = float(l0[pos == p].mean())
+    if bool((norms > REPORT_RATIO * med).any()):
+        out["l0_outlier_rows"] = float(l0[norms > REPORT_RATIO * med].mean())
+    rel = norms / med
+    out["l0_by_norm"] = [
+        [lo, float(l0[(rel >= lo) & (rel < hi)].mean()), int(((rel >= lo) & (rel < hi)).sum())]
+        for lo, hi in zip(NORM_BINS[:-1], NORM_BINS[1:])
+        if bool(((rel >= lo) & (rel < hi)).any())
+    ]
+    # the training-time rule on the same stream, positions kept (batch rules: the guard applies)
+    was_training = training_sae.training
+    training_sae.train()
+    try:
+        bs = min(batch_size, x.shape[0])
+        l0s = [
+            (training_sae.encode_with_hidden_pre(x[i : i + bs])[0] != 0).sum(-1).float()
+            for i in range(0, x.shape[0] - bs + 1, bs)
+        ]
+    finally:
+        training_sae.train(was_training)
+    if l0s:
+        tl0 = torch.cat(l0s)
+        tpos = pos[: tl0.numel()]
+        for name, p in (("bos", 0), ("doc_first", 1), ("rest", 2)):
+            if bool((tpos == p).any()):
+                out[f"train_mode_l0_{name}"] = float(tl0[tpos == p].mean())
+    meta = getattr(saved.cfg, "metadata", None)
+    shares = meta["budget_shares"] if meta is not None else None
+    if isinstance(shares, dict):
+        out["budget_share_outlier_rows"] = shares.get("budget_share_outlier_rows")
+        out["budget_share_top1pct"] = shares.get("budget_share_top1pct")
+    return out
 
 
 @torch.no_grad()

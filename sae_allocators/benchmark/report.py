@@ -15,6 +15,7 @@ PLOTS = {
     "frontier": "frontier_{dataset}.png",
     "density": "density_{dataset}.png",
     "l0_hist": "l0_hist_{dataset}.png",
+    "l0_norm": "l0_by_norm_{dataset}.png",
 }
 
 # figures aggregated over seeds (mean and spread) in the tables and the JSON
@@ -24,6 +25,9 @@ AGG_KEYS = (
     "train_mode_l0_mean", "train_mode_nmse", "l0_drift", "zipf_exponent", "train_seconds",
     "train_seconds_per_token",
     "l0_drift_uncalibrated", "uncalibrated_nmse",
+    "median_token_fvu", "l0_bos", "l0_doc_first", "l0_rest", "l0_outlier_rows",
+    "train_mode_l0_bos", "train_mode_l0_doc_first", "train_mode_l0_rest",
+    "budget_share_outlier_rows", "budget_share_top1pct",
 )
 
 DEFINITIONS = {
@@ -52,6 +56,14 @@ DEFINITIONS = {
     "train_mode_nmse": "NMSE of the training-time selection (batch-level rules: over batches of the "
     "training batch size) on the evaluation tokens, before the inference threshold is applied",
     "zipf_exponent": "s of the least-squares fit log density = log C - s log rank over live latents",
+    "median_token_fvu": "median over ordinary held-out tokens (not special, norm <= 5x the median) of the per-token "
+    "FVU ||x - x_hat||^2 / ||x - mean||^2 (NMSE sums errors, so a few outlier rows dominate it; this does not)",
+    "l0_bos / l0_doc_first / l0_rest": "the saved model's mean L0 on the held-out stream with every token kept, at "
+    "BOS / special tokens, at the first token of a document, and elsewhere; train_mode_l0_*: the training-time rule "
+    "(outlier guard included) on the same stream in training-size batches, in order",
+    "budget_share_outlier_rows": "share of the training batches' kept entries on rows whose norm exceeds 5x the "
+    "batch median (running average over training, from cfg.json metadata.budget_shares); budget_share_top1pct: "
+    "share held by the 1 % of tokens with the most entries",
 }
 
 
@@ -399,6 +411,9 @@ def _plots(out: Path, records: list[dict[str, Any]], agg: list[dict[str, Any]], 
             name = _grid_plot(plt, np, out, d, kind, k_mid, sel, curves, colors)
             if name is not None:
                 written.append(name)
+        name = _l0_norm_plot(plt, out, d, sel, colors)
+        if name is not None:
+            written.append(name)
     return written
 
 
@@ -498,6 +513,7 @@ def _markdown(meta: dict[str, Any], agg: list[dict[str, Any]], claims: list[dict
     for src in meta["sources"]:
         L += _source_section(meta, src, agg)
         L += _results_table(src["kind"], agg, plots)
+        L += _stream_table(src["kind"], agg, plots)
     L += _architectures_section(meta)
     L += _definitions_section()
     return "\n".join(L) + "\n"
@@ -624,6 +640,72 @@ def _results_table(d: str, agg: list[dict[str, Any]], plots: list[str]) -> list[
             L.append(f"![{p}]({p})")
     L.append("")
     return L
+
+
+def _stream_table(d: str, agg: list[dict[str, Any]], plots: list[str]) -> list[str]:
+    """Where the budget goes on a real token stream (language models only)."""
+    rows = [r for r in agg if r["dataset"] == d and r.get("l0_rest") is not None]
+    if not rows:
+        return []
+    L = [
+        "### Real token streams: where the budget goes",
+        "",
+        "Held-out contexts with every token kept (BOS and separators too, as with SAELens's default data "
+        "options). L0 of the saved model at BOS / special tokens, at the first token of a document and "
+        "elsewhere (the training-time rule in brackets); the share of the training budget on rows above 5x "
+        "the median norm; the median per-token FVU over ordinary tokens. `[guard=off]` rows train the same "
+        "rule without the outlier guard (docs/mutual_choice.md, 'Real token streams').",
+        "",
+        "| architecture | k | L0 BOS | L0 doc first | L0 rest | L0 outlier rows | budget on outlier rows | top 1 % | "
+        "median token FVU | NMSE | CE rec. |",
+        "|" + " --- |" * 11,
+    ]
+
+    def both(r: dict[str, Any], key: str) -> str:
+        saved = _pm(r, key, "{:.1f}")
+        train = r.get(f"train_mode_{key}")
+        return f"{saved} ({_m(r, f'train_mode_{key}'):.1f})" if train is not None else saved
+
+    for r in rows:
+        k = "own" if r["k_target"] is None else f"{r['k_target']:g}"
+        share = _pm(r, "budget_share_outlier_rows", "{:.1%}") if r.get("budget_share_outlier_rows") is not None else "–"
+        top = _pm(r, "budget_share_top1pct", "{:.1%}") if r.get("budget_share_top1pct") is not None else "–"
+        out_l0 = _pm(r, "l0_outlier_rows", "{:.1f}") if r.get("l0_outlier_rows") is not None else "–"
+        L.append(
+            f"| {r['label']} | {k} | {both(r, 'l0_bos')} | {both(r, 'l0_doc_first')} | {both(r, 'l0_rest')} | {out_l0} | "
+            f"{share} | {top} | {_pm(r, 'median_token_fvu', '{:.4f}')} | {_pm(r, 'nmse', '{:.4f}')} | "
+            f"{_pm(r, 'ce_loss_recovered')} |"
+        )
+    L.append("")
+    for p in plots:
+        if p == PLOTS["l0_norm"].format(dataset=d):
+            L.append(f"![{p}]({p})")
+    L.append("")
+    return L
+
+
+def _l0_norm_plot(plt: Any, out: Path, d: str, sel: list[dict[str, Any]], colors: dict[str, Any]) -> str | None:
+    """The saved models' mean L0 against the token's norm (multiples of the median), one line per run."""
+    sel = [r for r in sel if r.get("l0_by_norm")]
+    if not sel:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=80)
+    for r in sel:
+        pts = r["l0_by_norm"]
+        xs = [max(p[0], 0.25) for p in pts]
+        ax.plot(xs, [p[1] for p in pts], marker="o", ms=3, label=r["label"], color=colors[r["label"]])
+    ax.set_xscale("log")
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_xlabel("token norm / median norm (lower edge of the bin)")
+    ax.set_ylabel("mean L0 of the saved model")
+    ax.set_title(f"{d}: L0 against token norm (held-out stream, every token kept)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    name = PLOTS["l0_norm"].format(dataset=d)
+    fig.savefig(out / name)
+    plt.close(fig)
+    return name
 
 
 def _architectures_section(meta: dict[str, Any]) -> list[str]:

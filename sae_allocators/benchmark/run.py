@@ -250,6 +250,8 @@ def _jobs(st: Settings, sources: list[Any], todo: list[Any], controls: dict[str,
                         continue  # chooses its own L0: trained once per seed
                     if not is_lm and p.extra.get("beta", st.gradient_betas[0]) != st.gradient_betas[0]:
                         continue  # no gradients off the LM: one beta is enough there
+                    if not is_lm and "outlier_norm_ratio" in p.extra:
+                        continue  # synthetic data has no outlier-norm rows: the guard-off run is the same run
                     control = controls.get(p.entry.lm_live_control or "") if live and p.entry else None
                     if control is not None and control.label not in paired:
                         paired.add(control.label)

@@ -164,8 +164,10 @@ def test_feature_choice_running_stats_and_fallback():
     assert torch.allclose(sae.feature_threshold.float(), smallest.detach())
     assert float(sae.feature_usage.sum()) == pytest.approx(K, rel=1e-4)  # Mutual-Choice demand spends the same budget
     sae.steps_since_selected[:3] = 10_000
-    th = sae.inference_thresholds()
+    th = sae.running_thresholds()
     assert torch.equal(th[:3], sae.global_threshold.expand(3)) and torch.equal(th[3:], sae.feature_threshold[3:])
+    # the saved (uncalibrated) thresholds are these times the export correction c
+    assert torch.allclose(sae.inference_thresholds(), th * sae.threshold_export_scale)
 
 
 def test_feature_choice_zipf_capacities_follow_demand():
