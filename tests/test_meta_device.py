@@ -9,6 +9,12 @@ the CPU tensors raises ("Tensor on device meta is not on the expected device cpu
 on a meta tensor). On a GPU the same code would put such a tensor on the CPU: an error, or a
 silent host copy and sync inside the step. So this catches device bugs on a CPU-only machine.
 
+torch's default-device mode is a Python TorchFunctionMode, and autograd does not carry it into the
+code it runs during ``backward()`` (a custom Function's ``backward``, gradient hooks, engine
+callbacks): there a tensor made without a device lands on the CPU even inside ``on_meta``. So the
+tests also run this project's backward code under ``meta`` explicitly (:func:`meta_backward`:
+the sparse step's ``_SelectedValues.backward``, and the data-parallel gradient averaging).
+
 The default device is reset after every test, also when it fails (``on_meta`` and the autouse
 fixture below). The optimizer step runs outside ``meta``: torch's Adam makes its step counter with
 ``torch.tensor(0.0)`` on the default device (torch's code, not ours).
@@ -20,8 +26,14 @@ import contextlib
 import dataclasses
 import importlib
 import inspect
+import json
 import math
+import os
 import pkgutil
+import socket
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -66,6 +78,45 @@ def test_on_meta_resets_the_default_device_on_failure():
             assert torch.zeros(1).device.type == "meta"
             cpu + torch.zeros(2)  # a tensor made on the default device, mixed with a CPU one: the bug caught
     assert torch.zeros(1).device.type == "cpu"
+
+
+def test_the_default_device_mode_does_not_reach_backward_code():
+    """Why :func:`meta_backward` exists (if torch starts carrying the mode into backward, this fails
+    and the fixture can go)."""
+    seen = []
+
+    class Double(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(torch.zeros(1).device.type)
+            return g * 2
+
+    x = torch.ones(3, requires_grad=True)
+    with on_meta():
+        Double.apply(x).sum().backward()
+    assert seen == ["cpu"]
+
+
+@pytest.fixture
+def meta_backward(monkeypatch):
+    """Run this project's backward code (the sparse step's Function) on the meta default device;
+    yields the list of backward calls made, so a test can check that the sparse backward ran."""
+    from sae_allocators import sparse
+
+    calls: list[str] = []
+    original = sparse._SelectedValues.backward
+
+    def backward(ctx, *grads):
+        calls.append(torch.get_default_device().type)
+        with on_meta():
+            return original(ctx, *grads)
+
+    monkeypatch.setattr(sparse._SelectedValues, "backward", staticmethod(backward))
+    yield calls
 
 
 # --- every architecture: training steps, thresholds, metrics, saved model ------------------------
@@ -125,7 +176,7 @@ def _evaluate_metrics(metrics: dict) -> None:
 @pytest.mark.parametrize("sparse_step", [True, False], ids=["sparse", "dense"])
 @pytest.mark.parametrize("rescale", [True, False], ids=["rescale", "norescale"])
 @pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
-def test_training_steps_make_no_tensor_on_the_default_device(variant, rescale, sparse_step):
+def test_training_steps_make_no_tensor_on_the_default_device(variant, rescale, sparse_step, meta_backward):
     name, extra = variant
     if name == "abstopk" and sparse_step is False:
         pytest.skip("abstopk (SAELens's AbsTopK port) has no sparse_step field: one run covers it")
@@ -154,6 +205,8 @@ def test_training_steps_make_no_tensor_on_the_default_device(variant, rescale, s
     trackers = [t for t in (getattr(sae, "threshold_tracker", None), getattr(sae, "global_threshold_tracker", None)) if t is not None]
     for t in trackers:
         assert t.value_name in changed
+    # the sparse step's own backward ran (under meta, through the fixture); the dense path has none
+    assert bool(meta_backward) == (sparse_step and name != "abstopk")
 
 
 @pytest.mark.parametrize("variant", [(n, {}) for n in names.OWN_ARCHITECTURES], ids=_ids)
@@ -341,3 +394,103 @@ def test_calibration_makes_no_tensor_on_the_default_device(name, method, tmp_pat
     with on_meta():
         C.calibrate(loaded, held, 300, k=float(sae.cfg.k), method=method, shares=shares)
     assert loaded.threshold.device.type == "cpu"
+
+
+# --- data parallel: the global selection and the gradient averaging -------------------------------
+
+RANK_SCRIPT = r"""
+import contextlib, json, os, traceback
+import torch, torch.distributed as dist
+import sae_allocators  # noqa: F401
+from sae_lens.registry import get_sae_training_class
+from sae_lens.saes.sae import TrainStepInput
+from sae_allocators.distributed import group_of, make_data_parallel
+
+r = int(os.environ["RANK"])
+dist.init_process_group("gloo", rank=r, world_size=int(os.environ["WORLD_SIZE"]))
+
+
+@contextlib.contextmanager
+def on_meta():
+    previous = torch.get_default_device()
+    torch.set_default_device("meta")
+    try:
+        yield
+    finally:
+        torch.set_default_device(previous)
+
+
+# torch's default-device mode does not reach code autograd runs during backward: run ours under it
+from sae_allocators import sparse
+from sae_allocators.distributed.data_parallel import DataParallel
+
+
+def under_meta(fn):
+    def wrapped(*a, **kw):
+        with on_meta():
+            return fn(*a, **kw)
+    return wrapped
+
+
+sparse._SelectedValues.backward = staticmethod(under_meta(sparse._SelectedValues.backward))
+DataParallel._sync_grads = under_meta(DataParallel._sync_grads)
+
+fails, ran = [], []
+D_IN, F, N = 16, 1024, 160  # 2 x 160 tokens x 1024 features: the estimate paths of the selection
+CASES = [("mutual_choice", {"k": 4.0}, True), ("mutual_choice", {"k": 4.0}, False), ("feature_choice", {"k": 4.0}, True),
+         ("feature_choice", {"k": 0.5, "one_per_token": True}, False), ("batchtopk_zipf", {"k": 4.0}, True),
+         ("gradient_topk", {"k": 4, "grad_normalization": "batch"}, True)]
+for name, extra, sparse_step in CASES:
+    try:
+        cls, cfg_cls = get_sae_training_class(name)
+        torch.manual_seed(0)
+        sae = cls(cfg_cls(d_in=D_IN, d_sae=F, sparse_step=sparse_step, **extra))
+        make_data_parallel(sae, dist.group.WORLD)
+        assert group_of(sae) is not None  # the global (collective) path runs
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+        dead = torch.zeros(F, dtype=torch.bool)
+        dead[::3] = True
+        g = torch.Generator().manual_seed(10 + r)
+        for step in range(3):
+            x = torch.randn(N, D_IN * (2 if name == "gradient_topk" else 1), generator=g)
+            with on_meta():
+                out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=step, is_logging_step=step == 1))
+                out.loss.backward()
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+                for v in out.metrics.values():
+                    v() if callable(v) else v
+            opt.step()
+            opt.zero_grad()
+        ran.append(name)
+    except Exception as exc:
+        where = [f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in traceback.extract_tb(exc.__traceback__)][-4:]
+        fails.append(f"{name} {extra} sparse_step={sparse_step}: {type(exc).__name__}: {str(exc)[:300]} at {where}")
+print(json.dumps({"fails": fails, "ran": ran}))
+dist.destroy_process_group()
+"""
+
+
+def test_data_parallel_steps_make_no_tensor_on_the_default_device(tmp_path):
+    """Two gloo ranks: the global Mutual Choice / Feature Choice selections (distributed/select.py),
+    the global gradient normalisation of gradient_topk and the gradient averaging, on the meta default device."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = tmp_path / "rank.py"
+    script.write_text(textwrap.dedent(RANK_SCRIPT))
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-3000:]
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for res in results:
+        assert res["fails"] == [], "\n".join(res["fails"])
+        assert len(res["ran"]) == 6
+
