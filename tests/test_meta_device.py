@@ -44,8 +44,6 @@ import sae_allocators  # noqa: F401  (registers the architectures)
 from sae_allocators import names
 from helpers import training_kwargs
 
-pytestmark = pytest.mark.saelens_independent
-
 D_IN = 16
 #: N * F above 4 * 65536 entries: the batch rules take their estimate-and-correct path
 N, D_SAE = 320, 1024

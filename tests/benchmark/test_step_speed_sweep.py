@@ -20,7 +20,8 @@ from helpers import REPO
 
 SCRIPT = REPO / "benchmarks" / "step_speed.py"
 
-pytestmark = pytest.mark.skipif(not SCRIPT.is_file(), reason="benchmarks/ is in the source checkout only")
+# a benchmark-harness test: like test_benchmark.py, run once in CI, at the newest SAELens (tests/run.sh)
+pytestmark = [pytest.mark.saelens_independent, pytest.mark.skipif(not SCRIPT.is_file(), reason="benchmarks/ is in the source checkout only")]
 
 
 def _run(tmp_path, *extra: str) -> subprocess.CompletedProcess:
