@@ -295,13 +295,13 @@ def test_train_help_for_one_architecture_shows_its_fields(capsys, arch, own, for
     assert "--train_batch_size_tokens" in out  # SAELens's runner options too
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["-h"], []], ids=["--help", "-h", "nothing"])
-def test_train_help_lists_nproc_per_node(capsys, argv):
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_train_help_lists_nproc_per_node(capsys, flag):
     """The README documents ``sae-allocators train --nproc-per-node N``; ``train --help`` says so
     (the option is handled before SAELens's parser, whose help does not know it)."""
     from sae_allocators import cli
 
-    assert cli.main(["train", *argv]) in (0, 2)  # no arguments: SAELens's parser may refuse
+    assert cli.main(["train", flag]) == 0
     out = capsys.readouterr().out
     assert "--nproc-per-node N" in out and "torchrun" in out
     assert "Architectures (--architecture NAME)" in out
