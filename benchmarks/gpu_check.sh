@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # For whoever first has a CUDA machine: does everything that should run on a GPU run there?
 #
-#   bash benchmarks/gpu_check.sh                # about 10-15 minutes on one GPU (most of it installs)
+#   bash benchmarks/gpu_check.sh                # estimated 10-15 minutes on one GPU (most of it installs), plus the sweep (not yet timed)
 #   VENV=/path/to/env bash benchmarks/gpu_check.sh   # an environment with a CUDA torch already
 #
 # 1. the tests that exercise a device, with SAE_ALLOCATORS_TEST_DEVICE=cuda (tests/test_device.py:
 #    the tiny main job on the GPU, gradient_topk on the LM included, every runner config, reload and
 #    model checked to be on it);
 # 2. benchmarks/step_speed.py --device cuda (one training step per architecture, timed);
-# 3. the main job: bash benchmarks/run.sh --quick --device cuda (report in reports/gpu-check-quick);
+# 3. benchmarks/step_speed.py --sweep --device cuda: the wide-dictionary sweep (d_sae 32768-131072,
+#    N 2048/4096, d_in 512/768, k 32/64; every architecture, SAELens topk, the floor and sparsify's
+#    TopK step when it installs), medians, ratios, peak memory and the GPU's name in
+#    reports/gpu-check/sweep/ (sweep.md, sweep.json, sweep.png);
+# 4. the main job: bash benchmarks/run.sh --quick --device cuda (report in reports/gpu-check-quick);
 # then a one-screen summary (logs in reports/gpu-check/). Without a CUDA GPU it says what it skipped
 # and exits 0. It exits 1 when a step that ran failed.
 #
@@ -27,7 +31,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
 skip_all() {
   echo "gpu_check: $1"
-  echo "gpu_check: skipped: the device tests with SAE_ALLOCATORS_TEST_DEVICE=cuda, step_speed.py --device cuda,"
+  echo "gpu_check: skipped: the device tests with SAE_ALLOCATORS_TEST_DEVICE=cuda, step_speed.py --device cuda (and --sweep),"
   echo "           and the main job --quick --device cuda. Nothing failed; run this on a machine with a CUDA GPU."
   exit 0
 }
@@ -47,6 +51,10 @@ fi
 echo "== installing sae-allocators[test,report,offline] from this checkout into $VENV"
 pip install -q --upgrade-strategy only-if-needed ".[test,report,offline]" >>"$LOGS/install.log" 2>&1 \
   || { echo "gpu_check: installing the package failed (see $LOGS/install.log)"; exit 1; }
+# sparsify's TopK step is the sweep's reference column (a benchmark reference, not a dependency):
+# without it the sweep still runs, with no "x sparsify" table
+pip install -q --no-deps eai-sparsify einops natsort schedulefree >>"$LOGS/install.log" 2>&1 \
+  || echo "gpu_check: eai-sparsify did not install (see $LOGS/install.log): the sweep has no sparsify column"
 if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   skip_all "the GPU is there but torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)') in $VENV cannot use it (a CPU build? set TORCH_SPEC or VENV)"
 fi
@@ -68,6 +76,8 @@ run_step "device tests (SAE_ALLOCATORS_TEST_DEVICE=cuda)" "$LOGS/tests.log" \
   bash -c "cd tests && SAE_ALLOCATORS_TEST_DEVICE=cuda '$VENV/bin/python' -m pytest -q -p no:cacheprovider -p no:xdist test_device.py"
 run_step "step_speed.py --device cuda" "$LOGS/step_speed.log" \
   "$VENV/bin/python" benchmarks/step_speed.py --device cuda
+run_step "step_speed.py --sweep --device cuda" "$LOGS/sweep.log" \
+  "$VENV/bin/python" benchmarks/step_speed.py --sweep --device cuda --out "$LOGS/sweep"
 run_step "main job --quick --device cuda" "$LOGS/main_quick.log" \
   env VENV="$VENV" bash benchmarks/run.sh --quick --device cuda --out reports/gpu-check-quick
 
@@ -82,6 +92,10 @@ done
 echo "-- tests:      $(tail -n 1 "$LOGS/tests.log")"
 echo "-- step_speed (last lines):"
 tail -n 12 "$LOGS/step_speed.log" | sed 's/^/     /'
+if [ -f "$LOGS/sweep/sweep.md" ]; then
+  echo "-- sweep:      $LOGS/sweep/sweep.md (+ sweep.json, sweep.png); its ratios to SAELens topk:"
+  awk '/^## × SAELens topk/{on=1; next} /^## /{on=0} on && /^\|/' "$LOGS/sweep/sweep.md" | cut -c1-200 | sed 's/^/     /'
+fi
 if [ -f reports/gpu-check-quick/report.md ]; then
   echo "-- main job:   $(grep -m1 '^Run on' reports/gpu-check-quick/report.md | cut -c1-150)"
   grep -m1 -A2 'gradient_topk (g-SAE)' reports/gpu-check-quick/report.md | cut -c1-200 | sed 's/^/     /'

@@ -25,12 +25,29 @@ per-feature ``torch.topk`` loop.
     python benchmarks/step_speed.py --device cuda
     python benchmarks/step_speed.py --dense         # this project's architectures on the dense reference path
     python benchmarks/step_speed.py --d-sae 32768 --n 2048
+    python benchmarks/step_speed.py --sweep --device cuda   # the wide-dictionary sweep (below)
+    python benchmarks/step_speed.py --quick-sweep            # the same at tiny sizes (seconds)
+
+``--sweep`` runs the timing above at every point of a grid -- d_sae in {32768, 65536, 131072},
+N in {2048, 4096}, d_in in {512, 768}, k in {32, 64} (``--sweep-d-sae`` / ``--sweep-n`` /
+``--sweep-d-in`` / ``--sweep-k`` change the lists) -- for the floor, sparsify's TopK step (when
+importable), SAELens ``topk`` and each architecture of this project (``SWEEP_ARCHS``), all in one
+process, round-robin as above, one point after the other. Peak memory: on CUDA measured in the same
+process (``max_memory_allocated`` above the memory allocated before one more step of each method);
+on the CPU in a fresh process per method and point (slow: ``--no-memory`` skips it). It writes
+``sweep.json`` (every time of every round, peaks, errors, device and versions), ``sweep.md`` (medians
+and ratios to sparsify and to SAELens ``topk``) and ``sweep.png`` (step time against d_sae per
+method, log scales) into ``--out`` (default ``reports/step-speed-sweep``). A method that fails at a
+point (e.g. out of memory) is recorded with its error; the sweep goes on.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import json
+import math
 import os
 import resource
 import statistics
@@ -57,6 +74,24 @@ ARCHS = [
 ]
 #: reference rows (not SAELens SAEs): the encoder-matmul floor and sparsify's TopK step
 REFERENCES = ["floor", "sparsify_topk"]
+#: the sweep's methods besides the references: SAELens topk and each architecture of this project
+SWEEP_ARCHS = [
+    "topk",
+    "mutual_choice",
+    "feature_choice",
+    "feature_choice_uniform",
+    "batchtopk_zipf",
+    "topk_zipf",
+    "abstopk_zipf",
+    "top_afa",
+    "gradient_topk",
+]
+SWEEP_D_SAE = [32768, 65536, 131072]
+SWEEP_N = [2048, 4096]
+SWEEP_D_IN = [512, 768]
+SWEEP_K = [32, 64]
+#: --quick-sweep: tiny sizes, for a smoke run of the whole sweep (seconds on a CPU)
+QUICK_SWEEP = {"d_sae": [256, 512], "n": [64], "d_in": [16], "k": [4], "rounds": 2, "warmup": 1}
 
 
 def build(arch: str, d_in: int, d_sae: int, k: int, device: str, aux_loss: str | None, sparse_step: bool = True):
@@ -211,24 +246,64 @@ def check_exact(args) -> dict[str, bool]:
     return out
 
 
-def time_all(args) -> dict[str, list[float]]:
-    steppers = {a: make_stepper(a, args) for a in args.archs}
+def time_all(args, failures: dict[str, str] | None = None, peaks: dict[str, float] | None = None) -> dict[str, list[float]]:
+    """Median-ready step times of every row of ``args.archs``, round-robin in this process.
+
+    With ``failures`` (the sweep), a row whose build or step raises is dropped from the rounds and
+    its error recorded there instead of stopping the run. With ``peaks`` (CUDA only), each row's
+    peak memory of one more step is measured afterwards in this process (:func:`cuda_peak`).
+    """
+    archs = list(args.archs)
+
+    def attempt(a: str, fn):
+        if failures is None:
+            return fn()
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 -- recorded; the other rows go on
+            failures[a] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            archs.remove(a)
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            return None
+
+    steppers = {}
+    for a in list(archs):
+        st = attempt(a, lambda a=a: make_stepper(a, args))
+        if st is not None:
+            steppers[a] = st
     batches = [data(args.n, args.d_in, args.device, s) for s in range(4)]
     for _ in range(args.warmup):
-        for st in steppers.values():
-            st(batches[0])
+        for a in list(archs):
+            attempt(a, lambda a=a: steppers[a](batches[0]))
     sync(args.device)
     times: dict[str, list[float]] = {a: [] for a in args.archs}
     for r in range(args.rounds):
-        order = args.archs if r % 2 == 0 else list(reversed(args.archs))
+        order = list(archs) if r % 2 == 0 else list(reversed(archs))
         for a in order:
             x = batches[r % len(batches)]
             sync(args.device)
             t0 = time.perf_counter()
-            steppers[a](x)
+            if attempt(a, lambda a=a: steppers[a](x)) is None and a not in archs:
+                continue
             sync(args.device)
             times[a].append(time.perf_counter() - t0)
+    if peaks is not None and args.device.startswith("cuda"):
+        for a in list(archs):
+            peak = attempt(a, lambda a=a: cuda_peak(steppers[a], batches[0]))
+            if peak is not None:
+                peaks[a] = peak
     return times
+
+
+def cuda_peak(st, x: torch.Tensor) -> float:
+    """Peak CUDA memory of one step of ``st`` above the memory allocated before it (bytes)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    st(x)
+    torch.cuda.synchronize()
+    return float(torch.cuda.max_memory_allocated() - base)
 
 
 def _rss_bytes() -> int:
@@ -241,12 +316,7 @@ def memory_child(args) -> None:
     x = data(args.n, args.d_in, args.device, 0)
     if args.device.startswith("cuda"):
         st(x)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        st(x)
-        torch.cuda.synchronize()
-        print(json.dumps({"peak": torch.cuda.max_memory_allocated() - base}))
+        print(json.dumps({"peak": cuda_peak(st, x)}))
         return
     import threading
 
@@ -285,6 +355,181 @@ def memory_all(args) -> dict[str, float]:
     return out
 
 
+# --- the sweep: the same timing at every point of a grid of shapes ---------------------------------
+
+
+def device_description(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return f"cpu (torch threads={torch.get_num_threads()}, os.cpu_count={os.cpu_count()})"
+
+
+def sweep_points(args) -> list[dict[str, int]]:
+    """The grid, d_sae varying fastest (the plot's x-axis)."""
+    return [
+        {"d_in": d_in, "n": n, "k": k, "d_sae": d_sae}
+        for d_in, n, k, d_sae in itertools.product(args.sweep_d_in, args.sweep_n, args.sweep_k, args.sweep_d_sae)
+    ]
+
+
+def run_sweep(args) -> dict:
+    """Time every method at every point of the grid (:func:`time_all` per point); the record."""
+    import sae_lens
+
+    refs = ["floor"] + (["sparsify_topk"] if sparsify_available() else [])
+    methods = refs + [a for a in args.archs if a not in refs]
+    try:
+        from importlib.metadata import version
+
+        sparsify_version = version("eai-sparsify") if "sparsify_topk" in refs else None
+    except Exception:  # noqa: BLE001 -- importable without metadata: unknown version
+        sparsify_version = "unknown"
+    record = {
+        "device": device_description(args.device),
+        "torch": torch.__version__,
+        "sae_lens": sae_lens.__version__,
+        "sparsify": sparsify_version,
+        "rounds": args.rounds,
+        "warmup": args.warmup,
+        "path": "dense reference (sparse_step=False)" if args.dense else "sparse training step (sparse_step=True)",
+        "methods": methods,
+        "memory": "none" if args.no_memory else ("cuda max_memory_allocated, in process" if args.device.startswith("cuda") else "peak RSS, a fresh process per method"),
+        "argv": sys.argv[1:],
+        "points": [],
+    }
+    for point in sweep_points(args):
+        pargs = copy.copy(args)
+        pargs.n, pargs.d_in, pargs.d_sae, pargs.k = point["n"], point["d_in"], point["d_sae"], point["k"]
+        pargs.archs = list(methods)
+        failures: dict[str, str] = {}
+        peaks: dict[str, float] = {}
+        print(f"sweep point N={pargs.n} d_in={pargs.d_in} d_sae={pargs.d_sae} k={pargs.k}", flush=True)
+        times = time_all(pargs, failures=failures, peaks=None if args.no_memory else peaks)
+        if not args.no_memory and not args.device.startswith("cuda"):
+            pargs.archs = [m for m in methods if m not in failures]
+            peaks = {m: v for m, v in memory_all(pargs).items() if not math.isnan(v)}
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        rows = {}
+        for m in methods:
+            ok = m not in failures and len(times.get(m, [])) == args.rounds
+            rows[m] = {
+                "median_s": statistics.median(times[m]) if ok else None,
+                "min_s": min(times[m]) if ok else None,
+                "times_s": times.get(m, []),
+                "peak_bytes": peaks.get(m),
+                "error": failures.get(m),
+            }
+        record["points"].append({**point, "methods": rows})
+    return record
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "—" if a is None or b is None or b == 0 else f"{a / b:.2f}"
+
+
+def sweep_markdown(record: dict) -> str:
+    """The record as Markdown: medians, ratios to sparsify and to SAELens topk, peak memory."""
+    methods = record["methods"]
+    head = "| N | d_in | k | d_sae | " + " | ".join(methods) + " |"
+    rule = "| --- " * (4 + len(methods)) + "|"
+
+    def table(cell) -> list[str]:
+        lines = [head, rule]
+        for p in record["points"]:
+            cells = [cell(p, m) for m in methods]
+            lines.append(f"| {p['n']} | {p['d_in']} | {p['k']} | {p['d_sae']} | " + " | ".join(cells) + " |")
+        return lines
+
+    def med(p, m):
+        return p["methods"][m]["median_s"]
+
+    out = [
+        "# Training-step sweep (benchmarks/step_speed.py --sweep)",
+        "",
+        f"Device: {record['device']}; torch {record['torch']}, sae-lens {record['sae_lens']}, "
+        f"sparsify {record['sparsify'] or 'not importable (no reference column)'}; {record['rounds']} rounds after "
+        f"{record['warmup']} warm-up step(s) per method; this project's architectures on the {record['path']}; "
+        f"peak memory: {record['memory']}.",
+        "",
+        "A step: forward, losses, backward, gradient clipping, Adam (the floor: the encoder matmul only). "
+        "Medians of rounds, every method round-robin in one process.",
+        "",
+        "## Median step (ms)",
+        "",
+        *table(lambda p, m: "—" if med(p, m) is None else f"{med(p, m) * 1e3:.1f}"),
+    ]
+    if "sparsify_topk" in methods:
+        out += ["", "## × sparsify TopK (median / sparsify's median)", "", *table(lambda p, m: _ratio(med(p, m), med(p, "sparsify_topk")))]
+    if "topk" in methods:
+        out += ["", "## × SAELens topk (median / topk's median)", "", *table(lambda p, m: _ratio(med(p, m), med(p, "topk")))]
+    if any(r["peak_bytes"] is not None for p in record["points"] for r in p["methods"].values()):
+        def mem(p, m):
+            v = p["methods"][m]["peak_bytes"]
+            return "—" if v is None else f"{v / 2**20:.0f}"
+
+        out += ["", "## Peak memory of a step (MiB)", "", *table(mem)]
+        if "topk" in methods:
+            def mem_ratio(p, m):
+                return _ratio(p["methods"][m]["peak_bytes"], p["methods"]["topk"]["peak_bytes"])
+
+            out += ["", "## Peak memory × SAELens topk", "", *table(mem_ratio)]
+    errors = [(p, m, r["error"]) for p in record["points"] for m, r in p["methods"].items() if r["error"]]
+    if errors:
+        out += ["", "## Failures", ""]
+        out += [f"- N={p['n']} d_in={p['d_in']} k={p['k']} d_sae={p['d_sae']}, {m}: {e}" for p, m, e in errors]
+    return "\n".join(out) + "\n"
+
+
+def sweep_plot(record: dict, path: Path) -> None:
+    """Step time against d_sae per method (log-log), one panel per (N, d_in, k)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    combos = sorted({(p["n"], p["d_in"], p["k"]) for p in record["points"]})
+    cols = min(4, len(combos))
+    rows = -(-len(combos) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols + 2.4, 3.4 * rows + 0.6), squeeze=False, sharey=True)
+    colors = plt.get_cmap("tab20").colors
+    for ax, (n, d_in, k) in zip(axes.flat, combos):
+        pts = sorted((p for p in record["points"] if (p["n"], p["d_in"], p["k"]) == (n, d_in, k)), key=lambda p: p["d_sae"])
+        for i, m in enumerate(record["methods"]):
+            xs = [p["d_sae"] for p in pts if p["methods"][m]["median_s"] is not None]
+            ys = [p["methods"][m]["median_s"] * 1e3 for p in pts if p["methods"][m]["median_s"] is not None]
+            if xs:
+                style = "--" if m in REFERENCES or m == "topk" else "-"  # references dashed
+                ax.plot(xs, ys, style, marker="o", markersize=3, color=colors[(2 * i) % 20 + (2 * i) // 20], label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"N={n}, d_in={d_in}, k={k}", fontsize=9)
+        ax.set_xlabel("d_sae")
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in axes.flat[len(combos):]:
+        ax.set_visible(False)
+    axes[0][0].set_ylabel("median step (ms)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    fig.suptitle(f"Training step vs d_sae: {record['device']}", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1 - 2.2 / fig.get_figwidth(), 0.95))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def sweep_main(args) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"sweep on {device_description(args.device)}; writing {out}/sweep.json, sweep.md, sweep.png", flush=True)
+    record = run_sweep(args)
+    (out / "sweep.json").write_text(json.dumps(record, indent=1) + "\n")
+    md = sweep_markdown(record)
+    (out / "sweep.md").write_text(md)
+    sweep_plot(record, out / "sweep.png")
+    print(md)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=4096, help="tokens per batch")
@@ -302,10 +547,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="N=1024, d_in=128, d_sae=2048, k=16, 5 rounds")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-check", action="store_true")
+    p.add_argument("--sweep", action="store_true", help="time every method over the grid of --sweep-* shapes (writes --out)")
+    p.add_argument("--quick-sweep", action="store_true", help=f"--sweep at tiny sizes, for a smoke run: {QUICK_SWEEP}")
+    p.add_argument("--sweep-d-sae", type=int, nargs="+", default=None, help=f"default {SWEEP_D_SAE}")
+    p.add_argument("--sweep-n", type=int, nargs="+", default=None, help=f"default {SWEEP_N}")
+    p.add_argument("--sweep-d-in", type=int, nargs="+", default=None, help=f"default {SWEEP_D_IN}")
+    p.add_argument("--sweep-k", type=int, nargs="+", default=None, help=f"default {SWEEP_K}")
+    p.add_argument("--out", default="reports/step-speed-sweep", help="the sweep's output folder")
     p.add_argument("--_memory-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.n, args.d_in, args.d_sae, args.k, args.rounds = 1024, 128, 2048, 16, 5
+    full = {"d_sae": SWEEP_D_SAE, "n": SWEEP_N, "d_in": SWEEP_D_IN, "k": SWEEP_K}
+    for field in full:  # lists not given: the full grid, or the tiny one of --quick-sweep
+        if getattr(args, f"sweep_{field}") is None:
+            setattr(args, f"sweep_{field}", list(QUICK_SWEEP[field] if args.quick_sweep else full[field]))
+    if args.quick_sweep:
+        args.sweep = True
+        args.rounds, args.warmup = QUICK_SWEEP["rounds"], QUICK_SWEEP["warmup"]
     if args._memory_child:
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -313,6 +572,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.sweep:
+        if args.archs == ARCHS:  # not given: the sweep's methods
+            args.archs = list(SWEEP_ARCHS)
+        return sweep_main(args)
     if "topk" not in args.archs:
         args.archs = ["topk", *args.archs]
     refs = ["floor"] + (["sparsify_topk"] if sparsify_available() else [])

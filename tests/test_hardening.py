@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 import sae_allocators  # noqa: E402,F401  (registers our architectures)
 from helpers import training_kwargs  # noqa: E402
+from helpers.determinism import differing  # noqa: E402
 
 from sae_allocators import io as sio  # noqa: E402
 from sae_allocators.config_checks import UnknownConfigKeyWarning  # noqa: E402
@@ -459,7 +460,8 @@ def test_resume_from_a_checkpoint_is_bit_identical(arch, tmp_path):
         trainer2.fit()
     resumed = sae2.state_dict()
     assert set(resumed) == set(full)
-    assert [k for k in full if not torch.equal(full[k], resumed[k])] == []
+    # bit for bit here (CPU); on CUDA only under deterministic algorithms, else to float tolerance
+    assert differing(full, resumed) == []
 
 
 def test_feature_choice_demand_phase_is_saved_for_training_only():

@@ -295,6 +295,18 @@ def test_train_help_for_one_architecture_shows_its_fields(capsys, arch, own, for
     assert "--train_batch_size_tokens" in out  # SAELens's runner options too
 
 
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_train_help_lists_nproc_per_node(capsys, flag):
+    """The README documents ``sae-allocators train --nproc-per-node N``; ``train --help`` says so
+    (the option is handled before SAELens's parser, whose help does not know it)."""
+    from sae_allocators import cli
+
+    assert cli.main(["train", flag]) == 0
+    out = capsys.readouterr().out
+    assert "--nproc-per-node N" in out and "torchrun" in out
+    assert "Architectures (--architecture NAME)" in out
+
+
 def test_load_a_good_local_folder_batch_mode_feature_choice(tmp_path, monkeypatch, capsys):
     """``sae-allocators load ./output`` on a saved batch-mode FeatureChoiceSAE: loads, describes it, and
     the loaded SAE encodes with uniform capacities (exactly floor(k N) entries, m_j each)."""

@@ -28,6 +28,7 @@ training step's input); :func:`mutual_choice_select` the dense codes.
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 import torch.nn.functional as F
@@ -114,10 +115,22 @@ def keep_at_least(affinity: torch.Tensor, tau: torch.Tensor | float) -> torch.Te
     if t <= 0:
         return affinity.relu()
     if affinity.dtype in (torch.float32, torch.float64):
-        tt = torch.tensor(t, dtype=affinity.dtype)
-        below = float(torch.nextafter(tt, torch.tensor(-math.inf, dtype=affinity.dtype)))
-        return F.threshold(affinity, below, 0.0)
+        return F.threshold(affinity, _next_below(t, affinity.dtype), 0.0)
     return torch.where(affinity >= t, affinity, torch.zeros((), dtype=affinity.dtype, device=affinity.device))
+
+
+def _next_below(t: float, dtype: torch.dtype) -> float:
+    """The largest float32 / float64 value below ``t`` (after rounding ``t`` to ``dtype``), on the
+    host in plain Python: no tensor, so nothing lands on the default device (a GPU, or ``meta``)."""
+    if dtype == torch.float64:
+        return math.nextafter(t, -math.inf)
+    try:
+        bits = struct.unpack("<I", struct.pack("<f", t))[0]  # t rounded to the nearest float32
+    except OverflowError:  # rounds to +inf: the next value below is the largest float32
+        return torch.finfo(torch.float32).max
+    if bits == 0:  # t rounded to 0: the next value below is the smallest negative subnormal
+        return -struct.unpack("<f", struct.pack("<I", 1))[0]
+    return struct.unpack("<f", struct.pack("<I", bits - 1))[0]  # t > 0: one step down its bit pattern
 
 
 def take_with_ties(values: torch.Tensor, flat_idx: torch.Tensor, tau: torch.Tensor, kk: int) -> torch.Tensor:

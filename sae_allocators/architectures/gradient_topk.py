@@ -149,6 +149,8 @@ class GradientTopKTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE)
     def __init__(self, cfg: GradientTopKTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
         self._warned_no_grad = False
+        #: this SAE has trained on ``[x | g]`` rows: its data comes from the gradient store
+        self._trained_on_gradients = False
 
     def encode_with_hidden_pre(self, x: torch.Tensor, grad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         return _encode(self, x, grad)
@@ -170,7 +172,13 @@ class GradientTopKTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE)
         """Split ``[x | g]`` rows: the step trains on ``x``; ``g`` goes to :meth:`select`."""
         x, grad = split_rows(step_input.sae_in, self.cfg.d_in)
         check_finite(step_input.sae_in, "gradient_topk training rows ([activation | gradient])")
-        if grad is None and self.cfg.beta > 0 and not self._warned_no_grad:
+        training = self.training and torch.is_grad_enabled()
+        if grad is not None and training:
+            self._trained_on_gradients = True
+        # Warn about training without the gradient store, not about evaluating on plain batches: a
+        # step in eval mode or without autograd, or a plain batch after the SAE trained on gradient
+        # rows (the benchmark times a step on plain evaluation batches after training), is not it.
+        if grad is None and self.cfg.beta > 0 and training and not self._trained_on_gradients and not self._warned_no_grad:
             self._warned_no_grad = True
             warnings.warn(
                 "gradient_topk is training on batches without gradients (width d_in), so it selects as plain "

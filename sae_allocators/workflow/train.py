@@ -83,6 +83,14 @@ def parse_args(args: Sequence[str]):
     return _parse_like_saelens_638(args)
 
 
+#: the option ``train`` handles itself before SAELens's parser (so SAELens's help does not list it)
+LAUNCH_HELP = (
+    "Option of sae-allocators train itself (SAELens's options follow):\n"
+    "  --nproc-per-node N    train on N processes of this node (data parallel; batch rules select over the\n"
+    "                        global batch): re-runs this command under torchrun. See docs/distributed.md"
+)
+
+
 def architectures_help() -> str:
     from sae_allocators import host
 
@@ -193,7 +201,7 @@ def main(argv: Sequence[str], *, override_model=None, override_dataset=None) -> 
             return 2
         return relaunch(nproc, rest)  # type: ignore[arg-type]
     if not argv or any(a in ("-h", "--help") for a in argv):
-        print(architectures_help() + "\n")
+        print(architectures_help() + "\n\n" + LAUNCH_HELP + "\n")
     try:
         cfg = parse_args(argv)
     except SystemExit as exc:  # --help, or simple_parsing's own usage error

@@ -127,6 +127,29 @@ def test_training_forward_pass_without_gradient_is_topk_and_warns_once():
     torch.testing.assert_close(out.feature_acts, sae.encode(x))
 
 
+def test_plain_batches_after_training_on_gradients_do_not_warn():
+    """The main job times a training step of the trained gradient_topk on plain evaluation batches
+    (benchmark.evaluation.step_seconds): no "without gradients" warning there, nor for eval-mode or
+    no-grad steps; a fresh SAE trained on plain batches still warns (once)."""
+    x, g = _rand(20, D), _rand(20, D, seed=1)
+    sae = _sae(beta=4.0)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        sae.training_forward_pass(_step_input(torch.cat([x, g], -1)))  # trained on [x | g] rows
+        sae.training_forward_pass(_step_input(x))  # then a plain batch: an evaluation
+        fresh = _sae(beta=4.0)
+        fresh.eval()
+        fresh.training_forward_pass(_step_input(x))
+        fresh.train()
+        with torch.no_grad():
+            fresh.training_forward_pass(_step_input(x))
+    assert [str(m.message) for m in w if "without gradients" in str(m.message)] == []
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        fresh.training_forward_pass(_step_input(x))  # a training step on plain batches: the warning
+    assert sum("without gradients" in str(m.message) for m in w) == 1
+
+
 def test_bad_rows():
     sae = _sae()
     with pytest.raises(ValueError, match="width 33"):

@@ -172,7 +172,10 @@ def equivalence(group, r: int, R: int, arch: str) -> None:
             ok = v.shape == ref.shape and torch.allclose(v.double(), ref.double(), atol=2e-5, rtol=1e-4, equal_nan=True)
             diff = float((v.double() - ref.double()).abs().max()) if v.shape == ref.shape else "shape"
             check(ok, f"{arch} R={R} rank {r} step {step}: {name} differs from the single-process run (max diff {diff})")
-        # identical across ranks, bit for bit (every rank applied the same averaged gradient)
+        # identical across ranks, bit for bit (every rank applied the same averaged gradient). This
+        # holds on CUDA/NCCL too (all-reduce gives every rank the same values); the comparison with
+        # the single-process run above needs its tolerance there as well: index_add_'s atomic adds
+        # (docs/distributed.md, "On CUDA (NCCL), what bit for bit means")
         for name, v in st.items():
             same_everywhere(v, group, f"{arch} R={R} step {step}: {name}")
     dp.remove()

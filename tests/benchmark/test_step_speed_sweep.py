@@ -1,0 +1,76 @@
+"""benchmarks/step_speed.py --sweep (issue 22 part 4), smoke-run at tiny sizes.
+
+Kept fast on purpose (one or two grid points of 64 tokens, d_in 16, a few methods, 2 rounds, no
+memory subprocesses: a few seconds): it checks that the sweep runs every method at every point,
+records a failing method instead of stopping, and writes a finite JSON record, the Markdown tables
+and the plot. The times themselves are not checked (a shared machine).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO
+
+SCRIPT = REPO / "benchmarks" / "step_speed.py"
+
+# a benchmark-harness test: like test_benchmark.py, run once in CI, at the newest SAELens (tests/run.sh)
+pytestmark = [pytest.mark.saelens_independent, pytest.mark.skipif(not SCRIPT.is_file(), reason="benchmarks/ is in the source checkout only")]
+
+
+def _run(tmp_path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(SCRIPT), "--quick-sweep", "--no-memory", "--device", "cpu", "--out", str(tmp_path / "out"), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_quick_sweep_writes_finite_tables_json_and_plot(tmp_path):
+    methods = ["topk", "mutual_choice", "top_afa", "no_such_method"]
+    proc = _run(tmp_path, "--sweep-d-sae", "128", "256", "--archs", *methods)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "out"
+    record = json.loads((out / "sweep.json").read_text())
+    refs = ["floor"] + (["sparsify_topk"] if "sparsify_topk" in record["methods"] else [])
+    assert record["methods"] == refs + methods
+    assert record["device"].startswith("cpu")
+    assert [(p["n"], p["d_in"], p["k"], p["d_sae"]) for p in record["points"]] == [(64, 16, 4, 128), (64, 16, 4, 256)]
+    for point in record["points"]:
+        for m in refs + methods[:-1]:
+            row = point["methods"][m]
+            assert row["error"] is None, (m, row["error"])
+            assert len(row["times_s"]) == record["rounds"] == 2
+            assert math.isfinite(row["median_s"]) and row["median_s"] > 0, m
+        bad = point["methods"]["no_such_method"]  # a failing method is recorded, the others went on
+        assert bad["median_s"] is None and "unknown arch" in bad["error"]
+    md = (out / "sweep.md").read_text()
+    assert "## Median step (ms)" in md and "## × SAELens topk" in md and "## Failures" in md
+    assert ("## × sparsify TopK" in md) == ("sparsify_topk" in refs)
+    rows = [line for line in md.splitlines() if line.startswith("| 64 | 16 | 4 |")]
+    assert len(rows) == 2 * (3 if "sparsify_topk" in refs else 2)  # medians, × topk (, × sparsify)
+    topk_col = 4 + record["methods"].index("topk")
+    for line in rows[-2:]:  # the last table is × topk: topk's own column is 1.00
+        assert line.strip("|").split("|")[topk_col].strip() == "1.00"
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_defaults_are_the_issue_grid_and_every_method(tmp_path):
+    """The full grid and the method list of the issue (the script's constants; nothing is timed)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    code = (
+        "import runpy, json, sys\n"
+        f"m = runpy.run_path({str(SCRIPT)!r}, run_name='step_speed')\n"
+        "print(json.dumps([m['SWEEP_D_SAE'], m['SWEEP_N'], m['SWEEP_D_IN'], m['SWEEP_K'], m['SWEEP_ARCHS']]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    d_sae, n, d_in, k, archs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (d_sae, n, d_in, k) == ([32768, 65536, 131072], [2048, 4096], [512, 768], [32, 64])
+    assert set(archs) == {
+        "topk", "mutual_choice", "feature_choice", "feature_choice_uniform", "batchtopk_zipf", "topk_zipf", "abstopk_zipf", "top_afa", "gradient_topk",
+    }
