@@ -248,7 +248,7 @@ def _public_functions(module) -> set[str]:
 
 def _allocation_calls():
     """One call (or several) of every public function of sae_allocators/allocation/*, on CPU inputs."""
-    from sae_allocators.allocation import afa, batch, feature_choice, gradient, signed, topk
+    from sae_allocators.allocation import afa, batch, feature_choice, gradient, outliers, signed, topk
 
     g = torch.Generator().manual_seed(3)
     pre = torch.randn(N, D_SAE, generator=g)
@@ -267,6 +267,9 @@ def _allocation_calls():
     # every tensor argument is made here, on the CPU: the calls below run on the meta default device
     t_zero, t_one, t_high, t_neg = (torch.full((D_SAE,), v) for v in (0.0, 1.0, 10.0, -1.0))
     first_five, rows50, twos, zeros46 = torch.arange(5), torch.arange(50) // 10, torch.full((24,), 2), torch.zeros(4, 6)
+    row_norms = x.norm(dim=-1)
+    row_norms[:3] = 100.0  # outlier rows
+    flagged = row_norms > 50
     return {
         batch: [
             lambda: batch.budget(4.0, N),
@@ -319,6 +322,17 @@ def _allocation_calls():
             lambda: signed.signed_mutual_choice_reference(small, 2.0),
         ],
         topk: [lambda: topk.topk_indices(pre, 4)],
+        outliers: [
+            lambda: outliers.row_norms(x),
+            lambda: outliers.row_norms(x.half()),
+            lambda: outliers.median_norm(row_norms),
+            lambda: outliers.outlier_mask(row_norms, 4.0),
+            lambda: outliers.outlier_mask(row_norms, 0.0),
+            lambda: outliers.ranking_scale(row_norms, 4.0),
+            lambda: outliers.guarded_affinity(pre, outliers.ranking_scale(row_norms, 4.0)),
+            lambda: outliers.budget_shares(rows50, N, flagged),
+            lambda: outliers.budget_shares(rows50[:0], N, flagged),
+        ],
         afa: [
             lambda: afa.squared_contributions(pre, norms),
             lambda: afa.check_k_max(8),

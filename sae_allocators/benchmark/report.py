@@ -696,6 +696,7 @@ def _l0_norm_plot(plt: Any, out: Path, d: str, sel: list[dict[str, Any]], colors
         ax.plot(xs, [p[1] for p in pts], marker="o", ms=3, label=r["label"], color=colors[r["label"]])
     ax.set_xscale("log")
     ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("token norm / median norm (lower edge of the bin)")
     ax.set_ylabel("mean L0 of the saved model")
     ax.set_title(f"{d}: L0 against token norm (held-out stream, every token kept)")
