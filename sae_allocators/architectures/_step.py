@@ -116,16 +116,17 @@ class SelectionStepMixin:
     def after_step(self, state: StepState, output: TrainStepOutput) -> None:
         """Called once per training step with its state (running thresholds, metrics)."""
 
-    def batch_rule_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch-mode encode (``encode_with_hidden_pre``) of a batch rule: ``(hidden_pre, ranked)``,
-        the pre-activations ``[*lead, F]`` and the ``[N, F]`` matrix the rule ranks (the guard
-        applied, as in a training step)."""
+    def batch_rule_encode(self, x: torch.Tensor, kept: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch-mode ``encode_with_hidden_pre`` of a batch rule, as in a training step: the rule
+        ``kept`` (the ``[N, F]`` matrix it ranks -> ascending flat indices of the kept entries) runs
+        on the pre-activations with the outlier guard applied; the codes keep the raw values."""
         from sae_allocators.architectures._common import input_and_pre_activations
 
         sae_in, hidden_pre = input_and_pre_activations(self, x)
         f = hidden_pre.shape[-1]
         ranked, _, _ = self.guard(hidden_pre.detach().reshape(-1, f), sae_in.reshape(-1, sae_in.shape[-1]))
-        return hidden_pre, ranked
+        codes = sparse.keep_flat(hidden_pre.reshape(-1), kept(ranked)).view_as(hidden_pre)
+        return self.hook_sae_acts_post(codes), hidden_pre  # type: ignore[attr-defined]
 
     # --- the step ------------------------------------------------------------------------------
 

@@ -80,6 +80,10 @@ class BatchTopKZipfTrainingSAE(AuxLossMixin, SelectionStepMixin, BatchTopKTraini
         )
         self.export_steering = ExportSteering(self)
 
+    def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch rule on ``x``, outlier guard included, as in a training step."""
+        return self.batch_rule_encode(x, lambda ranked: mutual_choice_indices(ranked, self.cfg.k)[0])
+
     def training_forward_pass(self, step_input: Any) -> Any:
         require_budget(self.cfg.k, tokens_in(step_input.sae_in), NAME)
         return super().training_forward_pass(step_input)

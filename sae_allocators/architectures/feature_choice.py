@@ -231,11 +231,10 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch rule on ``x``, outlier guard included (SAELens's contract; training steps go
         through :meth:`select`)."""
-        hidden_pre, ranked = self.batch_rule_input(x)
-        caps = self.current_capacities(ranked.shape[0])
-        kept, _ = feature_choice_indices(ranked, caps, one_per_token=self.cfg.one_per_token)
-        codes = sparse.keep_flat(hidden_pre.reshape(-1), kept).view_as(hidden_pre)
-        return self.hook_sae_acts_post(codes), hidden_pre
+        def kept(ranked: torch.Tensor) -> torch.Tensor:
+            return feature_choice_indices(ranked, self.current_capacities(ranked.shape[0]), one_per_token=self.cfg.one_per_token)[0]
+
+        return self.batch_rule_encode(x, kept)
 
     def after_step(self, state: StepState, output: Any) -> None:
         self._update_running_stats(state.ranked(), state.selection.tau)

@@ -118,10 +118,7 @@ class MutualChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, BatchTopKTrainin
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch rule on ``x``, outlier guard included (SAELens's contract; training steps go
         through :meth:`select`)."""
-        hidden_pre, ranked = self.batch_rule_input(x)
-        kept, _ = mutual_choice_indices(ranked, self.cfg.k)
-        codes = sparse.keep_flat(hidden_pre.reshape(-1), kept).view_as(hidden_pre)
-        return self.hook_sae_acts_post(codes), hidden_pre
+        return self.batch_rule_encode(x, lambda ranked: mutual_choice_indices(ranked, self.cfg.k)[0])
 
     def after_step(self, state: StepState, output: Any) -> None:
         self.update_threshold(state.selection.tau)

@@ -26,6 +26,8 @@ class Stream:
     """Training batches (shuffled by SAELens's mixing buffer) and held-out contexts in order."""
 
     batches: list[torch.Tensor]
+    #: further batches of the same store, never trained on (the saved model's mean L0 on them)
+    heldout_batches: list[torch.Tensor]
     eval_x: torch.Tensor
     eval_tokens: torch.Tensor
     bos: int
@@ -37,10 +39,13 @@ class Stream:
         return torch.where(is_bos, 0, torch.where(first, 1, 2))
 
 
-def saelens_default_stream(prepared: Any, n_batches: int = 48, batch: int = 1024, n_eval_contexts: int = 16, device: str = "cpu") -> Stream:
+def saelens_default_stream(
+    prepared: Any, n_batches: int = 48, batch: int = 1024, n_eval_contexts: int = 16, n_heldout_batches: int = 4, device: str = "cpu"
+) -> Stream:
     """``n_batches`` training batches from SAELens's ActivationsStore with its default data options
-    (``prepend_bos=True``, ``exclude_special_tokens=False``) on the offline corpus, and
-    ``n_eval_contexts`` held-out 128-token contexts (evaluation split) with their token ids."""
+    (``prepend_bos=True``, ``exclude_special_tokens=False``) on the offline corpus, then
+    ``n_heldout_batches`` more from the same store (never trained on), and ``n_eval_contexts``
+    held-out 128-token contexts (evaluation split) in order, with their token ids."""
     from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
     from sae_lens.training.activations_store import ActivationsStore
 
@@ -49,7 +54,7 @@ def saelens_default_stream(prepared: Any, n_batches: int = 48, batch: int = 1024
 
     tok = offline.load_tokenizer(prepared)
     model = offline.load_model(prepared, device, first_n_layers=LAYER + 1, n_ctx=128)
-    train = offline.tokenized_dataset(prepared, tok, 128, max_tokens=(n_batches + 16) * batch, seed=0, split="train")
+    train = offline.tokenized_dataset(prepared, tok, 128, max_tokens=(n_batches + n_heldout_batches + 16) * batch, seed=0, split="train")
     cfg = LanguageModelSAERunnerConfig(
         sae=MutualChoiceTrainingSAEConfig(d_in=D_IN, d_sae=2 * D_IN, k=16),  # the store reads only d_in
         model_name="lm-smollm2-135m",
@@ -61,7 +66,7 @@ def saelens_default_stream(prepared: Any, n_batches: int = 48, batch: int = 1024
         train_batch_size_tokens=batch,
         store_batch_size_prompts=8,
         n_batches_in_buffer=16,
-        training_tokens=n_batches * batch,
+        training_tokens=(n_batches + n_heldout_batches) * batch,
         device=device,
         checkpoint_path=None,
         logger=LoggingConfig(log_to_wandb=False),
@@ -71,12 +76,12 @@ def saelens_default_stream(prepared: Any, n_batches: int = 48, batch: int = 1024
         raise RuntimeError("SAELens's default data options changed: expected prepend_bos=True, exclude_special_tokens=False")
     torch.manual_seed(0)
     store = ActivationsStore.from_config(model, cfg, override_dataset=train)
-    batches = [store.next_batch().float() for _ in range(n_batches)]
+    batches = [store.next_batch().float() for _ in range(n_batches + n_heldout_batches)]
     held = offline.tokenized_dataset(prepared, tok, 128, seed=0, split="eval")
     tokens = torch.tensor(held["tokens"][:n_eval_contexts], device=device)
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=[HOOK], stop_at_layer=LAYER + 1)
-    return Stream(batches, cache[HOOK].reshape(-1, D_IN).float(), tokens.reshape(-1), int(tok.bos_token_id))
+    return Stream(batches[:n_batches], batches[n_batches:], cache[HOOK].reshape(-1, D_IN).float(), tokens.reshape(-1), int(tok.bos_token_id))
 
 
 def train(name: str, stream: Stream, steps: int = 100, d_sae: int = 4608, k: float = 16, lr: float = 3e-4, seed: int = 0, **overrides: Any):
@@ -112,8 +117,9 @@ def train(name: str, stream: Stream, steps: int = 100, d_sae: int = 4608, k: flo
 @torch.no_grad()
 def evaluate(sae: Any, stream: Stream, saved: Any) -> dict[str, float]:
     """Per-position L0 of the training rule (held-out contexts as one batch, in order) and of the
-    saved model ``saved`` (reloaded from disk), its mean L0, NMSE and median per-token FVU over
-    ordinary tokens (not BOS, norm at most 5x the median)."""
+    saved model ``saved`` (reloaded from disk), NMSE and median per-token FVU over ordinary tokens
+    (not BOS, norm at most 5x the median) on those contexts, and the saved model's mean L0 on the
+    store's held-out batches (the training data's mix of BOS and ordinary rows)."""
     x, pos = stream.eval_x, stream.positions()
     train_l0 = (sae.encode_with_hidden_pre(x)[0] != 0).sum(-1).float()
     codes = saved.encode(x)
@@ -123,8 +129,10 @@ def evaluate(sae: Any, stream: Stream, saved: Any) -> dict[str, float]:
     ordinary = (pos != 0) & (norms <= REPORT_RATIO * norms.median())
     mean = x[ordinary].mean(0)
     err = (x - x_hat).pow(2).sum(-1)
+    held = torch.cat(stream.heldout_batches)
     out = {
-        "export_l0": float(l0.mean()),
+        "export_l0": float((saved.encode(held) != 0).sum(-1).float().mean()),
+        "export_l0_contexts": float(l0.mean()),
         "nmse": float(err.sum() / x.pow(2).sum()),
         "median_token_fvu": float((err / (x - mean).pow(2).sum(-1))[ordinary].median()),
     }

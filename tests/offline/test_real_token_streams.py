@@ -28,7 +28,8 @@ def stream():
         if os.environ.get("SAE_ALLOCATORS_REQUIRE_ASSETS") == "1":
             pytest.fail("SAE_ALLOCATORS_REQUIRE_ASSETS=1 but SAE_ALLOCATORS_CACHE is not set")
         pytest.skip("set SAE_ALLOCATORS_CACHE to a prepared offline cache (python -m sae_allocators.offline prepare)")
-    return token_streams.saelens_default_stream(offline.prepare(cache, verify=False, quiet=True))
+    # 24 distinct training batches, cycled over the 100 steps (CI time); 4 held-out batches
+    return token_streams.saelens_default_stream(offline.prepare(cache, verify=False, quiet=True), n_batches=24)
 
 
 @pytest.mark.parametrize("name", ["mutual_choice", "feature_choice"])
@@ -51,7 +52,8 @@ def test_outlier_rows_get_at_most_a_tenth_of_the_budget(stream, name, tmp_path):
     # other tokens get about k
     assert fig["train_l0_bos"] <= K, fig
     assert 0.8 * K <= fig["train_l0_rest"] <= 1.25 * K, fig
-    # the uncalibrated saved model (a mid-training checkpoint) fires within 20 % of k on average
+    # the uncalibrated saved model (a mid-training checkpoint) fires within 20 % of k on average on
+    # held-out batches of the same store
     assert abs(fig["export_l0"] / K - 1) <= 0.2, fig
 
 
