@@ -216,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch.distributed as dist
 
     from sae_allocators.distributed.data_parallel import DistributedConfigError, check_same_everywhere, config_digest
+    from sae_allocators.sae_folder import SaeFolderError
     from sae_allocators.workflow import train as wf
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -225,9 +226,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         cfg = wf.parse_args(argv)
+        wf.check_before_training(cfg, world=world)  # device, resume checkpoint, output folder
+        backend = choose_backend(cfg.device, os.environ.get("SAE_ALLOCATORS_DIST_BACKEND"), local_world, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     except SystemExit as exc:
         return int(exc.code or 0)
-    backend = choose_backend(cfg.device, os.environ.get("SAE_ALLOCATORS_DIST_BACKEND"), local_world, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    except (LaunchError, ValueError) as exc:  # the same on every rank (DeviceError, SaeFolderError, config checks): once
+        if rank == 0:
+            print(f"sae-allocators train (rank {rank}/{world}): error: {exc}", file=sys.stderr)
+        return 2
     device = None
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
@@ -253,6 +259,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"Final metrics ({runner.final_metrics['training_tokens']} tokens): " + ", ".join(f"{k}={v:.4g}" for k, v in runner.final_metrics["metrics"].items()))
         dist.barrier()
     except (DistributedConfigError, LaunchError) as exc:
+        # these checks give every rank the same answer: reported once, by rank 0 (the others exit quietly)
+        if rank == 0:
+            print(f"sae-allocators train (rank {rank}/{world}): error: {exc}", file=sys.stderr)
+        return 2
+    except SaeFolderError as exc:  # rank 0's final save refused (non-finite weights, ...): only rank 0 saves
         print(f"sae-allocators train (rank {rank}/{world}): error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
