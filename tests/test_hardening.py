@@ -1113,3 +1113,31 @@ def test_no_prefix_abbreviations(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["push", str(tmp_path), "--rep", "org/x"])
     assert exc.value.code == 2 and "--rep" in capsys.readouterr().err
+
+
+FUNCTION_PLUGIN = """
+from sae_allocators import hookimpl
+
+@hookimpl
+def register_architectures(register):
+    raise AssertionError("never called: the entry point names this function, not its module")
+"""
+
+
+@pytest.mark.parametrize("value, what", [("fn_plugin:register_architectures", "a function, not a module"), ("fn_plugin", "a module")])
+def test_entry_point_that_registers_nothing_warns(fake_dists, value, what):
+    from sae_allocators import host
+    from sae_allocators.host import PluginWarning
+
+    source = FUNCTION_PLUGIN if ":" in value else "X = 1\n"
+    fake_dists.add("fn-sae", "1.0", {"fn": value}, {"fn_plugin": source})
+    with pytest.warns(PluginWarning, match=rf"plugin 'fn' from fn-sae 1.0 registers nothing: it is {what} and implements no sae_allocators hook"):
+        report = host.load(force=True)
+    assert any("fn-sae" in who for who, _ in report.failed)
+
+
+def test_saelens_load_from_disk_on_a_training_checkpoint_says_what_it_is(trained):
+    from sae_lens import SAE
+
+    with pytest.raises(ValueError, match=r"'mutual_choice' inference SAE does not have \(.*density_steps.*\): this is a training checkpoint.*TrainingSAE\.load_from_disk"):
+        SAE.load_from_disk(str(trained["checkpoint"]))
