@@ -676,7 +676,7 @@ def finish_saved_folder(folder: Any) -> None:
     from sae_allocators.sae_folder import check_finite_weights
 
     redact_json_files(folder)
-    check_finite_weights(folder, fix="so it is not saved (an existing output folder is kept as it was); train again in float32, e.g. with a lower learning rate")
+    check_finite_weights(folder, fix=", so it is not saved (an existing output folder is kept as it was); train again in float32, e.g. with a lower learning rate")
 
 
 def _calibrating_save(original: Any, sae_position: int) -> Any:

@@ -312,7 +312,7 @@ def check_loadable(path: str | Path, info: SaeFolderInfo | None = None, *, check
     return info
 
 
-def check_finite_weights(folder: str | Path, fix: str = "so SAELens's loader is not run on it: train again (e.g. with a lower learning rate)") -> None:
+def check_finite_weights(folder: str | Path, fix: str = ": train again (e.g. with a lower learning rate)") -> None:
     """Raise :class:`SaeFolderError` naming the tensor when a weight of ``folder`` is NaN or inf."""
     import torch
     from safetensors import safe_open
@@ -329,7 +329,7 @@ def check_finite_weights(folder: str | Path, fix: str = "so SAELens's loader is 
                 n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
                 raise SaeFolderError(
                     f"{weights}: tensor {name!r} holds {n_nan} NaN and {n_inf} inf values, so the SAE would output "
-                    f"NaN. Training diverged or the file was damaged, {fix}."
+                    f"NaN. Training diverged or the file was damaged{fix}."
                 )
 
 
