@@ -963,7 +963,7 @@ def test_calibrate_with_a_hook_of_another_width_is_one_line(sae_copy, capsys):
 
 @pytest.mark.parametrize(
     "skip, rows, held_out",
-    [(0, 64, False), (640, 64, True), (5000, 64, False)],
+    [(0, 64, False), (640, 64, True), (1200, 64, False)],
     ids=["training_data", "past_the_training_tokens", "wrapped_past_the_end"],
 )
 def test_calibrate_records_held_out_only_when_it_is(sae_copy, tmp_path, skip, rows, held_out):
