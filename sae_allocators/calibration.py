@@ -588,7 +588,7 @@ def _redacting_methods() -> list[tuple[type, str]]:
     (a token in ``model_from_pretrained_kwargs``) reaches the files (:mod:`sae_allocators.redaction`)."""
     from sae_lens import LanguageModelSAETrainingRunner
 
-    return [(LanguageModelSAETrainingRunner, name) for name in ("_set_sae_metadata", "save_checkpoint") if name in LanguageModelSAETrainingRunner.__dict__]
+    return [(LanguageModelSAETrainingRunner, name) for name in ("run", "_set_sae_metadata", "save_checkpoint") if name in LanguageModelSAETrainingRunner.__dict__]
 
 
 def installed() -> bool:
@@ -643,6 +643,11 @@ def _redacting(original: Any, name: str) -> Any:
 
     @functools.wraps(original)
     def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if name == "run":
+            # the model was loaded in __init__ (the only use of the real kwargs): while training, the
+            # config that wandb.init, metadata, checkpoints and the final save record has no secret
+            with _RedactedRunnerCfg(self):
+                return original(self, *args, **kwargs)
         if name == "_set_sae_metadata":
             result = original(self, *args, **kwargs)
             meta = self.sae.cfg.metadata

@@ -984,6 +984,10 @@ def test_install_wraps_both_final_save_methods_and_uninstall_restores_them(monke
     assert not C.installed()
     C.uninstall()  # nothing left to restore
     assert LanguageModelSAETrainingRunner.__dict__["save_final_sae"] is save_final_sae
+    # uninstall also restored the redacting wraps (run, _set_sae_metadata, save_checkpoint), which
+    # monkeypatch does not know about: put them back for the tests after this one
+    C.install()
+    assert all(getattr(cls.__dict__[name], C._MARK, None) is not None for cls, name in C._redacting_methods())
 
 
 def test_calibration_log_goes_to_stdout_and_the_package_logger(capsys, caplog):
