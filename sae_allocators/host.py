@@ -396,3 +396,7 @@ def _owner_of(name: str) -> tuple[str, str]:
 def plugin_manager() -> pluggy.PluginManager:
     return state().manager
 
+
+# modules below the host (sae_folder) load the plugins through plugin_state, not by importing the
+# host; looked up at call time, so a patched ``host.load`` is the one that runs
+plugin_state.set_loader(lambda: load())

@@ -175,10 +175,12 @@ def check_sae_folder(path: str | Path, *, check_architecture: bool = True) -> Sa
 
 
 def _check_registered(cfg_path: Path, arch: Any) -> None:
-    from sae_allocators import host
+    # the host's load() through plugin_state: the host installs the runner save seam, which checks
+    # folders with this module, so this module does not import the host
+    from sae_allocators import plugin_state
     from sae_allocators import saelens_registry as reg
 
-    host.load()
+    plugin_state.ensure_loaded()
     if not isinstance(arch, str):
         raise SaeFolderError(f"{cfg_path}: 'architecture' must be a string, got {arch!r}.")
     try:

@@ -35,35 +35,22 @@ from typing import Any, Sequence
 
 from sae_allocators import devices
 # the launcher's side (before torchrun), importable without the workflow; re-exported here
-from sae_allocators.distributed.relaunch import LaunchError, relaunch, split_nproc, torchrun_command
+from sae_allocators.distributed.relaunch import (
+    DISTRIBUTED_STATE,
+    LaunchError,
+    check_resume,
+    choose_backend,
+    relaunch,
+    split_nproc,
+    torchrun_command,
+)
 
-__all__ = ["LaunchError", "relaunch", "split_nproc", "torchrun_command", "main"]
+__all__ = ["DISTRIBUTED_STATE", "LaunchError", "check_resume", "choose_backend", "relaunch", "split_nproc", "torchrun_command", "main"]
 
-DISTRIBUTED_STATE = "distributed.json"
 RANKS_DIR = "ranks"
 
 
 # --- under torchrun: one rank ----------------------------------------------------------------------
-
-
-def choose_backend(device: str, requested: str | None, local_world: int, gpus: int) -> str:
-    """``nccl`` for CUDA devices (one GPU per local rank), ``gloo`` otherwise; errors say the fix."""
-    want = (requested or "auto").lower()
-    if want not in ("auto", "nccl", "gloo"):
-        raise LaunchError(f"SAE_ALLOCATORS_DIST_BACKEND={requested!r} is invalid: use nccl, gloo or auto")
-    cuda = devices.is_cuda(device)
-    if want == "auto":
-        want = "nccl" if cuda else "gloo"
-    if want == "nccl":
-        if not cuda:
-            raise LaunchError(f"the NCCL backend needs CUDA, but the config's device is {device!r}: use --device cuda, or the gloo backend (SAE_ALLOCATORS_DIST_BACKEND=gloo)")
-        if gpus < local_world:
-            raise LaunchError(
-                f"NCCL needs one GPU per rank: {local_world} ranks on this node but {gpus} GPU(s) visible. "
-                f"Use --nproc-per-node {max(gpus, 1)} (or fewer), make more GPUs visible (CUDA_VISIBLE_DEVICES), "
-                "or train on CPU with --device cpu (gloo)."
-            )
-    return want
 
 
 def env_int(name: str, default: int | None = None) -> int:
@@ -101,19 +88,6 @@ def per_rank_config(cfg: Any, rank: int, world: int, device: str | None = None) 
     for key, value in changes.items():
         setattr(out, key, value)
     return out
-
-
-def check_resume(cfg: Any, world: int) -> None:
-    """Resuming needs the checkpoint of a run with the same number of ranks."""
-    path = getattr(cfg, "resume_from_checkpoint", None)
-    if path is None:
-        return
-    f = Path(path) / DISTRIBUTED_STATE
-    if not f.exists():
-        raise LaunchError(f"cannot resume {path} on {world} ranks: it was not written by a distributed run (no {DISTRIBUTED_STATE}); resume it in one process")
-    saved = json.loads(f.read_text())["world_size"]
-    if saved != world:
-        raise LaunchError(f"cannot resume {path} on {world} ranks: it was written by {saved} ranks (each holds its own data position). Resume with --nproc-per-node {saved}")
 
 
 def shard_dataset(cfg: Any, rank: int, world: int) -> Any:

@@ -7,9 +7,16 @@ workflow's ``train`` command can use it without an import cycle.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
+
+from sae_allocators import devices
+
+#: written by rank 0 into each checkpoint of a distributed run: {"world_size": N}
+DISTRIBUTED_STATE = "distributed.json"
 
 
 class LaunchError(RuntimeError):
@@ -39,6 +46,39 @@ def split_nproc(argv: Sequence[str]) -> tuple[int | None, list[str]]:
     if not str(n).isdigit() or int(n) < 1:
         raise LaunchError(f"--nproc-per-node {n!r} is invalid: use a whole number of processes >= 1 (e.g. 2)")
     return int(n), rest
+
+
+def choose_backend(device: str, requested: str | None, local_world: int, gpus: int) -> str:
+    """``nccl`` for CUDA devices (one GPU per local rank), ``gloo`` otherwise; errors say the fix."""
+    want = (requested or "auto").lower()
+    if want not in ("auto", "nccl", "gloo"):
+        raise LaunchError(f"SAE_ALLOCATORS_DIST_BACKEND={requested!r} is invalid: use nccl, gloo or auto")
+    cuda = devices.is_cuda(device)
+    if want == "auto":
+        want = "nccl" if cuda else "gloo"
+    if want == "nccl":
+        if not cuda:
+            raise LaunchError(f"the NCCL backend needs CUDA, but the config's device is {device!r}: use --device cuda, or the gloo backend (SAE_ALLOCATORS_DIST_BACKEND=gloo)")
+        if gpus < local_world:
+            raise LaunchError(
+                f"NCCL needs one GPU per rank: {local_world} ranks on this node but {gpus} GPU(s) visible. "
+                f"Use --nproc-per-node {max(gpus, 1)} (or fewer), make more GPUs visible (CUDA_VISIBLE_DEVICES), "
+                "or train on CPU with --device cpu (gloo)."
+            )
+    return want
+
+
+def check_resume(cfg: Any, world: int) -> None:
+    """Resuming needs the checkpoint of a run with the same number of ranks."""
+    path = getattr(cfg, "resume_from_checkpoint", None)
+    if path is None:
+        return
+    f = Path(path) / DISTRIBUTED_STATE
+    if not f.exists():
+        raise LaunchError(f"cannot resume {path} on {world} ranks: it was not written by a distributed run (no {DISTRIBUTED_STATE}); resume it in one process")
+    saved = json.loads(f.read_text())["world_size"]
+    if saved != world:
+        raise LaunchError(f"cannot resume {path} on {world} ranks: it was written by {saved} ranks (each holds its own data position). Resume with --nproc-per-node {saved}")
 
 
 def torchrun_command(nproc: int, argv: Sequence[str], python: str | None = None) -> list[str]:

@@ -278,15 +278,13 @@ def preflight_distributed(cfg: Any, nproc: int) -> None:
 
     import torch
 
-    from sae_allocators.distributed.launch import check_resume, choose_backend
+    from sae_allocators.distributed.relaunch import LaunchError, check_resume, choose_backend
 
     check_before_training(cfg, world=nproc)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     choose_backend(cfg.device, os.environ.get("SAE_ALLOCATORS_DIST_BACKEND"), nproc, gpus)
     n = cfg.train_batch_size_tokens
     if n % nproc:
-        from sae_allocators.distributed.relaunch import LaunchError
-
         raise LaunchError(
             f"train_batch_size_tokens={n} does not divide into {nproc} ranks: it is the global batch, "
             f"split evenly across ranks. Use a multiple of {nproc} (e.g. {n - n % nproc or nproc})."
