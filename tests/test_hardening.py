@@ -1039,8 +1039,9 @@ def no_torchrun(monkeypatch):
         (["--k", "0"], {}, "k=0.0 is invalid"),
         ([], {}, "holds notes.txt, which an SAE output folder does not"),
         (["--train_batch_size_tokens", "63"], {}, "does not divide into 2 ranks"),
+        ([], {"SAE_ALLOCATORS_DIST_TIMEOUT": "abc"}, "SAE_ALLOCATORS_DIST_TIMEOUT='abc' is invalid: use a whole number"),
     ],
-    ids=["cuda_without_cuda", "bad_backend", "k0", "foreign_output", "batch"],
+    ids=["cuda_without_cuda", "bad_backend", "k0", "foreign_output", "batch", "bad_timeout"],
 )
 def test_nproc_preflight_refuses_once_before_the_ranks_start(tmp_path, capsys, monkeypatch, no_torchrun, extra, env, expected):
     for key, value in env.items():
@@ -1053,6 +1054,30 @@ def test_nproc_preflight_refuses_once_before_the_ranks_start(tmp_path, capsys, m
     rc = train_mod.main(argv)
     err = capsys.readouterr().err
     assert rc == 2 and expected in err and err.count("error:") == 1 and "Traceback" not in err, err
+
+
+# torchrun 2.13's stderr when rank 0 raised (recorded from a real run, paths shortened)
+TORCHRUN_FAILURE = r"""
+import sys
+err = sys.stderr
+err.write("Traceback (most recent call last):\n  File \"launch.py\", line 1, in <module>\nValueError: rank 0 broke\n")
+err.write("W1207 01:14:06.619000 14070 torch/distributed/elastic/multiprocessing/api.py:1028] Sending process 14077 closing signal SIGTERM\n")
+err.write("E1207 01:14:06.749000 14070 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: 1) local_rank: 0 (pid: 14076) of binary: python\n")
+err.write("Traceback (most recent call last):\n  File \"run.py\", line 9\ntorch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n")
+err.write("====\nsae_allocators.distributed.launch FAILED\nRoot Cause (first observed failure):\n[0]:\n  exitcode  : 1 (pid: 14076)\n====\n")
+sys.exit(1)
+"""
+
+
+def test_relaunch_reports_a_failed_rank_once(monkeypatch, capsys):
+    from sae_allocators.distributed import relaunch as rl
+
+    monkeypatch.setattr(rl, "torchrun_command", lambda n, argv, python=None: [sys.executable, "-c", TORCHRUN_FAILURE])
+    assert rl.relaunch(2, [], timeout=60) == 1
+    err = capsys.readouterr().err
+    assert err.count("ValueError: rank 0 broke") == 1 and err.count("Traceback") == 1, err
+    assert "ChildFailedError" not in err and "Root Cause" not in err and "closing signal" not in err
+    assert err.strip().splitlines()[-1] == "sae-allocators train: rank 0 of 2 failed (exit code 1); its error is above, and torchrun stopped the other ranks."
 
 
 def _checkpoint_copy(trained, tmp_path: Path) -> Path:

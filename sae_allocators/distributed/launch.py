@@ -40,29 +40,18 @@ from sae_allocators.distributed.relaunch import (
     LaunchError,
     check_resume,
     choose_backend,
+    env_int,
     relaunch,
     split_nproc,
     torchrun_command,
 )
 
-__all__ = ["DISTRIBUTED_STATE", "LaunchError", "check_resume", "choose_backend", "relaunch", "split_nproc", "torchrun_command", "main"]
+__all__ = ["DISTRIBUTED_STATE", "LaunchError", "check_resume", "choose_backend", "env_int", "relaunch", "split_nproc", "torchrun_command", "main"]
 
 RANKS_DIR = "ranks"
 
 
 # --- under torchrun: one rank ----------------------------------------------------------------------
-
-
-def env_int(name: str, default: int | None = None) -> int:
-    v = os.environ.get(name)
-    if v is None:
-        if default is None:
-            raise LaunchError(
-                f"{name} is not set: sae_allocators.distributed.launch runs under torchrun "
-                "(use `sae-allocators train --nproc-per-node N ...` or `torchrun ... -m sae_allocators.distributed.launch ...`)"
-            )
-        return default
-    return int(v)
 
 
 def per_rank_config(cfg: Any, rank: int, world: int, device: str | None = None) -> Any:
@@ -202,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = wf.parse_args(argv)
         wf.check_before_training(cfg, world=world)  # device, resume checkpoint, output folder
         backend = choose_backend(cfg.device, os.environ.get("SAE_ALLOCATORS_DIST_BACKEND"), local_world, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+        timeout = timedelta(seconds=env_int("SAE_ALLOCATORS_DIST_TIMEOUT", 600))
     except SystemExit as exc:
         return int(exc.code or 0)
     except (LaunchError, ValueError) as exc:  # the same on every rank (DeviceError, SaeFolderError, config checks): once
@@ -212,7 +202,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
         device = f"{devices.CUDA}:{local_rank}"
-    timeout = timedelta(seconds=env_int("SAE_ALLOCATORS_DIST_TIMEOUT", 600))
     dist.init_process_group(backend, timeout=timeout)
     try:
         group = dist.group.WORLD

@@ -278,9 +278,10 @@ def preflight_distributed(cfg: Any, nproc: int) -> None:
 
     import torch
 
-    from sae_allocators.distributed.relaunch import LaunchError, check_resume, choose_backend
+    from sae_allocators.distributed.relaunch import LaunchError, check_resume, choose_backend, env_int
 
     check_before_training(cfg, world=nproc)
+    env_int("SAE_ALLOCATORS_DIST_TIMEOUT", 600)  # a value that is not a number: here, not on every rank
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     choose_backend(cfg.device, os.environ.get("SAE_ALLOCATORS_DIST_BACKEND"), nproc, gpus)
     n = cfg.train_batch_size_tokens
