@@ -644,6 +644,14 @@ def _redacting(original: Any, name: str) -> Any:
     @functools.wraps(original)
     def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
         if name == "run":
+            # the final save replaces the output folder whole: refuse one it may not replace now,
+            # before training, not after (as `sae-allocators train` does)
+            out = getattr(getattr(self, "cfg", None), "output_path", None)
+            if out is not None:
+                from sae_allocators.io import recover_output_dir
+                from sae_allocators.sae_folder import check_replaceable_output
+
+                recover_output_dir(check_replaceable_output(out))
             # the model was loaded in __init__ (the only use of the real kwargs): while training, the
             # config that wandb.init, metadata, checkpoints and the final save record has no secret
             with _RedactedRunnerCfg(self):
@@ -704,15 +712,26 @@ def _calibrating_save(original: Any, sae_position: int) -> Any:
                 if out is not None:
                     finish_saved_folder(out)
                 return result
-            from sae_allocators.io import atomic_dir
+            import os
+            import uuid
 
-            with atomic_dir(out) as tmp:
+            from sae_allocators.io import atomic_dir
+            from sae_allocators.sae_folder import SaeFolderError, check_replaceable_output
+
+            try:
+                check_replaceable_output(out)
+                target, refused = Path(out), None
+            except SaeFolderError as exc:  # something appeared there during training: keep the SAE beside it
+                target, refused = Path(out).parent / f"{Path(out).name}.new-{os.getpid()}-{uuid.uuid4().hex[:8]}", exc
+            with atomic_dir(target) as tmp:
                 if "output_path" in kwargs:
                     kwargs["output_path"] = str(tmp)
                 else:
                     args[1] = str(tmp)
                 result = original(self, *args, **kwargs)
                 finish_saved_folder(tmp)
+            if refused is not None:
+                raise SaeFolderError(f"{refused} The new output was kept in {target}.")
             return result
 
     setattr(save, _MARK, original)

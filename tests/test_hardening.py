@@ -1166,3 +1166,19 @@ def test_saelens_load_from_disk_on_a_training_checkpoint_says_what_it_is(trained
 
     with pytest.raises(ValueError, match=r"'mutual_choice' inference SAE does not have \(.*density_steps.*\): this is a training checkpoint.*TrainingSAE\.load_from_disk"):
         SAE.load_from_disk(str(trained["checkpoint"]))
+
+
+def test_plain_saelens_runner_refuses_an_output_it_may_not_replace_before_training(tmp_path):
+    from sae_lens import LanguageModelSAETrainingRunner
+
+    from sae_allocators.testing import tiny_dataset, tiny_model
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    runner = LanguageModelSAETrainingRunner(train_mod.parse_args(flags(out)), override_model=tiny_model(), override_dataset=tiny_dataset())
+    steps = []
+    runner.run_trainer_with_interruption_handling = lambda trainer: steps.append(1)
+    with pytest.raises(SaeFolderError, match="holds notes.txt, which an SAE output folder does not"):
+        runner.run()
+    assert steps == [] and sorted(os.listdir(out)) == ["notes.txt"]
