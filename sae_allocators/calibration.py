@@ -42,6 +42,7 @@ import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -54,6 +55,8 @@ DEFAULT_FRACTION = 0.02
 MIN_BATCHES = 4
 #: ... and at most this many tokens (the L0 estimate's sampling error is ~0.2 % there)
 MAX_TOKENS = 262_144
+#: below this many expected firings per latent (k * N / d_sae) calibration warns that it is noisy
+MIN_FIRINGS_PER_LATENT = 1
 #: extra room kept per feature for the water-filling of feature_choice
 MARGIN = 0.25
 
@@ -287,6 +290,21 @@ def calibrate(
         if not isinstance(n_tokens, int) or n_tokens < 1:
             raise ValueError(f"calibration tokens={n_tokens!r}: use a positive number of tokens.")
         d_sae = int(sae.cfg.d_sae)
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k) or not 0 < k <= d_sae:
+            raise ValueError(f"calibration target k={k!r} is invalid: use the mean L0 to calibrate to, in (0, d_sae={d_sae}].")
+        for name, p in sae.named_parameters():
+            if not bool(torch.isfinite(p).all()):
+                raise ValueError(
+                    f"the SAE's {name!r} holds {int(torch.isnan(p).sum())} NaN and {int(torch.isinf(p).sum())} inf values: "
+                    "its thresholds cannot be calibrated (training diverged or the file is damaged). Train again in float32."
+                )
+        if k * n_tokens < MIN_FIRINGS_PER_LATENT * d_sae:
+            warnings.warn(
+                f"calibration on {n_tokens} tokens gives each of the {d_sae} latents about {k * n_tokens / d_sae:.3g} firings "
+                f"(k * N / d_sae), below {MIN_FIRINGS_PER_LATENT}: the thresholds will be noisy. Use at least "
+                f"{math.ceil(MIN_FIRINGS_PER_LATENT * d_sae / k)} tokens.",
+                stacklevel=2,
+            )
         dev = sae.W_enc.device
         before_theta = current_thresholds(sae)
         # collect at most n_tokens (the last batch is cut), counting L0 under the old thresholds
@@ -298,6 +316,13 @@ def calibrate(
                 x = x.reshape(-1, x.shape[-1])[: n_tokens - seen].to(dev)
                 if x.shape[0] == 0:
                     break
+                if x.shape[-1] != sae.cfg.d_in:
+                    raise ValueError(f"calibration batch of width {x.shape[-1]}, but the SAE has d_in={sae.cfg.d_in}: give activations of the hook it was trained on.")
+                if not bool(torch.isfinite(x).all()):
+                    raise ValueError(
+                        f"calibration batch holds {int(torch.isnan(x).sum())} NaN and {int(torch.isinf(x).sum())} inf activations "
+                        f"(after {seen} tokens): the thresholds would be meaningless. Give finite activations (check the model's dtype)."
+                    )
                 seen += x.shape[0]
                 yield x
                 if seen >= n_tokens:
@@ -558,25 +583,113 @@ def _runner_methods() -> list[tuple[type, str]]:
     return out
 
 
+def _redacting_methods() -> list[tuple[type, str]]:
+    """The runner methods that write a config (metadata, checkpoints): wrapped so that no secret
+    (a token in ``model_from_pretrained_kwargs``) reaches the files (:mod:`sae_allocators.redaction`)."""
+    from sae_lens import LanguageModelSAETrainingRunner
+
+    return [(LanguageModelSAETrainingRunner, name) for name in ("run", "_set_sae_metadata", "save_checkpoint") if name in LanguageModelSAETrainingRunner.__dict__]
+
+
 def installed() -> bool:
     return all(getattr(cls.__dict__[name], _MARK, None) is not None for cls, name in _runner_methods())
 
 
 def install() -> None:
-    """Wrap the runners' final-save methods (once)."""
+    """Wrap the runners' final-save methods (once), and the config-writing ones (redaction)."""
     for cls, name in _runner_methods():
         original = cls.__dict__[name]
         if getattr(original, _MARK, None) is not None:
             continue
         setattr(cls, name, _calibrating_save(original, sae_position=0 if name == "save_final_sae" else 1))
+    for cls, name in _redacting_methods():
+        original = cls.__dict__[name]
+        if getattr(original, _MARK, None) is not None:
+            continue
+        setattr(cls, name, _redacting(original, name))
 
 
 def uninstall() -> None:
     """Restore SAELens's runner methods."""
-    for cls, name in _runner_methods():
+    for cls, name in _runner_methods() + _redacting_methods():
         original = getattr(cls.__dict__[name], _MARK, None)
         if original is not None:
             setattr(cls, name, original)
+
+
+class _RedactedRunnerCfg:
+    """While saving: the runner config's ``model_from_pretrained_kwargs`` without secrets (what
+    SAELens writes to runner_cfg.json); the real ones are put back afterwards."""
+
+    def __init__(self, runner: Any):
+        self.cfg = getattr(runner, "cfg", None)
+
+    def __enter__(self) -> None:
+        from sae_allocators.redaction import redact
+
+        self.saved = getattr(self.cfg, "model_from_pretrained_kwargs", None)
+        if isinstance(self.saved, dict):
+            self.cfg.model_from_pretrained_kwargs = redact(self.saved)
+
+    def __exit__(self, *exc: Any) -> None:
+        if isinstance(self.saved, dict):
+            self.cfg.model_from_pretrained_kwargs = self.saved
+
+
+def _redacting(original: Any, name: str) -> Any:
+    import functools
+
+    from sae_allocators.redaction import redact, redact_json_files
+
+    @functools.wraps(original)
+    def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if name == "run":
+            # the final save replaces the output folder whole: refuse one it may not replace now,
+            # before training, not after (as `sae-allocators train` does)
+            out = getattr(getattr(self, "cfg", None), "output_path", None)
+            if out is not None:
+                from sae_allocators.io import recover_output_dir
+                from sae_allocators.sae_folder import check_replaceable_output
+
+                recover_output_dir(check_replaceable_output(out))
+            # the model was loaded in __init__ (the only use of the real kwargs): while training, the
+            # config that wandb.init, metadata, checkpoints and the final save record has no secret
+            with _RedactedRunnerCfg(self):
+                return original(self, *args, **kwargs)
+        if name == "_set_sae_metadata":
+            result = original(self, *args, **kwargs)
+            meta = self.sae.cfg.metadata
+            kw = getattr(meta, "model_from_pretrained_kwargs", None)
+            if isinstance(kw, dict):
+                meta.model_from_pretrained_kwargs = redact(kw)
+            return result
+        # save_checkpoint(checkpoint_path): runner_cfg.json, and the trainer's cfg.json before it
+        with _RedactedRunnerCfg(self):
+            result = original(self, *args, **kwargs)
+        path = kwargs.get("checkpoint_path", args[0] if args else None)
+        if path is not None and Path(path).is_dir():
+            redact_json_files(path)
+        return result
+
+    setattr(wrapped, _MARK, original)
+    return wrapped
+
+
+def _inside_atomic_save(path: Any) -> bool:
+    """True when ``path`` is the temporary folder of an atomic save (``.NAME.<tag>.partial``)."""
+    import re
+
+    return bool(re.match(r"^\..+\.[^./]+\.partial$", Path(str(path)).name))
+
+
+def finish_saved_folder(folder: Any) -> None:
+    """The last steps before a saved folder is switched into place: secrets redacted, and the
+    weights refused (``SaeFolderError``) unless every value is finite."""
+    from sae_allocators.redaction import redact_json_files
+    from sae_allocators.sae_folder import check_finite_weights
+
+    redact_json_files(folder)
+    check_finite_weights(folder, fix=", so it is not saved (an existing output folder is kept as it was); train again in float32, e.g. with a lower learning rate")
 
 
 def _calibrating_save(original: Any, sae_position: int) -> Any:
@@ -587,7 +700,39 @@ def _calibrating_save(original: Any, sae_position: int) -> Any:
         # save_final_sae(sae, output_path, ...) / _save_outputs(output_path, sae, ...)
         sae = kwargs["sae"] if "sae" in kwargs else args[sae_position]
         calibrate_runner_sae(self, sae)
-        return original(self, *args, **kwargs)
+        if sae_position != 0:
+            return original(self, *args, **kwargs)
+        # save_final_sae: written whole into a temporary sibling, checked, switched into place
+        # (sae_allocators.io.atomic_dir), unless the caller already writes into one (`train`)
+        args = list(args)
+        out = kwargs["output_path"] if "output_path" in kwargs else (args[1] if len(args) > 1 else None)
+        with _RedactedRunnerCfg(self):
+            if out is None or _inside_atomic_save(out):
+                result = original(self, *args, **kwargs)
+                if out is not None:
+                    finish_saved_folder(out)
+                return result
+            import os
+            import uuid
+
+            from sae_allocators.io import atomic_dir
+            from sae_allocators.sae_folder import SaeFolderError, check_replaceable_output
+
+            try:
+                check_replaceable_output(out)
+                target, refused = Path(out), None
+            except SaeFolderError as exc:  # something appeared there during training: keep the SAE beside it
+                target, refused = Path(out).parent / f"{Path(out).name}.new-{os.getpid()}-{uuid.uuid4().hex[:8]}", exc
+            with atomic_dir(target) as tmp:
+                if "output_path" in kwargs:
+                    kwargs["output_path"] = str(tmp)
+                else:
+                    args[1] = str(tmp)
+                result = original(self, *args, **kwargs)
+                finish_saved_folder(tmp)
+            if refused is not None:
+                raise SaeFolderError(f"{refused} The new output was kept in {target}.")
+            return result
 
     setattr(save, _MARK, original)
     return save

@@ -7,6 +7,8 @@
   (the annotation is then looser than the code, as for a few SAELens fields).
 - :func:`check_dimensions`: ``d_in`` / ``d_sae`` are positive integers (named as such, never
   blamed on ``k``).
+- :func:`check_dtype`: ``dtype='float16'`` is refused for training (it trains to NaN weights);
+  float32 or bfloat16, or ``--autocast`` for mixed precision.
 - :func:`warn_unknown_keys`: SAELens's ``TrainingSAEConfig.from_dict`` drops keys that are not
   fields without a word (``"kk": 4`` is ignored); for this project's configs a
   :class:`UnknownConfigKeyWarning` names each dropped key and the nearest field. SAELens itself
@@ -116,6 +118,41 @@ def check_dimensions(cfg: Any) -> None:
         value = getattr(cfg, name, None)
         if not _is_int(value) or value < 1:
             raise ValueError(f"{name}={value!r} is invalid: use a positive integer ({example}).")
+
+
+#: SAE dtypes a training config of this project refuses, with the reason (float16's range, 6.5e4,
+#: and its 11-bit mantissa make the batch rules' thresholds and the decoder updates overflow or stall:
+#: every architecture trained to NaN weights on the probe run; bfloat16 trains finitely)
+REFUSED_TRAINING_DTYPES = {
+    "float16": "float16 training diverges to NaN weights with these architectures (its range ends at 65504)",
+    "half": "half (float16) training diverges to NaN weights with these architectures (its range ends at 65504)",
+}
+
+
+def check_dtype(cfg: Any) -> None:
+    """Refuse a training dtype that is known to end in non-finite weights (float16), naming the fix."""
+    dtype = getattr(cfg, "dtype", None)
+    name = str(dtype).replace("torch.", "") if dtype is not None else None
+    if name in REFUSED_TRAINING_DTYPES:
+        raise ValueError(
+            f"dtype={dtype!r} is refused: {REFUSED_TRAINING_DTYPES[name]}. Train in float32 (or bfloat16); "
+            f"for mixed precision keep dtype='float32' and pass --autocast True."
+        )
+
+
+def check_calibration_budget(cfg: Any) -> None:
+    """``calibration_tokens`` must give the calibration a budget ``floor(k * N) >= 1`` (checked at
+    config time: after training it would be too late, and the trained SAE would not be saved)."""
+    import math
+
+    n, k = getattr(cfg, "calibration_tokens", None), getattr(cfg, "k", None)
+    if not getattr(cfg, "calibrate", False) or not _is_int(n) or n < 1 or not _is_number(k) or not 0 < k < math.inf:
+        return
+    if math.floor(k * n) < 1:
+        raise ValueError(
+            f"calibration_tokens={n} is invalid with k={k:g}: the calibration budget floor(k * calibration_tokens) "
+            f"is 0. Use calibration_tokens >= {math.ceil(1 / k)} (or None for 2 % of the training tokens)."
+        )
 
 
 def nearest_field(name: str, names: list[str] | set[str]) -> str | None:

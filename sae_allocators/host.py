@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
+import inspect
 import os
 import warnings
 from dataclasses import dataclass, replace
@@ -102,6 +103,19 @@ def _register_plugin(pm: pluggy.PluginManager, plugin: Any, source: Source, repo
         _warn(
             f"sae-allocators: plugin {source.plugin!r} from {source.describe()} breaks the hook "
             f"contract and was not loaded: {exc}. See docs/plugins.md for the hook signatures."
+        )
+        return False
+    if not pm.get_hookcallers(plugin):
+        # an entry point naming a function or class ("pkg.plugin:register_architectures"), or a module
+        # without @hookimpl functions: pluggy registers it and it adds nothing, so say so
+        pm.unregister(plugin)
+        what = "a module" if inspect.ismodule(plugin) else f"a {type(plugin).__name__}, not a module"
+        reason = f"it is {what} and implements no sae_allocators hook"
+        report.failed.append((source.describe(), reason))
+        _warn(
+            f"sae-allocators: plugin {source.plugin!r} from {source.describe()} registers nothing: {reason}. "
+            f"Its entry point must name the module holding the @sae_allocators.hookimpl functions "
+            f"(e.g. 'my_package.plugin', not 'my_package.plugin:register_architectures'); see docs/plugins.md."
         )
         return False
     return True
@@ -382,3 +396,7 @@ def _owner_of(name: str) -> tuple[str, str]:
 def plugin_manager() -> pluggy.PluginManager:
     return state().manager
 
+
+# modules below the host (sae_folder) load the plugins through plugin_state, not by importing the
+# host; looked up at call time, so a patched ``host.load`` is the one that runs
+plugin_state.set_loader(lambda: load())

@@ -233,22 +233,23 @@ def recover_output_dir(path: str | Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
+def atomic_dir(path: str | Path, *, check: Callable[[str | Path], Path] | None = None) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``path`` whole, on error it is removed.
 
     Whenever the process stops -- an exception, or a kill at any instruction -- ``path`` is the
     complete old folder or the complete new one (see the comment above for the fallback). An
     existing ``path`` that holds files an SAE output folder does not is refused before anything
-    is written (:func:`check_replaceable_output`). Leftovers of earlier interrupted saves to the
-    same path are cleaned up first.
+    is written (:func:`check_replaceable_output`; ``check`` replaces that test, e.g. for
+    ``calibrate`` rewriting a checkpoint folder with all its files). Leftovers of earlier
+    interrupted saves to the same path are cleaned up first.
     """
-    yield from _atomic_dir(path)
+    yield from _atomic_dir(path, check or check_replaceable_output)
 
 
 # (the generator itself is undecorated: mutmut does not mutate decorated functions, and this is
 # the crash-consistent save; ``yield from`` hands the with-block's exception to it unchanged)
-def _atomic_dir(path: str | Path) -> Iterator[Path]:
-    path = check_replaceable_output(path)
+def _atomic_dir(path: str | Path, check: Callable[[str | Path], Path] = check_replaceable_output) -> Iterator[Path]:
+    path = check(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     recover_output_dir(path)
     _step("recovered")
@@ -265,7 +266,7 @@ def _atomic_dir(path: str | Path) -> Iterator[Path]:
         _remove_tree(tmp)
         raise
     try:
-        check_replaceable_output(path)  # again: something may have appeared while it was written
+        check(path)  # again: something may have appeared while it was written
     except SaeFolderError as exc:
         kept = path.parent / f"{path.name}.new-{tag}"
         os.rename(tmp, kept)

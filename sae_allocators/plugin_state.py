@@ -17,7 +17,7 @@ name, kept inside ``sae_lens.registry`` so that it survives a re-import of this 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 SAELENS = "sae-lens"
 
@@ -104,3 +104,21 @@ def current() -> PluginState:
             "sae_allocators.host.load()) first; if that raised, its error says why."
         )
     return _current
+
+
+#: the host's ``load`` (set by the host when it is imported): lets a module that the host itself
+#: depends on (``sae_folder``, through the runner save seam) make sure the plugins are loaded
+#: without importing the host
+_loader: Callable[[], Any] | None = None
+
+
+def set_loader(loader: Callable[[], Any]) -> None:
+    """Called once by :mod:`sae_allocators.host` at import."""
+    global _loader
+    _loader = loader
+
+
+def ensure_loaded() -> None:
+    """Run the host's ``load()`` (a no-op once loaded, unless forced elsewhere)."""
+    if _loader is not None:
+        _loader()

@@ -175,10 +175,12 @@ def check_sae_folder(path: str | Path, *, check_architecture: bool = True) -> Sa
 
 
 def _check_registered(cfg_path: Path, arch: Any) -> None:
-    from sae_allocators import host
+    # the host's load() through plugin_state: the host installs the runner save seam, which checks
+    # folders with this module, so this module does not import the host
+    from sae_allocators import plugin_state
     from sae_allocators import saelens_registry as reg
 
-    host.load()
+    plugin_state.ensure_loaded()
     if not isinstance(arch, str):
         raise SaeFolderError(f"{cfg_path}: 'architecture' must be a string, got {arch!r}.")
     try:
@@ -251,9 +253,9 @@ def check_loadable(path: str | Path, info: SaeFolderInfo | None = None, *, check
     dtypes against the SAE that config builds, and (``check_values``) that every weight is finite.
 
     Raises :class:`SaeFolderError` naming the file and tensor. Reads one tensor at a time.
+    Thresholds must also be finite and >= 0 (:func:`check_thresholds`).
     """
     import torch
-    from safetensors import safe_open
 
     info = info if info is not None else check_sae_folder(path)
     weights = info.path / WEIGHTS_FILENAME
@@ -307,15 +309,59 @@ def check_loadable(path: str | Path, info: SaeFolderInfo | None = None, *, check
                     f"re-copy it from the training output, or delete it (it is optional)."
                 )
     if check_values:
-        from sae_allocators import devices  # here, not at import: io.py (and this module) load without torch
-
-        with safe_open(str(weights), framework="pt", device=devices.CPU) as f:  # type: ignore[no-untyped-call]
-            for name in f.keys():  # noqa: SIM118
-                t = f.get_tensor(name)
-                if not bool(torch.isfinite(t).all()):
-                    n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-                    raise SaeFolderError(
-                        f"{weights}: tensor {name!r} holds {n_nan} NaN and {n_inf} inf values, so the SAE would output "
-                        f"NaN. Training diverged or the file was damaged: train again (e.g. with a lower learning rate)."
-                    )
+        check_finite_weights(info.path)
+        check_thresholds(info.path)
     return info
+
+
+def check_finite_weights(folder: str | Path, fix: str = ": train again (e.g. with a lower learning rate)") -> None:
+    """Raise :class:`SaeFolderError` naming the tensor when a weight of ``folder`` is NaN or inf."""
+    import torch
+    from safetensors import safe_open
+
+    from sae_allocators import devices  # here, not at import: io.py (and this module) load without torch
+
+    weights = Path(folder) / WEIGHTS_FILENAME
+    if not weights.is_file():
+        return
+    with safe_open(str(weights), framework="pt", device=devices.CPU) as f:  # type: ignore[no-untyped-call]
+        for name in f.keys():  # noqa: SIM118
+            t = f.get_tensor(name)
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+                raise SaeFolderError(
+                    f"{weights}: tensor {name!r} holds {n_nan} NaN and {n_inf} inf values, so the SAE would output "
+                    f"NaN. Training diverged or the file was damaged{fix}."
+                )
+
+
+#: tensors that are thresholds (JumpReLU ``threshold``; our training checkpoints' tracker buffers)
+THRESHOLD_TENSORS = ("threshold",)
+
+
+def check_thresholds(folder: str | Path) -> None:
+    """Raise :class:`SaeFolderError` when a threshold tensor of ``folder`` is negative (or not finite):
+    a JumpReLU threshold below 0 lets negative pre-activations fire, which no training writes."""
+    import torch
+    from safetensors import safe_open
+
+    from sae_allocators import devices
+
+    weights = Path(folder) / WEIGHTS_FILENAME
+    if not weights.is_file():
+        return
+    with safe_open(str(weights), framework="pt", device=devices.CPU) as f:  # type: ignore[no-untyped-call]
+        for name in f.keys():  # noqa: SIM118
+            if name.rsplit(".", 1)[-1] not in THRESHOLD_TENSORS:
+                continue
+            t = f.get_tensor(name).float()
+            bad = ~torch.isfinite(t) | (t < 0)
+            if bool(bad.any()):
+                first = int(bad.nonzero()[0, 0]) if t.dim() else 0
+                value = float(t.reshape(-1)[first])
+                raise SaeFolderError(
+                    f"{weights}: tensor {name!r} holds {int(bad.sum())} threshold(s) that are negative or not finite "
+                    f"(e.g. index {first}: {value:g}); a threshold must be finite and >= 0 (a negative one lets "
+                    f"negative pre-activations fire). The file was damaged or edited: re-copy it from the training "
+                    f"output, or run `sae-allocators calibrate` on the training checkpoint to fit new thresholds."
+                )

@@ -15,6 +15,7 @@ import os
 import sys
 import warnings
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -927,7 +928,7 @@ def test_default_held_out_source_order_and_synthetic_samples():
     )
 
 
-def test_install_wraps_both_final_save_methods_and_uninstall_restores_them(monkeypatch):
+def test_install_wraps_both_final_save_methods_and_uninstall_restores_them(monkeypatch, tmp_path):
     from sae_lens import LanguageModelSAETrainingRunner
     from sae_lens.synthetic import SyntheticSAERunner
 
@@ -958,12 +959,15 @@ def test_install_wraps_both_final_save_methods_and_uninstall_restores_them(monke
 
     holder = StandIn(gaussian_batches(5), training_tokens=10_000, train_batch_size_tokens=100)
     sae = make("mutual_choice")
-    assert LanguageModelSAETrainingRunner.save_final_sae(holder, sae, "out", extra=1) == "lm saved"
-    assert calls[-1][0] == "lm" and calls[-1][1].tokens == 400 and calls[-1][2:] == ("out", 1)
+    # the original writes into a hidden sibling that is switched into place whole (crash-consistent)
+    assert LanguageModelSAETrainingRunner.save_final_sae(holder, sae, str(tmp_path / "out"), extra=1) == "lm saved"
+    assert calls[-1][0] == "lm" and calls[-1][1].tokens == 400 and calls[-1][3] == 1
+    assert re.match(r"^\.out\.[^.]+\.partial$", Path(calls[-1][2]).name) and (tmp_path / "out").is_dir()
     assert sae.threshold_tracker.is_calibrated  # calibrated before the original saved it
     sae = make("mutual_choice")
-    LanguageModelSAETrainingRunner.save_final_sae(holder, sae=sae, output_path="kw")
-    assert calls[-1][2] == "kw" and sae.threshold_tracker.is_calibrated
+    LanguageModelSAETrainingRunner.save_final_sae(holder, sae=sae, output_path=str(tmp_path / "kw"))
+    assert Path(calls[-1][2]).name.startswith(".kw.") and sae.threshold_tracker.is_calibrated
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kw", "out"]
     sae = make("feature_choice")
     assert SyntheticSAERunner._save_outputs(holder, "syn", sae) == "synthetic saved"
     assert calls[-1][:1] == ("synthetic",) and calls[-1][1].architecture == "feature_choice"
@@ -980,6 +984,10 @@ def test_install_wraps_both_final_save_methods_and_uninstall_restores_them(monke
     assert not C.installed()
     C.uninstall()  # nothing left to restore
     assert LanguageModelSAETrainingRunner.__dict__["save_final_sae"] is save_final_sae
+    # uninstall also restored the redacting wraps (run, _set_sae_metadata, save_checkpoint), which
+    # monkeypatch does not know about: put them back for the tests after this one
+    C.install()
+    assert all(getattr(cls.__dict__[name], C._MARK, None) is not None for cls, name in C._redacting_methods())
 
 
 def test_calibration_log_goes_to_stdout_and_the_package_logger(capsys, caplog):

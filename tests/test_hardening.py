@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -662,3 +663,524 @@ def test_unregistered_architecture_message_does_not_say_pip_install_when_install
     assert "pip install" not in msg
     if autoload is not None:
         assert "plugin 'broken' failed" in msg
+
+
+# === round 2 (issue 26): secrets, crash-consistent saves everywhere, non-finite weights, =======
+# === calibration that tells the truth, thresholds, one early line per failure ================
+
+TOKEN = "hf_round2SecretToken0123456789abcdefXYZ"
+
+
+def _all_text(folder: Path) -> str:
+    return "\n".join(p.read_bytes().decode("utf-8", "replace") for p in sorted(folder.rglob("*")) if p.is_file())
+
+
+def _quiet_main(argv, **kw):
+    from sae_allocators.testing import tiny_dataset, tiny_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return train_mod.main(argv, override_model=tiny_model(), override_dataset=tiny_dataset(), **kw)
+
+
+# --- 1. secrets ---------------------------------------------------------------------------------
+
+
+def test_push_refuses_a_symlink_leaving_the_folder_before_any_network_call(sae_copy, unreachable_hub, tmp_path):
+    from sae_allocators.workflow import push as push_mod
+
+    outside = tmp_path / "token.json"
+    outside.write_text(json.dumps({"note": "not for upload", "value": "private"}))
+    (sae_copy / "runner_cfg.json").unlink()
+    (sae_copy / "runner_cfg.json").symlink_to(outside)
+    with pytest.raises(SaeFolderError) as err:
+        push_mod.push(sae_copy, "org/x")
+    msg = str(err.value)
+    assert "runner_cfg.json is a symlink to" in msg and "outside the SAE folder" in msg and "cannot reach" not in msg
+
+
+@pytest.mark.parametrize(
+    "where, edit, expected",
+    [
+        ("runner_cfg.json", lambda d: d.setdefault("model_from_pretrained_kwargs", {}).update(token="abc-not-redacted"), "runner_cfg.json: model_from_pretrained_kwargs.token"),
+        ("cfg.json", lambda d: d["metadata"].update(hf_auth_token="xyz"), "cfg.json: metadata.hf_auth_token"),
+        ("cfg.json", lambda d: d["metadata"].update(note=os.environ["HF_TOKEN"]), "cfg.json: the Hugging Face token this push would use"),
+    ],
+)
+def test_push_refuses_a_folder_holding_a_secret(sae_copy, unreachable_hub, where, edit, expected):
+    from sae_allocators.workflow import push as push_mod
+
+    path = sae_copy / where
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(push_mod.PushError) as err:
+        push_mod.push(sae_copy, "org/x")
+    msg = str(err.value)
+    assert "holds a secret, so nothing is uploaded" in msg and expected in msg and "<redacted>" in msg
+    assert os.environ["HF_TOKEN"] not in msg and "abc-not-redacted" not in msg
+
+
+def test_token_in_model_kwargs_is_redacted_in_output_and_checkpoints(tmp_path):
+    out = tmp_path / "output"
+    kwargs = json.dumps({"token": TOKEN, "center_writing_weights": False})
+    assert _quiet_main(flags(out, tokens=256) + ["--model_from_pretrained_kwargs", kwargs]) == 0
+    for folder in (out, tmp_path / "checkpoints"):
+        text = _all_text(folder)
+        assert TOKEN not in text and "<redacted>" in text, folder
+    meta = json.loads((out / "cfg.json").read_text())["metadata"]
+    assert meta["model_from_pretrained_kwargs"] == {"token": "<redacted>", "center_writing_weights": False}
+    assert json.loads((out / "runner_cfg.json").read_text())["model_from_pretrained_kwargs"]["token"] == "<redacted>"
+    assert json.loads((out / "runner_cfg.json").read_text())["training_tokens"] == 256  # not a secret, kept
+
+
+def test_secret_key_names():
+    from sae_allocators.redaction import is_secret_key, redact
+
+    for key in ("token", "hf_token", "use_auth_token", "HF_TOKEN", "api_key", "password", "client_secret", "auth"):
+        assert is_secret_key(key), key
+    for key in ("training_tokens", "exclude_special_tokens", "sequence_separator_token", "author", "calibration_tokens", "tokenizer"):
+        assert not is_secret_key(key), key
+    assert redact({"a": [f"x {TOKEN} y"], "token": True, "k": {"password": "p"}}) == {"a": ["x <redacted> y"], "token": True, "k": {"password": "<redacted>"}}
+
+
+def test_model_card_publishes_the_model_name_never_a_local_path(sae_copy):
+    from sae_allocators.io import check_sae_folder
+    from sae_allocators.workflow import push as push_mod
+
+    local = "/home/alice/.cache/huggingface/hub/models--EleutherAI--pythia-70m/snapshots/abc123"
+    meta = json.loads((sae_copy / "cfg.json").read_text())
+    meta["metadata"].update(model_name=local, dataset_path="/srv/private/corpus")
+    (sae_copy / "cfg.json").write_text(json.dumps(meta))
+    card = push_mod.model_card(check_sae_folder(sae_copy), "org/x", "sid")
+    assert "| Model | `EleutherAI/pythia-70m` |" in card and "| Dataset | `corpus` |" in card
+    assert "/home/alice" not in card and "/srv/private" not in card
+    meta["metadata"]["model_name"] = "/data/models/gpt2-small/"
+    (sae_copy / "cfg.json").write_text(json.dumps(meta))
+    assert "| Model | `gpt2-small` |" in push_mod.model_card(check_sae_folder(sae_copy), "org/x", "sid")
+
+
+# --- 2. crash-consistent saves: SAELens's plain runner, calibrate in place -------------------------
+
+PLAIN_RUNNER = """
+import os, signal, sys, warnings
+warnings.simplefilter("ignore")
+import sae_allocators.io as io
+from sae_lens import LanguageModelSAETrainingRunner
+from sae_allocators.workflow.train import parse_args
+from sae_allocators.testing import tiny_dataset, tiny_model
+kill_at = {kill_at!r}
+io._SAVE_STEP_HOOK = lambda step: os.kill(os.getpid(), signal.SIGKILL) if step == kill_at else None
+cfg = parse_args({argv!r})
+LanguageModelSAETrainingRunner(cfg, override_model=tiny_model(), override_dataset=tiny_dataset()).run()
+print("SAVED")
+"""
+
+
+@pytest.mark.parametrize("kill_at, expect", [("written", "old"), ("synced", "old"), ("switched", "new")])
+def test_plain_saelens_runner_killed_in_its_final_save_keeps_old_or_new(trained, tmp_path, kill_at, expect):
+    out = tmp_path / "output"
+    out.mkdir()
+    for f in trained["output"].iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    before = snapshot(out)
+    proc = run_fresh(PLAIN_RUNNER.format(kill_at=kill_at, argv=flags(out, tokens=128)), timeout=240)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    if expect == "old":
+        assert snapshot(out) == before
+    else:
+        names = sorted(os.listdir(out))
+        assert snapshot(out) != before and names == ["cfg.json", "runner_cfg.json", "sae_weights.safetensors", "sparsity.safetensors"], names
+    sio.recover_output_dir(out)
+    assert hidden(tmp_path) == []
+
+
+def _calibrate_flags(folder: Path, *extra: str) -> list[str]:
+    return [
+        str(folder), "--model_name", "tiny-random", "--hook_name", TINY_HOOK, "--dataset_path", "",
+        "--is_dataset_tokenized", "True", "--streaming", "False", "--context_size", "16",
+        "--train_batch_size_tokens", "64", "--store_batch_size_prompts", "4", "--n_batches_in_buffer", "4",
+        "--device", "cpu", "--calibration_tokens", "256", *extra,
+    ]  # fmt: skip
+
+
+def _calibrate(argv, dataset_rows: int = 64):
+    from sae_allocators.testing import tiny_dataset, tiny_model
+    from sae_allocators.workflow import calibrate as cal_mod
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cal_mod.main(argv, override_model=tiny_model(), override_dataset=tiny_dataset(n_rows=dataset_rows, seed=11))
+
+
+CALIBRATE_KILLED = """
+import os, signal, sys, warnings
+warnings.simplefilter("ignore")
+import sae_allocators.io as io
+from sae_allocators.workflow import calibrate
+from sae_allocators.testing import tiny_dataset, tiny_model
+io._SAVE_STEP_HOOK = lambda step: os.kill(os.getpid(), signal.SIGKILL) if step == {kill_at!r} else None
+sys.exit(calibrate.main({argv!r}, override_model=tiny_model(), override_dataset=tiny_dataset(seed=11)))
+"""
+
+
+@pytest.mark.parametrize("kill_at, expect", [("written", "old"), ("synced", "old"), ("removing_old", "new")])
+def test_calibrate_in_place_killed_leaves_old_or_new_and_no_debris(sae_copy, kill_at, expect):
+    before = snapshot(sae_copy)
+    proc = run_fresh(CALIBRATE_KILLED.format(kill_at=kill_at, argv=_calibrate_flags(sae_copy)), timeout=240)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    after = snapshot(sae_copy)
+    if expect == "old":
+        assert after == before
+    else:  # the new cfg.json together with the new weights, never one without the other
+        assert after["cfg.json"] != before["cfg.json"] and after["sae_weights.safetensors"] != before["sae_weights.safetensors"]
+        assert sorted(after) == sorted(before)
+    sio.recover_output_dir(sae_copy)
+    assert hidden(sae_copy.parent) == []
+
+
+def test_calibrate_in_place_leaves_no_debris(sae_copy):
+    before = snapshot(sae_copy)
+    assert _calibrate(_calibrate_flags(sae_copy, "--skip_tokens", "640")) == 0
+    after = snapshot(sae_copy)
+    assert sorted(after) == sorted(before) and after["cfg.json"] != before["cfg.json"]
+    assert sorted(p.name for p in sae_copy.parent.iterdir()) == [sae_copy.name]
+
+
+# --- 3. float16 / bfloat16, and no non-finite weights saved ----------------------------------------
+
+FLOAT16_NAN_ARCHS = ["mutual_choice", "feature_choice", "topk_zipf", "abstopk_zipf", "gradient_topk", "top_afa", "batchtopk_zipf"]
+
+
+@pytest.mark.parametrize("arch", FLOAT16_NAN_ARCHS)
+def test_float16_is_refused_at_config_time_with_the_fix(arch):
+    with pytest.raises(ValueError, match=r"dtype='float16' is refused: .*Train in float32 \(or bfloat16\).*--autocast True"):
+        from_dict(arch, dtype="float16")
+
+
+def test_cli_refuses_float16_before_training_and_bfloat16_trains_finite(tmp_path, capsys):
+    assert train_mod.main(flags(tmp_path / "f16") + ["--sae.dtype", "float16"]) == 2
+    err = capsys.readouterr().err
+    assert "dtype='float16' is refused" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "f16").exists()
+    out = tmp_path / "bf16"
+    assert _quiet_main(flags(out, tokens=256) + ["--sae.dtype", "bfloat16"]) == 0
+    assert all(bool(torch.isfinite(t.float()).all()) for t in load_file(str(out / "sae_weights.safetensors")).values())
+
+
+def test_non_finite_weights_are_never_saved_and_the_command_fails(trained, tmp_path, capsys, monkeypatch):
+    from sae_allocators import calibration as C
+
+    def poison(runner, sae):  # training "diverged": the last step left NaN in the decoder
+        with torch.no_grad():
+            sae.W_dec[0, 0] = float("nan")
+        runner.calibration_result = None
+
+    monkeypatch.setattr(C, "calibrate_runner_sae", poison)
+    out = tmp_path / "output"
+    out.mkdir()
+    for f in trained["output"].iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    before = snapshot(out)
+    capsys.readouterr()
+    assert _quiet_main(flags(out, tokens=128)) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"tensor 'W_(dec|enc)' holds \d+ NaN and 0 inf values, .* so it is not saved", err) and "Traceback" not in err, err
+    assert snapshot(out) == before and hidden(tmp_path) == []
+
+
+# --- 4. calibration: arguments first, held_out true only when it is, warnings, NaN ------------------
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if a model is loaded (the argument checks must come first)."""
+    import sae_lens.load_model as lm
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(lm, "load_model", refuse)
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--calibration_tokens", "0"], "--calibration_tokens 0 is invalid"),
+        (["--target_k", "0"], "--target_k 0.0 is invalid"),
+        (["--target_k", "100"], "--target_k 100 is invalid: the SAE has d_sae=64 latents"),
+        (["--skip_tokens", "-5"], "--skip_tokens -5 is invalid"),
+        (["--device", "cuda"], "sees no CUDA GPU here"),
+        (["--calib", "5"], "unrecognized arguments: --calib"),
+    ],
+)
+def test_calibrate_checks_its_arguments_before_loading_a_model(sae_copy, no_model_load, capsys, extra, expected):
+    from sae_allocators.workflow import calibrate as cal_mod
+
+    before = snapshot(sae_copy)
+    argv = [a for a in _calibrate_flags(sae_copy) if a not in ("--device", "cpu")] + ([] if "--device" in extra else ["--device", "cpu"]) + extra
+    rc = cal_mod.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and expected in err and "Traceback" not in err, err
+    assert snapshot(sae_copy) == before
+
+
+def _top_afa_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "afa"
+    folder.mkdir()
+    (folder / "cfg.json").write_text(json.dumps({"architecture": "top_afa", "d_in": 32, "d_sae": 64}))
+    save_file({"W_enc": torch.zeros(32, 64)}, str(folder / "sae_weights.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (lambda f, t: _edit_weights(f, _set("W_dec", lambda w: w.index_fill(0, torch.tensor([0]), float("nan")))), "tensor 'W_dec' holds 32 NaN"),
+        (lambda f, t: _edit_cfg(f, d_sae=65), "do not belong together"),
+        (lambda f, t: (t / "elsewhere").mkdir(), "--output"),
+        (lambda f, t: None, "holds a saved 'top_afa' SAE: only mutual_choice, batchtopk_zipf, feature_choice"),
+    ],
+    ids=["nan_weights", "d_sae_mismatch", "existing_output", "top_afa"],
+)
+def test_calibrate_refuses_bad_folders_before_loading_a_model(sae_copy, tmp_path, no_model_load, capsys, damage, expected):
+    from sae_allocators.workflow import calibrate as cal_mod
+
+    damage(sae_copy, tmp_path)
+    folder = _top_afa_folder(tmp_path) if "top_afa" in expected else sae_copy
+    extra = ["--output", str(tmp_path / "elsewhere")] if expected == "--output" else []
+    rc = cal_mod.main(_calibrate_flags(folder, *extra))
+    err = capsys.readouterr().err
+    assert rc == 2 and expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_calibrate_with_a_hook_of_another_width_is_one_line(sae_copy, capsys):
+    argv = [("blocks.0.mlp.hook_post" if a == TINY_HOOK else a) for a in _calibrate_flags(sae_copy)]
+    before = snapshot(sae_copy)
+    assert _calibrate(argv) == 2
+    err = capsys.readouterr().err
+    assert "the activations of --hook_name blocks.0.mlp.hook_post do not fit the SAE's d_in=32" in err and f"use the hook it was trained on ({TINY_HOOK})" in err
+    assert "Traceback" not in err and err.count("error:") == 1
+    assert snapshot(sae_copy) == before
+
+
+@pytest.mark.parametrize(
+    "skip, rows, held_out",
+    [(0, 64, False), (640, 64, True), (1200, 64, False)],
+    ids=["training_data", "past_the_training_tokens", "wrapped_past_the_end"],
+)
+def test_calibrate_records_held_out_only_when_it_is(sae_copy, tmp_path, skip, rows, held_out):
+    out = tmp_path / "cal"
+    assert _calibrate(_calibrate_flags(sae_copy, "--skip_tokens", str(skip), "--output", str(out)), dataset_rows=rows) == 0
+    meta = json.loads((out / "cfg.json").read_text())["metadata"]["calibration"]
+    assert meta["held_out"] is held_out and meta["skipped_tokens"] >= skip
+
+
+def test_calibrate_api_refuses_nan_weights_inf_activations_and_k_above_d_sae_and_warns_on_few_tokens():
+    from sae_lens import TrainingSAE
+
+    from sae_allocators import calibration as C
+
+    sae = TrainingSAE.from_dict(from_dict("mutual_choice").to_dict())
+    x = torch.randn(256, 32)
+    with pytest.raises(ValueError, match=r"calibration target k=65 is invalid: use the mean L0 to calibrate to, in \(0, d_sae=64\]"):
+        C.calibrate(sae, [x], 256, k=65, apply=False)
+    bad = x.clone()
+    bad[3, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"calibration batch holds 0 NaN and 1 inf activations"):
+        C.calibrate(sae, [bad], 256, apply=False)
+    with pytest.warns(UserWarning, match=r"calibration on 1 tokens gives each of the 64 latents about 0.0625 firings"):
+        C.calibrate(sae, [x], 1, apply=False)
+    with torch.no_grad():
+        sae.W_enc[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"the SAE's 'W_enc' holds 1 NaN and 0 inf values"):
+        C.calibrate(sae, [x], 256, apply=False)
+
+
+def test_a_calibration_budget_of_zero_is_refused_at_config_time():
+    with pytest.raises(ValueError, match=r"calibration_tokens=1 is invalid with k=0.5: .* Use calibration_tokens >= 2"):
+        from_dict("mutual_choice", k=0.5, calibration_tokens=1)
+
+
+# --- 5. thresholds: finite and >= 0, on load and push --------------------------------------------
+
+
+@pytest.mark.parametrize("value", [-2043.0, -0.5, float("nan")])
+def test_load_and_push_refuse_a_broken_threshold(sae_copy, unreachable_hub, capsys, value):
+    from sae_allocators import cli
+    from sae_allocators.workflow import push as push_mod
+
+    _edit_weights(sae_copy, _set("threshold", lambda t: t.index_fill(0, torch.tensor([2]), value)))
+    assert cli.main(["load", str(sae_copy)]) == 1
+    err = capsys.readouterr().err
+    expected = "tensor 'threshold' holds" if value == value else "tensor 'threshold' holds 1 NaN"
+    assert expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    if value == value:
+        assert "negative or not finite (e.g. index 2" in err and "sae-allocators calibrate" in err
+    with pytest.raises(SaeFolderError, match="threshold"):
+        push_mod.push(sae_copy, "org/x")
+
+
+# --- 6. one line per failure, early ----------------------------------------------------------------
+
+
+@pytest.fixture
+def no_torchrun(monkeypatch):
+    from sae_allocators.distributed import relaunch
+
+    def refuse(*a, **k):
+        raise AssertionError("torchrun was started although a pre-flight check should have refused")
+
+    monkeypatch.setattr(relaunch, "relaunch", refuse)
+
+
+@pytest.mark.parametrize(
+    "extra, env, expected",
+    [
+        (["--device", "cuda"], {}, "sees no CUDA GPU here"),
+        ([], {"SAE_ALLOCATORS_DIST_BACKEND": "mpi"}, "SAE_ALLOCATORS_DIST_BACKEND='mpi' is invalid"),
+        (["--k", "0"], {}, "k=0.0 is invalid"),
+        ([], {}, "holds notes.txt, which an SAE output folder does not"),
+        (["--train_batch_size_tokens", "63"], {}, "does not divide into 2 ranks"),
+        ([], {"SAE_ALLOCATORS_DIST_TIMEOUT": "abc"}, "SAE_ALLOCATORS_DIST_TIMEOUT='abc' is invalid: use a whole number"),
+    ],
+    ids=["cuda_without_cuda", "bad_backend", "k0", "foreign_output", "batch", "bad_timeout"],
+)
+def test_nproc_preflight_refuses_once_before_the_ranks_start(tmp_path, capsys, monkeypatch, no_torchrun, extra, env, expected):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "out"
+    if "notes.txt" in expected:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    argv = ["--nproc-per-node", "2", *[a for a in flags(out) if a not in ("--device", "cpu")], *(["--device", "cpu"] if "--device" not in extra else []), *extra]
+    rc = train_mod.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and expected in err and err.count("error:") == 1 and "Traceback" not in err, err
+
+
+# torchrun 2.13's stderr when rank 0 raised (recorded from a real run, paths shortened)
+TORCHRUN_FAILURE = r"""
+import sys
+err = sys.stderr
+err.write("Traceback (most recent call last):\n  File \"launch.py\", line 1, in <module>\nValueError: rank 0 broke\n")
+err.write("W1207 01:14:06.619000 14070 torch/distributed/elastic/multiprocessing/api.py:1028] Sending process 14077 closing signal SIGTERM\n")
+err.write("E1207 01:14:06.749000 14070 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: 1) local_rank: 0 (pid: 14076) of binary: python\n")
+err.write("Traceback (most recent call last):\n  File \"run.py\", line 9\ntorch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n")
+err.write("====\nsae_allocators.distributed.launch FAILED\nRoot Cause (first observed failure):\n[0]:\n  exitcode  : 1 (pid: 14076)\n====\n")
+sys.exit(1)
+"""
+
+
+def test_relaunch_reports_a_failed_rank_once(monkeypatch, capsys):
+    from sae_allocators.distributed import relaunch as rl
+
+    monkeypatch.setattr(rl, "torchrun_command", lambda n, argv, python=None: [sys.executable, "-c", TORCHRUN_FAILURE])
+    assert rl.relaunch(2, [], timeout=60) == 1
+    err = capsys.readouterr().err
+    assert err.count("ValueError: rank 0 broke") == 1 and err.count("Traceback") == 1, err
+    assert "ChildFailedError" not in err and "Root Cause" not in err and "closing signal" not in err
+    assert err.strip().splitlines()[-1] == "sae-allocators train: rank 0 of 2 failed (exit code 1); its error is above, and torchrun stopped the other ranks."
+
+
+def _checkpoint_copy(trained, tmp_path: Path) -> Path:
+    dst = tmp_path / "ckpt"
+    dst.mkdir()
+    for f in trained["checkpoint"].iterdir():
+        if f.is_file():
+            (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing", "no such folder"),
+        ("half_written", "is half-written: activations_store_state.safetensors missing"),
+        ("truncated_weights", "sae_weights.safetensors is corrupted"),
+        ("other_d_sae", "is a checkpoint of another SAE: d_sae=64 (this run: 128)"),
+        ("final_output", "is a final output folder (an inference model, which cannot resume training)"),
+        ("two_ranks", "was written by a 2-rank run (each rank holds its own data position): resume it with --nproc-per-node 2"),
+    ],
+)
+def test_resume_errors_say_what_the_folder_is_and_what_to_pass(trained, tmp_path, capsys, case, expected):
+    ckpt = _checkpoint_copy(trained, tmp_path)
+    extra: list[str] = []
+    if case == "missing":
+        ckpt = tmp_path / "nope"
+    elif case == "half_written":
+        (ckpt / "activations_store_state.safetensors").unlink()
+    elif case == "truncated_weights":
+        data = (ckpt / "sae_weights.safetensors").read_bytes()
+        (ckpt / "sae_weights.safetensors").write_bytes(data[: len(data) // 2])
+    elif case == "other_d_sae":
+        extra = ["--d_sae", "128"]
+    elif case == "final_output":
+        ckpt = trained["output"]
+    elif case == "two_ranks":
+        (ckpt / "distributed.json").write_text(json.dumps({"world_size": 2}))
+    argv = flags(tmp_path / "out", tokens=256) + extra + ["--resume_from_checkpoint", str(ckpt)]
+    rc = _quiet_main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_on_cuda_without_cuda_is_one_line_before_the_model_loads(tmp_path, capsys, no_model_load):
+    rc = train_mod.main([a if a != "cpu" else "cuda" for a in flags(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "device 'cuda'" in err and "Use --device cpu" in err and "Traceback" not in err, err
+
+
+def test_no_prefix_abbreviations(tmp_path, capsys):
+    from sae_allocators import cli
+
+    rc = train_mod.main(flags(tmp_path / "out", "top_afa") + ["--k", "32"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "unrecognized arguments: --k 32" in err and not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["push", str(tmp_path), "--rep", "org/x"])
+    assert exc.value.code == 2 and "--rep" in capsys.readouterr().err
+
+
+FUNCTION_PLUGIN = """
+from sae_allocators import hookimpl
+
+@hookimpl
+def register_architectures(register):
+    raise AssertionError("never called: the entry point names this function, not its module")
+"""
+
+
+@pytest.mark.parametrize("value, what", [("fn_plugin:register_architectures", "a function, not a module"), ("fn_plugin", "a module")])
+def test_entry_point_that_registers_nothing_warns(fake_dists, value, what):
+    from sae_allocators import host
+    from sae_allocators.host import PluginWarning
+
+    source = FUNCTION_PLUGIN if ":" in value else "X = 1\n"
+    fake_dists.add("fn-sae", "1.0", {"fn": value}, {"fn_plugin": source})
+    with pytest.warns(PluginWarning, match=rf"plugin 'fn' from fn-sae 1.0 registers nothing: it is {what} and implements no sae_allocators hook"):
+        report = host.load(force=True)
+    assert any("fn-sae" in who for who, _ in report.failed)
+
+
+def test_saelens_load_from_disk_on_a_training_checkpoint_says_what_it_is(trained):
+    from sae_lens import SAE
+
+    with pytest.raises(ValueError, match=r"'mutual_choice' inference SAE does not have \(.*density_steps.*\): this is a training checkpoint.*TrainingSAE\.load_from_disk"):
+        SAE.load_from_disk(str(trained["checkpoint"]))
+
+
+def test_plain_saelens_runner_refuses_an_output_it_may_not_replace_before_training(tmp_path):
+    from sae_lens import LanguageModelSAETrainingRunner
+
+    from sae_allocators.testing import tiny_dataset, tiny_model
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    runner = LanguageModelSAETrainingRunner(train_mod.parse_args(flags(out)), override_model=tiny_model(), override_dataset=tiny_dataset())
+    steps = []
+    runner.run_trainer_with_interruption_handling = lambda trainer: steps.append(1)
+    with pytest.raises(SaeFolderError, match="holds notes.txt, which an SAE output folder does not"):
+        runner.run()
+    assert steps == [] and sorted(os.listdir(out)) == ["notes.txt"]

@@ -81,3 +81,21 @@ def load_alias_config(base: type, name: str) -> type:
         },
     )
     return dataclass(alias)
+
+
+class RefuseTrainingCheckpointMixin:
+    """For this project's inference SAE classes: ``SAE.load_from_disk`` on a training checkpoint (whose
+    cfg.json names the training architecture, so SAELens builds this class) fails with one line saying
+    what the folder is and what to load instead, not with ``load_state_dict``'s "Unexpected key(s)"."""
+
+    def process_state_dict_for_loading(self, state_dict: dict[str, torch.Tensor]) -> None:
+        expected = set(self.state_dict())  # type: ignore[attr-defined]
+        extra = sorted(set(state_dict) - expected)
+        if extra:
+            arch = self.cfg.architecture()  # type: ignore[attr-defined]
+            raise ValueError(
+                f"these weights hold tensors a {arch!r} inference SAE does not have ({', '.join(extra)}): this is a "
+                f"training checkpoint (SAELens saves the training model's buffers there). Load the final output folder "
+                f"(--output_path) with SAE.load_from_disk, or this checkpoint with TrainingSAE.load_from_disk."
+            )
+        super().process_state_dict_for_loading(state_dict)  # type: ignore[misc]

@@ -25,7 +25,7 @@ from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopK
 from sae_allocators import sparse
 from sae_allocators.allocation.batch import budget, kth_largest_with_candidates
 from sae_allocators.allocation.feature_choice import capacities, feature_choice_indices, feature_choice_select, usage_rank
-from sae_allocators.architectures._common import check_k, check_rate, pre_activations, warm_ema_
+from sae_allocators.architectures._common import RefuseTrainingCheckpointMixin, check_k, check_rate, pre_activations, warm_ema_
 from sae_allocators.architectures._step import SelectionStepMixin, StepState
 from sae_allocators.distributed import all_reduce, group_of
 from sae_allocators.distributed import select as dist_select
@@ -83,7 +83,7 @@ class FeatureChoiceSAEConfig(TopKSAEConfig):
         return NAME
 
 
-class FeatureChoiceSAE(TopKSAE):
+class FeatureChoiceSAE(RefuseTrainingCheckpointMixin, TopKSAE):
     """Batch-mode Feature Choice inference with uniform capacities."""
 
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -23,7 +23,7 @@ from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopK
 from sae_allocators import sparse
 from sae_allocators.allocation.gradient import GRAD_NORMALIZATIONS, gradient_topk, gradient_topk_indices
 from sae_allocators.distributed import global_mean, group_of
-from sae_allocators.architectures._common import pre_activations
+from sae_allocators.architectures._common import RefuseTrainingCheckpointMixin, pre_activations
 from sae_allocators.architectures._step import SelectionStepMixin, StepState
 from sae_allocators.gradient.store import split_rows
 from sae_allocators.hookspecs import hookimpl
@@ -74,7 +74,7 @@ class GradientTopKSAEConfig(TopKSAEConfig):
         return NAME
 
 
-class GradientTopKSAE(TopKSAE):
+class GradientTopKSAE(RefuseTrainingCheckpointMixin, TopKSAE):
     """TopK inference SAE whose ``encode`` also takes the loss gradient at the hooked activation."""
 
     cfg: GradientTopKSAEConfig  # type: ignore[assignment]

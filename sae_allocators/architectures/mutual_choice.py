@@ -18,7 +18,7 @@ from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig, TopKTrainingSAE
 
 from sae_allocators import sparse
 from sae_allocators.allocation.batch import batch_topk, mutual_choice_indices
-from sae_allocators.architectures._common import check_k, check_rate, pre_activations
+from sae_allocators.architectures._common import RefuseTrainingCheckpointMixin, check_k, check_rate, pre_activations
 from sae_allocators.architectures._step import SelectionStepMixin, StepState
 from sae_allocators.distributed import group_of
 from sae_allocators.distributed import select as dist_select
@@ -57,7 +57,7 @@ class MutualChoiceSAEConfig(TopKSAEConfig):
         return NAME
 
 
-class MutualChoiceSAE(TopKSAE):
+class MutualChoiceSAE(RefuseTrainingCheckpointMixin, TopKSAE):
     """Batch-mode inference: encodes a whole batch with the training-time selection."""
 
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:

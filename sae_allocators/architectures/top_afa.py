@@ -26,7 +26,7 @@ from torch import nn
 
 from sae_allocators import sparse
 from sae_allocators.allocation.afa import AFASelection, afa_indices, afa_loss, afa_loss_sparse, afa_select, check_k_max
-from sae_allocators.architectures._common import check_d_sae, input_and_pre_activations
+from sae_allocators.architectures._common import RefuseTrainingCheckpointMixin, check_d_sae, input_and_pre_activations
 from sae_allocators.architectures._step import SelectionStepMixin, StepState
 from sae_allocators.diagnostics.afa import afa_k_stats, epsilon_lbo, epsilon_lbo_stats
 from sae_allocators.hookspecs import hookimpl
@@ -106,7 +106,7 @@ class TopAFASAEConfig(SAEConfig):
         return NAME
 
 
-class TopAFASAE(_AFAEncodeMixin, TopKSAE):
+class TopAFASAE(RefuseTrainingCheckpointMixin, _AFAEncodeMixin, TopKSAE):
     """Inference: encodes each token with the top-AFA rule; decode, folding and weights are
     SAELens TopK's.
 

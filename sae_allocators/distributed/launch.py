@@ -35,47 +35,23 @@ from typing import Any, Sequence
 
 from sae_allocators import devices
 # the launcher's side (before torchrun), importable without the workflow; re-exported here
-from sae_allocators.distributed.relaunch import LaunchError, relaunch, split_nproc, torchrun_command
+from sae_allocators.distributed.relaunch import (
+    DISTRIBUTED_STATE,
+    LaunchError,
+    check_resume,
+    choose_backend,
+    env_int,
+    relaunch,
+    split_nproc,
+    torchrun_command,
+)
 
-__all__ = ["LaunchError", "relaunch", "split_nproc", "torchrun_command", "main"]
+__all__ = ["DISTRIBUTED_STATE", "LaunchError", "check_resume", "choose_backend", "env_int", "relaunch", "split_nproc", "torchrun_command", "main"]
 
-DISTRIBUTED_STATE = "distributed.json"
 RANKS_DIR = "ranks"
 
 
 # --- under torchrun: one rank ----------------------------------------------------------------------
-
-
-def choose_backend(device: str, requested: str | None, local_world: int, gpus: int) -> str:
-    """``nccl`` for CUDA devices (one GPU per local rank), ``gloo`` otherwise; errors say the fix."""
-    want = (requested or "auto").lower()
-    if want not in ("auto", "nccl", "gloo"):
-        raise LaunchError(f"SAE_ALLOCATORS_DIST_BACKEND={requested!r} is invalid: use nccl, gloo or auto")
-    cuda = devices.is_cuda(device)
-    if want == "auto":
-        want = "nccl" if cuda else "gloo"
-    if want == "nccl":
-        if not cuda:
-            raise LaunchError(f"the NCCL backend needs CUDA, but the config's device is {device!r}: use --device cuda, or the gloo backend (SAE_ALLOCATORS_DIST_BACKEND=gloo)")
-        if gpus < local_world:
-            raise LaunchError(
-                f"NCCL needs one GPU per rank: {local_world} ranks on this node but {gpus} GPU(s) visible. "
-                f"Use --nproc-per-node {max(gpus, 1)} (or fewer), make more GPUs visible (CUDA_VISIBLE_DEVICES), "
-                "or train on CPU with --device cpu (gloo)."
-            )
-    return want
-
-
-def env_int(name: str, default: int | None = None) -> int:
-    v = os.environ.get(name)
-    if v is None:
-        if default is None:
-            raise LaunchError(
-                f"{name} is not set: sae_allocators.distributed.launch runs under torchrun "
-                "(use `sae-allocators train --nproc-per-node N ...` or `torchrun ... -m sae_allocators.distributed.launch ...`)"
-            )
-        return default
-    return int(v)
 
 
 def per_rank_config(cfg: Any, rank: int, world: int, device: str | None = None) -> Any:
@@ -101,19 +77,6 @@ def per_rank_config(cfg: Any, rank: int, world: int, device: str | None = None) 
     for key, value in changes.items():
         setattr(out, key, value)
     return out
-
-
-def check_resume(cfg: Any, world: int) -> None:
-    """Resuming needs the checkpoint of a run with the same number of ranks."""
-    path = getattr(cfg, "resume_from_checkpoint", None)
-    if path is None:
-        return
-    f = Path(path) / DISTRIBUTED_STATE
-    if not f.exists():
-        raise LaunchError(f"cannot resume {path} on {world} ranks: it was not written by a distributed run (no {DISTRIBUTED_STATE}); resume it in one process")
-    saved = json.loads(f.read_text())["world_size"]
-    if saved != world:
-        raise LaunchError(f"cannot resume {path} on {world} ranks: it was written by {saved} ranks (each holds its own data position). Resume with --nproc-per-node {saved}")
 
 
 def shard_dataset(cfg: Any, rank: int, world: int) -> Any:
@@ -216,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch.distributed as dist
 
     from sae_allocators.distributed.data_parallel import DistributedConfigError, check_same_everywhere, config_digest
+    from sae_allocators.sae_folder import SaeFolderError
     from sae_allocators.workflow import train as wf
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -225,14 +189,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         cfg = wf.parse_args(argv)
+        wf.check_before_training(cfg, world=world)  # device, resume checkpoint, output folder
+        backend = choose_backend(cfg.device, os.environ.get("SAE_ALLOCATORS_DIST_BACKEND"), local_world, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+        timeout = timedelta(seconds=env_int("SAE_ALLOCATORS_DIST_TIMEOUT", 600))
     except SystemExit as exc:
         return int(exc.code or 0)
-    backend = choose_backend(cfg.device, os.environ.get("SAE_ALLOCATORS_DIST_BACKEND"), local_world, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    except (LaunchError, ValueError) as exc:  # the same on every rank (DeviceError, SaeFolderError, config checks): once
+        if rank == 0:
+            print(f"sae-allocators train (rank {rank}/{world}): error: {exc}", file=sys.stderr)
+        return 2
     device = None
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
         device = f"{devices.CUDA}:{local_rank}"
-    timeout = timedelta(seconds=env_int("SAE_ALLOCATORS_DIST_TIMEOUT", 600))
     dist.init_process_group(backend, timeout=timeout)
     try:
         group = dist.group.WORLD
@@ -253,6 +222,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"Final metrics ({runner.final_metrics['training_tokens']} tokens): " + ", ".join(f"{k}={v:.4g}" for k, v in runner.final_metrics["metrics"].items()))
         dist.barrier()
     except (DistributedConfigError, LaunchError) as exc:
+        # these checks give every rank the same answer: reported once, by rank 0 (the others exit quietly)
+        if rank == 0:
+            print(f"sae-allocators train (rank {rank}/{world}): error: {exc}", file=sys.stderr)
+        return 2
+    except SaeFolderError as exc:  # rank 0's final save refused (non-finite weights, ...): only rank 0 saves
         print(f"sae-allocators train (rank {rank}/{world}): error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:

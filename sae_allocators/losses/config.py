@@ -89,6 +89,8 @@ class AuxLossConfig:
             config_checks.warn_unknown_keys(self)
             config_checks.check_field_types(self)
             config_checks.check_dimensions(self)
+            config_checks.check_dtype(self)
+            config_checks.check_calibration_budget(self)
 
     def __post_init__(self) -> None:
         self._shared_checks_if_outermost(AuxLossConfig)

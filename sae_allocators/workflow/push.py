@@ -102,13 +102,14 @@ def model_card(info: SaeFolderInfo, repo_id: str, sae_id: str) -> str:
     rows = [
         ("Training architecture", f"`{train_arch}`" if train_arch else "not recorded"),
         ("Saved (inference) architecture", f"`{arch}`"),
-        ("Model", f"`{meta.get('model_name', 'not recorded')}`"),
+        ("Model", f"`{public_name(meta.get('model_name')) or 'not recorded'}`"),
         ("Hook", f"`{meta.get('hook_name', 'not recorded')}`"),
         ("d_in / d_sae", f"{info.cfg.get('d_in')} / {info.cfg.get('d_sae')}"),
         ("Training tokens", _fmt(summary["training_tokens"]) if summary["training_tokens"] is not None else "not recorded"),
     ]
     if meta.get("dataset_path"):
-        rows.insert(4, ("Dataset", f"`{meta['dataset_path']}`"))
+        dataset = public_name(meta["dataset_path"])
+        rows.insert(4, ("Dataset", f"`{dataset or 'not recorded'}`"))
     lines += [f"| {k} | {v} |" for k, v in rows]
     lines += ["", "## Final metrics", ""]
     if summary["metrics"]:
@@ -154,6 +155,74 @@ def check_loadable_like_from_pretrained(output_dir: str | Path) -> SaeFolderInfo
     return info
 
 
+#: the files ``push`` uploads (SAELens's ``upload_saes_to_huggingface`` allows these names)
+UPLOADED_FILES = ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors", RUNNER_CFG_FILENAME)
+
+
+def check_upload_files(folder: str | Path) -> list[Path]:
+    """The files of ``folder`` that would be uploaded, each a regular file inside the folder.
+
+    A symlink (or a name resolving) outside the folder is refused by name, before any upload:
+    following it would publish whatever it points to (a token file, ...)."""
+    folder = Path(folder)
+    root = folder.resolve()
+    out: list[Path] = []
+    for name in UPLOADED_FILES:
+        path = folder / name
+        if not path.exists() and not path.is_symlink():
+            continue
+        target = path.resolve()
+        if path.is_symlink() and (root not in target.parents or not target.is_file()):
+            raise SaeFolderError(
+                f"{path} is a symlink to {target}, outside the SAE folder: push uploads only the folder's own files, "
+                f"so it is refused (it would publish that file). Replace the link by the file itself (cp --remove-destination), "
+                f"or remove it."
+            )
+        if not target.is_file():
+            raise SaeFolderError(f"{path} is not a regular file; push uploads only regular files. Remove it or replace it by the file.")
+        out.append(path)
+    return out
+
+
+def check_no_secrets(folder: str | Path, token: str | None) -> None:
+    """Refuse (``PushError``) a folder whose text files hold the push token or a secret-named field."""
+    from sae_allocators.redaction import REDACTED, find_secrets
+
+    found = find_secrets(folder, token)
+    if found:
+        shown = "; ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise PushError(
+            f"{folder} holds a secret, so nothing is uploaded: {shown}. Replace the value by {REDACTED!r} (or delete the "
+            f"field) in that file, then push again; folders saved by this version are redacted already."
+        )
+
+
+_HUB_CACHE_RE = re.compile(r"(?:^|[\\/])models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+?)(?:[\\/]|$)")
+
+
+def public_name(value: Any) -> str | None:
+    """What the model card may say for a model or dataset name: the name itself, never a local path.
+
+    A Hugging Face cache folder (``.../models--org--name/snapshots/...``) gives ``org/name``; any
+    other local path (absolute, ``./``, ``~``, a Windows path, or an existing file or folder) gives
+    its last component only (``/data/models/gpt2-small`` -> ``gpt2-small``)."""
+    if not isinstance(value, str) or not value:
+        return None
+    m = _HUB_CACHE_RE.search(value)
+    if m:
+        return f"{m['org']}/{m['name']}"
+    looks_local = value.startswith(("/", "./", "../", "~", ".\\")) or "\\" in value or re.match(r"^[A-Za-z]:[\\/]", value) is not None
+    if not looks_local and value.count("/") <= 1:
+        try:
+            looks_local = Path(value).expanduser().exists()
+        except OSError:
+            looks_local = False
+    if looks_local:
+        last = re.split(r"[\\/]+", value.rstrip("/\\"))[-1]
+        return last or None
+    return value
+
+
 def _connection_error(exc: BaseException) -> bool:
     """True for a transport failure (no answer from the endpoint), whichever HTTP client raised it."""
     seen: set[int] = set()
@@ -182,6 +251,7 @@ def push(
     """Upload ``output_dir`` as ``repo_id/<sae_id>/`` plus a model card; return what was done."""
     if not _REPO_RE.match(repo_id or ""):
         raise SaeFolderError(f"--repo {repo_id!r} is not a Hub repo id; use the form 'org/name' (or 'user/name').")
+    files = check_upload_files(output_dir)
     info = check_loadable_like_from_pretrained(output_dir)
     sae_id = _check_sae_id(sae_id if sae_id is not None else default_sae_id(info))
 
@@ -189,18 +259,30 @@ def push(
     from huggingface_hub.utils import HfHubHTTPError
 
     token = get_token()
+    check_no_secrets(output_dir, token)
     if not token:
         raise PushError(
             "No Hugging Face token found. Set the HF_TOKEN environment variable or run `hf auth login` "
             "(a token with write access to the repo)."
         )
+    import shutil
+    import tempfile
+
+    staging = tempfile.TemporaryDirectory(prefix="sae-allocators-push-")
     try:
+        # what is uploaded is a copy of the checked regular files, so nothing can change under the upload
+        stage = Path(staging.name) / "sae"
+        stage.mkdir()
+        for f in files:
+            shutil.copyfile(f, stage / f.name, follow_symlinks=True)
+        check_upload_files(stage)
+        check_no_secrets(stage, token)
         from sae_lens import upload_saes_to_huggingface
 
         api = HfApi()
         if private:
             api.create_repo(repo_id, private=True, exist_ok=True)
-        upload_saes_to_huggingface({sae_id: Path(output_dir)}, repo_id, hf_revision=revision, show_progress=False, add_default_readme=False)
+        upload_saes_to_huggingface({sae_id: stage}, repo_id, hf_revision=revision, show_progress=False, add_default_readme=False)
         card_exists = api.file_exists(repo_id, "README.md", revision=revision)
         card_written = False
         if overwrite_card or not card_exists:
@@ -236,6 +318,8 @@ def push(
         else:
             msg = f"Upload to {repo_id} failed: {type(exc).__name__}: {first}. Check the network and that HF_HUB_OFFLINE is not set."
         raise PushError(_scrub(msg, token)) from None
+    finally:
+        staging.cleanup()
     return {"repo_id": repo_id, "sae_id": sae_id, "card_written": card_written, "card_existed": card_exists, "info": info}
 
 

@@ -22,11 +22,12 @@ explained variance, dead features and the number of training tokens) is written 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from dataclasses import field as dc_field
 from dataclasses import fields, make_dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from sae_allocators.sae_folder import SaeFolderError
 
@@ -68,19 +69,111 @@ def _parse_like_saelens_638(args: list[str]):
     return parser.parse_args(rest).cfg
 
 
+@contextlib.contextmanager
+def no_abbreviations() -> Iterator[None]:
+    """While parsing: a long option is matched only when spelled in full. argparse otherwise takes
+    a unique prefix for the option it starts (``--k 32`` became ``--k_max 32`` for top_afa, which
+    has no ``k``); SAELens builds its parser itself, so ``allow_abbrev=False`` cannot be passed to it."""
+    original = argparse.ArgumentParser._get_option_tuples
+
+    def exact_only(self: argparse.ArgumentParser, option_string: str) -> list:
+        if option_string.startswith("--"):
+            return []
+        return original(self, option_string)
+
+    argparse.ArgumentParser._get_option_tuples = exact_only  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser._get_option_tuples = original  # type: ignore[method-assign]
+
+
 def parse_args(args: Sequence[str]):
-    """Build a ``LanguageModelSAERunnerConfig`` from SAELens-style command-line arguments."""
+    """Build a ``LanguageModelSAERunnerConfig`` from SAELens-style command-line arguments
+    (long options in full: no prefix abbreviations)."""
     registered_training_architectures()  # loads plugins into SAELens's registry first
     args = list(args)
-    if saelens_parser_reads_registry():
-        from sae_lens.llm_sae_training_runner import _parse_cfg_args
+    with no_abbreviations():
+        if saelens_parser_reads_registry():
+            from sae_lens.llm_sae_training_runner import _parse_cfg_args
 
-        saved, sys.argv[0] = sys.argv[0], "sae-allocators train"  # argparse's prog in usage lines
+            saved, sys.argv[0] = sys.argv[0], "sae-allocators train"  # argparse's prog in usage lines
+            try:
+                return _parse_cfg_args(args)
+            finally:
+                sys.argv[0] = saved
+        return _parse_like_saelens_638(args)
+
+
+def check_devices(cfg: Any) -> None:
+    """The config's devices exist here (``DeviceError``, one line, before any model is loaded)."""
+    from sae_allocators import devices
+
+    for name in ("device", "llm_device"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, str) and value:
+            devices.resolve(value)
+
+
+def check_resume_checkpoint(cfg: Any, world: int = 1) -> None:
+    """``--resume_from_checkpoint``: a complete SAELens checkpoint of this architecture and size
+    (``SaeFolderError`` naming what the folder is and what to pass instead), checked before training."""
+    import json
+
+    from sae_allocators.sae_folder import CFG_FILENAME, CHECKPOINT_MARKER, WEIGHTS_FILENAME, read_safetensors_header
+
+    path = getattr(cfg, "resume_from_checkpoint", None)
+    if path is None:
+        return
+    folder = Path(path)
+    fix = "pass a checkpoint folder under --checkpoint_path (one holding trainer_state.pt), or leave --resume_from_checkpoint out to start afresh"
+    if not folder.is_dir():
+        raise SaeFolderError(f"--resume_from_checkpoint {path}: no such folder; {fix}.")
+    if not (folder / CHECKPOINT_MARKER).is_file():
+        what = "a final output folder (an inference model, which cannot resume training)" if (folder / CFG_FILENAME).is_file() else "not a SAELens checkpoint"
+        raise SaeFolderError(f"--resume_from_checkpoint {path} is {what}: it has no {CHECKPOINT_MARKER}; {fix}.")
+    try:
+        from sae_lens.constants import ACTIVATIONS_STORE_STATE_FILENAME as store_state
+    except ImportError:  # an older SAELens: the data position's file name is not known here
+        store_state = None
+    needed = [CFG_FILENAME, WEIGHTS_FILENAME] + ([store_state] if store_state else [])
+    missing = [n for n in needed if not (folder / n).is_file()]
+    if missing:
+        raise SaeFolderError(
+            f"--resume_from_checkpoint {path} is half-written: {', '.join(missing)} missing (the run was killed while saving it); "
+            f"resume from an earlier checkpoint."
+        )
+    try:
+        saved = json.loads((folder / CFG_FILENAME).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SaeFolderError(f"--resume_from_checkpoint {path}: {CFG_FILENAME} is not valid JSON ({exc}); resume from an earlier checkpoint.") from None
+    header = read_safetensors_header(folder / WEIGHTS_FILENAME)  # truncated weights: named here
+    sae = cfg.sae
+    want = {"architecture": sae.architecture(), "d_in": sae.d_in, "d_sae": sae.d_sae}
+    got = {"architecture": saved.get("architecture"), "d_in": saved.get("d_in"), "d_sae": saved.get("d_sae")}
+    if want != got:
+        diff = ", ".join(f"{k}={got[k]!r} (this run: {want[k]!r})" for k in want if want[k] != got[k])
+        raise SaeFolderError(
+            f"--resume_from_checkpoint {path} is a checkpoint of another SAE: {diff}. Resume with the options it was "
+            f"trained with (see its runner_cfg.json), or start a new run without --resume_from_checkpoint."
+        )
+    w = (header.get("W_enc") or {}).get("shape")
+    if w is not None and w != [sae.d_in, sae.d_sae]:
+        raise SaeFolderError(
+            f"--resume_from_checkpoint {path}: {WEIGHTS_FILENAME} holds W_enc of shape {w}, but d_in={sae.d_in}, d_sae={sae.d_sae} need "
+            f"{[sae.d_in, sae.d_sae]}: the checkpoint is damaged; resume from an earlier one."
+        )
+    dist_state = folder / "distributed.json"
+    if dist_state.is_file() and world == 1:
         try:
-            return _parse_cfg_args(args)
-        finally:
-            sys.argv[0] = saved
-    return _parse_like_saelens_638(args)
+            ranks = int(json.loads(dist_state.read_text())["world_size"])
+        except (ValueError, KeyError, TypeError, json.JSONDecodeError):
+            ranks = None
+        if ranks and ranks > 1:
+            raise SaeFolderError(
+                f"--resume_from_checkpoint {path} was written by a {ranks}-rank run (each rank holds its own data position): "
+                f"resume it with --nproc-per-node {ranks}."
+            )
 
 
 #: the option ``train`` handles itself before SAELens's parser (so SAELens's help does not list it)
@@ -175,8 +268,42 @@ def _runner_class():
     return WorkflowRunner
 
 
+def check_before_training(cfg: Any, world: int = 1) -> None:
+    """Everything that can be refused before a model is loaded: the devices, the resume checkpoint,
+    and the output folder (``DeviceError`` / ``SaeFolderError``, one line each)."""
+    check_devices(cfg)
+    check_resume_checkpoint(cfg, world)
+    if cfg.output_path is not None:
+        from sae_allocators.sae_folder import check_replaceable_output
+
+        check_replaceable_output(cfg.output_path)
+
+
+def preflight_distributed(cfg: Any, nproc: int) -> None:
+    """The checks of every rank, run once before ``torchrun`` starts them (``LaunchError`` and the
+    errors of :func:`check_before_training`): so a bad option is one line, not one per rank."""
+    import os
+
+    import torch
+
+    from sae_allocators.distributed.relaunch import LaunchError, check_resume, choose_backend, env_int
+
+    check_before_training(cfg, world=nproc)
+    env_int("SAE_ALLOCATORS_DIST_TIMEOUT", 600)  # a value that is not a number: here, not on every rank
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    choose_backend(cfg.device, os.environ.get("SAE_ALLOCATORS_DIST_BACKEND"), nproc, gpus)
+    n = cfg.train_batch_size_tokens
+    if n % nproc:
+        raise LaunchError(
+            f"train_batch_size_tokens={n} does not divide into {nproc} ranks: it is the global batch, "
+            f"split evenly across ranks. Use a multiple of {nproc} (e.g. {n - n % nproc or nproc})."
+        )
+    check_resume(cfg, nproc)
+
+
 def train(cfg, *, override_model=None, override_dataset=None):
     """Train ``cfg`` (a ``LanguageModelSAERunnerConfig``) with SAELens's runner; return the runner."""
+    check_before_training(cfg)
     if cfg.output_path is not None:
         from sae_allocators.io import recover_output_dir
         from sae_allocators.sae_folder import check_replaceable_output
@@ -196,7 +323,14 @@ def main(argv: Sequence[str], *, override_model=None, override_dataset=None) -> 
 
         try:
             nproc, rest = split_nproc(argv)
-        except LaunchError as exc:
+            if nproc is None:
+                raise LaunchError("--nproc-per-node needs a number of processes (e.g. --nproc-per-node 2)")
+            if not any(a in ("-h", "--help") for a in rest):
+                # the ranks' own checks, once, here: a bad option is one error line, not one per rank
+                preflight_distributed(parse_args(rest), nproc)
+        except SystemExit as exc:  # simple_parsing's usage error (printed once)
+            return int(exc.code or 0)
+        except (LaunchError, argparse.ArgumentError, ValueError, KeyError) as exc:  # DeviceError, SaeFolderError, config checks
             print(f"sae-allocators train: error: {exc}", file=sys.stderr)
             return 2
         return relaunch(nproc, rest)  # type: ignore[arg-type]
@@ -212,9 +346,11 @@ def main(argv: Sequence[str], *, override_model=None, override_dataset=None) -> 
     except (ValueError, KeyError) as exc:  # config __post_init__ validation, unknown names
         print(f"sae-allocators train: error: {exc}", file=sys.stderr)
         return 2
+    from sae_allocators.devices import DeviceError
+
     try:
         runner = train(cfg, override_model=override_model, override_dataset=override_dataset)
-    except SaeFolderError as exc:  # the output path is not one a save may replace
+    except (SaeFolderError, DeviceError) as exc:  # output path, resume checkpoint, device; non-finite weights at the save
         print(f"sae-allocators train: error: {exc}", file=sys.stderr)
         return 2
     if cfg.output_path is not None:
