@@ -107,6 +107,18 @@ def model_card(info: SaeFolderInfo, repo_id: str, sae_id: str) -> str:
         ("d_in / d_sae", f"{info.cfg.get('d_in')} / {info.cfg.get('d_sae')}"),
         ("Training tokens", _fmt(summary["training_tokens"]) if summary["training_tokens"] is not None else "not recorded"),
     ]
+    shares = meta.get("budget_shares")
+    if isinstance(shares, dict) and shares.get("budget_share_outlier_rows") is not None:
+        guard = shares.get("guard_ratio")
+        rows.append((
+            "Budget on outlier-norm tokens",
+            f"{shares['budget_share_outlier_rows']:.1%} of the kept entries on tokens above "
+            f"{_fmt(shares.get('outlier_ratio'))}x the batch median norm; top 1 % of tokens: "
+            f"{float(shares.get('budget_share_top1pct') or 0):.1%} (training average; outlier guard "
+            + (f"ratio {_fmt(guard)})" if guard else "off)"),
+        ))
+    if meta.get("thresholds_calibrated") is not None:
+        rows.append(("Thresholds", "calibrated on held-out activations" if meta["thresholds_calibrated"] else "running (not calibrated)"))
     if meta.get("dataset_path"):
         dataset = public_name(meta["dataset_path"])
         rows.insert(4, ("Dataset", f"`{dataset or 'not recorded'}`"))

@@ -258,6 +258,10 @@ def _runner_class():
             metrics["l0"] = float(l0.mean())
             metrics["explained_variance"] = float(1 - per_token.mean() / total_var.mean())
         metrics["dead_features"] = int(trainer.dead_neurons.sum())
+        shares = trainer.sae.budget_share_summary() if hasattr(trainer.sae, "budget_share_summary") else None
+        if shares:  # running averages over training (docs/mutual_choice.md, "Real token streams")
+            metrics["budget_share_outlier_rows"] = shares["budget_share_outlier_rows"]
+            metrics["budget_share_top1pct"] = shares["budget_share_top1pct"]
         return {
             "source": "last training step (sae-allocators train)",
             "training_tokens": int(trainer.n_training_samples),

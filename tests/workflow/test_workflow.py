@@ -162,6 +162,13 @@ def test_train_writes_complete_output(trained, arch):
     metrics = json.loads((folder / "final_metrics.json").read_text())
     assert metrics["training_tokens"] == 640 and metrics["training_steps"] == 10
     assert {"overall_loss", "l0", "explained_variance", "dead_features"} <= set(metrics["metrics"])
+    # where the budget went (every architecture on the shared step logs it, i.e. all but abstopk,
+    # which is SAELens's own class or its port; docs/mutual_choice.md)
+    if arch != "abstopk":
+        assert 0 <= metrics["metrics"]["budget_share_outlier_rows"] <= 1 and 0 < metrics["metrics"]["budget_share_top1pct"] <= 1
+        assert cfg["metadata"]["budget_shares"]["budget_share_top1pct"] == pytest.approx(metrics["metrics"]["budget_share_top1pct"], abs=1e-6)
+    batch_rule = arch in ("mutual_choice", "feature_choice", "batchtopk_zipf")
+    assert ("thresholds_calibrated" in cfg["metadata"]) is batch_rule
     info = check_sae_folder(folder)
     assert info.tensors["W_enc"]["shape"] == [32, 64]
 
@@ -262,6 +269,8 @@ def test_push_uploads_exactly_the_output_folder_and_card(pushed, arch):
     assert "| Training tokens | 640 |" in card
     for name, value in metrics["metrics"].items():
         assert f"- {name}: {push_mod._fmt(value)}" in card
+    assert ("| Budget on outlier-norm tokens |" in card) is (arch != "abstopk")
+    assert ("| Thresholds |" in card) is (arch in ("mutual_choice", "feature_choice", "batchtopk_zipf"))
     assert f'SAE.from_pretrained("org/{arch}", "again")' in card  # the overwritten card describes the last push
     needs = push_mod.needs_this_project(inference_arch)
     assert ("pip install sae-allocators" in card) is needs
