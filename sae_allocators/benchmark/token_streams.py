@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from sae_allocators.allocation import outliers
 from sae_allocators.allocation.outliers import REPORT_RATIO
 
 HOOK, LAYER, D_IN = "blocks.6.hook_resid_post", 6, 576
@@ -108,8 +109,14 @@ def train(name: str, stream: Stream, steps: int = 100, d_sae: int = 4608, k: flo
             torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
             opt.step()
             if step >= steps // 2:
+                shares = {key: out.metrics[key] for key in keys if key in out.metrics}
+                if len(shares) < len(keys):  # not on this project's step (e.g. SAELens's topk): count here
+                    rows = (out.feature_acts.detach() != 0).nonzero()[:, 0]
+                    norms = outliers.row_norms(x)
+                    shares = outliers.budget_shares(rows, x.shape[0], outliers.outlier_mask(norms, REPORT_RATIO))
                 for key in keys:
-                    sums[key] += float(out.metrics[key]())
+                    value = shares[key]
+                    sums[key] += float(value() if callable(value) else value)
     n = steps - steps // 2
     return sae, {key: v / n for key, v in sums.items()}
 
