@@ -101,7 +101,10 @@ def make_cfg(arch: str):
 def batches(arch: str, n_steps: int, total: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(7)
     width = 16 if arch == "gradient_topk" else 8
-    return [torch.randn(total, width, generator=g) for _ in range(n_steps)]
+    out = [torch.randn(total, width, generator=g) for _ in range(n_steps)]
+    for x in out:  # outlier-norm rows (BOS-like) on several ranks: the batch rules' guard ranks them
+        x[::5] *= 30.0  # at the *global* median norm, so a rank's own median would change the selection
+    return out
 
 
 def trainer_for(sae):
