@@ -374,11 +374,13 @@ def test_calibrated_model_keeps_l0_on_held_out_activations(calibrated_run):
     print("DRIFT", drift)
     # 2048 held-out tokens of a 40-step SAE on random tokens; per-feature thresholds from 1024 tokens
     assert drift["mutual_choice"] < 0.1 and drift["feature_choice"] < 0.2, drift
-    # without calibration the same short run saves thresholds far from k
+    # without calibration the same short run saves its running thresholds with the export correction
+    # (sae_allocators.thresholds.ExportSteering): near k, but calibration is closer (before the
+    # correction this export fired at more than 1.3 k)
     held = calibrated_run["feature_choice_off"][3]
     l0_off = float((SAE.load_from_disk(calibrated_run["feature_choice_off"][1]).encode(held) != 0).sum(-1).float().mean())
     print("OFF", l0_off)
-    assert abs(l0_off / 4.0 - 1) > 0.3, l0_off
+    assert drift["feature_choice"] < abs(l0_off / 4.0 - 1) < 0.5, l0_off
 
 
 def test_calibrate_command_on_a_saved_folder(calibrated_run, tmp_path, capsys):
