@@ -580,7 +580,9 @@ def _header_section(meta: dict[str, Any]) -> list[str]:
     L.append(
         f"Run on {env['device']} ({env['cpu_threads']} threads, {env['platform']}), torch {env['torch']}, "
         f"sae-lens {env['sae_lens']}, transformer-lens {env['transformer_lens']}; "
-        f"total wall time {meta['wall_seconds'] / 60:.1f} min"
+        + (f"wall time of this invocation {meta['wall_seconds'] / 60:.1f} min (it resumed earlier ones: below)"
+           if (meta.get("resume") or {}).get("runs_from_earlier_records") else
+           f"total wall time {meta['wall_seconds'] / 60:.1f} min")
         + (
             f", 1-minute load average {env['load_average_1min']:.1f} at the start and "
             f"{meta.get('load_average_1min_at_end', float('nan')):.1f} at the end on {env.get('cpu_count')} CPUs"
@@ -677,12 +679,12 @@ def _source_section(meta: dict[str, Any], src: dict[str, Any], agg: list[dict[st
     L.append(line + ".")
     L.append("")
     if d != "synthetic":
-        L.append(_special_tokens_line(src))
+        L.append(_special_tokens_line(src, any(r["dataset"] == d and "[guard=off]" in r["label"] for r in agg)))
         L.append("")
     return L
 
 
-def _special_tokens_line(src: dict[str, Any]) -> str:
+def _special_tokens_line(src: dict[str, Any], guard_off_rows: bool = False) -> str:
     """How this LM source handled special tokens and outlier-norm rows (issue 19's decision)."""
     from sae_allocators.allocation.outliers import DEFAULT_GUARD_RATIO
 
@@ -696,7 +698,8 @@ def _special_tokens_line(src: dict[str, Any]) -> str:
            if ids else "none are excluded (this model declares none)")
         + f". The batch rules train with their default outlier guard (`outlier_norm_ratio` = "
         f"{DEFAULT_GUARD_RATIO:g}: rows above that multiple of the batch's median norm are kept out of the "
-        "shared budget; docs/mutual_choice.md, 'Real token streams'), except the `[guard=off]` rows."
+        "shared budget; docs/mutual_choice.md, 'Real token streams')"
+        + (", except the `[guard=off]` rows." if guard_off_rows else ".")
     )
 
 

@@ -276,8 +276,7 @@ def open_resume(out: Path, st: Settings) -> tuple[str, dict[str, dict[str, Any]]
     if sf.exists():
         old = json.loads(sf.read_text())
         if old.get("fingerprint") != fp:
-            before = old.get("settings") or {}
-            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            changed = _changed_keys(old.get("settings") or {}, now)
             raise ResumeError(
                 f"{out} holds runs of other settings (fingerprint {old.get('fingerprint')}, now {fp}; "
                 f"changed: {', '.join(changed) or 'unknown'}): resuming would mix them. Use another --out, "
@@ -296,6 +295,16 @@ def open_resume(out: Path, st: Settings) -> tuple[str, dict[str, dict[str, Any]]
             raise ResumeError(f"{f} is a record of other settings (fingerprint {doc.get('fingerprint')}, now {fp})")
         done[doc["tag"]] = doc
     return fp, done
+
+
+def _changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """The dotted names of the settings that differ between two fingerprinted settings dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in sorted(set(a) | set(b)):
+            out += _changed_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
 
 
 def _note_invocation(out: Path, started: str, wall: float, trained: int, reused: int) -> list[dict[str, Any]]:
@@ -371,10 +380,10 @@ def run(st: Settings) -> Path:
     _log(f"[device] {env_start['device']}" + (" (TF32 matrix multiplies)" if env_start.get("tf32") else ""))
     fp, done = open_resume(out, st)
     plans, todo, controls = _plan(st)
-    if st.preset == "large":
-        est = estimate_seconds(st)
-        _log(f"[plan] estimated {_duration(est['total'])} on 2 idle CPU cores ({est['runs']} SAEs; from the "
-             "measured step costs, docs/benchmark.md 'The large preset')")
+    if st.preset == "large" and not any(st.data_args.get(k) for k in ("tiny_lm", "model")):
+        est = estimate_seconds(st, labels=[p.label for p in todo])
+        _log(f"[plan] estimated {_duration(est['total'])} on 2 idle CPU cores for SmolLM2-135M ({est['runs']} SAEs; "
+             "from the measured step costs, docs/benchmark.md 'The large preset')")
     sources = _build_sources(st, workdir)
     jobs = _jobs(st, sources, todo, controls)
     tags = [job_tag(j) for j in jobs]
@@ -440,7 +449,7 @@ TRAINER_OVERHEAD = 1.05
 EVAL_OTHER_SECONDS = 10.0
 
 
-def lm_run_counts(st: Settings) -> dict[str, int]:
+def lm_run_counts(st: Settings, labels: list[str] | None = None) -> dict[str, int]:
     """SAEs per label on the LM from the activation cache (the rule of ``_jobs``): fixed-L0 labels at
     every k for ``lm_seeds`` seeds plus the spread seeds at the middle k; self-budgeting labels once
     per seed at the largest k."""
@@ -448,7 +457,8 @@ def lm_run_counts(st: Settings) -> dict[str, int]:
     n = st.lm_seeds or st.seeds
     spread = st.lm_spread_seeds or 0
     k_mid = ks[len(ks) // 2]
-    labels = list(st.labels) if st.labels is not None else list(STEP_MS_REF)
+    if labels is None:
+        labels = list(st.labels) if st.labels is not None else list(STEP_MS_REF)
     counts = {}
     for lab in labels:
         if lab.startswith("gradient_topk"):
@@ -466,7 +476,7 @@ def lm_run_counts(st: Settings) -> dict[str, int]:
     return counts
 
 
-def estimate_seconds(st: Settings, d_in: int = 576) -> dict[str, Any]:
+def estimate_seconds(st: Settings, d_in: int = 576, labels: list[str] | None = None) -> dict[str, Any]:
     """The LM part's run time on 2 idle CPU cores, from measured step costs scaled by the step's
     multiply-adds (N x d_in x d_sae): training steps per label, the activation cache, CE/KL (one
     full forward of ``ce_eval_sequences`` per SAE, and one clean), the other evaluations."""
@@ -474,7 +484,7 @@ def estimate_seconds(st: Settings, d_in: int = 576) -> dict[str, Any]:
     d_sae = s.d_sae or s.expansion * d_in
     n_ref, d_ref, f_ref = STEP_REF_SHAPE
     per_token_scale = (d_in * d_sae) / (d_ref * f_ref) / n_ref
-    counts = lm_run_counts(st)
+    counts = lm_run_counts(st, labels)
     ctx = 128
     train: dict[str, float] = {}
     for lab, runs in counts.items():

@@ -53,6 +53,11 @@ def test_large_labels_plan_the_uniform_capacity_variant():
     ctx = configs.Context(d_in=8, d_sae=32, ks=(2, 4))
     cfg = configs.build_training_config(uni, 4, ctx)
     assert cfg.capacity == "uniform" and cfg.k == 4
+    big = configs.Context(d_in=576, d_sae=4608, ks=(16, 32, 64))
+    for p in plans:  # every label builds its config at the preset's sizes
+        for k in (16, 32, 64):
+            cfg = configs.build_training_config(p, k, big)
+            assert cfg.d_sae == 4608 and cfg.d_in == 576
     with pytest.raises(ValueError, match="not planned"):
         configs.select_labels(configs.plan_architectures(None), ["no_such_label"])
 
@@ -224,7 +229,7 @@ def test_interrupted_run_resumes_and_rerun_gives_the_same_report(tmp_path, monke
     # other settings into the same folder are refused, not mixed
     changed = _tiny(out)
     changed.synthetic.lr = 0.5
-    with pytest.raises(run_mod.ResumeError, match="synthetic"):
+    with pytest.raises(run_mod.ResumeError, match=r"changed: synthetic\.lr"):
         run_mod.run(changed)
     assert trained == []
 
