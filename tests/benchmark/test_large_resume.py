@@ -245,3 +245,18 @@ def test_fingerprint_ignores_out_and_keep_saes_only(tmp_path):
     c = _tiny(tmp_path / "a")
     c.data_args = {"model": "gpt2"}
     assert fingerprint(a) != fingerprint(c)
+
+
+def test_bench_preset_large_writes_to_a_fixed_folder(monkeypatch):
+    """``sae-allocators bench --preset large`` without --out: reports/large (rerunning it resumes)."""
+    import argparse
+
+    from sae_allocators.benchmark import check as check_mod
+    from sae_allocators.benchmark import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "main", lambda argv, prog="": seen.setdefault("argv", list(argv)) and 0)
+    monkeypatch.setattr(check_mod, "main", lambda argv: seen.setdefault("checked", list(argv)) and 0)
+    assert cli.cmd_bench(argparse.Namespace(argv=["--preset", "large"])) == 0
+    assert seen["argv"][-2:] == ["--out", str(Path("reports") / "large")]
+    assert seen["checked"] == [str(Path("reports") / "large")]
