@@ -260,3 +260,26 @@ def test_bench_preset_large_writes_to_a_fixed_folder(monkeypatch):
     assert cli.cmd_bench(argparse.Namespace(argv=["--preset", "large"])) == 0
     assert seen["argv"][-2:] == ["--out", str(Path("reports") / "large")]
     assert seen["checked"] == [str(Path("reports") / "large")]
+
+
+def test_cli_preset_large_settings(monkeypatch):
+    """``python -m sae_allocators.benchmark --preset large``: the preset's settings, reports/large, the
+    data options in the fingerprint; --datasets still overrides."""
+    from sae_allocators.benchmark import cli
+    from sae_allocators.benchmark import run as run_mod
+
+    seen = []
+    monkeypatch.setattr(run_mod, "run", lambda st: seen.append(st))
+    assert cli.main(["--preset", "large"]) == 0
+    st = seen[-1]
+    assert st.preset == "large" and st.out == Path("reports") / "large" and st.datasets == ("lm",)
+    assert st.lm.d_sae == 4608 and st.data_args["context_size"] == 128 and st.data_args["tiny_lm"] is False
+    assert cli.main(["--preset", "large", "--datasets", "synthetic,lm", "--out", "x"]) == 0
+    assert seen[-1].datasets == ("synthetic", "lm") and seen[-1].out == Path("x")
+
+    def refuse(st):
+        raise run_mod.ResumeError("x holds runs of other settings")
+
+    monkeypatch.setattr(run_mod, "run", refuse)
+    with pytest.raises(SystemExit, match="--out: x holds runs of other settings"):
+        cli.main(["--preset", "large", "--out", "x"])
