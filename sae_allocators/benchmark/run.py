@@ -331,7 +331,7 @@ class Progress:
         self.seconds: dict[str, list[float]] = {}
 
     def eta_seconds(self) -> float | None:
-        """Remaining runs at their label's mean time in this command (the mean of all labels where a
+        """Remaining runs at the mean time in this command of their key (dataset/label; the mean of all runs where a
         label has not run yet); None before the first run."""
         every = [s for v in self.seconds.values() for s in v]
         if not every:
@@ -387,7 +387,7 @@ def run(st: Settings) -> Path:
     sources = _build_sources(st, workdir)
     jobs = _jobs(st, sources, todo, controls)
     tags = [job_tag(j) for j in jobs]
-    progress = Progress(tags, [j[4].label for j in jobs], set(done))
+    progress = Progress(tags, [f"{j[0].kind}/{j[4].label}" for j in jobs], set(done))  # time per dataset and label
     if progress.reused:
         _log(f"[resume] {progress.reused} of {len(jobs)} runs already done in {out / RUNS_DIR} (settings "
              f"fingerprint {fp}): skipping them")
