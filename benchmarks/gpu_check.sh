@@ -78,6 +78,7 @@ run_step "step_speed.py --device cuda" "$LOGS/step_speed.log" \
   "$VENV/bin/python" benchmarks/step_speed.py --device cuda
 run_step "step_speed.py --sweep --device cuda" "$LOGS/sweep.log" \
   "$VENV/bin/python" benchmarks/step_speed.py --sweep --device cuda --out "$LOGS/sweep"
+rm -rf reports/gpu-check-quick  # a fresh folder: an existing one would be resumed (no training)
 run_step "main job --quick --device cuda" "$LOGS/main_quick.log" \
   env VENV="$VENV" bash benchmarks/run.sh --quick --device cuda --out reports/gpu-check-quick
 

@@ -4,6 +4,8 @@
 #   bash benchmarks/run.sh                 # default run (about 30 min on 2 idle CPU cores): report in reports/<time>/
 #   bash benchmarks/run.sh --quick         # CI smoke run (~3 min on 2 CPU cores)
 #   bash benchmarks/run.sh --preset gpu    # one 24-80 GB GPU, about an hour (untested: docs/benchmark.md)
+#   bash benchmarks/run.sh --preset large  # the LM at scale (issue 24), about 4 h on 2 idle cores (estimate);
+#                                          # report in reports/large; rerun the same command to resume
 #   bash benchmarks/run.sh --device cpu    # --device auto (default: CUDA when torch sees one), cpu, cuda[:N]
 #   bash benchmarks/run.sh --out reports/mine --datasets synthetic --arch topk --arch mutual_choice
 #   bash benchmarks/run.sh --model gpt2 --dataset NeelNanda/pile-10k   # with network: your model and data
@@ -41,8 +43,15 @@ done
 if [ "$online" = 0 ]; then export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1; fi
 if [ -z "$out" ]; then
   suffix=""
-  for a in "${args[@]}"; do [ "$a" = --quick ] && suffix="-quick"; done
+  large=0
+  for ((i = 0; i < ${#args[@]}; i++)); do
+    [ "${args[$i]}" = --quick ] && suffix="-quick"
+    { [ "${args[$i]}" = --preset ] && [ "${args[$((i + 1))]:-}" = large ]; } && large=1
+    [ "${args[$i]}" = --preset=large ] && large=1
+  done
   out="reports/$(date +%Y%m%d-%H%M%S)$suffix"
+  # --preset large: a fixed folder, so that rerunning the same command resumes (finished runs are skipped)
+  [ "$large" = 1 ] && [ -z "$suffix" ] && out="reports/large"
   args+=(--out "$out")
 fi
 

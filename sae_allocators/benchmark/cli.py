@@ -40,9 +40,11 @@ def parser(prog: str = "python -m sae_allocators.benchmark") -> argparse.Argumen
     p.add_argument("--quick", action="store_true", help="small smoke run for CI (a few minutes on 2 cores); "
                    "the same as --preset quick")
     p.add_argument(
-        "--preset", choices=("default", "quick", "gpu"), default=None,
+        "--preset", choices=("default", "quick", "gpu", "large"), default=None,
         help="sizes: default (about 30 min on 2 idle CPU cores), quick (CI smoke run), gpu (one 24-80 GB GPU, "
-        "about an hour, untested until run on one: docs/benchmark.md); other options override its values",
+        "about an hour, untested until run on one: docs/benchmark.md), large (the LM at scale: d_sae 4,608, "
+        "1M tokens per SAE, 58 SAEs; estimated about 4 h on 2 idle CPU cores, docs/benchmark.md; report in "
+        "reports/large unless --out, and rerunning the same command resumes); other options override its values",
     )
     p.add_argument(
         "--device", type=devices.cli_device, default=devices.AUTO,
@@ -68,8 +70,13 @@ def parser(prog: str = "python -m sae_allocators.benchmark") -> argparse.Argumen
         "--tf32", action=argparse.BooleanOptionalAction, default=None,
         help="TF32 matrix multiplies on CUDA (default: on with --preset gpu, else off)",
     )
-    p.add_argument("--out", type=Path, default=None, help="report folder (default reports/<timestamp>[-quick])")
-    p.add_argument("--datasets", default="synthetic,lm", help="comma-separated: synthetic, lm (default both)")
+    p.add_argument(
+        "--out", type=Path, default=None,
+        help="report folder (default reports/<timestamp>[-quick], reports/large for --preset large). A folder "
+        "with finished runs of the same settings resumes: those runs are skipped and the report covers all; "
+        "other settings are refused",
+    )
+    p.add_argument("--datasets", default=None, help="comma-separated: synthetic, lm (default both; --preset large: lm)")
     p.add_argument("--arch", action="append", default=None, help="only this architecture (repeatable)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per configuration (synthetic; LM too unless --lm-seeds)")
     p.add_argument("--lm-seeds", type=int, default=None, help="seeds per configuration on the language model")
@@ -108,7 +115,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m sae_allocators.be
         torch.set_num_threads(args.threads)
     import sae_allocators  # noqa: F401  registers every architecture (ours and plugins)
     from sae_allocators.benchmark import lm_data
-    from sae_allocators.benchmark.run import PRESETS, run
+    from sae_allocators.benchmark.run import DEFAULT_OUT, PRESETS, ResumeError, run
 
     if args.quick and args.preset not in (None, "quick"):
         raise SystemExit(f"--quick is --preset quick; drop one of --quick and --preset {args.preset}")
@@ -118,7 +125,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m sae_allocators.be
     except devices.DeviceError as exc:
         raise SystemExit(f"--device: {exc}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = args.out or Path("reports") / (stamp + ("" if preset == "default" else f"-{preset}"))
+    out = args.out or DEFAULT_OUT.get(preset) or Path("reports") / (stamp + ("" if preset == "default" else f"-{preset}"))
     st = PRESETS[preset](out)
     st.device = str(device)
     if preset == "gpu" and not devices.is_cuda(device):
@@ -131,7 +138,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m sae_allocators.be
         st.lm_live_ks = args.live_ks
     if args.tf32 is not None:
         st.tf32 = args.tf32
-    st.datasets = tuple(d.strip() for d in args.datasets.split(",") if d.strip())
+    if args.datasets is not None:
+        st.datasets = tuple(d.strip() for d in args.datasets.split(",") if d.strip())
     st.archs = args.arch
     st.keep_saes = args.keep_saes
     if args.seeds is not None:
@@ -163,7 +171,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m sae_allocators.be
         st.lm_data = lambda: lm_data.offline_lm_data(
             ctx, int((st.lm.training_tokens + st.lm.calibration_tokens) * 1.3) + 16 * ctx, st.lm.eval_sequences, args.cache_dir, device=device
         )
-    run(st)
+    st.data_args = {
+        "model": args.model, "dataset": args.dataset, "tiny_lm": bool(args.tiny_lm), "context_size": ctx,
+        "cache_dir": args.cache_dir,
+    }
+    try:
+        run(st)
+    except ResumeError as exc:
+        raise SystemExit(f"--out: {exc}")
     return 0
 
 
@@ -187,6 +202,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         preset = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), preset)
         suffix = "-quick" if quick else ("" if preset in (None, "default") else f"-{preset}")
         out = str(Path("reports") / (time.strftime("%Y%m%d-%H%M%S") + suffix))
+        if preset == "large" and not quick:
+            out = str(Path("reports") / "large")  # a fixed folder: rerunning the same command resumes
         argv += ["--out", out]
     status = main(argv, prog="sae-allocators bench")
     if status != 0:

@@ -209,6 +209,31 @@ def plan_architectures(only: list[str] | None = None) -> list[Plan]:
     return plans
 
 
+#: variants trained only when a run asks for their label (``Settings.labels``, e.g. ``--preset large``)
+OPTIONAL_VARIANTS: dict[str, tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]] = {
+    "feature_choice": (("capacity=uniform", (("capacity", "uniform"),)),),
+}
+
+
+def select_labels(plans: list[Plan], labels: tuple[str, ...] | list[str]) -> list[Plan]:
+    """The plans of these labels, in the order of ``plans``, optional variants added after their base
+    architecture (the base need not be asked for); an unknown label is an error naming the known ones."""
+    wanted = list(labels)
+    out: list[Plan] = []
+    for p in plans:
+        if p.label in wanted:
+            out.append(p)
+        if p.label == p.name and p.entry is not None and p.skip_reason is None:
+            for tag, extra in OPTIONAL_VARIANTS.get(p.name, ()):
+                if f"{p.name}[{tag}]" in wanted:
+                    out.append(Plan(p.name, f"{p.name}[{tag}]", p.provider, p.entry, extra=dict(extra)))
+    missing = [lab for lab in wanted if lab not in {p.label for p in out}]
+    if missing:
+        known = [p.label for p in plans] + [f"{n}[{t}]" for n, vs in OPTIONAL_VARIANTS.items() for t, _ in vs]
+        raise ValueError(f"labels {', '.join(missing)}: not planned here (known: {', '.join(known)})")
+    return out
+
+
 def build_training_config(plan: Plan, k: float, ctx: Context, **common: Any):
     """Instantiate the training config of ``plan`` at target L0 ``k``."""
     from sae_lens.registry import get_sae_training_class

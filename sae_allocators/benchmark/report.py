@@ -9,7 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from sae_allocators.benchmark import metrics
+from sae_allocators.benchmark import metrics, stats
 
 PLOTS = {
     "frontier": "frontier_{dataset}.png",
@@ -67,6 +67,20 @@ DEFINITIONS = {
 }
 
 
+#: figures kept per seed in the aggregates, for the claims' paired differences (benchmark.stats)
+PAIRED_KEYS = ("nmse", "train_mode_nmse", "ce_loss_recovered", "kl_div", "dead_fraction", "underused_fraction",
+               "l0_mean")
+
+
+def _paired(a: dict[str, Any], b: dict[str, Any], key_a: str, key_b: str | None = None) -> dict[str, Any]:
+    """``a[key_a] - b[key_b]`` paired by seed between two aggregate rows (benchmark.stats)."""
+    return stats.paired_difference((a.get("by_seed") or {}).get(key_a, {}), (b.get("by_seed") or {}).get(key_b or key_a, {}))
+
+
+def _paired_line(what: str, d: dict[str, Any], fmt: str = "{:+.4f}") -> str:
+    return f"{what}: {stats.describe(d, fmt)}"
+
+
 def _agg(values: list[float]) -> dict[str, float] | None:
     vals = [v for v in values if isinstance(v, (int, float)) and v is not None]
     if not vals:
@@ -100,6 +114,11 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "auxk_counterpart": rs[0].get("auxk_counterpart"),
             "k_max": (rs[0].get("config_fields") or {}).get("k_max"),
             "seeds": len(rs),
+            # per-seed values of the figures the claims pair over seeds (keys: the seed, as a string)
+            "by_seed": {
+                key: {str(r["seed"]): r[key] for r in rs if isinstance(r.get(key), (int, float)) and "seed" in r}
+                for key in PAIRED_KEYS
+            },
         }
         for key in AGG_KEYS:
             a = _agg([r.get(key) for r in rs])
@@ -169,12 +188,12 @@ def beats_topk_claim(agg: list[dict[str, Any]], datasets: list[str]) -> dict[str
     """2. FC and MC reconstruct better than TopK at equal L0: (a) the training-time selection at exactly k
     against TopK at k; (b) the saved inference model against the TopK frontier interpolated at the
     inference model's own L0 (batch-level models drift from k at inference)."""
-    lines, verdicts = [], []
+    lines, verdicts, paired = [], [], []
     for d in datasets:
         topk_rows = sorted(
             [r for r in agg if r["dataset"] == d and r["label"] == "topk"], key=lambda r: r["l0_mean"]["mean"]
         )
-        for arch in ("feature_choice", "mutual_choice"):
+        for arch in ("feature_choice", "feature_choice[capacity=uniform]", "mutual_choice"):
             for r in agg:
                 if r["dataset"] != d or r["label"] != arch or r["k_target"] is None:
                     continue
@@ -200,16 +219,22 @@ def beats_topk_claim(agg: list[dict[str, Any]], datasets: list[str]) -> dict[str
                     f"{b['mean']:.4f} ({'lower' if better else 'not lower'}; "
                     f"{'seed ranges do not overlap' if sep else 'seed ranges overlap or 1 seed'}); {saved}"
                 )
+                # paired over seeds at equal k: the training-time selection (exactly k per token on
+                # average) and the saved model (its own L0, within the calibration's drift of k)
+                for what, key in (("training-time selection", "train_mode_nmse"), ("saved model", "nmse")):
+                    pd = {**_paired(r, t, key, "nmse"), "comparison": f"{d}, k={r['k_target']:g}: {r['label']} {what} "
+                          f"NMSE - topk NMSE", "dataset": d, "k": r["k_target"], "label": r["label"], "metric": key}
+                    paired.append(pd)
     return _claim(
         "Feature and Mutual Choice reconstruct better than TopK at equal L0",
-        lines, verdicts, "needs topk and feature_choice or mutual_choice in the same run",
+        lines, verdicts, "needs topk and feature_choice or mutual_choice in the same run", paired, LOWER_IS_SUPPORT,
     )
 
 
 def aux_zipf_claim(agg: list[dict[str, Any]], datasets: list[str]) -> dict[str, Any]:
     """3. aux_zipf vs AuxK: each run trained with aux_loss="zipf" against the same selection trained with
     AuxK (its `auxk_counterpart`: topk_zipf -> topk, feature_choice -> feature_choice[aux=auxk])"""
-    lines, verdicts = [], []
+    lines, verdicts, paired = [], [], []
     for d in datasets:
         for r in agg:
             if r["dataset"] != d or r.get("aux_loss") != "zipf" or not r.get("auxk_counterpart"):
@@ -217,6 +242,12 @@ def aux_zipf_claim(agg: list[dict[str, Any]], datasets: list[str]) -> dict[str, 
             b = _get(agg, d, r["auxk_counterpart"], r["k_target"])
             if b is None:
                 continue
+            dead_under = [{s: (x.get("dead_fraction", {}).get(s, math.nan) + x.get("underused_fraction", {}).get(s, math.nan))
+                           for s in x.get("dead_fraction", {})} for x in (r.get("by_seed") or {}, b.get("by_seed") or {})]
+            paired.append({**stats.paired_difference(*dead_under), "dataset": d, "k": r["k_target"], "label": r["label"],
+                           "metric": "dead_fraction + underused_fraction",
+                           "comparison": f"{d}, k={r['k_target']:g}: {r['label']} dead + under-used - "
+                           f"{b['label']} dead + under-used"})
             zu = r["dead_fraction"]["mean"] + r["underused_fraction"]["mean"]
             bu = b["dead_fraction"]["mean"] + b["underused_fraction"]["mean"]
             same = all(r[key]["mean"] == b[key]["mean"] for key in ("nmse", "dead_fraction", "l0_mean"))
@@ -239,7 +270,7 @@ def aux_zipf_claim(agg: list[dict[str, Any]], datasets: list[str]) -> dict[str, 
     return _claim(
         "aux_zipf leaves fewer dead and under-used features than AuxK",
         lines, verdicts, "needs an aux_zipf run and its AuxK counterpart in the same run "
-        "(e.g. topk_zipf and topk)",
+        "(e.g. topk_zipf and topk)", paired, LOWER_IS_SUPPORT,
     )
 
 
@@ -281,13 +312,16 @@ def gradient_claim(agg: list[dict[str, Any]]) -> dict[str, Any]:
     """5. g-SAE: gradient_topk recovers more of the LM's loss than TopK at equal L0. Each gradient_topk
     run against ``topk[live]``: SAELens's topk from the plain live store on the same tokens in the same
     order, the same initialisation and settings (the beta = 0 control); both are saved as TopK at k."""
-    lines, verdicts = [], []
+    lines, verdicts, paired = [], [], []
     for r in agg:
         if r["dataset"] == "synthetic" or r["architecture"] != "gradient_topk" or "ce_loss_recovered" not in r:
             continue
         b = _get(agg, r["dataset"], "topk[live]", r["k_target"])
         if b is None or "ce_loss_recovered" not in b:
             continue
+        paired.append({**_paired(r, b, "ce_loss_recovered"), "dataset": r["dataset"], "k": r["k_target"],
+                       "label": r["label"], "metric": "ce_loss_recovered",
+                       "comparison": f"{r['dataset']}, k={r['k_target']:g}: {r['label']} CE recovered - topk[live] CE recovered"})
         ce, ce_b = r["ce_loss_recovered"], b["ce_loss_recovered"]
         kl, kl_b = r["kl_div"], b["kl_div"]
         better = ce["mean"] > ce_b["mean"]
@@ -303,7 +337,8 @@ def gradient_claim(agg: list[dict[str, Any]]) -> dict[str, Any]:
         )
     return _claim(
         "gradient_topk (g-SAE) recovers more CE loss than TopK at equal L0",
-        lines, verdicts, "needs gradient_topk and topk[live] on the language model in the same run",
+        lines, verdicts, "needs gradient_topk and topk[live] on the language model in the same run", paired,
+        stats.HIGHER,
     )
 
 
@@ -367,7 +402,13 @@ def _interp(topk: list[dict[str, Any]], l0: float) -> tuple[float | None, str]:
     return y0 + t * (y1 - y0), "extrapolated slightly in log L0 beyond the TopK sweep"
 
 
-def _claim(text: str, lines: list[str], verdicts: list[bool], missing: str) -> dict[str, Any]:
+LOWER_IS_SUPPORT = stats.LOWER
+
+
+def _claim(
+    text: str, lines: list[str], verdicts: list[bool], missing: str, paired: list[dict[str, Any]] | None = None,
+    support: str | None = None,
+) -> dict[str, Any]:
     if not verdicts and lines:
         status = "no comparison possible in these runs (see below)"
     elif not verdicts:
@@ -379,7 +420,19 @@ def _claim(text: str, lines: list[str], verdicts: list[bool], missing: str) -> d
         status = "does not hold in these runs"
     else:
         status = f"mixed ({sum(verdicts)} of {len(verdicts)} comparisons hold)"
-    return {"claim": text, "status": status, "evidence": lines}
+    out: dict[str, Any] = {"claim": text, "status": status, "evidence": lines}
+    if paired is not None and support is not None:
+        # the claim's comparisons paired over seeds at equal k (benchmark.stats): each a difference
+        # a - b with its 95 % t-interval and a verdict; the claim is supported where it is `support`
+        out["paired"] = paired
+        out["paired_support"] = support
+        if paired:
+            n_pairs = sorted({p["n"] for p in paired})
+            out["paired_status"] = (
+                f"paired over seeds at equal k (95 % t-interval; {'/'.join(map(str, n_pairs))} seed(s) per "
+                f"comparison): {stats.tally(paired)} (the claim needs {support})"
+            )
+    return out
 
 
 # --- plots -----------------------------------------------------------------------------------
@@ -429,7 +482,8 @@ def _frontier_plot(plt: Any, out: Path, d: str, labels: list[str], agg: list[dic
         xs = [r["l0_mean"]["mean"] for r in rows]
         ys = [r["nmse"]["mean"] for r in rows]
         es = [r["nmse"]["std"] for r in rows]
-        ax.errorbar(xs, ys, yerr=es, marker="o", ms=4, capsize=2, label=lab, color=colors[lab])
+        xes = [r["l0_mean"]["std"] for r in rows]  # the saved model's L0 varies over seeds too (batch rules)
+        ax.errorbar(xs, ys, yerr=es, xerr=xes, marker="o", ms=4, capsize=2, label=lab, color=colors[lab])
     ax.set_xscale("log")
     ax.set_xlabel("mean L0 at inference (saved model)")
     ax.set_ylabel("normalised MSE (lower is better)")
@@ -526,7 +580,9 @@ def _header_section(meta: dict[str, Any]) -> list[str]:
     L.append(
         f"Run on {env['device']} ({env['cpu_threads']} threads, {env['platform']}), torch {env['torch']}, "
         f"sae-lens {env['sae_lens']}, transformer-lens {env['transformer_lens']}; "
-        f"total wall time {meta['wall_seconds'] / 60:.1f} min"
+        + (f"wall time of this invocation {meta['wall_seconds'] / 60:.1f} min (it resumed earlier ones: below)"
+           if (meta.get("resume") or {}).get("runs_from_earlier_records") else
+           f"total wall time {meta['wall_seconds'] / 60:.1f} min")
         + (
             f", 1-minute load average {env['load_average_1min']:.1f} at the start and "
             f"{meta.get('load_average_1min_at_end', float('nan')):.1f} at the end on {env.get('cpu_count')} CPUs"
@@ -539,6 +595,16 @@ def _header_section(meta: dict[str, Any]) -> list[str]:
     L.append("Every SAE was trained through SAELens's own runner and trainer, saved, reloaded from disk as a "
              "user would (`SAE.load_from_disk`), and evaluated on held-out data. Figures are mean ± standard "
              "deviation over seeds (the seed changes the SAE initialisation and the data order).")
+    res = meta.get("resume") or {}
+    if res.get("runs_from_earlier_records"):
+        inv = res.get("invocations") or []
+        L.append("")
+        L.append(
+            f"Resumed: {res['runs_from_earlier_records']} of {res['runs']} runs come from records saved by "
+            f"earlier invocations of the same command into this folder (settings fingerprint "
+            f"{res['settings_fingerprint']}); {len(inv)} completed invocation(s), "
+            f"{res.get('wall_seconds_all_invocations', 0) / 60:.1f} min of wall time in all."
+        )
     if env.get("load_average_1min") is not None and env.get("cpu_count") and env["load_average_1min"] > env["cpu_count"]:
         L.append("")
         L.append("The machine was shared with other jobs (load above its CPU count): wall times and step-time "
@@ -556,6 +622,10 @@ def _claims_section(meta: dict[str, Any], claims: list[dict[str, Any]]) -> list[
         L.append(f"- **{c['claim']}**: {c['status']}.")
         for e in c["evidence"]:
             L.append(f"  - {e}")
+        if c.get("paired_status"):
+            L.append(f"  - {c['paired_status'][0].upper()}{c['paired_status'][1:]}:")
+            for pd in c["paired"]:
+                L.append(f"    - {_paired_line(pd['comparison'], pd)}")
     L.append("")
     cost = gradient_cost(meta, meta.get("_records", []))
     if cost:
@@ -608,7 +678,29 @@ def _source_section(meta: dict[str, Any], src: dict[str, Any], agg: list[dict[st
             )
     L.append(line + ".")
     L.append("")
+    if d != "synthetic":
+        L.append(_special_tokens_line(src, any(r["dataset"] == d and "[guard=off]" in r["label"] for r in agg)))
+        L.append("")
     return L
+
+
+def _special_tokens_line(src: dict[str, Any], guard_off_rows: bool = False) -> str:
+    """How this LM source handled special tokens and outlier-norm rows (issue 19's decision)."""
+    from sae_allocators.allocation.outliers import DEFAULT_GUARD_RATIO
+
+    ids = src.get("excluded_token_ids") or []
+    return (
+        "Special tokens: "
+        + (f"the token ids {', '.join(map(str, ids))} (BOS and the other special tokens; every context starts "
+           "with BOS) are excluded from the training stream and the reconstruction, density and L0 figures "
+           "(SAELens's `exclude_special_tokens`), and kept in the CE/KL splice (left unchanged there) and in "
+           "the per-position figures of the stream table"
+           if ids else "none are excluded (this model declares none)")
+        + f". The batch rules train with their default outlier guard (`outlier_norm_ratio` = "
+        f"{DEFAULT_GUARD_RATIO:g}: rows above that multiple of the batch's median norm are kept out of the "
+        "shared budget; docs/mutual_choice.md, 'Real token streams')"
+        + (", except the `[guard=off]` rows." if guard_off_rows else ".")
+    )
 
 
 def _results_table(d: str, agg: list[dict[str, Any]], plots: list[str]) -> list[str]:

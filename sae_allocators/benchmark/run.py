@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import shutil
@@ -50,6 +51,12 @@ class Settings:
     #: because a few steps of gradient_topk on SmolLM2 cost a minute and learn nothing)
     live_lm_data: Any = None
     live_lm: LMScale | None = None
+    #: only these labels (None: every label of the planned architectures); a label of an optional
+    #: variant (configs.OPTIONAL_VARIANTS, e.g. ``feature_choice[capacity=uniform]``) adds that variant
+    labels: tuple[str, ...] | None = None
+    #: what the command line said about the data that the settings above do not hold (model, dataset,
+    #: context size, --tiny-lm, cache folder): part of the settings' fingerprint (resuming)
+    data_args: dict[str, Any] = field(default_factory=dict)
 
 
 def quick_settings(out: Path) -> Settings:
@@ -115,7 +122,51 @@ def gpu_settings(out: Path) -> Settings:
     )
 
 
-PRESETS = {"default": default_settings, "quick": quick_settings, "gpu": gpu_settings}
+#: the architectures of ``--preset large`` (issue 24): the baselines, the allocators, the Zipf variants
+#: and top-AFA (its own L0, compared on the TopK frontier); gradient_topk does not fit (see large_settings)
+LARGE_LABELS = (
+    "topk", "batchtopk", "mutual_choice", "feature_choice", "feature_choice[capacity=uniform]", "topk_zipf",
+    "batchtopk_zipf", "abstopk", "top_afa",
+)
+
+
+def large_settings(out: Path) -> Settings:
+    """``--preset large``: evidence at scale on the real LM (issue 24), for 2 idle CPU cores.
+
+    SmolLM2-135M at layer 6 only, d_sae 4,608 (8x d_in 576), k in {16, 32, 64}, 2 seeds at every k and 3
+    at k = 32, 1,003,520 training tokens per SAE (490 steps of 2,048 tokens), the labels of
+    LARGE_LABELS; CE loss recovered and KL on 64 held-out sequences (8,192 tokens), reconstruction and
+    density figures on 256 (32,768 tokens). lr 2e-3: the CPU sweep's best at d_sae 1,152 and 128 tokens
+    per step, kept because the two usual scalings cancel (lr ~ 1/sqrt(d_sae): x0.5; lr ~ sqrt(batch):
+    x4 -- roughly, x2 for Adam at this size); not swept at this scale. The trained SAEs are kept
+    (``<out>/saes``) and every run's record is saved as it finishes (``<out>/runs``): rerunning the
+    same command resumes. No synthetic data, no gradient_topk (its live store costs a full LM forward
+    and backward per token: about 1M x 10 ms = 3 h per SAE on the CPU), no second layer: the estimate
+    (``estimate_seconds``, docs/benchmark.md) is already at the 3-hour limit without them."""
+    return Settings(
+        out=out,
+        datasets=("lm",),
+        seeds=2,
+        lm_ks=(16, 32, 64),
+        lm=LMScale(
+            hook_layer=6, d_sae=4608, training_tokens=1_003_520, train_batch_size=2048, eval_sequences=256,
+            ce_eval_sequences=64, lr=2e-3, dead_feature_window=100, store_batch_size_prompts=16,
+            norm_estimate_batches=10, calibration_tokens=16_384,
+        ),
+        lm_seeds=2,
+        lm_spread_seeds=3,
+        lm_live_ks=(),
+        lm_live_seeds=0,
+        labels=LARGE_LABELS,
+        keep_saes=True,
+        preset="large",
+    )
+
+
+PRESETS = {"default": default_settings, "quick": quick_settings, "gpu": gpu_settings, "large": large_settings}
+
+#: report folder of a preset when no --out is given (a fixed one: rerunning the same command resumes)
+DEFAULT_OUT = {"large": Path("reports") / "large"}
 
 
 def _build_sources(st: Settings, workdir: Path) -> list[Any]:
@@ -177,11 +228,147 @@ def _live_controls(todo: list[configs.Plan], all_plans: list[configs.Plan]) -> d
     return controls
 
 
+class ResumeError(ValueError):
+    """The report folder holds runs of other settings (resuming would mix them)."""
+
+
+#: in the report folder: the settings' fingerprint (settings.json) and one record per finished run (runs/)
+SETTINGS_FILE = "settings.json"
+RUNS_DIR = "runs"
+#: settings that do not change what a run computes (left out of the fingerprint)
+NOT_FINGERPRINTED = ("out", "keep_saes")
+
+
+def fingerprinted_settings(st: Settings) -> dict[str, Any]:
+    """The settings that decide what every run computes, as JSON values (``fingerprint``'s input)."""
+    d = {k: v for k, v in _settings_dict(st).items() if k not in NOT_FINGERPRINTED}
+    return json.loads(json.dumps(d, sort_keys=True, default=str))
+
+
+def fingerprint(st: Settings) -> str:
+    """A short hash of ``fingerprinted_settings``: records of one fingerprint may be mixed in a report."""
+    blob = json.dumps(fingerprinted_settings(st), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def job_tag(job: tuple[Any, ...]) -> str:
+    src, _, seed, k, p, _ = job
+    return f"{src.kind}/{p.label}/k{k:g}/seed{seed}"
+
+
+def record_path(out: Path, tag: str) -> Path:
+    safe = tag.replace("/", "__").replace("[", "_").replace("]", "").replace("=", "-")
+    return Path(out) / RUNS_DIR / f"{safe}.json"
+
+
+def open_resume(out: Path, st: Settings) -> tuple[str, dict[str, dict[str, Any]]]:
+    """The settings' fingerprint and the finished runs already in ``out`` (tag -> saved record).
+
+    The first run into ``out`` writes ``settings.json``; a later one with other settings is refused
+    (``ResumeError`` names the settings that differ) instead of mixing records; so is a record of
+    another fingerprint. An unreadable record (a crash can leave none: records are written atomically)
+    is ignored and its run trained again."""
+    from sae_allocators import io
+
+    out = Path(out)
+    fp, now = fingerprint(st), fingerprinted_settings(st)
+    sf = out / SETTINGS_FILE
+    if sf.exists():
+        old = json.loads(sf.read_text())
+        if old.get("fingerprint") != fp:
+            changed = _changed_keys(old.get("settings") or {}, now)
+            raise ResumeError(
+                f"{out} holds runs of other settings (fingerprint {old.get('fingerprint')}, now {fp}; "
+                f"changed: {', '.join(changed) or 'unknown'}): resuming would mix them. Use another --out, "
+                f"or the command that made it (its settings are in {sf})"
+            )
+    else:
+        io.atomic_write_json(sf, {"fingerprint": fp, "settings": now, "invocations": []})
+    done: dict[str, dict[str, Any]] = {}
+    for f in sorted((out / RUNS_DIR).glob("*.json")) if (out / RUNS_DIR).is_dir() else []:
+        try:
+            doc = json.loads(f.read_text())
+        except (OSError, ValueError) as exc:
+            _log(f"[resume] ignoring unreadable record {f} ({exc}): its run trains again")
+            continue
+        if doc.get("fingerprint") != fp:
+            raise ResumeError(f"{f} is a record of other settings (fingerprint {doc.get('fingerprint')}, now {fp})")
+        done[doc["tag"]] = doc
+    return fp, done
+
+
+def _changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """The dotted names of the settings that differ between two fingerprinted settings dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in sorted(set(a) | set(b)):
+            out += _changed_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _note_invocation(out: Path, started: str, wall: float, trained: int, reused: int) -> list[dict[str, Any]]:
+    """Append this command's wall time to settings.json; return every invocation so far."""
+    from sae_allocators import io
+
+    sf = Path(out) / SETTINGS_FILE
+    doc = json.loads(sf.read_text())
+    doc.setdefault("invocations", []).append(
+        {"started_utc": started, "wall_seconds": wall, "runs_trained": trained, "runs_from_records": reused}
+    )
+    io.atomic_write_json(sf, doc)
+    return doc["invocations"]
+
+
+class Progress:
+    """Runs done / total, time per run and the time left, logged after every run."""
+
+    def __init__(self, tags: list[str], labels: list[str], done: set[str]):
+        self.labels = dict(zip(tags, labels))
+        self.total = len(tags)
+        self.done = set(t for t in tags if t in done)
+        self.reused = len(self.done)
+        self.seconds: dict[str, list[float]] = {}
+
+    def eta_seconds(self) -> float | None:
+        """Remaining runs at the mean time in this command of their key (dataset/label; the mean of all runs where a
+        label has not run yet); None before the first run."""
+        every = [s for v in self.seconds.values() for s in v]
+        if not every:
+            return None
+        mean_all = sum(every) / len(every)
+        left = [lab for t, lab in self.labels.items() if t not in self.done]
+        return sum(sum(self.seconds[lab]) / len(self.seconds[lab]) if lab in self.seconds else mean_all for lab in left)
+
+    def finished(self, tag: str, seconds: float) -> str:
+        self.done.add(tag)
+        self.seconds.setdefault(self.labels[tag], []).append(seconds)
+        trained = sum(len(v) for v in self.seconds.values())
+        mean = sum(s for v in self.seconds.values() for s in v) / trained
+        eta = self.eta_seconds() or 0.0
+        left = self.total - len(self.done)
+        return (
+            f"[progress] {len(self.done)}/{self.total} runs done"
+            + (f" ({self.reused} from earlier records)" if self.reused else "")
+            + f"; this run {seconds:.0f} s, mean {mean:.0f} s per run trained now; "
+            + (f"about {_duration(eta)} left for {left} run(s)" if left else "all runs done")
+        )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def run(st: Settings) -> Path:
     from sae_allocators import devices
     from sae_allocators.benchmark import report
 
     t_start = time.perf_counter()
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     device = devices.resolve(st.device)
     st.device = str(device)
     if devices.is_cuda(device) and st.tf32:
@@ -191,16 +378,43 @@ def run(st: Settings) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     workdir = out / "saes"
     _log(f"[device] {env_start['device']}" + (" (TF32 matrix multiplies)" if env_start.get("tf32") else ""))
+    fp, done = open_resume(out, st)
     plans, todo, controls = _plan(st)
+    if st.preset == "large" and not any(st.data_args.get(k) for k in ("tiny_lm", "model")):
+        est = estimate_seconds(st, labels=[p.label for p in todo])
+        _log(f"[plan] estimated {_duration(est['total'])} on 2 idle CPU cores for SmolLM2-135M ({est['runs']} SAEs; "
+             "from the measured step costs, docs/benchmark.md 'The large preset')")
     sources = _build_sources(st, workdir)
     jobs = _jobs(st, sources, todo, controls)
-    records: list[dict[str, Any]] = []
+    tags = [job_tag(j) for j in jobs]
+    progress = Progress(tags, [f"{j[0].kind}/{j[4].label}" for j in jobs], set(done))  # time per dataset and label
+    if progress.reused:
+        _log(f"[resume] {progress.reused} of {len(jobs)} runs already done in {out / RUNS_DIR} (settings "
+             f"fingerprint {fp}): skipping them")
+    by_tag: dict[str, dict[str, Any]] = {}
     curves: dict[str, Any] = {}
     failures: list[dict[str, str]] = []
-    for i, job in enumerate(jobs, 1):
-        _train_and_evaluate(f"{i}/{len(jobs)}", job, st, workdir, records, curves, failures)
+    for i, (job, tag) in enumerate(zip(jobs, tags), 1):
+        if tag in done:
+            by_tag[tag] = done[tag]["record"]
+            curves[tag] = done[tag]["curves"]
+            continue
+        t0 = time.perf_counter()
+        got = _train_and_evaluate(f"{i}/{len(jobs)}", job, st, workdir, [], curves, failures, out=out, fp=fp)
+        if got is not None:
+            by_tag[tag] = got
+            _log(progress.finished(tag, time.perf_counter() - t0))
+    records = [by_tag[t] for t in tags if t in by_tag]
     _add_step_ratios(records)
     meta = _meta(st, env_start, sources, plans, controls, failures, device, t_start)
+    invocations = _note_invocation(out, started, meta["wall_seconds"], len(records) - progress.reused, progress.reused)
+    meta["resume"] = {
+        "settings_fingerprint": fp,
+        "runs": len(jobs),
+        "runs_from_earlier_records": progress.reused,
+        "invocations": invocations,
+        "wall_seconds_all_invocations": sum(v["wall_seconds"] for v in invocations),
+    }
     report.write(out, meta, records, curves)
     if not st.keep_saes:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -208,10 +422,96 @@ def run(st: Settings) -> Path:
     return out
 
 
+# --- run-time estimate (the large preset) ------------------------------------------------------
+
+#: median full training step in ms (forward, losses, backward, clipping, Adam) at N=4096 tokens,
+#: d_in=512, d_sae=8192, k=32 on the project's 2-core CPU (torch 2.13.0+cpu, 2 threads, everything
+#: else stopped): docs/sparse-step.md "Speed (measured)". abstopk is SAELens's own dense step (6.53+):
+#: assumed to cost topk's (not measured). Variants (aux loss, guard off, capacity) cost their base's.
+STEP_MS_REF = {
+    "topk": 1916, "batchtopk": 2767, "abstopk": 1916, "mutual_choice": 559, "feature_choice": 661,
+    "feature_choice[capacity=uniform]": 555, "topk_zipf": 525, "batchtopk_zipf": 480, "abstopk_zipf": 621,
+    "top_afa": 713, "gradient_topk": 1156,
+}
+STEP_REF_SHAPE = (4096, 512, 8192)  # N, d_in, d_sae
+#: SmolLM2-135M forward to layer 6 on the same CPU: the default run's activation cache, about 70,000
+#: tokens in 50 s (docs/benchmark.md "Run time (measured)")
+FORWARD_TO_L6_TOKENS_PER_S = 1400.0
+#: a full forward (30 blocks and the 49,152 x 576 unembedding) over one to layer 6 (7 blocks), in
+#: multiply-adds per token: (30 x 3.98M + 28.3M) / (7 x 3.98M)
+FULL_OVER_L6 = 5.3
+#: top-AFA's L0 is its own (up to its cap, 1,024 on the LM): its decoder costs more than at k = 32
+TOP_AFA_FACTOR = 2.0
+#: the trainer's work around each step (reading the cache, the dead-latent statistics): assumed 5 %
+TRAINER_OVERHEAD = 1.05
+#: per SAE besides CE/KL: the step-time measurement, the calibration, the reconstruction, density and
+#: stream evaluations, saving and reloading: assumed
+EVAL_OTHER_SECONDS = 10.0
+
+
+def lm_run_counts(st: Settings, labels: list[str] | None = None) -> dict[str, int]:
+    """SAEs per label on the LM from the activation cache (the rule of ``_jobs``): fixed-L0 labels at
+    every k for ``lm_seeds`` seeds plus the spread seeds at the middle k; self-budgeting labels once
+    per seed at the largest k."""
+    ks = sorted(st.lm_ks)
+    n = st.lm_seeds or st.seeds
+    spread = st.lm_spread_seeds or 0
+    k_mid = ks[len(ks) // 2]
+    if labels is None:
+        labels = list(st.labels) if st.labels is not None else list(STEP_MS_REF)
+    counts = {}
+    for lab in labels:
+        if lab.startswith("gradient_topk"):
+            continue  # from the live store: not estimated here
+        fixed = not lab.startswith("top_afa")
+        runs = 0
+        for seed in range(max(n, spread)):
+            for k in ks:
+                if not (seed < n or (seed < spread and k == k_mid)):
+                    continue
+                if not fixed and k != ks[-1]:
+                    continue
+                runs += 1
+        counts[lab] = runs
+    return counts
+
+
+def estimate_seconds(st: Settings, d_in: int = 576, labels: list[str] | None = None) -> dict[str, Any]:
+    """The LM part's run time on 2 idle CPU cores, from measured step costs scaled by the step's
+    multiply-adds (N x d_in x d_sae): training steps per label, the activation cache, CE/KL (one
+    full forward of ``ce_eval_sequences`` per SAE, and one clean), the other evaluations."""
+    s = st.lm
+    d_sae = s.d_sae or s.expansion * d_in
+    n_ref, d_ref, f_ref = STEP_REF_SHAPE
+    per_token_scale = (d_in * d_sae) / (d_ref * f_ref) / n_ref
+    counts = lm_run_counts(st, labels)
+    ctx = 128
+    train: dict[str, float] = {}
+    for lab, runs in counts.items():
+        base = lab if lab in STEP_MS_REF else lab.split("[")[0]
+        ms = STEP_MS_REF.get(base, STEP_MS_REF["topk"])
+        factor = TOP_AFA_FACTOR if base == "top_afa" else 1.0
+        train[lab] = runs * s.training_tokens * ms / 1e3 * per_token_scale * factor * TRAINER_OVERHEAD
+    runs = sum(counts.values())
+    full_tps = FORWARD_TO_L6_TOKENS_PER_S / FULL_OVER_L6
+    ce = (runs + 1) * s.ce_eval_sequences * ctx / full_tps
+    cached = int((s.training_tokens + (s.norm_estimate_batches + 4) * s.train_batch_size + s.calibration_tokens) * 1.15)
+    cache = cached / FORWARD_TO_L6_TOKENS_PER_S
+    eval_x = s.eval_sequences * ctx / FORWARD_TO_L6_TOKENS_PER_S
+    other = runs * EVAL_OTHER_SECONDS
+    total = sum(train.values()) + ce + cache + eval_x + other
+    return {"runs": runs, "runs_per_label": counts, "train_seconds_per_label": train, "ce_kl_seconds": ce,
+            "activation_cache_seconds": cache, "eval_activations_seconds": eval_x, "other_eval_seconds": other,
+            "total": total}
+
+
 def _plan(st: Settings) -> tuple[list[Any], list[Any], dict[str, Any]]:
     """Phase 1: which architectures (and beta variants) train, which are skipped and why, and the
     live-store controls they are paired with."""
     plans = _with_betas(configs.plan_architectures(st.archs), tuple(st.gradient_betas))
+    if st.labels is not None:
+        labels = [lab for lab in st.labels if not st.archs or lab.split("[")[0] in st.archs]  # --arch narrows
+        plans = configs.select_labels(plans, labels)
     todo = [p for p in plans if p.skip_reason is None]
     controls = _live_controls(todo, configs.plan_architectures(None) if st.archs else plans)
     _log(f"[plan] {len(todo)} architecture(s) to train: {', '.join(p.label for p in todo)}")
@@ -269,10 +569,12 @@ def _jobs(st: Settings, sources: list[Any], todo: list[Any], controls: dict[str,
 
 
 def _train_and_evaluate(
-    i: str, job: tuple[Any, ...], st: Settings, workdir: Path, records: list[dict[str, Any]], curves: dict[str, Any], failures: list[dict[str, str]]
-) -> None:
+    i: str, job: tuple[Any, ...], st: Settings, workdir: Path, records: list[dict[str, Any]], curves: dict[str, Any],
+    failures: list[dict[str, str]], out: Path | None = None, fp: str | None = None,
+) -> dict[str, Any] | None:
     """Phase 3, one run (``i``: "3/40"): train, save, reload, evaluate; its record and curves (or
-    its failure) are appended."""
+    its failure) are appended, and with ``out`` saved at once (atomically) as ``out/runs/<run>.json``
+    with the settings' fingerprint ``fp``, so that a rerun skips it. Returns the record (None: failed)."""
     src, ks, seed, k, p, path = job
     ctx = configs.Context(
         d_in=src.d_in, d_sae=src.d_sae, ks=tuple(ks), has_lm_gradients=path == "live",
@@ -293,7 +595,7 @@ def _train_and_evaluate(
     except Exception as exc:  # one broken architecture must not stop the benchmark
         _log(f"[{i}] FAILED {tag}: {type(exc).__name__}: {exc}")
         failures.append({"run": tag, "error": f"{type(exc).__name__}: {exc}"})
-        return
+        return None
     rec = {
         "dataset": src.kind,
         "architecture": p.name,
@@ -315,8 +617,14 @@ def _train_and_evaluate(
     }
     if getattr(cfg, "beta", None) is not None and path == "live":
         rec["beta"] = float(cfg.beta)
+    # as it reads back from JSON (a resumed run's report is then the same as an uninterrupted one's)
+    rec = json.loads(json.dumps(rec, allow_nan=True))
     records.append(rec)
     curves[tag] = {"density": density.tolist(), "l0_hist": torch.bincount(l0).tolist()}
+    if out is not None:
+        from sae_allocators import io
+
+        io.atomic_write_json(record_path(out, tag), {"fingerprint": fp, "tag": tag, "record": rec, "curves": curves[tag]})
     _log(
         f"[{i}]   L0 {figures['l0_mean']:.2f}  NMSE {figures['nmse']:.4f}  "
         f"EV {figures['explained_variance']:.4f}  dead {figures['dead_fraction']:.3f}  "
@@ -324,6 +632,7 @@ def _train_and_evaluate(
         + (f"CE rec {figures['ce_loss_recovered']:.3f}  " if "ce_loss_recovered" in figures else "")
         + f"({figures['train_seconds']:.1f} s)"
     )
+    return rec
 
 
 def _meta(

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from sae_allocators import devices
 from sae_allocators.allocation import outliers
 from sae_allocators.allocation.outliers import REPORT_RATIO
 
@@ -41,7 +42,7 @@ class Stream:
 
 
 def saelens_default_stream(
-    prepared: Any, n_batches: int = 48, batch: int = 1024, n_eval_contexts: int = 16, n_heldout_batches: int = 4, device: str = "cpu"
+    prepared: Any, n_batches: int = 48, batch: int = 1024, n_eval_contexts: int = 16, n_heldout_batches: int = 4, device: str = devices.CPU
 ) -> Stream:
     """``n_batches`` training batches from SAELens's ActivationsStore with its default data options
     (``prepend_bos=True``, ``exclude_special_tokens=False``) on the offline corpus, then

@@ -1,0 +1,285 @@
+"""Issue 24's machinery: the large preset's sizes, the paired statistics of the claims, and resuming a
+run from its per-run records (a tiny synthetic run, interrupted, with a damaged record, and rerun)."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from sae_allocators.benchmark import check, report, stats
+
+
+# --- the preset -------------------------------------------------------------------------------
+
+
+def test_large_preset_meets_the_issue_minimums():
+    from sae_allocators.benchmark import cli
+    from sae_allocators.benchmark.run import DEFAULT_OUT, PRESETS, estimate_seconds, large_settings, lm_run_counts
+
+    st = large_settings(Path("r"))
+    assert PRESETS["large"] is large_settings and st.preset == "large"
+    d_in = 576  # SmolLM2-135M
+    s = st.lm
+    assert s.hook_layer == 6 and s.hook_point == "hook_resid_post"
+    assert s.training_tokens >= 1_000_000
+    assert (s.d_sae or s.expansion * d_in) >= 8 * d_in
+    assert s.training_tokens // s.train_batch_size >= 300  # batch-level thresholds settle (docs/benchmark.md)
+    assert tuple(st.lm_ks) == (16, 32, 64)
+    assert st.lm_seeds >= 2 and st.lm_spread_seeds >= 3
+    assert s.ce_eval_sequences * 128 >= 8192  # CE/KL on at least 8,192 tokens (context 128)
+    assert s.eval_sequences * 128 >= 8192
+    assert st.datasets == ("lm",) and st.keep_saes and DEFAULT_OUT["large"] == Path("reports") / "large"
+    want = {"topk", "batchtopk", "mutual_choice", "feature_choice", "feature_choice[capacity=uniform]",
+            "topk_zipf", "batchtopk_zipf", "abstopk", "top_afa"}
+    assert want <= set(st.labels)
+    counts = lm_run_counts(st)
+    for lab in want - {"top_afa"}:
+        assert counts[lab] == 2 + 3 + 2  # 2 seeds at k = 16 and 64, 3 at k = 32
+    assert counts["top_afa"] == 2
+    est = estimate_seconds(st)
+    assert est["runs"] == 58 and math.isfinite(est["total"]) and est["total"] > 0
+    assert cli.parser().parse_args(["--preset", "large"]).preset == "large"
+
+
+def test_large_labels_plan_the_uniform_capacity_variant():
+    import sae_allocators  # noqa: F401  registers the architectures
+    from sae_allocators.benchmark import configs
+    from sae_allocators.benchmark.run import LARGE_LABELS
+
+    plans = configs.select_labels(configs.plan_architectures(None), LARGE_LABELS)
+    assert [p.label for p in plans] and {p.label for p in plans} == set(LARGE_LABELS)
+    uni = next(p for p in plans if p.label == "feature_choice[capacity=uniform]")
+    ctx = configs.Context(d_in=8, d_sae=32, ks=(2, 4))
+    cfg = configs.build_training_config(uni, 4, ctx)
+    assert cfg.capacity == "uniform" and cfg.k == 4
+    big = configs.Context(d_in=576, d_sae=4608, ks=(16, 32, 64))
+    for p in plans:  # every label builds its config at the preset's sizes
+        for k in (16, 32, 64):
+            cfg = configs.build_training_config(p, k, big)
+            assert cfg.d_sae == 4608 and cfg.d_in == 576
+    with pytest.raises(ValueError, match="not planned"):
+        configs.select_labels(configs.plan_architectures(None), ["no_such_label"])
+
+
+# --- statistics -------------------------------------------------------------------------------
+
+
+def test_t_quantiles():
+    assert stats.t_quantile_975(1) == pytest.approx(12.706)
+    assert stats.t_quantile_975(2) == pytest.approx(4.303)
+    assert stats.t_quantile_975(30) == pytest.approx(2.042)
+    assert stats.t_quantile_975(500) == pytest.approx(1.96)
+    with pytest.raises(ValueError):
+        stats.t_quantile_975(0)
+
+
+def test_paired_difference_known_inputs():
+    # diffs 1, 2, 3: mean 2, sd 1, half-width 4.303 / sqrt(3) = 2.4843
+    d = stats.paired_difference({0: 2.0, 1: 4.0, 2: 6.0}, {0: 1.0, 1: 2.0, 2: 3.0})
+    assert d["n"] == 3 and d["diffs"] == [1.0, 2.0, 3.0]
+    assert d["mean"] == pytest.approx(2.0) and d["sd"] == pytest.approx(1.0)
+    assert d["half_width"] == pytest.approx(4.303 / math.sqrt(3))
+    assert d["low"] == pytest.approx(2 - 2.48434, abs=1e-4) and d["verdict"] == "not distinguishable"
+    # consistently lower by about 1: -1.0, -1.1, -0.9 -> mean -1, sd 0.1, interval [-1.248, -0.752]
+    d = stats.paired_difference({"0": 0.0, "1": 0.0, "2": 0.0}, {"0": 1.0, "1": 1.1, "2": 0.9})
+    assert d["mean"] == pytest.approx(-1.0) and d["high"] == pytest.approx(-1 + 4.303 * 0.1 / math.sqrt(3))
+    assert d["verdict"] == "lower"
+    assert stats.paired_difference({0: 3.0, 1: 3.2}, {0: 1.0, 1: 1.0})["verdict"] == "higher"  # 2.1 ± 1.27
+    # 2 seeds: t = 12.706, the interval is wide (said in the note)
+    d = stats.paired_difference({0: 1.0, 1: 1.2}, {0: 0.0, 1: 0.0})
+    assert d["half_width"] == pytest.approx(12.706 * math.sqrt(0.02) / math.sqrt(2))
+    assert d["verdict"] == "not distinguishable" and "wide" in d["note"]
+    # pairs by seed: only the seeds both have
+    d = stats.paired_difference({0: 1.0, 1: 2.0, 5: 9.0}, {1: 1.0, 0: 0.0, 7: 0.0})
+    assert d["seeds"] == [0, 1] and d["diffs"] == [1.0, 1.0] and d["sd"] == 0.0 and d["verdict"] == "higher"
+    one = stats.paired_difference({0: 1.0}, {0: 2.0})
+    assert one["verdict"] == "not distinguishable" and one["low"] is None and "1 seed" in one["note"]
+    none = stats.paired_difference({0: 1.0}, {1: 2.0})
+    assert none["n"] == 0 and none["mean"] is None
+    assert "paired difference" in stats.describe(d) and stats.tally([d, one]) == "0 lower, 1 higher, 1 not distinguishable"
+
+
+def _rec(label, k, seed, nmse, **extra):
+    r = {
+        "dataset": "lm", "architecture": label.split("[")[0], "label": label, "provider": "x", "k_target": k,
+        "fixed_l0": True, "batch_level": label != "topk", "seed": seed, "run": f"lm/{label}/k{k:g}/seed{seed}",
+        "config_fields": {"k": k}, "l0_mean": k, "l0_p50": k, "l0_p99": k + 1, "frac_empty_tokens": 0.0,
+        "explained_variance": 1 - nmse, "nmse": nmse, "train_mode_nmse": nmse, "dead_fraction": 0.0,
+        "underused_fraction": 0.0, "step_seconds": 0.01, "train_mode_l0_mean": k, "l0_drift": 0.0,
+        "train_seconds": 1.0, "inference_architecture": "topk", "ce_loss_recovered": 0.9, "kl_div": 0.1,
+    }
+    r.update(extra)
+    return r
+
+
+def test_claims_carry_paired_differences_with_verdicts():
+    recs = []
+    for seed in range(3):
+        for k, base in ((16, 0.2), (32, 0.15)):
+            recs.append(_rec("topk", k, seed, base + 0.01 * seed))
+            recs.append(_rec("mutual_choice", k, seed, base - 0.02 + 0.01 * seed + 0.001 * (seed % 2)))  # lower
+            recs.append(_rec("feature_choice", k, seed, base + 0.01 * seed + 0.01 * (-1) ** seed))  # noise
+    claims = {c["claim"]: c for c in report.check_claims(report.aggregate(recs))}
+    fm = claims["Feature and Mutual Choice reconstruct better than TopK at equal L0"]
+    by = {(p["label"], p["k"], p["metric"]): p for p in fm["paired"]}
+    assert by[("mutual_choice", 16, "nmse")]["verdict"] == "lower"
+    assert by[("mutual_choice", 32, "train_mode_nmse")]["verdict"] == "lower"
+    assert by[("feature_choice", 16, "nmse")]["verdict"] == "not distinguishable"
+    assert by[("mutual_choice", 16, "nmse")]["n"] == 3
+    assert "4 lower, 0 higher, 4 not distinguishable" in fm["paired_status"]
+    md = report._markdown({**_meta(), "_records": recs}, report.aggregate(recs), list(claims.values()), [])
+    assert "Paired over seeds at equal k" in md and "paired difference -0.0" in md
+
+
+def _meta():
+    return {
+        "command_settings": {"quick": False}, "sources": [], "seeds": {"lm": 3}, "ks": {"lm": [16, 32]},
+        "plans": [], "failures": [],
+        "environment": {"device": "cpu", "cpu_threads": 2, "platform": "test", "torch": "t", "sae_lens": "s",
+                        "transformer_lens": "t"},
+        "wall_seconds": 1.0,
+    }
+
+
+def test_progress_reports_runs_done_and_time_left():
+    from sae_allocators.benchmark.run import Progress
+
+    p = Progress(["a", "b", "c", "d"], ["topk", "topk", "mc", "mc"], done={"a"})
+    assert p.eta_seconds() is None
+    line = p.finished("b", 10.0)
+    assert "2/4 runs done (1 from earlier records)" in line and "this run 10 s" in line
+    assert "about 20 s left for 2 run(s)" in line  # mc not seen yet: the mean of all labels
+    line = p.finished("c", 30.0)
+    assert "3/4" in line and "about 30 s left for 1 run(s)" in line
+    assert "all runs done" in p.finished("d", 30.0)
+
+
+# --- resuming, end to end (tiny synthetic runs) -----------------------------------------------
+
+
+def _tiny(out):
+    from sae_allocators.benchmark.run import Settings
+    from sae_allocators.benchmark.sources import SyntheticScale
+
+    return Settings(
+        out=out, datasets=("synthetic",), seeds=1, synthetic_ks=(2, 4),
+        synthetic=SyntheticScale(num_features=32, hidden_dim=16, d_sae=32, min_prob=0.02, training_samples=300 * 64,
+                                 batch_size=64, eval_samples=1024, dead_feature_window=20),
+        archs=["topk", "mutual_choice"], device="cpu",
+    )
+
+
+def _stable_md(out: Path) -> list[str]:
+    """report.md without the lines that name this invocation (wall time, load, resumed runs)."""
+    return [ln for ln in (out / "report.md").read_text().splitlines()
+            if not ln.startswith(("Run on ", "Resumed: ", "The machine was shared"))]
+
+
+def test_interrupted_run_resumes_and_rerun_gives_the_same_report(tmp_path, monkeypatch):
+    from sae_allocators.benchmark import run as run_mod
+
+    out = tmp_path / "report"
+    trained: list[str] = []
+    real = run_mod._train_and_evaluate
+
+    def counting(i, job, *a, **kw):
+        if stop_after is not None and len(trained) >= stop_after:
+            raise KeyboardInterrupt  # the command is killed while this run trains
+        trained.append(run_mod.job_tag(job))
+        return real(i, job, *a, **kw)
+
+    monkeypatch.setattr(run_mod, "_train_and_evaluate", counting)
+    stop_after = 2
+    with pytest.raises(KeyboardInterrupt):
+        run_mod.run(_tiny(out))
+    assert len(trained) == 2 and not (out / "report.json").exists()
+    assert len(list((out / run_mod.RUNS_DIR).glob("*.json"))) == 2  # saved as each run finished
+    first = list(trained)
+
+    # the same command again: only the two runs left are trained
+    stop_after, trained = None, []
+    run_mod.run(_tiny(out))
+    assert len(trained) == 2 and not set(trained) & set(first)
+    doc = json.loads((out / "report.json").read_text())
+    assert len(doc["runs"]) == 4 and doc["meta"]["resume"]["runs_from_earlier_records"] == 2
+    assert check.problems(out) == []
+    assert "Resumed: 2 of 4 runs" in (out / "report.md").read_text()
+
+    # a damaged record (e.g. a copy cut short) is ignored and its run trained again
+    damaged = run_mod.record_path(out, first[0])
+    damaged.write_text(damaged.read_text()[:50])
+    trained = []
+    run_mod.run(_tiny(out))
+    assert trained == [first[0]]
+    doc2 = json.loads((out / "report.json").read_text())
+    md2 = _stable_md(out)
+
+    # nothing left to do: nothing is trained and the report is the same
+    trained = []
+    run_mod.run(_tiny(out))
+    assert trained == []
+    doc3 = json.loads((out / "report.json").read_text())
+    for key in ("runs", "aggregates", "claims", "curves", "plots"):
+        assert doc3[key] == doc2[key], key
+    assert _stable_md(out) == md2
+    assert len(doc3["meta"]["resume"]["invocations"]) == 3  # the completed ones (the interrupted one is not)
+    assert doc3["meta"]["resume"]["runs_from_earlier_records"] == 4
+
+    # other settings into the same folder are refused, not mixed
+    changed = _tiny(out)
+    changed.synthetic.lr = 0.5
+    with pytest.raises(run_mod.ResumeError, match=r"changed: synthetic\.lr"):
+        run_mod.run(changed)
+    assert trained == []
+
+
+def test_fingerprint_ignores_out_and_keep_saes_only(tmp_path):
+    from sae_allocators.benchmark.run import fingerprint
+
+    a, b = _tiny(tmp_path / "a"), _tiny(tmp_path / "b")
+    b.keep_saes = True
+    assert fingerprint(a) == fingerprint(b)
+    b.seeds = 2
+    assert fingerprint(a) != fingerprint(b)
+    c = _tiny(tmp_path / "a")
+    c.data_args = {"model": "gpt2"}
+    assert fingerprint(a) != fingerprint(c)
+
+
+def test_bench_preset_large_writes_to_a_fixed_folder(monkeypatch):
+    """``sae-allocators bench --preset large`` without --out: reports/large (rerunning it resumes)."""
+    import argparse
+
+    from sae_allocators.benchmark import check as check_mod
+    from sae_allocators.benchmark import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "main", lambda argv, prog="": seen.setdefault("argv", list(argv)) and 0)
+    monkeypatch.setattr(check_mod, "main", lambda argv: seen.setdefault("checked", list(argv)) and 0)
+    assert cli.cmd_bench(argparse.Namespace(argv=["--preset", "large"])) == 0
+    assert seen["argv"][-2:] == ["--out", str(Path("reports") / "large")]
+    assert seen["checked"] == [str(Path("reports") / "large")]
+
+
+def test_cli_preset_large_settings(monkeypatch):
+    """``python -m sae_allocators.benchmark --preset large``: the preset's settings, reports/large, the
+    data options in the fingerprint; --datasets still overrides."""
+    from sae_allocators.benchmark import cli
+    from sae_allocators.benchmark import run as run_mod
+
+    seen = []
+    monkeypatch.setattr(run_mod, "run", lambda st: seen.append(st))
+    assert cli.main(["--preset", "large"]) == 0
+    st = seen[-1]
+    assert st.preset == "large" and st.out == Path("reports") / "large" and st.datasets == ("lm",)
+    assert st.lm.d_sae == 4608 and st.data_args["context_size"] == 128 and st.data_args["tiny_lm"] is False
+    assert cli.main(["--preset", "large", "--datasets", "synthetic,lm", "--out", "x"]) == 0
+    assert seen[-1].datasets == ("synthetic", "lm") and seen[-1].out == Path("x")
+
+    def refuse(st):
+        raise run_mod.ResumeError("x holds runs of other settings")
+
+    monkeypatch.setattr(run_mod, "run", refuse)
+    with pytest.raises(SystemExit, match="--out: x holds runs of other settings"):
+        cli.main(["--preset", "large", "--out", "x"])
