@@ -546,24 +546,18 @@ class LMSource:
 
     @torch.no_grad()
     def eval_x(self) -> torch.Tensor:
+        """The evaluation activations: the held-out stream without the excluded (special) tokens."""
         if self._eval_x is None:
-            toks = self.data.eval_tokens[: self.scale.eval_sequences].to(self.device)
-            xs = []
-            for i in range(0, toks.shape[0], 4):
-                batch = toks[i : i + 4]
-                _, cache = self.model.run_with_cache(
-                    batch, names_filter=[self.hook_name], stop_at_layer=self.scale.hook_layer + 1
-                )
-                xs.append(cache[self.hook_name][self._keep_mask(batch)])
-            self._eval_x = torch.cat(xs).float()
+            stream = self.stream_eval()
+            self._eval_x = stream["x"][stream["keep"]]
         return self._eval_x
 
     @torch.no_grad()
     def stream_eval(self) -> dict[str, torch.Tensor]:
         """The held-out contexts as a user's token stream sees them: every token kept (BOS rows and
         separators too, as SAELens's default data options give), in order. ``x`` ``[n, d]``,
-        ``position`` ``[n]`` (0: BOS / special token, 1: first token of a document, 2: the rest)
-        and ``tokens`` ``[n]``; the per-position figures of the report use it."""
+        ``position`` ``[n]`` (0: BOS / special token, 1: first token of a document, 2: the rest),
+        ``tokens`` ``[n]`` and ``keep`` ``[n]`` (not an excluded special token: :meth:`eval_x`)."""
         if getattr(self, "_stream", None) is None:
             toks = self.data.eval_tokens[: self.scale.eval_sequences].to(self.device)
             xs = []
@@ -579,7 +573,12 @@ class LMSource:
             position = torch.full_like(toks, 2)
             position[after & ~special] = 1
             position[special] = 0
-            self._stream = {"x": torch.cat(xs).float(), "position": position.reshape(-1), "tokens": toks.reshape(-1)}
+            self._stream = {
+                "x": torch.cat(xs).float(),
+                "position": position.reshape(-1),
+                "tokens": toks.reshape(-1),
+                "keep": ~special.reshape(-1),
+            }
         return self._stream
 
     def eval_batches(self, batch_size: int = 2048) -> Iterator[torch.Tensor]:
