@@ -47,6 +47,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from sae_allocators.allocation.batch import budget
 from sae_allocators.architectures._common import pre_activations
 
 #: default calibration tokens: this fraction of the training tokens ...
@@ -328,29 +329,29 @@ def calibrate(
                 if seen >= n_tokens:
                     break
 
-        budget = math.floor(k * n_tokens)
-        if budget < 1:
+        entries = budget(k, n_tokens)
+        if entries < 1:
             raise ValueError(
                 f"calibration with k={k:g} on {n_tokens} tokens has a budget floor(k * N) = 0: "
                 f"use at least {math.ceil(1 / k)} tokens."
             )
         never, short = 0, 0
         if rule == "global":
-            top = _TopPerGroup(torch.tensor([budget + 1], device=dev))
+            top = _TopPerGroup(torch.tensor([entries + 1], device=dev))
             for x in take():
                 pre = pre_activations(sae, x)
                 before += int(((pre > before_theta.to(pre.dtype)) & (pre > 0)).sum())
                 top.add(pre)
-            budget = math.floor(k * seen)  # = floor(k * n_tokens) unless the source ran dry
+            entries = budget(k, seen)  # = budget(k, n_tokens) unless the source ran dry
             v, starts, counts = top.sorted_values()
-            theta = _cut(v, starts, counts, torch.tensor([budget], device=dev), top.dropped_max).reshape(())
+            theta = _cut(v, starts, counts, torch.tensor([entries], device=dev), top.dropped_max).reshape(())
             fired = int((v > theta).sum())
             source = ""
         elif method == "scale":
             # theta_j = a * base_j with one factor a: entry (i, j) fires iff pre_ij / base_j > a, so a
             # is the global cut of the ratios (base_j = 0: fires on every positive value, ratio +inf)
             base = before_theta.double().expand(d_sae)
-            top = _TopPerGroup(torch.tensor([budget + 1], device=dev))
+            top = _TopPerGroup(torch.tensor([entries + 1], device=dev))
             finite_max = torch.zeros((), dtype=torch.float32, device=dev)
             for x in take():
                 pre = pre_activations(sae, x)
@@ -358,9 +359,9 @@ def calibrate(
                 ratio = torch.where(base > 0, pre.double() / base.clamp_min(1e-300), torch.where(pre > 0, math.inf, -1.0)).float()
                 finite_max = torch.maximum(finite_max, torch.where(torch.isfinite(ratio), ratio, torch.zeros((), device=dev)).max())
                 top.add(ratio)
-            budget = math.floor(k * seen)
+            entries = budget(k, seen)
             v, starts, counts = top.sorted_values()
-            a = _cut(v, starts, counts, torch.tensor([budget], device=dev), top.dropped_max).reshape(())
+            a = _cut(v, starts, counts, torch.tensor([entries], device=dev), top.dropped_max).reshape(())
             a = torch.minimum(a, finite_max)  # more always-firing entries than K: silence the others
             theta = torch.where(base > 0, a.double() * base, torch.zeros((), dtype=torch.double, device=dev))
             fired = int((v > a).sum())
@@ -372,7 +373,7 @@ def calibrate(
             if shares.numel() != d_sae or float(shares.sum()) <= 0:
                 raise ValueError(f"feature shares must be {d_sae} non-negative values with a positive sum.")
             # target counts are fixed once the number of tokens is known; the pass keeps room for water-filling
-            target = _largest_remainder(shares, budget)
+            target = _largest_remainder(shares, entries)
             caps = torch.where(target > 0, (target.double() * (1 + MARGIN)).ceil().long() + 1, torch.ones_like(target))
             top = _TopPerGroup(caps)
             for x in take():
@@ -380,8 +381,8 @@ def calibrate(
                 before += int(((pre > before_theta.to(pre.dtype)) & (pre > 0)).sum())
                 top.add(pre)
             if seen < n_tokens:  # fewer tokens than asked: retarget on what arrived
-                budget = math.floor(k * seen)
-                target = _largest_remainder(shares, budget)
+                entries = budget(k, seen)
+                target = _largest_remainder(shares, entries)
             v, starts, counts = top.sorted_values()
             avail = top.positive
             c = _water_fill(target, avail, caps - 1, shares)

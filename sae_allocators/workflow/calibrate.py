@@ -192,6 +192,7 @@ def _positive(name: str, value: Any, fix: str) -> None:
 def main(argv: Sequence[str], *, override_model=None, override_dataset=None) -> int:
     """The ``calibrate`` subcommand (``override_*`` only for tests and notebooks)."""
     from sae_allocators import calibration
+    from sae_allocators.allocation.batch import budget
     from sae_allocators.workflow.train import parse_args
 
     argv = list(argv)
@@ -232,7 +233,7 @@ def main(argv: Sequence[str], *, override_model=None, override_dataset=None) -> 
         devices.resolve(cfg.device)  # a device that is not here: now, not after loading the model
         training_tokens = int(runner_cfg.get("training_tokens") or 0)
         n = own.calibration_tokens or calibration.default_tokens(training_tokens, cfg.train_batch_size_tokens)
-        if math.floor(float(k) * n) < 1:
+        if budget(float(k), n) < 1:
             raise ValueError(f"--calibration_tokens {n} with k={k:g} gives a budget floor(k * N) = 0: use at least {math.ceil(1 / float(k))} tokens.")
         shares = source = None
         method = own.feature_rule or getattr(sae.cfg, "calibration_rule", None) or "scale"
