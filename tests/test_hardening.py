@@ -868,7 +868,7 @@ def test_cli_refuses_float16_before_training_and_bfloat16_trains_finite(tmp_path
 
 
 def test_non_finite_weights_are_never_saved_and_the_command_fails(trained, tmp_path, capsys, monkeypatch):
-    from sae_allocators import calibration as C
+    from sae_allocators.calibration import runner as C
 
     def poison(runner, sae):  # training "diverged": the last step left NaN in the decoder
         with torch.no_grad():
