@@ -145,10 +145,12 @@ def check_calibration_budget(cfg: Any) -> None:
     config time: after training it would be too late, and the trained SAE would not be saved)."""
     import math
 
+    from sae_allocators.allocation.batch import budget
+
     n, k = getattr(cfg, "calibration_tokens", None), getattr(cfg, "k", None)
     if not getattr(cfg, "calibrate", False) or not _is_int(n) or n < 1 or not _is_number(k) or not 0 < k < math.inf:
         return
-    if math.floor(k * n) < 1:
+    if budget(k, n) < 1:
         raise ValueError(
             f"calibration_tokens={n} is invalid with k={k:g}: the calibration budget floor(k * calibration_tokens) "
             f"is 0. Use calibration_tokens >= {math.ceil(1 / k)} (or None for 2 % of the training tokens)."

@@ -323,10 +323,10 @@ def _install_runner_wraps() -> None:
     """
     from sae_allocators.gradient import dispatch
 
-    from sae_allocators import calibration
+    from sae_allocators.calibration import runner as calibration_runner
 
     dispatch.install()  # gradient_topk: the runner builds the activation store its config names
-    calibration.install()  # batch-level rules: the runner calibrates the saved thresholds before its final save
+    calibration_runner.install()  # batch-level rules: the runner calibrates the saved thresholds before its final save
 
 
 def load(force: bool = False) -> LoadReport:

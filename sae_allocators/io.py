@@ -1,9 +1,7 @@
 """Crash-consistent writes: files through a temporary sibling + ``os.replace``, output folders switched
 into place whole (used by ``train``; ``push`` and ``load`` read what it wrote).
 
-What an SAE output folder holds and whether SAELens can load one is :mod:`sae_allocators.sae_folder`;
-its names (``check_sae_folder``, ``check_loadable``, ``SaeFolderError``, the file names, ...) stay
-importable from here.
+What an SAE output folder holds and whether SAELens can load one is :mod:`sae_allocators.sae_folder`.
 """
 
 from __future__ import annotations
@@ -19,23 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-# what an SAE folder is (re-exported: these names have always been importable from sae_allocators.io)
-from sae_allocators.sae_folder import (  # noqa: F401
-    CFG_FILENAME,
-    CHECKPOINT_MARKER,
-    METRICS_FILENAME,
-    OUTPUT_FILENAMES,
-    RUNNER_CFG_FILENAME,
-    SPARSITY_FILENAME,
-    WEIGHTS_FILENAME,
-    SaeFolderError,
-    SaeFolderInfo,
-    check_loadable,
-    check_replaceable_output,
-    check_sae_folder,
-    read_json_file,
-    read_safetensors_header,
-)
+from sae_allocators.sae_folder import SaeFolderError, check_replaceable_output
 
 
 # --- atomic writes ---------------------------------------------------------------------------

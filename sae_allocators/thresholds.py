@@ -34,6 +34,7 @@ from typing import Callable, Optional
 
 import torch
 
+from sae_allocators.allocation.batch import budget
 from sae_allocators.allocation.outliers import DEFAULT_GUARD_RATIO
 
 
@@ -45,14 +46,14 @@ def _compiler_disable(fn: Callable) -> Callable:
 def smallest_working_batch(k: float) -> int:
     """The fewest tokens N with ``floor(k * N) >= 1``."""
     n = max(1, math.ceil(1.0 / k))
-    while math.floor(k * n) < 1:  # float rounding (e.g. k = 1/3)
+    while budget(k, n) < 1:  # float rounding (e.g. k = 1/3)
         n += 1
     return n
 
 
 def require_budget(k: float, n_tokens: int, architecture: str) -> None:
     """Raise when a batch of ``n_tokens`` gives the batch rule no entry at all (``floor(k N) = 0``)."""
-    if math.floor(k * n_tokens) >= 1:
+    if budget(k, n_tokens) >= 1:
         return
     raise ValueError(
         f"{architecture}: k={k:g} with a batch of {n_tokens} token(s) gives a budget of "

@@ -36,7 +36,7 @@ TARGETS: dict[str, tuple[list[str], list[str], str | None]] = {
     # test_calibration.py's unit tests (its runner fixture and torch.compile test are slow): without
     # them 776 of the 927 mutants had no test at all
     "thresholds": (
-        ["sae_allocators/thresholds.py", "sae_allocators/calibration.py"],
+        ["sae_allocators/thresholds.py", "sae_allocators/calibration/*.py"],
         ["tests/test_thresholds.py", "tests/test_calibration.py", "tests/test_promises.py", "tests/architectures/test_mutual_feature_choice.py"],
         "not fresh_interpreter and not runner and not torch_compile and not calibrated and not calibrate_command",
     ),

@@ -23,7 +23,8 @@ import torch
 from sae_lens.saes.sae import TrainStepInput
 
 import sae_allocators  # noqa: F401
-from sae_allocators import calibration as C
+from sae_allocators.calibration import fit as CF  # the fit (rules, quantiles, calibrate)
+from sae_allocators.calibration import runner as CR  # SAELens's runners (end of training, wraps)
 from sae_allocators.architectures._common import pre_activations
 from sae_allocators.architectures.batchtopk_zipf import BatchTopKZipfTrainingSAE, BatchTopKZipfTrainingSAEConfig
 from sae_allocators.architectures.feature_choice import FeatureChoiceTrainingSAE, FeatureChoiceTrainingSAEConfig
@@ -55,7 +56,7 @@ def step(sae, x: torch.Tensor):
 def brute_l0(sae, x: torch.Tensor) -> torch.Tensor:
     """Per-feature firing counts of the saved JumpReLU rule, by brute force."""
     pre = pre_activations(sae, x)
-    theta = C.current_thresholds(sae).to(pre.dtype)
+    theta = CF.current_thresholds(sae).to(pre.dtype)
     return ((pre > theta) & (pre > 0)).sum(0)
 
 
@@ -119,7 +120,7 @@ def test_zero_budget_is_a_clear_error_not_nan(name):
     for n, t in sae.state_dict().items():
         assert torch.equal(t, before[n]), f"{n} changed by a refused step"
     out = step(sae, torch.randn(100, D))  # the smallest batch that works, works
-    assert int((out.feature_acts != 0).sum()) >= 1 and bool(torch.isfinite(C.current_thresholds(sae)).all())
+    assert int((out.feature_acts != 0).sum()) >= 1 and bool(torch.isfinite(CF.current_thresholds(sae)).all())
 
 
 def test_smallest_working_batch_is_exact():
@@ -168,7 +169,7 @@ def test_global_calibration_gives_mean_l0_k_exactly(name, repeated):
     x = torch.randn(3001, D, generator=g)
     if repeated:  # an LM's sequence-start token: many identical rows
         x[torch.randperm(3001, generator=g)[:300]] = x[0].clone()
-    res = C.calibrate(sae, chunks(x, 128), 3001)
+    res = CF.calibrate(sae, chunks(x, 128), 3001)
     counts = brute_l0(sae, x)
     assert res.achieved_l0 == pytest.approx(float(counts.sum()) / 3001)
     budget = math.floor(K * 3001)
@@ -185,7 +186,7 @@ def test_calibration_does_not_depend_on_the_batching():
     sae.feature_density.copy_(torch.rand(F, generator=torch.Generator().manual_seed(2)))
     sae.density_steps.fill_(10)
     x = torch.randn(2000, D, generator=torch.Generator().manual_seed(3))
-    thetas = [C.calibrate(sae, chunks(x, size), 2000, apply=False, method="shares").theta for size in (2000, 97, 7)]
+    thetas = [CF.calibrate(sae, chunks(x, size), 2000, apply=False, method="shares").theta for size in (2000, 97, 7)]
     assert torch.equal(thetas[0], thetas[1]) and torch.equal(thetas[0], thetas[2])
 
 
@@ -197,7 +198,7 @@ def test_per_feature_calibration_reproduces_the_training_shares():
     sae.density_steps.fill_(10)
     n = 4000
     x = torch.randn(n, D, generator=torch.Generator().manual_seed(5))
-    res = C.calibrate(sae, chunks(x, 256), n, method="shares")
+    res = CF.calibrate(sae, chunks(x, 256), n, method="shares")
     counts = brute_l0(sae, x)
     target = shares.double() / shares.sum() * math.floor(K * n)
     assert int(counts.sum()) == math.floor(K * n) and res.achieved_l0 == pytest.approx(K)
@@ -215,7 +216,7 @@ def test_scale_rule_keeps_the_running_thresholds_shape_and_hits_k():
     sae.feature_threshold_steps.fill_(5)
     n = 3000
     x = torch.randn(n, D, generator=torch.Generator().manual_seed(9))
-    res = C.calibrate(sae, chunks(x, 200), n)  # the default rule
+    res = CF.calibrate(sae, chunks(x, 200), n)  # the default rule
     assert res.rule == "per_feature/scale"
     counts = brute_l0(sae, x)
     assert int(counts.sum()) == math.floor(K * n) and res.achieved_l0 == pytest.approx(K)
@@ -233,7 +234,7 @@ def test_short_features_hand_their_share_to_the_others():
         sae.b_enc[:8] = -50.0  # these features are (almost) never positive
     n = 3000
     x = torch.randn(n, D, generator=torch.Generator().manual_seed(6))
-    res = C.calibrate(sae, chunks(x, 300), n, method="shares")
+    res = CF.calibrate(sae, chunks(x, 300), n, method="shares")
     counts = brute_l0(sae, x)
     assert res.short_features == 8 and int(counts[:8].sum()) == int((pre_activations(sae, x)[:, :8] > 0).sum())
     assert int(counts.sum()) == math.floor(K * n)
@@ -241,7 +242,7 @@ def test_short_features_hand_their_share_to_the_others():
 
 def test_a_training_step_after_calibration_returns_to_the_running_thresholds():
     sae = make("mutual_choice")
-    C.calibrate(sae, chunks(torch.randn(500, D), 100), 500)
+    CF.calibrate(sae, chunks(torch.randn(500, D), 100), 500)
     assert sae.threshold_tracker.is_calibrated
     step(sae, torch.randn(64, D))
     assert not sae.threshold_tracker.is_calibrated
@@ -251,17 +252,17 @@ def test_calibration_refuses_what_it_cannot_calibrate():
     from sae_allocators.architectures.topk_zipf import TopKZipfTrainingSAE, TopKZipfTrainingSAEConfig
 
     with pytest.raises(ValueError, match="calibration is defined for"):
-        C.calibrate(TopKZipfTrainingSAE(TopKZipfTrainingSAEConfig(d_in=D, d_sae=F, k=4)), [torch.randn(10, D)], 10)
+        CF.calibrate(TopKZipfTrainingSAE(TopKZipfTrainingSAEConfig(d_in=D, d_sae=F, k=4)), [torch.randn(10, D)], 10)
     with pytest.raises(ValueError, match="budget"):
-        C.calibrate(make("mutual_choice", k=0.01), [torch.randn(10, D)], 10)
+        CF.calibrate(make("mutual_choice", k=0.01), [torch.randn(10, D)], 10)
     with pytest.raises(ValueError, match="calibration_tokens"):
         TRAINING["mutual_choice"][1](calibration_tokens=0)
 
 
 def test_default_tokens_rule():
-    assert C.default_tokens(1_000_000, 4096) == 20_000  # 2 %
-    assert C.default_tokens(10_000, 512) == 2048  # at least 4 batches
-    assert C.default_tokens(10**10, 4096) == C.MAX_TOKENS
+    assert CF.default_tokens(1_000_000, 4096) == 20_000  # 2 %
+    assert CF.default_tokens(10_000, 512) == 2048  # at least 4 batches
+    assert CF.default_tokens(10**10, 4096) == CF.MAX_TOKENS
 
 
 # --- end to end: SAELens's runner, plain SAELens in a fresh interpreter, the command -------------
@@ -308,17 +309,17 @@ def test_runner_wrap_is_installed_once_and_uninstall_restores_saelens():
     from sae_lens import LanguageModelSAETrainingRunner
 
     wrapped = LanguageModelSAETrainingRunner.__dict__["save_final_sae"]
-    assert C.installed() and getattr(wrapped, C._MARK, None) is not None
-    C.install()  # idempotent: no second layer
+    assert CR.installed() and getattr(wrapped, CR._MARK, None) is not None
+    CR.install()  # idempotent: no second layer
     assert LanguageModelSAETrainingRunner.__dict__["save_final_sae"] is wrapped
     try:
-        C.uninstall()
-        assert not C.installed()
+        CR.uninstall()
+        assert not CR.installed()
         original = LanguageModelSAETrainingRunner.__dict__["save_final_sae"]
-        assert getattr(original, C._MARK, None) is None and original is getattr(wrapped, C._MARK)
+        assert getattr(original, CR._MARK, None) is None and original is getattr(wrapped, CR._MARK)
     finally:
-        C.install()
-    assert C.installed()
+        CR.install()
+    assert CR.installed()
 
 
 def test_runner_calibration_uses_the_chosen_source_and_respects_calibrate_false():
@@ -329,17 +330,17 @@ def test_runner_calibration_uses_the_chosen_source_and_respects_calibrate_false(
     for calibrate in (True, False):
         sae = make("mutual_choice", calibrate=calibrate, calibration_tokens=1024)
         runner = SimpleNamespace(cfg=SimpleNamespace(training_tokens=10**6, train_batch_size_tokens=256), calibration_batches=iter(held))
-        res = C.calibrate_runner_sae(runner, sae)
+        res = CR.calibrate_runner_sae(runner, sae)
         assert runner.calibration_result is res
         if not calibrate:
             assert res is None
             continue
         assert res.tokens == 1024
         pooled = torch.cat(held)
-        l0 = ((pre_activations(sae, pooled) > C.current_thresholds(sae).to(pooled.dtype)) & (pre_activations(sae, pooled) > 0)).sum() / pooled.shape[0]
+        l0 = ((pre_activations(sae, pooled) > CF.current_thresholds(sae).to(pooled.dtype)) & (pre_activations(sae, pooled) > 0)).sum() / pooled.shape[0]
         assert abs(float(l0) - K) < 1e-6  # the global rule is exact on the calibration set
     with pytest.raises(ValueError, match="calibration_batches"):
-        C.calibrate_runner_sae(SimpleNamespace(cfg=SimpleNamespace(training_tokens=1, batch_size=1)), make("mutual_choice"))
+        CR.calibrate_runner_sae(SimpleNamespace(cfg=SimpleNamespace(training_tokens=1, batch_size=1)), make("mutual_choice"))
 
 
 def test_calibrated_export_loads_in_plain_saelens_at_its_l0(calibrated_run):
@@ -428,8 +429,8 @@ def ref_cut(values: list[float], c: int) -> float:
     return t
 
 
-def streamed_cut(chunks_: list[torch.Tensor], caps: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, C._TopPerGroup]:
-    top = C._TopPerGroup(caps)
+def streamed_cut(chunks_: list[torch.Tensor], caps: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, CF._TopPerGroup]:
+    top = CF._TopPerGroup(caps)
     top.pruned_during_pass = False
     for ch in chunks_:
         top.add(ch)
@@ -437,7 +438,7 @@ def streamed_cut(chunks_: list[torch.Tensor], caps: torch.Tensor, c: torch.Tenso
         assert sum(int(t.numel()) for t in top.vals) <= top.limit + ch.numel()
         top.pruned_during_pass |= bool(top.floor.max() > 0)
     v, starts, counts = top.sorted_values()
-    return C._cut(v, starts, counts, c, top.dropped_max), top
+    return CF._cut(v, starts, counts, c, top.dropped_max), top
 
 
 def test_cut_matches_brute_force_with_and_without_ties():
@@ -458,9 +459,9 @@ def test_cut_matches_brute_force_with_and_without_ties():
 
 def test_cut_uses_the_largest_dropped_value_as_the_next_one_down():
     v = torch.tensor([5.0, 4.0])  # kept values of one group; 3.0 was dropped on arrival
-    theta = C._cut(v, torch.tensor([0]), torch.tensor([2]), torch.tensor([1]), torch.tensor([3.0]))
+    theta = CF._cut(v, torch.tensor([0]), torch.tensor([2]), torch.tensor([1]), torch.tensor([3.0]))
     assert float(theta) == 4.5
-    theta = C._cut(v, torch.tensor([0]), torch.tensor([2]), torch.tensor([2]), torch.tensor([3.0]))
+    theta = CF._cut(v, torch.tensor([0]), torch.tensor([2]), torch.tensor([2]), torch.tensor([3.0]))
     assert float(theta) == 0.0  # c = all kept values: every positive value fires
 
 
@@ -491,28 +492,28 @@ def test_streaming_top_values_with_pruning_match_sorting_everything(groups):
 
 
 def test_largest_remainder_rounding():
-    assert C._largest_remainder(torch.tensor([0.5, 0.3, 0.2]), 7).tolist() == [4, 2, 1]
-    assert C._largest_remainder(torch.tensor([1.0, 3.0]), 8).tolist() == [2, 6]
-    assert C._largest_remainder(torch.tensor([0.7, 0.3]), 2).tolist() == [1, 1]  # 1.4, 0.6: the larger remainder
-    assert C._largest_remainder(torch.tensor([-1.0, 1.0]), 3).tolist() == [0, 3]
-    out = C._largest_remainder(torch.tensor([0.0, 0.0]), 5)
+    assert CF._largest_remainder(torch.tensor([0.5, 0.3, 0.2]), 7).tolist() == [4, 2, 1]
+    assert CF._largest_remainder(torch.tensor([1.0, 3.0]), 8).tolist() == [2, 6]
+    assert CF._largest_remainder(torch.tensor([0.7, 0.3]), 2).tolist() == [1, 1]  # 1.4, 0.6: the larger remainder
+    assert CF._largest_remainder(torch.tensor([-1.0, 1.0]), 3).tolist() == [0, 3]
+    out = CF._largest_remainder(torch.tensor([0.0, 0.0]), 5)
     assert out.tolist() == [0, 0] and out.dtype == torch.long
-    assert C._largest_remainder(torch.tensor([1.0, 2.0]), 0).tolist() == [0, 0]
+    assert CF._largest_remainder(torch.tensor([1.0, 2.0]), 0).tolist() == [0, 0]
     w = torch.rand(50, generator=torch.Generator().manual_seed(0))
     for total in (1, 49, 50, 1001):
-        out = C._largest_remainder(w, total)
+        out = CF._largest_remainder(w, total)
         assert int(out.sum()) == total and out.dtype == torch.long
         assert float((out.double() - w.double() / w.sum() * total).abs().max()) < 1.0
 
 
 def test_water_fill_moves_the_shortfall_by_share_within_room_and_data():
-    c = C._water_fill(torch.tensor([6, 0, 0]), torch.tensor([0, 100, 100]), torch.tensor([100, 100, 100]), torch.tensor([1.0, 1.0, 2.0]))
+    c = CF._water_fill(torch.tensor([6, 0, 0]), torch.tensor([0, 100, 100]), torch.tensor([100, 100, 100]), torch.tensor([1.0, 1.0, 2.0]))
     assert c.tolist() == [0, 2, 4]  # feature 0 has no data: its 6 go 1:2 to the others
-    c = C._water_fill(torch.tensor([4, 4, 4]), torch.tensor([1, 10, 10]), torch.tensor([10, 5, 10]), torch.tensor([1.0, 1.0, 1.0]))
+    c = CF._water_fill(torch.tensor([4, 4, 4]), torch.tensor([1, 10, 10]), torch.tensor([10, 5, 10]), torch.tensor([1.0, 1.0, 1.0]))
     assert c.tolist() == [1, 5, 6]  # feature 1 is capped by its room: the rest goes to feature 2
-    c = C._water_fill(torch.tensor([3, 3]), torch.tensor([1, 4]), torch.tensor([9, 9]), torch.tensor([1.0, 0.0]))
+    c = CF._water_fill(torch.tensor([3, 3]), torch.tensor([1, 4]), torch.tensor([9, 9]), torch.tensor([1.0, 0.0]))
     assert c.tolist() == [1, 3]  # a feature with share 0 takes nothing: the total stays short
-    c = C._water_fill(torch.tensor([2, 2]), torch.tensor([5, 5]), torch.tensor([9, 9]), torch.tensor([1.0, 1.0]))
+    c = CF._water_fill(torch.tensor([2, 2]), torch.tensor([5, 5]), torch.tensor([9, 9]), torch.tensor([1.0, 1.0]))
     assert c.tolist() == [2, 2]  # no shortfall: the targets
 
 
@@ -525,7 +526,7 @@ def test_water_fill_places_the_whole_shortfall_whenever_the_data_allow():
     avail = torch.ones(n + 1, dtype=torch.long)
     avail[0] = 0
     shares = torch.tensor([1.0] + [2.0**-i for i in range(n)], dtype=torch.double)
-    c = C._water_fill(target, avail, torch.full((n + 1,), 100), shares)
+    c = CF._water_fill(target, avail, torch.full((n + 1,), 100), shares)
     assert int(c.sum()) == n and c[1:].tolist() == [1] * n
 
 
@@ -541,15 +542,15 @@ def test_values_tied_with_the_floor_still_count():
 
 def test_training_shares_sources():
     sae = make("feature_choice")
-    shares, source = C.training_shares(sae, 1000)
+    shares, source = CF.training_shares(sae, 1000)
     assert source == "current capacities (the SAE has not trained)" and torch.equal(shares, sae.current_capacities(1000).double())
     sae.feature_density.copy_(torch.linspace(0, 1, F))
     sae.density_steps.fill_(1)
-    shares, source = C.training_shares(sae, 1000)
+    shares, source = CF.training_shares(sae, 1000)
     assert source == "feature_density (running firing rate of the training selection)" and shares.dtype == torch.double
     assert torch.equal(shares, torch.linspace(0, 1, F).double())
     with pytest.raises(ValueError, match="^feature_choice calibration needs each feature's training share: none found$"):
-        C.training_shares(torch.nn.Linear(2, 2), 10)
+        CF.training_shares(torch.nn.Linear(2, 2), 10)
 
 
 def jumprelu(training_architecture: str | None = "mutual_choice", theta: float = 0.0, seed: int = 0):
@@ -565,24 +566,24 @@ def jumprelu(training_architecture: str | None = "mutual_choice", theta: float =
 
 
 def test_rules_and_architectures():
-    assert [C.rule_of(a) for a in ("mutual_choice", "batchtopk_zipf", "feature_choice", "topk", "jumprelu")] == [
+    assert [CF.rule_of(a) for a in ("mutual_choice", "batchtopk_zipf", "feature_choice", "topk", "jumprelu")] == [
         "global", "global", "per_feature", None, None,
     ]
-    assert C.architecture_of(make("batchtopk_zipf")) == "batchtopk_zipf"
-    assert C.architecture_of(jumprelu("feature_choice")) == "feature_choice"
-    assert C.architecture_of(jumprelu(None)) == "jumprelu"
-    assert C.wants_calibration(make("feature_choice")) and C.wants_calibration(jumprelu("mutual_choice"))
-    assert not C.wants_calibration(make("feature_choice", calibrate=False))
-    assert not C.wants_calibration(jumprelu(None)) and not C.wants_calibration(jumprelu("topk"))
+    assert CF.architecture_of(make("batchtopk_zipf")) == "batchtopk_zipf"
+    assert CF.architecture_of(jumprelu("feature_choice")) == "feature_choice"
+    assert CF.architecture_of(jumprelu(None)) == "jumprelu"
+    assert CR.wants_calibration(make("feature_choice")) and CR.wants_calibration(jumprelu("mutual_choice"))
+    assert not CR.wants_calibration(make("feature_choice", calibrate=False))
+    assert not CR.wants_calibration(jumprelu(None)) and not CR.wants_calibration(jumprelu("topk"))
 
 
 def test_planned_tokens_config_or_default():
-    assert C.planned_tokens(make("mutual_choice", calibration_tokens=1234), 10**6, 4096) == 1234
-    assert C.planned_tokens(make("mutual_choice"), 10**6, 4096) == 20_000
-    assert C.planned_tokens(make("mutual_choice"), 10_000, 512) == 2048
-    assert C.default_tokens(1_000_030, 10) == 20_001  # 2 % = 20,000.6: rounded, not cut
-    assert C.default_tokens(0, 1) == 4
-    assert C.planned_tokens(jumprelu("mutual_choice"), 10**6, 4096) == 20_000  # a config without the field
+    assert CR.planned_tokens(make("mutual_choice", calibration_tokens=1234), 10**6, 4096) == 1234
+    assert CR.planned_tokens(make("mutual_choice"), 10**6, 4096) == 20_000
+    assert CR.planned_tokens(make("mutual_choice"), 10_000, 512) == 2048
+    assert CF.default_tokens(1_000_030, 10) == 20_001  # 2 % = 20,000.6: rounded, not cut
+    assert CF.default_tokens(0, 1) == 4
+    assert CR.planned_tokens(jumprelu("mutual_choice"), 10**6, 4096) == 20_000  # a config without the field
 
 
 def test_calibrating_a_saved_jumprelu_writes_its_threshold():
@@ -591,8 +592,8 @@ def test_calibrating_a_saved_jumprelu_writes_its_threshold():
     x = torch.randn(n, D, generator=torch.Generator().manual_seed(1))
     before = brute_l0(sae, x)
     with pytest.raises(ValueError, match=r"^calibrating a saved mutual_choice model needs its training k \(pass k=\.\.\."):
-        C.calibrate(sae, [x], n)
-    res = C.calibrate(sae, chunks(x, 128), n, k=2.0)
+        CF.calibrate(sae, [x], n)
+    res = CF.calibrate(sae, chunks(x, 128), n, k=2.0)
     assert res.rule == "global" and res.architecture == "mutual_choice" and res.tokens == n and res.shares == ""
     assert res.never_fired_features == 0 and res.short_features == 0 and 0 <= res.seconds < 60
     assert res.l0_before == pytest.approx(float(before.sum()) / n)
@@ -601,11 +602,11 @@ def test_calibrating_a_saved_jumprelu_writes_its_threshold():
     assert int(counts.sum()) == 2 * n and res.achieved_l0 == 2.0 and res.target_l0 == 2.0
     assert sae.threshold.tolist() == [float(res.theta)] * F
     meta = sae.cfg.metadata.calibration
-    assert set(meta) == {f.name for f in dataclasses_fields(C.CalibrationResult)} - {"theta", "theta_before"} | {"method"}
+    assert set(meta) == {f.name for f in dataclasses_fields(CF.CalibrationResult)} - {"theta", "theta_before"} | {"method"}
     assert meta["method"] == "sae_allocators.calibration (exact quantile on held-out activations)"
     assert meta["tokens"] == n and meta["held_out"] is True and meta["achieved_l0"] == 2.0 and meta["seconds"] >= 0
     with pytest.raises(ValueError, match=r"^calibration is defined for mutual_choice, batchtopk_zipf, feature_choice \(saved as jumprelu\); this SAE is 'jumprelu'"):
-        C.calibrate(jumprelu(None), [x], n, k=2.0)
+        CF.calibrate(jumprelu(None), [x], n, k=2.0)
 
 
 def dataclasses_fields(cls):
@@ -617,7 +618,7 @@ def dataclasses_fields(cls):
 def test_calibrate_without_apply_leaves_the_sae_alone():
     sae = jumprelu("mutual_choice", theta=0.3)
     x = torch.randn(300, D, generator=torch.Generator().manual_seed(2))
-    res = C.calibrate(sae, [x], 300, k=1.0, apply=False)
+    res = CF.calibrate(sae, [x], 300, k=1.0, apply=False)
     assert sae.threshold.tolist() == [pytest.approx(0.3)] * F and getattr(sae.cfg.metadata, "calibration", None) is None
     assert res.theta is not None and float(res.theta) != pytest.approx(0.3)
 
@@ -626,21 +627,21 @@ def test_calibrate_refuses_bad_arguments_with_the_fix():
     sae = make("feature_choice")
     x = torch.randn(50, D)
     with pytest.raises(ValueError, match=r"^feature_choice calibration rule 'median': use 'scale' \(default\) or 'shares'\.$"):
-        C.calibrate(sae, [x], 50, method="median")
+        CF.calibrate(sae, [x], 50, method="median")
     for bad in (0, -3, 2.5, "10"):
         with pytest.raises(ValueError, match=r"^calibration tokens=.* use a positive number of tokens\.$"):
-            C.calibrate(make("mutual_choice"), [x], bad)
+            CF.calibrate(make("mutual_choice"), [x], bad)
     with pytest.raises(ValueError, match=r"^calibration with k=0\.01 on 10 tokens has a budget floor\(k \* N\) = 0: use at least 100 tokens\.$"):
-        C.calibrate(make("mutual_choice", k=0.01), [x], 10)
+        CF.calibrate(make("mutual_choice", k=0.01), [x], 10)
     with pytest.raises(ValueError, match=r"feature shares must be 64 non-negative values with a positive sum"):
-        C.calibrate(sae, [x], 50, method="shares", shares=torch.zeros(F))
+        CF.calibrate(sae, [x], 50, method="shares", shares=torch.zeros(F))
     with pytest.raises(ValueError, match=r"feature shares must be 64"):
-        C.calibrate(sae, [x], 50, method="shares", shares=torch.ones(F + 1))
+        CF.calibrate(sae, [x], 50, method="shares", shares=torch.ones(F + 1))
     for name, method in (("mutual_choice", None), ("feature_choice", "scale"), ("feature_choice", "shares")):
         with pytest.raises(ValueError, match=r"^calibration: the activation source gave no tokens; give it held-out activations\.$"):
-            C.calibrate(make(name), iter([]), 100, method=method)
+            CF.calibrate(make(name), iter([]), 100, method=method)
         with pytest.raises(ValueError, match="gave no tokens"):
-            C.calibrate(make(name), [torch.zeros(0, D)], 100, method=method)
+            CF.calibrate(make(name), [torch.zeros(0, D)], 100, method=method)
 
 
 def test_calibrate_takes_exactly_n_tokens_and_leaves_the_rest_of_the_source():
@@ -648,11 +649,11 @@ def test_calibrate_takes_exactly_n_tokens_and_leaves_the_rest_of_the_source():
     batches = [torch.randn(2, 50, D, generator=g) for _ in range(3)]  # [batch, seq, d_in]: 100 tokens each
     it = iter(batches)
     sae = make("mutual_choice")
-    res = C.calibrate(sae, it, 130, apply=False)
+    res = CF.calibrate(sae, it, 130, apply=False)
     assert res.tokens == 130
     assert next(it) is batches[2]  # the third batch is still held out
     flat = torch.cat([b.reshape(-1, D) for b in batches])[:130]
-    assert torch.equal(res.theta, C.calibrate(sae, [flat], 130, apply=False).theta)
+    assert torch.equal(res.theta, CF.calibrate(sae, [flat], 130, apply=False).theta)
 
 
 @pytest.mark.parametrize("name,method", [("mutual_choice", None), ("feature_choice", "scale"), ("feature_choice", "shares")])
@@ -666,7 +667,7 @@ def test_a_short_source_warns_and_calibrates_on_what_it_gave(name, method):
     x = torch.randn(450, D, generator=torch.Generator().manual_seed(6))
     before = brute_l0(sae, x)
     with pytest.warns(UserWarning, match=r"^calibration asked for 1000 tokens but the source gave 450; calibrated on those\.$") as rec:
-        res = C.calibrate(sae, chunks(x, 100), 1000, method=method)
+        res = CF.calibrate(sae, chunks(x, 100), 1000, method=method)
     # reported at the caller, not inside calibration.py; in a mutation run (tests/mutation.sh) the
     # caller of calibrate is mutmut's trampoline, one frame between this test and calibrate
     where = [w.filename for w in rec]
@@ -688,7 +689,7 @@ def test_scale_rule_silences_the_rest_when_zero_threshold_features_exceed_the_bu
     n = 200
     x = torch.randn(n, D, generator=torch.Generator().manual_seed(8))
     before = brute_l0(sae, x)
-    res = C.calibrate(sae, [x], n)
+    res = CF.calibrate(sae, [x], n)
     assert res.l0_before == pytest.approx(float(before.sum()) / n)
     counts = brute_l0(sae, x)
     pre = pre_activations(sae, x)
@@ -706,35 +707,35 @@ def test_shares_rule_records_never_fired_and_short_features():
     n = 500
     x = torch.randn(n, D, generator=torch.Generator().manual_seed(9))
     before = brute_l0(sae, x)
-    res = C.calibrate(sae, chunks(x, 64), n, method="shares", shares=shares, shares_source="given")
+    res = CF.calibrate(sae, chunks(x, 64), n, method="shares", shares=shares, shares_source="given")
     assert res.l0_before == pytest.approx(float(before.sum()) / n)
     assert res.rule == "per_feature/shares" and res.shares == "given"
     assert res.never_fired_features == 3 and res.short_features == 4
     counts = brute_l0(sae, x)
     assert counts[:3].tolist() == [0, 0, 0] and int(counts.sum()) == math.floor(K * n)
     assert res.achieved_l0 == pytest.approx(K)
-    scale = C.calibrate(make("feature_choice"), [x], n, apply=False)
+    scale = CF.calibrate(make("feature_choice"), [x], n, apply=False)
     assert scale.rule == "per_feature/scale" and scale.shares.startswith("running thresholds of training scaled by one factor a = ")
     assert scale.never_fired_features == 0 and scale.short_features == 0
 
 
 def test_current_and_applied_thresholds_of_each_kind_of_sae():
     fc = make("feature_choice")
-    assert torch.equal(C.current_thresholds(fc), fc.inference_thresholds().float())
+    assert torch.equal(CF.current_thresholds(fc), fc.inference_thresholds().float())
     jr = jumprelu("mutual_choice", theta=0.25)
-    assert C.current_thresholds(jr).tolist() == [0.25] * F
+    assert CF.current_thresholds(jr).tolist() == [0.25] * F
     with pytest.raises(ValueError, match="^Linear has no inference threshold to calibrate$"):
-        C.current_thresholds(torch.nn.Linear(2, 2))
-    res = C.CalibrationResult("global", "mutual_choice", 10, 1.0, 1.0, 0.5, 0.0)
-    C.apply_thresholds(jr, torch.tensor(0.75), res)
+        CF.current_thresholds(torch.nn.Linear(2, 2))
+    res = CF.CalibrationResult("global", "mutual_choice", 10, 1.0, 1.0, 0.5, 0.0)
+    CF.apply_thresholds(jr, torch.tensor(0.75), res)
     assert jr.threshold.tolist() == [0.75] * F and jr.cfg.metadata.calibration == res.metadata()
     with pytest.raises(ValueError, match=r"^calibrated threshold is not finite"):
-        C.apply_thresholds(jr, torch.tensor(math.inf), res)
+        CF.apply_thresholds(jr, torch.tensor(math.inf), res)
     assert jr.threshold.tolist() == [0.75] * F
     with pytest.raises(ValueError, match="^Linear has no threshold to write the calibration into$"):
-        C.apply_thresholds(torch.nn.Linear(2, 2), torch.tensor(0.5), res)
+        CF.apply_thresholds(torch.nn.Linear(2, 2), torch.tensor(0.5), res)
     mc = make("mutual_choice")
-    C.apply_thresholds(mc, torch.tensor(0.5), res)
+    CF.apply_thresholds(mc, torch.tensor(0.5), res)
     assert mc.threshold_tracker.is_calibrated and float(mc.topk_threshold) == 0.5
 
 
@@ -754,7 +755,7 @@ def test_held_out_batches_note_a_new_epoch_and_pass_other_warnings_on():
         warnings.warn("something else", FutureWarning)
         yield torch.full((1,), 2.0)
 
-    b = C.HeldOutBatches(source())
+    b = CR.HeldOutBatches(source())
     assert iter(b) is b and b.wrapped is False
     assert next(b).tolist() == [0.0] and not b.wrapped
     with warnings.catch_warnings(record=True) as caught:
@@ -766,7 +767,7 @@ def test_held_out_batches_note_a_new_epoch_and_pass_other_warnings_on():
     assert (caught[0].filename, caught[0].lineno) == (__file__, lines[0])  # re-emitted where the source warned
     with pytest.raises(StopIteration):
         next(b)
-    epoch = C.HeldOutBatches([torch.zeros(1)])
+    epoch = CR.HeldOutBatches([torch.zeros(1)])
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing escapes
         assert [t.tolist() for t in epoch] == [[0.0]] and not epoch.wrapped
@@ -775,7 +776,7 @@ def test_held_out_batches_note_a_new_epoch_and_pass_other_warnings_on():
         warnings.warn("starting a new epoch")
         yield torch.zeros(1)
 
-    b2 = C.HeldOutBatches(new_epoch())
+    b2 = CR.HeldOutBatches(new_epoch())
     next(b2)
     assert b2.wrapped
 
@@ -794,7 +795,7 @@ def test_end_of_training_calibration_evaluates_logs_and_restores_the_mode():
         sae.train(start_training)
         modes.clear()
         logged = []
-        res = C.calibrate_after_training(sae, source(sae), 10**6, 256, log=logged.append)
+        res = CR.calibrate_after_training(sae, source(sae), 10**6, 256, log=logged.append)
         assert modes == [False, False, False]  # eval() while calibrating: 3 batches of 100 tokens
         assert sae.training is start_training
         assert res.tokens == 300 and res.held_out and sae.threshold_tracker.is_calibrated
@@ -806,10 +807,10 @@ def test_end_of_training_calibration_evaluates_logs_and_restores_the_mode():
     sae = make("mutual_choice", calibration_tokens=300)
     logged.clear()
     with pytest.raises(ValueError, match="gave no tokens"):
-        C.calibrate_after_training(sae, iter([]), 10**6, 256, log=logged.append)
+        CR.calibrate_after_training(sae, iter([]), 10**6, 256, log=logged.append)
     assert sae.training
     off = make("mutual_choice", calibrate=False)
-    assert C.calibrate_after_training(off, source(off), 10**6, 256, log=logged.append) is None
+    assert CR.calibrate_after_training(off, source(off), 10**6, 256, log=logged.append) is None
     assert not off.threshold_tracker.is_calibrated and logged == []  # nothing calibrated, nothing logged
 
 
@@ -825,9 +826,9 @@ def test_end_of_training_calibration_on_a_source_that_wrapped_records_it():
 
     sae = make("mutual_choice", calibration_tokens=400)
     with pytest.warns(UserWarning, match=r"^calibration: the activation source started a new epoch, so some calibration tokens were also training tokens \(recorded as held_out=false\)\. Give the run more data than training_tokens \+ calibration_tokens for held-out calibration\.$") as rec:
-        res = C.calibrate_after_training(sae, source(), 10**6, 100, log=lambda m: None)
+        res = CR.calibrate_after_training(sae, source(), 10**6, 100, log=lambda m: None)
     assert res.held_out is False and sae.cfg.metadata.calibration["held_out"] is False
-    assert all(w.filename != C.__file__ for w in rec)  # reported at the caller, not inside calibration.py
+    assert all(w.filename != CR.__file__ for w in rec)  # reported at the caller, not inside calibration/runner.py
     assert sae.cfg.metadata.calibration["tokens"] == 400
 
 
@@ -851,7 +852,7 @@ def test_final_save_step_logs_to_the_package_logger(caplog, capsys):
 
     holder = StandIn(gaussian_batches(6), training_tokens=10_000, train_batch_size_tokens=100)
     with caplog.at_level(logging.INFO, logger="sae_allocators"):
-        C.calibrate_runner_sae(holder, make("mutual_choice"))
+        CR.calibrate_runner_sae(holder, make("mutual_choice"))
     assert [r.name for r in caplog.records] == ["sae_allocators"]
     assert caplog.records[0].getMessage().startswith("Calibrated mutual_choice thresholds on 400 held-out tokens")
     assert capsys.readouterr().out.startswith("Calibrated mutual_choice thresholds on 400 held-out tokens")
@@ -860,24 +861,24 @@ def test_final_save_step_logs_to_the_package_logger(caplog, capsys):
 def test_final_save_step_plans_tokens_from_the_training_config():
     # SAELens's LM runner: training_tokens and train_batch_size_tokens (2 % of 100,000 = 2,000)
     holder = StandIn(gaussian_batches(0), training_tokens=100_000, train_batch_size_tokens=100)
-    res = C.calibrate_runner_sae(holder, make("mutual_choice"))
+    res = CR.calibrate_runner_sae(holder, make("mutual_choice"))
     assert holder.calibration_result is res and res.tokens == 2000
     # the synthetic runner's config has training_samples and batch_size (2 % of 100,000 = 2,000) ...
     holder = StandIn(gaussian_batches(1), training_samples=100_000, batch_size=10)
-    assert C.calibrate_runner_sae(holder, make("mutual_choice")).tokens == 2000
+    assert CR.calibrate_runner_sae(holder, make("mutual_choice")).tokens == 2000
     # ... and at least 4 batches of 300 > 2 % of 50,000
     holder = StandIn(gaussian_batches(1), training_tokens=None, training_samples=50_000, batch_size=300)
-    assert C.calibrate_runner_sae(holder, make("mutual_choice")).tokens == 1200
+    assert CR.calibrate_runner_sae(holder, make("mutual_choice")).tokens == 1200
     holder = StandIn(gaussian_batches(2))  # neither: 4 batches of 1 token
-    assert C.calibrate_runner_sae(holder, make("mutual_choice")).tokens == 4
+    assert CR.calibrate_runner_sae(holder, make("mutual_choice")).tokens == 4
     # switched off: the result of an earlier call is cleared
     holder = StandIn(gaussian_batches(3), training_tokens=1000, batch_size=10)
     holder.calibration_result = "stale"
-    assert C.calibrate_runner_sae(holder, make("mutual_choice", calibrate=False)) is None and holder.calibration_result is None
+    assert CR.calibrate_runner_sae(holder, make("mutual_choice", calibrate=False)) is None and holder.calibration_result is None
 
 
 def test_final_save_step_uses_the_mixin_source():
-    class Custom(C.CalibratingRunnerMixin):
+    class Custom(CR.CalibratingRunnerMixin):
         def __init__(self):
             self.cfg = SimpleNamespace(training_tokens=10_000, train_batch_size_tokens=100)
             self.calibration_batches = iter([])  # would give no tokens: the override wins
@@ -886,13 +887,13 @@ def test_final_save_step_uses_the_mixin_source():
             return gaussian_batches(4)
 
     holder = Custom()
-    res = C.calibrate_runner_sae(holder, make("batchtopk_zipf"))
+    res = CR.calibrate_runner_sae(holder, make("batchtopk_zipf"))
     assert res.tokens == 400 and holder.calibration_result is res
-    plain = C.CalibratingRunnerMixin()
+    plain = CR.CalibratingRunnerMixin()
     batches = [torch.zeros(1, D)]
     plain.calibration_batches = batches
     assert plain.calibration_source() is batches
-    assert C.CalibratingRunnerMixin.calibration_batches is None and C.CalibratingRunnerMixin.calibration_result is None
+    assert CR.CalibratingRunnerMixin.calibration_batches is None and CR.CalibratingRunnerMixin.calibration_result is None
 
 
 class FakeGenerator:
@@ -909,13 +910,13 @@ class FakeGenerator:
 def test_default_held_out_source_order_and_synthetic_samples():
     store, given = object(), [torch.zeros(1, D)]
     both = SimpleNamespace(calibration_batches=given, activations_store=store, synthetic_model=object(), cfg=None)
-    assert C.default_calibration_source(both) is given
-    assert C.default_calibration_source(SimpleNamespace(calibration_batches=None, activations_store=store)) is store
-    assert C.default_calibration_source(SimpleNamespace(activations_store=store, synthetic_model=object())) is store
+    assert CR.default_calibration_source(both) is given
+    assert CR.default_calibration_source(SimpleNamespace(calibration_batches=None, activations_store=store)) is store
+    assert CR.default_calibration_source(SimpleNamespace(activations_store=store, synthetic_model=object())) is store
     for sparse in (True, False):
         lin = torch.nn.Linear(5, D)
         model = SimpleNamespace(activation_generator=FakeGenerator(sparse), feature_dict=lin)
-        it = C.default_calibration_source(SimpleNamespace(activations_store=None, synthetic_model=model, cfg=SimpleNamespace(batch_size=7)))
+        it = CR.default_calibration_source(SimpleNamespace(activations_store=None, synthetic_model=model, cfg=SimpleNamespace(batch_size=7)))
         first, second = next(it), next(it)
         assert model.activation_generator.calls == [7, 7]
         assert first.shape == (7, D) and not first.requires_grad and not torch.equal(first, second)
@@ -923,7 +924,7 @@ def test_default_held_out_source_order_and_synthetic_samples():
         feats = torch.rand(7, 5, generator=g) * (torch.rand(7, 5, generator=g) < 0.3)
         assert torch.allclose(first, lin(feats))
     with pytest.raises(ValueError) as err:
-        C.default_calibration_source(SimpleNamespace(cfg=None))
+        CR.default_calibration_source(SimpleNamespace(cfg=None))
     assert str(err.value) == (
         "SimpleNamespace: no held-out activation source for calibration; set runner.calibration_batches = "
         "<iterable of [batch, d_in] tensors>, or cfg.sae.calibrate = False"
@@ -934,7 +935,7 @@ def test_install_wraps_both_final_save_methods_and_uninstall_restores_them(monke
     from sae_lens import LanguageModelSAETrainingRunner
     from sae_lens.synthetic import SyntheticSAERunner
 
-    assert [(cls.__name__, name) for cls, name in C._runner_methods()] == [
+    assert [(cls.__name__, name) for cls, name in CR._runner_methods()] == [
         ("LanguageModelSAETrainingRunner", "save_final_sae"),
         ("SyntheticSAERunner", "_save_outputs"),
     ]
@@ -951,12 +952,12 @@ def test_install_wraps_both_final_save_methods_and_uninstall_restores_them(monke
     # stand-ins for SAELens's methods (monkeypatch puts the installed wraps back afterwards)
     monkeypatch.setattr(LanguageModelSAETrainingRunner, "save_final_sae", save_final_sae)
     monkeypatch.setattr(SyntheticSAERunner, "_save_outputs", _save_outputs)
-    assert not C.installed()
-    C.install()
-    assert C.installed()
+    assert not CR.installed()
+    CR.install()
+    assert CR.installed()
     wrapped = LanguageModelSAETrainingRunner.__dict__["save_final_sae"]
-    assert getattr(wrapped, C._MARK) is save_final_sae and wrapped.__name__ == "save_final_sae"
-    C.install()  # idempotent: no second layer
+    assert getattr(wrapped, CR._MARK) is save_final_sae and wrapped.__name__ == "save_final_sae"
+    CR.install()  # idempotent: no second layer
     assert LanguageModelSAETrainingRunner.__dict__["save_final_sae"] is wrapped
 
     holder = StandIn(gaussian_batches(5), training_tokens=10_000, train_batch_size_tokens=100)
@@ -977,26 +978,26 @@ def test_install_wraps_both_final_save_methods_and_uninstall_restores_them(monke
 
     # one method unwrapped is not "installed"; install() wraps it and leaves the other as it is
     monkeypatch.setattr(SyntheticSAERunner, "_save_outputs", _save_outputs)
-    assert not C.installed()
-    C.install()
-    assert C.installed() and LanguageModelSAETrainingRunner.__dict__["save_final_sae"] is wrapped
-    C.uninstall()
+    assert not CR.installed()
+    CR.install()
+    assert CR.installed() and LanguageModelSAETrainingRunner.__dict__["save_final_sae"] is wrapped
+    CR.uninstall()
     assert LanguageModelSAETrainingRunner.__dict__["save_final_sae"] is save_final_sae
     assert SyntheticSAERunner.__dict__["_save_outputs"] is _save_outputs
-    assert not C.installed()
-    C.uninstall()  # nothing left to restore
+    assert not CR.installed()
+    CR.uninstall()  # nothing left to restore
     assert LanguageModelSAETrainingRunner.__dict__["save_final_sae"] is save_final_sae
     # uninstall also restored the redacting wraps (run, _set_sae_metadata, save_checkpoint), which
     # monkeypatch does not know about: put them back for the tests after this one
-    C.install()
-    assert all(getattr(cls.__dict__[name], C._MARK, None) is not None for cls, name in C._redacting_methods())
+    CR.install()
+    assert all(getattr(cls.__dict__[name], CR._MARK, None) is not None for cls, name in CR._redacting_methods())
 
 
 def test_calibration_log_goes_to_stdout_and_the_package_logger(capsys, caplog):
     import logging
 
     with caplog.at_level(logging.INFO, logger="sae_allocators"):
-        C._log("Calibrated x")
+        CR._log("Calibrated x")
     assert capsys.readouterr().out == "Calibrated x\n"
     assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [("sae_allocators", logging.INFO, "Calibrated x")]
 
@@ -1004,7 +1005,7 @@ def test_calibration_log_goes_to_stdout_and_the_package_logger(capsys, caplog):
 def test_final_save_methods_without_the_synthetic_module(monkeypatch):
     """SAELens < 6.35 has no sae_lens.synthetic: only the LM runner's save is wrapped."""
     monkeypatch.setitem(sys.modules, "sae_lens.synthetic", None)  # makes the import fail
-    assert [(cls.__name__, name) for cls, name in C._runner_methods()] == [("LanguageModelSAETrainingRunner", "save_final_sae")]
+    assert [(cls.__name__, name) for cls, name in CR._runner_methods()] == [("LanguageModelSAETrainingRunner", "save_final_sae")]
 
 
 def identity_jumprelu(architecture: str = "feature_choice", d: int = 4):
@@ -1028,7 +1029,7 @@ def test_shares_rule_counts_features_with_fewer_values_than_their_target():
     x[:1, 1] = 3.0  # 1 < 2: short
     x[:, 2] = torch.arange(1.0, 9.0)
     x[:, 3] = torch.arange(1.0, 9.0) + 0.5
-    res = C.calibrate(sae, [x], 8, k=1.0, method="shares", shares=torch.ones(4))
+    res = CF.calibrate(sae, [x], 8, k=1.0, method="shares", shares=torch.ones(4))
     assert res.short_features == 1 and res.never_fired_features == 0
     counts = ((x > sae.threshold) & (x > 0)).sum(0)
     assert counts[:2].tolist() == [2, 1] and int(counts.sum()) == 8  # the missing one moved to feature 2 or 3
@@ -1041,7 +1042,7 @@ def test_a_feature_takes_at_most_the_room_of_the_one_pass_collector():
     sae = identity_jumprelu()
     x = -torch.ones(8, 4)
     x[:, 3] = torch.arange(1.0, 9.0)  # features 0-2 never positive: their 6 entries look for a home
-    res = C.calibrate(sae, [x], 8, k=1.0, method="shares", shares=torch.ones(4))  # targets 2 each
+    res = CF.calibrate(sae, [x], 8, k=1.0, method="shares", shares=torch.ones(4))  # targets 2 each
     counts = ((x > sae.threshold) & (x > 0)).sum(0)
     assert counts.tolist() == [0, 0, 0, math.ceil(1.25 * 2)] and res.short_features == 3
     assert res.achieved_l0 == 3 / 8
@@ -1052,22 +1053,22 @@ def test_nothing_positive_calibrates_to_l0_zero(method):
     sae = identity_jumprelu("mutual_choice" if method == "global" else "feature_choice")
     with torch.no_grad():
         sae.threshold.fill_(0.5)
-    res = C.calibrate(sae, [-torch.rand(8, 4) - 0.1], 8, k=1.0, method=None if method == "global" else method, shares=torch.ones(4))
+    res = CF.calibrate(sae, [-torch.rand(8, 4) - 0.1], 8, k=1.0, method=None if method == "global" else method, shares=torch.ones(4))
     assert res.achieved_l0 == 0.0 and res.l0_before == 0.0 and bool(torch.isfinite(sae.threshold).all())
 
 
 def test_one_token_is_enough_when_k_allows():
     sae = make("mutual_choice")
     x = torch.randn(1, D, generator=torch.Generator().manual_seed(14))
-    res = C.calibrate(sae, [x], 1)
+    res = CF.calibrate(sae, [x], 1)
     assert res.tokens == 1 and res.achieved_l0 == K and int(brute_l0(sae, x).sum()) == K
 
 
 def test_feature_choice_rule_comes_from_its_config():
     sae = make("feature_choice", calibration_rule="shares")
-    res = C.calibrate(sae, [torch.randn(300, D, generator=torch.Generator().manual_seed(15))], 300, apply=False)
+    res = CF.calibrate(sae, [torch.randn(300, D, generator=torch.Generator().manual_seed(15))], 300, apply=False)
     assert res.rule == "per_feature/shares" and res.shares.startswith("current capacities")
-    assert C.calibrate(sae, [torch.randn(300, D)], 300, method="scale", apply=False).rule == "per_feature/scale"
+    assert CF.calibrate(sae, [torch.randn(300, D)], 300, method="scale", apply=False).rule == "per_feature/scale"
 
 
 def test_never_fired_features_stay_silent_at_their_largest_value_or_zero():
@@ -1080,7 +1081,7 @@ def test_never_fired_features_stay_silent_at_their_largest_value_or_zero():
     x[:, 0] = torch.rand(8, generator=g) + 0.1
     x[:, 2] = torch.rand(8, generator=g) + 0.1
     x[:, 3] = torch.rand(8, generator=g) + 0.1
-    res = C.calibrate(sae, [x], 8, k=1.0, method="shares", shares=torch.tensor([2.0, 0.0, 1.0, 0.0, 1.0]))
+    res = CF.calibrate(sae, [x], 8, k=1.0, method="shares", shares=torch.tensor([2.0, 0.0, 1.0, 0.0, 1.0]))
     theta = sae.threshold.detach()
     assert float(theta[1]) == 0.0 and float(theta[4]) == 0.0 and float(theta[3]) == float(x[:, 3].max())
     counts = ((x > theta) & (x > 0)).sum(0)
@@ -1102,7 +1103,7 @@ def test_l0_before_counts_strictly_above_the_old_threshold_and_above_zero(method
     # strictly above: row 0: 2.0 (f2), 0.5 (f3); row 1: 3.0 (f1), 1.0 (f3); row 2: 1.0 (f1) -> 5 of 3 tokens
     want = int(((x > sae.threshold) & (x > 0)).sum())
     assert want == 5
-    res = C.calibrate(sae, [x], 3, k=1.0, method=None if method == "global" else method, shares=torch.ones(4), apply=False)
+    res = CF.calibrate(sae, [x], 3, k=1.0, method=None if method == "global" else method, shares=torch.ones(4), apply=False)
     assert res.l0_before == want / 3
 
 
@@ -1110,7 +1111,7 @@ def test_l0_before_of_one_token_is_that_tokens_count():
     sae = identity_jumprelu("mutual_choice")
     with torch.no_grad():
         sae.threshold.fill_(0.5)
-    res = C.calibrate(sae, [torch.tensor([[1.0, 2.0, 0.25, 3.0]])], 1, k=1.0, apply=False)
+    res = CF.calibrate(sae, [torch.tensor([[1.0, 2.0, 0.25, 3.0]])], 1, k=1.0, apply=False)
     assert res.tokens == 1 and res.l0_before == 3.0
 
 
@@ -1118,7 +1119,7 @@ def test_a_budget_of_exactly_one_entry_calibrates():
     """floor(k * N) = 1 is a working budget (the error is for 0): one entry of the batch fires."""
     sae = identity_jumprelu("mutual_choice")
     x = torch.tensor([[0.5, 4.0, 1.0, 2.0], [3.0, 0.25, 1.5, 0.75]])
-    res = C.calibrate(sae, [x], 2, k=0.5)  # floor(0.5 * 2) = 1
+    res = CF.calibrate(sae, [x], 2, k=0.5)  # floor(0.5 * 2) = 1
     assert int(((x > sae.threshold) & (x > 0)).sum()) == 1 and res.achieved_l0 == 0.5
     assert bool((x[0, 1] > sae.threshold).all())  # the largest value is the one kept
 
@@ -1128,7 +1129,7 @@ def test_a_source_with_exactly_the_tokens_asked_gives_no_warning():
     x = torch.randn(300, D, generator=torch.Generator().manual_seed(21))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        res = C.calibrate(sae, chunks(x, 100), 300)
+        res = CF.calibrate(sae, chunks(x, 100), 300)
     assert res.tokens == 300 and res.achieved_l0 == K
 
 
@@ -1138,7 +1139,7 @@ def test_per_feature_method_defaults_to_scale_for_a_saved_model_without_the_conf
     assert not hasattr(sae.cfg, "calibration_rule")
     with torch.no_grad():
         sae.threshold.fill_(1.0)
-    res = C.calibrate(sae, [torch.rand(16, 4, generator=torch.Generator().manual_seed(22)) * 2], 16, k=1.0, apply=False)
+    res = CF.calibrate(sae, [torch.rand(16, 4, generator=torch.Generator().manual_seed(22)) * 2], 16, k=1.0, apply=False)
     assert res.rule == "per_feature/scale"
 
 
@@ -1146,7 +1147,7 @@ def test_shares_that_sum_to_one_or_less_are_fine():
     """Shares are relative: normalised ones (sum 1) or smaller ones give the same thresholds as counts."""
     sae = identity_jumprelu("feature_choice")
     x = torch.rand(40, 4, generator=torch.Generator().manual_seed(23))
-    counts = C.calibrate(sae, [x], 40, k=1.0, method="shares", shares=torch.tensor([4.0, 2.0, 1.0, 1.0]), apply=False)
+    counts = CF.calibrate(sae, [x], 40, k=1.0, method="shares", shares=torch.tensor([4.0, 2.0, 1.0, 1.0]), apply=False)
     for shares in (torch.tensor([0.5, 0.25, 0.125, 0.125]), torch.tensor([0.2, 0.1, 0.05, 0.05])):
-        res = C.calibrate(sae, [x], 40, k=1.0, method="shares", shares=shares, apply=False)
+        res = CF.calibrate(sae, [x], 40, k=1.0, method="shares", shares=shares, apply=False)
         assert torch.equal(res.theta, counts.theta) and res.achieved_l0 == 1.0

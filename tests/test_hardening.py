@@ -28,7 +28,7 @@ from helpers.determinism import differing  # noqa: E402
 
 from sae_allocators import io as sio  # noqa: E402
 from sae_allocators.config_checks import UnknownConfigKeyWarning  # noqa: E402
-from sae_allocators.io import SaeFolderError  # noqa: E402
+from sae_allocators.sae_folder import SaeFolderError  # noqa: E402
 from sae_allocators.names import DISTRIBUTION, OWN_ARCHITECTURES  # noqa: E402
 from sae_allocators.testing import TINY_HOOK, run_fresh  # noqa: E402
 from sae_allocators.workflow import train as train_mod  # noqa: E402
@@ -745,7 +745,7 @@ def test_secret_key_names():
 
 
 def test_model_card_publishes_the_model_name_never_a_local_path(sae_copy):
-    from sae_allocators.io import check_sae_folder
+    from sae_allocators.sae_folder import check_sae_folder
     from sae_allocators.workflow import push as push_mod
 
     local = "/home/alice/.cache/huggingface/hub/models--EleutherAI--pythia-70m/snapshots/abc123"
@@ -868,7 +868,7 @@ def test_cli_refuses_float16_before_training_and_bfloat16_trains_finite(tmp_path
 
 
 def test_non_finite_weights_are_never_saved_and_the_command_fails(trained, tmp_path, capsys, monkeypatch):
-    from sae_allocators import calibration as C
+    from sae_allocators.calibration import runner as C
 
     def poison(runner, sae):  # training "diverged": the last step left NaN in the decoder
         with torch.no_grad():

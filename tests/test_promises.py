@@ -456,7 +456,7 @@ def test_check_sae_folder_describes_a_good_folder(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from sae_allocators.io import check_sae_folder
+    from sae_allocators.sae_folder import check_sae_folder
 
     folder = _sae_folder(tmp_path / "out")
     info = check_sae_folder(folder)
@@ -497,7 +497,7 @@ def test_check_sae_folder_names_each_problem(tmp_path, damage, phrases):
     import json
     import struct
 
-    from sae_allocators.io import SaeFolderError, check_sae_folder
+    from sae_allocators.sae_folder import SaeFolderError, check_sae_folder
 
     folder = tmp_path / "out"
     if damage == "missing":
@@ -538,7 +538,7 @@ def test_read_safetensors_header_accepts_exact_bounds_and_drops_metadata(tmp_pat
     import json
     import struct
 
-    from sae_allocators.io import read_safetensors_header
+    from sae_allocators.sae_folder import read_safetensors_header
 
     body = json.dumps({"__metadata__": {"a": "b"}, "t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
     path = tmp_path / "x.safetensors"

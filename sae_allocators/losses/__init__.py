@@ -6,7 +6,8 @@ training config's ``aux_loss`` field (see :class:`AuxLossConfig`). A loss is a c
 :class:`AuxLossMixin` training SAE and ``step`` an :class:`AuxLossInput`.
 """
 
-from sae_allocators.losses.base import AuxLossConfig, AuxLossInput, AuxLossMixin, check_finite
+from sae_allocators.losses.base import AuxLossInput, AuxLossMixin, check_finite
+from sae_allocators.losses.config import AuxLossConfig
 from sae_allocators.losses.registry import AuxLoss, available, get
 
 __all__ = ["AuxLoss", "AuxLossConfig", "AuxLossInput", "AuxLossMixin", "available", "check_finite", "get"]

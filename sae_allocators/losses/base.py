@@ -4,7 +4,7 @@ Two pieces, both mixins so that an architecture adopts them with one base class 
 behind them live in their own modules: :mod:`.config` validates the fields, :mod:`.density` keeps
 the running densities, :mod:`.zipf` fits the Zipf curve and finds the under-used set):
 
-- :class:`AuxLossConfig` -- dataclass fields ``aux_loss`` (a registered loss name),
+- :class:`~sae_allocators.losses.config.AuxLossConfig` (in :mod:`.config`) -- dataclass fields ``aux_loss`` (a registered loss name),
   ``aux_loss_coefficient``, ``aux_k`` and the running-density / Zipf parameters, validated in
   ``__post_init__`` (a bad value is a ``ValueError`` naming the field, before any training step).
 - :class:`AuxLossMixin` -- for ``TrainingSAE`` subclasses: keeps running feature densities as
@@ -38,14 +38,6 @@ import torch
 from sae_allocators import metrics as M
 from sae_allocators.distributed.data_parallel import group_of
 from sae_allocators.losses import density, registry, zipf
-
-# the config side, in its own module; importable from here as before
-from sae_allocators.losses.config import (  # noqa: F401
-    RESIDUAL_AUX_LOSSES,
-    UNNORMALIZED_RESIDUAL_NORMALIZATIONS,
-    AuxLossConfig,
-    _field_error,
-)
 
 @dataclass
 class AuxLossInput:

@@ -33,33 +33,33 @@ PLAIN_PARAGRAPH = (
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from . import assets
+    from . import preparation
 
     start = time.perf_counter()
-    prepared = assets.prepare(args.cache, quiet=args.quiet, verify=not args.no_verify)
+    prepared = preparation.prepare(args.cache, quiet=args.quiet, verify=not args.no_verify)
     print(f"prepared {prepared.cache_dir} in {time.perf_counter() - start:.1f} s")
     return 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from . import assets, cache
+    from . import cache, preparation
 
-    root = Path(args.cache).expanduser() if args.cache else assets.default_cache_dir()
+    root = Path(args.cache).expanduser() if args.cache else preparation.default_cache_dir()
     print(f"cache: {root}")
     if not root.is_dir():
         print("  (empty: run `python -m sae_allocators.offline prepare`)")
         return 1
     status = 0
-    for part in assets.PARTS:
+    for part in preparation.PARTS:
         verdict = cache.verify_part(root / part, hashes=args.verify)
         m = verdict.manifest or {}
         size = sum(f["bytes"] for f in m.get("files", {}).values())
         state = "ok" if verdict.ok else f"INVALID: {verdict.describe()}"
-        built = f", {assets.format_bytes(size)}, built {m.get('built_at')} in {m.get('build_seconds')} s" if m else ""
+        built = f", {preparation.format_bytes(size)}, built {m.get('built_at')} in {m.get('build_seconds')} s" if m else ""
         print(f"{part}: {state}{built}")
         status |= not verdict.ok
         for rel, rec in m.get("files", {}).items():
-            print(f"    {rel:28s} {assets.format_bytes(rec['bytes']):>10s}  sha256 {rec['sha256'][:16]}")
+            print(f"    {rel:28s} {preparation.format_bytes(rec['bytes']):>10s}  sha256 {rec['sha256'][:16]}")
         info = m.get("info", {})
         for src in info.get("sources", [info["source"]] if "source" in info else []):
             print(f"    from {src['registry']} {src['requirement']} ({src['licence']})")
@@ -74,7 +74,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
                 f"    {info['architecture']}: {info['n_layers']} layers, d_model {info['d_model']}, vocab {info['vocab_size']}, "
                 f"{info['n_params'] / 1e6:.1f}M parameters, BOS {info['bos_token']!r} ({info['bos_token_id']})"
             )
-    print(f"total on disk: {assets.format_bytes(assets.cache_size(root))}")
+    print(f"total on disk: {preparation.format_bytes(preparation.cache_size(root))}")
     return int(status)
 
 
@@ -89,13 +89,14 @@ def _cmd_check(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from . import assets
+    from .model import load_model, tl_safe_dir
+    from .preparation import load_prepared
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    prepared = assets.load_prepared(args.cache)
+    prepared = load_prepared(args.cache)
     t0 = time.perf_counter()
-    model = assets.load_model(prepared, device=args.device)
+    model = load_model(prepared, device=args.device)
     result: dict[str, object] = {
         "load_model_s": round(time.perf_counter() - t0, 2),
         "peak_rss_mb_after_load": round(_peak_rss_mb()),
@@ -127,7 +128,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     )
 
     hf = AutoModelForCausalLM.from_pretrained(
-        str(assets.tl_safe_dir(prepared.model_dir)), dtype=torch.float32, local_files_only=True
+        str(tl_safe_dir(prepared.model_dir)), dtype=torch.float32, local_files_only=True
     )
     hf = hf.to(args.device).eval()
     tokens = model.to_tokens("The quick brown fox jumps over the lazy dog while the farmer watches from the porch.")

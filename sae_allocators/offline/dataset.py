@@ -1,5 +1,5 @@
 """The prepared corpus as documents, deterministic train / held-out splits, and SAELens-style tokenized
-rows (:func:`tokenized_dataset`, :func:`pack_rows`). See :mod:`sae_allocators.offline.assets`."""
+rows (:func:`tokenized_dataset`, :func:`pack_rows`). See :mod:`sae_allocators.offline`."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Loading the prepared language model: SmolLM2-135M-Instruct as a TransformerLens ``HookedTransformer``
-(:func:`load_model`) and its tokenizer. See :mod:`sae_allocators.offline.assets`."""
+(:func:`load_model`) and its tokenizer. See :mod:`sae_allocators.offline`."""
 
 from __future__ import annotations
 

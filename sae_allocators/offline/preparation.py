@@ -1,5 +1,5 @@
 """Preparing the offline cache: fetch, convert and checksum the model and the corpus once, verify and
-reuse them afterwards (:func:`prepare`, :func:`load_prepared`). See :mod:`sae_allocators.offline.assets`."""
+reuse them afterwards (:func:`prepare`, :func:`load_prepared`). See :mod:`sae_allocators.offline`."""
 
 from __future__ import annotations
 

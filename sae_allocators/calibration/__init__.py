@@ -1,0 +1,13 @@
+"""Calibration: fit the saved JumpReLU thresholds of the batch-level rules on held-out activations.
+
+- :mod:`.fit` -- the rules and the exact streaming quantiles: :func:`calibrate` fits (and applies)
+  the thresholds of one SAE on given activations, returning a :class:`CalibrationResult`;
+- :mod:`.runner` -- where it runs in SAELens's runners: :func:`install` wraps their final save so
+  that every runner calibrates an SAE of ours before saving it (:func:`uninstall` restores them);
+  :class:`CalibratingRunnerMixin` picks the held-out batches.
+"""
+
+from sae_allocators.calibration.fit import CalibrationResult, calibrate
+from sae_allocators.calibration.runner import CalibratingRunnerMixin, install, installed, uninstall
+
+__all__ = ["CalibratingRunnerMixin", "CalibrationResult", "calibrate", "install", "installed", "uninstall"]
