@@ -2,7 +2,7 @@
 rules, the budget-share metrics and warning, the export correction and what a saved folder records.
 
 The SmolLM2 version of these checks (SAELens's default data options) is in
-tests/offline/test_offline_assets.py (slow tier)."""
+tests/offline/test_real_token_streams.py (slow tier)."""
 
 from __future__ import annotations
 
