@@ -697,8 +697,8 @@ def _special_tokens_line(src: dict[str, Any], guard_off_rows: bool = False) -> s
            "the per-position figures of the stream table"
            if ids else "none are excluded (this model declares none)")
         + f". The batch rules train with their default outlier guard (`outlier_norm_ratio` = "
-        f"{DEFAULT_GUARD_RATIO:g}: rows above that multiple of the batch's median norm are kept out of the "
-        "shared budget; docs/mutual_choice.md, 'Real token streams')"
+        f"{DEFAULT_GUARD_RATIO:g}: rows above that multiple of the batch's median norm are ranked as if "
+        "they had the median norm; docs/mutual_choice.md, 'Real token streams')"
         + (", except the `[guard=off]` rows." if guard_off_rows else ".")
     )
 
