@@ -488,10 +488,14 @@ def _frontier_plot(plt: Any, out: Path, d: str, labels: list[str], agg: list[dic
     ax.set_xlabel("mean L0 at inference (saved model)")
     ax.set_ylabel("normalised MSE (lower is better)")
     ax.set_title(f"{d}: sparsity vs reconstruction")
+    return _save_line_plot(plt, fig, ax, out, PLOTS["frontier"].format(dataset=d))
+
+
+def _save_line_plot(plt: Any, fig: Any, ax: Any, out: Path, name: str) -> str:
+    """Grid, legend, layout; write ``out / name`` and close the figure."""
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    name = PLOTS["frontier"].format(dataset=d)
     fig.savefig(out / name)
     plt.close(fig)
     return name
@@ -792,13 +796,7 @@ def _l0_norm_plot(plt: Any, out: Path, d: str, sel: list[dict[str, Any]], colors
     ax.set_xlabel("token norm / median norm (lower edge of the bin)")
     ax.set_ylabel("mean L0 of the saved model")
     ax.set_title(f"{d}: L0 against token norm (held-out stream, every token kept)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    name = PLOTS["l0_norm"].format(dataset=d)
-    fig.savefig(out / name)
-    plt.close(fig)
-    return name
+    return _save_line_plot(plt, fig, ax, out, PLOTS["l0_norm"].format(dataset=d))
 
 
 def _architectures_section(meta: dict[str, Any]) -> list[str]:
