@@ -61,7 +61,7 @@ def ranking_scale(norms: torch.Tensor, ratio: float, median: torch.Tensor | None
     if ratio <= 0 or norms.numel() == 0:
         return None
     med = median_norm(norms) if median is None else median
-    out = norms > ratio * med
+    out = outlier_mask(norms, ratio, med)
     if not bool(out.any()):
         return None
     return torch.where(out, med / norms.clamp_min(torch.finfo(norms.dtype).tiny), torch.ones_like(norms))

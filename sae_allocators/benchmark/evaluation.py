@@ -55,6 +55,22 @@ def evaluate_saved(source: Any, result: Any) -> tuple[dict[str, Any], torch.Tens
 NORM_BINS = (0.0, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, float("inf"))
 
 
+#: position labels of a token stream: 0 BOS / special token, 1 first token of a document, 2 the rest
+POSITIONS = (("bos", 0), ("doc_first", 1), ("rest", 2))
+
+
+def median_token_fvu(x: torch.Tensor, x_hat: torch.Tensor, position: torch.Tensor) -> float:
+    """Median over ordinary tokens (``position != 0``, norm at most 5x the median norm) of the
+    per-token FVU ``||x - x_hat||^2 / ||x - mean||^2``, ``mean`` over those tokens."""
+    from sae_allocators.allocation.outliers import REPORT_RATIO
+
+    norms = x.norm(dim=-1)
+    ordinary = (position != 0) & (norms <= REPORT_RATIO * norms.median())
+    mean = x[ordinary].mean(0)
+    fvu = (x - x_hat).pow(2).sum(-1) / (x - mean).pow(2).sum(-1).clamp_min(1e-12)
+    return float(fvu[ordinary].median())
+
+
 @torch.no_grad()
 def stream_figures(saved: Any, training_sae: Any, stream: dict[str, torch.Tensor], batch_size: int) -> dict[str, Any]:
     """Figures on the held-out token stream with every token kept (docs/mutual_choice.md, "Real
@@ -71,11 +87,8 @@ def stream_figures(saved: Any, training_sae: Any, stream: dict[str, torch.Tensor
     l0 = (codes != 0).sum(-1).float()
     norms = x.norm(dim=-1)
     med = norms.median()
-    ordinary = (pos != 0) & (norms <= REPORT_RATIO * med)
-    mean = x[ordinary].mean(0)
-    fvu = (x - x_hat).pow(2).sum(-1) / (x - mean).pow(2).sum(-1).clamp_min(1e-12)
-    out: dict[str, Any] = {"median_token_fvu": float(fvu[ordinary].median())}
-    for name, p in (("bos", 0), ("doc_first", 1), ("rest", 2)):
+    out: dict[str, Any] = {"median_token_fvu": median_token_fvu(x, x_hat, pos)}
+    for name, p in POSITIONS:
         if bool((pos == p).any()):
             out[f"l0_{name}"] = float(l0[pos == p].mean())
     if bool((norms > REPORT_RATIO * med).any()):
@@ -100,7 +113,7 @@ def stream_figures(saved: Any, training_sae: Any, stream: dict[str, torch.Tensor
     if l0s:
         tl0 = torch.cat(l0s)
         tpos = pos[: tl0.numel()]
-        for name, p in (("bos", 0), ("doc_first", 1), ("rest", 2)):
+        for name, p in POSITIONS:
             if bool((tpos == p).any()):
                 out[f"train_mode_l0_{name}"] = float(tl0[tpos == p].mean())
     meta = getattr(saved.cfg, "metadata", None)

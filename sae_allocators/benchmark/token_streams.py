@@ -19,6 +19,7 @@ import torch
 from sae_allocators import devices
 from sae_allocators.allocation import outliers
 from sae_allocators.allocation.outliers import REPORT_RATIO
+from sae_allocators.benchmark.evaluation import POSITIONS, median_token_fvu
 
 HOOK, LAYER, D_IN = "blocks.6.hook_resid_post", 6, 576
 
@@ -133,18 +134,14 @@ def evaluate(sae: Any, stream: Stream, saved: Any) -> dict[str, float]:
     codes = saved.encode(x)
     l0 = (codes != 0).sum(-1).float()
     x_hat = saved.decode(codes)
-    norms = x.norm(dim=-1)
-    ordinary = (pos != 0) & (norms <= REPORT_RATIO * norms.median())
-    mean = x[ordinary].mean(0)
-    err = (x - x_hat).pow(2).sum(-1)
     held = torch.cat(stream.heldout_batches)
     out = {
         "export_l0": float((saved.encode(held) != 0).sum(-1).float().mean()),
         "export_l0_contexts": float(l0.mean()),
-        "nmse": float(err.sum() / x.pow(2).sum()),
-        "median_token_fvu": float((err / (x - mean).pow(2).sum(-1))[ordinary].median()),
+        "nmse": float((x - x_hat).pow(2).sum() / x.pow(2).sum()),
+        "median_token_fvu": median_token_fvu(x, x_hat, pos),
     }
-    for label, p in (("bos", 0), ("doc_first", 1), ("rest", 2)):
+    for label, p in POSITIONS:
         out[f"train_l0_{label}"] = float(train_l0[pos == p].mean())
         out[f"export_l0_{label}"] = float(l0[pos == p].mean())
     return out
