@@ -215,6 +215,42 @@ OPTIONAL_VARIANTS: dict[str, tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
 }
 
 
+#: SAELens baselines with an exact twin on this project's sparse training step: the same selection,
+#: decode, MSE and AuxK (SAELens's, over the trainer's dead set), so the same loss and gradients to float
+#: tolerance (tests/benchmark/test_sparse_baselines.py), at a quarter of SAELens's dense step on the CPU.
+#: ``--preset large`` trains its ``topk`` and ``abstopk`` baselines this way (``Settings.sparse_baselines``).
+#: ``batchtopk`` has none: batchtopk_zipf's threshold is the project's (a running mean before the EMA,
+#: calibrated at the end), so its saved JumpReLU model is not SAELens's.
+SPARSE_TWINS: dict[str, tuple[str, tuple[tuple[str, Any], ...]]] = {
+    "topk": ("topk_zipf", (("aux_loss", "auxk"), ("sparse_step", True))),
+    "abstopk": ("abstopk_zipf", (("aux_loss", "auxk"), ("sparse_step", True))),
+}
+
+
+def on_sparse_step(plans: list[Plan], labels: tuple[str, ...] | list[str]) -> list[Plan]:
+    """``plans`` with the baselines named in ``labels`` trained by their sparse twin (:data:`SPARSE_TWINS`):
+    same label, same entry (k), the twin's registered name and provider, its AuxK fields as ``extra``."""
+    unknown = sorted(set(labels) - set(SPARSE_TWINS))
+    if unknown:
+        raise ValueError(f"sparse baselines {', '.join(unknown)}: no sparse twin (known: {', '.join(SPARSE_TWINS)})")
+    from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+
+    from sae_allocators import host
+
+    providers = host.providers()
+    out = []
+    for p in plans:
+        if p.label in labels and p.skip_reason is None and p.entry is not None:
+            twin, extra = SPARSE_TWINS[p.label]
+            if twin not in SAE_TRAINING_CLASS_REGISTRY or twin not in providers:
+                raise ValueError(f"sparse baseline {p.label}: its twin {twin} is not registered (is sae-allocators installed?)")
+            prov = providers[twin]
+            note = f"{p.entry.note}; trained as {twin} with SAELens's AuxK on the sparse step (same loss and gradients)"
+            p = Plan(twin, p.label, f"{prov.distribution} {prov.version}".strip(), dataclasses.replace(p.entry, note=note), extra=dict(extra))
+        out.append(p)
+    return out
+
+
 def select_labels(plans: list[Plan], labels: tuple[str, ...] | list[str]) -> list[Plan]:
     """The plans of these labels, in the order of ``plans``, optional variants added after their base
     architecture (the base need not be asked for); an unknown label is an error naming the known ones."""

@@ -9,7 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from sae_allocators.benchmark import metrics, stats
+from sae_allocators.benchmark import configs, metrics, stats
 
 PLOTS = {
     "frontier": "frontier_{dataset}.png",
@@ -685,7 +685,23 @@ def _source_section(meta: dict[str, Any], src: dict[str, Any], agg: list[dict[st
     if d != "synthetic":
         L.append(_special_tokens_line(src, any(r["dataset"] == d and "[guard=off]" in r["label"] for r in agg)))
         L.append("")
+    twins = sorted({(r["label"], r["architecture"]) for r in agg if r["dataset"] == d and r["label"] != r["architecture"]
+                    and r["label"] in configs.SPARSE_TWINS and r["architecture"] == configs.SPARSE_TWINS[r["label"]][0]})
+    if twins:
+        L.append(_sparse_baselines_line(twins))
+        L.append("")
     return L
+
+
+def _sparse_baselines_line(twins: list[tuple[str, str]]) -> str:
+    """Which SAELens baselines were trained by their sparse twins (``Settings.sparse_baselines``)."""
+    names = ", ".join(f"`{lab}` as `{arch}` with `aux_loss=\"auxk\"`" for lab, arch in twins)
+    return (
+        f"Baselines on the sparse step: {names}: the same selection, decode, MSE and AuxK as SAELens's own "
+        "training step (loss and gradients equal to float tolerance: tests/benchmark/test_sparse_baselines.py), "
+        "at a quarter of its CPU cost; saved as SAELens's architecture. Their step times, and the ratios to "
+        "`topk`, are the sparse step's."
+    )
 
 
 def _special_tokens_line(src: dict[str, Any], guard_off_rows: bool = False) -> str:

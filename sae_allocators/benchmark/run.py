@@ -57,6 +57,9 @@ class Settings:
     #: what the command line said about the data that the settings above do not hold (model, dataset,
     #: context size, --tiny-lm, cache folder): part of the settings' fingerprint (resuming)
     data_args: dict[str, Any] = field(default_factory=dict)
+    #: SAELens baselines trained by their exact twin on the sparse step (configs.SPARSE_TWINS; the
+    #: large preset: ``topk``, ``abstopk``), same label; the report says so
+    sparse_baselines: tuple[str, ...] = ()
 
 
 def quick_settings(out: Path) -> Settings:
@@ -158,6 +161,7 @@ def large_settings(out: Path) -> Settings:
         lm_live_ks=(),
         lm_live_seeds=0,
         labels=LARGE_LABELS,
+        sparse_baselines=("topk", "abstopk"),
         keep_saes=True,
         preset="large",
     )
@@ -440,6 +444,9 @@ FORWARD_TO_L6_TOKENS_PER_S = 1400.0
 #: a full forward (30 blocks and the 49,152 x 576 unembedding) over one to layer 6 (7 blocks), in
 #: multiply-adds per token: (30 x 3.98M + 28.3M) / (7 x 3.98M)
 FULL_OVER_L6 = 5.3
+#: the spliced forward starts from the cached activation at the hook (LMSource._run_from_hook): the 23
+#: blocks after layer 6 and the unembedding, (23 x 3.98M + 28.3M) / (7 x 3.98M)
+AFTER_L6_OVER_L6 = 4.3
 #: top-AFA's L0 is its own (up to its cap, 1,024 on the LM): its decoder costs more than at k = 32
 TOP_AFA_FACTOR = 2.0
 #: the trainer's work around each step (reading the cache, the dead-latent statistics): assumed 5 %
@@ -478,8 +485,9 @@ def lm_run_counts(st: Settings, labels: list[str] | None = None) -> dict[str, in
 
 def estimate_seconds(st: Settings, d_in: int = 576, labels: list[str] | None = None) -> dict[str, Any]:
     """The LM part's run time on 2 idle CPU cores, from measured step costs scaled by the step's
-    multiply-adds (N x d_in x d_sae): training steps per label, the activation cache, CE/KL (one
-    full forward of ``ce_eval_sequences`` per SAE, and one clean), the other evaluations."""
+    multiply-adds (N x d_in x d_sae): training steps per label, the activation cache, CE/KL (the blocks
+    after the hook over ``ce_eval_sequences`` per SAE; a clean and a zero-ablated full forward once), the
+    other evaluations."""
     s = st.lm
     d_sae = s.d_sae or s.expansion * d_in
     n_ref, d_ref, f_ref = STEP_REF_SHAPE
@@ -489,12 +497,15 @@ def estimate_seconds(st: Settings, d_in: int = 576, labels: list[str] | None = N
     train: dict[str, float] = {}
     for lab, runs in counts.items():
         base = lab if lab in STEP_MS_REF else lab.split("[")[0]
+        if lab in st.sparse_baselines:
+            base = configs.SPARSE_TWINS[lab][0]  # trained by its sparse twin
         ms = STEP_MS_REF.get(base, STEP_MS_REF["topk"])
         factor = TOP_AFA_FACTOR if base == "top_afa" else 1.0
         train[lab] = runs * s.training_tokens * ms / 1e3 * per_token_scale * factor * TRAINER_OVERHEAD
     runs = sum(counts.values())
     full_tps = FORWARD_TO_L6_TOKENS_PER_S / FULL_OVER_L6
-    ce = (runs + 1) * s.ce_eval_sequences * ctx / full_tps
+    after_tps = FORWARD_TO_L6_TOKENS_PER_S / AFTER_L6_OVER_L6
+    ce = runs * s.ce_eval_sequences * ctx / after_tps + 2 * s.ce_eval_sequences * ctx / full_tps  # + clean, zero
     cached = int((s.training_tokens + (s.norm_estimate_batches + 4) * s.train_batch_size + s.calibration_tokens) * 1.15)
     cache = cached / FORWARD_TO_L6_TOKENS_PER_S
     eval_x = s.eval_sequences * ctx / FORWARD_TO_L6_TOKENS_PER_S
@@ -512,13 +523,15 @@ def _plan(st: Settings) -> tuple[list[Any], list[Any], dict[str, Any]]:
     if st.labels is not None:
         labels = [lab for lab in st.labels if not st.archs or lab.split("[")[0] in st.archs]  # --arch narrows
         plans = configs.select_labels(plans, labels)
+    if st.sparse_baselines:
+        plans = configs.on_sparse_step(plans, st.sparse_baselines)
     todo = [p for p in plans if p.skip_reason is None]
     controls = _live_controls(todo, configs.plan_architectures(None) if st.archs else plans)
     _log(f"[plan] {len(todo)} architecture(s) to train: {', '.join(p.label for p in todo)}")
     for p in plans:
         if p.skip_reason:
             _log(f"[plan] skipping {p.name} ({p.provider}): {p.skip_reason}")
-    if not any(p.name == "topk" for p in todo):
+    if not any(p.label == "topk" for p in todo):
         _log("[plan] note: topk is not in the run, so step-time ratios to topk are not reported")
 
     return plans, todo, controls

@@ -606,12 +606,31 @@ class LMSource:
         logp = logits[:, :-1].double().log_softmax(-1)
         return -logp.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
 
+    @property
+    def _resumable(self) -> bool:
+        """The spliced forward can start from the hooked activation (a residual-stream output): the
+        blocks before it are run once, in :meth:`clean_reference`, not once per SAE."""
+        return self.scale.hook_point == "hook_resid_post"
+
+    @torch.no_grad()
+    def _run_from_hook(self, act: torch.Tensor, tokens: torch.Tensor, replace: Any) -> torch.Tensor:
+        """The logits of ``_run(tokens, replace)`` from the cached hooked activation ``act``: the
+        replacement (special tokens kept), then only the blocks after the hook and the unembedding."""
+        keep = self._keep_mask(tokens)
+        new = torch.where(keep.unsqueeze(-1), replace(act).to(act.dtype), act)
+        return self.model(new, start_at_layer=self.scale.hook_layer + 1)
+
     @torch.no_grad()
     def clean_reference(self) -> dict[str, float]:
         if self._clean is None:
             self._clean = []
+            self._clean_acts = []
             for toks in self._ce_batches():
-                logits = self._run(toks, None)
+                if self._resumable:
+                    logits, cache = self.model.run_with_cache(toks, names_filter=[self.hook_name])
+                    self._clean_acts.append(cache[self.hook_name])
+                else:
+                    logits = self._run(toks, None)
                 zero = self._run(toks, torch.zeros_like)
                 self._clean.append((toks, logits[:, :-1].float().log_softmax(-1), self._ce(zero, toks)))
         ce_clean = torch.cat([self._ce_from_logp(lp, t) for t, lp, _ in self._clean]).mean()
@@ -630,8 +649,11 @@ class LMSource:
         ref = self.clean_reference()
         assert self._clean is not None
         ces, kls = [], []
-        for toks, clean_logp, _ in self._clean:
-            logits = self._run(toks, lambda a: sae(a))
+        for i, (toks, clean_logp, _) in enumerate(self._clean):
+            if self._resumable:
+                logits = self._run_from_hook(self._clean_acts[i], toks, lambda a: sae(a))
+            else:
+                logits = self._run(toks, lambda a: sae(a))
             ces.append(self._ce(logits, toks))
             logq = logits[:, :-1].double().log_softmax(-1)
             p = clean_logp.double()

@@ -39,6 +39,11 @@ def test_large_preset_meets_the_issue_minimums():
     assert counts["top_afa"] == 2
     est = estimate_seconds(st)
     assert est["runs"] == 58 and math.isfinite(est["total"]) and est["total"] > 0
+    # topk and abstopk train on their sparse twins (tests/benchmark/test_sparse_baselines.py): a quarter of
+    # SAELens's dense step, which is batchtopk's here
+    assert st.sparse_baselines == ("topk", "abstopk")
+    per = est["train_seconds_per_label"]
+    assert per["topk"] < per["batchtopk"] / 3 and per["abstopk"] < per["batchtopk"] / 3
     assert cli.parser().parse_args(["--preset", "large"]).preset == "large"
 
 
