@@ -75,7 +75,20 @@ def sync(device: str) -> None:
 def child_peak_rss(args: argparse.Namespace, name: str, k_max: int | None) -> dict[str, float]:
     """Peak RSS (MiB) of a child process that builds one model and runs 2 steps, and the RSS
     before the steps (a crude measure: glibc keeps freed memory, so expect ~10% noise)."""
-    cmd = [sys.executable, __file__, "--child", name, "--n", str(args.n), "--d-in", str(args.d_in), "--d-sae", str(args.d_sae), "--k", str(args.k)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        name,
+        "--n",
+        str(args.n),
+        "--d-in",
+        str(args.d_in),
+        "--d-sae",
+        str(args.d_sae),
+        "--k",
+        str(args.k),
+    ]
     cmd += ["--k-max", str(k_max) if k_max is not None else "none"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if proc.returncode != 0:
@@ -119,11 +132,18 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     k_max = None if args.k_max == "none" else int(args.k_max)
     dev = args.device
-    what = torch.cuda.get_device_name() if dev.startswith("cuda") else f"CPU, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores visible"
+    what = (
+        torch.cuda.get_device_name()
+        if dev.startswith("cuda")
+        else f"CPU, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores visible"
+    )
     print(f"device: {dev} ({what}); torch {torch.__version__}")
     import sae_lens
 
-    print(f"sae-lens {sae_lens.__version__}; N={args.n} d_in={args.d_in} d_sae={args.d_sae}; topk k={args.k}; top_afa k_max={k_max}; dead_frac={args.dead_frac}")
+    print(
+        f"sae-lens {sae_lens.__version__}; N={args.n} d_in={args.d_in} d_sae={args.d_sae}; "
+        f"topk k={args.k}; top_afa k_max={k_max}; dead_frac={args.dead_frac}"
+    )
 
     variants = [("topk", None), ("top_afa", k_max)]
     if args.uncapped:
@@ -153,7 +173,10 @@ def main() -> None:
         name, cap = key
         label = name if name == "topk" else f"top_afa k_max={cap}"
         med = statistics.median(ts)
-        print(f"{label:24s} median {med * 1e3:9.1f} ms  (min {min(ts) * 1e3:8.1f}, max {max(ts) * 1e3:8.1f}, n={len(ts)})  ratio vs topk {med / base:5.2f}")
+        print(
+            f"{label:24s} median {med * 1e3:9.1f} ms  (min {min(ts) * 1e3:8.1f}, max {max(ts) * 1e3:8.1f}, "
+            f"n={len(ts)})  ratio vs topk {med / base:5.2f}"
+        )
 
     sae = models[("top_afa", k_max)][0]
     with torch.no_grad():
@@ -172,7 +195,9 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats()
                 models[key][1](x, dead)
                 sync(dev)
-                print(f"peak memory {label:24s} {torch.cuda.max_memory_allocated() / 2**20:8.0f} MiB (CUDA allocated, one step)")
+                print(
+                    f"peak memory {label:24s} {torch.cuda.max_memory_allocated() / 2**20:8.0f} MiB (CUDA allocated, one step)"
+                )
             else:
                 r = child_peak_rss(args, name, cap)
                 print(

@@ -61,7 +61,9 @@ def main() -> int:
         off_ms.append(wall_ms(args.python, off))
     med = statistics.median(cum_us)
     print(f"python: {args.python}  runs: {len(samples)}")
-    print(f"autoload hook import (cumulative): median {med:.0f} us, max {max(cum_us)} us  (self: median {statistics.median(self_us):.0f} us)")
+    print(
+        f"autoload hook import (cumulative): median {med:.0f} us, max {max(cum_us)} us  (self: median {statistics.median(self_us):.0f} us)"
+    )
     print(f"budget {BUDGET_US:.0f} us: {'OK' if med < BUDGET_US else 'OVER BUDGET'}")
     print(
         f"whole `python -c pass` (noisy): hook active median {statistics.median(on_ms):.1f} ms, "

@@ -145,7 +145,14 @@ def two_processes(a: argparse.Namespace) -> list[dict]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "OUT": tmp, "OMP_NUM_THREADS": "1"}
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": "2",
+            "OUT": tmp,
+            "OMP_NUM_THREADS": "1",
+        }
         argv = [sys.executable, __file__, "--worker", *sys.argv[1:]]
         procs = [subprocess.Popen(argv, env={**env, "RANK": str(r)}) for r in range(2)]
         try:
@@ -161,16 +168,21 @@ def two_processes(a: argparse.Namespace) -> list[dict]:
 
 def report(a: argparse.Namespace, one1: dict, one2: dict, two: list[dict]) -> str:
     lines = [
-        f"N={a.tokens} tokens per global batch, d_in={a.d_in}, d_sae={a.d_sae}, k={a.k}; median of {a.steps} steps after {a.warmup} warm-up; "
+        f"N={a.tokens} tokens per global batch, d_in={a.d_in}, d_sae={a.d_sae}, k={a.k}; "
+        f"median of {a.steps} steps after {a.warmup} warm-up; "
         f"load average before: {a.load_before}, after: {os.getloadavg()[0]:.2f}",
         "",
-        "| architecture | 1p x 1t tok/s | 1p x 2t tok/s | 2p x 1t tok/s | 2p x 1t / 1p x 2t | KiB/step/rank: gradients | selection | statistics | trainer | comm share of step |",
+        "| architecture | 1p x 1t tok/s | 1p x 2t tok/s | 2p x 1t tok/s | 2p x 1t / 1p x 2t | "
+        "KiB/step/rank: gradients | selection | statistics | trainer | comm share of step |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for arch in a.archs:
         r0 = two[0][arch]
         parts = r0["parts"]
-        kib = {k: parts.get(k, {}).get("bytes", 0) / 1024 for k in ("gradients", "selection", "statistics", "trainer counters")}
+        kib = {
+            k: parts.get(k, {}).get("bytes", 0) / 1024
+            for k in ("gradients", "selection", "statistics", "trainer counters")
+        }
         comm_s = max(sum(p["seconds"] for p in t[arch]["parts"].values()) for t in two)
         share = comm_s / max(t[arch]["mean_step_s"] for t in two)
         t2 = max(t[arch]["step_s"] for t in two)
@@ -207,7 +219,11 @@ def main() -> None:
     two = two_processes(a)
     print(report(a, one1, one2, two))
     if a.json:
-        a.json.write_text(json.dumps({"one_process_1_thread_s": one1, "one_process_2_threads_s": one2, "two_processes": two}, indent=1))
+        a.json.write_text(
+            json.dumps(
+                {"one_process_1_thread_s": one1, "one_process_2_threads_s": one2, "two_processes": two}, indent=1
+            )
+        )
 
 
 if __name__ == "__main__":

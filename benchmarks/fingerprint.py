@@ -83,7 +83,9 @@ def fingerprint(names: list[str], steps: int, work: Path) -> list[str]:
             else:
                 cfg = testing.runner_config(sae_cfg, steps=steps, output_path=out)
                 runner = _runner_class()(
-                    cfg, override_model=testing.tiny_model(d_model=sae_cfg.d_in), override_dataset=testing.tiny_dataset(context_size=cfg.context_size)
+                    cfg,
+                    override_model=testing.tiny_model(d_model=sae_cfg.d_in),
+                    override_dataset=testing.tiny_dataset(context_size=cfg.context_size),
                 )
                 sae = runner.run()
             lines += _lines(f"{name}/{mode}", out, sae)

@@ -32,7 +32,12 @@ import tarfile
 import time
 from pathlib import Path
 
-for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}.items():
+for _k, _v in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+}.items():
     os.environ.setdefault(_k, _v)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -64,8 +69,17 @@ def build_lm(args):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     cfg = HookedTransformerConfig(
-        n_layers=args.lm_layers, d_model=args.lm_d_model, n_ctx=args.ctx, d_head=32, n_heads=args.lm_d_model // 32,
-        d_mlp=4 * args.lm_d_model, d_vocab=256, act_fn="gelu", normalization_type="LN", device="cpu", seed=0,
+        n_layers=args.lm_layers,
+        d_model=args.lm_d_model,
+        n_ctx=args.ctx,
+        d_head=32,
+        n_heads=args.lm_d_model // 32,
+        d_mlp=4 * args.lm_d_model,
+        d_vocab=256,
+        act_fn="gelu",
+        normalization_type="LN",
+        device="cpu",
+        seed=0,
     )
     return HookedTransformer(cfg)
 
@@ -99,8 +113,11 @@ def train_lm(args, train_rows: torch.Tensor, eval_rows: torch.Tensor):
     with torch.no_grad():
         eval_loss = float(torch.stack([model(b, return_type="loss") for b in eval_rows[:256].split(32)]).mean())
     torch.save({"key": key, "state": model.state_dict(), "eval_loss": eval_loss}, cache)
-    print(f"LM: trained {args.lm_steps} steps in {time.time() - t0:.0f}s; held-out loss {eval_loss:.3f} nats/byte "
-          f"(unigram entropy baseline ~3.3); cached to {cache}", flush=True)
+    print(
+        f"LM: trained {args.lm_steps} steps in {time.time() - t0:.0f}s; held-out loss {eval_loss:.3f} nats/byte "
+        f"(unigram entropy baseline ~3.3); cached to {cache}",
+        flush=True,
+    )
     return model, eval_loss
 
 
@@ -112,12 +129,25 @@ def train_sae(args, model, dataset, arch: str, beta: float, seed: int, out: Path
     from sae_allocators.testing import runner_config
 
     common = dict(d_in=args.lm_d_model, d_sae=args.d_sae, k=args.k)
-    sae_cfg = TopKTrainingSAEConfig(**common) if arch == "topk" else GradientTopKTrainingSAEConfig(**common, beta=beta, grad_normalization=args.grad_normalization)
+    sae_cfg = (
+        TopKTrainingSAEConfig(**common)
+        if arch == "topk"
+        else GradientTopKTrainingSAEConfig(**common, beta=beta, grad_normalization=args.grad_normalization)
+    )
     batch_tokens = args.sae_batch
     cfg = runner_config(
-        sae_cfg, steps=args.sae_tokens // batch_tokens, batch_tokens=batch_tokens, context_size=args.ctx, output_path=out,
-        hook_name=args.hook, store_batch_size_prompts=16, n_batches_in_buffer=16, lr=args.sae_lr,
-        dead_feature_window=200, feature_sampling_window=500, seed=seed,
+        sae_cfg,
+        steps=args.sae_tokens // batch_tokens,
+        batch_tokens=batch_tokens,
+        context_size=args.ctx,
+        output_path=out,
+        hook_name=args.hook,
+        store_batch_size_prompts=16,
+        n_batches_in_buffer=16,
+        lr=args.sae_lr,
+        dead_feature_window=200,
+        feature_sampling_window=500,
+        seed=seed,
     )
     torch.manual_seed(seed)
     runner = LanguageModelSAETrainingRunner(cfg, override_model=model, override_dataset=dataset)
@@ -140,7 +170,10 @@ def evaluate(args, model, sae, eval_rows: torch.Tensor, gsae=None) -> dict:
     for b in eval_rows.split(32):
         n = b.shape[0] * (b.shape[1] - 1)
         tot["clean"] += float(model(b, return_type="loss")) * n
-        tot["zero"] += float(model.run_with_hooks(b, return_type="loss", fwd_hooks=[(hook, lambda a, hook: torch.zeros_like(a))])) * n
+        tot["zero"] += (
+            float(model.run_with_hooks(b, return_type="loss", fwd_hooks=[(hook, lambda a, hook: torch.zeros_like(a))]))
+            * n
+        )
         recon = {}
 
         def splice(a, hook, which):  # noqa: ARG001
@@ -148,14 +181,26 @@ def evaluate(args, model, sae, eval_rows: torch.Tensor, gsae=None) -> dict:
             recon[which] = (a, r)
             return r
 
-        tot["sae"] += float(model.run_with_hooks(b, return_type="loss", fwd_hooks=[(hook, lambda a, hook: splice(a, hook, "sae"))])) * n
+        tot["sae"] += (
+            float(
+                model.run_with_hooks(b, return_type="loss", fwd_hooks=[(hook, lambda a, hook: splice(a, hook, "sae"))])
+            )
+            * n
+        )
         x, r = recon["sae"]
         tot["sse"] += float((x - r).pow(2).sum())
         tot["sst"] += float((x - mean).pow(2).sum())
         if gsae is not None:
             with torch.enable_grad():
                 _, grad, _ = forward_backward(model, b, hook)
-            tot["gsae"] += float(model.run_with_hooks(b, return_type="loss", fwd_hooks=[(hook, lambda a, hook: splice(a, hook, "gsae"))])) * n
+            tot["gsae"] += (
+                float(
+                    model.run_with_hooks(
+                        b, return_type="loss", fwd_hooks=[(hook, lambda a, hook: splice(a, hook, "gsae"))]
+                    )
+                )
+                * n
+            )
             x, r = recon["gsae"]
             tot["sse_g"] += float((x - r).pow(2).sum())
             plain_sel, grad_sel = gsae.encode(x) != 0, gsae.encode(x, grad=grad) != 0
@@ -164,7 +209,9 @@ def evaluate(args, model, sae, eval_rows: torch.Tensor, gsae=None) -> dict:
         tot["n"] += n
     ce = {k: tot[k] / tot["n"] for k in ("clean", "zero", "sae", "gsae")}
     res = {
-        "ce_clean": ce["clean"], "ce_zero": ce["zero"], "ce_sae": ce["sae"],
+        "ce_clean": ce["clean"],
+        "ce_zero": ce["zero"],
+        "ce_sae": ce["sae"],
         "dce": ce["sae"] - ce["clean"],
         "ce_recovered": (ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]),
         "explained_variance": 1 - tot["sse"] / tot["sst"],
@@ -217,10 +264,16 @@ def main() -> None:
     eval_rows = to_rows(b"".join(d for _, d in eval_plays), args.ctx)
     g = torch.Generator().manual_seed(1)
     eval_rows = eval_rows[torch.randperm(len(eval_rows), generator=g)[: args.eval_seqs]]
-    print(f"corpus: {len(plays)} plays, {sum(len(d) for _, d in plays) / 1e6:.2f} MB; held out: "
-          f"{', '.join(n for n, _ in eval_plays)} ({len(eval_rows) * args.ctx} eval bytes)", flush=True)
-    print(f"device=cpu ({os.cpu_count()} cores, torch threads {torch.get_num_threads()}); hook {args.hook}; "
-          f"k={args.k}, d_sae={args.d_sae}, {args.sae_tokens} SAE training tokens, grad_normalization={args.grad_normalization}", flush=True)
+    print(
+        f"corpus: {len(plays)} plays, {sum(len(d) for _, d in plays) / 1e6:.2f} MB; held out: "
+        f"{', '.join(n for n, _ in eval_plays)} ({len(eval_rows) * args.ctx} eval bytes)",
+        flush=True,
+    )
+    print(
+        f"device=cpu ({os.cpu_count()} cores, torch threads {torch.get_num_threads()}); hook {args.hook}; "
+        f"k={args.k}, d_sae={args.d_sae}, {args.sae_tokens} SAE training tokens, grad_normalization={args.grad_normalization}",
+        flush=True,
+    )
 
     model, lm_loss = train_lm(args, train_rows, eval_rows)
     for prm in model.parameters():
@@ -240,16 +293,40 @@ def main() -> None:
             # the sweep (the control: does using gradients at inference alone give the gain?)
             enc_betas = [beta] if arch != "topk" else [float(b) for b in args.betas.split(",") if float(b) > 0]
             for enc_beta in enc_betas or [None]:
-                gsae = None if enc_beta is None else GradientTopKSAE.from_topk(sae, beta=enc_beta, grad_normalization=args.grad_normalization)
+                gsae = (
+                    None
+                    if enc_beta is None
+                    else GradientTopKSAE.from_topk(sae, beta=enc_beta, grad_normalization=args.grad_normalization)
+                )
                 res = evaluate(args, model, sae, eval_rows, gsae)
-                res |= {"name": name, "seed": seed, "saved_as": sae.cfg.architecture(), "store": store, "train_s": secs, "encode_beta": enc_beta}
+                res |= {
+                    "name": name,
+                    "seed": seed,
+                    "saved_as": sae.cfg.architecture(),
+                    "store": store,
+                    "train_s": secs,
+                    "encode_beta": enc_beta,
+                }
                 results.append(res)
-                extra = (f" | grad-encode (beta={enc_beta:g}): CE rec {res['ce_recovered_grad_encode']:.4f} dCE {res['dce_grad_encode']:.4f} "
-                         f"EV {res['explained_variance_grad_encode']:.4f}, {100 * res['selection_changed_by_grad']:.1f}% of selections changed") if gsae is not None else ""
-                print(f"{name:24s} seed {seed}: CE rec {res['ce_recovered']:.4f}  dCE {res['dce']:.4f}  EV "
-                      f"{res['explained_variance']:.4f}  ({store}, {secs:.0f}s){extra}", flush=True)
+                extra = (
+                    (
+                        f" | grad-encode (beta={enc_beta:g}): CE rec {res['ce_recovered_grad_encode']:.4f} "
+                        f"dCE {res['dce_grad_encode']:.4f} "
+                        f"EV {res['explained_variance_grad_encode']:.4f}, "
+                        f"{100 * res['selection_changed_by_grad']:.1f}% of selections changed"
+                    )
+                    if gsae is not None
+                    else ""
+                )
+                print(
+                    f"{name:24s} seed {seed}: CE rec {res['ce_recovered']:.4f}  dCE {res['dce']:.4f}  EV "
+                    f"{res['explained_variance']:.4f}  ({store}, {secs:.0f}s){extra}",
+                    flush=True,
+                )
 
-    print(f"\nLM held-out loss {lm_loss:.3f} nats/byte; CE clean {results[0]['ce_clean']:.4f}, zero-ablated {results[0]['ce_zero']:.4f}")
+    print(
+        f"\nLM held-out loss {lm_loss:.3f} nats/byte; CE clean {results[0]['ce_clean']:.4f}, zero-ablated {results[0]['ce_zero']:.4f}"
+    )
     seeds = sorted({r["seed"] for r in results})
     print(f"\nWhat is learned -- each SAE as saved (topk), plain encode; mean over seeds {seeds}:")
     print(f"{'SAE':26s} {'CE recovered':>12s} {'dCE nats':>9s} {'expl.var':>9s}   per seed CE recovered")
@@ -262,9 +339,19 @@ def main() -> None:
     for name in dict.fromkeys(r["name"] for r in results):
         for eb in dict.fromkeys(r["encode_beta"] for r in results if r["name"] == name and r["encode_beta"]):
             rs = [r for r in results if r["name"] == name and r["encode_beta"] == eb]
-            m = {k: sum(r[k] for r in rs) / len(rs) for k in ("ce_recovered_grad_encode", "dce_grad_encode", "explained_variance_grad_encode", "selection_changed_by_grad")}
-            print(f"{name + f' | encode beta={eb:g}':40s} CE rec {m['ce_recovered_grad_encode']:.4f}  dCE {m['dce_grad_encode']:.4f}  "
-                  f"EV {m['explained_variance_grad_encode']:.4f}  selections changed {100 * m['selection_changed_by_grad']:.1f}%")
+            m = {
+                k: sum(r[k] for r in rs) / len(rs)
+                for k in (
+                    "ce_recovered_grad_encode",
+                    "dce_grad_encode",
+                    "explained_variance_grad_encode",
+                    "selection_changed_by_grad",
+                )
+            }
+            print(
+                f"{name + f' | encode beta={eb:g}':40s} CE rec {m['ce_recovered_grad_encode']:.4f}  dCE {m['dce_grad_encode']:.4f}  "
+                f"EV {m['explained_variance_grad_encode']:.4f}  selections changed {100 * m['selection_changed_by_grad']:.1f}%"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -31,7 +31,12 @@ import sys
 import time
 from pathlib import Path
 
-for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}.items():
+for _k, _v in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+}.items():
     os.environ.setdefault(_k, _v)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -53,13 +58,25 @@ def build_model(args):
         hf = AutoModelForCausalLM.from_pretrained(args.cache_dir, dtype=torch.float32)
         model.load_and_process_state_dict(
             loading.get_pretrained_state_dict(args.cache_dir, cfg, hf),
-            fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False,
+            fold_ln=False,
+            center_writing_weights=False,
+            center_unembed=False,
+            fold_value_biases=False,
         )
         return model
     torch.manual_seed(0)
     cfg = HookedTransformerConfig(
-        n_layers=args.layers, d_model=args.d_model, n_ctx=args.ctx, d_head=64, n_heads=max(1, args.d_model // 64),
-        d_mlp=4 * args.d_model, d_vocab=args.vocab, act_fn="gelu_new", normalization_type="LN", device=args.device, seed=0,
+        n_layers=args.layers,
+        d_model=args.d_model,
+        n_ctx=args.ctx,
+        d_head=64,
+        n_heads=max(1, args.d_model // 64),
+        d_mlp=4 * args.d_model,
+        d_vocab=args.vocab,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        device=args.device,
+        seed=0,
     )
     return HookedTransformer(cfg)
 
@@ -77,10 +94,21 @@ def build_store(mode, model, args):
     cls = GradientActivationsStore if mode == "gradient" else ActivationsStore
     d_in = model.cfg.d_model
     store = cls(
-        model=model, dataset=ds, streaming=False, hook_name=args.hook, hook_head_index=None, context_size=args.ctx,
-        d_in=d_in, n_batches_in_buffer=4, total_training_tokens=10**9, store_batch_size_prompts=args.batch,
-        train_batch_size_tokens=args.batch * args.ctx, prepend_bos=False, normalize_activations="none",
-        device=torch.device(args.device), dtype="float32",
+        model=model,
+        dataset=ds,
+        streaming=False,
+        hook_name=args.hook,
+        hook_head_index=None,
+        context_size=args.ctx,
+        d_in=d_in,
+        n_batches_in_buffer=4,
+        total_training_tokens=10**9,
+        store_batch_size_prompts=args.batch,
+        train_batch_size_tokens=args.batch * args.ctx,
+        prepend_bos=False,
+        normalize_activations="none",
+        device=torch.device(args.device),
+        dtype="float32",
     )
     if mode == "plain_full":
         real = model.run_with_cache
@@ -186,7 +214,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2, help="store_batch_size_prompts")
     p.add_argument("--hook", default="blocks.6.hook_resid_pre")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (0: torch's default); 1 is fastest on a loaded shared machine")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads on CPU (0: torch's default); 1 is fastest on a loaded shared machine",
+    )
     p.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--quick", action="store_true", help="2 rounds, no memory")
@@ -204,9 +237,17 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     desc = (
         f"device={args.device}"
-        + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else f" ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})")
+        + (
+            f" ({torch.cuda.get_device_name()})"
+            if args.device.startswith("cuda")
+            else f" ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+        )
         + f"; model={args.model}"
-        + ("" if args.model == "smollm2" else f" (random, {args.layers} layers, d_model {args.d_model}, vocab {args.vocab})")
+        + (
+            ""
+            if args.model == "smollm2"
+            else f" (random, {args.layers} layers, d_model {args.d_model}, vocab {args.vocab})"
+        )
         + f"; hook={args.hook}; batch={args.batch}x{args.ctx} tokens; rounds={args.rounds}"
     )
     print(desc, flush=True)
@@ -215,7 +256,9 @@ def main() -> None:
         ts = ", ".join(f"{t:.3f}" for t in res["_times"][m])
         print(f"  {m:11s} {res[m]:10.1f} tokens/s   (s per batch: {ts})")
     per_tok = {m: 1 / res[m] for m in MODES}
-    print(f"gradient / plain (stops at hook)  time per token: {per_tok['gradient'] / per_tok['plain']:.2f}x  (target <= 3.5x)")
+    print(
+        f"gradient / plain (stops at hook)  time per token: {per_tok['gradient'] / per_tok['plain']:.2f}x  (target <= 3.5x)"
+    )
     print(f"gradient / plain_full (full fwd)  time per token: {per_tok['gradient'] / per_tok['plain_full']:.2f}x")
     print(f"plain_full / plain                time per token: {per_tok['plain_full'] / per_tok['plain']:.2f}x")
     if not args.no_memory:

@@ -63,8 +63,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", action="append", default=None, help="mutual_choice and/or feature_choice (default both)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the rows here")
-    p.add_argument("--calibration-tokens", type=int, default=None, help="LM: held-out tokens to calibrate on (default: the main job's, 8,192)")
-    p.add_argument("--eval-sequences", type=int, default=None, help="LM: held-out sequences of 128 tokens to measure L0 on (default: the main job's, 128)")
+    p.add_argument(
+        "--calibration-tokens",
+        type=int,
+        default=None,
+        help="LM: held-out tokens to calibrate on (default: the main job's, 8,192)",
+    )
+    p.add_argument(
+        "--eval-sequences",
+        type=int,
+        default=None,
+        help="LM: held-out sequences of 128 tokens to measure L0 on (default: the main job's, 128)",
+    )
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("WANDB_MODE", "disabled")
@@ -87,14 +97,24 @@ def main(argv: list[str] | None = None) -> int:
     archs = args.arch or ["mutual_choice", "feature_choice"]
     plans = [pl for pl in configs.plan_architectures(archs) if pl.skip_reason is None and "aux_loss" not in pl.extra]
     rows = []
-    print(f"scale: {'--quick' if args.quick else 'default'}; load average {os.getloadavg()[0]:.2f}; torch threads {torch.get_num_threads()}")
-    header = f"{'dataset':<10}{'architecture':<16}{'k':>5}{'L0 before':>11}{'drift':>9}{'L0 after':>10}{'drift':>9}{'NMSE before':>13}{'NMSE after':>12}{'NMSE before @L0 after':>23}{'cal. s / train s':>18}"
+    print(
+        f"scale: {'--quick' if args.quick else 'default'}; load average {os.getloadavg()[0]:.2f}; torch threads {torch.get_num_threads()}"
+    )
+    header = (
+        f"{'dataset':<10}{'architecture':<16}{'k':>5}{'L0 before':>11}{'drift':>9}{'L0 after':>10}{'drift':>9}"
+        f"{'NMSE before':>13}{'NMSE after':>12}{'NMSE before @L0 after':>23}{'cal. s / train s':>18}"
+    )
     for name in args.datasets:
         if name == "synthetic":
             src, ks = SyntheticSource(st.synthetic), st.synthetic_ks
         else:
             ctx = 128
-            data = lm_data.offline_lm_data(ctx, int((st.lm.training_tokens + st.lm.calibration_tokens) * 1.3) + 16 * ctx, st.lm.eval_sequences, None)
+            data = lm_data.offline_lm_data(
+                ctx,
+                int((st.lm.training_tokens + st.lm.calibration_tokens) * 1.3) + 16 * ctx,
+                st.lm.eval_sequences,
+                None,
+            )
             src, ks = LMSource(data, st.lm, work), st.lm_ks
         batches = list(src.eval_batches())
         print(f"\n{src.name}: {sum(b.shape[0] for b in batches)} held-out evaluation tokens")
@@ -116,11 +136,22 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     nmse_eq = float("nan")
                 row = {
-                    "dataset": name, "architecture": plan.name, "k": float(k), "l0_before": l0_b, "l0_after": l0_a,
-                    "drift_before": l0_b / k - 1, "drift_after": l0_a / k - 1, "nmse_before": nmse_b, "nmse_after": nmse_a,
-                    "nmse_before_at_l0_after": nmse_eq, "calibration_tokens": cal.tokens,
-                    "calibration_seconds": cal.seconds, "train_seconds": result.seconds,
-                    "calibration_l0": cal.achieved_l0, "held_out": cal.held_out, "wall_seconds": time.perf_counter() - t0,
+                    "dataset": name,
+                    "architecture": plan.name,
+                    "k": float(k),
+                    "l0_before": l0_b,
+                    "l0_after": l0_a,
+                    "drift_before": l0_b / k - 1,
+                    "drift_after": l0_a / k - 1,
+                    "nmse_before": nmse_b,
+                    "nmse_after": nmse_a,
+                    "nmse_before_at_l0_after": nmse_eq,
+                    "calibration_tokens": cal.tokens,
+                    "calibration_seconds": cal.seconds,
+                    "train_seconds": result.seconds,
+                    "calibration_l0": cal.achieved_l0,
+                    "held_out": cal.held_out,
+                    "wall_seconds": time.perf_counter() - t0,
                 }
                 rows.append(row)
                 eq = "–" if nmse_eq != nmse_eq else f"{nmse_eq:.4f}"
@@ -130,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
     worst = max(abs(r["drift_after"]) for r in rows) if rows else float("nan")
-    print(f"\nlargest |L0 after calibration / k - 1| on held-out data: {worst:.2%}; load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"\nlargest |L0 after calibration / k - 1| on held-out data: {worst:.2%}; load average {os.getloadavg()[0]:.2f}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -49,7 +49,6 @@ import itertools
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -119,7 +118,9 @@ def build(arch: str, d_in: int, d_sae: int, k: int, device: str, aux_loss: str |
     if arch == "feature_choice":
         return FeatureChoiceTrainingSAE(FeatureChoiceTrainingSAEConfig(k=float(k), **common, **ours))
     if arch == "feature_choice_uniform":
-        return FeatureChoiceTrainingSAE(FeatureChoiceTrainingSAEConfig(k=float(k), capacity="uniform", **common, **ours))
+        return FeatureChoiceTrainingSAE(
+            FeatureChoiceTrainingSAEConfig(k=float(k), capacity="uniform", **common, **ours)
+        )
     if arch == "topk_zipf":
         return TopKZipfTrainingSAE(TopKZipfTrainingSAEConfig(k=k, **common, **ours))
     if arch == "batchtopk_zipf":
@@ -148,7 +149,11 @@ class Stepper:
         if getattr(self.sae.cfg, "architecture", lambda: "")() == "gradient_topk":
             x = torch.cat([x, gradient_rows(x)], dim=-1)  # [x | dL/dx], as its gradient store yields
         self.sae.train()
-        out = self.sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=self.dead, n_training_steps=self.n, is_logging_step=False))
+        out = self.sae.training_forward_pass(
+            TrainStepInput(
+                sae_in=x, coefficients={}, dead_neuron_mask=self.dead, n_training_steps=self.n, is_logging_step=False
+            )
+        )
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(self.sae.parameters(), 1.0)
         self.opt.step()
@@ -215,7 +220,10 @@ def make_stepper(name: str, args):
         return Floor(args.d_in, args.d_sae, args.device)
     if name == "sparsify_topk":
         return SparsifyTopK(args.d_in, args.d_sae, args.k, args.device)
-    return Stepper(build(name, args.d_in, args.d_sae, args.k, args.device, args.aux_loss, sparse_step=not args.dense), args.dead_frac)
+    return Stepper(
+        build(name, args.d_in, args.d_sae, args.k, args.device, args.aux_loss, sparse_step=not args.dense),
+        args.dead_frac,
+    )
 
 
 def sync(device: str) -> None:
@@ -230,7 +238,12 @@ def data(n: int, d_in: int, device: str, seed: int) -> torch.Tensor:
 
 def check_exact(args) -> dict[str, bool]:
     from sae_allocators.allocation.batch import batch_topk_reference, mutual_choice_select
-    from sae_allocators.allocation.feature_choice import capacities, feature_choice_reference, feature_choice_select, usage_rank
+    from sae_allocators.allocation.feature_choice import (
+        capacities,
+        feature_choice_reference,
+        feature_choice_select,
+        usage_rank,
+    )
 
     x = data(args.n, args.d_in, args.device, 1)
     out = {}
@@ -246,7 +259,9 @@ def check_exact(args) -> dict[str, bool]:
     return out
 
 
-def time_all(args, failures: dict[str, str] | None = None, peaks: dict[str, float] | None = None) -> dict[str, list[float]]:
+def time_all(
+    args, failures: dict[str, str] | None = None, peaks: dict[str, float] | None = None
+) -> dict[str, list[float]]:
     """Median-ready step times of every row of ``args.archs``, round-robin in this process.
 
     With ``failures`` (the sweep), a row whose build or step raises is dropped from the rounds and
@@ -341,12 +356,35 @@ def memory_child(args) -> None:
 def memory_all(args) -> dict[str, float]:
     out = {}
     for a in args.archs:
-        cmd = [sys.executable, __file__, "--_memory-child", "--archs", a, "--n", str(args.n), "--d-in", str(args.d_in), "--d-sae", str(args.d_sae), "--k", str(args.k), "--device", args.device, "--dead-frac", str(args.dead_frac)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--_memory-child",
+            "--archs",
+            a,
+            "--n",
+            str(args.n),
+            "--d-in",
+            str(args.d_in),
+            "--d-sae",
+            str(args.d_sae),
+            "--k",
+            str(args.k),
+            "--device",
+            args.device,
+            "--dead-frac",
+            str(args.dead_frac),
+        ]
         if args.aux_loss:
             cmd += ["--aux-loss", args.aux_loss]
         if args.dense:
             cmd += ["--dense"]
-        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled", "MALLOC_MMAP_THRESHOLD_": "131072"})
+        res = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "WANDB_MODE": "disabled", "MALLOC_MMAP_THRESHOLD_": "131072"},
+        )
         if res.returncode != 0:
             print(res.stderr[-2000:], file=sys.stderr)
             out[a] = float("nan")
@@ -393,7 +431,13 @@ def run_sweep(args) -> dict:
         "warmup": args.warmup,
         "path": "dense reference (sparse_step=False)" if args.dense else "sparse training step (sparse_step=True)",
         "methods": methods,
-        "memory": "none" if args.no_memory else ("cuda max_memory_allocated, in process" if args.device.startswith("cuda") else "peak RSS, a fresh process per method"),
+        "memory": "none"
+        if args.no_memory
+        else (
+            "cuda max_memory_allocated, in process"
+            if args.device.startswith("cuda")
+            else "peak RSS, a fresh process per method"
+        ),
         "argv": sys.argv[1:],
         "points": [],
     }
@@ -460,16 +504,28 @@ def sweep_markdown(record: dict) -> str:
         *table(lambda p, m: "—" if med(p, m) is None else f"{med(p, m) * 1e3:.1f}"),
     ]
     if "sparsify_topk" in methods:
-        out += ["", "## × sparsify TopK (median / sparsify's median)", "", *table(lambda p, m: _ratio(med(p, m), med(p, "sparsify_topk")))]
+        out += [
+            "",
+            "## × sparsify TopK (median / sparsify's median)",
+            "",
+            *table(lambda p, m: _ratio(med(p, m), med(p, "sparsify_topk"))),
+        ]
     if "topk" in methods:
-        out += ["", "## × SAELens topk (median / topk's median)", "", *table(lambda p, m: _ratio(med(p, m), med(p, "topk")))]
+        out += [
+            "",
+            "## × SAELens topk (median / topk's median)",
+            "",
+            *table(lambda p, m: _ratio(med(p, m), med(p, "topk"))),
+        ]
     if any(r["peak_bytes"] is not None for p in record["points"] for r in p["methods"].values()):
+
         def mem(p, m):
             v = p["methods"][m]["peak_bytes"]
             return "—" if v is None else f"{v / 2**20:.0f}"
 
         out += ["", "## Peak memory of a step (MiB)", "", *table(mem)]
         if "topk" in methods:
+
             def mem_ratio(p, m):
                 return _ratio(p["methods"][m]["peak_bytes"], p["methods"]["topk"]["peak_bytes"])
 
@@ -494,7 +550,9 @@ def sweep_plot(record: dict, path: Path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols + 2.4, 3.4 * rows + 0.6), squeeze=False, sharey=True)
     colors = plt.get_cmap("tab20").colors
     for ax, (n, d_in, k) in zip(axes.flat, combos):
-        pts = sorted((p for p in record["points"] if (p["n"], p["d_in"], p["k"]) == (n, d_in, k)), key=lambda p: p["d_sae"])
+        pts = sorted(
+            (p for p in record["points"] if (p["n"], p["d_in"], p["k"]) == (n, d_in, k)), key=lambda p: p["d_sae"]
+        )
         for i, m in enumerate(record["methods"]):
             xs = [p["d_sae"] for p in pts if p["methods"][m]["median_s"] is not None]
             ys = [p["methods"][m]["median_s"] * 1e3 for p in pts if p["methods"][m]["median_s"] is not None]
@@ -506,7 +564,7 @@ def sweep_plot(record: dict, path: Path) -> None:
         ax.set_title(f"N={n}, d_in={d_in}, k={k}", fontsize=9)
         ax.set_xlabel("d_sae")
         ax.grid(True, which="both", alpha=0.3)
-    for ax in axes.flat[len(combos):]:
+    for ax in axes.flat[len(combos) :]:
         ax.set_visible(False)
     axes[0][0].set_ylabel("median step (ms)")
     handles, labels = axes[0][0].get_legend_handles_labels()
@@ -538,16 +596,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per architecture first (feature_choice's estimate adapts over the first few)")
-    p.add_argument("--dead-frac", type=float, default=0.0, help="fraction of latents marked dead (exercises the aux loss)")
-    p.add_argument("--aux-loss", default=None, help="aux_loss for this project's architectures (default: each config's default)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=3,
+        help="untimed steps per architecture first (feature_choice's estimate adapts over the first few)",
+    )
+    p.add_argument(
+        "--dead-frac", type=float, default=0.0, help="fraction of latents marked dead (exercises the aux loss)"
+    )
+    p.add_argument(
+        "--aux-loss", default=None, help="aux_loss for this project's architectures (default: each config's default)"
+    )
     p.add_argument("--archs", nargs="+", default=ARCHS)
-    p.add_argument("--dense", action="store_true", help="this project's architectures on the dense reference path (sparse_step=False)")
+    p.add_argument(
+        "--dense",
+        action="store_true",
+        help="this project's architectures on the dense reference path (sparse_step=False)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--quick", action="store_true", help="N=1024, d_in=128, d_sae=2048, k=16, 5 rounds")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-check", action="store_true")
-    p.add_argument("--sweep", action="store_true", help="time every method over the grid of --sweep-* shapes (writes --out)")
+    p.add_argument(
+        "--sweep", action="store_true", help="time every method over the grid of --sweep-* shapes (writes --out)"
+    )
     p.add_argument("--quick-sweep", action="store_true", help=f"--sweep at tiny sizes, for a smoke run: {QUICK_SWEEP}")
     p.add_argument("--sweep-d-sae", type=int, nargs="+", default=None, help=f"default {SWEEP_D_SAE}")
     p.add_argument("--sweep-n", type=int, nargs="+", default=None, help=f"default {SWEEP_N}")
@@ -583,14 +656,20 @@ def main(argv: list[str] | None = None) -> int:
     import sae_lens
 
     dev = args.device
-    desc = torch.cuda.get_device_name(0) if dev.startswith("cuda") else f"CPU, torch threads={torch.get_num_threads()}, os.cpu_count={os.cpu_count()}"
+    desc = (
+        torch.cuda.get_device_name(0)
+        if dev.startswith("cuda")
+        else f"CPU, torch threads={torch.get_num_threads()}, os.cpu_count={os.cpu_count()}"
+    )
     try:
         load = "load average %.2f %.2f %.2f" % os.getloadavg()
     except OSError:
         load = ""
     print(f"device: {dev} ({desc}); {load}")
     print(f"torch {torch.__version__}, sae-lens {sae_lens.__version__}")
-    print(f"shapes: N={args.n} d_in={args.d_in} d_sae={args.d_sae} k={args.k}; dead_frac={args.dead_frac}; rounds={args.rounds}")
+    print(
+        f"shapes: N={args.n} d_in={args.d_in} d_sae={args.d_sae} k={args.k}; dead_frac={args.dead_frac}; rounds={args.rounds}"
+    )
     if not args.no_check:
         for name, ok in check_exact(args).items():
             print(f"exact selection: {name}: {ok}")

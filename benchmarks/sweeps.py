@@ -44,7 +44,9 @@ def _settings(out: Path, dataset: str, archs: list[str], ks: list[float] | None,
         st.lm_ks = tuple(ks)
     elif ks:
         st.synthetic_ks = tuple(ks)
-    st.lm_data = lambda: lm_data.offline_lm_data(128, int(st.lm.training_tokens * 1.3) + 16 * 128, st.lm.eval_sequences, None)
+    st.lm_data = lambda: lm_data.offline_lm_data(
+        128, int(st.lm.training_tokens * 1.3) + 16 * 128, st.lm.eval_sequences, None
+    )
     return st
 
 
@@ -91,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     def with_auxk_variants(only=None):
         plans = plain(only)
         zipf = [q for q in plans if q.entry is not None and q.label == q.name and q.name.endswith("_zipf")]
-        return plans + [configs.Plan(q.name, f"{q.name}[aux=auxk]", q.provider, q.entry, extra={"aux_loss": "auxk"}) for q in zipf]
+        return plans + [
+            configs.Plan(q.name, f"{q.name}[aux=auxk]", q.provider, q.entry, extra={"aux_loss": "auxk"}) for q in zipf
+        ]
 
     configs.plan_architectures = with_auxk_variants
     try:

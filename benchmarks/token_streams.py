@@ -28,7 +28,9 @@ def main() -> None:
     ap.add_argument("--k", type=float, default=16)
     ap.add_argument("--d-sae", type=int, default=4608)
     ap.add_argument("--arch", action="append", default=None)
-    ap.add_argument("--ratio", action="append", type=float, default=None, help="outlier_norm_ratio values (0: guard off)")
+    ap.add_argument(
+        "--ratio", action="append", type=float, default=None, help="outlier_norm_ratio values (0: guard off)"
+    )
     ap.add_argument("--cache", default=None, help="offline cache (default: the project's)")
     args = ap.parse_args()
     import torch
@@ -49,8 +51,16 @@ def main() -> None:
     archs = args.arch or ["mutual_choice", "feature_choice", "batchtopk_zipf", "topk"]
     ratios = args.ratio or [4.0, 0.0]
     cols = (
-        "arch", "guard", "share_outlier", "share_top1%", "train_L0 bos/first/rest", "export_L0", "export bos/first/rest",
-        "NMSE", "median_FVU", "s",
+        "arch",
+        "guard",
+        "share_outlier",
+        "share_top1%",
+        "train_L0 bos/first/rest",
+        "export_L0",
+        "export bos/first/rest",
+        "NMSE",
+        "median_FVU",
+        "s",
     )
     print("| " + " | ".join(cols) + " |")
     print("|" + " --- |" * len(cols))
@@ -58,7 +68,9 @@ def main() -> None:
         for ratio in ratios if name != "topk" else [None]:
             t = time.perf_counter()
             extra = {} if ratio is None else {"outlier_norm_ratio": ratio}
-            sae, shares = token_streams.train(name, stream, steps=args.steps, d_sae=args.d_sae, k=args.k if name != "topk" else int(args.k), **extra)
+            sae, shares = token_streams.train(
+                name, stream, steps=args.steps, d_sae=args.d_sae, k=args.k if name != "topk" else int(args.k), **extra
+            )
             with tempfile.TemporaryDirectory() as tmp:
                 sae.save_inference_model(tmp)
                 saved = SAE.load_from_disk(tmp)

@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, cmd in COMMANDS.items():
         if cmd.raw:
-            sub.add_parser(name, help=cmd.help, add_help=False, allow_abbrev=False).add_argument("argv", nargs=argparse.REMAINDER)
+            sub.add_parser(name, help=cmd.help, add_help=False, allow_abbrev=False).add_argument(
+                "argv", nargs=argparse.REMAINDER
+            )
             continue
         p = sub.add_parser(name, help=cmd.help, description=cmd.help, allow_abbrev=False)  # `--rep` is not --repo
         if cmd.configure is not None:

@@ -114,7 +114,10 @@ def check_field_types(cfg: Any) -> None:
 
 def check_dimensions(cfg: Any) -> None:
     """``d_in`` and ``d_sae`` must be positive integers."""
-    for name, example in (("d_in", "the width of the hooked activation, e.g. 768"), ("d_sae", "the number of latents, e.g. 16384")):
+    for name, example in (
+        ("d_in", "the width of the hooked activation, e.g. 768"),
+        ("d_sae", "the number of latents, e.g. 16384"),
+    ):
         value = getattr(cfg, name, None)
         if not _is_int(value) or value < 1:
             raise ValueError(f"{name}={value!r} is invalid: use a positive integer ({example}).")
@@ -164,7 +167,15 @@ def nearest_field(name: str, names: list[str] | set[str]) -> str | None:
 
 #: SAELens functions that build a config from a saved cfg.json (plus keys their loaders add, such
 #: as ``finetuning_scaling_factor``): what they drop is not a user's typo, so nothing is said
-_SAELENS_LOADERS = frozenset({"load_from_disk", "load_from_checkpoint", "from_pretrained", "from_pretrained_with_cfg_and_sparsity", "load_weights_from_checkpoint"})
+_SAELENS_LOADERS = frozenset(
+    {
+        "load_from_disk",
+        "load_from_checkpoint",
+        "from_pretrained",
+        "from_pretrained_with_cfg_and_sparsity",
+        "load_weights_from_checkpoint",
+    }
+)
 
 
 def _in_sae_lens(frame: Any) -> bool:

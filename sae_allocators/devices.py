@@ -37,7 +37,9 @@ def resolve(device: Any = AUTO) -> "torch.device":  # noqa: F821
     try:
         dev = device if isinstance(device, torch.device) else torch.device(str(device).strip())
     except (RuntimeError, TypeError) as exc:
-        raise DeviceError(f"device {device!r} is not a device name torch knows ({exc}); use auto, cpu, cuda or cuda:N") from None
+        raise DeviceError(
+            f"device {device!r} is not a device name torch knows ({exc}); use auto, cpu, cuda or cuda:N"
+        ) from None
     if dev.type == CUDA:
         if not torch.cuda.is_available():
             raise DeviceError(

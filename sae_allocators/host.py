@@ -38,8 +38,18 @@ from sae_allocators import saelens_registry as reg
 from sae_allocators.plugin_state import SAELENS, LoadReport, LossEntry, PluginState, Provider, Source
 
 __all__ = [
-    "SAELENS", "LoadReport", "PluginState", "PluginWarning", "Provider", "Source",
-    "external_plugins_disabled", "load", "plugin_manager", "providers", "state", "validate_offer",
+    "SAELENS",
+    "LoadReport",
+    "PluginState",
+    "PluginWarning",
+    "Provider",
+    "Source",
+    "external_plugins_disabled",
+    "load",
+    "plugin_manager",
+    "providers",
+    "state",
+    "validate_offer",
 ]
 
 
@@ -371,7 +381,14 @@ def providers() -> dict[str, Provider]:
         if prov is None:
             rec = reg.provider_records().get(name)
             dist, plugin = (rec["distribution"], rec["plugin"]) if rec else _owner_of(name)
-            prov = Provider(name=name, distribution=dist, version=_version(dist), plugin=plugin, has_training=False, has_inference=False)
+            prov = Provider(
+                name=name,
+                distribution=dist,
+                version=_version(dist),
+                plugin=plugin,
+                has_training=False,
+                has_inference=False,
+            )
         out[name] = replace(
             prov,
             has_training=reg.get(reg.TRAINING, name) is not None,

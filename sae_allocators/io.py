@@ -64,7 +64,16 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 
 #: steps of a save, in order, as passed to ``_SAVE_STEP_HOOK`` (the crash tests kill the process at each)
 SAVE_STEPS = ("recovered", "tmp_created", "written", "synced", "switched", "removing_old", "done")
-FALLBACK_SAVE_STEPS = ("recovered", "tmp_created", "written", "synced", "moved_old_aside", "switched", "removing_old", "done")
+FALLBACK_SAVE_STEPS = (
+    "recovered",
+    "tmp_created",
+    "written",
+    "synced",
+    "moved_old_aside",
+    "switched",
+    "removing_old",
+    "done",
+)
 #: test seam: called with each step name of a save (the crash tests set it in a subprocess)
 _SAVE_STEP_HOOK: Callable[[str], None] | None = None
 _RENAME_EXCHANGE = 2
@@ -100,7 +109,9 @@ def _renameat2():
     syscall.restype = ctypes.c_long
 
     def via_syscall(olddirfd, old, newdirfd, new, flags):
-        return syscall(ctypes.c_long(number), ctypes.c_int(olddirfd), old, ctypes.c_int(newdirfd), new, ctypes.c_uint(flags))
+        return syscall(
+            ctypes.c_long(number), ctypes.c_int(olddirfd), old, ctypes.c_int(newdirfd), new, ctypes.c_uint(flags)
+        )
 
     return via_syscall
 

@@ -44,7 +44,9 @@ def batch_density(acts: torch.Tensor) -> torch.Tensor:
     return firing(acts).float().mean(dim=0)
 
 
-def zipf_fit(density: torch.Tensor, fit_fraction: float = 0.5, min_density: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def zipf_fit(
+    density: torch.Tensor, fit_fraction: float = 0.5, min_density: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Least-squares fit of ``log d_(r) = log C - alpha * log r`` over density ranks.
 
     ``density`` is per feature; it is sorted in descending order (rank 1 = densest). Only the
@@ -85,7 +87,9 @@ def zipf_target(density: torch.Tensor, alpha: torch.Tensor, log_c: torch.Tensor)
     return torch.exp(log_c - alpha * ranks.double().log()).to(d.dtype)
 
 
-def underused_mask(density: torch.Tensor, ratio: float, fit_fraction: float = 0.5, alpha: float | None = None) -> torch.Tensor:
+def underused_mask(
+    density: torch.Tensor, ratio: float, fit_fraction: float = 0.5, alpha: float | None = None
+) -> torch.Tensor:
     """Features whose density is below ``ratio`` times their Zipf target (``ratio`` in (0, 1)).
 
     With ``alpha`` given the exponent is fixed and only ``C`` is fitted (least squares in log

@@ -4,8 +4,14 @@ DISTRIBUTION = "sae-allocators"
 
 #: every architecture name this project provides (hints in error messages use it)
 PROVIDED_ARCHITECTURES: tuple[str, ...] = (
-    "feature_choice", "mutual_choice", "abstopk", "gradient_topk", "top_afa",
-    "topk_zipf", "batchtopk_zipf", "abstopk_zipf",
+    "feature_choice",
+    "mutual_choice",
+    "abstopk",
+    "gradient_topk",
+    "top_afa",
+    "topk_zipf",
+    "batchtopk_zipf",
+    "abstopk_zipf",
 )
 
 #: architecture name -> the module of this package that registers it

@@ -20,7 +20,18 @@ from typing import Any, Iterable
 
 REDACTED = "<redacted>"
 
-_SECRET_WORDS = {"token", "secret", "secrets", "password", "passwd", "auth", "apikey", "api_key", "credential", "credentials"}
+_SECRET_WORDS = {
+    "token",
+    "secret",
+    "secrets",
+    "password",
+    "passwd",
+    "auth",
+    "apikey",
+    "api_key",
+    "credential",
+    "credentials",
+}
 #: keys whose name has a secret word but whose value is not secret (SAELens's own fields)
 _NOT_SECRET = {"sequence_separator_token"}
 _HF_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{30,}")

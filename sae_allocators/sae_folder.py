@@ -43,7 +43,9 @@ def check_replaceable_output(path: str | Path) -> Path:
     if not path.exists():
         return path
     if not path.is_dir():
-        raise SaeFolderError(f"output path {path} exists and is a file, not a folder; choose another --output_path or remove it.")
+        raise SaeFolderError(
+            f"output path {path} exists and is a file, not a folder; choose another --output_path or remove it."
+        )
     if (path / CHECKPOINT_MARKER).exists():
         raise SaeFolderError(
             f"output path {path} is a training checkpoint (it has {CHECKPOINT_MARKER}); saving there would replace it. "
@@ -78,11 +80,15 @@ def read_safetensors_header(path: str | Path) -> dict[str, dict[str, Any]]:
             raise SaeFolderError(f"{path} is corrupted: {size} bytes, too short for a safetensors file; {fix}.")
         (n,) = struct.unpack("<Q", raw)
         if n == 0 or n > _MAX_HEADER or 8 + n > size:
-            raise SaeFolderError(f"{path} is corrupted: not a valid safetensors header (length {n}, file size {size}); {fix}.")
+            raise SaeFolderError(
+                f"{path} is corrupted: not a valid safetensors header (length {n}, file size {size}); {fix}."
+            )
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SaeFolderError(f"{path} is corrupted: its safetensors header is not valid JSON ({exc}); {fix}.") from None
+            raise SaeFolderError(
+                f"{path} is corrupted: its safetensors header is not valid JSON ({exc}); {fix}."
+            ) from None
     if not isinstance(header, dict):
         raise SaeFolderError(f"{path} is corrupted: its safetensors header is not a JSON object; {fix}.")
     header.pop("__metadata__", None)
@@ -231,7 +237,9 @@ def _expected_state(info: SaeFolderInfo) -> tuple[Any, dict[str, tuple[list[int]
     try:
         str_to_dtype(info.cfg.get("dtype", "float32"))
     except Exception:  # noqa: BLE001 - SAELens raises ValueError or KeyError depending on version
-        raise SaeFolderError(f"{cfg_path}: dtype={info.cfg.get('dtype')!r} is not a torch dtype name (e.g. 'float32'); {fix}.") from None
+        raise SaeFolderError(
+            f"{cfg_path}: dtype={info.cfg.get('dtype')!r} is not a torch dtype name (e.g. 'float32'); {fix}."
+        ) from None
     try:
         cfg_dict = handle_config_defaulting(dict(info.cfg))
         sae_cfg = SAE.get_sae_config_class_for_architecture(cfg_dict["architecture"]).from_dict(cfg_dict)
@@ -241,7 +249,9 @@ def _expected_state(info: SaeFolderInfo) -> tuple[Any, dict[str, tuple[list[int]
     except SaeFolderError:
         raise
     except Exception as exc:  # noqa: BLE001 - the config's own validation (a ValueError naming the field, ...)
-        raise SaeFolderError(f"{cfg_path}: SAELens cannot build the {info.architecture!r} SAE from it: {type(exc).__name__}: {exc}") from None
+        raise SaeFolderError(
+            f"{cfg_path}: SAELens cannot build the {info.architecture!r} SAE from it: {type(exc).__name__}: {exc}"
+        ) from None
     with torch.no_grad():
         expected = {k: (list(v.shape), v.dtype) for k, v in sae.state_dict().items()}
     return sae, expected

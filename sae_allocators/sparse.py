@@ -77,15 +77,27 @@ def _offsets_from_rows(rows: torch.Tensor, n_tokens: int) -> torch.Tensor:
     return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
 
 
-def from_flat(flat: torch.Tensor, n_tokens: int, n_features: int, tau: torch.Tensor | None = None, *, is_sorted: bool = False, info: dict | None = None) -> Selection:
+def from_flat(
+    flat: torch.Tensor,
+    n_tokens: int,
+    n_features: int,
+    tau: torch.Tensor | None = None,
+    *,
+    is_sorted: bool = False,
+    info: dict | None = None,
+) -> Selection:
     """A :class:`Selection` from flat row-major indices (sorted here unless ``is_sorted``)."""
     if not is_sorted:
         flat = torch.sort(flat).values
     rows = torch.div(flat, n_features, rounding_mode="floor")
-    return Selection(rows, flat - rows * n_features, n_tokens, n_features, _offsets_from_rows(rows, n_tokens), tau, info or {})
+    return Selection(
+        rows, flat - rows * n_features, n_tokens, n_features, _offsets_from_rows(rows, n_tokens), tau, info or {}
+    )
 
 
-def from_row_indices(indices: torch.Tensor, n_features: int, keep: torch.Tensor | None = None, tau: torch.Tensor | None = None) -> Selection:
+def from_row_indices(
+    indices: torch.Tensor, n_features: int, keep: torch.Tensor | None = None, tau: torch.Tensor | None = None
+) -> Selection:
     """A :class:`Selection` from per-token column indices ``[N, j]`` (e.g. ``torch.topk``'s), keeping
     only the entries where ``keep`` (``[N, j]`` bool) is True when given."""
     n, j = indices.shape
@@ -99,7 +111,9 @@ def from_row_indices(indices: torch.Tensor, n_features: int, keep: torch.Tensor 
     return Selection(rows, cols, n, n_features, _offsets_from_rows(rows, n), tau)
 
 
-def encoder_pre(sae_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, dec_norm: torch.Tensor | None) -> torch.Tensor:
+def encoder_pre(
+    sae_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, dec_norm: torch.Tensor | None
+) -> torch.Tensor:
     """``(sae_in @ W_enc + b_enc) [* dec_norm]`` with autograd (the dense reference path): the
     same operations, hence the same numbers, as :func:`dense_pre`. The decoder norms are folded
     into ``W_enc`` and ``b_enc`` before the matmul (``F d`` multiplications instead of ``N F``),
@@ -109,7 +123,9 @@ def encoder_pre(sae_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, 
     return torch.addmm(b_enc * dec_norm, sae_in, W_enc * dec_norm)
 
 
-def dense_pre(sae_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, dec_norm: torch.Tensor | None) -> torch.Tensor:
+def dense_pre(
+    sae_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, dec_norm: torch.Tensor | None
+) -> torch.Tensor:
     """:func:`encoder_pre` without autograd (the sparse path's one dense matmul)."""
     with torch.no_grad():
         return encoder_pre(sae_in, W_enc, b_enc, dec_norm)
@@ -117,7 +133,9 @@ def dense_pre(sae_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, de
 
 def _bag_sum(indices: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``out[b] = sum_{i in bag b} weights[i] * table[indices[i]]`` (``offsets`` of length bags + 1)."""
-    return F.embedding_bag(indices, table, offsets, mode="sum", per_sample_weights=weights.to(table.dtype), include_last_offset=True)
+    return F.embedding_bag(
+        indices, table, offsets, mode="sum", per_sample_weights=weights.to(table.dtype), include_last_offset=True
+    )
 
 
 class _SelectedValues(torch.autograd.Function):
@@ -143,21 +161,33 @@ class _SelectedValues(torch.autograd.Function):
             if ctx.needs_input_grad[3]:
                 # d value / d norm_j = raw pre-activation = value / norm_j
                 contrib = g * values / norm_sel
-                grad_dec_norm = torch.zeros(f, dtype=dec_norm.dtype, device=dec_norm.device).index_add_(0, cols, contrib.to(dec_norm.dtype))
+                grad_dec_norm = torch.zeros(f, dtype=dec_norm.dtype, device=dec_norm.device).index_add_(
+                    0, cols, contrib.to(dec_norm.dtype)
+                )
             g = g * norm_sel
         grad_in = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:  # (embedding_bag needs a contiguous table: W_enc^T is copied once)
             grad_in = _bag_sum(cols, W_enc.t().contiguous(), offsets, g).to(sae_in.dtype)
         if ctx.needs_input_grad[1]:
             order = torch.argsort(cols, stable=True)
-            grad_W = _bag_sum(rows.index_select(0, order), sae_in.to(W_enc.dtype).contiguous(), _offsets_from_rows(cols.index_select(0, order), f), g.index_select(0, order)).t()
+            grad_W = _bag_sum(
+                rows.index_select(0, order),
+                sae_in.to(W_enc.dtype).contiguous(),
+                _offsets_from_rows(cols.index_select(0, order), f),
+                g.index_select(0, order),
+            ).t()
         if ctx.needs_input_grad[2]:
             grad_b = torch.zeros(f, dtype=ctx.b_enc_dtype, device=g.device).index_add_(0, cols, g.to(ctx.b_enc_dtype))
         return grad_in, grad_W, grad_b, grad_dec_norm, None, None, None, None
 
 
 def selected_values(
-    sae_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, dec_norm: torch.Tensor | None, pre: torch.Tensor, sel: Selection
+    sae_in: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    dec_norm: torch.Tensor | None,
+    pre: torch.Tensor,
+    sel: Selection,
 ) -> torch.Tensor:
     """The kept pre-activations ``pre[sel]`` ``[M]``, differentiable in ``sae_in``, ``W_enc``,
     ``b_enc`` and ``dec_norm`` exactly as ``((sae_in @ W_enc + b_enc) * dec_norm)[sel]`` would be."""
@@ -165,10 +195,18 @@ def selected_values(
 
 
 def gather_values(
-    sae_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, dec_norm: torch.Tensor | None, pre: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+    sae_in: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    dec_norm: torch.Tensor | None,
+    pre: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
 ) -> torch.Tensor:
     """:func:`selected_values` for arbitrary ``(rows, cols)`` with ``rows`` non-decreasing."""
-    return _SelectedValues.apply(sae_in, W_enc, b_enc, dec_norm, pre, rows, cols, _offsets_from_rows(rows, pre.shape[0]))
+    return _SelectedValues.apply(
+        sae_in, W_enc, b_enc, dec_norm, pre, rows, cols, _offsets_from_rows(rows, pre.shape[0])
+    )
 
 
 def decode(values: torch.Tensor, sel: Selection, W_dec: torch.Tensor) -> torch.Tensor:

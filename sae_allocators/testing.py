@@ -27,7 +27,11 @@ TINY_HOOK = "blocks.0.hook_resid_post"
 
 
 def tiny_model(
-    d_model: int = TINY_D_MODEL, n_layers: int = 2, d_vocab: int = 101, n_ctx: int = 64, seed: int = 0,
+    d_model: int = TINY_D_MODEL,
+    n_layers: int = 2,
+    d_vocab: int = 101,
+    n_ctx: int = 64,
+    seed: int = 0,
     device: Any = devices.CPU,
 ):
     """A random 2-layer HookedTransformer (no tokenizer, no download), on ``device`` (the CPU by default;
@@ -66,7 +70,15 @@ def tiny_dataset(n_rows: int = 64, context_size: int = 16, d_vocab: int = 101, s
     return datasets.Dataset.from_dict({"tokens": tokens.tolist()})
 
 
-def runner_config(sae_cfg: Any, *, steps: int = 10, batch_tokens: int = 64, context_size: int = 16, output_path: str | Path | None = None, **overrides: Any):
+def runner_config(
+    sae_cfg: Any,
+    *,
+    steps: int = 10,
+    batch_tokens: int = 64,
+    context_size: int = 16,
+    output_path: str | Path | None = None,
+    **overrides: Any,
+):
     """A ``LanguageModelSAERunnerConfig`` for the tiny model: no wandb, no checkpoints."""
     from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
 
@@ -96,7 +108,15 @@ def runner_config(sae_cfg: Any, *, steps: int = 10, batch_tokens: int = 64, cont
     return LanguageModelSAERunnerConfig(**kwargs)
 
 
-def train_tiny(sae_cfg: Any, *, steps: int = 10, output_path: str | Path | None = None, model: Any = None, dataset: Any = None, **overrides: Any):
+def train_tiny(
+    sae_cfg: Any,
+    *,
+    steps: int = 10,
+    output_path: str | Path | None = None,
+    model: Any = None,
+    dataset: Any = None,
+    **overrides: Any,
+):
     """Train ``sae_cfg`` for ``steps`` steps through ``LanguageModelSAETrainingRunner``; return the SAE."""
     from sae_lens import LanguageModelSAETrainingRunner
 

@@ -171,7 +171,11 @@ class ThresholdTracker:
                 tau = tau.expand_as(value)
             ok = torch.isfinite(tau)
             steps += ok.to(steps.dtype)
-            w = torch.where(ok, (1.0 / steps.clamp_min(1).double()).clamp_min(self.rate), torch.zeros((), dtype=torch.double, device=value.device))
+            w = torch.where(
+                ok,
+                (1.0 / steps.clamp_min(1).double()).clamp_min(self.rate),
+                torch.zeros((), dtype=torch.double, device=value.device),
+            )
             value.lerp_(torch.where(ok, tau, value), w.to(value.dtype))
             if self.age_name is not None:
                 age = self.age
@@ -270,7 +274,6 @@ def export_threshold(theta: torch.Tensor, like: torch.Tensor, what: str) -> torc
     return (torch.ones_like(like) * theta.to(like.dtype)).clone()
 
 
-
 @dataclass
 class CalibrationConfig:
     """Config fields of the batch-level rules: their saved thresholds are calibrated after
@@ -303,7 +306,9 @@ class CalibrationConfig:
             raise ValueError(f"calibrate={self.calibrate!r} is invalid: use True or False.")
         n = self.calibration_tokens
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise ValueError(f"calibration_tokens={n!r} is invalid: use a positive number of tokens, or None for 2 % of the training tokens.")
+            raise ValueError(
+                f"calibration_tokens={n!r} is invalid: use a positive number of tokens, or None for 2 % of the training tokens."
+            )
         super_post = getattr(super(), "__post_init__", None)
         if super_post is not None:
             super_post()

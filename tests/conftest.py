@@ -18,7 +18,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 from helpers import FakeDistributions, forget_plugins_not_ours  # noqa: E402  (after the thread setting)
 
-for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}.items():
+for _k, _v in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+}.items():
     os.environ.setdefault(_k, _v)
 warnings.filterwarnings("ignore", message=".*model_from_pretrained_kwargs.*")
 

@@ -29,15 +29,32 @@ DOC = REPO / "docs" / "testing.md"
 #: target -> (files to mutate (globs relative to the checkout), test modules that cover them (fast
 #: ones), a pytest -k expression leaving out their slow tests (runner training, fresh interpreters))
 TARGETS: dict[str, tuple[list[str], list[str], str | None]] = {
-    "allocation": (["sae_allocators/allocation/*.py"], ["tests/allocation/test_allocation_properties.py", "tests/test_promises.py"], None),
-    "losses": (["sae_allocators/losses/*.py"], ["tests/losses/test_losses.py", "tests/losses/test_loss_units.py", "tests/test_promises.py"], "not train_with_zipf and not third_party"),
+    "allocation": (
+        ["sae_allocators/allocation/*.py"],
+        ["tests/allocation/test_allocation_properties.py", "tests/test_promises.py"],
+        None,
+    ),
+    "losses": (
+        ["sae_allocators/losses/*.py"],
+        ["tests/losses/test_losses.py", "tests/losses/test_loss_units.py", "tests/test_promises.py"],
+        "not train_with_zipf and not third_party",
+    ),
     "autoload": (["sae_allocators_autoload.py"], ["tests/test_promises.py"], None),
-    "io": (["sae_allocators/io.py", "sae_allocators/sae_folder.py"], ["tests/test_io.py", "tests/test_promises.py"], None),
+    "io": (
+        ["sae_allocators/io.py", "sae_allocators/sae_folder.py"],
+        ["tests/test_io.py", "tests/test_promises.py"],
+        None,
+    ),
     # test_calibration.py's unit tests (its runner fixture and torch.compile test are slow): without
     # them 776 of the 927 mutants had no test at all
     "thresholds": (
         ["sae_allocators/thresholds.py", "sae_allocators/calibration/*.py"],
-        ["tests/test_thresholds.py", "tests/test_calibration.py", "tests/test_promises.py", "tests/architectures/test_mutual_feature_choice.py"],
+        [
+            "tests/test_thresholds.py",
+            "tests/test_calibration.py",
+            "tests/test_promises.py",
+            "tests/architectures/test_mutual_feature_choice.py",
+        ],
         "not fresh_interpreter and not runner and not torch_compile and not calibrated and not calibrate_command",
     ),
 }
@@ -80,7 +97,8 @@ def write_config(work: Path, target: str, k_expr: str | None) -> None:
         f"source_paths = {toml_list(['sae_allocators', 'sae_allocators_autoload.py'])}\n"
         f"only_mutate = {toml_list(existing)}\n"
         f"pytest_add_cli_args_test_selection = {toml_list(tests)}\n"
-        f"pytest_add_cli_args = {toml_list(['-p', 'no:xdist', '-p', 'no:cacheprovider', '-p', 'no:unraisableexception'] + (['-k', k_expr] if k_expr else []))}\n"
+        "pytest_add_cli_args = "
+        f"{toml_list(['-p', 'no:xdist', '-p', 'no:cacheprovider', '-p', 'no:unraisableexception'] + (['-k', k_expr] if k_expr else []))}\n"
         # fork from mutmut's main process, which has run the tests once (torch and Hypothesis warm):
         # ~0.8 s per mutant instead of ~3 s from a fork server that only imported them (torch is
         # fork-safe here: one thread, CPU)
@@ -111,7 +129,9 @@ def prepare(target: str, k_expr: str | None = None) -> Path | None:
 
 
 def results(work: Path, python: str) -> dict[str, str]:
-    proc = subprocess.run([python, "-m", "mutmut", "results", "--all", "true"], cwd=work, capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [python, "-m", "mutmut", "results", "--all", "true"], cwd=work, capture_output=True, text=True, check=False
+    )
     out = {}
     for line in proc.stdout.splitlines():
         m = re.match(r"^\s+([\w.]+__mutmut_\d+): (.+)$", line)
@@ -144,9 +164,14 @@ def report(target: str, status: dict[str, str], equivalent: dict[str, str]) -> b
         score = 100.0 * killed / denom if denom else 100.0
         others = ", ".join(f"{k} {len(v)}" for k, v in sorted(groups.items()) if k not in DETECTED)
         checked = denom - len([n for n in groups.get("not checked", []) if n not in equivalent])
-        of_checked = f"; of the {checked} checked: {100.0 * killed / checked:.1f}%" if checked and checked < denom else ""
+        of_checked = (
+            f"; of the {checked} checked: {100.0 * killed / checked:.1f}%" if checked and checked < denom else ""
+        )
         by_timeout = f" ({timeouts} by timeout)" if timeouts else ""
-        print(f"  {mod}: {killed}/{denom} non-equivalent mutants killed{by_timeout} = {score:.1f}%{of_checked}  (all {total}; equivalent {len(eq)}; {others or 'no survivors'})")
+        print(
+            f"  {mod}: {killed}/{denom} non-equivalent mutants killed{by_timeout} = {score:.1f}%{of_checked}  "
+            f"(all {total}; equivalent {len(eq)}; {others or 'no survivors'})"
+        )
         for st, names in sorted(groups.items()):
             if st in DETECTED:
                 continue
@@ -175,11 +200,38 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("targets", nargs="*", default=[], help=f"any of {sorted(TARGETS)} or 'all' (default: allocation)")
     p.add_argument("--python", default=sys.executable, help="interpreter with the test extra and mutmut installed")
-    p.add_argument("-k", dest="k_expr", default=None, help="pytest -k expression restricting the tests (e.g. to leave out a known failure)")
-    p.add_argument("--mutants", nargs="+", default=None, metavar="GLOB", help="only these mutant names (fnmatch globs, e.g. 'sae_allocators.allocation.batch.*')")
-    p.add_argument("--resume", action="store_true", help="continue the last run of each target (mutmut skips the mutants it already checked)")
-    p.add_argument("--max-seconds", type=int, default=None, help="stop each target's run after this long (resume later with --resume)")
-    p.add_argument("--rerun", nargs="+", default=None, metavar="STATUS", help="with --resume: run again the mutants whose last result is one of these ('timeout', 'survived', 'no tests', ...), e.g. after adding tests")
+    p.add_argument(
+        "-k",
+        dest="k_expr",
+        default=None,
+        help="pytest -k expression restricting the tests (e.g. to leave out a known failure)",
+    )
+    p.add_argument(
+        "--mutants",
+        nargs="+",
+        default=None,
+        metavar="GLOB",
+        help="only these mutant names (fnmatch globs, e.g. 'sae_allocators.allocation.batch.*')",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the last run of each target (mutmut skips the mutants it already checked)",
+    )
+    p.add_argument(
+        "--max-seconds",
+        type=int,
+        default=None,
+        help="stop each target's run after this long (resume later with --resume)",
+    )
+    p.add_argument(
+        "--rerun",
+        nargs="+",
+        default=None,
+        metavar="STATUS",
+        help="with --resume: run again the mutants whose last result is one of these "
+        "('timeout', 'survived', 'no tests', ...), e.g. after adding tests",
+    )
     p.add_argument("--report-only", action="store_true", help="print the scores of the last run, do not run")
     args = p.parse_args(argv)
     # `--rerun survived io` / `--mutants GLOB io`: those options take several values, so a target
@@ -197,7 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown target(s) {unknown}: use any of {sorted(TARGETS)} or 'all'")
     equivalent = equivalent_mutants()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "SAE_ALLOCATORS_PROPERTY_EXAMPLES": PROPERTY_EXAMPLES}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "SAE_ALLOCATORS_PROPERTY_EXAMPLES": PROPERTY_EXAMPLES,
+    }
     env.setdefault("HF_HUB_OFFLINE", "1")
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     all_ok = True
@@ -224,7 +281,12 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.monotonic()
             print(f"== mutmut run: target {target} in {work}", flush=True)
             # its own process group: on timeout the forkserver and its workers end with it
-            proc = subprocess.Popen([args.python, "-m", "mutmut", "run", "--max-children", "1", *names], cwd=work, env=env, start_new_session=True)
+            proc = subprocess.Popen(
+                [args.python, "-m", "mutmut", "run", "--max-children", "1", *names],
+                cwd=work,
+                env=env,
+                start_new_session=True,
+            )
             try:
                 rc = proc.wait(timeout=args.max_seconds)
                 print(f"\n== target {target}: mutmut exited {rc} after {time.monotonic() - t0:.0f} s", flush=True)

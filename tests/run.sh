@@ -34,6 +34,11 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 
 status=0
+# Lint first (seconds): the formatter's layout and the linter's rules (pyproject.toml [tool.ruff]).
+pip install -q "ruff==0.17.6"
+"$VENV/bin/ruff" format --check --quiet . || { echo "== FAILED: ruff format --check (run: ruff format .)"; exit 1; }
+"$VENV/bin/ruff" check --quiet . || { echo "== FAILED: ruff check"; exit 1; }
+echo "== lint: ruff format --check and ruff check passed"
 for version in $SAELENS_VERSIONS; do
   if [ "$version" = newest ]; then spec="sae-lens>=6.38,<7"; else spec="sae-lens==$version"; fi
   echo "== installing sae-allocators (non-editable) with $spec"

@@ -23,6 +23,7 @@ import torch
 from sae_lens.saes.sae import TrainStepInput
 
 import sae_allocators  # noqa: F401
+from sae_allocators.architectures import kinds
 from sae_allocators.calibration import fit as CF  # the fit (rules, quantiles, calibrate)
 from sae_allocators.calibration import runner as CR  # SAELens's runners (end of training, wraps)
 from sae_allocators.architectures._common import pre_activations
@@ -35,9 +36,18 @@ from sae_allocators.thresholds import require_budget, smallest_working_batch
 D, F, K = 16, 64, 4.0
 
 TRAINING = {
-    "mutual_choice": (MutualChoiceTrainingSAE, lambda **kw: MutualChoiceTrainingSAEConfig(**{"d_in": D, "d_sae": F, "k": K, "topk_threshold_lr": 0.1, **kw})),
-    "feature_choice": (FeatureChoiceTrainingSAE, lambda **kw: FeatureChoiceTrainingSAEConfig(**{"d_in": D, "d_sae": F, "k": K, "threshold_lr": 0.1, **kw})),
-    "batchtopk_zipf": (BatchTopKZipfTrainingSAE, lambda **kw: BatchTopKZipfTrainingSAEConfig(**{"d_in": D, "d_sae": F, "k": K, "topk_threshold_lr": 0.1, **kw})),
+    "mutual_choice": (
+        MutualChoiceTrainingSAE,
+        lambda **kw: MutualChoiceTrainingSAEConfig(**{"d_in": D, "d_sae": F, "k": K, "topk_threshold_lr": 0.1, **kw}),
+    ),
+    "feature_choice": (
+        FeatureChoiceTrainingSAE,
+        lambda **kw: FeatureChoiceTrainingSAEConfig(**{"d_in": D, "d_sae": F, "k": K, "threshold_lr": 0.1, **kw}),
+    ),
+    "batchtopk_zipf": (
+        BatchTopKZipfTrainingSAE,
+        lambda **kw: BatchTopKZipfTrainingSAEConfig(**{"d_in": D, "d_sae": F, "k": K, "topk_threshold_lr": 0.1, **kw}),
+    ),
 }
 
 
@@ -49,7 +59,13 @@ def make(name: str, seed: int = 0, **kw):
 
 def step(sae, x: torch.Tensor):
     return sae.training_forward_pass(
-        TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=torch.zeros(sae.cfg.d_sae, dtype=torch.bool), n_training_steps=0, is_logging_step=False)
+        TrainStepInput(
+            sae_in=x,
+            coefficients={},
+            dead_neuron_mask=torch.zeros(sae.cfg.d_sae, dtype=torch.bool),
+            n_training_steps=0,
+            is_logging_step=False,
+        )
     )
 
 
@@ -151,7 +167,15 @@ def test_thresholds_under_torch_compile_match_eager(name):
     fwd = torch.compile(compiled.training_forward_pass, backend="aot_eager")
     for b in x:
         step(eager, b)
-        fwd(TrainStepInput(sae_in=b, coefficients={}, dead_neuron_mask=torch.zeros(F, dtype=torch.bool), n_training_steps=0, is_logging_step=False))
+        fwd(
+            TrainStepInput(
+                sae_in=b,
+                coefficients={},
+                dead_neuron_mask=torch.zeros(F, dtype=torch.bool),
+                n_training_steps=0,
+                is_logging_step=False,
+            )
+        )
     value = eager.threshold_tracker.value_name
     assert float(getattr(compiled, value).abs().sum()) > 0
     assert torch.allclose(getattr(compiled, value), getattr(eager, value))
@@ -161,7 +185,7 @@ def test_thresholds_under_torch_compile_match_eager(name):
 # --- calibration against brute force -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["mutual_choice", "batchtopk_zipf"])
+@pytest.mark.parametrize("name", kinds.architectures_of_kind(kinds.BATCH_GLOBAL))
 @pytest.mark.parametrize("repeated", [False, True])
 def test_global_calibration_gives_mean_l0_k_exactly(name, repeated):
     sae = make(name)
@@ -283,7 +307,9 @@ def calibrated_run(tmp_path_factory):
         torch.manual_seed(0)
         rc = runner_config(cfg, steps=40, output_path=out / name, lr=1e-3)
         # SAELens's own runner, not a subclass: loading the plugin makes its final save calibrate
-        runner = LanguageModelSAETrainingRunner(rc, override_model=model, override_dataset=tiny_dataset(n_rows=512, context_size=16))
+        runner = LanguageModelSAETrainingRunner(
+            rc, override_model=model, override_dataset=tiny_dataset(n_rows=512, context_size=16)
+        )
         sae = runner.run()
         # held out from training and calibration: the store's next tokens
         held = torch.cat([next(runner.activations_store) for _ in range(32)])
@@ -329,7 +355,9 @@ def test_runner_calibration_uses_the_chosen_source_and_respects_calibrate_false(
     held = [torch.randn(256, D) for _ in range(4)]
     for calibrate in (True, False):
         sae = make("mutual_choice", calibrate=calibrate, calibration_tokens=1024)
-        runner = SimpleNamespace(cfg=SimpleNamespace(training_tokens=10**6, train_batch_size_tokens=256), calibration_batches=iter(held))
+        runner = SimpleNamespace(
+            cfg=SimpleNamespace(training_tokens=10**6, train_batch_size_tokens=256), calibration_batches=iter(held)
+        )
         res = CR.calibrate_runner_sae(runner, sae)
         assert runner.calibration_result is res
         if not calibrate:
@@ -337,10 +365,15 @@ def test_runner_calibration_uses_the_chosen_source_and_respects_calibrate_false(
             continue
         assert res.tokens == 1024
         pooled = torch.cat(held)
-        l0 = ((pre_activations(sae, pooled) > CF.current_thresholds(sae).to(pooled.dtype)) & (pre_activations(sae, pooled) > 0)).sum() / pooled.shape[0]
+        l0 = (
+            (pre_activations(sae, pooled) > CF.current_thresholds(sae).to(pooled.dtype))
+            & (pre_activations(sae, pooled) > 0)
+        ).sum() / pooled.shape[0]
         assert abs(float(l0) - K) < 1e-6  # the global rule is exact on the calibration set
     with pytest.raises(ValueError, match="calibration_batches"):
-        CR.calibrate_runner_sae(SimpleNamespace(cfg=SimpleNamespace(training_tokens=1, batch_size=1)), make("mutual_choice"))
+        CR.calibrate_runner_sae(
+            SimpleNamespace(cfg=SimpleNamespace(training_tokens=1, batch_size=1)), make("mutual_choice")
+        )
 
 
 def test_calibrated_export_loads_in_plain_saelens_at_its_l0(calibrated_run):
@@ -379,7 +412,9 @@ def test_calibrated_model_keeps_l0_on_held_out_activations(calibrated_run):
     # (sae_allocators.thresholds.ExportSteering): near k, but calibration is closer (before the
     # correction this export fired at more than 1.3 k)
     held = calibrated_run["feature_choice_off"][3]
-    l0_off = float((SAE.load_from_disk(calibrated_run["feature_choice_off"][1]).encode(held) != 0).sum(-1).float().mean())
+    l0_off = float(
+        (SAE.load_from_disk(calibrated_run["feature_choice_off"][1]).encode(held) != 0).sum(-1).float().mean()
+    )
     print("OFF", l0_off)
     assert drift["feature_choice"] < abs(l0_off / 4.0 - 1) < 0.5, l0_off
 
@@ -390,10 +425,34 @@ def test_calibrate_command_on_a_saved_folder(calibrated_run, tmp_path, capsys):
     folder = calibrated_run["feature_choice_off"][1]
     model = tiny_model(d_model=32)
     argv = [
-        "calibrate", str(folder), "--calibration_tokens", "1024", "--output", str(tmp_path / "cal"), "--feature_rule", "shares",
-        "--model_name", "tiny-random", "--hook_name", TINY_HOOK, "--dataset_path", "", "--is_dataset_tokenized", "True",
-        "--streaming", "False", "--context_size", "16", "--train_batch_size_tokens", "64", "--store_batch_size_prompts", "4",
-        "--n_batches_in_buffer", "4", "--device", "cpu",
+        "calibrate",
+        str(folder),
+        "--calibration_tokens",
+        "1024",
+        "--output",
+        str(tmp_path / "cal"),
+        "--feature_rule",
+        "shares",
+        "--model_name",
+        "tiny-random",
+        "--hook_name",
+        TINY_HOOK,
+        "--dataset_path",
+        "",
+        "--is_dataset_tokenized",
+        "True",
+        "--streaming",
+        "False",
+        "--context_size",
+        "16",
+        "--train_batch_size_tokens",
+        "64",
+        "--store_batch_size_prompts",
+        "4",
+        "--n_batches_in_buffer",
+        "4",
+        "--device",
+        "cpu",
     ]
     from sae_allocators.workflow import calibrate as cmd
 
@@ -402,7 +461,9 @@ def test_calibrate_command_on_a_saved_folder(calibrated_run, tmp_path, capsys):
     assert "Calibrated feature_choice (per_feature/shares rule) on 1024 tokens" in capsys.readouterr().out
     meta = json.loads((tmp_path / "cal" / "cfg.json").read_text())["metadata"]["calibration"]
     assert meta["tokens"] == 1024 and abs(meta["achieved_l0"] - 4.0) < 0.1 and "sparsity.safetensors" in meta["shares"]
-    assert "calibration" not in json.loads((folder / "cfg.json").read_text())["metadata"]  # --output: original untouched
+    assert (
+        "calibration" not in json.loads((folder / "cfg.json").read_text())["metadata"]
+    )  # --output: original untouched
     assert main(["calibrate", str(folder)]) == 2  # no data options: a clear error, not a download
 
 
@@ -429,7 +490,9 @@ def ref_cut(values: list[float], c: int) -> float:
     return t
 
 
-def streamed_cut(chunks_: list[torch.Tensor], caps: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, CF._TopPerGroup]:
+def streamed_cut(
+    chunks_: list[torch.Tensor], caps: torch.Tensor, c: torch.Tensor
+) -> tuple[torch.Tensor, CF._TopPerGroup]:
     top = CF._TopPerGroup(caps)
     top.pruned_during_pass = False
     for ch in chunks_:
@@ -507,9 +570,16 @@ def test_largest_remainder_rounding():
 
 
 def test_water_fill_moves_the_shortfall_by_share_within_room_and_data():
-    c = CF._water_fill(torch.tensor([6, 0, 0]), torch.tensor([0, 100, 100]), torch.tensor([100, 100, 100]), torch.tensor([1.0, 1.0, 2.0]))
+    c = CF._water_fill(
+        torch.tensor([6, 0, 0]),
+        torch.tensor([0, 100, 100]),
+        torch.tensor([100, 100, 100]),
+        torch.tensor([1.0, 1.0, 2.0]),
+    )
     assert c.tolist() == [0, 2, 4]  # feature 0 has no data: its 6 go 1:2 to the others
-    c = CF._water_fill(torch.tensor([4, 4, 4]), torch.tensor([1, 10, 10]), torch.tensor([10, 5, 10]), torch.tensor([1.0, 1.0, 1.0]))
+    c = CF._water_fill(
+        torch.tensor([4, 4, 4]), torch.tensor([1, 10, 10]), torch.tensor([10, 5, 10]), torch.tensor([1.0, 1.0, 1.0])
+    )
     assert c.tolist() == [1, 5, 6]  # feature 1 is capped by its room: the rest goes to feature 2
     c = CF._water_fill(torch.tensor([3, 3]), torch.tensor([1, 4]), torch.tensor([9, 9]), torch.tensor([1.0, 0.0]))
     assert c.tolist() == [1, 3]  # a feature with share 0 takes nothing: the total stays short
@@ -543,13 +613,17 @@ def test_values_tied_with_the_floor_still_count():
 def test_training_shares_sources():
     sae = make("feature_choice")
     shares, source = CF.training_shares(sae, 1000)
-    assert source == "current capacities (the SAE has not trained)" and torch.equal(shares, sae.current_capacities(1000).double())
+    assert source == "current capacities (the SAE has not trained)" and torch.equal(
+        shares, sae.current_capacities(1000).double()
+    )
     sae.feature_density.copy_(torch.linspace(0, 1, F))
     sae.density_steps.fill_(1)
     shares, source = CF.training_shares(sae, 1000)
     assert source == "feature_density (running firing rate of the training selection)" and shares.dtype == torch.double
     assert torch.equal(shares, torch.linspace(0, 1, F).double())
-    with pytest.raises(ValueError, match="^feature_choice calibration needs each feature's training share: none found$"):
+    with pytest.raises(
+        ValueError, match="^feature_choice calibration needs each feature's training share: none found$"
+    ):
         CF.training_shares(torch.nn.Linear(2, 2), 10)
 
 
@@ -567,7 +641,11 @@ def jumprelu(training_architecture: str | None = "mutual_choice", theta: float =
 
 def test_rules_and_architectures():
     assert [CF.rule_of(a) for a in ("mutual_choice", "batchtopk_zipf", "feature_choice", "topk", "jumprelu")] == [
-        "global", "global", "per_feature", None, None,
+        "global",
+        "global",
+        "per_feature",
+        None,
+        None,
     ]
     assert CF.architecture_of(make("batchtopk_zipf")) == "batchtopk_zipf"
     assert CF.architecture_of(jumprelu("feature_choice")) == "feature_choice"
@@ -591,7 +669,9 @@ def test_calibrating_a_saved_jumprelu_writes_its_threshold():
     n = 600
     x = torch.randn(n, D, generator=torch.Generator().manual_seed(1))
     before = brute_l0(sae, x)
-    with pytest.raises(ValueError, match=r"^calibrating a saved mutual_choice model needs its training k \(pass k=\.\.\."):
+    with pytest.raises(
+        ValueError, match=r"^calibrating a saved mutual_choice model needs its training k \(pass k=\.\.\."
+    ):
         CF.calibrate(sae, [x], n)
     res = CF.calibrate(sae, chunks(x, 128), n, k=2.0)
     assert res.rule == "global" and res.architecture == "mutual_choice" and res.tokens == n and res.shares == ""
@@ -602,10 +682,15 @@ def test_calibrating_a_saved_jumprelu_writes_its_threshold():
     assert int(counts.sum()) == 2 * n and res.achieved_l0 == 2.0 and res.target_l0 == 2.0
     assert sae.threshold.tolist() == [float(res.theta)] * F
     meta = sae.cfg.metadata.calibration
-    assert set(meta) == {f.name for f in dataclasses_fields(CF.CalibrationResult)} - {"theta", "theta_before"} | {"method"}
+    assert set(meta) == {f.name for f in dataclasses_fields(CF.CalibrationResult)} - {"theta", "theta_before"} | {
+        "method"
+    }
     assert meta["method"] == "sae_allocators.calibration (exact quantile on held-out activations)"
     assert meta["tokens"] == n and meta["held_out"] is True and meta["achieved_l0"] == 2.0 and meta["seconds"] >= 0
-    with pytest.raises(ValueError, match=r"^calibration is defined for mutual_choice, batchtopk_zipf, feature_choice \(saved as jumprelu\); this SAE is 'jumprelu'"):
+    with pytest.raises(
+        ValueError,
+        match=r"^calibration is defined for batchtopk_zipf, mutual_choice, feature_choice \(saved as jumprelu\); this SAE is 'jumprelu'",
+    ):
         CF.calibrate(jumprelu(None), [x], n, k=2.0)
 
 
@@ -626,19 +711,26 @@ def test_calibrate_without_apply_leaves_the_sae_alone():
 def test_calibrate_refuses_bad_arguments_with_the_fix():
     sae = make("feature_choice")
     x = torch.randn(50, D)
-    with pytest.raises(ValueError, match=r"^feature_choice calibration rule 'median': use 'scale' \(default\) or 'shares'\.$"):
+    with pytest.raises(
+        ValueError, match=r"^feature_choice calibration rule 'median': use 'scale' \(default\) or 'shares'\.$"
+    ):
         CF.calibrate(sae, [x], 50, method="median")
     for bad in (0, -3, 2.5, "10"):
         with pytest.raises(ValueError, match=r"^calibration tokens=.* use a positive number of tokens\.$"):
             CF.calibrate(make("mutual_choice"), [x], bad)
-    with pytest.raises(ValueError, match=r"^calibration with k=0\.01 on 10 tokens has a budget floor\(k \* N\) = 0: use at least 100 tokens\.$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^calibration with k=0\.01 on 10 tokens has a budget floor\(k \* N\) = 0: use at least 100 tokens\.$",
+    ):
         CF.calibrate(make("mutual_choice", k=0.01), [x], 10)
     with pytest.raises(ValueError, match=r"feature shares must be 64 non-negative values with a positive sum"):
         CF.calibrate(sae, [x], 50, method="shares", shares=torch.zeros(F))
     with pytest.raises(ValueError, match=r"feature shares must be 64"):
         CF.calibrate(sae, [x], 50, method="shares", shares=torch.ones(F + 1))
     for name, method in (("mutual_choice", None), ("feature_choice", "scale"), ("feature_choice", "shares")):
-        with pytest.raises(ValueError, match=r"^calibration: the activation source gave no tokens; give it held-out activations\.$"):
+        with pytest.raises(
+            ValueError, match=r"^calibration: the activation source gave no tokens; give it held-out activations\.$"
+        ):
             CF.calibrate(make(name), iter([]), 100, method=method)
         with pytest.raises(ValueError, match="gave no tokens"):
             CF.calibrate(make(name), [torch.zeros(0, D)], 100, method=method)
@@ -656,7 +748,9 @@ def test_calibrate_takes_exactly_n_tokens_and_leaves_the_rest_of_the_source():
     assert torch.equal(res.theta, CF.calibrate(sae, [flat], 130, apply=False).theta)
 
 
-@pytest.mark.parametrize("name,method", [("mutual_choice", None), ("feature_choice", "scale"), ("feature_choice", "shares")])
+@pytest.mark.parametrize(
+    "name,method", [("mutual_choice", None), ("feature_choice", "scale"), ("feature_choice", "shares")]
+)
 def test_a_short_source_warns_and_calibrates_on_what_it_gave(name, method):
     sae = make(name)
     if name == "feature_choice":
@@ -666,7 +760,9 @@ def test_a_short_source_warns_and_calibrates_on_what_it_gave(name, method):
         sae.density_steps.fill_(3)
     x = torch.randn(450, D, generator=torch.Generator().manual_seed(6))
     before = brute_l0(sae, x)
-    with pytest.warns(UserWarning, match=r"^calibration asked for 1000 tokens but the source gave 450; calibrated on those\.$") as rec:
+    with pytest.warns(
+        UserWarning, match=r"^calibration asked for 1000 tokens but the source gave 450; calibrated on those\.$"
+    ) as rec:
         res = CF.calibrate(sae, chunks(x, 100), 1000, method=method)
     # reported at the caller, not inside calibration.py; in a mutation run (tests/mutation.sh) the
     # caller of calibrate is mutmut's trampoline, one frame between this test and calibrate
@@ -715,7 +811,9 @@ def test_shares_rule_records_never_fired_and_short_features():
     assert counts[:3].tolist() == [0, 0, 0] and int(counts.sum()) == math.floor(K * n)
     assert res.achieved_l0 == pytest.approx(K)
     scale = CF.calibrate(make("feature_choice"), [x], n, apply=False)
-    assert scale.rule == "per_feature/scale" and scale.shares.startswith("running thresholds of training scaled by one factor a = ")
+    assert scale.rule == "per_feature/scale" and scale.shares.startswith(
+        "running thresholds of training scaled by one factor a = "
+    )
     assert scale.never_fired_features == 0 and scale.short_features == 0
 
 
@@ -801,7 +899,8 @@ def test_end_of_training_calibration_evaluates_logs_and_restores_the_mode():
         assert res.tokens == 300 and res.held_out and sae.threshold_tracker.is_calibrated
         assert len(logged) == 1
         assert re.fullmatch(
-            r"Calibrated mutual_choice thresholds on 300 held-out tokens \(\d+\.\d s\): L0 \S+ -> 4 \(target k=4\)", logged[0]
+            r"Calibrated mutual_choice thresholds on 300 held-out tokens \(\d+\.\d s\): L0 \S+ -> 4 \(target k=4\)",
+            logged[0],
         ), logged[0]
     # the mode comes back when calibration fails, too
     sae = make("mutual_choice", calibration_tokens=300)
@@ -825,7 +924,12 @@ def test_end_of_training_calibration_on_a_source_that_wrapped_records_it():
             yield torch.randn(100, D, generator=g)
 
     sae = make("mutual_choice", calibration_tokens=400)
-    with pytest.warns(UserWarning, match=r"^calibration: the activation source started a new epoch, so some calibration tokens were also training tokens \(recorded as held_out=false\)\. Give the run more data than training_tokens \+ calibration_tokens for held-out calibration\.$") as rec:
+    with pytest.warns(
+        UserWarning,
+        match=r"^calibration: the activation source started a new epoch, so some calibration tokens were also "
+        r"training tokens \(recorded as held_out=false\)\. Give the run more data than training_tokens \+ "
+        r"calibration_tokens for held-out calibration\.$",
+    ) as rec:
         res = CR.calibrate_after_training(sae, source(), 10**6, 100, log=lambda m: None)
     assert res.held_out is False and sae.cfg.metadata.calibration["held_out"] is False
     assert all(w.filename != CR.__file__ for w in rec)  # reported at the caller, not inside calibration/runner.py
@@ -874,7 +978,10 @@ def test_final_save_step_plans_tokens_from_the_training_config():
     # switched off: the result of an earlier call is cleared
     holder = StandIn(gaussian_batches(3), training_tokens=1000, batch_size=10)
     holder.calibration_result = "stale"
-    assert CR.calibrate_runner_sae(holder, make("mutual_choice", calibrate=False)) is None and holder.calibration_result is None
+    assert (
+        CR.calibrate_runner_sae(holder, make("mutual_choice", calibrate=False)) is None
+        and holder.calibration_result is None
+    )
 
 
 def test_final_save_step_uses_the_mixin_source():
@@ -893,7 +1000,9 @@ def test_final_save_step_uses_the_mixin_source():
     batches = [torch.zeros(1, D)]
     plain.calibration_batches = batches
     assert plain.calibration_source() is batches
-    assert CR.CalibratingRunnerMixin.calibration_batches is None and CR.CalibratingRunnerMixin.calibration_result is None
+    assert (
+        CR.CalibratingRunnerMixin.calibration_batches is None and CR.CalibratingRunnerMixin.calibration_result is None
+    )
 
 
 class FakeGenerator:
@@ -916,7 +1025,9 @@ def test_default_held_out_source_order_and_synthetic_samples():
     for sparse in (True, False):
         lin = torch.nn.Linear(5, D)
         model = SimpleNamespace(activation_generator=FakeGenerator(sparse), feature_dict=lin)
-        it = CR.default_calibration_source(SimpleNamespace(activations_store=None, synthetic_model=model, cfg=SimpleNamespace(batch_size=7)))
+        it = CR.default_calibration_source(
+            SimpleNamespace(activations_store=None, synthetic_model=model, cfg=SimpleNamespace(batch_size=7))
+        )
         first, second = next(it), next(it)
         assert model.activation_generator.calls == [7, 7]
         assert first.shape == (7, D) and not first.requires_grad and not torch.equal(first, second)
@@ -999,13 +1110,17 @@ def test_calibration_log_goes_to_stdout_and_the_package_logger(capsys, caplog):
     with caplog.at_level(logging.INFO, logger="sae_allocators"):
         CR._log("Calibrated x")
     assert capsys.readouterr().out == "Calibrated x\n"
-    assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [("sae_allocators", logging.INFO, "Calibrated x")]
+    assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [
+        ("sae_allocators", logging.INFO, "Calibrated x")
+    ]
 
 
 def test_final_save_methods_without_the_synthetic_module(monkeypatch):
     """SAELens < 6.35 has no sae_lens.synthetic: only the LM runner's save is wrapped."""
     monkeypatch.setitem(sys.modules, "sae_lens.synthetic", None)  # makes the import fail
-    assert [(cls.__name__, name) for cls, name in CR._runner_methods()] == [("LanguageModelSAETrainingRunner", "save_final_sae")]
+    assert [(cls.__name__, name) for cls, name in CR._runner_methods()] == [
+        ("LanguageModelSAETrainingRunner", "save_final_sae")
+    ]
 
 
 def identity_jumprelu(architecture: str = "feature_choice", d: int = 4):
@@ -1053,7 +1168,9 @@ def test_nothing_positive_calibrates_to_l0_zero(method):
     sae = identity_jumprelu("mutual_choice" if method == "global" else "feature_choice")
     with torch.no_grad():
         sae.threshold.fill_(0.5)
-    res = CF.calibrate(sae, [-torch.rand(8, 4) - 0.1], 8, k=1.0, method=None if method == "global" else method, shares=torch.ones(4))
+    res = CF.calibrate(
+        sae, [-torch.rand(8, 4) - 0.1], 8, k=1.0, method=None if method == "global" else method, shares=torch.ones(4)
+    )
     assert res.achieved_l0 == 0.0 and res.l0_before == 0.0 and bool(torch.isfinite(sae.threshold).all())
 
 
@@ -1103,7 +1220,9 @@ def test_l0_before_counts_strictly_above_the_old_threshold_and_above_zero(method
     # strictly above: row 0: 2.0 (f2), 0.5 (f3); row 1: 3.0 (f1), 1.0 (f3); row 2: 1.0 (f1) -> 5 of 3 tokens
     want = int(((x > sae.threshold) & (x > 0)).sum())
     assert want == 5
-    res = CF.calibrate(sae, [x], 3, k=1.0, method=None if method == "global" else method, shares=torch.ones(4), apply=False)
+    res = CF.calibrate(
+        sae, [x], 3, k=1.0, method=None if method == "global" else method, shares=torch.ones(4), apply=False
+    )
     assert res.l0_before == want / 3
 
 
@@ -1139,7 +1258,9 @@ def test_per_feature_method_defaults_to_scale_for_a_saved_model_without_the_conf
     assert not hasattr(sae.cfg, "calibration_rule")
     with torch.no_grad():
         sae.threshold.fill_(1.0)
-    res = CF.calibrate(sae, [torch.rand(16, 4, generator=torch.Generator().manual_seed(22)) * 2], 16, k=1.0, apply=False)
+    res = CF.calibrate(
+        sae, [torch.rand(16, 4, generator=torch.Generator().manual_seed(22)) * 2], 16, k=1.0, apply=False
+    )
     assert res.rule == "per_feature/scale"
 
 

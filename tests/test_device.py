@@ -99,7 +99,7 @@ def test_gpu_preset_is_the_documented_size(tmp_path):
     assert len(st.lm_ks) == 3 and st.lm_seeds == 2 and st.seeds == 2
     assert st.lm_live_ks is None and st.lm_live_seeds is None  # gradient_topk at every k and seed
     assert st.device == "auto" and st.tf32
-    doc = (REPO / "docs" / "benchmark.md")
+    doc = REPO / "docs" / "benchmark.md"
     if doc.is_file():  # a source checkout: the docs state the same numbers
         text = doc.read_text()
         assert "--preset gpu" in text and "16,384" in text and "20,480,000" in text and "untested" in text
@@ -201,11 +201,29 @@ def test_tiny_run_on_the_test_device_with_gradient_topk_on_the_lm(tmp_path, monk
         lm_spread_seeds=1,
         synthetic_ks=(2,),
         lm_ks=(8,),
-        synthetic=SyntheticScale(num_features=32, hidden_dim=16, d_sae=32, min_prob=0.02, training_samples=100 * 64,
-                                 batch_size=64, eval_samples=1024, dead_feature_window=20),
-        lm=LMScale(hook_layer=1, expansion=2, training_tokens=100 * 64, train_batch_size=64, eval_sequences=8,
-                   ce_eval_sequences=4, dead_feature_window=20, store_batch_size_prompts=8, norm_estimate_batches=2,
-                   live_training_tokens=100 * 64, live_store_batch_size_prompts=8),
+        synthetic=SyntheticScale(
+            num_features=32,
+            hidden_dim=16,
+            d_sae=32,
+            min_prob=0.02,
+            training_samples=100 * 64,
+            batch_size=64,
+            eval_samples=1024,
+            dead_feature_window=20,
+        ),
+        lm=LMScale(
+            hook_layer=1,
+            expansion=2,
+            training_tokens=100 * 64,
+            train_batch_size=64,
+            eval_sequences=8,
+            ce_eval_sequences=4,
+            dead_feature_window=20,
+            store_batch_size_prompts=8,
+            norm_estimate_batches=2,
+            live_training_tokens=100 * 64,
+            live_store_batch_size_prompts=8,
+        ),
         archs=["topk", "gradient_topk"],
         gradient_betas=(1.0, 0.0),
         lm_live_ks=(8,),
@@ -218,8 +236,13 @@ def test_tiny_run_on_the_test_device_with_gradient_topk_on_the_lm(tmp_path, monk
     assert doc["meta"]["failures"] == []
     # the device reached every runner config, every reload and the model
     kinds = {k for k, _ in seen}
-    assert {"LanguageModelSAERunnerConfig", "CacheActivationsRunnerConfig", "SyntheticSAERunnerConfig",
-            "SAE.load_from_disk", "tiny_model"} <= kinds
+    assert {
+        "LanguageModelSAERunnerConfig",
+        "CacheActivationsRunnerConfig",
+        "SyntheticSAERunnerConfig",
+        "SAE.load_from_disk",
+        "tiny_model",
+    } <= kinds
     assert {d for _, d in seen} == {str(DEVICE)}, seen
     assert doc["meta"]["environment"]["device"].startswith(str(DEVICE))
     assert f"Run on {doc['meta']['environment']['device']}" in (out / "report.md").read_text()

@@ -101,20 +101,48 @@ def from_dict(arch: str, **kw):
         ("mutual_choice", {"d_sae": 0}, "d_sae=0 is invalid: use a positive integer"),
         ("feature_choice", {"d_sae": -8}, "d_sae=-8 is invalid: use a positive integer"),
         ("top_afa", {"d_sae": 0}, "d_sae=0 is invalid: use a positive integer"),
-        ("topk_zipf", {"d_sae": "64"}, "d_sae='64' is invalid: it must be an integer, not str (write 64 without quotes)"),
+        (
+            "topk_zipf",
+            {"d_sae": "64"},
+            "d_sae='64' is invalid: it must be an integer, not str (write 64 without quotes)",
+        ),
         ("gradient_topk", {"d_sae": 64.0}, "d_sae=64.0 is invalid: it must be an integer, not float"),
         ("abstopk_zipf", {"d_in": 0}, "d_in=0 is invalid: use a positive integer"),
-        ("topk_zipf", {"zipf_underused_ratio": "0.1"}, "zipf_underused_ratio='0.1' is invalid: it must be a number, not str (write 0.1 without quotes)"),
+        (
+            "topk_zipf",
+            {"zipf_underused_ratio": "0.1"},
+            "zipf_underused_ratio='0.1' is invalid: it must be a number, not str (write 0.1 without quotes)",
+        ),
         ("mutual_choice", {"zipf_exponent": "1"}, "zipf_exponent='1' is invalid: it must be a number or None, not str"),
         ("feature_choice", {"aux_loss_coefficient": "1"}, "aux_loss_coefficient='1' is invalid: it must be a number"),
-        ("batchtopk_zipf", {"density_window": 10.5}, "density_window=10.5 is invalid: it must be an integer, not float"),
-        ("abstopk_zipf", {"apply_b_dec_to_input": "False"}, "apply_b_dec_to_input='False' is invalid: it must be true or false, not str"),
+        (
+            "batchtopk_zipf",
+            {"density_window": 10.5},
+            "density_window=10.5 is invalid: it must be an integer, not float",
+        ),
+        (
+            "abstopk_zipf",
+            {"apply_b_dec_to_input": "False"},
+            "apply_b_dec_to_input='False' is invalid: it must be true or false, not str",
+        ),
         ("gradient_topk", {"k": 4.0}, "k=4.0 is invalid: it must be an integer, not float"),
         ("mutual_choice", {"k": "4"}, "k='4' is invalid"),
         ("top_afa", {"afa_coefficient": "0.1"}, "afa_coefficient='0.1' is invalid: it must be a number"),
-        ("mutual_choice", {"normalize_activations": "layer_norm"}, "aux_loss='zipf' does not support normalize_activations='layer_norm'"),
-        ("topk_zipf", {"normalize_activations": "constant_norm_rescale", "aux_loss": "auxk"}, "aux_loss='auxk' does not support normalize_activations='constant_norm_rescale'"),
-        ("top_afa", {"normalize_activations": "layer_norm"}, "aux_loss='auxk' does not support normalize_activations='layer_norm'"),
+        (
+            "mutual_choice",
+            {"normalize_activations": "layer_norm"},
+            "aux_loss='zipf' does not support normalize_activations='layer_norm'",
+        ),
+        (
+            "topk_zipf",
+            {"normalize_activations": "constant_norm_rescale", "aux_loss": "auxk"},
+            "aux_loss='auxk' does not support normalize_activations='constant_norm_rescale'",
+        ),
+        (
+            "top_afa",
+            {"normalize_activations": "layer_norm"},
+            "aux_loss='auxk' does not support normalize_activations='layer_norm'",
+        ),
         ("feature_choice", {"normalize_activations": "constant_norm_rescale"}, "aux_loss='zipf' does not support"),
         ("mutual_choice", {"aux_loss": "zipff"}, "aux_loss='zipff' is not a registered auxiliary loss"),
         ("feature_choice", {"capacity": "Zipf"}, "capacity='Zipf' is invalid"),
@@ -129,7 +157,10 @@ def test_bad_config_is_refused_at_config_time_naming_the_field(arch, kw, expecte
 
 
 def test_aux_loss_none_accepts_layer_norm():
-    assert from_dict("mutual_choice", normalize_activations="layer_norm", aux_loss="none").normalize_activations == "layer_norm"
+    assert (
+        from_dict("mutual_choice", normalize_activations="layer_norm", aux_loss="none").normalize_activations
+        == "layer_norm"
+    )
 
 
 @pytest.mark.parametrize(
@@ -152,7 +183,9 @@ def test_unknown_from_dict_key_warns_with_the_nearest_field(arch, key, suggestio
 
 
 def test_unknown_key_without_a_near_field_still_warns():
-    with pytest.warns(UnknownConfigKeyWarning, match="'qwertyuiop' is not a field.*see MutualChoiceTrainingSAEConfig's fields"):
+    with pytest.warns(
+        UnknownConfigKeyWarning, match="'qwertyuiop' is not a field.*see MutualChoiceTrainingSAEConfig's fields"
+    ):
         from_dict("mutual_choice", qwertyuiop=1)
 
 
@@ -198,7 +231,10 @@ def test_batch_rule_training_sae_encode_refuses_non_finite_input(arch, bad):
     from sae_lens import TrainingSAE
 
     sae = TrainingSAE.from_dict(from_dict(arch).to_dict())
-    with pytest.raises(ValueError, match=rf"{arch} encode input contain {int(bad != bad)} NaN and {int(bad == float('inf'))} inf values.*whole batch"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{arch} encode input contain {int(bad != bad)} NaN and {int(bad == float('inf'))} inf values.*whole batch",
+    ):
         sae.encode(_nan_batch(bad))
     assert sae.encode(_nan_batch(0.0)).shape == (16, 64)  # finite input still encodes
 
@@ -218,7 +254,9 @@ def test_training_step_refuses_nan_and_leaves_weights_untouched():
 
     sae = TrainingSAE.from_dict(from_dict("topk_zipf").to_dict())
     before = {k: v.clone() for k, v in sae.state_dict().items()}
-    step = TrainStepInput(sae_in=_nan_batch(), coefficients={}, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False)
+    step = TrainStepInput(
+        sae_in=_nan_batch(), coefficients={}, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False
+    )
     with pytest.raises(ValueError, match="refuses to train on them"):
         sae.training_forward_pass(step)
     assert all(torch.equal(before[k], v) for k, v in sae.state_dict().items())
@@ -256,23 +294,56 @@ def _set(name, value):
 
 
 DAMAGE = {
-    "transposed_W_enc": (lambda f: _edit_weights(f, _set("W_enc", lambda w: w.T)), ["tensor 'W_enc' has shape [64, 32]", "needs [32, 64]", "transposed"]),
-    "nan_W_dec": (lambda f: _edit_weights(f, _set("W_dec", lambda w: w.index_fill(0, torch.tensor([0]), float("nan")))), ["tensor 'W_dec' holds 32 NaN and 0 inf values"]),
-    "inf_b_enc": (lambda f: _edit_weights(f, _set("b_enc", lambda w: w.index_fill(0, torch.tensor([1]), float("inf")))), ["tensor 'b_enc' holds 0 NaN and 1 inf values"]),
+    "transposed_W_enc": (
+        lambda f: _edit_weights(f, _set("W_enc", lambda w: w.T)),
+        ["tensor 'W_enc' has shape [64, 32]", "needs [32, 64]", "transposed"],
+    ),
+    "nan_W_dec": (
+        lambda f: _edit_weights(f, _set("W_dec", lambda w: w.index_fill(0, torch.tensor([0]), float("nan")))),
+        ["tensor 'W_dec' holds 32 NaN and 0 inf values"],
+    ),
+    "inf_b_enc": (
+        lambda f: _edit_weights(f, _set("b_enc", lambda w: w.index_fill(0, torch.tensor([1]), float("inf")))),
+        ["tensor 'b_enc' holds 0 NaN and 1 inf values"],
+    ),
     "missing_b_dec": (lambda f: _edit_weights(f, lambda t: t.pop("b_dec")), ["lacks tensor(s) 'b_dec'"]),
-    "extra_tensor": (lambda f: _edit_weights(f, lambda t: t.update(stray=torch.zeros(3))), ["holds tensor(s) 'stray' that a 'jumprelu' SAE does not have"]),
-    "training_buffer": (lambda f: _edit_weights(f, lambda t: t.update(density_steps=torch.zeros(1))), ["training-only tensors (density_steps)", "training checkpoint"]),
-    "int_weights": (lambda f: _edit_weights(f, _set("W_enc", lambda w: w.long())), ["tensor 'W_enc' has dtype I64", "floating point"]),
+    "extra_tensor": (
+        lambda f: _edit_weights(f, lambda t: t.update(stray=torch.zeros(3))),
+        ["holds tensor(s) 'stray' that a 'jumprelu' SAE does not have"],
+    ),
+    "training_buffer": (
+        lambda f: _edit_weights(f, lambda t: t.update(density_steps=torch.zeros(1))),
+        ["training-only tensors (density_steps)", "training checkpoint"],
+    ),
+    "int_weights": (
+        lambda f: _edit_weights(f, _set("W_enc", lambda w: w.long())),
+        ["tensor 'W_enc' has dtype I64", "floating point"],
+    ),
     "half_weights_ok": (lambda f: _edit_weights(f, lambda t: t.update({k: v.half() for k, v in t.items()})), None),
     "d_sae_string": (lambda f: _edit_cfg(f, d_sae="64"), ["cfg.json: d_sae='64' is invalid: it must be an integer"]),
     "d_in_zero": (lambda f: _edit_cfg(f, d_in=0), ["cfg.json: d_in=0 is invalid"]),
-    "d_sae_mismatch": (lambda f: _edit_cfg(f, d_sae=65), ["has shape", "(d_in=32, d_sae=65) needs", "do not belong together"]),
+    "d_sae_mismatch": (
+        lambda f: _edit_cfg(f, d_sae=65),
+        ["has shape", "(d_in=32, d_sae=65) needs", "do not belong together"],
+    ),
     "bad_dtype": (lambda f: _edit_cfg(f, dtype="float33"), ["dtype='float33' is not a torch dtype name"]),
-    "bool_as_string": (lambda f: _edit_cfg(f, apply_b_dec_to_input="yes"), ["apply_b_dec_to_input='yes' is invalid: it must be true or false"]),
-    "bad_normalization": (lambda f: _edit_cfg(f, normalize_activations="sometimes"), ["SAELens cannot build the 'jumprelu' SAE", "normalize_activations"]),
-    "sparsity_shape": (lambda f: save_file({"sparsity": torch.zeros(7)}, str(f / "sparsity.safetensors")), ["sparsity.safetensors: tensor 'sparsity' has shape [7]"]),
+    "bool_as_string": (
+        lambda f: _edit_cfg(f, apply_b_dec_to_input="yes"),
+        ["apply_b_dec_to_input='yes' is invalid: it must be true or false"],
+    ),
+    "bad_normalization": (
+        lambda f: _edit_cfg(f, normalize_activations="sometimes"),
+        ["SAELens cannot build the 'jumprelu' SAE", "normalize_activations"],
+    ),
+    "sparsity_shape": (
+        lambda f: save_file({"sparsity": torch.zeros(7)}, str(f / "sparsity.safetensors")),
+        ["sparsity.safetensors: tensor 'sparsity' has shape [7]"],
+    ),
     "not_a_folder": (lambda f: _replace_with_file(f), ["is a file, not a folder"]),
-    "checkpoint_marker": (lambda f: (f / "trainer_state.pt").write_bytes(b""), ["is a training checkpoint (it has trainer_state.pt)"]),
+    "checkpoint_marker": (
+        lambda f: (f / "trainer_state.pt").write_bytes(b""),
+        ["is a training checkpoint (it has trainer_state.pt)"],
+    ),
 }
 
 
@@ -315,7 +386,18 @@ def unreachable_hub(monkeypatch):
     return url
 
 
-@pytest.mark.parametrize("damage", ["transposed_W_enc", "nan_W_dec", "missing_b_dec", "training_buffer", "d_sae_string", "int_weights", "bool_as_string"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "transposed_W_enc",
+        "nan_W_dec",
+        "missing_b_dec",
+        "training_buffer",
+        "d_sae_string",
+        "int_weights",
+        "bool_as_string",
+    ],
+)
 def test_push_refuses_unloadable_folders_before_any_network_call(sae_copy, unreachable_hub, damage):
     from sae_allocators.workflow import push as push_mod
 
@@ -397,7 +479,9 @@ def test_train_refuses_an_output_path_holding_other_files(tmp_path, capsys):
 def test_train_refuses_a_checkpoint_or_a_file_as_output_path(trained, tmp_path, capsys):
     before = snapshot(trained["checkpoint"])
     assert train_mod.main(flags(trained["checkpoint"])) == 2
-    assert "is a training checkpoint (it has trainer_state.pt); saving there would replace it" in capsys.readouterr().err
+    assert (
+        "is a training checkpoint (it has trainer_state.pt); saving there would replace it" in capsys.readouterr().err
+    )
     assert snapshot(trained["checkpoint"]) == before
     (tmp_path / "file").write_text("x")
     assert train_mod.main(flags(tmp_path / "file")) == 2
@@ -452,7 +536,11 @@ def test_resume_from_a_checkpoint_is_bit_identical(arch, tmp_path):
         sae, trainer = _trainer(arch, tmp_path / "a", 0)
         trainer.fit()
         full = {k: v.clone() for k, v in sae.state_dict().items()}
-        (ckpt,) = [p for p in (tmp_path / "a").glob("*/*") if (p / "trainer_state.pt").exists() and not p.name.startswith("final")]
+        (ckpt,) = [
+            p
+            for p in (tmp_path / "a").glob("*/*")
+            if (p / "trainer_state.pt").exists() and not p.name.startswith("final")
+        ]
         step = int(ckpt.name) // BATCH
         assert step % 4 != 0
         sae2, trainer2 = _trainer(arch, tmp_path / "b", step)
@@ -514,7 +602,16 @@ def _text(folder: Path) -> dict[str, str] | None:
 
 
 def _save_in_subprocess(target: Path, kill_at: str, fallback: bool) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-c", CRASH_SCRIPT, sio.__file__, str(target), kill_at, "1" if fallback else "0", json.dumps(NEW)]
+    args = [
+        sys.executable,
+        "-c",
+        CRASH_SCRIPT,
+        sio.__file__,
+        str(target),
+        kill_at,
+        "1" if fallback else "0",
+        json.dumps(NEW),
+    ]
     return subprocess.run(args, capture_output=True, text=True, timeout=60)
 
 
@@ -610,7 +707,9 @@ def test_broken_plugin_under_warnings_as_errors_leaves_ours_registered(fake_dist
     from sae_allocators.host import PluginWarning
 
     fake_dists.add("broken-sae", "0.9", {"broken": "broken_plugin"}, {"broken_plugin": BROKEN_PLUGIN})
-    ours = {n for n, p in host.providers().items() if p.distribution == DISTRIBUTION}  # (abstopk is SAELens's on >= 6.53)
+    ours = {
+        n for n, p in host.providers().items() if p.distribution == DISTRIBUTION
+    }  # (abstopk is SAELens's on >= 6.53)
     assert "mutual_choice" in ours
     for name in ours:  # as if nothing had registered them yet
         reg.remove(reg.TRAINING, name)
@@ -637,10 +736,12 @@ autoload = sys.modules.get("sae_allocators_autoload")
 print("RESULT=" + json.dumps({{"ok": True, "autoload_error": getattr(autoload, "last_error", None)}}))
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith("SAE_ALLOCATORS_")}
-    proc = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True, env=env, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True, env=env, timeout=240
+    )
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT=")]
     assert line, proc.stderr[-3000:]
-    result = json.loads(line[-1][len("RESULT="):])
+    result = json.loads(line[-1][len("RESULT=") :])
     assert result["ok"] and "broken-sae" in (result["autoload_error"] or "")
 
 
@@ -702,9 +803,17 @@ def test_push_refuses_a_symlink_leaving_the_folder_before_any_network_call(sae_c
 @pytest.mark.parametrize(
     "where, edit, expected",
     [
-        ("runner_cfg.json", lambda d: d.setdefault("model_from_pretrained_kwargs", {}).update(token="abc-not-redacted"), "runner_cfg.json: model_from_pretrained_kwargs.token"),
+        (
+            "runner_cfg.json",
+            lambda d: d.setdefault("model_from_pretrained_kwargs", {}).update(token="abc-not-redacted"),
+            "runner_cfg.json: model_from_pretrained_kwargs.token",
+        ),
         ("cfg.json", lambda d: d["metadata"].update(hf_auth_token="xyz"), "cfg.json: metadata.hf_auth_token"),
-        ("cfg.json", lambda d: d["metadata"].update(note=os.environ["HF_TOKEN"]), "cfg.json: the Hugging Face token this push would use"),
+        (
+            "cfg.json",
+            lambda d: d["metadata"].update(note=os.environ["HF_TOKEN"]),
+            "cfg.json: the Hugging Face token this push would use",
+        ),
     ],
 )
 def test_push_refuses_a_folder_holding_a_secret(sae_copy, unreachable_hub, where, edit, expected):
@@ -739,9 +848,20 @@ def test_secret_key_names():
 
     for key in ("token", "hf_token", "use_auth_token", "HF_TOKEN", "api_key", "password", "client_secret", "auth"):
         assert is_secret_key(key), key
-    for key in ("training_tokens", "exclude_special_tokens", "sequence_separator_token", "author", "calibration_tokens", "tokenizer"):
+    for key in (
+        "training_tokens",
+        "exclude_special_tokens",
+        "sequence_separator_token",
+        "author",
+        "calibration_tokens",
+        "tokenizer",
+    ):
         assert not is_secret_key(key), key
-    assert redact({"a": [f"x {TOKEN} y"], "token": True, "k": {"password": "p"}}) == {"a": ["x <redacted> y"], "token": True, "k": {"password": "<redacted>"}}
+    assert redact({"a": [f"x {TOKEN} y"], "token": True, "k": {"password": "p"}}) == {
+        "a": ["x <redacted> y"],
+        "token": True,
+        "k": {"password": "<redacted>"},
+    }
 
 
 def test_model_card_publishes_the_model_name_never_a_local_path(sae_copy):
@@ -790,7 +910,12 @@ def test_plain_saelens_runner_killed_in_its_final_save_keeps_old_or_new(trained,
         assert snapshot(out) == before
     else:
         names = sorted(os.listdir(out))
-        assert snapshot(out) != before and names == ["cfg.json", "runner_cfg.json", "sae_weights.safetensors", "sparsity.safetensors"], names
+        assert snapshot(out) != before and names == [
+            "cfg.json",
+            "runner_cfg.json",
+            "sae_weights.safetensors",
+            "sparsity.safetensors",
+        ], names
     sio.recover_output_dir(out)
     assert hidden(tmp_path) == []
 
@@ -810,7 +935,9 @@ def _calibrate(argv, dataset_rows: int = 64):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return cal_mod.main(argv, override_model=tiny_model(), override_dataset=tiny_dataset(n_rows=dataset_rows, seed=11))
+        return cal_mod.main(
+            argv, override_model=tiny_model(), override_dataset=tiny_dataset(n_rows=dataset_rows, seed=11)
+        )
 
 
 CALIBRATE_KILLED = """
@@ -833,7 +960,10 @@ def test_calibrate_in_place_killed_leaves_old_or_new_and_no_debris(sae_copy, kil
     if expect == "old":
         assert after == before
     else:  # the new cfg.json together with the new weights, never one without the other
-        assert after["cfg.json"] != before["cfg.json"] and after["sae_weights.safetensors"] != before["sae_weights.safetensors"]
+        assert (
+            after["cfg.json"] != before["cfg.json"]
+            and after["sae_weights.safetensors"] != before["sae_weights.safetensors"]
+        )
         assert sorted(after) == sorted(before)
     sio.recover_output_dir(sae_copy)
     assert hidden(sae_copy.parent) == []
@@ -849,19 +979,31 @@ def test_calibrate_in_place_leaves_no_debris(sae_copy):
 
 # --- 3. float16 / bfloat16, and no non-finite weights saved ----------------------------------------
 
-FLOAT16_NAN_ARCHS = ["mutual_choice", "feature_choice", "topk_zipf", "abstopk_zipf", "gradient_topk", "top_afa", "batchtopk_zipf"]
+FLOAT16_NAN_ARCHS = [
+    "mutual_choice",
+    "feature_choice",
+    "topk_zipf",
+    "abstopk_zipf",
+    "gradient_topk",
+    "top_afa",
+    "batchtopk_zipf",
+]
 
 
 @pytest.mark.parametrize("arch", FLOAT16_NAN_ARCHS)
 def test_float16_is_refused_at_config_time_with_the_fix(arch):
-    with pytest.raises(ValueError, match=r"dtype='float16' is refused: .*Train in float32 \(or bfloat16\).*--autocast True"):
+    with pytest.raises(
+        ValueError, match=r"dtype='float16' is refused: .*Train in float32 \(or bfloat16\).*--autocast True"
+    ):
         from_dict(arch, dtype="float16")
 
 
 def test_cli_refuses_float16_before_training_and_bfloat16_trains_finite(tmp_path, capsys):
     assert train_mod.main(flags(tmp_path / "f16") + ["--sae.dtype", "float16"]) == 2
     err = capsys.readouterr().err
-    assert "dtype='float16' is refused" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "f16").exists()
+    assert (
+        "dtype='float16' is refused" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "f16").exists()
+    )
     out = tmp_path / "bf16"
     assert _quiet_main(flags(out, tokens=256) + ["--sae.dtype", "bfloat16"]) == 0
     assert all(bool(torch.isfinite(t.float()).all()) for t in load_file(str(out / "sae_weights.safetensors")).values())
@@ -884,7 +1026,10 @@ def test_non_finite_weights_are_never_saved_and_the_command_fails(trained, tmp_p
     capsys.readouterr()
     assert _quiet_main(flags(out, tokens=128)) == 2
     err = capsys.readouterr().err
-    assert re.search(r"tensor 'W_(dec|enc)' holds \d+ NaN and 0 inf values, .* so it is not saved", err) and "Traceback" not in err, err
+    assert (
+        re.search(r"tensor 'W_(dec|enc)' holds \d+ NaN and 0 inf values, .* so it is not saved", err)
+        and "Traceback" not in err
+    ), err
     assert snapshot(out) == before and hidden(tmp_path) == []
 
 
@@ -917,7 +1062,11 @@ def test_calibrate_checks_its_arguments_before_loading_a_model(sae_copy, no_mode
     from sae_allocators.workflow import calibrate as cal_mod
 
     before = snapshot(sae_copy)
-    argv = [a for a in _calibrate_flags(sae_copy) if a not in ("--device", "cpu")] + ([] if "--device" in extra else ["--device", "cpu"]) + extra
+    argv = (
+        [a for a in _calibrate_flags(sae_copy) if a not in ("--device", "cpu")]
+        + ([] if "--device" in extra else ["--device", "cpu"])
+        + extra
+    )
     rc = cal_mod.main(argv)
     err = capsys.readouterr().err
     assert rc == 2 and expected in err and "Traceback" not in err, err
@@ -935,14 +1084,19 @@ def _top_afa_folder(tmp_path: Path) -> Path:
 @pytest.mark.parametrize(
     "damage, expected",
     [
-        (lambda f, t: _edit_weights(f, _set("W_dec", lambda w: w.index_fill(0, torch.tensor([0]), float("nan")))), "tensor 'W_dec' holds 32 NaN"),
+        (
+            lambda f, t: _edit_weights(f, _set("W_dec", lambda w: w.index_fill(0, torch.tensor([0]), float("nan")))),
+            "tensor 'W_dec' holds 32 NaN",
+        ),
         (lambda f, t: _edit_cfg(f, d_sae=65), "do not belong together"),
         (lambda f, t: (t / "elsewhere").mkdir(), "--output"),
-        (lambda f, t: None, "holds a saved 'top_afa' SAE: only mutual_choice, batchtopk_zipf, feature_choice"),
+        (lambda f, t: None, "holds a saved 'top_afa' SAE: only batchtopk_zipf, mutual_choice, feature_choice"),
     ],
     ids=["nan_weights", "d_sae_mismatch", "existing_output", "top_afa"],
 )
-def test_calibrate_refuses_bad_folders_before_loading_a_model(sae_copy, tmp_path, no_model_load, capsys, damage, expected):
+def test_calibrate_refuses_bad_folders_before_loading_a_model(
+    sae_copy, tmp_path, no_model_load, capsys, damage, expected
+):
     from sae_allocators.workflow import calibrate as cal_mod
 
     damage(sae_copy, tmp_path)
@@ -958,7 +1112,10 @@ def test_calibrate_with_a_hook_of_another_width_is_one_line(sae_copy, capsys):
     before = snapshot(sae_copy)
     assert _calibrate(argv) == 2
     err = capsys.readouterr().err
-    assert "the activations of --hook_name blocks.0.mlp.hook_post do not fit the SAE's d_in=32" in err and f"use the hook it was trained on ({TINY_HOOK})" in err
+    assert (
+        "the activations of --hook_name blocks.0.mlp.hook_post do not fit the SAE's d_in=32" in err
+        and f"use the hook it was trained on ({TINY_HOOK})" in err
+    )
     assert "Traceback" not in err and err.count("error:") == 1
     assert snapshot(sae_copy) == before
 
@@ -970,7 +1127,9 @@ def test_calibrate_with_a_hook_of_another_width_is_one_line(sae_copy, capsys):
 )
 def test_calibrate_records_held_out_only_when_it_is(sae_copy, tmp_path, skip, rows, held_out):
     out = tmp_path / "cal"
-    assert _calibrate(_calibrate_flags(sae_copy, "--skip_tokens", str(skip), "--output", str(out)), dataset_rows=rows) == 0
+    assert (
+        _calibrate(_calibrate_flags(sae_copy, "--skip_tokens", str(skip), "--output", str(out)), dataset_rows=rows) == 0
+    )
     meta = json.loads((out / "cfg.json").read_text())["metadata"]["calibration"]
     assert meta["held_out"] is held_out and meta["skipped_tokens"] >= skip
 
@@ -982,7 +1141,9 @@ def test_calibrate_api_refuses_nan_weights_inf_activations_and_k_above_d_sae_and
 
     sae = TrainingSAE.from_dict(from_dict("mutual_choice").to_dict())
     x = torch.randn(256, 32)
-    with pytest.raises(ValueError, match=r"calibration target k=65 is invalid: use the mean L0 to calibrate to, in \(0, d_sae=64\]"):
+    with pytest.raises(
+        ValueError, match=r"calibration target k=65 is invalid: use the mean L0 to calibrate to, in \(0, d_sae=64\]"
+    ):
         C.calibrate(sae, [x], 256, k=65, apply=False)
     bad = x.clone()
     bad[3, 1] = float("inf")
@@ -1041,18 +1202,30 @@ def no_torchrun(monkeypatch):
         (["--k", "0"], {}, "k=0.0 is invalid"),
         ([], {}, "holds notes.txt, which an SAE output folder does not"),
         (["--train_batch_size_tokens", "63"], {}, "does not divide into 2 ranks"),
-        ([], {"SAE_ALLOCATORS_DIST_TIMEOUT": "abc"}, "SAE_ALLOCATORS_DIST_TIMEOUT='abc' is invalid: use a whole number"),
+        (
+            [],
+            {"SAE_ALLOCATORS_DIST_TIMEOUT": "abc"},
+            "SAE_ALLOCATORS_DIST_TIMEOUT='abc' is invalid: use a whole number",
+        ),
     ],
     ids=["cuda_without_cuda", "bad_backend", "k0", "foreign_output", "batch", "bad_timeout"],
 )
-def test_nproc_preflight_refuses_once_before_the_ranks_start(tmp_path, capsys, monkeypatch, no_torchrun, extra, env, expected):
+def test_nproc_preflight_refuses_once_before_the_ranks_start(
+    tmp_path, capsys, monkeypatch, no_torchrun, extra, env, expected
+):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     out = tmp_path / "out"
     if "notes.txt" in expected:
         out.mkdir()
         (out / "notes.txt").write_text("mine")
-    argv = ["--nproc-per-node", "2", *[a for a in flags(out) if a not in ("--device", "cpu")], *(["--device", "cpu"] if "--device" not in extra else []), *extra]
+    argv = [
+        "--nproc-per-node",
+        "2",
+        *[a for a in flags(out) if a not in ("--device", "cpu")],
+        *(["--device", "cpu"] if "--device" not in extra else []),
+        *extra,
+    ]
     rc = train_mod.main(argv)
     err = capsys.readouterr().err
     assert rc == 2 and expected in err and err.count("error:") == 1 and "Traceback" not in err, err
@@ -1063,10 +1236,14 @@ TORCHRUN_FAILURE = r"""
 import sys
 err = sys.stderr
 err.write("Traceback (most recent call last):\n  File \"launch.py\", line 1, in <module>\nValueError: rank 0 broke\n")
-err.write("W1207 01:14:06.619000 14070 torch/distributed/elastic/multiprocessing/api.py:1028] Sending process 14077 closing signal SIGTERM\n")
-err.write("E1207 01:14:06.749000 14070 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: 1) local_rank: 0 (pid: 14076) of binary: python\n")
-err.write("Traceback (most recent call last):\n  File \"run.py\", line 9\ntorch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n")
-err.write("====\nsae_allocators.distributed.launch FAILED\nRoot Cause (first observed failure):\n[0]:\n  exitcode  : 1 (pid: 14076)\n====\n")
+err.write("W1207 01:14:06.619000 14070 torch/distributed/elastic/multiprocessing/api.py:1028] "
+          "Sending process 14077 closing signal SIGTERM\n")
+err.write("E1207 01:14:06.749000 14070 torch/distributed/elastic/multiprocessing/api.py:1002] "
+          "failed (exitcode: 1) local_rank: 0 (pid: 14076) of binary: python\n")
+err.write("Traceback (most recent call last):\n  File \"run.py\", line 9\n"
+          "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n")
+err.write("====\nsae_allocators.distributed.launch FAILED\nRoot Cause (first observed failure):\n"
+          "[0]:\n  exitcode  : 1 (pid: 14076)\n====\n")
 sys.exit(1)
 """
 
@@ -1079,7 +1256,10 @@ def test_relaunch_reports_a_failed_rank_once(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("ValueError: rank 0 broke") == 1 and err.count("Traceback") == 1, err
     assert "ChildFailedError" not in err and "Root Cause" not in err and "closing signal" not in err
-    assert err.strip().splitlines()[-1] == "sae-allocators train: rank 0 of 2 failed (exit code 1); its error is above, and torchrun stopped the other ranks."
+    assert (
+        err.strip().splitlines()[-1]
+        == "sae-allocators train: rank 0 of 2 failed (exit code 1); its error is above, and torchrun stopped the other ranks."
+    )
 
 
 def _checkpoint_copy(trained, tmp_path: Path) -> Path:
@@ -1099,7 +1279,10 @@ def _checkpoint_copy(trained, tmp_path: Path) -> Path:
         ("truncated_weights", "sae_weights.safetensors is corrupted"),
         ("other_d_sae", "is a checkpoint of another SAE: d_sae=64 (this run: 128)"),
         ("final_output", "is a final output folder (an inference model, which cannot resume training)"),
-        ("two_ranks", "was written by a 2-rank run (each rank holds its own data position): resume it with --nproc-per-node 2"),
+        (
+            "two_ranks",
+            "was written by a 2-rank run (each rank holds its own data position): resume it with --nproc-per-node 2",
+        ),
     ],
 )
 def test_resume_errors_say_what_the_folder_is_and_what_to_pass(trained, tmp_path, capsys, case, expected):
@@ -1151,14 +1334,19 @@ def register_architectures(register):
 """
 
 
-@pytest.mark.parametrize("value, what", [("fn_plugin:register_architectures", "a function, not a module"), ("fn_plugin", "a module")])
+@pytest.mark.parametrize(
+    "value, what", [("fn_plugin:register_architectures", "a function, not a module"), ("fn_plugin", "a module")]
+)
 def test_entry_point_that_registers_nothing_warns(fake_dists, value, what):
     from sae_allocators import host
     from sae_allocators.host import PluginWarning
 
     source = FUNCTION_PLUGIN if ":" in value else "X = 1\n"
     fake_dists.add("fn-sae", "1.0", {"fn": value}, {"fn_plugin": source})
-    with pytest.warns(PluginWarning, match=rf"plugin 'fn' from fn-sae 1.0 registers nothing: it is {what} and implements no sae_allocators hook"):
+    with pytest.warns(
+        PluginWarning,
+        match=rf"plugin 'fn' from fn-sae 1.0 registers nothing: it is {what} and implements no sae_allocators hook",
+    ):
         report = host.load(force=True)
     assert any("fn-sae" in who for who, _ in report.failed)
 
@@ -1166,7 +1354,11 @@ def test_entry_point_that_registers_nothing_warns(fake_dists, value, what):
 def test_saelens_load_from_disk_on_a_training_checkpoint_says_what_it_is(trained):
     from sae_lens import SAE
 
-    with pytest.raises(ValueError, match=r"'mutual_choice' inference SAE does not have \(.*density_steps.*\): this is a training checkpoint.*TrainingSAE\.load_from_disk"):
+    with pytest.raises(
+        ValueError,
+        match=r"'mutual_choice' inference SAE does not have \(.*density_steps.*\): "
+        r"this is a training checkpoint.*TrainingSAE\.load_from_disk",
+    ):
         SAE.load_from_disk(str(trained["checkpoint"]))
 
 
@@ -1178,7 +1370,9 @@ def test_plain_saelens_runner_refuses_an_output_it_may_not_replace_before_traini
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    runner = LanguageModelSAETrainingRunner(train_mod.parse_args(flags(out)), override_model=tiny_model(), override_dataset=tiny_dataset())
+    runner = LanguageModelSAETrainingRunner(
+        train_mod.parse_args(flags(out)), override_model=tiny_model(), override_dataset=tiny_dataset()
+    )
     steps = []
     runner.run_trainer_with_interruption_handling = lambda trainer: steps.append(1)
     with pytest.raises(SaeFolderError, match="holds notes.txt, which an SAE output folder does not"):

@@ -19,7 +19,7 @@ from sae_allocators.host import PluginWarning
 from sae_allocators.saelens_registry import UnknownArchitectureError
 
 # A genuine tiny third-party architecture, as a plugin module's source.
-PLUGIN_SOURCE = '''
+PLUGIN_SOURCE = """
 from dataclasses import dataclass
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_allocators import hookimpl
@@ -40,7 +40,7 @@ class Train(TopKTrainingSAE): pass
 @hookimpl
 def register_architectures(register):
     register("{name}", training=(Train, TCfg), inference=(Inf, Cfg), description="test plugin")
-'''
+"""
 
 
 def plugin_source(name: str) -> str:
@@ -106,7 +106,9 @@ def test_plugin_clashing_with_our_name_keeps_ours(fake_dists):
 
 
 def test_plugin_that_fails_to_import_is_named_and_others_still_load(fake_dists):
-    fake_dists.add("broken-sae", "0.9", {"broken": "broken_plugin"}, {"broken_plugin": "raise RuntimeError('boom at import')\n"})
+    fake_dists.add(
+        "broken-sae", "0.9", {"broken": "broken_plugin"}, {"broken_plugin": "raise RuntimeError('boom at import')\n"}
+    )
     fake_dists.add("good-sae", "1.0", {"good": "good_plugin"}, {"good_plugin": plugin_source("good_arch")})
     msgs = reload_host()
     assert any("broken-sae" in m and "boom at import" in m for m in msgs)
@@ -161,7 +163,9 @@ def test_name_saelens_provides_is_deferred_and_recorded(fake_dists):
 
 @pytest.mark.parametrize("value", ["1", "all", "disabled_plugin", "disabled-sae"])
 def test_environment_variable_disables_external_plugins(fake_dists, monkeypatch, value):
-    fake_dists.add("disabled-sae", "0.1", {"disabled_plugin": "disabled_mod"}, {"disabled_mod": plugin_source("disabled_arch")})
+    fake_dists.add(
+        "disabled-sae", "0.1", {"disabled_plugin": "disabled_mod"}, {"disabled_mod": plugin_source("disabled_arch")}
+    )
     monkeypatch.setenv(names.ENV_DISABLE_PLUGINS, value)
     reload_host()
     assert "disabled_arch" not in saelens_registry.SAE_TRAINING_CLASS_REGISTRY
@@ -172,7 +176,9 @@ def test_environment_variable_disables_external_plugins(fake_dists, monkeypatch,
 
 
 def test_unknown_architecture_error_names_the_problem_and_the_fix(tmp_path):
-    (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "no_such_arch", "d_in": 4, "d_sae": 8, "dtype": "float32", "device": "cpu"}))
+    (tmp_path / "cfg.json").write_text(
+        json.dumps({"architecture": "no_such_arch", "d_in": 4, "d_sae": 8, "dtype": "float32", "device": "cpu"})
+    )
     save_file({"W_enc": torch.zeros(4, 8)}, str(tmp_path / "sae_weights.safetensors"))
     with pytest.raises(KeyError) as err:
         SAE.load_from_disk(tmp_path)

@@ -21,6 +21,7 @@ import pytest
 from sae_allocators.testing import run_fresh
 
 from helpers import REPO as ROOT
+
 PLUGIN_DIR = ROOT / "plugins" / "sae-allocators-nucleus"
 
 pytestmark = pytest.mark.install
@@ -31,7 +32,9 @@ def dist() -> md.Distribution:
     try:
         return md.distribution("sae-allocators")
     except md.PackageNotFoundError:
-        pytest.fail("sae-allocators is not installed in this environment: run `bash tests/run.sh` or `pip install -e .`")
+        pytest.fail(
+            "sae-allocators is not installed in this environment: run `bash tests/run.sh` or `pip install -e .`"
+        )
 
 
 def fresh(code: str, tmp_path: Path, **kw) -> subprocess.CompletedProcess:
@@ -47,7 +50,9 @@ def test_distribution_ships_pth_hook_and_console_script(dist):
 
 
 def test_bare_interpreter_imports_only_the_tiny_hook(dist, tmp_path):
-    proc = fresh("import sys; print(sorted(m for m in sys.modules if m.startswith(('sae', 'torch', 'pluggy'))))", tmp_path)
+    proc = fresh(
+        "import sys; print(sorted(m for m in sys.modules if m.startswith(('sae', 'torch', 'pluggy'))))", tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "['sae_allocators_autoload']"
 
@@ -95,7 +100,10 @@ def test_unknown_name_error_in_fresh_interpreter(dist, tmp_path, saved_mutual_ch
     (bad / "cfg.json").write_text(json.dumps(cfg))
     proc = fresh(LOAD.format(path=str(bad)), tmp_path)
     assert proc.returncode != 0
-    assert "Unknown SAE architecture 'mutual_choise'" in proc.stderr and "Registered inference architectures" in proc.stderr
+    assert (
+        "Unknown SAE architecture 'mutual_choise'" in proc.stderr
+        and "Registered inference architectures" in proc.stderr
+    )
 
 
 def _console_script() -> str:
@@ -119,9 +127,21 @@ def installed_plugin(dist, tmp_path_factory) -> Path:
     """``pip install`` plugins/sae-allocators-nucleus into a private target directory."""
     target = tmp_path_factory.mktemp("plugin-site")
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-         "--target", str(target), str(PLUGIN_DIR)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            str(PLUGIN_DIR),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert any(p.name.startswith("sae_allocators_nucleus-0.1.0.dist-info") for p in target.iterdir())

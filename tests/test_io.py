@@ -224,7 +224,9 @@ def test_exchange_paths_names_both_paths_and_the_errno_when_one_is_missing(tmp_p
     with pytest.raises(OSError) as info:
         sio.exchange_paths(a, tmp_path / "missing")
     assert info.value.errno == errno.ENOENT
-    assert f"renameat2(RENAME_EXCHANGE) of {a} and {tmp_path / 'missing'} failed: {os.strerror(errno.ENOENT)}" in str(info.value)
+    assert f"renameat2(RENAME_EXCHANGE) of {a} and {tmp_path / 'missing'} failed: {os.strerror(errno.ENOENT)}" in str(
+        info.value
+    )
     assert a.is_dir() and not (tmp_path / "missing").exists()
 
 
@@ -276,8 +278,19 @@ def test_renameat2_is_none_off_linux_or_without_libc(monkeypatch, tmp_path):
     assert sio._renameat2() is None
 
 
-@pytest.mark.parametrize("err,supported", [(errno.EINVAL, False), (errno.ENOSYS, False), (errno.EOPNOTSUPP, False), (errno.EXDEV, None), (errno.EACCES, None)])
-def test_exchange_paths_reports_unsupported_file_systems_as_false_and_other_errors_as_oserror(tmp_path, monkeypatch, err, supported):
+@pytest.mark.parametrize(
+    "err,supported",
+    [
+        (errno.EINVAL, False),
+        (errno.ENOSYS, False),
+        (errno.EOPNOTSUPP, False),
+        (errno.EXDEV, None),
+        (errno.EACCES, None),
+    ],
+)
+def test_exchange_paths_reports_unsupported_file_systems_as_false_and_other_errors_as_oserror(
+    tmp_path, monkeypatch, err, supported
+):
     calls = []
 
     def fake(olddirfd, old, newdirfd, new, flags):
@@ -331,9 +344,18 @@ def test_pid_alive_with_the_real_kill_for_a_dead_pid():
 def test_debris_of_lists_only_leftovers_of_that_path(tmp_path):
     assert sio.debris_of(tmp_path / "nowhere" / "out") == []
     names = [
-        ".out.12-ab.partial", ".out.7.old", ".out.x-y.old",  # debris of out
-        ".out.partial", ".out..old", ".out.a.b.old", ".out.1.tmp", "out.1.old", ".outx.1.old", ".out.1.oldx",
-        "out", ".out.v1.2.old",
+        ".out.12-ab.partial",
+        ".out.7.old",
+        ".out.x-y.old",  # debris of out
+        ".out.partial",
+        ".out..old",
+        ".out.a.b.old",
+        ".out.1.tmp",
+        "out.1.old",
+        ".outx.1.old",
+        ".out.1.oldx",
+        "out",
+        ".out.v1.2.old",
     ]
     for n in names:
         (tmp_path / n).mkdir()
@@ -554,7 +576,9 @@ def test_atomic_dir_creates_a_new_output_through_a_hidden_partial_sibling(tmp_pa
     seen = {}
     synced = []
     real_sync = sio._fsync_path
-    monkeypatch.setattr(sio, "_fsync_path", lambda p, directory=False: (synced.append((p, directory)), real_sync(p, directory)))
+    monkeypatch.setattr(
+        sio, "_fsync_path", lambda p, directory=False: (synced.append((p, directory)), real_sync(p, directory))
+    )
     steps.at["tmp_created"] = lambda: seen.update(debris=sio.debris_of(out))
     with sio.atomic_dir(str(out)) as tmp:
         assert tmp.is_dir() and not out.exists()
@@ -585,13 +609,22 @@ def test_atomic_dir_replaces_an_existing_output_whole(tmp_path, steps, monkeypat
     states = {}
 
     def snapshot(name):
-        return lambda: states.update({name: (_tree(out) if out.exists() else None, {p.name.rsplit(".", 1)[-1]: _tree(p) for p in sio.debris_of(out)})})
+        return lambda: states.update(
+            {
+                name: (
+                    _tree(out) if out.exists() else None,
+                    {p.name.rsplit(".", 1)[-1]: _tree(p) for p in sio.debris_of(out)},
+                )
+            }
+        )
 
     for name in ("synced", "moved_old_aside", "switched"):
         steps.at[name] = snapshot(name)
     synced = []
     real_sync = sio._fsync_path
-    monkeypatch.setattr(sio, "_fsync_path", lambda p, directory=False: (synced.append((p, directory)), real_sync(p, directory)))
+    monkeypatch.setattr(
+        sio, "_fsync_path", lambda p, directory=False: (synced.append((p, directory)), real_sync(p, directory))
+    )
     with sio.atomic_dir(out) as tmp:
         (tmp / "cfg.json").write_text("new cfg")
         (tmp / "sae_weights.safetensors").write_text("new w")
@@ -706,7 +739,13 @@ def test_check_replaceable_output_accepts_missing_and_output_folders(tmp_path):
     assert sf.check_replaceable_output(str(tmp_path / "new")) == tmp_path / "new"
     full = _output(tmp_path / "full", **{n: "x" for n in sf.OUTPUT_FILENAMES})
     assert sf.check_replaceable_output(full) == full
-    assert sorted(sf.OUTPUT_FILENAMES) == ["cfg.json", "final_metrics.json", "runner_cfg.json", "sae_weights.safetensors", "sparsity.safetensors"]
+    assert sorted(sf.OUTPUT_FILENAMES) == [
+        "cfg.json",
+        "final_metrics.json",
+        "runner_cfg.json",
+        "sae_weights.safetensors",
+        "sparsity.safetensors",
+    ]
     link = tmp_path / "link"
     link.symlink_to(full, target_is_directory=True)
     assert sf.check_replaceable_output(link) == full
@@ -718,7 +757,10 @@ def test_check_replaceable_output_accepts_missing_and_output_folders(tmp_path):
 def test_check_replaceable_output_refuses_a_file_a_checkpoint_and_foreign_files(tmp_path):
     f = tmp_path / "f"
     f.write_text("x")
-    assert _error(sf.check_replaceable_output, f) == f"output path {f} exists and is a file, not a folder; choose another --output_path or remove it."
+    assert (
+        _error(sf.check_replaceable_output, f)
+        == f"output path {f} exists and is a file, not a folder; choose another --output_path or remove it."
+    )
     ck = _output(tmp_path / "ck", **{"cfg.json": "c", "trainer_state.pt": "t"})
     assert _error(sf.check_replaceable_output, ck) == (
         f"output path {ck} is a training checkpoint (it has trainer_state.pt); saving there would replace it. "
@@ -758,11 +800,20 @@ def test_read_safetensors_header_bounds(tmp_path):
     t = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
     assert sf.read_safetensors_header(_st(p, {"t": t}, 8)) == {"t": t}
     assert sf.read_safetensors_header(_st(p, {}, 0)) == {}  # the header ends exactly at the file's end
-    assert sf.read_safetensors_header(_st(p, {"e": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]}}, 8))["e"]["data_offsets"] == [8, 8]
+    assert sf.read_safetensors_header(_st(p, {"e": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]}}, 8))["e"][
+        "data_offsets"
+    ] == [8, 8]
     for bad in ([4, 12], [-1, 3], [6, 2], [0, 8, 9], "08", None):
         _st(p, {"t": {"dtype": "F32", "shape": [2], "data_offsets": bad}}, 8)
-        assert _error(sf.read_safetensors_header, p) == f"{p} is corrupted: tensor 't' lies outside the file (truncated?); {FIX}.", bad
-    for bad_info in ({"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}, "F32", {"dtype": "F32", "data_offsets": [0, 8]}):
+        assert (
+            _error(sf.read_safetensors_header, p)
+            == f"{p} is corrupted: tensor 't' lies outside the file (truncated?); {FIX}."
+        ), bad
+    for bad_info in (
+        {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]},
+        "F32",
+        {"dtype": "F32", "data_offsets": [0, 8]},
+    ):
         _st(p, {"t": bad_info}, 8)
         with pytest.raises(SaeFolderError, match="tensor 't' lies outside the file"):
             sf.read_safetensors_header(p)
@@ -776,20 +827,42 @@ def test_read_safetensors_header_messages(tmp_path):
         sf.read_safetensors_header(p)  # a folder is not a file
     p.rmdir()
     p.write_bytes(b"\x01" * 7)
-    assert _error(sf.read_safetensors_header, str(p)) == f"{p} is corrupted: 7 bytes, too short for a safetensors file; {FIX}."
+    assert (
+        _error(sf.read_safetensors_header, str(p))
+        == f"{p} is corrupted: 7 bytes, too short for a safetensors file; {FIX}."
+    )
     p.write_bytes(b"\x00" * 8)
-    assert _error(sf.read_safetensors_header, p) == f"{p} is corrupted: not a valid safetensors header (length 0, file size 8); {FIX}."
+    assert (
+        _error(sf.read_safetensors_header, p)
+        == f"{p} is corrupted: not a valid safetensors header (length 0, file size 8); {FIX}."
+    )
     p.write_bytes(b"\xff" * 8 + b"{}" * 8)  # a length with the top bit set (an unsigned 64-bit field)
-    assert _error(sf.read_safetensors_header, p) == f"{p} is corrupted: not a valid safetensors header (length {2**64 - 1}, file size 24); {FIX}."
+    assert (
+        _error(sf.read_safetensors_header, p)
+        == f"{p} is corrupted: not a valid safetensors header (length {2**64 - 1}, file size 24); {FIX}."
+    )
     p.write_bytes(struct.pack("<Q", 3) + b"{}")
-    assert _error(sf.read_safetensors_header, p) == f"{p} is corrupted: not a valid safetensors header (length 3, file size 10); {FIX}."
+    assert (
+        _error(sf.read_safetensors_header, p)
+        == f"{p} is corrupted: not a valid safetensors header (length 3, file size 10); {FIX}."
+    )
     _st(p, None, 0, raw=b'{"\xff": 1}')
-    with pytest.raises(SaeFolderError, match=re.escape(f"{p} is corrupted: its safetensors header is not valid JSON (")):
+    with pytest.raises(
+        SaeFolderError, match=re.escape(f"{p} is corrupted: its safetensors header is not valid JSON (")
+    ):
         sf.read_safetensors_header(p)
     _st(p, None, 0, raw=b"{oops}")
-    assert re.fullmatch(re.escape(f"{p} is corrupted: its safetensors header is not valid JSON (") + r"Expecting .+\); " + re.escape(FIX + "."), _error(sf.read_safetensors_header, p))
+    assert re.fullmatch(
+        re.escape(f"{p} is corrupted: its safetensors header is not valid JSON (")
+        + r"Expecting .+\); "
+        + re.escape(FIX + "."),
+        _error(sf.read_safetensors_header, p),
+    )
     _st(p, [1, 2], 0)
-    assert _error(sf.read_safetensors_header, p) == f"{p} is corrupted: its safetensors header is not a JSON object; {FIX}."
+    assert (
+        _error(sf.read_safetensors_header, p)
+        == f"{p} is corrupted: its safetensors header is not a JSON object; {FIX}."
+    )
 
 
 def test_read_safetensors_header_refuses_headers_above_100_mib_only(tmp_path):
@@ -845,7 +918,13 @@ def _folder(root: Path, tensors=None, sparsity=None, **cfg_changes) -> Path:
     from safetensors.torch import save_file
 
     root.mkdir(parents=True, exist_ok=True)
-    cfg = {"architecture": "jumprelu", "d_in": D_IN, "d_sae": D_SAE, "dtype": "float32", "metadata": {"training_architecture": "mutual_choice"}}
+    cfg = {
+        "architecture": "jumprelu",
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "dtype": "float32",
+        "metadata": {"training_architecture": "mutual_choice"},
+    }
     cfg.update(cfg_changes)
     (root / "cfg.json").write_text(json.dumps(cfg))
     save_file(tensors if tensors is not None else _jumprelu_tensors(), str(root / "sae_weights.safetensors"))
@@ -861,7 +940,9 @@ def test_check_sae_folder_describes_the_folder(tmp_path):
     info = sf.check_sae_folder(str(folder))
     assert isinstance(info, sf.SaeFolderInfo) and info.path == folder
     assert (info.architecture, info.training_architecture, info.has_sparsity) == ("jumprelu", "mutual_choice", True)
-    assert info.tensors["W_enc"] == {"dtype": "F32", "shape": [D_IN, D_SAE]} and set(info.tensors) == set(_jumprelu_tensors())
+    assert info.tensors["W_enc"] == {"dtype": "F32", "shape": [D_IN, D_SAE]} and set(info.tensors) == set(
+        _jumprelu_tensors()
+    )
     assert info.cfg["d_sae"] == D_SAE and info.metadata == {"training_architecture": "mutual_choice"}
     plain = sf.check_sae_folder(_folder(tmp_path / "plain", metadata="not a dict"))
     assert plain.training_architecture is None and plain.has_sparsity is False
@@ -871,7 +952,12 @@ def test_check_sae_folder_describes_the_folder(tmp_path):
     del cfg["metadata"]
     (bare / "cfg.json").write_text(json.dumps(cfg))
     assert sf.check_sae_folder(bare).training_architecture is None and sf.check_sae_folder(bare).metadata == {}
-    assert sf.check_sae_folder(_folder(tmp_path / "tt", metadata={"training_architecture": "top_afa"})).training_architecture == "top_afa"
+    assert (
+        sf.check_sae_folder(
+            _folder(tmp_path / "tt", metadata={"training_architecture": "top_afa"})
+        ).training_architecture
+        == "top_afa"
+    )
 
 
 def test_check_sae_folder_messages(tmp_path):
@@ -921,7 +1007,10 @@ def test_check_sae_folder_messages(tmp_path):
 def test_check_sae_folder_checks_the_sparsity_file_too(tmp_path):
     out = _folder(tmp_path / "out")
     (out / "sparsity.safetensors").write_bytes(b"\x00" * 3)
-    assert _error(sf.check_sae_folder, out) == f"{out / 'sparsity.safetensors'} is corrupted: 3 bytes, too short for a safetensors file; {FIX}."
+    assert (
+        _error(sf.check_sae_folder, out)
+        == f"{out / 'sparsity.safetensors'} is corrupted: 3 bytes, too short for a safetensors file; {FIX}."
+    )
 
 
 def test_check_sae_folder_registers_the_plugins_first(tmp_path, monkeypatch):
@@ -949,7 +1038,9 @@ def test_check_loadable_accepts_a_good_folder_and_reuses_the_info(tmp_path):
     assert sf.check_loadable(out, info) is info
     _folder(tmp_path / "s2", sparsity={"sparsity": torch.zeros(1, D_SAE)})
     sf.check_loadable(tmp_path / "s2")  # [1, d_sae] sparsity too
-    bf = _folder(tmp_path / "bf16", tensors={k: v.to(torch.bfloat16) for k, v in _jumprelu_tensors().items()}, dtype="bfloat16")
+    bf = _folder(
+        tmp_path / "bf16", tensors={k: v.to(torch.bfloat16) for k, v in _jumprelu_tensors().items()}, dtype="bfloat16"
+    )
     assert sf.check_loadable(bf).tensors["W_enc"]["dtype"] == "BF16"
 
 
@@ -975,15 +1066,23 @@ def test_check_loadable_tensor_messages(tmp_path):
         "(it has W_dec, W_enc, b_dec, b_enc, threshold); SAELens would refuse to load it. The weights and cfg.json do "
         "not belong together: re-copy both from the same training output."
     )
-    out = _folder(tmp_path / "ckpt", tensors={**t, "density_steps": torch.zeros(1), "feature_density": torch.zeros(D_SAE)})
+    out = _folder(
+        tmp_path / "ckpt", tensors={**t, "density_steps": torch.zeros(1), "feature_density": torch.zeros(D_SAE)}
+    )
     assert _error(sf.check_loadable, out) == (
         f"{w(out)} holds training-only tensors (density_steps, feature_density): these are a training checkpoint's "
         "weights, which SAELens saves with the training model's buffers. Pass the final output folder "
         "(--output_path of `sae-allocators train`) instead, which holds the inference model."
     )
     # a cfg.json whose training_architecture is not a string (here a list): the same clean error, no TypeError
-    out = _folder(tmp_path / "listarch", tensors={**t, "stray": torch.zeros(2)}, metadata={"training_architecture": ["mutual_choice"]})
-    assert _error(sf.check_loadable, out).startswith(f"{w(out)} holds tensor(s) 'stray' that a 'jumprelu' SAE does not have")
+    out = _folder(
+        tmp_path / "listarch",
+        tensors={**t, "stray": torch.zeros(2)},
+        metadata={"training_architecture": ["mutual_choice"]},
+    )
+    assert _error(sf.check_loadable, out).startswith(
+        f"{w(out)} holds tensor(s) 'stray' that a 'jumprelu' SAE does not have"
+    )
     out = _folder(tmp_path / "ints", tensors={**t, "b_enc": torch.zeros(D_SAE, dtype=torch.int64)})
     assert _error(sf.check_loadable, out) == (
         f"{w(out)}: tensor 'b_enc' has dtype I64, but SAE weights are floating point "
@@ -1018,17 +1117,27 @@ def test_check_loadable_config_messages(tmp_path):
     for i, (key, value) in enumerate([("d_in", 0), ("d_sae", -3)]):
         out = _folder(tmp_path / f"c{i}", **{key: value})
         info = sf.check_sae_folder(out)
-        assert _error(sf.check_loadable, out, info) == f"{out / 'cfg.json'}: {key}={value!r} is invalid: it must be a positive integer; {fix}.", value
-    for i, (key, value, kind) in enumerate([("d_in", True, "bool"), ("d_sae", 8.0, "float")]):  # the field-type check sees them first
+        assert (
+            _error(sf.check_loadable, out, info)
+            == f"{out / 'cfg.json'}: {key}={value!r} is invalid: it must be a positive integer; {fix}."
+        ), value
+    for i, (key, value, kind) in enumerate(
+        [("d_in", True, "bool"), ("d_sae", 8.0, "float")]
+    ):  # the field-type check sees them first
         out = _folder(tmp_path / f"t{i}", **{key: value})
         msg = _error(sf.check_loadable, out)
         assert msg.startswith(f"{out / 'cfg.json'}: {key}={value!r} is invalid: it must be an integer, not {kind}"), msg
         assert msg.endswith(f"SAELens would fail on it while loading; {fix}."), msg
     out = _folder(tmp_path / "dt", dtype="float33")
-    assert _error(sf.check_loadable, out) == f"{out / 'cfg.json'}: dtype='float33' is not a torch dtype name (e.g. 'float32'); {fix}."
+    assert (
+        _error(sf.check_loadable, out)
+        == f"{out / 'cfg.json'}: dtype='float33' is not a torch dtype name (e.g. 'float32'); {fix}."
+    )
     out = _folder(tmp_path / "type", d_sae="8")
     msg = _error(sf.check_loadable, out)
-    assert msg.startswith(f"{out / 'cfg.json'}: d_sae='8' is invalid") and msg.endswith(f"SAELens would fail on it while loading; {fix}.")
+    assert msg.startswith(f"{out / 'cfg.json'}: d_sae='8' is invalid") and msg.endswith(
+        f"SAELens would fail on it while loading; {fix}."
+    )
     out = _folder(tmp_path / "nodtype")
     cfg = json.loads((out / "cfg.json").read_text())
     del cfg["dtype"]
@@ -1060,7 +1169,10 @@ HUGE = [2**40, 2**20]  # 4 EiB as float32: a check that allocated it would fail
 def test_check_loadable_compares_shapes_without_allocating_them(tmp_path):
     out = _folder(tmp_path / "huge")
     _set_header_shape(out / "sae_weights.safetensors", "W_enc", HUGE)
-    assert f"tensor 'W_enc' has shape {HUGE}, but cfg.json (d_in={D_IN}, d_sae={D_SAE}) needs [{D_IN}, {D_SAE}]" in _error(sf.check_loadable, out)
+    assert (
+        f"tensor 'W_enc' has shape {HUGE}, but cfg.json (d_in={D_IN}, d_sae={D_SAE}) needs [{D_IN}, {D_SAE}]"
+        in _error(sf.check_loadable, out)
+    )
 
 
 def test_check_loadable_applies_the_loaders_conversion_and_falls_back_to_raw_names(tmp_path, monkeypatch):
@@ -1093,7 +1205,9 @@ def test_check_loadable_applies_the_loaders_conversion_and_falls_back_to_raw_nam
     good = _folder(tmp_path / "good")
     assert sf.check_loadable(good).architecture == "jumprelu"
     assert f"tensor 'b_enc' has shape {HUGE}" in _error(sf.check_loadable, huge)
-    assert "holds tensor(s) 'log_threshold' that a 'jumprelu' SAE does not have" in _error(sf.check_loadable, old)  # not converted
+    assert "holds tensor(s) 'log_threshold' that a 'jumprelu' SAE does not have" in _error(
+        sf.check_loadable, old
+    )  # not converted
 
 
 def test_training_only_names_unite_both_architectures(monkeypatch):

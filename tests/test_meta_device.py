@@ -186,7 +186,9 @@ def test_training_steps_make_no_tensor_on_the_default_device(variant, rescale, s
     for step, x in enumerate(_batches(name, 3)):
         with on_meta():
             out = sae.training_forward_pass(
-                TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=step, is_logging_step=step == 1)
+                TrainStepInput(
+                    sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=step, is_logging_step=step == 1
+                )
             )
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
@@ -200,7 +202,11 @@ def test_training_steps_make_no_tensor_on_the_default_device(variant, rescale, s
     # the steps ran: parameters moved, and the running statistics (thresholds, densities) updated
     changed = [k for k, v in sae.state_dict().items() if not torch.equal(v, before[k])]
     assert "W_enc" in changed
-    trackers = [t for t in (getattr(sae, "threshold_tracker", None), getattr(sae, "global_threshold_tracker", None)) if t is not None]
+    trackers = [
+        t
+        for t in (getattr(sae, "threshold_tracker", None), getattr(sae, "global_threshold_tracker", None))
+        if t is not None
+    ]
     for t in trackers:
         assert t.value_name in changed
     # the sparse step's own backward ran (under meta, through the fixture); the dense path has none
@@ -214,7 +220,11 @@ def test_encode_and_the_saved_model_make_no_tensor_on_the_default_device(variant
     x = _batches(name, 1)[0]
     dead = torch.zeros(D_SAE, dtype=torch.bool)
     for step in range(2):  # running thresholds away from their initial values
-        sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=step, is_logging_step=False))
+        sae.training_forward_pass(
+            TrainStepInput(
+                sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=step, is_logging_step=False
+            )
+        )
     plain = x[:, :D_IN]
     with on_meta():
         sae.encode(plain)  # the training SAE's encode (a batch rule for mutual/feature choice)
@@ -243,7 +253,11 @@ def test_encode_and_the_saved_model_make_no_tensor_on_the_default_device(variant
 
 
 def _public_functions(module) -> set[str]:
-    return {n for n, f in inspect.getmembers(module, inspect.isfunction) if f.__module__ == module.__name__ and not n.startswith("_")}
+    return {
+        n
+        for n, f in inspect.getmembers(module, inspect.isfunction)
+        if f.__module__ == module.__name__ and not n.startswith("_")
+    }
 
 
 def _allocation_calls():
@@ -292,7 +306,9 @@ def _allocation_calls():
         feature_choice: [
             # no tensor argument: the device is an argument (None is torch's default device, by design)
             lambda: feature_choice.capacities(N, 4.0, D_SAE, device=pre.device),
-            lambda: feature_choice.capacities(N, 4.0, D_SAE, rank=feature_choice.usage_rank(usage), exponent=1.5, min_capacity=1),
+            lambda: feature_choice.capacities(
+                N, 4.0, D_SAE, rank=feature_choice.usage_rank(usage), exponent=1.5, min_capacity=1
+            ),
             lambda: feature_choice.usage_rank(usage),
             lambda: feature_choice.column_thresholds(pre, caps),
             lambda: feature_choice.column_thresholds_estimated(pre, caps, t_zero),
@@ -377,7 +393,22 @@ def test_keep_at_least_threshold_below_tau_is_torch_nextafter():
     from sae_allocators.allocation.batch import _next_below
 
     g = torch.Generator().manual_seed(4)
-    values = [1e-46, 7e-46, 1e-45, 1.5e-45, 1.17549435e-38, 0.1, 0.5, 1.0, 1 / 3, 3.4028234663852886e38, 3.4028235e38, 3.40282357e38, 1e39, math.inf]
+    values = [
+        1e-46,
+        7e-46,
+        1e-45,
+        1.5e-45,
+        1.17549435e-38,
+        0.1,
+        0.5,
+        1.0,
+        1 / 3,
+        3.4028234663852886e38,
+        3.4028235e38,
+        3.40282357e38,
+        1e39,
+        math.inf,
+    ]
     values += (torch.rand(2000, generator=g, dtype=torch.float64) * 60 - 30).exp().tolist()
     for dtype in (torch.float32, torch.float64):
         for t in values:
@@ -388,14 +419,21 @@ def test_keep_at_least_threshold_below_tau_is_torch_nextafter():
 # --- calibration ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,method", [("mutual_choice", None), ("batchtopk_zipf", None), ("feature_choice", "scale"), ("feature_choice", "shares")])
+@pytest.mark.parametrize(
+    "name,method",
+    [("mutual_choice", None), ("batchtopk_zipf", None), ("feature_choice", "scale"), ("feature_choice", "shares")],
+)
 def test_calibration_makes_no_tensor_on_the_default_device(name, method, tmp_path):
     from sae_allocators import calibration as C
 
     sae = _build(name, {})
     dead = torch.zeros(D_SAE, dtype=torch.bool)
     for step, x in enumerate(_batches(name, 2)):
-        sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=step, is_logging_step=False))
+        sae.training_forward_pass(
+            TrainStepInput(
+                sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=step, is_logging_step=False
+            )
+        )
     held = list(torch.randn(3 * 100, D_IN, generator=torch.Generator().manual_seed(5)).split(100))
     shares = torch.ones(D_SAE) if method == "shares" else None
     with on_meta():
@@ -466,7 +504,11 @@ for name, extra, sparse_step in CASES:
         for step in range(3):
             x = torch.randn(N, D_IN * (2 if name == "gradient_topk" else 1), generator=g)
             with on_meta():
-                out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=step, is_logging_step=step == 1))
+                out = sae.training_forward_pass(
+                    TrainStepInput(
+                        sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=step, is_logging_step=step == 1
+                    )
+                )
                 out.loss.backward()
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
                 for v in out.metrics.values():
@@ -490,8 +532,23 @@ def test_data_parallel_steps_make_no_tensor_on_the_default_device(tmp_path):
         port = sock.getsockname()[1]
     script = tmp_path / "rank.py"
     script.write_text(textwrap.dedent(RANK_SCRIPT))
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": "2",
+        "OMP_NUM_THREADS": "1",
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script)],
+            env={**env, "RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
     results = []
     try:
         for p in procs:
@@ -505,4 +562,3 @@ def test_data_parallel_steps_make_no_tensor_on_the_default_device(tmp_path):
     for res in results:
         assert res["fails"] == [], "\n".join(res["fails"])
         assert len(res["ran"]) == 6
-

@@ -35,7 +35,20 @@ def autoload(monkeypatch):
     return mod
 
 
-@pytest.mark.parametrize("value,disabled", [("", False), ("0", False), ("false", False), (" No ", False), ("FALSE", False), ("1", True), ("yes", True), ("true", True), ("on", True)])
+@pytest.mark.parametrize(
+    "value,disabled",
+    [
+        ("", False),
+        ("0", False),
+        ("false", False),
+        (" No ", False),
+        ("FALSE", False),
+        ("1", True),
+        ("yes", True),
+        ("true", True),
+        ("on", True),
+    ],
+)
 def test_autoload_off_switch_values(autoload, monkeypatch, value, disabled):
     monkeypatch.setenv(autoload.ENV_DISABLE, value)
     assert autoload.ENV_DISABLE == "SAE_ALLOCATORS_NO_AUTOLOAD"
@@ -66,7 +79,9 @@ def test_autoload_hook_fires_once_for_the_target_only(autoload, monkeypatch, tmp
     monkeypatch.setattr(autoload, "TARGET", "fake_saelens_target")
     monkeypatch.delitem(sys.modules, "fake_saelens_target", raising=False)
     seen = []
-    monkeypatch.setattr(autoload, "_register_after_import", lambda: seen.append(sys.modules["fake_saelens_target"].VALUE))
+    monkeypatch.setattr(
+        autoload, "_register_after_import", lambda: seen.append(sys.modules["fake_saelens_target"].VALUE)
+    )
     hook = autoload.SaeLensImportHook()
     assert hook.find_spec("json") is None and hook.find_spec("fake_saelens_target_sub") is None
     sys.meta_path.insert(0, hook)
@@ -91,7 +106,9 @@ def test_autoload_hook_passes_through_a_missing_target(autoload, monkeypatch):
 
 def test_autoload_failure_warns_and_never_breaks_saelens(autoload, monkeypatch):
     monkeypatch.setitem(sys.modules, "sae_allocators", None)  # `import sae_allocators` raises ImportError
-    with pytest.warns(RuntimeWarning, match=r"could not register its architectures.*ModuleNotFoundError.*SAE_ALLOCATORS_NO_AUTOLOAD=1"):
+    with pytest.warns(
+        RuntimeWarning, match=r"could not register its architectures.*ModuleNotFoundError.*SAE_ALLOCATORS_NO_AUTOLOAD=1"
+    ):
         autoload._register_after_import()
 
 
@@ -132,7 +149,9 @@ def _zipf_sae(**kw):
     from sae_allocators.architectures.topk_zipf import TopKZipfTrainingSAE, TopKZipfTrainingSAEConfig
 
     torch.manual_seed(0)
-    sae = TopKZipfTrainingSAE(TopKZipfTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4, aux_loss="zipf", zipf_min_steps=0, **kw))
+    sae = TopKZipfTrainingSAE(
+        TopKZipfTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4, aux_loss="zipf", zipf_min_steps=0, **kw)
+    )
     sae.density_steps.fill_(10)
     return sae
 
@@ -206,7 +225,13 @@ def test_threshold_metric_reports_the_threshold_at_that_step(name):
     else:
         sae = FeatureChoiceTrainingSAE(FeatureChoiceTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4.0))
         current = lambda: float(sae.global_threshold)  # noqa: E731
-    step = lambda i, s: TrainStepInput(sae_in=torch.randn(64, D_IN) * s, coefficients={}, dead_neuron_mask=None, n_training_steps=i, is_logging_step=True)  # noqa: E731
+    step = lambda i, s: TrainStepInput(
+        sae_in=torch.randn(64, D_IN) * s,
+        coefficients={},
+        dead_neuron_mask=None,
+        n_training_steps=i,
+        is_logging_step=True,
+    )  # noqa: E731
     for i in range(5):
         before = current()
         out = sae.training_forward_pass(step(i, 1.0))
@@ -260,8 +285,18 @@ def register_architectures(register):
 @pytest.mark.parametrize(
     "dist,source,name,reason",
     [
-        ("train-only-sae", TRAINING_ONLY, "train_only_arch", r"training-only architecture: TCfg must override get_inference_config_class\(\)"),
-        ("wrong-name-sae", WRONG_NAME, "offered_name", r"architecture\(\) returns 'some_other_name', not 'offered_name'"),
+        (
+            "train-only-sae",
+            TRAINING_ONLY,
+            "train_only_arch",
+            r"training-only architecture: TCfg must override get_inference_config_class\(\)",
+        ),
+        (
+            "wrong-name-sae",
+            WRONG_NAME,
+            "offered_name",
+            r"architecture\(\) returns 'some_other_name', not 'offered_name'",
+        ),
     ],
 )
 def test_plugin_offers_are_refused_with_the_reason(fake_dists, dist, source, name, reason):
@@ -285,7 +320,13 @@ def test_plugin_offers_are_refused_with_the_reason(fake_dists, dist, source, nam
 # --- CLI: train --architecture X --help, load ./output, the benchmark's flags --------------------
 
 
-@pytest.mark.parametrize("arch,own,foreign", [("feature_choice", "--capacity_exponent", "--beta"), ("gradient_topk", "--grad_normalization", "--capacity_exponent")])
+@pytest.mark.parametrize(
+    "arch,own,foreign",
+    [
+        ("feature_choice", "--capacity_exponent", "--beta"),
+        ("gradient_topk", "--grad_normalization", "--capacity_exponent"),
+    ],
+)
 def test_train_help_for_one_architecture_shows_its_fields(capsys, arch, own, foreign):
     from sae_allocators.workflow import train as train_mod
 
@@ -339,7 +380,9 @@ def test_load_a_good_local_folder_batch_mode_feature_choice(tmp_path, monkeypatc
     positives = (pre > 0).sum(0)
     assert int((codes != 0).sum()) <= math.floor(2.5 * 40)
     # uniform capacities: 100 entries over 64 features -> 36 features keep 2, 28 keep 1 (when positive)
-    assert bool((per_feature <= 2).all()) and bool((per_feature >= torch.minimum(positives, torch.ones_like(positives))).all())
+    assert bool((per_feature <= 2).all()) and bool(
+        (per_feature >= torch.minimum(positives, torch.ones_like(positives))).all()
+    )
 
 
 def test_load_says_a_missing_local_path_that_looks_like_a_repo_needs_a_sae_id(tmp_path, monkeypatch, capsys):
@@ -391,7 +434,12 @@ def test_benchmark_flags_reach_the_settings(bench_run, tmp_path):
     assert (st.lm.training_tokens, st.lm.hook_layer, st.keep_saes, seen["threads"]) == (12345, 2, True, 1)
     assert st.lm.eval_sequences == quick.lm.eval_sequences  # the --quick preset underneath
     st.lm_data()
-    assert seen["offline"] == (64, int((12345 + st.lm.calibration_tokens) * 1.3) + 16 * 64, st.lm.eval_sequences, str(tmp_path / "c"))
+    assert seen["offline"] == (
+        64,
+        int((12345 + st.lm.calibration_tokens) * 1.3) + 16 * 64,
+        st.lm.eval_sequences,
+        str(tmp_path / "c"),
+    )
     plain = bench_run("--out", str(tmp_path / "d"))["st"]
     full = default_settings(tmp_path / "d")
     assert plain.datasets == ("synthetic", "lm") and plain.archs is None and plain.keep_saes is False
@@ -429,9 +477,22 @@ def test_benchmark_bad_flags_say_what_to_do(bench_run, capsys, argv, message):
 def test_benchmark_module_help_in_a_fresh_interpreter():
     from sae_allocators.testing import run_fresh
 
-    proc = run_fresh("import runpy, sys\nsys.argv = ['x', '--help']\nrunpy.run_module('sae_allocators.benchmark', run_name='__main__')")
+    proc = run_fresh(
+        "import runpy, sys\nsys.argv = ['x', '--help']\nrunpy.run_module('sae_allocators.benchmark', run_name='__main__')"
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for flag in ("--quick", "--out", "--datasets", "--arch", "--seeds", "--ks", "--lm-tokens", "--tiny-lm", "--keep-saes", "--threads"):
+    for flag in (
+        "--quick",
+        "--out",
+        "--datasets",
+        "--arch",
+        "--seeds",
+        "--ks",
+        "--lm-tokens",
+        "--tiny-lm",
+        "--keep-saes",
+        "--threads",
+    ):
         assert flag in proc.stdout
 
 
@@ -445,7 +506,12 @@ def _sae_folder(root, **cfg_changes):
     from safetensors.torch import save_file
 
     root.mkdir(parents=True, exist_ok=True)
-    cfg = {"architecture": "jumprelu", "d_in": 4, "d_sae": 8, "metadata": {"training_architecture": "mutual_choice", "hook_name": "h"}}
+    cfg = {
+        "architecture": "jumprelu",
+        "d_in": 4,
+        "d_sae": 8,
+        "metadata": {"training_architecture": "mutual_choice", "hook_name": "h"},
+    }
     cfg.update(cfg_changes)
     (root / "cfg.json").write_text(json.dumps(cfg))
     save_file({"W_enc": torch.zeros(4, 8), "b_dec": torch.zeros(4)}, str(root / "sae_weights.safetensors"))
@@ -523,7 +589,9 @@ def test_check_sae_folder_names_each_problem(tmp_path, damage, phrases):
         "huge_header": lambda: weights.write_bytes(struct.pack("<Q", 200 * 1024 * 1024) + b"{}" * 8),
         "header_not_json": lambda: weights.write_bytes(struct.pack("<Q", 4) + b"{{{{"),
         "header_list": lambda: weights.write_bytes(header([1])),
-        "outside": lambda: weights.write_bytes(header({"W_enc": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}) + b"\x00" * 4),
+        "outside": lambda: weights.write_bytes(
+            header({"W_enc": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}) + b"\x00" * 4
+        ),
         "no_offsets": lambda: weights.write_bytes(header({"W_enc": {"dtype": "F32", "shape": [2]}}) + b"\x00" * 8),
     }
     if damage in edits:
@@ -540,7 +608,9 @@ def test_read_safetensors_header_accepts_exact_bounds_and_drops_metadata(tmp_pat
 
     from sae_allocators.sae_folder import read_safetensors_header
 
-    body = json.dumps({"__metadata__": {"a": "b"}, "t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    body = json.dumps(
+        {"__metadata__": {"a": "b"}, "t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    ).encode()
     path = tmp_path / "x.safetensors"
     path.write_bytes(struct.pack("<Q", len(body)) + body + b"\x00" * 8)  # data ends exactly at the file's end
     assert read_safetensors_header(path) == {"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
@@ -555,8 +625,13 @@ def test_atomic_writes_replace_whole_files_and_folders(tmp_path):
 
     target = atomic_write_json(tmp_path / "sub" / "m.json", {"b": 1, "a": [2]})
     assert target == tmp_path / "sub" / "m.json"
-    assert target.read_text() == '{\n  "a": [\n    2\n  ],\n  "b": 1\n}\n' and json.loads(target.read_text()) == {"a": [2], "b": 1}
+    assert target.read_text() == '{\n  "a": [\n    2\n  ],\n  "b": 1\n}\n' and json.loads(target.read_text()) == {
+        "a": [2],
+        "b": 1,
+    }
     assert sorted(p.name for p in target.parent.iterdir()) == ["m.json"]  # no temporary file left
     with atomic_dir(tmp_path / "new" / "out") as tmp:  # a parent that does not exist yet
         (tmp / "f").write_text("1")
-    assert [p.name for p in (tmp_path / "new").iterdir()] == ["out"] and (tmp_path / "new" / "out" / "f").read_text() == "1"
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["out"] and (
+        tmp_path / "new" / "out" / "f"
+    ).read_text() == "1"

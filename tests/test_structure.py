@@ -101,7 +101,9 @@ def test_the_package_import_graph_has_no_cycle():
     edges = import_graph(PACKAGE)
     assert len(edges) > 50 and "sae_allocators.losses.base" in edges["sae_allocators.architectures.mutual_choice"]
     found = cycles(edges)
-    detail = "; ".join(" <-> ".join(c) + " (" + ", ".join(f"{a} -> {sorted(edges[a] & set(c))}" for a in c) + ")" for c in found)
+    detail = "; ".join(
+        " <-> ".join(c) + " (" + ", ".join(f"{a} -> {sorted(edges[a] & set(c))}" for a in c) + ")" for c in found
+    )
     assert not found, f"import cycles in sae_allocators: {detail}. Move what both sides need into a module below them."
 
 
@@ -200,9 +202,13 @@ def test_every_rule_and_the_shared_helpers_use_one_encode_and_one_export():
     # one inference-side pre-activation encode (architectures/_common.py), one threshold export
     # (thresholds.export_threshold), one "kept entries into zeros" (sparse.keep_flat): no copies
     sources = {m: p.read_text() for m, (p, _) in _modules(PACKAGE).items()}
-    encode = [m for m, text in sources.items() if "@ sae.W_enc + sae.b_enc" in text or "@ self.W_enc + self.b_enc" in text]
+    encode = [
+        m for m, text in sources.items() if "@ sae.W_enc + sae.b_enc" in text or "@ self.W_enc + self.b_enc" in text
+    ]
     assert encode == ["sae_allocators.architectures._common"], encode
     scatter = [m for m, text in sources.items() if ".index_put((" in text]
     assert scatter == ["sae_allocators.sparse"], scatter
-    exports = [line.strip() for text in sources.values() for line in text.splitlines() if 'state_dict["threshold"] =' in line]
+    exports = [
+        line.strip() for text in sources.values() for line in text.splitlines() if 'state_dict["threshold"] =' in line
+    ]
     assert len(exports) >= 3 and all("export" in line for line in exports), exports

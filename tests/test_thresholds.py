@@ -36,7 +36,9 @@ class Owner(torch.nn.Module):
         self.cfg = SimpleNamespace(rate=rate, **cfg)
 
 
-def tracker(owner: Owner | None = None, shape: tuple[int, ...] = (6,), age: bool = True, calibrated: bool = True) -> ThresholdTracker:
+def tracker(
+    owner: Owner | None = None, shape: tuple[int, ...] = (6,), age: bool = True, calibrated: bool = True
+) -> ThresholdTracker:
     return ThresholdTracker(
         owner if owner is not None else Owner(),
         value="theta",
@@ -132,7 +134,9 @@ def test_check_exportable_vector_lists_the_first_five_bad_features():
     assert msg.startswith("theta_j is not finite (inf) for 2 feature(s), e.g. [2, 7]: saving it")
     theta = torch.full((9,), math.nan)
     theta[0] = 1.0
-    with pytest.raises(ValueError, match=r"^theta_j is not finite \(nan\) for 8 feature\(s\), e.g. \[1, 2, 3, 4, 5\]: "):
+    with pytest.raises(
+        ValueError, match=r"^theta_j is not finite \(nan\) for 8 feature\(s\), e.g. \[1, 2, 3, 4, 5\]: "
+    ):
         check_exportable(theta, "theta_j")
     grid = torch.zeros(2, 3)
     grid[1, 0] = -math.inf
@@ -360,7 +364,11 @@ def test_update_after_the_owner_was_cast_to_float32_takes_tau_in_any_float_dtype
     tr = tracker(owner)
     owner.to(torch.float32)
     assert tr.value.dtype == torch.float32 and tr.steps.dtype == torch.long
-    taus = [torch.full((6,), 2.0, dtype=torch.bfloat16), torch.arange(6, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)]
+    taus = [
+        torch.full((6,), 2.0, dtype=torch.bfloat16),
+        torch.arange(6, dtype=torch.float64),
+        torch.tensor(1.0, dtype=torch.float64),
+    ]
     for tau in taus:
         tr.update(tau)
     want, steps = reference(taus, 0.25, (6,))

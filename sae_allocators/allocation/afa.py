@@ -145,7 +145,9 @@ def afa_indices(
         if n_sorted > cap:
             v_after = v.gather(-1, k[:, None]).squeeze(-1)
         else:
-            v_after = torch.where(k < n_feat, v.gather(-1, k.clamp(max=n_feat - 1)[:, None]).squeeze(-1), torch.full_like(v_k, -1.0))
+            v_after = torch.where(
+                k < n_feat, v.gather(-1, k.clamp(max=n_feat - 1)[:, None]).squeeze(-1), torch.full_like(v_k, -1.0)
+            )
         tie = v_after == v_k
         rows = torch.arange(n_tok, device=a.device)[:, None]
         if bool(tie.any()):
@@ -169,7 +171,9 @@ def _lowest_index_prefix_mask(s: torch.Tensor, v_k: torch.Tensor, k: torch.Tenso
     return above | (eq & (eq.cumsum(-1) <= need[:, None]))
 
 
-def afa_select_reference(acts: torch.Tensor, target: torch.Tensor, dec_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def afa_select_reference(
+    acts: torch.Tensor, target: torch.Tensor, dec_norm: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Brute force: a full stable sort per token (ties: lowest index first); returns ``(codes, k)``.
 
     Slow (O(F log F) per token); for tests and as the definition :func:`afa_select` must match.
@@ -186,7 +190,9 @@ def afa_select_reference(acts: torch.Tensor, target: torch.Tensor, dec_norm: tor
     return (a.relu() * mask.to(a.dtype)).reshape(shape), k.reshape(shape[:-1])
 
 
-def afa_loss(feature_acts: torch.Tensor, target_norm: torch.Tensor, dec_norm: torch.Tensor | None = None) -> torch.Tensor:
+def afa_loss(
+    feature_acts: torch.Tensor, target_norm: torch.Tensor, dec_norm: torch.Tensor | None = None
+) -> torch.Tensor:
     """``mean_tokens (||f ⊙ dec_norm|| - target_norm)^2`` (the AFA loss before its coefficient).
 
     ``target_norm`` is ``[...]`` (one per token) and treated as a constant. The gradient is finite
@@ -196,7 +202,9 @@ def afa_loss(feature_acts: torch.Tensor, target_norm: torch.Tensor, dec_norm: to
     return (torch.linalg.vector_norm(f, dim=-1) - target_norm.detach()).square().mean()
 
 
-def afa_loss_sparse(values: torch.Tensor, rows: torch.Tensor, target_norm: torch.Tensor, dec_norm: torch.Tensor | None = None) -> torch.Tensor:
+def afa_loss_sparse(
+    values: torch.Tensor, rows: torch.Tensor, target_norm: torch.Tensor, dec_norm: torch.Tensor | None = None
+) -> torch.Tensor:
     """:func:`afa_loss` on kept codes only: ``values`` ``[M]`` of tokens ``rows`` (each token's
     code vector is zero elsewhere), ``target_norm`` ``[N]``, ``dec_norm`` ``[M]`` (the kept
     features' decoder norms, or None). Same value and gradients as the dense form, including the

@@ -55,7 +55,9 @@ def _coprime_step(n: int, row_len: int, sample_size: int) -> int:
     return step
 
 
-def kth_largest(flat: torch.Tensor, kk: int, row_len: int | None = None, sample_size: int = SAMPLE_SIZE) -> torch.Tensor:
+def kth_largest(
+    flat: torch.Tensor, kk: int, row_len: int | None = None, sample_size: int = SAMPLE_SIZE
+) -> torch.Tensor:
     """The exact ``kk``-th largest value of the 1-D tensor ``flat`` (a 0-d tensor, same dtype).
 
     Uses the estimate-and-correct scheme of this module; ``row_len`` (F) keeps the strided sample

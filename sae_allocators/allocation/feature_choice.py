@@ -62,7 +62,16 @@ def _round_largest_remainder(real: torch.Tensor, total: int, cap: int) -> torch.
     return base.long()
 
 
-def capacities(n_tokens: int, k: float, d_sae: int, *, rank: torch.Tensor | None = None, exponent: float = 0.0, min_capacity: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
+def capacities(
+    n_tokens: int,
+    k: float,
+    d_sae: int,
+    *,
+    rank: torch.Tensor | None = None,
+    exponent: float = 0.0,
+    min_capacity: int = 0,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """Integer capacities ``m`` [d_sae] (long) with ``m.sum() == floor(k * n_tokens)``, ``m <= n_tokens``.
 
     ``rank[j]`` is feature j's usage rank (0 = most used); ``exponent = 0`` (or ``rank=None``)
@@ -139,7 +148,9 @@ def _group_desc_order(vals: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
     return order[torch.argsort(col[order], stable=True)]
 
 
-def column_thresholds_estimated(affinity: torch.Tensor, caps: torch.Tensor, t_lo: torch.Tensor, max_candidates: int | None = None) -> tuple[torch.Tensor, int, int]:
+def column_thresholds_estimated(
+    affinity: torch.Tensor, caps: torch.Tensor, t_lo: torch.Tensor, max_candidates: int | None = None
+) -> tuple[torch.Tensor, int, int]:
     """Exact :func:`column_thresholds` from a per-feature lower-bound estimate ``t_lo`` [F].
 
     One broadcast compare finds the candidates ``pre >= max(t_lo_j, 0+)``; a segmented selection
@@ -175,8 +186,12 @@ def _estimated_selection(
     n, f = affinity.shape
     pre = affinity.detach()
     caps = caps.to(pre.device).clamp(0, n)
-    tiny = torch.nextafter(torch.zeros((), dtype=pre.dtype, device=pre.device), torch.ones((), dtype=pre.dtype, device=pre.device))
-    lo = torch.where(caps > 0, torch.maximum(t_lo.to(pre.dtype), tiny), torch.full_like(t_lo, math.inf, dtype=pre.dtype))
+    tiny = torch.nextafter(
+        torch.zeros((), dtype=pre.dtype, device=pre.device), torch.ones((), dtype=pre.dtype, device=pre.device)
+    )
+    lo = torch.where(
+        caps > 0, torch.maximum(t_lo.to(pre.dtype), tiny), torch.full_like(t_lo, math.inf, dtype=pre.dtype)
+    )
     idx = (pre >= lo).view(-1).nonzero().squeeze(1)  # ascending: token-major
     if max_candidates is not None and idx.numel() > max_candidates:
         return column_thresholds(pre, caps), f, idx.numel(), None
@@ -207,7 +222,12 @@ def _estimated_selection(
 
 
 def feature_choice_indices(
-    affinity: torch.Tensor, caps: torch.Tensor, *, one_per_token: bool = False, t_lo: torch.Tensor | None = None, stats: dict | None = None
+    affinity: torch.Tensor,
+    caps: torch.Tensor,
+    *,
+    one_per_token: bool = False,
+    t_lo: torch.Tensor | None = None,
+    stats: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Feature Choice selection as ``(flat, tau)``: ascending row-major indices of the kept
     entries (leading dimensions of ``affinity`` flattened into tokens) and ``tau`` [F], each
@@ -251,7 +271,12 @@ def with_one_per_token(pre: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 
 
 def feature_choice_select(
-    affinity: torch.Tensor, caps: torch.Tensor, *, one_per_token: bool = False, t_lo: torch.Tensor | None = None, stats: dict | None = None
+    affinity: torch.Tensor,
+    caps: torch.Tensor,
+    *,
+    one_per_token: bool = False,
+    t_lo: torch.Tensor | None = None,
+    stats: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Feature Choice codes; returns ``(codes, tau)`` (see :func:`feature_choice_indices`).
 

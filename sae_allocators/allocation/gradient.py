@@ -74,7 +74,9 @@ def gradient_topk_indices(
             scores = codes
         else:
             if grad.shape[:-1] != hidden_pre.shape[:-1]:
-                raise ValueError(f"grad has leading shape {tuple(grad.shape[:-1])}, codes {tuple(hidden_pre.shape[:-1])}")
+                raise ValueError(
+                    f"grad has leading shape {tuple(grad.shape[:-1])}, codes {tuple(hidden_pre.shape[:-1])}"
+                )
             g = normalize_grad(grad.to(decoder.dtype), grad_normalization)
             scores = gradient_scores(codes, gradient_attribution(g, decoder.detach()), beta)
         indices = torch.topk(scores, k=k, dim=-1, sorted=False).indices

@@ -49,7 +49,9 @@ def input_and_pre_activations(sae: Any, x: torch.Tensor) -> tuple[torch.Tensor, 
     return sae_in, hidden_pre
 
 
-def warm_ema_(buffer: torch.Tensor, target: torch.Tensor, steps: torch.Tensor, rate: float, where: torch.Tensor | None = None) -> None:
+def warm_ema_(
+    buffer: torch.Tensor, target: torch.Tensor, steps: torch.Tensor, rate: float, where: torch.Tensor | None = None
+) -> None:
     """In place: running mean for the first ``1/rate`` updates, then an EMA with ``rate``.
 
     ``steps`` counts the updates (per element when ``where`` is given: only those entries update).
@@ -60,7 +62,11 @@ def warm_ema_(buffer: torch.Tensor, target: torch.Tensor, steps: torch.Tensor, r
         buffer.lerp_(target.to(buffer.dtype), w)
         return
     steps += where.to(steps.dtype)
-    w = torch.where(where, (1.0 / steps.double().clamp_min(1)).clamp_min(rate), torch.zeros((), dtype=torch.double, device=buffer.device))
+    w = torch.where(
+        where,
+        (1.0 / steps.double().clamp_min(1)).clamp_min(rate),
+        torch.zeros((), dtype=torch.double, device=buffer.device),
+    )
     buffer.lerp_(target.to(buffer.dtype), w.to(buffer.dtype))
 
 

@@ -1,10 +1,13 @@
 """The training step every architecture of this project shares: encode, select, decode, losses.
 
-An architecture supplies one thing, its allocation rule as ``select(hidden_pre, **context) ->
-Selection`` (:mod:`sae_allocators.sparse`); :class:`SelectionStepMixin` runs the step around it
-and hands the result -- a :class:`StepState` -- explicitly to the losses and to the
-architecture's :meth:`SelectionStepMixin.after_step` (running thresholds, usage counts, metrics).
-Nothing of a step is kept on the module between calls.
+An architecture supplies its allocation rule as ``select(hidden_pre, **context) -> Selection``
+(:mod:`sae_allocators.sparse`) and declares the rule's kind once (``rule_kind``,
+:mod:`sae_allocators.architectures.kinds`). :meth:`SelectionStepMixin.training_forward_pass` is the
+whole step, top to bottom, in this file: checks -> encode -> guard -> select -> kept values ->
+decode -> MSE -> auxiliary loss (a registered plain function of the step's :class:`StepState`,
+:mod:`sae_allocators.losses.builtin`) -> the architecture's extra losses -> ``after_step``
+(running thresholds) -> running densities, metrics and budget shares. Nothing of a step is kept on
+the module between calls.
 
 Two interchangeable paths, chosen by the config field ``sparse_step`` (default True):
 
@@ -31,7 +34,10 @@ from sae_lens.saes.topk_sae import act_times_W_dec
 
 from sae_allocators import sparse
 from sae_allocators.allocation import outliers
+from sae_allocators.architectures import kinds
+from sae_allocators.losses.base import check_finite
 from sae_allocators.sparse import Selection
+from sae_allocators.thresholds import require_budget, tokens_in
 
 #: the budget shares every step logs (``metrics/<name>`` in W&B), in this order
 BUDGET_SHARE_KEYS = ("budget_share_top1pct", "budget_share_outlier_rows", "outlier_row_frac")
@@ -90,13 +96,30 @@ class StepState:
 
 
 class SelectionStepMixin:
-    """Mixin for SAELens ``TrainingSAE`` subclasses (before the SAELens class in the bases).
+    """Mixin for SAELens ``TrainingSAE`` subclasses, first in the bases, then
+    :class:`~sae_allocators.losses.base.AuxLossMixin` (the auxiliary loss, running densities and
+    metrics the step uses), then the SAELens class::
 
-    Subclasses implement :meth:`select`; they may override :meth:`extra_losses` and
-    :meth:`after_step`. ``training_forward_pass`` keeps SAELens's contract.
+        class MyTrainingSAE(SelectionStepMixin, AuxLossMixin, TopKTrainingSAE):
+            rule_kind = kinds.PER_TOKEN
+
+            def select(self, hidden_pre, **context): ...
+
+    Subclasses declare ``rule_kind`` and implement :meth:`select`; they may override
+    :meth:`step_context`, :meth:`extra_losses` and :meth:`after_step`. ``training_forward_pass``
+    keeps SAELens's contract.
     """
 
     cfg: Any
+    #: the rule's kind (:mod:`sae_allocators.architectures.kinds`), declared once per class
+    rule_kind: str = kinds.PER_TOKEN
+
+    @property
+    def batch_selection(self) -> bool:
+        """True for rules selecting over the whole batch (from :attr:`rule_kind`): the step then
+        checks the batch has a budget, ``encode`` refuses non-finite input (one NaN token would
+        change every other token's codes) and the outlier guard applies."""
+        return self.rule_kind in kinds.BATCH_KINDS
 
     # --- what an architecture supplies -------------------------------------------------------
 
@@ -116,7 +139,9 @@ class SelectionStepMixin:
     def after_step(self, state: StepState, output: TrainStepOutput) -> None:
         """Called once per training step with its state (running thresholds, metrics)."""
 
-    def batch_rule_encode(self, x: torch.Tensor, kept: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch_rule_encode(
+        self, x: torch.Tensor, kept: Callable[[torch.Tensor], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch-mode ``encode_with_hidden_pre`` of a batch rule, as in a training step: the rule
         ``kept`` (the ``[N, F]`` matrix it ranks -> ascending flat indices of the kept entries) runs
         on the pre-activations with the outlier guard applied; the codes keep the raw values."""
@@ -136,7 +161,7 @@ class SelectionStepMixin:
     def outlier_norm_ratio(self) -> float:
         """The guard's ratio for a batch-level rule (``cfg.outlier_norm_ratio``; the default for a
         plugin's batch rule whose config lacks the field); 0 for per-token rules (no guard)."""
-        if not getattr(self, "batch_selection", False):
+        if not self.batch_selection:
             return 0.0
         return float(getattr(self.cfg, "outlier_norm_ratio", outliers.DEFAULT_GUARD_RATIO) or 0.0)
 
@@ -153,7 +178,9 @@ class SelectionStepMixin:
 
         return norms, outliers.median_norm(torch.cat(all_gather_variable(norms, group)))
 
-    def guard(self, pre: torch.Tensor, sae_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def guard(
+        self, pre: torch.Tensor, sae_in: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """``(affinity, norms, median)``: what the rule ranks -- ``pre`` with outlier rows scaled to
         the median norm (:mod:`sae_allocators.allocation.outliers`) for a batch-level rule, else
         ``pre`` itself -- and the row-norm statistics the step reports."""
@@ -191,7 +218,19 @@ class SelectionStepMixin:
             return flat.index_select(0, rows * f + cols)
 
         return StepState(
-            x, s2, hidden_pre, sel, flat.index_select(0, sel.flat), lead, gather_dense, dec_norm, False, dict(context), aff, norms, median
+            x,
+            s2,
+            hidden_pre,
+            sel,
+            flat.index_select(0, sel.flat),
+            lead,
+            gather_dense,
+            dec_norm,
+            False,
+            dict(context),
+            aff,
+            norms,
+            median,
         )
 
     def decode_step(self, state: StepState) -> torch.Tensor:
@@ -200,7 +239,9 @@ class SelectionStepMixin:
         if state.sparse:
             recons = self.sparse_decode(state.values, state.selection, state.dec_norm)
         else:
-            recons = act_times_W_dec(sparse.dense_codes(state.hidden_pre, state.selection), W_dec, state.dec_norm is not None)
+            recons = act_times_W_dec(
+                sparse.dense_codes(state.hidden_pre, state.selection), W_dec, state.dec_norm is not None
+            )
         out = (recons + self.b_dec).view(*state.lead_shape, W_dec.shape[1])  # type: ignore[attr-defined]
         out = self.hook_sae_recons(out)  # type: ignore[attr-defined]
         out = self.run_time_activation_norm_fn_out(out)  # type: ignore[attr-defined]
@@ -213,18 +254,20 @@ class SelectionStepMixin:
         return sparse.decode(values, sel, self.W_dec)  # type: ignore[attr-defined]
 
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
-        step_input, context = self.step_context(step_input)
-        return self.training_step(step_input, **context)
-
-    def training_step(self, step_input: TrainStepInput, **context: Any) -> TrainStepOutput:
-        """SAELens's ``TrainingSAE.training_forward_pass`` around :meth:`select` (``context`` goes
-        to the rule, e.g. gradient TopK's loss gradients)."""
+        """One training step (SAELens's ``TrainingSAE.training_forward_pass`` contract), top to bottom."""
+        if self.batch_selection:  # a batch rule needs floor(k N) >= 1 entries
+            require_budget(self.cfg.k, tokens_in(step_input.sae_in), self.cfg.architecture())
+        check_finite(step_input.sae_in)
+        step_input, context = self.step_context(step_input)  # e.g. gradient TopK's [x | dL/dx] split
+        # encode -> guard -> select -> kept values, then the one decode
         state = self.encode_step(step_input.sae_in, **context)
         sae_out = self.decode_step(state)
-        mse_loss = self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()  # type: ignore[attr-defined]
         feature_acts = self.hook_sae_acts_post(state.codes())  # type: ignore[attr-defined]
+        # losses: MSE, the auxiliary loss (cfg.aux_loss, a function of the step's state), the rule's own
+        mse_loss = self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()  # type: ignore[attr-defined]
         losses = {"mse_loss": mse_loss}
-        losses.update(self.step_aux_losses(step_input, state, feature_acts, sae_out))
+        hidden_pre = state.hidden_pre.view(*state.lead_shape, state.selection.n_features)
+        losses.update(self.calculate_aux_loss(step_input, feature_acts, hidden_pre, sae_out, state=state))  # type: ignore[attr-defined]
         losses.update(self.extra_losses(step_input, state))
         total = mse_loss
         for name, value in losses.items():
@@ -234,12 +277,15 @@ class SelectionStepMixin:
             sae_in=step_input.sae_in,
             sae_out=sae_out,
             feature_acts=feature_acts,
-            hidden_pre=state.hidden_pre.view(*state.lead_shape, state.selection.n_features),
+            hidden_pre=hidden_pre,
             loss=total,
             losses=losses,
         )
+        # after the step: the rule's running state, then densities, metrics and budget shares
         self.after_step(state, output)
         self.record_budget_shares(state, output)
+        self.update_feature_density(output.feature_acts)  # type: ignore[attr-defined]
+        output.metrics.update(self.lazy_metrics(output.feature_acts, step_input.dead_neuron_mask))  # type: ignore[attr-defined]
         return output
 
     # --- where the budget goes (docs/mutual_choice.md, "Real token streams") -----------------
@@ -291,10 +337,14 @@ class SelectionStepMixin:
         arch = self.cfg.architecture()  # type: ignore[attr-defined]
         guard = self.outlier_norm_ratio()
         fix = (
-            f"the outlier guard is on (outlier_norm_ratio={guard:g}): lower it (e.g. 2.5)"
-            if guard > 0
-            else f"set outlier_norm_ratio (default {outliers.DEFAULT_GUARD_RATIO:g}; 0 turns the guard off)"
-        ) if getattr(self, "batch_selection", False) else "exclude those tokens from the data"
+            (
+                f"the outlier guard is on (outlier_norm_ratio={guard:g}): lower it (e.g. 2.5)"
+                if guard > 0
+                else f"set outlier_norm_ratio (default {outliers.DEFAULT_GUARD_RATIO:g}; 0 turns the guard off)"
+            )
+            if self.batch_selection
+            else "exclude those tokens from the data"
+        )
         warnings.warn(
             f"{arch}: {what} of the batch budget ({when}): a few tokens take most of the SAE's capacity. "
             f"Usually these are BOS / separator rows or the model's massive-activation tokens. Fix: {fix}, "
@@ -309,7 +359,3 @@ class SelectionStepMixin:
         if summary is not None and meta is not None:
             meta.budget_shares = summary
             self.warn_budget_share(summary, "averaged over training")
-
-    def step_aux_losses(self, step_input: TrainStepInput, state: StepState, feature_acts: torch.Tensor, sae_out: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The auxiliary loss (``cfg.aux_loss``) with this step's state (AuxLossMixin provides it)."""
-        return {}

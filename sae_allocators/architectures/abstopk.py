@@ -93,7 +93,9 @@ class AbsTopKTrainingSAEPort(TopKTrainingSAE):
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
         return AbsTopK(self.cfg.k)
 
-    def calculate_aux_loss(self, step_input: Any, feature_acts: torch.Tensor, hidden_pre: torch.Tensor, sae_out: torch.Tensor) -> dict[str, torch.Tensor]:
+    def calculate_aux_loss(
+        self, step_input: Any, feature_acts: torch.Tensor, hidden_pre: torch.Tensor, sae_out: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         loss = self.calculate_abstopk_aux_loss(
             sae_in=step_input.sae_in,
             sae_out=sae_out,
@@ -102,7 +104,13 @@ class AbsTopKTrainingSAEPort(TopKTrainingSAE):
         )
         return {"auxiliary_reconstruction_loss": loss}
 
-    def calculate_abstopk_aux_loss(self, sae_in: torch.Tensor, sae_out: torch.Tensor, hidden_pre: torch.Tensor, dead_neuron_mask: torch.Tensor | None) -> torch.Tensor:
+    def calculate_abstopk_aux_loss(
+        self,
+        sae_in: torch.Tensor,
+        sae_out: torch.Tensor,
+        hidden_pre: torch.Tensor,
+        dead_neuron_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         """SAELens's TopK auxiliary loss with dead latents ranked by ``|pre|`` (signed values)."""
         if dead_neuron_mask is None or (num_dead := int(dead_neuron_mask.sum())) == 0:
             return sae_out.new_tensor(0.0)

@@ -22,9 +22,15 @@ from sae_lens.saes.sae import SAEConfig
 
 from sae_allocators import sparse
 from sae_allocators.allocation.signed import abs_topk_indices
+from sae_allocators.architectures import kinds
 from sae_allocators.architectures._common import check_k, load_alias_config
 from sae_allocators.architectures._step import SelectionStepMixin
-from sae_allocators.architectures.abstopk import AbsTopKSAE, AbsTopKSAEConfig, AbsTopKTrainingSAE, AbsTopKTrainingSAEConfig
+from sae_allocators.architectures.abstopk import (
+    AbsTopKSAE,
+    AbsTopKSAEConfig,
+    AbsTopKTrainingSAE,
+    AbsTopKTrainingSAEConfig,
+)
 from sae_allocators.hookspecs import hookimpl
 from sae_allocators.losses import AuxLossConfig, AuxLossMixin
 
@@ -40,7 +46,9 @@ class AbsTopKZipfTrainingSAEConfig(AuxLossConfig, AbsTopKTrainingSAEConfig):  # 
     def __post_init__(self) -> None:
         check_k(self.k, self.d_sae)
         if int(self.k) != self.k:
-            raise ValueError(f"k={self.k!r} is invalid: abstopk keeps exactly k features per token, so k must be an integer.")
+            raise ValueError(
+                f"k={self.k!r} is invalid: abstopk keeps exactly k features per token, so k must be an integer."
+            )
         super().__post_init__()
 
     @classmethod
@@ -51,11 +59,13 @@ class AbsTopKZipfTrainingSAEConfig(AuxLossConfig, AbsTopKTrainingSAEConfig):  # 
         return AbsTopKSAEConfig
 
 
-class AbsTopKZipfTrainingSAE(AuxLossMixin, SelectionStepMixin, AbsTopKTrainingSAE):  # type: ignore[misc,valid-type]
+class AbsTopKZipfTrainingSAE(SelectionStepMixin, AuxLossMixin, AbsTopKTrainingSAE):  # type: ignore[misc,valid-type]
     """AbsTopK with the auxiliary loss chosen by ``cfg.aux_loss`` (signed selection); saved as ``abstopk``.
 
     The training step keeps, per token, the ``k`` entries of largest ``|pre|`` that are non-zero.
     """
+
+    rule_kind = kinds.PER_TOKEN
 
     signed_selection = True
 

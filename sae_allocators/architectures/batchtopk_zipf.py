@@ -23,13 +23,14 @@ from sae_lens.saes.topk_sae import TopKTrainingSAE
 
 from sae_allocators import sparse
 from sae_allocators.allocation.batch import mutual_choice_indices
+from sae_allocators.architectures import kinds
 from sae_allocators.architectures._common import check_k, check_rate, load_alias_config
 from sae_allocators.architectures._step import SelectionStepMixin, StepState
 from sae_allocators.distributed import all_reduce, group_of
 from sae_allocators.distributed import select as dist_select
 from sae_allocators.hookspecs import hookimpl
 from sae_allocators.losses import AuxLossConfig, AuxLossMixin
-from sae_allocators.thresholds import CalibrationConfig, ExportSteering, ThresholdTracker, export_threshold, require_budget, tokens_in
+from sae_allocators.thresholds import CalibrationConfig, ExportSteering, ThresholdTracker, export_threshold
 
 NAME = "batchtopk_zipf"
 
@@ -50,7 +51,7 @@ class BatchTopKZipfTrainingSAEConfig(CalibrationConfig, AuxLossConfig, BatchTopK
         return NAME
 
 
-class BatchTopKZipfTrainingSAE(AuxLossMixin, SelectionStepMixin, BatchTopKTrainingSAE):
+class BatchTopKZipfTrainingSAE(SelectionStepMixin, AuxLossMixin, BatchTopKTrainingSAE):
     """SAELens BatchTopK with the auxiliary loss chosen by ``cfg.aux_loss``; saved as ``jumprelu``.
 
     The training step keeps the batch's ``floor(k N)`` largest positive pre-activations (SAELens's
@@ -59,9 +60,15 @@ class BatchTopKZipfTrainingSAE(AuxLossMixin, SelectionStepMixin, BatchTopKTraini
     (docs/distributed.md): both over the global batch, so every rank holds the same threshold.
     """
 
+    rule_kind = kinds.BATCH_GLOBAL
+
     def select(self, hidden_pre: torch.Tensor, **context: Any) -> sparse.Selection:
         group = group_of(self)
-        flat, tau = mutual_choice_indices(hidden_pre, self.cfg.k) if group is None else dist_select.mutual_choice_indices(hidden_pre, self.cfg.k, group)
+        flat, tau = (
+            mutual_choice_indices(hidden_pre, self.cfg.k)
+            if group is None
+            else dist_select.mutual_choice_indices(hidden_pre, self.cfg.k, group)
+        )
         return sparse.from_flat(flat, hidden_pre.shape[0], hidden_pre.shape[1], tau, is_sorted=True)
 
     def after_step(self, state: StepState, output: Any) -> None:
@@ -69,24 +76,22 @@ class BatchTopKZipfTrainingSAE(AuxLossMixin, SelectionStepMixin, BatchTopKTraini
         self.export_steering.update(state.hidden_pre, self.topk_threshold, self.cfg.k, group_of(self))
         output.metrics["topk_threshold"] = self.topk_threshold
 
-    batch_selection = True  # encode refuses non-finite input
-
     training_only_buffers = ("threshold_steps", "threshold_calibrated", "threshold_export_scale")
 
     def __init__(self, cfg: BatchTopKZipfTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
         self.threshold_tracker = ThresholdTracker(
-            self, value="topk_threshold", steps="threshold_steps", rate_field="topk_threshold_lr", calibrated="threshold_calibrated"
+            self,
+            value="topk_threshold",
+            steps="threshold_steps",
+            rate_field="topk_threshold_lr",
+            calibrated="threshold_calibrated",
         )
         self.export_steering = ExportSteering(self)
 
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch rule on ``x``, outlier guard included, as in a training step."""
         return self.batch_rule_encode(x, lambda ranked: mutual_choice_indices(ranked, self.cfg.k)[0])
-
-    def training_forward_pass(self, step_input: Any) -> Any:
-        require_budget(self.cfg.k, tokens_in(step_input.sae_in), NAME)
-        return super().training_forward_pass(step_input)
 
     @torch.no_grad()
     def update_topk_threshold(self, acts_topk: torch.Tensor) -> None:
@@ -107,13 +112,19 @@ class BatchTopKZipfTrainingSAE(AuxLossMixin, SelectionStepMixin, BatchTopKTraini
     def inference_thresholds(self) -> torch.Tensor:
         """The saved JumpReLU threshold for every feature: the calibrated theta if calibration ran,
         else ``c * theta`` (the export correction, :class:`~sae_allocators.thresholds.ExportSteering`)."""
-        theta = self.topk_threshold if self.threshold_tracker.is_calibrated else self.export_steering.apply(self.topk_threshold)
+        theta = (
+            self.topk_threshold
+            if self.threshold_tracker.is_calibrated
+            else self.export_steering.apply(self.topk_threshold)
+        )
         return theta.expand(self.cfg.d_sae)
 
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_saving_inference(state_dict)
         self.cfg.metadata.thresholds_calibrated = self.threshold_tracker.is_calibrated
-        state_dict["threshold"] = export_threshold(self.inference_thresholds().detach(), self.b_enc, "batchtopk_zipf threshold theta (topk_threshold)")
+        state_dict["threshold"] = export_threshold(
+            self.inference_thresholds().detach(), self.b_enc, "batchtopk_zipf threshold theta (topk_threshold)"
+        )
 
     def lazy_metrics(self, feature_acts: torch.Tensor, dead_mask: torch.Tensor | None) -> dict[str, Any]:
         out = super().lazy_metrics(feature_acts, dead_mask)

@@ -24,12 +24,24 @@ from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopK
 
 from sae_allocators import sparse
 from sae_allocators.allocation.batch import budget, kth_largest_with_candidates
-from sae_allocators.allocation.feature_choice import capacities, feature_choice_indices, feature_choice_select, usage_rank
-from sae_allocators.architectures._common import RefuseTrainingCheckpointMixin, check_k, check_rate, pre_activations, warm_ema_
+from sae_allocators.allocation.feature_choice import (
+    capacities,
+    feature_choice_indices,
+    feature_choice_select,
+    usage_rank,
+)
+from sae_allocators.architectures import kinds
+from sae_allocators.architectures._common import (
+    RefuseTrainingCheckpointMixin,
+    check_k,
+    check_rate,
+    pre_activations,
+    warm_ema_,
+)
 from sae_allocators.architectures._step import SelectionStepMixin, StepState
 from sae_allocators.distributed import all_reduce, group_of
 from sae_allocators.distributed import select as dist_select
-from sae_allocators.thresholds import CalibrationConfig, ExportSteering, ThresholdTracker, export_threshold, require_budget, tokens_in
+from sae_allocators.thresholds import CalibrationConfig, ExportSteering, ThresholdTracker, export_threshold
 from sae_allocators.hookspecs import hookimpl
 from sae_allocators.losses import AuxLossConfig, AuxLossMixin, check_finite
 from sae_allocators.losses.base import BATCH_ENCODE_REASON
@@ -45,12 +57,18 @@ ESTIMATE_MARGIN = 2.0
 
 def _check_capacity_fields(cfg: Any) -> None:
     if cfg.capacity not in ("uniform", "zipf"):
-        raise ValueError(f"capacity={cfg.capacity!r} is invalid: use 'uniform' (m_j = k*N/d_sae) or 'zipf' (m_j ~ (usage rank)^-capacity_exponent).")
+        raise ValueError(
+            f"capacity={cfg.capacity!r} is invalid: use 'uniform' (m_j = k*N/d_sae) or 'zipf' (m_j ~ (usage rank)^-capacity_exponent)."
+        )
     e = cfg.capacity_exponent
     if isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e) or e < 0:
-        raise ValueError(f"capacity_exponent={e!r} is invalid: use a finite exponent >= 0 (default {DEFAULT_CAPACITY_EXPONENT}; 0 is uniform).")
+        raise ValueError(
+            f"capacity_exponent={e!r} is invalid: use a finite exponent >= 0 (default {DEFAULT_CAPACITY_EXPONENT}; 0 is uniform)."
+        )
     if isinstance(cfg.min_capacity, bool) or not isinstance(cfg.min_capacity, int) or cfg.min_capacity < 0:
-        raise ValueError(f"min_capacity={cfg.min_capacity!r} is invalid: use an integer >= 0 (tokens each feature keeps per batch at least; 0 disables).")
+        raise ValueError(
+            f"min_capacity={cfg.min_capacity!r} is invalid: use an integer >= 0 (tokens each feature keeps per batch at least; 0 disables)."
+        )
 
 
 class FeatureChoice(torch.nn.Module):
@@ -129,9 +147,18 @@ class FeatureChoiceTrainingSAEConfig(CalibrationConfig, AuxLossConfig, TopKTrain
         _check_capacity_fields(self)
         check_rate(self.threshold_lr, "threshold_lr")
         if self.calibration_rule not in ("scale", "shares"):
-            raise ValueError(f"calibration_rule={self.calibration_rule!r} is invalid: use 'scale' (running theta_j times one factor) or 'shares' (each feature at its training share).")
-        if isinstance(self.threshold_fallback_steps, bool) or not isinstance(self.threshold_fallback_steps, int) or self.threshold_fallback_steps < 1:
-            raise ValueError(f"threshold_fallback_steps={self.threshold_fallback_steps!r} is invalid: use an integer number of steps >= 1 (e.g. 1000).")
+            raise ValueError(
+                f"calibration_rule={self.calibration_rule!r} is invalid: use 'scale' (running theta_j times one "
+                "factor) or 'shares' (each feature at its training share)."
+            )
+        if (
+            isinstance(self.threshold_fallback_steps, bool)
+            or not isinstance(self.threshold_fallback_steps, int)
+            or self.threshold_fallback_steps < 1
+        ):
+            raise ValueError(
+                f"threshold_fallback_steps={self.threshold_fallback_steps!r} is invalid: use an integer number of steps >= 1 (e.g. 1000)."
+            )
         super().__post_init__()
 
     @classmethod
@@ -146,10 +173,10 @@ def _sync_demand_tick(module: Any, incompatible_keys: Any) -> None:  # noqa: ARG
     module._demand_tick = int(module.demand_tick)  # after load_state_dict (checkpoint resume)
 
 
-class FeatureChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE):
+class FeatureChoiceTrainingSAE(SelectionStepMixin, AuxLossMixin, TopKTrainingSAE):
     """Feature Choice training SAE; ``encode`` is the batch rule, ``encode_thresholded`` the saved one."""
 
-    batch_selection = True  # encode refuses non-finite input
+    rule_kind = kinds.BATCH_PER_FEATURE
 
     cfg: FeatureChoiceTrainingSAEConfig  # type: ignore[assignment]
     training_only_buffers = (
@@ -174,11 +201,18 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE
 
         #: theta_j (sae_allocators.thresholds): running tau_j; calibrated values replace it at the end
         self.threshold_tracker = ThresholdTracker(
-            self, value="feature_threshold", steps="feature_threshold_steps", shape=(f,), rate_field="threshold_lr",
-            age="steps_since_selected", calibrated="threshold_calibrated",
+            self,
+            value="feature_threshold",
+            steps="feature_threshold_steps",
+            shape=(f,),
+            rate_field="threshold_lr",
+            age="steps_since_selected",
+            calibrated="threshold_calibrated",
         )
         #: theta: the Mutual-Choice threshold at the same budget (fallback of stale features)
-        self.global_threshold_tracker = ThresholdTracker(self, value="global_threshold", steps="global_threshold_steps", rate_field="threshold_lr")
+        self.global_threshold_tracker = ThresholdTracker(
+            self, value="global_threshold", steps="global_threshold_steps", rate_field="threshold_lr"
+        )
         #: c: the uncalibrated export's correction to the training L0 (sae_allocators.thresholds)
         self.export_steering = ExportSteering(self)
         buf("feature_usage", torch.zeros(f, dtype=torch.float32, device=dev))
@@ -220,29 +254,32 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE
         if group is not None:  # data-parallel: capacities and thresholds over the global batch
             sizes = dist_select.token_sizes(n, group, hidden_pre.device)
             caps = self.current_capacities(sum(sizes))
-            flat, tau = dist_select.feature_choice_indices(hidden_pre, caps, group, one_per_token=self.cfg.one_per_token, sizes=sizes)
+            flat, tau = dist_select.feature_choice_indices(
+                hidden_pre, caps, group, one_per_token=self.cfg.one_per_token, sizes=sizes
+            )
             return sparse.from_flat(flat, n, f, tau, is_sorted=True)
         caps = self.current_capacities(n)
         stats: dict = {}
-        flat, tau = feature_choice_indices(hidden_pre, caps, one_per_token=self.cfg.one_per_token, t_lo=self._estimate_lower_bound(), stats=stats)
+        flat, tau = feature_choice_indices(
+            hidden_pre, caps, one_per_token=self.cfg.one_per_token, t_lo=self._estimate_lower_bound(), stats=stats
+        )
         self._adapt_margin(stats, int(caps.sum()))
         return sparse.from_flat(flat, n, f, tau, is_sorted=True)
 
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch rule on ``x``, outlier guard included (SAELens's contract; training steps go
         through :meth:`select`)."""
+
         def kept(ranked: torch.Tensor) -> torch.Tensor:
-            return feature_choice_indices(ranked, self.current_capacities(ranked.shape[0]), one_per_token=self.cfg.one_per_token)[0]
+            return feature_choice_indices(
+                ranked, self.current_capacities(ranked.shape[0]), one_per_token=self.cfg.one_per_token
+            )[0]
 
         return self.batch_rule_encode(x, kept)
 
     def after_step(self, state: StepState, output: Any) -> None:
         self._update_running_stats(state.ranked(), state.selection.tau)
         self.export_steering.update(state.hidden_pre, self.running_thresholds(), self.cfg.k, group_of(self))
-
-    def training_forward_pass(self, step_input: Any) -> Any:
-        require_budget(self.cfg.k, tokens_in(step_input.sae_in), NAME)
-        return super().training_forward_pass(step_input)
 
     def _estimate_lower_bound(self) -> torch.Tensor | None:
         """Last step's tau_j lowered by ``z`` times its running step-to-step change: a cheap
@@ -339,7 +376,9 @@ class FeatureChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_saving_inference(state_dict)
         self.cfg.metadata.thresholds_calibrated = self.threshold_tracker.is_calibrated
-        state_dict["threshold"] = export_threshold(self.inference_thresholds().detach(), self.b_enc, "feature_choice threshold theta_j")
+        state_dict["threshold"] = export_threshold(
+            self.inference_thresholds().detach(), self.b_enc, "feature_choice threshold theta_j"
+        )
 
     def lazy_metrics(self, feature_acts: torch.Tensor, dead_mask: torch.Tensor | None) -> dict[str, Any]:
         out = super().lazy_metrics(feature_acts, dead_mask)

@@ -23,6 +23,7 @@ from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopK
 from sae_allocators import sparse
 from sae_allocators.allocation.gradient import GRAD_NORMALIZATIONS, gradient_topk, gradient_topk_indices
 from sae_allocators.distributed import global_mean, group_of
+from sae_allocators.architectures import kinds
 from sae_allocators.architectures._common import RefuseTrainingCheckpointMixin, pre_activations
 from sae_allocators.architectures._step import SelectionStepMixin, StepState
 from sae_allocators.gradient.store import split_rows
@@ -52,7 +53,9 @@ def _encode(sae: Any, x: torch.Tensor, grad: torch.Tensor | None) -> tuple[torch
     hidden_pre = pre_activations(sae, x)
     if grad is not None:
         grad = sae.reshape_fn_in(grad)  # identity unless hook_z reshaping is on, as for x
-    codes = gradient_topk(hidden_pre, grad, _decoder_directions(sae), sae.cfg.k, sae.cfg.beta, sae.cfg.grad_normalization)
+    codes = gradient_topk(
+        hidden_pre, grad, _decoder_directions(sae), sae.cfg.k, sae.cfg.beta, sae.cfg.grad_normalization
+    )
     if getattr(sae.cfg, "use_sparse_activations", False):
         codes = codes.to_sparse()
     return sae.hook_sae_acts_post(codes), hidden_pre
@@ -141,8 +144,10 @@ class GradientTopKTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
         return GradientActivationsStore
 
 
-class GradientTopKTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE):
+class GradientTopKTrainingSAE(SelectionStepMixin, AuxLossMixin, TopKTrainingSAE):
     """TopK training SAE with the g-SAE selection; accepts ``[x | g]`` rows or plain ``x`` rows."""
+
+    rule_kind = kinds.PER_TOKEN
 
     cfg: GradientTopKTrainingSAEConfig  # type: ignore[assignment]
 
@@ -152,7 +157,9 @@ class GradientTopKTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE)
         #: this SAE has trained on ``[x | g]`` rows: its data comes from the gradient store
         self._trained_on_gradients = False
 
-    def encode_with_hidden_pre(self, x: torch.Tensor, grad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+    def encode_with_hidden_pre(
+        self, x: torch.Tensor, grad: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         return _encode(self, x, grad)
 
     def encode(self, x: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
@@ -161,11 +168,15 @@ class GradientTopKTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE)
     def select(self, hidden_pre: torch.Tensor, grad: torch.Tensor | None = None, **context: Any) -> sparse.Selection:
         mode = self.cfg.grad_normalization
         if grad is not None:
-            grad = self.reshape_fn_in(grad).reshape(-1, self.cfg.d_in)  # identity unless hook_z reshaping is on, as for x
+            grad = self.reshape_fn_in(grad).reshape(
+                -1, self.cfg.d_in
+            )  # identity unless hook_z reshaping is on, as for x
             group = group_of(self)
             if group is not None and mode == "batch":  # data-parallel: the global batch's mean gradient norm
                 grad, mode = grad / global_mean(grad.norm(dim=-1), group).clamp_min(1e-12), "none"
-        indices, keep = gradient_topk_indices(hidden_pre, grad, _decoder_directions(self), self.cfg.k, self.cfg.beta, mode)
+        indices, keep = gradient_topk_indices(
+            hidden_pre, grad, _decoder_directions(self), self.cfg.k, self.cfg.beta, mode
+        )
         return sparse.from_row_indices(indices, hidden_pre.shape[-1], keep)
 
     def step_context(self, step_input: TrainStepInput) -> tuple[TrainStepInput, dict[str, Any]]:
@@ -178,7 +189,13 @@ class GradientTopKTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE)
         # Warn about training without the gradient store, not about evaluating on plain batches: a
         # step in eval mode or without autograd, or a plain batch after the SAE trained on gradient
         # rows (the benchmark times a step on plain evaluation batches after training), is not it.
-        if grad is None and self.cfg.beta > 0 and training and not self._trained_on_gradients and not self._warned_no_grad:
+        if (
+            grad is None
+            and self.cfg.beta > 0
+            and training
+            and not self._trained_on_gradients
+            and not self._warned_no_grad
+        ):
             self._warned_no_grad = True
             warnings.warn(
                 "gradient_topk is training on batches without gradients (width d_in), so it selects as plain "

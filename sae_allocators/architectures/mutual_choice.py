@@ -18,6 +18,7 @@ from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig, TopKTrainingSAE
 
 from sae_allocators import sparse
 from sae_allocators.allocation.batch import batch_topk, mutual_choice_indices
+from sae_allocators.architectures import kinds
 from sae_allocators.architectures._common import RefuseTrainingCheckpointMixin, check_k, check_rate, pre_activations
 from sae_allocators.architectures._step import SelectionStepMixin, StepState
 from sae_allocators.distributed import group_of
@@ -25,7 +26,7 @@ from sae_allocators.distributed import select as dist_select
 from sae_allocators.hookspecs import hookimpl
 from sae_allocators.losses import AuxLossConfig, AuxLossMixin, check_finite
 from sae_allocators.losses.base import BATCH_ENCODE_REASON
-from sae_allocators.thresholds import CalibrationConfig, ExportSteering, ThresholdTracker, export_threshold, require_budget, tokens_in
+from sae_allocators.thresholds import CalibrationConfig, ExportSteering, ThresholdTracker, export_threshold
 
 NAME = "mutual_choice"
 
@@ -89,11 +90,11 @@ class MutualChoiceTrainingSAEConfig(CalibrationConfig, AuxLossConfig, BatchTopKT
         return NAME
 
 
-class MutualChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, BatchTopKTrainingSAE):
+class MutualChoiceTrainingSAE(SelectionStepMixin, AuxLossMixin, BatchTopKTrainingSAE):
     """Mutual Choice training SAE; the training step keeps the batch's ``floor(k N)`` largest
     affinities (:meth:`select`), ``encode_thresholded`` is the saved batch-free rule."""
 
-    batch_selection = True  # encode refuses non-finite input
+    rule_kind = kinds.BATCH_GLOBAL
 
     cfg: MutualChoiceTrainingSAEConfig  # type: ignore[assignment]
     training_only_buffers = ("threshold_steps", "threshold_calibrated", "threshold_export_scale")
@@ -102,7 +103,11 @@ class MutualChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, BatchTopKTrainin
         super().__init__(cfg, use_error_term)
         #: theta: SAELens BatchTopK's ``topk_threshold`` buffer, warm-started (sae_allocators.thresholds)
         self.threshold_tracker = ThresholdTracker(
-            self, value="topk_threshold", steps="threshold_steps", rate_field="topk_threshold_lr", calibrated="threshold_calibrated"
+            self,
+            value="topk_threshold",
+            steps="threshold_steps",
+            rate_field="topk_threshold_lr",
+            calibrated="threshold_calibrated",
         )
         #: c: the uncalibrated export's correction to the training L0 (sae_allocators.thresholds)
         self.export_steering = ExportSteering(self)
@@ -112,7 +117,11 @@ class MutualChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, BatchTopKTrainin
 
     def select(self, hidden_pre: torch.Tensor, **context: Any) -> sparse.Selection:
         group = group_of(self)  # data-parallel: the global batch's k*N largest (docs/distributed.md)
-        flat, tau = mutual_choice_indices(hidden_pre, self.cfg.k) if group is None else dist_select.mutual_choice_indices(hidden_pre, self.cfg.k, group)
+        flat, tau = (
+            mutual_choice_indices(hidden_pre, self.cfg.k)
+            if group is None
+            else dist_select.mutual_choice_indices(hidden_pre, self.cfg.k, group)
+        )
         return sparse.from_flat(flat, hidden_pre.shape[0], hidden_pre.shape[1], tau, is_sorted=True)
 
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,10 +133,6 @@ class MutualChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, BatchTopKTrainin
         self.update_threshold(state.selection.tau)
         self.export_steering.update(state.hidden_pre, self.topk_threshold, self.cfg.k, group_of(self))
         output.metrics["topk_threshold"] = self.topk_threshold
-
-    def training_forward_pass(self, step_input: Any) -> Any:
-        require_budget(self.cfg.k, tokens_in(step_input.sae_in), NAME)
-        return super().training_forward_pass(step_input)
 
     @torch.no_grad()
     def update_threshold(self, tau: torch.Tensor) -> None:
@@ -149,13 +154,19 @@ class MutualChoiceTrainingSAE(AuxLossMixin, SelectionStepMixin, BatchTopKTrainin
     def inference_thresholds(self) -> torch.Tensor:
         """The saved JumpReLU threshold for every feature: the calibrated theta if calibration ran,
         else ``c * theta`` (the running theta with the export correction :class:`ExportSteering`)."""
-        theta = self.topk_threshold if self.threshold_tracker.is_calibrated else self.export_steering.apply(self.topk_threshold)
+        theta = (
+            self.topk_threshold
+            if self.threshold_tracker.is_calibrated
+            else self.export_steering.apply(self.topk_threshold)
+        )
         return theta.expand(self.cfg.d_sae)
 
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_saving_inference(state_dict)
         self.cfg.metadata.thresholds_calibrated = self.threshold_tracker.is_calibrated
-        state_dict["threshold"] = export_threshold(self.inference_thresholds().detach(), self.b_enc, "mutual_choice threshold theta (topk_threshold)")
+        state_dict["threshold"] = export_threshold(
+            self.inference_thresholds().detach(), self.b_enc, "mutual_choice threshold theta (topk_threshold)"
+        )
 
     def lazy_metrics(self, feature_acts: torch.Tensor, dead_mask: torch.Tensor | None) -> dict[str, Any]:
         out = super().lazy_metrics(feature_acts, dead_mask)

@@ -26,6 +26,7 @@ from torch import nn
 
 from sae_allocators import sparse
 from sae_allocators.allocation.afa import AFASelection, afa_indices, afa_loss, afa_loss_sparse, afa_select, check_k_max
+from sae_allocators.architectures import kinds
 from sae_allocators.architectures._common import RefuseTrainingCheckpointMixin, check_d_sae, input_and_pre_activations
 from sae_allocators.architectures._step import SelectionStepMixin, StepState
 from sae_allocators.diagnostics.afa import afa_k_stats, epsilon_lbo, epsilon_lbo_stats
@@ -52,7 +53,9 @@ class TopAFA(nn.Module):
     def select(self, hidden_pre: torch.Tensor, target: torch.Tensor, dec_norm: torch.Tensor | None) -> AFASelection:
         return afa_select(hidden_pre, target, dec_norm, self.k_max)  # ReLU applied inside, to kept entries
 
-    def forward(self, hidden_pre: torch.Tensor, target: torch.Tensor, dec_norm: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, hidden_pre: torch.Tensor, target: torch.Tensor, dec_norm: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self.select(hidden_pre, target, dec_norm).codes
 
 
@@ -60,7 +63,9 @@ def _check_k_max_field(k_max: Any, d_sae: int) -> None:
     check_d_sae(d_sae)
     check_k_max(k_max)
     if k_max is not None and k_max > d_sae:
-        raise ValueError(f"k_max={k_max!r} is invalid: it cannot exceed d_sae={d_sae}; use k_max <= d_sae, or None for no cap.")
+        raise ValueError(
+            f"k_max={k_max!r} is invalid: it cannot exceed d_sae={d_sae}; use k_max <= d_sae, or None for no cap."
+        )
 
 
 class _AFAEncodeMixin:
@@ -173,12 +178,14 @@ class TopAFATrainingSAEConfig(AuxLossConfig, TrainingSAEConfig):
         return TopAFASAEConfig
 
 
-class TopAFATrainingSAE(AuxLossMixin, SelectionStepMixin, _AFAEncodeMixin, TopKTrainingSAE):
+class TopAFATrainingSAE(SelectionStepMixin, AuxLossMixin, _AFAEncodeMixin, TopKTrainingSAE):
     """Training: top-AFA codes, MSE + AFA loss + the configured auxiliary loss.
 
     Logged (lazily) besides the mixin's metrics: ``afa_k_mean / afa_k_p50 / afa_k_p99``,
     ``afa_capped_frac`` and ``eps_lbo_mean / eps_lbo_p50 / eps_lbo_p99``.
     """
+
+    rule_kind = kinds.PER_TOKEN
 
     cfg: TopAFATrainingSAEConfig  # type: ignore[assignment]
 
@@ -196,7 +203,9 @@ class TopAFATrainingSAE(AuxLossMixin, SelectionStepMixin, _AFAEncodeMixin, TopKT
         target = torch.linalg.vector_norm(centred.detach(), dim=-1)
         kept, k, capped = afa_indices(hidden_pre, target, self.afa_decoder_norms(), self.cfg.k_max)
         kept = kept[hidden_pre.reshape(-1).index_select(0, kept) > 0]
-        return sparse.from_flat(kept, hidden_pre.shape[0], hidden_pre.shape[1], is_sorted=True, info={"k": k, "capped": capped})
+        return sparse.from_flat(
+            kept, hidden_pre.shape[0], hidden_pre.shape[1], is_sorted=True, info={"k": k, "capped": capped}
+        )
 
     def afa_loss_target_norm(self, sae_in: torch.Tensor) -> torch.Tensor:
         """Per-token norm the AFA loss aims at (see ``afa_loss_target``), a constant."""
@@ -212,16 +221,27 @@ class TopAFATrainingSAE(AuxLossMixin, SelectionStepMixin, _AFAEncodeMixin, TopKT
         norms = self.afa_decoder_norms()
         sel = state.selection
         if state.sparse:
-            loss = afa_loss_sparse(state.values, sel.rows, target, None if norms is None else norms.index_select(0, sel.cols))
+            loss = afa_loss_sparse(
+                state.values, sel.rows, target, None if norms is None else norms.index_select(0, sel.cols)
+            )
         else:
             loss = afa_loss(sparse.dense_codes(state.hidden_pre, sel), target, norms)
         return {"afa_loss": self.cfg.afa_coefficient * loss}
 
     def after_step(self, state: StepState, output: Any) -> None:
         info = state.selection.info
-        output.metrics.update(self.afa_lazy_metrics(state.x, output.feature_acts, info["k"].reshape(state.lead_shape), info["capped"].reshape(state.lead_shape)))
+        output.metrics.update(
+            self.afa_lazy_metrics(
+                state.x,
+                output.feature_acts,
+                info["k"].reshape(state.lead_shape),
+                info["capped"].reshape(state.lead_shape),
+            )
+        )
 
-    def afa_lazy_metrics(self, sae_in: torch.Tensor, feature_acts: torch.Tensor, k: torch.Tensor, capped: torch.Tensor) -> dict[str, Callable[[], float]]:
+    def afa_lazy_metrics(
+        self, sae_in: torch.Tensor, feature_acts: torch.Tensor, k: torch.Tensor, capped: torch.Tensor
+    ) -> dict[str, Callable[[], float]]:
         """Zero-argument callables (evaluated only on logging steps, so no sync otherwise)."""
         with torch.no_grad():
             z = self.run_time_activation_norm_fn_in(self.reshape_fn_in(sae_in.detach().to(self.dtype)))

@@ -18,6 +18,7 @@ from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopK
 
 from sae_allocators import sparse
 from sae_allocators.allocation.topk import topk_indices
+from sae_allocators.architectures import kinds
 from sae_allocators.architectures._common import check_k, load_alias_config
 from sae_allocators.architectures._step import SelectionStepMixin
 from sae_allocators.hookspecs import hookimpl
@@ -35,7 +36,9 @@ class TopKZipfTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
     def __post_init__(self) -> None:
         check_k(self.k, self.d_sae)
         if int(self.k) != self.k:
-            raise ValueError(f"k={self.k!r} is invalid: topk keeps exactly k features per token, so k must be an integer.")
+            raise ValueError(
+                f"k={self.k!r} is invalid: topk keeps exactly k features per token, so k must be an integer."
+            )
         super().__post_init__()
 
     @classmethod
@@ -46,12 +49,14 @@ class TopKZipfTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
         return TopKSAEConfig
 
 
-class TopKZipfTrainingSAE(AuxLossMixin, SelectionStepMixin, TopKTrainingSAE):
+class TopKZipfTrainingSAE(SelectionStepMixin, AuxLossMixin, TopKTrainingSAE):
     """SAELens TopK with the auxiliary loss chosen by ``cfg.aux_loss``; saved as ``topk``.
 
     The training step keeps, per token, the ``k`` largest pre-activations that are positive
     (SAELens's TopK codes: the others it keeps are ReLU'd to 0).
     """
+
+    rule_kind = kinds.PER_TOKEN
 
     def select(self, hidden_pre: torch.Tensor, **context: Any) -> sparse.Selection:
         indices, keep = topk_indices(hidden_pre, int(self.cfg.k))

@@ -65,7 +65,12 @@ def problems(report_dir: Path) -> list[str]:
                 out.append(f"{tag}: {name} = {value} is not finite")
         for name in FRACTIONS:
             v = r.get(name)
-            if isinstance(v, (int, float)) and math.isfinite(v) and not (-1e-9 <= v <= 1 + 1e-9) and name != "explained_variance":
+            if (
+                isinstance(v, (int, float))
+                and math.isfinite(v)
+                and not (-1e-9 <= v <= 1 + 1e-9)
+                and name != "explained_variance"
+            ):
                 out.append(f"{tag}: {name} = {v} is outside [0, 1]")
             if name == "explained_variance" and isinstance(v, (int, float)) and v > 1 + 1e-9:
                 out.append(f"{tag}: explained_variance = {v} > 1")

@@ -37,48 +37,67 @@ def parser(prog: str = "python -m sae_allocators.benchmark") -> argparse.Argumen
         description="Train every registered SAE architecture at matched L0 on synthetic ground truth and "
         "on a real language model (offline), evaluate the saved models, and write a report folder.",
     )
-    p.add_argument("--quick", action="store_true", help="small smoke run for CI (a few minutes on 2 cores); "
-                   "the same as --preset quick")
     p.add_argument(
-        "--preset", choices=("default", "quick", "gpu", "large"), default=None,
+        "--quick",
+        action="store_true",
+        help="small smoke run for CI (a few minutes on 2 cores); the same as --preset quick",
+    )
+    p.add_argument(
+        "--preset",
+        choices=("default", "quick", "gpu", "large"),
+        default=None,
         help="sizes: default (about 30 min on 2 idle CPU cores), quick (CI smoke run), gpu (one 24-80 GB GPU, "
         "about an hour, untested until run on one: docs/benchmark.md), large (the LM at scale: d_sae 4,608, "
-        "1M tokens per SAE, 58 SAEs; estimated about 4 h on 2 idle CPU cores, docs/benchmark.md; report in "
+        "1M tokens per SAE, 58 SAEs; estimated about 3.1 h on 2 idle CPU cores, docs/benchmark.md; report in "
         "reports/large unless --out, and rerunning the same command resumes); other options override its values",
     )
     p.add_argument(
-        "--device", type=devices.cli_device, default=devices.AUTO,
+        "--device",
+        type=devices.cli_device,
+        default=devices.AUTO,
         help="auto (default: CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N: the model, "
         "activation caching, training and evaluation all run there",
     )
     p.add_argument(
-        "--gradient-betas", type=_floats0, default=None,
+        "--gradient-betas",
+        type=_floats0,
+        default=None,
         help="gradient_topk's beta on the LM (default 1, from the sweep in docs/benchmark.md); several, "
         "e.g. 0.5,1,2: one run per beta (a sweep)",
     )
     p.add_argument(
-        "--live-tokens", type=int, default=None,
+        "--live-tokens",
+        type=int,
+        default=None,
         help="training tokens per SAE for gradient_topk and its topk[live] control on the LM (they compute "
         "activations, and gradient_topk the LM's gradients, as they train; default: the preset's)",
     )
     p.add_argument(
-        "--live-ks", type=_floats, default=None,
+        "--live-ks",
+        type=_floats,
+        default=None,
         help="the k at which gradient_topk and its control are trained on the LM (default: the preset's; "
         "default: 32 only, gpu: every k)",
     )
     p.add_argument(
-        "--tf32", action=argparse.BooleanOptionalAction, default=None,
+        "--tf32",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="TF32 matrix multiplies on CUDA (default: on with --preset gpu, else off)",
     )
     p.add_argument(
-        "--out", type=Path, default=None,
+        "--out",
+        type=Path,
+        default=None,
         help="report folder (default reports/<timestamp>[-quick], reports/large for --preset large). A folder "
         "with finished runs of the same settings resumes: those runs are skipped and the report covers all; "
         "other settings are refused",
     )
     p.add_argument("--datasets", default=None, help="comma-separated: synthetic, lm (default both; --preset large: lm)")
     p.add_argument("--arch", action="append", default=None, help="only this architecture (repeatable)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per configuration (synthetic; LM too unless --lm-seeds)")
+    p.add_argument(
+        "--seeds", type=int, default=None, help="seeds per configuration (synthetic; LM too unless --lm-seeds)"
+    )
     p.add_argument("--lm-seeds", type=int, default=None, help="seeds per configuration on the language model")
     p.add_argument("--ks", type=_floats, default=None, help="target L0 sweep on the language model, e.g. 16,32,64")
     p.add_argument("--synthetic-ks", type=_floats, default=None, help="target L0 sweep on synthetic data")
@@ -87,10 +106,14 @@ def parser(prog: str = "python -m sae_allocators.benchmark") -> argparse.Argumen
     p.add_argument("--context-size", type=int, default=128, help="tokens per sequence on the language model")
     p.add_argument("--model", default=None, help="with network: any TransformerLens model name (e.g. gpt2)")
     p.add_argument("--dataset", default=None, help="with --model: a Hub dataset name or a local text/json/parquet path")
-    p.add_argument("--tiny-lm", action="store_true", help="a random tiny model and random tokens (tests the harness only)")
+    p.add_argument(
+        "--tiny-lm", action="store_true", help="a random tiny model and random tokens (tests the harness only)"
+    )
     p.add_argument("--cache-dir", default=None, help="offline assets cache (default: the preparation step's)")
     p.add_argument(
-        "--threads", type=int, default=None,
+        "--threads",
+        type=int,
+        default=None,
         help="torch CPU threads (default: torch's). On a machine shared with other jobs, 1 can be many "
         "times faster than oversubscribed threads",
     )
@@ -125,7 +148,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m sae_allocators.be
     except devices.DeviceError as exc:
         raise SystemExit(f"--device: {exc}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = args.out or DEFAULT_OUT.get(preset) or Path("reports") / (stamp + ("" if preset == "default" else f"-{preset}"))
+    out = (
+        args.out or DEFAULT_OUT.get(preset) or Path("reports") / (stamp + ("" if preset == "default" else f"-{preset}"))
+    )
     st = PRESETS[preset](out)
     st.device = str(device)
     if preset == "gpu" and not devices.is_cuda(device):
@@ -165,14 +190,26 @@ def main(argv: list[str] | None = None, prog: str = "python -m sae_allocators.be
         st.live_lm_data = None  # the LM is already the tiny one: the live runs train on it
     elif args.model:
         st.lm_data = lambda: lm_data.hub_lm_data(
-            args.model, args.dataset, ctx, int((st.lm.training_tokens + st.lm.calibration_tokens) * 1.3), st.lm.eval_sequences, device=device
+            args.model,
+            args.dataset,
+            ctx,
+            int((st.lm.training_tokens + st.lm.calibration_tokens) * 1.3),
+            st.lm.eval_sequences,
+            device=device,
         )
     else:
         st.lm_data = lambda: lm_data.offline_lm_data(
-            ctx, int((st.lm.training_tokens + st.lm.calibration_tokens) * 1.3) + 16 * ctx, st.lm.eval_sequences, args.cache_dir, device=device
+            ctx,
+            int((st.lm.training_tokens + st.lm.calibration_tokens) * 1.3) + 16 * ctx,
+            st.lm.eval_sequences,
+            args.cache_dir,
+            device=device,
         )
     st.data_args = {
-        "model": args.model, "dataset": args.dataset, "tiny_lm": bool(args.tiny_lm), "context_size": ctx,
+        "model": args.model,
+        "dataset": args.dataset,
+        "tiny_lm": bool(args.tiny_lm),
+        "context_size": ctx,
         "cache_dir": args.cache_dir,
     }
     try:

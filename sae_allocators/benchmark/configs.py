@@ -24,6 +24,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+
 @dataclass(frozen=True)
 class Entry:
     """How the benchmark builds one architecture's config."""
@@ -31,8 +32,6 @@ class Entry:
     fields: Callable[[float, "Context"], dict[str, Any]]
     #: ``False`` when the architecture picks its own L0 (trained once, its L0 is reported)
     fixed_l0: bool = True
-    #: batch-level selection at training time (inference L0 may drift from k)
-    batch_level: bool = False
     #: ``False`` when training on a language model needs more than cached activations: then it is
     #: trained from SAELens's live store (the one its config asks for; gradient_topk: the gradient
     #: store) on ``LMScale.live_training_tokens`` tokens
@@ -88,18 +87,20 @@ GUARD_OFF = ("guard=off", (("outlier_norm_ratio", 0.0),))
 KNOWN: dict[str, Entry] = {
     # SAELens's baselines (AuxK)
     "topk": Entry(_int_k, note="SAELens baseline; AuxK"),
-    "batchtopk": Entry(_float_k, batch_level=True, note="SAELens baseline; AuxK; saved as jumprelu"),
+    "batchtopk": Entry(_float_k, note="SAELens baseline; AuxK; saved as jumprelu"),
     "abstopk": Entry(_int_k, note="signed codes; SAELens's own from 6.53, the project's port before"),
     # the same selections with this project's aux_zipf loss
     "topk_zipf": Entry(_int_k, auxk_counterpart="topk", note="SAELens topk + aux_zipf"),
-    "batchtopk_zipf": Entry(_float_k, batch_level=True, auxk_counterpart="batchtopk", note="SAELens batchtopk + aux_zipf"),
+    "batchtopk_zipf": Entry(_float_k, auxk_counterpart="batchtopk", note="SAELens batchtopk + aux_zipf"),
     "abstopk_zipf": Entry(_int_k, auxk_counterpart="abstopk", note="abstopk + aux_zipf (signed)"),
     # the project's allocators
     "mutual_choice": Entry(
-        _float_k, batch_level=True, auxk_counterpart="batchtopk", variants=(GUARD_OFF,),
+        _float_k,
+        auxk_counterpart="batchtopk",
+        variants=(GUARD_OFF,),
         note="same selection as batchtopk; its AuxK run is batchtopk itself",
     ),
-    "feature_choice": Entry(_float_k, batch_level=True, aux_variants=("auxk",), variants=(GUARD_OFF,)),
+    "feature_choice": Entry(_float_k, aux_variants=("auxk",), variants=(GUARD_OFF,)),
     "gradient_topk": Entry(
         _gradient_k,
         lm_from_cache=False,
@@ -126,7 +127,14 @@ class Plan:
 
     @property
     def batch_level(self) -> bool:
-        return bool(self.entry and self.entry.batch_level)
+        """Batch-level selection at training time (inference L0 may drift from k): the kind the
+        registered training class declares (:func:`sae_allocators.architectures.kinds.rule_kind_of`)."""
+        from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+
+        from sae_allocators.architectures import kinds
+
+        entry = SAE_TRAINING_CLASS_REGISTRY.get(self.name)
+        return entry is not None and kinds.is_batch_rule(entry[0])
 
     @property
     def fixed_l0(self) -> bool:
@@ -243,10 +251,18 @@ def on_sparse_step(plans: list[Plan], labels: tuple[str, ...] | list[str]) -> li
         if p.label in labels and p.skip_reason is None and p.entry is not None:
             twin, extra = SPARSE_TWINS[p.label]
             if twin not in SAE_TRAINING_CLASS_REGISTRY or twin not in providers:
-                raise ValueError(f"sparse baseline {p.label}: its twin {twin} is not registered (is sae-allocators installed?)")
+                raise ValueError(
+                    f"sparse baseline {p.label}: its twin {twin} is not registered (is sae-allocators installed?)"
+                )
             prov = providers[twin]
             note = f"{p.entry.note}; trained as {twin} with SAELens's AuxK on the sparse step (same loss and gradients)"
-            p = Plan(twin, p.label, f"{prov.distribution} {prov.version}".strip(), dataclasses.replace(p.entry, note=note), extra=dict(extra))
+            p = Plan(
+                twin,
+                p.label,
+                f"{prov.distribution} {prov.version}".strip(),
+                dataclasses.replace(p.entry, note=note),
+                extra=dict(extra),
+            )
         out.append(p)
     return out
 

@@ -40,7 +40,9 @@ def evaluate_saved(source: Any, result: Any) -> tuple[dict[str, Any], torch.Tens
     figures["l0_drift"] = figures["l0_mean"] / max(figures["train_mode_l0_mean"], 1e-12) - 1.0
     figures.update(uncalibrated_figures(sae, source, getattr(result, "calibration", None)))
     if "uncalibrated_l0_mean" in figures:
-        figures["l0_drift_uncalibrated"] = figures["uncalibrated_l0_mean"] / max(figures["train_mode_l0_mean"], 1e-12) - 1.0
+        figures["l0_drift_uncalibrated"] = (
+            figures["uncalibrated_l0_mean"] / max(figures["train_mode_l0_mean"], 1e-12) - 1.0
+        )
     stream = getattr(source, "stream_eval", None)
     if stream is not None:
         figures.update(stream_figures(sae, result.sae, stream(), source.train_batch_size))

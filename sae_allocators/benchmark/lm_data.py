@@ -76,7 +76,9 @@ def offline_lm_data(
     # from all documents. (tokenized_dataset's max_tokens takes whole documents from the front of
     # the document shuffle: at the benchmark's sizes that was one or two documents -- one
     # Shakespeare play for training, another text for evaluation and calibration.)
-    train = _first_rows(offline.tokenized_dataset(prepared, tok, context_size, seed=0, split="train"), max_tokens // context_size)
+    train = _first_rows(
+        offline.tokenized_dataset(prepared, tok, context_size, seed=0, split="train"), max_tokens // context_size
+    )
     held = offline.tokenized_dataset(prepared, tok, context_size, seed=0, split="eval")
     eval_tokens = torch.tensor(held["tokens"][:n_eval_sequences])
     info = prepared.model_info

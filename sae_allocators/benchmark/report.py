@@ -20,14 +20,37 @@ PLOTS = {
 
 # figures aggregated over seeds (mean and spread) in the tables and the JSON
 AGG_KEYS = (
-    "l0_mean", "l0_p50", "l0_p99", "frac_empty_tokens", "explained_variance", "nmse", "dead_fraction",
-    "underused_fraction", "mcc", "ce_loss_recovered", "kl_div", "step_seconds", "step_time_vs_topk",
-    "train_mode_l0_mean", "train_mode_nmse", "l0_drift", "zipf_exponent", "train_seconds",
+    "l0_mean",
+    "l0_p50",
+    "l0_p99",
+    "frac_empty_tokens",
+    "explained_variance",
+    "nmse",
+    "dead_fraction",
+    "underused_fraction",
+    "mcc",
+    "ce_loss_recovered",
+    "kl_div",
+    "step_seconds",
+    "step_time_vs_topk",
+    "train_mode_l0_mean",
+    "train_mode_nmse",
+    "l0_drift",
+    "zipf_exponent",
+    "train_seconds",
     "train_seconds_per_token",
-    "l0_drift_uncalibrated", "uncalibrated_nmse",
-    "median_token_fvu", "l0_bos", "l0_doc_first", "l0_rest", "l0_outlier_rows",
-    "train_mode_l0_bos", "train_mode_l0_doc_first", "train_mode_l0_rest",
-    "budget_share_outlier_rows", "budget_share_top1pct",
+    "l0_drift_uncalibrated",
+    "uncalibrated_nmse",
+    "median_token_fvu",
+    "l0_bos",
+    "l0_doc_first",
+    "l0_rest",
+    "l0_outlier_rows",
+    "train_mode_l0_bos",
+    "train_mode_l0_doc_first",
+    "train_mode_l0_rest",
+    "budget_share_outlier_rows",
+    "budget_share_top1pct",
 )
 
 DEFINITIONS = {
@@ -68,13 +91,22 @@ DEFINITIONS = {
 
 
 #: figures kept per seed in the aggregates, for the claims' paired differences (benchmark.stats)
-PAIRED_KEYS = ("nmse", "train_mode_nmse", "ce_loss_recovered", "kl_div", "dead_fraction", "underused_fraction",
-               "l0_mean")
+PAIRED_KEYS = (
+    "nmse",
+    "train_mode_nmse",
+    "ce_loss_recovered",
+    "kl_div",
+    "dead_fraction",
+    "underused_fraction",
+    "l0_mean",
+)
 
 
 def _paired(a: dict[str, Any], b: dict[str, Any], key_a: str, key_b: str | None = None) -> dict[str, Any]:
     """``a[key_a] - b[key_b]`` paired by seed between two aggregate rows (benchmark.stats)."""
-    return stats.paired_difference((a.get("by_seed") or {}).get(key_a, {}), (b.get("by_seed") or {}).get(key_b or key_a, {}))
+    return stats.paired_difference(
+        (a.get("by_seed") or {}).get(key_a, {}), (b.get("by_seed") or {}).get(key_b or key_a, {})
+    )
 
 
 def _paired_line(what: str, d: dict[str, Any], fmt: str = "{:+.4f}") -> str:
@@ -180,7 +212,9 @@ def zero_dead_claim(agg: list[dict[str, Any]], datasets: list[str]) -> dict[str,
                 )
     return _claim(
         "Feature Choice reaches zero dead features",
-        lines, verdicts, "feature_choice is not registered in this install",
+        lines,
+        verdicts,
+        "feature_choice is not registered in this install",
     )
 
 
@@ -222,12 +256,22 @@ def beats_topk_claim(agg: list[dict[str, Any]], datasets: list[str]) -> dict[str
                 # paired over seeds at equal k: the training-time selection (exactly k per token on
                 # average) and the saved model (its own L0, within the calibration's drift of k)
                 for what, key in (("training-time selection", "train_mode_nmse"), ("saved model", "nmse")):
-                    pd = {**_paired(r, t, key, "nmse"), "comparison": f"{d}, k={r['k_target']:g}: {r['label']} {what} "
-                          f"NMSE - topk NMSE", "dataset": d, "k": r["k_target"], "label": r["label"], "metric": key}
+                    pd = {
+                        **_paired(r, t, key, "nmse"),
+                        "comparison": f"{d}, k={r['k_target']:g}: {r['label']} {what} NMSE - topk NMSE",
+                        "dataset": d,
+                        "k": r["k_target"],
+                        "label": r["label"],
+                        "metric": key,
+                    }
                     paired.append(pd)
     return _claim(
         "Feature and Mutual Choice reconstruct better than TopK at equal L0",
-        lines, verdicts, "needs topk and feature_choice or mutual_choice in the same run", paired, LOWER_IS_SUPPORT,
+        lines,
+        verdicts,
+        "needs topk and feature_choice or mutual_choice in the same run",
+        paired,
+        LOWER_IS_SUPPORT,
     )
 
 
@@ -242,12 +286,24 @@ def aux_zipf_claim(agg: list[dict[str, Any]], datasets: list[str]) -> dict[str, 
             b = _get(agg, d, r["auxk_counterpart"], r["k_target"])
             if b is None:
                 continue
-            dead_under = [{s: (x.get("dead_fraction", {}).get(s, math.nan) + x.get("underused_fraction", {}).get(s, math.nan))
-                           for s in x.get("dead_fraction", {})} for x in (r.get("by_seed") or {}, b.get("by_seed") or {})]
-            paired.append({**stats.paired_difference(*dead_under), "dataset": d, "k": r["k_target"], "label": r["label"],
-                           "metric": "dead_fraction + underused_fraction",
-                           "comparison": f"{d}, k={r['k_target']:g}: {r['label']} dead + under-used - "
-                           f"{b['label']} dead + under-used"})
+            dead_under = [
+                {
+                    s: (x.get("dead_fraction", {}).get(s, math.nan) + x.get("underused_fraction", {}).get(s, math.nan))
+                    for s in x.get("dead_fraction", {})
+                }
+                for x in (r.get("by_seed") or {}, b.get("by_seed") or {})
+            ]
+            paired.append(
+                {
+                    **stats.paired_difference(*dead_under),
+                    "dataset": d,
+                    "k": r["k_target"],
+                    "label": r["label"],
+                    "metric": "dead_fraction + underused_fraction",
+                    "comparison": f"{d}, k={r['k_target']:g}: {r['label']} dead + under-used - "
+                    f"{b['label']} dead + under-used",
+                }
+            )
             zu = r["dead_fraction"]["mean"] + r["underused_fraction"]["mean"]
             bu = b["dead_fraction"]["mean"] + b["underused_fraction"]["mean"]
             same = all(r[key]["mean"] == b[key]["mean"] for key in ("nmse", "dead_fraction", "l0_mean"))
@@ -269,8 +325,11 @@ def aux_zipf_claim(agg: list[dict[str, Any]], datasets: list[str]) -> dict[str, 
             )
     return _claim(
         "aux_zipf leaves fewer dead and under-used features than AuxK",
-        lines, verdicts, "needs an aux_zipf run and its AuxK counterpart in the same run "
-        "(e.g. topk_zipf and topk)", paired, LOWER_IS_SUPPORT,
+        lines,
+        verdicts,
+        "needs an aux_zipf run and its AuxK counterpart in the same run (e.g. topk_zipf and topk)",
+        paired,
+        LOWER_IS_SUPPORT,
     )
 
 
@@ -287,7 +346,11 @@ def top_afa_claim(agg: list[dict[str, Any]], datasets: list[str]) -> dict[str, A
                 continue
             l0 = r["l0_mean"]["mean"]
             cap = r.get("k_max")
-            capped = f" (its p99 L0 {r['l0_p99']['mean']:.0f} is at its cap k_max={cap})" if cap and r["l0_p99"]["mean"] >= cap else ""
+            capped = (
+                f" (its p99 L0 {r['l0_p99']['mean']:.0f} is at its cap k_max={cap})"
+                if cap and r["l0_p99"]["mean"] >= cap
+                else ""
+            )
             ref, how = _interp(topk, l0)
             if ref is None:
                 swept = ", ".join("{:.0f}".format(t["l0_mean"]["mean"]) for t in topk)
@@ -304,7 +367,9 @@ def top_afa_claim(agg: list[dict[str, Any]], datasets: list[str]) -> dict[str, A
             )
     return _claim(
         "top-AFA matches TopK without tuning k",
-        lines, verdicts, "needs top_afa and topk in the same run",
+        lines,
+        verdicts,
+        "needs top_afa and topk in the same run",
     )
 
 
@@ -319,9 +384,16 @@ def gradient_claim(agg: list[dict[str, Any]]) -> dict[str, Any]:
         b = _get(agg, r["dataset"], "topk[live]", r["k_target"])
         if b is None or "ce_loss_recovered" not in b:
             continue
-        paired.append({**_paired(r, b, "ce_loss_recovered"), "dataset": r["dataset"], "k": r["k_target"],
-                       "label": r["label"], "metric": "ce_loss_recovered",
-                       "comparison": f"{r['dataset']}, k={r['k_target']:g}: {r['label']} CE recovered - topk[live] CE recovered"})
+        paired.append(
+            {
+                **_paired(r, b, "ce_loss_recovered"),
+                "dataset": r["dataset"],
+                "k": r["k_target"],
+                "label": r["label"],
+                "metric": "ce_loss_recovered",
+                "comparison": f"{r['dataset']}, k={r['k_target']:g}: {r['label']} CE recovered - topk[live] CE recovered",
+            }
+        )
         ce, ce_b = r["ce_loss_recovered"], b["ce_loss_recovered"]
         kl, kl_b = r["kl_div"], b["kl_div"]
         better = ce["mean"] > ce_b["mean"]
@@ -337,7 +409,10 @@ def gradient_claim(agg: list[dict[str, Any]]) -> dict[str, Any]:
         )
     return _claim(
         "gradient_topk (g-SAE) recovers more CE loss than TopK at equal L0",
-        lines, verdicts, "needs gradient_topk and topk[live] on the language model in the same run", paired,
+        lines,
+        verdicts,
+        "needs gradient_topk and topk[live] on the language model in the same run",
+        paired,
         stats.HIGHER,
     )
 
@@ -355,19 +430,30 @@ def gradient_cost(meta: dict[str, Any], records: list[dict[str, Any]]) -> list[s
             continue
 
         def per_token(label: str) -> float | None:
-            m = [q for q in records if q["dataset"] == r["dataset"] and q["label"] == label
-                 and q["k_target"] == r["k_target"] and q["seed"] == r["seed"] and q.get("train_seconds_per_token")]
+            m = [
+                q
+                for q in records
+                if q["dataset"] == r["dataset"]
+                and q["label"] == label
+                and q["k_target"] == r["k_target"]
+                and q["seed"] == r["seed"]
+                and q.get("train_seconds_per_token")
+            ]
             return m[0]["train_seconds_per_token"] if m else None
 
         g, c, live = r["train_seconds_per_token"], per_token("topk"), per_token("topk[live]")
         per_cached = cache_per_token.get(r["dataset"])
-        parts = [f"{r['dataset']}, {r['label']} k={r['k_target']:g} seed {r['seed']}: {g * 1e3:.2f} ms per training token "
-                 f"({r.get('training_tokens', 0):,} tokens, {r.get('store') or 'its store'})"]
+        parts = [
+            f"{r['dataset']}, {r['label']} k={r['k_target']:g} seed {r['seed']}: {g * 1e3:.2f} ms per training token "
+            f"({r.get('training_tokens', 0):,} tokens, {r.get('store') or 'its store'})"
+        ]
         if c:
             parts.append(f"{g / c:.1f}x topk from the activation cache ({c * 1e3:.3f} ms)")
             if per_cached:
-                parts.append(f"{g / (c + per_cached):.1f}x that plus building the cache once "
-                             f"({per_cached * 1e3:.3f} ms per cached token, shared by every SAE)")
+                parts.append(
+                    f"{g / (c + per_cached):.1f}x that plus building the cache once "
+                    f"({per_cached * 1e3:.3f} ms per cached token, shared by every SAE)"
+                )
         if live:
             parts.append(f"{g / live:.1f}x topk[live] from the plain live store ({live * 1e3:.3f} ms)")
         lines.append("; ".join(parts))
@@ -406,7 +492,11 @@ LOWER_IS_SUPPORT = stats.LOWER
 
 
 def _claim(
-    text: str, lines: list[str], verdicts: list[bool], missing: str, paired: list[dict[str, Any]] | None = None,
+    text: str,
+    lines: list[str],
+    verdicts: list[bool],
+    missing: str,
+    paired: list[dict[str, Any]] | None = None,
     support: str | None = None,
 ) -> dict[str, Any]:
     if not verdicts and lines:
@@ -470,13 +560,13 @@ def _plots(out: Path, records: list[dict[str, Any]], agg: list[dict[str, Any]], 
     return written
 
 
-def _frontier_plot(plt: Any, out: Path, d: str, labels: list[str], agg: list[dict[str, Any]], colors: dict[str, Any]) -> str:
+def _frontier_plot(
+    plt: Any, out: Path, d: str, labels: list[str], agg: list[dict[str, Any]], colors: dict[str, Any]
+) -> str:
     """L0 vs NMSE frontier of one data source (every architecture, mean ± std over seeds)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=80)
     for lab in labels:
-        rows = sorted(
-            [r for r in agg if r["dataset"] == d and r["label"] == lab], key=lambda r: r["l0_mean"]["mean"]
-        )
+        rows = sorted([r for r in agg if r["dataset"] == d and r["label"] == lab], key=lambda r: r["l0_mean"]["mean"])
         if not rows:
             continue
         xs = [r["l0_mean"]["mean"] for r in rows]
@@ -502,7 +592,15 @@ def _save_line_plot(plt: Any, fig: Any, ax: Any, out: Path, name: str) -> str:
 
 
 def _grid_plot(
-    plt: Any, np: Any, out: Path, d: str, kind: str, k_mid: Any, sel: list[dict[str, Any]], curves: dict[str, Any], colors: dict[str, Any]
+    plt: Any,
+    np: Any,
+    out: Path,
+    d: str,
+    kind: str,
+    k_mid: Any,
+    sel: list[dict[str, Any]],
+    curves: dict[str, Any],
+    colors: dict[str, Any],
 ) -> str | None:
     """One panel per run of ``sel``: feature density by rank with the fitted Zipf law (``kind`` "density")
     or the per-token L0 histogram ("l0_hist"); None when there is no run."""
@@ -528,7 +626,9 @@ def _grid_plot(
                 ax.loglog(ranks, r["zipf_scale"] * ranks ** (-r["zipf_exponent"]), "k--", lw=0.8)
             if alive.size:
                 ax.set_ylim(alive.min() / 2, alive.max() * 2)
-            ax.set_title(f"{r['label']}\ns={r.get('zipf_exponent', float('nan')):.2f}, dead {r['dead_fraction']:.0%}", fontsize=7)
+            ax.set_title(
+                f"{r['label']}\ns={r.get('zipf_exponent', float('nan')):.2f}, dead {r['dead_fraction']:.0%}", fontsize=7
+            )
             ax.set_xlabel("rank", fontsize=7)
             ax.set_ylabel("density", fontsize=7)
         else:
@@ -584,21 +684,26 @@ def _header_section(meta: dict[str, Any]) -> list[str]:
     L.append(
         f"Run on {env['device']} ({env['cpu_threads']} threads, {env['platform']}), torch {env['torch']}, "
         f"sae-lens {env['sae_lens']}, transformer-lens {env['transformer_lens']}; "
-        + (f"wall time of this invocation {meta['wall_seconds'] / 60:.1f} min (it resumed earlier ones: below)"
-           if (meta.get("resume") or {}).get("runs_from_earlier_records") else
-           f"total wall time {meta['wall_seconds'] / 60:.1f} min")
+        + (
+            f"wall time of this invocation {meta['wall_seconds'] / 60:.1f} min (it resumed earlier ones: below)"
+            if (meta.get("resume") or {}).get("runs_from_earlier_records")
+            else f"total wall time {meta['wall_seconds'] / 60:.1f} min"
+        )
         + (
             f", 1-minute load average {env['load_average_1min']:.1f} at the start and "
             f"{meta.get('load_average_1min_at_end', float('nan')):.1f} at the end on {env.get('cpu_count')} CPUs"
-            if env.get("load_average_1min") is not None else ""
+            if env.get("load_average_1min") is not None
+            else ""
         )
         + (" (`--quick`: a smoke test, too small for conclusions)" if meta["command_settings"].get("quick") else "")
         + "."
     )
     L.append("")
-    L.append("Every SAE was trained through SAELens's own runner and trainer, saved, reloaded from disk as a "
-             "user would (`SAE.load_from_disk`), and evaluated on held-out data. Figures are mean ± standard "
-             "deviation over seeds (the seed changes the SAE initialisation and the data order).")
+    L.append(
+        "Every SAE was trained through SAELens's own runner and trainer, saved, reloaded from disk as a "
+        "user would (`SAE.load_from_disk`), and evaluated on held-out data. Figures are mean ± standard "
+        "deviation over seeds (the seed changes the SAE initialisation and the data order)."
+    )
     res = meta.get("resume") or {}
     if res.get("runs_from_earlier_records"):
         inv = res.get("invocations") or []
@@ -609,10 +714,16 @@ def _header_section(meta: dict[str, Any]) -> list[str]:
             f"{res['settings_fingerprint']}); {len(inv)} completed invocation(s), "
             f"{res.get('wall_seconds_all_invocations', 0) / 60:.1f} min of wall time in all."
         )
-    if env.get("load_average_1min") is not None and env.get("cpu_count") and env["load_average_1min"] > env["cpu_count"]:
+    if (
+        env.get("load_average_1min") is not None
+        and env.get("cpu_count")
+        and env["load_average_1min"] > env["cpu_count"]
+    ):
         L.append("")
-        L.append("The machine was shared with other jobs (load above its CPU count): wall times and step-time "
-                 "ratios are noisy; repeat a timing on an idle machine before relying on it.")
+        L.append(
+            "The machine was shared with other jobs (load above its CPU count): wall times and step-time "
+            "ratios are noisy; repeat a timing on an idle machine before relying on it."
+        )
     L.append("")
     return L
 
@@ -633,9 +744,11 @@ def _claims_section(meta: dict[str, Any], claims: list[dict[str, Any]]) -> list[
     L.append("")
     cost = gradient_cost(meta, meta.get("_records", []))
     if cost:
-        L.append("What a training token costs on gradient_topk's path (a whole forward and backward of the "
-                 "LM per token, recomputed for each SAE) against the cached path (training wall time / "
-                 "training tokens):")
+        L.append(
+            "What a training token costs on gradient_topk's path (a whole forward and backward of the "
+            "LM per token, recomputed for each SAE) against the cached path (training wall time / "
+            "training tokens):"
+        )
         L.append("")
         L.extend(f"- {c}" for c in cost)
         L.append("")
@@ -650,9 +763,7 @@ def _source_section(meta: dict[str, Any], src: dict[str, Any], agg: list[dict[st
     L.append("")
     seeds = meta["seeds"][d]
     spread = meta.get("spread_seeds_at_middle_k", {}).get(d, 0)
-    seeds_txt = f"{seeds} seed(s)" + (
-        f" ({spread} at the middle k, for the spread)" if spread > seeds else ""
-    )
+    seeds_txt = f"{seeds} seed(s)" + (f" ({spread} at the middle k, for the spread)" if spread > seeds else "")
     line = (
         f"{src['training_tokens']:,} training tokens per SAE (batch {src['train_batch_size']}), "
         f"{seeds_txt}, target L0 k ∈ {{{', '.join(f'{k:g}' for k in meta['ks'][d])}}}, "
@@ -667,11 +778,18 @@ def _source_section(meta: dict[str, Any], src: dict[str, Any], agg: list[dict[st
         if not src.get("live_only"):
             line += (
                 ". Activations computed once by SAELens's CacheActivationsRunner"
-                + (f" in {src['activation_cache_seconds']:.0f} s" if src.get("activation_cache_seconds")
-                   else " (reused from an earlier run)")
+                + (
+                    f" in {src['activation_cache_seconds']:.0f} s"
+                    if src.get("activation_cache_seconds")
+                    else " (reused from an earlier run)"
+                )
                 + " and read by every run"
-                + (f"; {src['cached_tokens']:,} tokens cached, so each SAE reads them "
-                   f"{src['passes_over_training_data']:.1f} times" if src.get("passes_over_training_data", 0) > 1.01 else "")
+                + (
+                    f"; {src['cached_tokens']:,} tokens cached, so each SAE reads them "
+                    f"{src['passes_over_training_data']:.1f} times"
+                    if src.get("passes_over_training_data", 0) > 1.01
+                    else ""
+                )
             )
         if any(r["dataset"] == d and r["label"] == "topk[live]" for r in agg):
             line += (
@@ -685,8 +803,16 @@ def _source_section(meta: dict[str, Any], src: dict[str, Any], agg: list[dict[st
     if d != "synthetic":
         L.append(_special_tokens_line(src, any(r["dataset"] == d and "[guard=off]" in r["label"] for r in agg)))
         L.append("")
-    twins = sorted({(r["label"], r["architecture"]) for r in agg if r["dataset"] == d and r["label"] != r["architecture"]
-                    and r["label"] in configs.SPARSE_TWINS and r["architecture"] == configs.SPARSE_TWINS[r["label"]][0]})
+    twins = sorted(
+        {
+            (r["label"], r["architecture"])
+            for r in agg
+            if r["dataset"] == d
+            and r["label"] != r["architecture"]
+            and r["label"] in configs.SPARSE_TWINS
+            and r["architecture"] == configs.SPARSE_TWINS[r["label"]][0]
+        }
+    )
     if twins:
         L.append(_sparse_baselines_line(twins))
         L.append("")
@@ -695,7 +821,7 @@ def _source_section(meta: dict[str, Any], src: dict[str, Any], agg: list[dict[st
 
 def _sparse_baselines_line(twins: list[tuple[str, str]]) -> str:
     """Which SAELens baselines were trained by their sparse twins (``Settings.sparse_baselines``)."""
-    names = ", ".join(f"`{lab}` as `{arch}` with `aux_loss=\"auxk\"`" for lab, arch in twins)
+    names = ", ".join(f'`{lab}` as `{arch}` with `aux_loss="auxk"`' for lab, arch in twins)
     return (
         f"Baselines on the sparse step: {names}: the same selection, decode, MSE and AuxK as SAELens's own "
         "training step (loss and gradients equal to float tolerance: tests/benchmark/test_sparse_baselines.py), "
@@ -711,11 +837,14 @@ def _special_tokens_line(src: dict[str, Any], guard_off_rows: bool = False) -> s
     ids = src.get("excluded_token_ids") or []
     return (
         "Special tokens: "
-        + (f"the token ids {', '.join(map(str, ids))} (BOS and the other special tokens; every context starts "
-           "with BOS) are excluded from the training stream and the reconstruction, density and L0 figures "
-           "(SAELens's `exclude_special_tokens`), and kept in the CE/KL splice (left unchanged there) and in "
-           "the per-position figures of the stream table"
-           if ids else "none are excluded (this model declares none)")
+        + (
+            f"the token ids {', '.join(map(str, ids))} (BOS and the other special tokens; every context starts "
+            "with BOS) are excluded from the training stream and the reconstruction, density and L0 figures "
+            "(SAELens's `exclude_special_tokens`), and kept in the CE/KL splice (left unchanged there) and in "
+            "the per-position figures of the stream table"
+            if ids
+            else "none are excluded (this model declares none)"
+        )
         + f". The batch rules train with their default outlier guard (`outlier_norm_ratio` = "
         f"{DEFAULT_GUARD_RATIO:g}: rows above that multiple of the batch's median norm are ranked as if "
         "they had the median norm; docs/mutual_choice.md, 'Real token streams')"

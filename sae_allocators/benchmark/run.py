@@ -73,8 +73,13 @@ def quick_settings(out: Path) -> Settings:
         lm_ks=(32,),
         synthetic=SyntheticScale(training_samples=76_800, batch_size=256, eval_samples=8192),
         lm=LMScale(
-            hook_layer=3, expansion=2, training_tokens=19_200, train_batch_size=64, eval_sequences=32,
-            ce_eval_sequences=2, dead_feature_window=50,
+            hook_layer=3,
+            expansion=2,
+            training_tokens=19_200,
+            train_batch_size=64,
+            eval_sequences=32,
+            ce_eval_sequences=2,
+            dead_feature_window=50,
         ),
         lm_live_ks=(32,),
         lm_live_seeds=1,
@@ -82,8 +87,15 @@ def quick_settings(out: Path) -> Settings:
         preset="quick",
         # the gradient path as a smoke test, on the tiny random LM (k = 32 of d_sae 128, 300 steps)
         live_lm=LMScale(
-            hook_layer=1, expansion=4, training_tokens=19_200, train_batch_size=64, eval_sequences=16,
-            ce_eval_sequences=4, dead_feature_window=50, live_training_tokens=19_200, live_train_batch_size=64,
+            hook_layer=1,
+            expansion=4,
+            training_tokens=19_200,
+            train_batch_size=64,
+            eval_sequences=16,
+            ce_eval_sequences=4,
+            dead_feature_window=50,
+            live_training_tokens=19_200,
+            live_train_batch_size=64,
             live_store_batch_size_prompts=8,
         ),
     )
@@ -111,10 +123,19 @@ def gpu_settings(out: Path) -> Settings:
         synthetic_ks=(2, 4, 8),
         lm_ks=(16, 32, 64),
         lm=LMScale(
-            hook_layer=6, d_sae=16_384, training_tokens=20_480_000, train_batch_size=4096,
-            eval_sequences=512, ce_eval_sequences=64, lr=5e-4, dead_feature_window=1000,
-            store_batch_size_prompts=32, norm_estimate_batches=20,
-            live_training_tokens=None, live_train_batch_size=None, live_store_batch_size_prompts=32,
+            hook_layer=6,
+            d_sae=16_384,
+            training_tokens=20_480_000,
+            train_batch_size=4096,
+            eval_sequences=512,
+            ce_eval_sequences=64,
+            lr=5e-4,
+            dead_feature_window=1000,
+            store_batch_size_prompts=32,
+            norm_estimate_batches=20,
+            live_training_tokens=None,
+            live_train_batch_size=None,
+            live_store_batch_size_prompts=32,
         ),
         lm_seeds=2,
         lm_spread_seeds=2,
@@ -128,8 +149,15 @@ def gpu_settings(out: Path) -> Settings:
 #: the architectures of ``--preset large`` (issue 24): the baselines, the allocators, the Zipf variants
 #: and top-AFA (its own L0, compared on the TopK frontier); gradient_topk does not fit (see large_settings)
 LARGE_LABELS = (
-    "topk", "batchtopk", "mutual_choice", "feature_choice", "feature_choice[capacity=uniform]", "topk_zipf",
-    "batchtopk_zipf", "abstopk", "top_afa",
+    "topk",
+    "batchtopk",
+    "mutual_choice",
+    "feature_choice",
+    "feature_choice[capacity=uniform]",
+    "topk_zipf",
+    "batchtopk_zipf",
+    "abstopk",
+    "top_afa",
 )
 
 
@@ -143,18 +171,28 @@ def large_settings(out: Path) -> Settings:
     per step, kept because the two usual scalings cancel (lr ~ 1/sqrt(d_sae): x0.5; lr ~ sqrt(batch):
     x4 -- roughly, x2 for Adam at this size); not swept at this scale. The trained SAEs are kept
     (``<out>/saes``) and every run's record is saved as it finishes (``<out>/runs``): rerunning the
-    same command resumes. No synthetic data, no gradient_topk (its live store costs a full LM forward
-    and backward per token: about 1M x 10 ms = 3 h per SAE on the CPU), no second layer: the estimate
-    (``estimate_seconds``, docs/benchmark.md) is already at the 3-hour limit without them."""
+    same command resumes. ``topk`` and ``abstopk`` train on their exact sparse twins
+    (configs.SPARSE_TWINS: SAELens's step, a quarter of its CPU cost). No synthetic data, no
+    gradient_topk (its live store costs a full LM forward and backward per token: about 1M x 10 ms =
+    3 h per SAE on the CPU), no second layer: the estimate (``estimate_seconds``, docs/benchmark.md)
+    is already at the 3-hour limit without them."""
     return Settings(
         out=out,
         datasets=("lm",),
         seeds=2,
         lm_ks=(16, 32, 64),
         lm=LMScale(
-            hook_layer=6, d_sae=4608, training_tokens=1_003_520, train_batch_size=2048, eval_sequences=256,
-            ce_eval_sequences=64, lr=2e-3, dead_feature_window=100, store_batch_size_prompts=16,
-            norm_estimate_batches=10, calibration_tokens=16_384,
+            hook_layer=6,
+            d_sae=4608,
+            training_tokens=1_003_520,
+            train_batch_size=2048,
+            eval_sequences=256,
+            ce_eval_sequences=64,
+            lr=2e-3,
+            dead_feature_window=100,
+            store_batch_size_prompts=16,
+            norm_estimate_batches=10,
+            calibration_tokens=16_384,
         ),
         lm_seeds=2,
         lm_spread_seeds=3,
@@ -189,8 +227,9 @@ def _build_sources(st: Settings, workdir: Path) -> list[Any]:
             sources.append((src, st.lm_ks, st.lm_seeds or st.seeds))
             src.spread_seeds = st.lm_spread_seeds
             if st.live_lm_data is not None and st.live_lm is not None:
-                live = LMSource(st.live_lm_data(), st.live_lm, workdir, device=st.device, kind="lm-live",
-                                live_only=True)
+                live = LMSource(
+                    st.live_lm_data(), st.live_lm, workdir, device=st.device, kind="lm-live", live_only=True
+                )
                 sources.append((live, st.lm_ks, st.lm_live_seeds or st.lm_seeds or st.seeds))
                 live.spread_seeds = 0
         else:
@@ -344,9 +383,13 @@ class Progress:
         left = [lab for t, lab in self.labels.items() if t not in self.done]
         return sum(sum(self.seconds[lab]) / len(self.seconds[lab]) if lab in self.seconds else mean_all for lab in left)
 
-    def finished(self, tag: str, seconds: float) -> str:
+    def finished(self, tag: str, seconds: float, once: float = 0.0) -> str:
+        """Log line for a finished run that took ``seconds``, of which ``once`` went to one-time work
+        (the activation cache, built during the first run that reads it): left out of the run's time,
+        so the estimate of the time left is not inflated by it."""
         self.done.add(tag)
-        self.seconds.setdefault(self.labels[tag], []).append(seconds)
+        run_seconds = max(seconds - once, 0.0)
+        self.seconds.setdefault(self.labels[tag], []).append(run_seconds)
         trained = sum(len(v) for v in self.seconds.values())
         mean = sum(s for v in self.seconds.values() for s in v) / trained
         eta = self.eta_seconds() or 0.0
@@ -354,9 +397,16 @@ class Progress:
         return (
             f"[progress] {len(self.done)}/{self.total} runs done"
             + (f" ({self.reused} from earlier records)" if self.reused else "")
-            + f"; this run {seconds:.0f} s, mean {mean:.0f} s per run trained now; "
+            + f"; this run {run_seconds:.0f} s"
+            + (f" (+{once:.0f} s of one-time work: the activation cache)" if once >= 1 else "")
+            + f", mean {mean:.0f} s per run trained now; "
             + (f"about {_duration(eta)} left for {left} run(s)" if left else "all runs done")
         )
+
+
+def _one_time_seconds(sources: list[Any]) -> float:
+    """Seconds the sources have spent on one-time work so far (building their activation caches)."""
+    return float(sum(getattr(src, "cache_seconds", None) or 0.0 for src, _, _ in sources))
 
 
 def _duration(seconds: float) -> str:
@@ -386,15 +436,19 @@ def run(st: Settings) -> Path:
     plans, todo, controls = _plan(st)
     if st.preset == "large" and not any(st.data_args.get(k) for k in ("tiny_lm", "model")):
         est = estimate_seconds(st, labels=[p.label for p in todo])
-        _log(f"[plan] estimated {_duration(est['total'])} on 2 idle CPU cores for SmolLM2-135M ({est['runs']} SAEs; "
-             "from the measured step costs, docs/benchmark.md 'The large preset')")
+        _log(
+            f"[plan] estimated {_duration(est['total'])} on 2 idle CPU cores for SmolLM2-135M ({est['runs']} SAEs; "
+            "from the measured step costs, docs/benchmark.md 'The large preset')"
+        )
     sources = _build_sources(st, workdir)
     jobs = _jobs(st, sources, todo, controls)
     tags = [job_tag(j) for j in jobs]
     progress = Progress(tags, [f"{j[0].kind}/{j[4].label}" for j in jobs], set(done))  # time per dataset and label
     if progress.reused:
-        _log(f"[resume] {progress.reused} of {len(jobs)} runs already done in {out / RUNS_DIR} (settings "
-             f"fingerprint {fp}): skipping them")
+        _log(
+            f"[resume] {progress.reused} of {len(jobs)} runs already done in {out / RUNS_DIR} (settings "
+            f"fingerprint {fp}): skipping them"
+        )
     by_tag: dict[str, dict[str, Any]] = {}
     curves: dict[str, Any] = {}
     failures: list[dict[str, str]] = []
@@ -403,11 +457,11 @@ def run(st: Settings) -> Path:
             by_tag[tag] = done[tag]["record"]
             curves[tag] = done[tag]["curves"]
             continue
-        t0 = time.perf_counter()
+        t0, once0 = time.perf_counter(), _one_time_seconds(sources)
         got = _train_and_evaluate(f"{i}/{len(jobs)}", job, st, workdir, [], curves, failures, out=out, fp=fp)
         if got is not None:
             by_tag[tag] = got
-            _log(progress.finished(tag, time.perf_counter() - t0))
+            _log(progress.finished(tag, time.perf_counter() - t0, _one_time_seconds(sources) - once0))
     records = [by_tag[t] for t in tags if t in by_tag]
     _add_step_ratios(records)
     meta = _meta(st, env_start, sources, plans, controls, failures, device, t_start)
@@ -433,9 +487,17 @@ def run(st: Settings) -> Path:
 #: else stopped): docs/sparse-step.md "Speed (measured)". abstopk is SAELens's own dense step (6.53+):
 #: assumed to cost topk's (not measured). Variants (aux loss, guard off, capacity) cost their base's.
 STEP_MS_REF = {
-    "topk": 1916, "batchtopk": 2767, "abstopk": 1916, "mutual_choice": 559, "feature_choice": 661,
-    "feature_choice[capacity=uniform]": 555, "topk_zipf": 525, "batchtopk_zipf": 480, "abstopk_zipf": 621,
-    "top_afa": 713, "gradient_topk": 1156,
+    "topk": 1916,
+    "batchtopk": 2767,
+    "abstopk": 1916,
+    "mutual_choice": 559,
+    "feature_choice": 661,
+    "feature_choice[capacity=uniform]": 555,
+    "topk_zipf": 525,
+    "batchtopk_zipf": 480,
+    "abstopk_zipf": 621,
+    "top_afa": 713,
+    "gradient_topk": 1156,
 }
 STEP_REF_SHAPE = (4096, 512, 8192)  # N, d_in, d_sae
 #: SmolLM2-135M forward to layer 6 on the same CPU: the default run's activation cache, about 70,000
@@ -511,9 +573,16 @@ def estimate_seconds(st: Settings, d_in: int = 576, labels: list[str] | None = N
     eval_x = s.eval_sequences * ctx / FORWARD_TO_L6_TOKENS_PER_S
     other = runs * EVAL_OTHER_SECONDS
     total = sum(train.values()) + ce + cache + eval_x + other
-    return {"runs": runs, "runs_per_label": counts, "train_seconds_per_label": train, "ce_kl_seconds": ce,
-            "activation_cache_seconds": cache, "eval_activations_seconds": eval_x, "other_eval_seconds": other,
-            "total": total}
+    return {
+        "runs": runs,
+        "runs_per_label": counts,
+        "train_seconds_per_label": train,
+        "ce_kl_seconds": ce,
+        "activation_cache_seconds": cache,
+        "eval_activations_seconds": eval_x,
+        "other_eval_seconds": other,
+        "total": total,
+    }
 
 
 def _plan(st: Settings) -> tuple[list[Any], list[Any], dict[str, Any]]:
@@ -582,20 +651,32 @@ def _jobs(st: Settings, sources: list[Any], todo: list[Any], controls: dict[str,
 
 
 def _train_and_evaluate(
-    i: str, job: tuple[Any, ...], st: Settings, workdir: Path, records: list[dict[str, Any]], curves: dict[str, Any],
-    failures: list[dict[str, str]], out: Path | None = None, fp: str | None = None,
+    i: str,
+    job: tuple[Any, ...],
+    st: Settings,
+    workdir: Path,
+    records: list[dict[str, Any]],
+    curves: dict[str, Any],
+    failures: list[dict[str, str]],
+    out: Path | None = None,
+    fp: str | None = None,
 ) -> dict[str, Any] | None:
     """Phase 3, one run (``i``: "3/40"): train, save, reload, evaluate; its record and curves (or
     its failure) are appended, and with ``out`` saved at once (atomically) as ``out/runs/<run>.json``
     with the settings' fingerprint ``fp``, so that a rerun skips it. Returns the record (None: failed)."""
     src, ks, seed, k, p, path = job
     ctx = configs.Context(
-        d_in=src.d_in, d_sae=src.d_sae, ks=tuple(ks), has_lm_gradients=path == "live",
+        d_in=src.d_in,
+        d_sae=src.d_sae,
+        ks=tuple(ks),
+        has_lm_gradients=path == "live",
         gradient_beta=float(st.gradient_betas[0]),
     )
     tag = f"{src.kind}/{p.label}/k{k:g}/seed{seed}"
-    _log(f"[{i}] {src.kind}: training {p.label} at k={k:g}, seed {seed} ({p.provider})"
-         + (" from the live store" if path == "live" else ""))
+    _log(
+        f"[{i}] {src.kind}: training {p.label} at k={k:g}, seed {seed} ({p.provider})"
+        + (" from the live store" if path == "live" else "")
+    )
     try:
         folder = workdir / tag.replace("[", "_").replace("]", "").replace("=", "-")
         if path == "live":
@@ -637,7 +718,9 @@ def _train_and_evaluate(
     if out is not None:
         from sae_allocators import io
 
-        io.atomic_write_json(record_path(out, tag), {"fingerprint": fp, "tag": tag, "record": rec, "curves": curves[tag]})
+        io.atomic_write_json(
+            record_path(out, tag), {"fingerprint": fp, "tag": tag, "record": rec, "curves": curves[tag]}
+        )
     _log(
         f"[{i}]   L0 {figures['l0_mean']:.2f}  NMSE {figures['nmse']:.4f}  "
         f"EV {figures['explained_variance']:.4f}  dead {figures['dead_fraction']:.3f}  "
@@ -649,8 +732,14 @@ def _train_and_evaluate(
 
 
 def _meta(
-    st: Settings, env_start: dict[str, Any], sources: list[Any], plans: list[Any], controls: dict[str, Any],
-    failures: list[dict[str, str]], device: Any, t_start: float,
+    st: Settings,
+    env_start: dict[str, Any],
+    sources: list[Any],
+    plans: list[Any],
+    controls: dict[str, Any],
+    failures: list[dict[str, str]],
+    device: Any,
+    t_start: float,
 ) -> dict[str, Any]:
     """Phase 4: what the report says about the run itself (settings, sources, plans, failures, machine)."""
     meta: dict[str, Any] = {
@@ -662,9 +751,14 @@ def _meta(
         "spread_seeds_at_middle_k": {src.kind: getattr(src, "spread_seeds", 0) for src, _, _ in sources},
         "ks": {src.kind: list(ks) for src, ks, _ in sources},
         "plans": [
-            {"name": p.name, "label": p.label, "provider": p.provider, "skip_reason": p.skip_reason,
-             "note": p.entry.note if p.entry else "",
-             "datasets": [src.kind for src, _, _ in sources]}
+            {
+                "name": p.name,
+                "label": p.label,
+                "provider": p.provider,
+                "skip_reason": p.skip_reason,
+                "note": p.entry.note if p.entry else "",
+                "datasets": [src.kind for src, _, _ in sources],
+            }
             for p in [*plans, *controls.values()]
         ],
         "failures": failures,
@@ -720,8 +814,9 @@ def _environment(device: Any = None) -> dict[str, Any]:
         "sae_lens": sae_lens.__version__,
         "transformer_lens": tl,
         "device": devices.describe(device) if device is not None else None,
-        "tf32": bool(device is not None and devices.is_cuda(device)
-                     and torch.get_float32_matmul_precision() != "highest"),
+        "tf32": bool(
+            device is not None and devices.is_cuda(device) and torch.get_float32_matmul_precision() != "highest"
+        ),
         "cpu_threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "platform": platform.platform(),

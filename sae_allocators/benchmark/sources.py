@@ -43,8 +43,11 @@ def quiet_saelens():
     level = lg.level
     lg.setLevel(logging.ERROR)
     with warnings.catch_warnings():
-        for msg in ("The training dataset contains fewer", "All samples in the training dataset",
-                    "\nThis SAE has non-empty model_from_pretrained_kwargs"):
+        for msg in (
+            "The training dataset contains fewer",
+            "All samples in the training dataset",
+            "\nThis SAE has non-empty model_from_pretrained_kwargs",
+        ):
             warnings.filterwarnings("ignore", message=msg)
         try:
             yield
@@ -141,7 +144,6 @@ class SyntheticSource:
         from sae_lens import LoggingConfig
         from sae_lens.synthetic import SyntheticSAERunner, SyntheticSAERunnerConfig
 
-
         s = self.scale
         torch.manual_seed(seed)
         cfg = SyntheticSAERunnerConfig(
@@ -171,7 +173,13 @@ class SyntheticSource:
             result = runner.run()
         seconds = time.perf_counter() - t0
         return TrainResult(
-            result.sae, out_dir, seconds, s.training_samples // s.batch_size, s.training_samples, "synthetic", calibration=runner.calibration_result
+            result.sae,
+            out_dir,
+            seconds,
+            s.training_samples // s.batch_size,
+            s.training_samples,
+            "synthetic",
+            calibration=runner.calibration_result,
         )
 
     def eval_batches(self, batch_size: int = 4096) -> Iterator[torch.Tensor]:
@@ -281,7 +289,12 @@ class LMSource:
     kind = "lm"
 
     def __init__(
-        self, data: LMData, scale: LMScale, workdir: Path, device: Any = devices.AUTO, kind: str = "lm",
+        self,
+        data: LMData,
+        scale: LMScale,
+        workdir: Path,
+        device: Any = devices.AUTO,
+        kind: str = "lm",
         live_only: bool = False,
     ):
         self.kind = kind
@@ -446,7 +459,10 @@ class LMSource:
         the factor into the saved weights, so the saved model takes raw activations). The gradient
         store's packed ``[x | g]`` rows are scaled by one factor too, which gradient_topk's
         self-normalised gradient (``grad_normalization="batch"``) does not see."""
-        return {"normalize_activations": "expected_average_only_in", "calibration_tokens": self.scale.calibration_tokens}
+        return {
+            "normalize_activations": "expected_average_only_in",
+            "calibration_tokens": self.scale.calibration_tokens,
+        }
 
     def live_tokens(self) -> int:
         s = self.scale
@@ -465,7 +481,6 @@ class LMSource:
 
     def _train(self, sae_cfg: Any, seed: int, out_dir: Path, live: bool) -> TrainResult:
         from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
-
 
         for key, value in OFFLINE_ENV.items():
             os.environ.setdefault(key, value)
@@ -516,7 +531,16 @@ class LMSource:
             devices.synchronize(self.device)
         seconds = time.perf_counter() - t0
         store = type(runner.activations_store).__name__
-        return TrainResult(sae, out_dir, seconds, tokens // batch, tokens, "live" if live else "cache", store, runner.calibration_result)
+        return TrainResult(
+            sae,
+            out_dir,
+            seconds,
+            tokens // batch,
+            tokens,
+            "live" if live else "cache",
+            store,
+            runner.calibration_result,
+        )
 
     @torch.no_grad()
     def live_input_scale(self) -> float:

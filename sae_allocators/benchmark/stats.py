@@ -15,9 +15,36 @@ from typing import Any, Mapping
 
 #: two-sided 95 % Student-t quantiles t(0.975, df), df = 1..30 (standard tables)
 T975 = (
-    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
 )
 
 LOWER, HIGHER, NOT_DISTINGUISHABLE = "lower", "higher", "not distinguishable"
@@ -40,23 +67,50 @@ def paired_difference(a: Mapping[Any, float], b: Mapping[Any, float]) -> dict[st
     seeds = sorted(set(a) & set(b), key=lambda s: (str(type(s)), s))
     diffs = [float(a[s]) - float(b[s]) for s in seeds]
     diffs_ok = [d for d in diffs if math.isfinite(d)]
-    out: dict[str, Any] = {"n": len(diffs_ok), "seeds": [s for s, d in zip(seeds, diffs) if math.isfinite(d)],
-                           "diffs": diffs_ok}
+    out: dict[str, Any] = {
+        "n": len(diffs_ok),
+        "seeds": [s for s, d in zip(seeds, diffs) if math.isfinite(d)],
+        "diffs": diffs_ok,
+    }
     n = len(diffs_ok)
     if n == 0:
-        return {**out, "mean": None, "sd": None, "half_width": None, "low": None, "high": None,
-                "verdict": NOT_DISTINGUISHABLE, "note": "no seed in common: no comparison"}
+        return {
+            **out,
+            "mean": None,
+            "sd": None,
+            "half_width": None,
+            "low": None,
+            "high": None,
+            "verdict": NOT_DISTINGUISHABLE,
+            "note": "no seed in common: no comparison",
+        }
     mean = math.fsum(diffs_ok) / n
     if n == 1:
-        return {**out, "mean": mean, "sd": None, "half_width": None, "low": None, "high": None,
-                "verdict": NOT_DISTINGUISHABLE, "note": "1 seed: no interval"}
+        return {
+            **out,
+            "mean": mean,
+            "sd": None,
+            "half_width": None,
+            "low": None,
+            "high": None,
+            "verdict": NOT_DISTINGUISHABLE,
+            "note": "1 seed: no interval",
+        }
     sd = math.sqrt(math.fsum((d - mean) ** 2 for d in diffs_ok) / (n - 1))
     half = t_quantile_975(n - 1) * sd / math.sqrt(n)
     low, high = mean - half, mean + half
     verdict = LOWER if high < 0 else HIGHER if low > 0 else NOT_DISTINGUISHABLE
     note = f"{n} seeds, 95% t-interval" + (" (t = 12.7 with 2 seeds: the interval is wide)" if n == 2 else "")
-    return {**out, "mean": mean, "sd": sd, "half_width": half, "low": low, "high": high, "verdict": verdict,
-            "note": note}
+    return {
+        **out,
+        "mean": mean,
+        "sd": sd,
+        "half_width": half,
+        "low": low,
+        "high": high,
+        "verdict": verdict,
+        "note": note,
+    }
 
 
 def describe(d: Mapping[str, Any], fmt: str = "{:+.4f}") -> str:
@@ -65,8 +119,10 @@ def describe(d: Mapping[str, Any], fmt: str = "{:+.4f}") -> str:
         return f"paired difference: none ({d['note']})"
     if d.get("low") is None:
         return f"paired difference {fmt.format(d['mean'])}: {d['verdict']} ({d['note']})"
-    return (f"paired difference {fmt.format(d['mean'])} [{fmt.format(d['low'])}, {fmt.format(d['high'])}]: "
-            f"{d['verdict']} ({d['note']})")
+    return (
+        f"paired difference {fmt.format(d['mean'])} [{fmt.format(d['low'])}, {fmt.format(d['high'])}]: "
+        f"{d['verdict']} ({d['note']})"
+    )
 
 
 def tally(results: list[Mapping[str, Any]]) -> str:

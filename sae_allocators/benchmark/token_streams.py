@@ -43,7 +43,12 @@ class Stream:
 
 
 def saelens_default_stream(
-    prepared: Any, n_batches: int = 48, batch: int = 1024, n_eval_contexts: int = 16, n_heldout_batches: int = 4, device: str = devices.CPU
+    prepared: Any,
+    n_batches: int = 48,
+    batch: int = 1024,
+    n_eval_contexts: int = 16,
+    n_heldout_batches: int = 4,
+    device: str = devices.CPU,
 ) -> Stream:
     """``n_batches`` training batches from SAELens's ActivationsStore with its default data options
     (``prepend_bos=True``, ``exclude_special_tokens=False``) on the offline corpus, then
@@ -57,7 +62,9 @@ def saelens_default_stream(
 
     tok = offline.load_tokenizer(prepared)
     model = offline.load_model(prepared, device, first_n_layers=LAYER + 1, n_ctx=128)
-    train = offline.tokenized_dataset(prepared, tok, 128, max_tokens=(n_batches + n_heldout_batches + 16) * batch, seed=0, split="train")
+    train = offline.tokenized_dataset(
+        prepared, tok, 128, max_tokens=(n_batches + n_heldout_batches + 16) * batch, seed=0, split="train"
+    )
     cfg = LanguageModelSAERunnerConfig(
         sae=MutualChoiceTrainingSAEConfig(d_in=D_IN, d_sae=2 * D_IN, k=16),  # the store reads only d_in
         model_name="lm-smollm2-135m",
@@ -76,7 +83,9 @@ def saelens_default_stream(
         seed=0,
     )
     if not (cfg.prepend_bos is True and cfg.exclude_special_tokens is False):
-        raise RuntimeError("SAELens's default data options changed: expected prepend_bos=True, exclude_special_tokens=False")
+        raise RuntimeError(
+            "SAELens's default data options changed: expected prepend_bos=True, exclude_special_tokens=False"
+        )
     torch.manual_seed(0)
     store = ActivationsStore.from_config(model, cfg, override_dataset=train)
     batches = [store.next_batch().float() for _ in range(n_batches + n_heldout_batches)]
@@ -84,10 +93,25 @@ def saelens_default_stream(
     tokens = torch.tensor(held["tokens"][:n_eval_contexts], device=device)
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=[HOOK], stop_at_layer=LAYER + 1)
-    return Stream(batches[:n_batches], batches[n_batches:], cache[HOOK].reshape(-1, D_IN).float(), tokens.reshape(-1), int(tok.bos_token_id))
+    return Stream(
+        batches[:n_batches],
+        batches[n_batches:],
+        cache[HOOK].reshape(-1, D_IN).float(),
+        tokens.reshape(-1),
+        int(tok.bos_token_id),
+    )
 
 
-def train(name: str, stream: Stream, steps: int = 100, d_sae: int = 4608, k: float = 16, lr: float = 3e-4, seed: int = 0, **overrides: Any):
+def train(
+    name: str,
+    stream: Stream,
+    steps: int = 100,
+    d_sae: int = 4608,
+    k: float = 16,
+    lr: float = 3e-4,
+    seed: int = 0,
+    **overrides: Any,
+):
     """Train ``name`` on the stream's batches (cycled); return ``(sae, shares)`` where ``shares`` are
     the mean budget shares of the second half of training (the logged metrics)."""
     from sae_lens import TrainingSAEConfig
@@ -105,7 +129,11 @@ def train(name: str, stream: Stream, steps: int = 100, d_sae: int = 4608, k: flo
         warnings.simplefilter("ignore")
         for step in range(steps):
             x = stream.batches[step % len(stream.batches)]
-            out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=step, is_logging_step=False))
+            out = sae.training_forward_pass(
+                TrainStepInput(
+                    sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=step, is_logging_step=False
+                )
+            )
             opt.zero_grad()
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)

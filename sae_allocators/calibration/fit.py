@@ -42,6 +42,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from sae_allocators.architectures import kinds
 from sae_allocators.allocation.batch import budget
 from sae_allocators.architectures._common import pre_activations
 
@@ -56,8 +57,22 @@ MIN_FIRINGS_PER_LATENT = 1
 #: extra room kept per feature for the water-filling of feature_choice
 MARGIN = 0.25
 
-GLOBAL_RULES = ("mutual_choice", "batchtopk_zipf")
-PER_FEATURE_RULES = ("feature_choice",)
+
+def global_rules() -> tuple[str, ...]:
+    """Registered architectures whose class declares one batch threshold (``rule_kind`` =
+    ``batch_global``: mutual_choice, batchtopk_zipf, a plugin's); calibrated by the quantile fit."""
+    return kinds.architectures_of_kind(kinds.BATCH_GLOBAL)
+
+
+def per_feature_rules() -> tuple[str, ...]:
+    """Registered architectures whose class declares per-feature thresholds (``rule_kind`` =
+    ``batch_per_feature``: feature_choice)."""
+    return kinds.architectures_of_kind(kinds.BATCH_PER_FEATURE)
+
+
+def calibrated_architectures() -> tuple[str, ...]:
+    """Every architecture with thresholds to calibrate, for messages."""
+    return global_rules() + per_feature_rules()
 
 
 def default_tokens(training_tokens: int, batch_size: int) -> int:
@@ -90,11 +105,10 @@ class CalibrationResult:
 
 
 def rule_of(architecture: str) -> str | None:
-    if architecture in GLOBAL_RULES:
-        return "global"
-    if architecture in PER_FEATURE_RULES:
-        return "per_feature"
-    return None
+    """``"global"``, ``"per_feature"`` or None (nothing to calibrate), from the ``rule_kind`` the
+    architecture's registered training class declares."""
+    kind = kinds.declared_kinds().get(architecture)
+    return {kinds.BATCH_GLOBAL: "global", kinds.BATCH_PER_FEATURE: "per_feature"}.get(kind or "")
 
 
 def architecture_of(sae: Any) -> str:
@@ -181,7 +195,9 @@ def _value_at(v: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor, rank:
     return torch.where(ok, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
-def _cut(v: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor, c: torch.Tensor, dropped_max: torch.Tensor) -> torch.Tensor:
+def _cut(
+    v: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor, c: torch.Tensor, dropped_max: torch.Tensor
+) -> torch.Tensor:
     """Per group, the threshold theta with ``#(values > theta)`` closest to ``c`` (values sorted
     descending per group; absent values count as 0). Without ties at the ``c``-th value this is
     the midpoint of the ``c``-th and ``(c+1)``-th largest (exactly ``c`` values above it); with
@@ -301,7 +317,10 @@ def calibrate(
             raise ValueError("calibration: the activation source gave no tokens; give it held-out activations.")
         if seen < n_tokens:
             # stacklevel 2: the caller (calibrate has no decorator: no_grad is a with-block inside)
-            warnings.warn(f"calibration asked for {n_tokens} tokens but the source gave {seen}; calibrated on those.", stacklevel=2)
+            warnings.warn(
+                f"calibration asked for {n_tokens} tokens but the source gave {seen}; calibrated on those.",
+                stacklevel=2,
+            )
         result = CalibrationResult(
             rule=rule if rule == "global" else f"{rule}/{method}",
             architecture=arch,
@@ -329,13 +348,15 @@ def _checked_arguments(sae: Any, n_tokens: Any, k: Any, method: str | None) -> t
     rule = rule_of(arch)
     if rule is None:
         raise ValueError(
-            f"calibration is defined for {', '.join(GLOBAL_RULES + PER_FEATURE_RULES)} (saved as jumprelu); "
+            f"calibration is defined for {', '.join(calibrated_architectures())} (saved as jumprelu); "
             f"this SAE is {arch!r}, whose inference rule has no batch threshold to calibrate."
         )
     if k is None:
         k = getattr(sae.cfg, "k", None)
     if k is None:
-        raise ValueError(f"calibrating a saved {arch} model needs its training k (pass k=..., or --k on the command line).")
+        raise ValueError(
+            f"calibrating a saved {arch} model needs its training k (pass k=..., or --k on the command line)."
+        )
     if rule == "per_feature":
         method = method or getattr(sae.cfg, "calibration_rule", None) or "scale"
         if method not in ("scale", "shares"):
@@ -344,7 +365,9 @@ def _checked_arguments(sae: Any, n_tokens: Any, k: Any, method: str | None) -> t
         raise ValueError(f"calibration tokens={n_tokens!r}: use a positive number of tokens.")
     d_sae = int(sae.cfg.d_sae)
     if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k) or not 0 < k <= d_sae:
-        raise ValueError(f"calibration target k={k!r} is invalid: use the mean L0 to calibrate to, in (0, d_sae={d_sae}].")
+        raise ValueError(
+            f"calibration target k={k!r} is invalid: use the mean L0 to calibrate to, in (0, d_sae={d_sae}]."
+        )
     for name, p in sae.named_parameters():
         if not bool(torch.isfinite(p).all()):
             raise ValueError(
@@ -359,7 +382,9 @@ class _Intake:
     cut), each checked, as pre-activations of ``sae``; counts the tokens (``seen``) and the
     entries the thresholds of training let fire (``before``)."""
 
-    def __init__(self, sae: Any, batches: Iterable[torch.Tensor], n_tokens: int, before_theta: torch.Tensor, device: torch.device):
+    def __init__(
+        self, sae: Any, batches: Iterable[torch.Tensor], n_tokens: int, before_theta: torch.Tensor, device: torch.device
+    ):
         self.sae, self.batches, self.n_tokens, self.before_theta = sae, batches, n_tokens, before_theta
         self.device = device
         self.seen, self.before = 0, 0
@@ -371,7 +396,10 @@ class _Intake:
             if x.shape[0] == 0:
                 break
             if x.shape[-1] != sae.cfg.d_in:
-                raise ValueError(f"calibration batch of width {x.shape[-1]}, but the SAE has d_in={sae.cfg.d_in}: give activations of the hook it was trained on.")
+                raise ValueError(
+                    f"calibration batch of width {x.shape[-1]}, but the SAE has d_in={sae.cfg.d_in}: "
+                    "give activations of the hook it was trained on."
+                )
             if not bool(torch.isfinite(x).all()):
                 raise ValueError(
                     f"calibration batch holds {int(torch.isnan(x).sum())} NaN and {int(torch.isinf(x).sum())} inf activations "
@@ -397,7 +425,9 @@ def _fit_global(intake: _Intake, k: float, entries: int) -> tuple[torch.Tensor, 
     return theta, int((v > theta).sum()), ""
 
 
-def _fit_scale(intake: _Intake, k: float, entries: int, before_theta: torch.Tensor, d_sae: int) -> tuple[torch.Tensor, int, str]:
+def _fit_scale(
+    intake: _Intake, k: float, entries: int, before_theta: torch.Tensor, d_sae: int
+) -> tuple[torch.Tensor, int, str]:
     """The per-feature rule ``scale``: ``(theta [d_sae], entries above it, source)``."""
     # theta_j = a * base_j with one factor a: entry (i, j) fires iff pre_ij / base_j > a, so a
     # is the global cut of the ratios (base_j = 0: fires on every positive value, ratio +inf)
@@ -406,8 +436,12 @@ def _fit_scale(intake: _Intake, k: float, entries: int, before_theta: torch.Tens
     top = _TopPerGroup(torch.tensor([entries + 1], device=dev))
     finite_max = torch.zeros((), dtype=torch.float32, device=dev)
     for pre in intake.pre_activations():
-        ratio = torch.where(base > 0, pre.double() / base.clamp_min(1e-300), torch.where(pre > 0, math.inf, -1.0)).float()
-        finite_max = torch.maximum(finite_max, torch.where(torch.isfinite(ratio), ratio, torch.zeros((), device=dev)).max())
+        ratio = torch.where(
+            base > 0, pre.double() / base.clamp_min(1e-300), torch.where(pre > 0, math.inf, -1.0)
+        ).float()
+        finite_max = torch.maximum(
+            finite_max, torch.where(torch.isfinite(ratio), ratio, torch.zeros((), device=dev)).max()
+        )
         top.add(ratio)
     entries = budget(k, intake.seen)
     v, starts, counts = top.sorted_values()
@@ -417,7 +451,9 @@ def _fit_scale(intake: _Intake, k: float, entries: int, before_theta: torch.Tens
     return theta, int((v > a).sum()), f"running thresholds of training scaled by one factor a = {float(a):.6g}"
 
 
-def _fit_shares(intake: _Intake, k: float, entries: int, shares: torch.Tensor, d_sae: int) -> tuple[torch.Tensor, int, int, int]:
+def _fit_shares(
+    intake: _Intake, k: float, entries: int, shares: torch.Tensor, d_sae: int
+) -> tuple[torch.Tensor, int, int, int]:
     """The per-feature rule ``shares``: ``(theta [d_sae], entries above it, never-fired features,
     short features)``."""
     dev = intake.device

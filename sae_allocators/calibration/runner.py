@@ -57,7 +57,9 @@ class HeldOutBatches:
         return batch
 
 
-def calibrate_after_training(sae: Any, source: Any, training_tokens: int, batch_size: int, log: Any = print) -> CalibrationResult | None:
+def calibrate_after_training(
+    sae: Any, source: Any, training_tokens: int, batch_size: int, log: Any = print
+) -> CalibrationResult | None:
     """The end-of-training step: calibrate ``sae`` on the next batches of ``source`` (unless the
     SAE's config switches it off or its rule has no batch threshold)."""
     if not wants_calibration(sae):
@@ -170,7 +172,11 @@ def _redacting_methods() -> list[tuple[type, str]]:
     (a token in ``model_from_pretrained_kwargs``) reaches the files (:mod:`sae_allocators.redaction`)."""
     from sae_lens import LanguageModelSAETrainingRunner
 
-    return [(LanguageModelSAETrainingRunner, name) for name in ("run", "_set_sae_metadata", "save_checkpoint") if name in LanguageModelSAETrainingRunner.__dict__]
+    return [
+        (LanguageModelSAETrainingRunner, name)
+        for name in ("run", "_set_sae_metadata", "save_checkpoint")
+        if name in LanguageModelSAETrainingRunner.__dict__
+    ]
 
 
 def installed() -> bool:
@@ -271,7 +277,10 @@ def finish_saved_folder(folder: Any) -> None:
     from sae_allocators.sae_folder import check_finite_weights
 
     redact_json_files(folder)
-    check_finite_weights(folder, fix=", so it is not saved (an existing output folder is kept as it was); train again in float32, e.g. with a lower learning rate")
+    check_finite_weights(
+        folder,
+        fix=", so it is not saved (an existing output folder is kept as it was); train again in float32, e.g. with a lower learning rate",
+    )
 
 
 def _calibrating_save(original: Any, sae_position: int) -> Any:

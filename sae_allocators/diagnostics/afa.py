@@ -44,7 +44,9 @@ def afa_k_stats(k: torch.Tensor, capped: torch.Tensor | None = None, prefix: str
     return out
 
 
-def epsilon_lbo(z: torch.Tensor, feature_acts: torch.Tensor, dec_norm: torch.Tensor | None, b_dec: torch.Tensor) -> torch.Tensor:
+def epsilon_lbo(
+    z: torch.Tensor, feature_acts: torch.Tensor, dec_norm: torch.Tensor | None, b_dec: torch.Tensor
+) -> torch.Tensor:
     """Per-token ε_LBO (see the module docstring), shape ``z.shape[:-1]``, float64.
 
     Args:

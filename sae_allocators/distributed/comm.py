@@ -119,4 +119,3 @@ def broadcast_(t: torch.Tensor, src: int = 0, group: Any = None) -> torch.Tensor
         with _Timed(t):
             dist.broadcast(t, src=dist.get_global_rank(group, src), group=group)
     return t
-

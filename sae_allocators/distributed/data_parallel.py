@@ -95,9 +95,14 @@ class DataParallel:
         if not comm.active(self.group):
             return
         t0 = time.perf_counter()
-        flat = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype, device=p.device) for p in self.params]
+        flat = [
+            p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+            for p in self.params
+        ]
         n = float(self.local_tokens) or 1.0  # no training_forward_pass seen (a custom loop): a plain mean
-        dtype = torch.promote_types(flat[0].dtype, torch.float32)  # float32 sums, as DDP's (token counts exact below 2^24)
+        dtype = torch.promote_types(
+            flat[0].dtype, torch.float32
+        )  # float32 sums, as DDP's (token counts exact below 2^24)
         buf = torch.cat([torch.cat(flat).to(dtype) * n, torch.tensor([n], dtype=dtype, device=flat[0].device)])
         buf = comm.all_reduce(buf, "sum", self.group)
         avg = buf[:-1] / buf[-1]
@@ -175,7 +180,12 @@ def sync_trainer(trainer: Any, group: Any = None) -> None:
         out = step(*args, **kwargs)
         with torch.no_grad():
             trainer.n_forward_passes_since_fired = comm.all_reduce(trainer.n_forward_passes_since_fired, "min", group)
-            delta = torch.cat([(trainer.act_freq_scores - freq0).double(), torch.tensor([float(trainer.n_frac_active_samples - n0)], dtype=torch.double, device=freq0.device)])
+            delta = torch.cat(
+                [
+                    (trainer.act_freq_scores - freq0).double(),
+                    torch.tensor([float(trainer.n_frac_active_samples - n0)], dtype=torch.double, device=freq0.device),
+                ]
+            )
             delta = comm.all_reduce(delta, "sum", group)
             trainer.act_freq_scores = freq0 + delta[:-1].to(freq0.dtype)
             trainer.n_frac_active_samples = n0 + int(round(float(delta[-1])))

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sae_allocators import devices
+
 # the launcher's side (before torchrun), importable without the workflow; re-exported here
 from sae_allocators.distributed.relaunch import (
     DISTRIBUTED_STATE,
@@ -46,7 +47,17 @@ from sae_allocators.distributed.relaunch import (
     torchrun_command,
 )
 
-__all__ = ["DISTRIBUTED_STATE", "LaunchError", "check_resume", "choose_backend", "env_int", "relaunch", "split_nproc", "torchrun_command", "main"]
+__all__ = [
+    "DISTRIBUTED_STATE",
+    "LaunchError",
+    "check_resume",
+    "choose_backend",
+    "env_int",
+    "relaunch",
+    "split_nproc",
+    "torchrun_command",
+    "main",
+]
 
 RANKS_DIR = "ranks"
 
@@ -120,7 +131,9 @@ def _runner_class(rank: int, world: int, group: Any):
             sync_trainer(trainer, group)
             save = trainer.save_checkpoint
             if rank == 0:  # checkpoint names count the tokens of all ranks, as in one process
-                trainer.save_checkpoint = lambda checkpoint_name, wandb_aliases=None: save(global_checkpoint_name(checkpoint_name, world), wandb_aliases=wandb_aliases)
+                trainer.save_checkpoint = lambda checkpoint_name, wandb_aliases=None: save(
+                    global_checkpoint_name(checkpoint_name, world), wandb_aliases=wandb_aliases
+                )
             elif trainer.cfg.checkpoint_path is not None:
                 # the trainer on rank 0 writes the model and trainer state; here only the data position
                 trainer.save_checkpoint = lambda checkpoint_name, wandb_aliases=None: self.save_checkpoint(
@@ -129,8 +142,13 @@ def _runner_class(rank: int, world: int, group: Any):
             sae = super().run_trainer_with_interruption_handling(trainer)
             if self.final_metrics is not None:
                 self.final_metrics["training_tokens"] = int(trainer.n_training_samples) * world
-                self.final_metrics["source"] = f"last training step on rank 0 of {world} (sae-allocators train --nproc-per-node {world})"
-                self.final_metrics["distributed"] = {"world_size": world, "tokens_per_rank_per_step": int(self.cfg.train_batch_size_tokens)}
+                self.final_metrics["source"] = (
+                    f"last training step on rank 0 of {world} (sae-allocators train --nproc-per-node {world})"
+                )
+                self.final_metrics["distributed"] = {
+                    "world_size": world,
+                    "tokens_per_rank_per_step": int(self.cfg.train_batch_size_tokens),
+                }
             return sae
 
         def _as_global(self, fn: Any, *args: Any, **kw: Any) -> Any:
@@ -162,7 +180,10 @@ def _runner_class(rank: int, world: int, group: Any):
 def explain_collective_failure(exc: BaseException, rank: int, world: int) -> str | None:
     """The error to show when a collective failed because another rank died or hung (else None)."""
     text = str(exc)
-    if not (type(exc).__name__ == "DistBackendError" or any(w in text.lower() for w in ("timed out", "timeout", "connection", "closed by peer"))):
+    if not (
+        type(exc).__name__ == "DistBackendError"
+        or any(w in text.lower() for w in ("timed out", "timeout", "connection", "closed by peer"))
+    ):
         return None
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     return (
@@ -190,11 +211,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = wf.parse_args(argv)
         wf.check_before_training(cfg, world=world)  # device, resume checkpoint, output folder
-        backend = choose_backend(cfg.device, os.environ.get("SAE_ALLOCATORS_DIST_BACKEND"), local_world, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+        backend = choose_backend(
+            cfg.device,
+            os.environ.get("SAE_ALLOCATORS_DIST_BACKEND"),
+            local_world,
+            torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        )
         timeout = timedelta(seconds=env_int("SAE_ALLOCATORS_DIST_TIMEOUT", 600))
     except SystemExit as exc:
         return int(exc.code or 0)
-    except (LaunchError, ValueError) as exc:  # the same on every rank (DeviceError, SaeFolderError, config checks): once
+    except (
+        LaunchError,
+        ValueError,
+    ) as exc:  # the same on every rank (DeviceError, SaeFolderError, config checks): once
         if rank == 0:
             print(f"sae-allocators train (rank {rank}/{world}): error: {exc}", file=sys.stderr)
         return 2
@@ -219,7 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rank == 0 and cfg.output_path is not None:
             print(f"Trained {cfg.sae.architecture()} SAE on {world} ranks ({backend}); saved to {cfg.output_path}")
             if runner.final_metrics:
-                print(f"Final metrics ({runner.final_metrics['training_tokens']} tokens): " + ", ".join(f"{k}={v:.4g}" for k, v in runner.final_metrics["metrics"].items()))
+                print(
+                    f"Final metrics ({runner.final_metrics['training_tokens']} tokens): "
+                    + ", ".join(f"{k}={v:.4g}" for k, v in runner.final_metrics["metrics"].items())
+                )
         dist.barrier()
     except (DistributedConfigError, LaunchError) as exc:
         # these checks give every rank the same answer: reported once, by rank 0 (the others exit quietly)

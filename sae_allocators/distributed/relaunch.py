@@ -61,7 +61,10 @@ def choose_backend(device: str, requested: str | None, local_world: int, gpus: i
         want = "nccl" if cuda else "gloo"
     if want == "nccl":
         if not cuda:
-            raise LaunchError(f"the NCCL backend needs CUDA, but the config's device is {device!r}: use --device cuda, or the gloo backend (SAE_ALLOCATORS_DIST_BACKEND=gloo)")
+            raise LaunchError(
+                f"the NCCL backend needs CUDA, but the config's device is {device!r}: use --device cuda, "
+                "or the gloo backend (SAE_ALLOCATORS_DIST_BACKEND=gloo)"
+            )
         if gpus < local_world:
             raise LaunchError(
                 f"NCCL needs one GPU per rank: {local_world} ranks on this node but {gpus} GPU(s) visible. "
@@ -78,10 +81,16 @@ def check_resume(cfg: Any, world: int) -> None:
         return
     f = Path(path) / DISTRIBUTED_STATE
     if not f.exists():
-        raise LaunchError(f"cannot resume {path} on {world} ranks: it was not written by a distributed run (no {DISTRIBUTED_STATE}); resume it in one process")
+        raise LaunchError(
+            f"cannot resume {path} on {world} ranks: it was not written by a distributed run "
+            f"(no {DISTRIBUTED_STATE}); resume it in one process"
+        )
     saved = json.loads(f.read_text())["world_size"]
     if saved != world:
-        raise LaunchError(f"cannot resume {path} on {world} ranks: it was written by {saved} ranks (each holds its own data position). Resume with --nproc-per-node {saved}")
+        raise LaunchError(
+            f"cannot resume {path} on {world} ranks: it was written by {saved} ranks (each holds its own data "
+            f"position). Resume with --nproc-per-node {saved}"
+        )
 
 
 def env_int(name: str, default: int | None = None) -> int:
@@ -96,16 +105,29 @@ def env_int(name: str, default: int | None = None) -> int:
     try:
         return int(v)
     except ValueError:
-        raise LaunchError(f"{name}={v!r} is invalid: use a whole number (e.g. {name}={default if default is not None else 1})") from None
+        raise LaunchError(
+            f"{name}={v!r} is invalid: use a whole number (e.g. {name}={default if default is not None else 1})"
+        ) from None
 
 
 def torchrun_command(nproc: int, argv: Sequence[str], python: str | None = None) -> list[str]:
     """The ``torchrun`` command line that ``--nproc-per-node`` runs (one node, a free port)."""
-    return [python or sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "sae_allocators.distributed.launch", *argv]
+    return [
+        python or sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "sae_allocators.distributed.launch",
+        *argv,
+    ]
 
 
 #: torchrun's own report of a failed rank (its log line, then a ChildFailedError traceback and table)
-_TORCHRUN_FAILED = re.compile(r"torch[./]distributed[./]elastic[./]multiprocessing[./]api.*failed \(exitcode: (?P<code>-?\d+)\) local_rank: (?P<rank>\d+)")
+_TORCHRUN_FAILED = re.compile(
+    r"torch[./]distributed[./]elastic[./]multiprocessing[./]api.*failed \(exitcode: (?P<code>-?\d+)\) local_rank: (?P<rank>\d+)"
+)
 _TORCHRUN_LOG = re.compile(r"^[WIE]\d{4} .*torch/distributed/elastic/")
 
 

@@ -207,7 +207,9 @@ def token_sizes(n_tokens: int, group: Any, device: Any) -> list[int]:
     return comm.all_gather_sizes(n_tokens, group, device)
 
 
-def mutual_choice_indices(affinity: torch.Tensor, k: float, group: Any = None, *, sizes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def mutual_choice_indices(
+    affinity: torch.Tensor, k: float, group: Any = None, *, sizes: list[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mutual Choice over the global batch: ``(flat, tau)`` as
     :func:`sae_allocators.allocation.batch.mutual_choice_indices` returns them on the concatenated batch
     (this rank's ascending row-major indices; ``tau`` the same everywhere: the smallest kept value, 0 when
@@ -227,7 +229,12 @@ def mutual_choice_indices(affinity: torch.Tensor, k: float, group: Any = None, *
 
 
 def feature_choice_indices(
-    affinity: torch.Tensor, caps: torch.Tensor, group: Any = None, *, one_per_token: bool = False, sizes: list[int] | None = None
+    affinity: torch.Tensor,
+    caps: torch.Tensor,
+    group: Any = None,
+    *,
+    one_per_token: bool = False,
+    sizes: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Feature Choice over the global batch (``caps`` global): ``(flat, tau)`` as
     :func:`sae_allocators.allocation.feature_choice.feature_choice_indices` returns them on the

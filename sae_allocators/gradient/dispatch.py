@@ -30,7 +30,9 @@ def store_class_for(cfg: Any) -> type[ActivationsStore] | None:
         return None
     store_cls = getter() if callable(getter) else getter
     if not (isinstance(store_cls, type) and issubclass(store_cls, ActivationsStore)):
-        raise TypeError(f"{type(cfg.sae).__name__}.{ATTRIBUTE}() must return an ActivationsStore subclass, got {store_cls!r}")
+        raise TypeError(
+            f"{type(cfg.sae).__name__}.{ATTRIBUTE}() must return an ActivationsStore subclass, got {store_cls!r}"
+        )
     return store_cls
 
 

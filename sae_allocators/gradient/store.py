@@ -77,8 +77,10 @@ def forward_backward(
         captured["x"] = leaf
         return leaf
 
-    with torch.no_grad(), frozen_parameters(model), torch.autocast(
-        device_type=_input_device(model).type, dtype=torch.bfloat16, enabled=autocast
+    with (
+        torch.no_grad(),
+        frozen_parameters(model),
+        torch.autocast(device_type=_input_device(model).type, dtype=torch.bfloat16, enabled=autocast),
     ):
         output = model.run_with_hooks(
             tokens,
@@ -110,8 +112,7 @@ def check_model(model: Any, hook_name: str, model_kwargs: dict[str, Any] | None 
     if hook_dict is not None and hook_name not in hook_dict:
         close = [n for n in hook_dict if hook_name.split(".")[-1] in n][:5]
         raise GradientStoreError(
-            f"hook_name={hook_name!r} is not a hook point of this model"
-            + (f"; similar: {close}" if close else "")
+            f"hook_name={hook_name!r} is not a hook point of this model" + (f"; similar: {close}" if close else "")
         )
     if _AFTER_UNEMBED.search(hook_name):
         raise GradientStoreError(
@@ -143,9 +144,7 @@ def check_model(model: Any, hook_name: str, model_kwargs: dict[str, Any] | None 
     if isinstance(logits, torch.Tensor) and leaf.shape == logits.shape and torch.equal(leaf, logits.detach()):
         raise GradientStoreError(f"hook_name={hook_name!r} carries the logits (after the unembedding)")
     if grad is None:
-        raise GradientStoreError(
-            f"the model's loss does not depend on hook {hook_name!r}, so it has no gradient there"
-        )
+        raise GradientStoreError(f"the model's loss does not depend on hook {hook_name!r}, so it has no gradient there")
 
 
 #: what SAELens's scaler may do to the packed rows: nothing, or multiply the whole row by one factor

@@ -13,7 +13,7 @@ the running densities, :mod:`.zipf` fits the Zipf curve and finds the under-used
   registered under ``cfg.aux_loss``, and adds lazy metrics (dead / under-used fractions, fitted
   Zipf exponent, per-token L0 mean / p50 / p99, empty-token fraction).
 
-Usage (the whole integration for a TopK-like architecture)::
+Usage (the whole integration for a TopK-like architecture that keeps SAELens's own step)::
 
     @dataclass
     class MyTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
@@ -23,9 +23,12 @@ Usage (the whole integration for a TopK-like architecture)::
     class MyTrainingSAE(AuxLossMixin, TopKTrainingSAE):
         signed_selection = True         # only for rules that keep negative codes (AbsTopK)
 
-Put the mixins *first* in the bases so their ``__post_init__`` / ``calculate_aux_loss`` /
-``training_forward_pass`` wrap SAELens's. Override :meth:`AuxLossMixin.aux_scores` or
-:meth:`AuxLossMixin.aux_decode` only if ranking or bias-free decoding differ from TopK's.
+Put the mixin *first* in the bases so its ``__post_init__`` / ``calculate_aux_loss`` /
+``training_forward_pass`` wrap SAELens's. This project's architectures put
+:class:`~sae_allocators.architectures._step.SelectionStepMixin` before it: its
+``training_forward_pass`` is then the whole step (and calls ``calculate_aux_loss``,
+``update_feature_density`` and ``lazy_metrics`` itself). Override :meth:`AuxLossMixin.aux_scores`
+or :meth:`AuxLossMixin.aux_decode` only if ranking or bias-free decoding differ from TopK's.
 """
 
 from __future__ import annotations
@@ -34,10 +37,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
+from sae_lens.saes.topk_sae import act_times_W_dec
 
 from sae_allocators import metrics as M
 from sae_allocators.distributed.data_parallel import group_of
 from sae_allocators.losses import density, registry, zipf
+
 
 @dataclass
 class AuxLossInput:
@@ -100,7 +105,8 @@ class AuxLossMixin:
     #: tokens per step (at least; strided) on which running densities are measured
     density_sample_tokens: ClassVar[int] = 512
     #: True for rules selecting over the whole batch: ``encode`` then refuses non-finite input
-    #: (one NaN token would change every other token's codes); the training step always does
+    #: (one NaN token would change every other token's codes); the training step always does.
+    #: Classes on the shared step derive it from their ``rule_kind`` (SelectionStepMixin).
     batch_selection: ClassVar[bool] = False
 
     def __init__(self, cfg: Any, use_error_term: bool = False):
@@ -117,11 +123,9 @@ class AuxLossMixin:
         return hidden_pre.abs() if self.signed_selection else hidden_pre
 
     def aux_decode(self, acts: torch.Tensor) -> torch.Tensor:
-        """Bias-free decode of auxiliary codes (TopK's: optional decoder-norm rescale, no b_dec)."""
-        W_dec = self.W_dec  # type: ignore[attr-defined]
-        if getattr(self.cfg, "rescale_acts_by_decoder_norm", False):
-            acts = acts * (1 / W_dec.norm(dim=-1))
-        recons = acts @ W_dec
+        """Bias-free decode of dense auxiliary codes: SAELens TopK's ``act_times_W_dec`` (optional
+        decoder-norm rescale, no b_dec), heads restored."""
+        recons = act_times_W_dec(acts, self.W_dec, bool(getattr(self.cfg, "rescale_acts_by_decoder_norm", False)))  # type: ignore[attr-defined]
         return self.reshape_fn_out(recons, self.d_head)  # type: ignore[attr-defined]
 
     def aux_k_value(self) -> int:
@@ -143,7 +147,12 @@ class AuxLossMixin:
         """Fold this batch's firing rates into ``feature_density`` (see
         :func:`sae_allocators.losses.density.update_running_density`)."""
         density.update_running_density(
-            self.feature_density, self.density_steps, feature_acts, self.cfg.density_window, self.density_sample_tokens, group_of(self)
+            self.feature_density,
+            self.density_steps,
+            feature_acts,
+            self.cfg.density_window,
+            self.density_sample_tokens,
+            group_of(self),
         )
 
     def zipf_fit(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +182,14 @@ class AuxLossMixin:
             entry = self._aux_entry = registry.get(self.cfg.aux_loss)
         return entry
 
-    def calculate_aux_loss(self, step_input: Any, feature_acts: torch.Tensor, hidden_pre: torch.Tensor, sae_out: torch.Tensor, state: Any = None) -> dict[str, torch.Tensor]:
+    def calculate_aux_loss(
+        self,
+        step_input: Any,
+        feature_acts: torch.Tensor,
+        hidden_pre: torch.Tensor,
+        sae_out: torch.Tensor,
+        state: Any = None,
+    ) -> dict[str, torch.Tensor]:
         step = AuxLossInput(
             sae_in=step_input.sae_in,
             sae_out=sae_out,
@@ -188,10 +204,6 @@ class AuxLossMixin:
             return out
         return {"auxiliary_reconstruction_loss": out}
 
-    def step_aux_losses(self, step_input: Any, state: Any, feature_acts: torch.Tensor, sae_out: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The configured auxiliary loss for the shared selection step (its state included)."""
-        return self.calculate_aux_loss(step_input, feature_acts, state.hidden_pre.view(*state.lead_shape, -1), sae_out, state=state)
-
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         if self.batch_selection:
             check_finite(x, f"{self.cfg.architecture()} encode input", BATCH_ENCODE_REASON)
@@ -204,7 +216,9 @@ class AuxLossMixin:
         output.metrics.update(self.lazy_metrics(output.feature_acts, step_input.dead_neuron_mask))
         return output
 
-    def lazy_metrics(self, feature_acts: torch.Tensor, dead_mask: torch.Tensor | None) -> dict[str, Callable[[], float]]:
+    def lazy_metrics(
+        self, feature_acts: torch.Tensor, dead_mask: torch.Tensor | None
+    ) -> dict[str, Callable[[], float]]:
         """Zero-argument callables, evaluated only on logging steps (no sync otherwise)."""
         acts = feature_acts.detach()
         density_now = self.feature_density.detach().clone()

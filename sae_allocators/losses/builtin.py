@@ -20,7 +20,11 @@ from sae_allocators.hookspecs import hookimpl
 
 
 def residual_aux_loss(
-    sae: Any, step: Any, candidates: torch.Tensor | None, weights: torch.Tensor | None = None, priority: torch.Tensor | None = None
+    sae: Any,
+    step: Any,
+    candidates: torch.Tensor | None,
+    weights: torch.Tensor | None = None,
+    priority: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """AuxK-style loss over the latents in ``candidates`` ([d_sae] bool).
 

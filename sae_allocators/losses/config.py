@@ -106,7 +106,9 @@ class AuxLossConfig:
         if "training_architecture_details" not in meta:
             inference_fields = {f.name for f in fields(self.get_inference_config_class())}  # type: ignore[attr-defined]
             meta["training_architecture_details"] = {
-                f.name: getattr(self, f.name) for f in fields(self) if f.name not in inference_fields and f.name != "metadata"  # type: ignore[arg-type]
+                f.name: getattr(self, f.name)
+                for f in fields(self)
+                if f.name not in inference_fields and f.name != "metadata"  # type: ignore[arg-type]
             }
         return result
 
@@ -121,20 +123,38 @@ class AuxLossConfig:
                 "first dead latent. Use normalize_activations='none' or 'expected_average_only_in', or "
                 "aux_loss='none'."
             )
-        if not (isinstance(self.aux_loss_coefficient, (int, float)) and math.isfinite(self.aux_loss_coefficient) and self.aux_loss_coefficient >= 0):
-            raise _field_error("aux_loss_coefficient", self.aux_loss_coefficient, "use a finite number >= 0 (e.g. 1.0; 0 disables the term)")
+        if not (
+            isinstance(self.aux_loss_coefficient, (int, float))
+            and math.isfinite(self.aux_loss_coefficient)
+            and self.aux_loss_coefficient >= 0
+        ):
+            raise _field_error(
+                "aux_loss_coefficient",
+                self.aux_loss_coefficient,
+                "use a finite number >= 0 (e.g. 1.0; 0 disables the term)",
+            )
         d_sae = getattr(self, "d_sae", None)
-        if self.aux_k is not None and not (isinstance(self.aux_k, int) and self.aux_k >= 1 and (d_sae is None or self.aux_k <= d_sae)):
+        if self.aux_k is not None and not (
+            isinstance(self.aux_k, int) and self.aux_k >= 1 and (d_sae is None or self.aux_k <= d_sae)
+        ):
             raise _field_error("aux_k", self.aux_k, f"use an integer in [1, d_sae={d_sae}], or None for d_in // 2")
         if not (isinstance(self.density_window, int) and self.density_window >= 1):
             raise _field_error("density_window", self.density_window, "use an integer number of steps >= 1 (e.g. 1000)")
         if not (0.0 < self.zipf_underused_ratio < 1.0):
-            raise _field_error("zipf_underused_ratio", self.zipf_underused_ratio, "use a fraction in (0, 1) (e.g. 0.1: ten times below the Zipf curve)")
+            raise _field_error(
+                "zipf_underused_ratio",
+                self.zipf_underused_ratio,
+                "use a fraction in (0, 1) (e.g. 0.1: ten times below the Zipf curve)",
+            )
         if not (0.0 < self.zipf_fit_fraction <= 1.0):
-            raise _field_error("zipf_fit_fraction", self.zipf_fit_fraction, "use a fraction in (0, 1] of the ranks (e.g. 0.5)")
+            raise _field_error(
+                "zipf_fit_fraction", self.zipf_fit_fraction, "use a fraction in (0, 1] of the ranks (e.g. 0.5)"
+            )
         if self.zipf_exponent is not None and not (math.isfinite(self.zipf_exponent) and self.zipf_exponent >= 0):
             raise _field_error("zipf_exponent", self.zipf_exponent, "use a finite exponent >= 0, or None to fit it")
         if not (isinstance(self.zipf_min_steps, int) and self.zipf_min_steps >= 0):
             raise _field_error("zipf_min_steps", self.zipf_min_steps, "use an integer >= 0")
         if not isinstance(self.sparse_step, bool):
-            raise _field_error("sparse_step", self.sparse_step, "use True (the sparse training step) or False (the dense reference)")
+            raise _field_error(
+                "sparse_step", self.sparse_step, "use True (the sparse training step) or False (the dense reference)"
+            )

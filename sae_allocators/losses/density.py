@@ -19,7 +19,12 @@ from sae_allocators.distributed.select import strided_token_sample
 
 @torch.no_grad()
 def update_running_density(
-    feature_density: torch.Tensor, density_steps: torch.Tensor, feature_acts: torch.Tensor, window: int, sample_tokens: int, group: Any = None
+    feature_density: torch.Tensor,
+    density_steps: torch.Tensor,
+    feature_acts: torch.Tensor,
+    window: int,
+    sample_tokens: int,
+    group: Any = None,
 ) -> None:
     """Fold this batch's firing rates into ``feature_density`` (and count the step in
     ``density_steps``); measured on every ``N // sample_tokens``-th token (a strided subsample:

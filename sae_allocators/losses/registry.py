@@ -23,7 +23,9 @@ class AuxLoss(Protocol):
     def __call__(self, sae: Any, step: Any) -> Any: ...
 
 
-def add(table: MutableMapping[str, Entry], name: str, loss: Any, *, description: str = "", provider: str = "") -> str | None:
+def add(
+    table: MutableMapping[str, Entry], name: str, loss: Any, *, description: str = "", provider: str = ""
+) -> str | None:
     """Put ``loss`` into ``table`` under ``name``; return a problem message instead of raising."""
     if not isinstance(name, str) or not name:
         return f"aux loss name {name!r} must be a non-empty string"
@@ -31,10 +33,7 @@ def add(table: MutableMapping[str, Entry], name: str, loss: Any, *, description:
         return f"aux loss {name!r} must be callable as loss(sae, step), got {loss!r}"
     old = table.get(name)
     if old is not None and old.provider != provider:
-        return (
-            f"aux loss {name!r} is already provided by {old.provider}; the offer from {provider} "
-            "was ignored"
-        )
+        return f"aux loss {name!r} is already provided by {old.provider}; the offer from {provider} was ignored"
     table[name] = Entry(name, loss, description, provider)
     return None
 

@@ -30,7 +30,9 @@ def shortfall(density: torch.Tensor, alpha: torch.Tensor, log_c: torch.Tensor) -
 
 
 @torch.no_grad()
-def underused_fraction(density: torch.Tensor, steps: int, dead: torch.Tensor | None, fitted: tuple[torch.Tensor, torch.Tensor], cfg: Any) -> float:
+def underused_fraction(
+    density: torch.Tensor, steps: int, dead: torch.Tensor | None, fitted: tuple[torch.Tensor, torch.Tensor], cfg: Any
+) -> float:
     """The ``underused_frac`` training metric: the share of features that are dead or (after
     ``zipf_min_steps`` steps) below ``zipf_underused_ratio`` times their target."""
     alpha, log_c = fitted

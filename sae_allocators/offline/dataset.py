@@ -19,7 +19,6 @@ Split = Literal["all", "train", "eval"]
 T = TypeVar("T")
 
 
-
 # --------------------------------------------------------------------------------------------
 # corpus
 
@@ -195,7 +194,9 @@ def tokenized_dataset(
         rows = rows[rng.permutation(len(rows))]
     if max_tokens is not None:
         if len(rows) < max_tokens // context_size:
-            warnings.warn(f"only {len(rows) * context_size:,} tokens of text for max_tokens={max_tokens:,}", stacklevel=2)
+            warnings.warn(
+                f"only {len(rows) * context_size:,} tokens of text for max_tokens={max_tokens:,}", stacklevel=2
+            )
         rows = rows[: max_tokens // context_size]
     if len(rows) == 0:
         raise ValueError(f"not enough text for a single row of {context_size} tokens")
@@ -203,7 +204,12 @@ def tokenized_dataset(
 
 
 def _token_lists(
-    tokenizer: Any, texts: Sequence[str], order: Sequence[int], cached: Sequence[Any] | None, budget: int | None, batch: int = 32
+    tokenizer: Any,
+    texts: Sequence[str],
+    order: Sequence[int],
+    cached: Sequence[Any] | None,
+    budget: int | None,
+    batch: int = 32,
 ) -> list[Any]:
     """Token ids of ``texts[i]`` for ``i`` in ``order`` (from ``cached`` when given), stopping
     once ``budget`` tokens are collected (all of them if ``budget`` is None)."""

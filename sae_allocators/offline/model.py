@@ -73,7 +73,9 @@ def load_model(
     path = str(tl_safe_dir(prepared.model_dir))
     tokenizer = preparation._load_tokenizer_from(prepared.model_dir)
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    cfg = loading.get_pretrained_model_config(path, device=device, dtype=dtype, first_n_layers=first_n_layers, n_ctx=n_ctx)
+    cfg = loading.get_pretrained_model_config(
+        path, device=device, dtype=dtype, first_n_layers=first_n_layers, n_ctx=n_ctx
+    )
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     state_dict = loading.get_pretrained_state_dict(path, cfg, hf_model, dtype=dtype)
     del hf_model

@@ -118,7 +118,9 @@ def _ensure(
     return manifest
 
 
-def prepare(cache_dir: str | os.PathLike[str] | None = None, *, quiet: bool = False, verify: bool = True) -> PreparedAssets:
+def prepare(
+    cache_dir: str | os.PathLike[str] | None = None, *, quiet: bool = False, verify: bool = True
+) -> PreparedAssets:
     """Fetch, convert and cache the model and corpus once; afterwards verify and reuse them.
 
     Every part is checked against its manifest (SHA-256 of every file, or only sizes with

@@ -54,7 +54,9 @@ def detokenize(words: list[str]) -> str:
     quote tokens ````` / ``''`` into plain double quotes, and drops a sentence-final ``.`` that
     follows an abbreviation's own dot (``Jr. .`` becomes ``Jr.``).
     """
-    kept = [w for i, w in enumerate(words) if not (w == "." and i and words[i - 1].endswith(".") and words[i - 1] != "...")]
+    kept = [
+        w for i, w in enumerate(words) if not (w == "." and i and words[i - 1].endswith(".") and words[i - 1] != "...")
+    ]
     text = " ".join(kept)
     text = _NO_SPACE_BEFORE.sub(r"\1", text)
     text = _NO_SPACE_AFTER.sub(r"\1", text)
@@ -106,7 +108,17 @@ _DROPPED_LINK_PREFIXES = ("file:", "image:", "category:", "media:", "wikipedia:"
 _INTERWIKI = re.compile(r"^:?[a-z]{2,3}(-[a-z]+)?:")
 #: sections that carry no prose; everything from the first of these headings on is dropped
 END_SECTIONS = frozenset(
-    {"references", "external links", "see also", "further reading", "notes", "bibliography", "sources", "footnotes", "citations"}
+    {
+        "references",
+        "external links",
+        "see also",
+        "further reading",
+        "notes",
+        "bibliography",
+        "sources",
+        "footnotes",
+        "citations",
+    }
 )
 
 

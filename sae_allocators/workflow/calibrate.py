@@ -34,13 +34,28 @@ def _own_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,  # `--calib 0` is not --calibration_tokens, and `--k` is a data option
     )
     p.add_argument("sae_folder", help="saved SAE folder (cfg.json + sae_weights.safetensors)")
-    p.add_argument("--calibration_tokens", type=int, default=None,
-                   help="held-out tokens (default: 2%% of the training tokens in runner_cfg.json, >= 4 batches, <= 262144)")
-    p.add_argument("--skip_tokens", type=int, default=0, help="draw and discard this many tokens first (e.g. the training tokens)")
-    p.add_argument("--target_k", type=float, default=None, help="target mean L0 (default: the training k from runner_cfg.json or cfg.json)")
-    p.add_argument("--feature_rule", choices=("scale", "shares"), default=None,
-                   help="feature_choice: 'scale' (the saved thresholds times one factor; default) or 'shares' "
-                   "(each feature at its training share, from sparsity.safetensors or feature_density)")
+    p.add_argument(
+        "--calibration_tokens",
+        type=int,
+        default=None,
+        help="held-out tokens (default: 2%% of the training tokens in runner_cfg.json, >= 4 batches, <= 262144)",
+    )
+    p.add_argument(
+        "--skip_tokens", type=int, default=0, help="draw and discard this many tokens first (e.g. the training tokens)"
+    )
+    p.add_argument(
+        "--target_k",
+        type=float,
+        default=None,
+        help="target mean L0 (default: the training k from runner_cfg.json or cfg.json)",
+    )
+    p.add_argument(
+        "--feature_rule",
+        choices=("scale", "shares"),
+        default=None,
+        help="feature_choice: 'scale' (the saved thresholds times one factor; default) or 'shares' "
+        "(each feature at its training share, from sparsity.safetensors or feature_density)",
+    )
     p.add_argument("--output", default=None, help="write the calibrated SAE here instead of rewriting SAE_FOLDER")
     return p
 
@@ -67,7 +82,9 @@ def _check_folder(folder: Path) -> str:
     )
 
     if not folder.is_dir():
-        raise ValueError(f"{folder}: no such folder; give the --output_path of `sae-allocators train` or one of its checkpoints.")
+        raise ValueError(
+            f"{folder}: no such folder; give the --output_path of `sae-allocators train` or one of its checkpoints."
+        )
     cfg = _read_json(folder / "cfg.json")
     if not cfg:
         raise ValueError(f"{folder} has no cfg.json: give the folder SAELens saved (the final output or a checkpoint).")
@@ -75,7 +92,7 @@ def _check_folder(folder: Path) -> str:
     checkpoint = (folder / CHECKPOINT_MARKER).exists()
     meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
     training_arch = meta.get("training_architecture") if arch == "jumprelu" else arch
-    names = ", ".join(fit.GLOBAL_RULES + fit.PER_FEATURE_RULES)
+    names = ", ".join(fit.calibrated_architectures())
     if arch != "jumprelu" and not checkpoint:
         raise ValueError(
             f"{folder} holds a saved {arch!r} SAE: only {names} have thresholds to calibrate (their final folders are "
@@ -94,7 +111,8 @@ def _check_folder(folder: Path) -> str:
                 if got is not None and got != want:
                     raise SaeFolderError(
                         f"{folder / 'sae_weights.safetensors'}: tensor {name!r} has shape {got}, but cfg.json (d_in={d_in}, "
-                        f"d_sae={d_sae}) needs {want}: the weights and cfg.json do not belong together; re-copy both from the same checkpoint."
+                        f"d_sae={d_sae}) needs {want}: the weights and cfg.json do not belong together; "
+                        "re-copy both from the same checkpoint."
                     )
             check_finite_weights(folder)
     except SaeFolderError as exc:
@@ -132,7 +150,9 @@ def _shares_from_folder(folder: Path):
             "training checkpoint instead (it keeps feature_density), or re-train with calibration on."
         )
     log_sparsity = load_file(str(path))["sparsity"].double()
-    return (torch.pow(10.0, log_sparsity) - 1e-10).clamp_min(0), f"{path.name} (SAELens's firing rates of the last feature-sampling window)"
+    return (torch.pow(10.0, log_sparsity) - 1e-10).clamp_min(
+        0
+    ), f"{path.name} (SAELens's firing rates of the last feature-sampling window)"
 
 
 def _check_output(folder: Path, output: Path | None) -> None:
@@ -142,7 +162,9 @@ def _check_output(folder: Path, output: Path | None) -> None:
     if output.exists() or output.is_symlink():
         if output.resolve() == folder.resolve():
             return  # the same folder: rewritten in place
-        raise ValueError(f"--output {output} exists; choose a new folder (or leave --output out to rewrite {folder} in place).")
+        raise ValueError(
+            f"--output {output} exists; choose a new folder (or leave --output out to rewrite {folder} in place)."
+        )
 
 
 def _save(sae: Any, folder: Path, output: Path | None) -> Path:
@@ -168,7 +190,9 @@ def _save(sae: Any, folder: Path, output: Path | None) -> Path:
         if path.exists() and path.is_dir():
             extra = sorted(p.name for p in path.iterdir() if p.name not in names)
             if extra:
-                raise SaeFolderError(f"{path} now holds {', '.join(extra)}, which appeared during calibration; it is not replaced.")
+                raise SaeFolderError(
+                    f"{path} now holds {', '.join(extra)}, which appeared during calibration; it is not replaced."
+                )
         return path
 
     with atomic_dir(target, check=same_files if in_place else None) as tmp:
@@ -207,8 +231,14 @@ def main(argv: Sequence[str], *, override_model=None, override_dataset=None) -> 
     output = Path(own.output) if own.output else None
     try:
         # every argument is checked before a model is loaded or a token drawn
-        _positive("--calibration_tokens", own.calibration_tokens, "use a positive number of tokens (or leave it out for the default)")
-        _positive("--target_k", own.target_k, "use the mean L0 to calibrate to, > 0 (or leave it out for the training k)")
+        _positive(
+            "--calibration_tokens",
+            own.calibration_tokens,
+            "use a positive number of tokens (or leave it out for the default)",
+        )
+        _positive(
+            "--target_k", own.target_k, "use the mean L0 to calibrate to, > 0 (or leave it out for the training k)"
+        )
         if own.skip_tokens < 0:
             raise ValueError(f"--skip_tokens {own.skip_tokens} is invalid: use 0 or more tokens.")
         _check_output(folder, output)
@@ -216,17 +246,38 @@ def main(argv: Sequence[str], *, override_model=None, override_dataset=None) -> 
         sae = _load(folder, kind)
         arch = fit.architecture_of(sae)
         runner_cfg = _read_json(folder / "runner_cfg.json")
-        k = own.target_k if own.target_k is not None else (getattr(sae.cfg, "k", None) or (runner_cfg.get("sae") or {}).get("k"))
+        k = (
+            own.target_k
+            if own.target_k is not None
+            else (getattr(sae.cfg, "k", None) or (runner_cfg.get("sae") or {}).get("k"))
+        )
         if k is None:
             raise ValueError(f"{folder}: the training k is in neither cfg.json nor runner_cfg.json; give --target_k.")
         if k > sae.cfg.d_sae:
-            raise ValueError(f"--target_k {k:g} is invalid: the SAE has d_sae={sae.cfg.d_sae} latents, so at most {sae.cfg.d_sae} fire per token.")
-        data_args = ["--architecture", arch, "--d_in", str(sae.cfg.d_in), "--d_sae", str(sae.cfg.d_sae), "--k", str(k), *rest]
+            raise ValueError(
+                f"--target_k {k:g} is invalid: the SAE has d_sae={sae.cfg.d_sae} latents, so at most {sae.cfg.d_sae} fire per token."
+            )
+        data_args = [
+            "--architecture",
+            arch,
+            "--d_in",
+            str(sae.cfg.d_in),
+            "--d_sae",
+            str(sae.cfg.d_sae),
+            "--k",
+            str(k),
+            *rest,
+        ]
         if override_model is None and "--model_name" not in rest:
             raise ValueError(
                 "give the data options of `sae-allocators train` (--model_name, --hook_name, --dataset_path, "
                 "--context_size, ...) for held-out tokens the SAE did not train on"
-                + (f" (it trained on {runner_cfg.get('dataset_path')!r} of {runner_cfg.get('model_name')!r}: use another split, or --skip_tokens)" if runner_cfg else "")
+                + (
+                    f" (it trained on {runner_cfg.get('dataset_path')!r} of {runner_cfg.get('model_name')!r}: "
+                    "use another split, or --skip_tokens)"
+                    if runner_cfg
+                    else ""
+                )
                 + "."
             )
         cfg = parse_args(data_args)
@@ -234,10 +285,12 @@ def main(argv: Sequence[str], *, override_model=None, override_dataset=None) -> 
         training_tokens = int(runner_cfg.get("training_tokens") or 0)
         n = own.calibration_tokens or fit.default_tokens(training_tokens, cfg.train_batch_size_tokens)
         if budget(float(k), n) < 1:
-            raise ValueError(f"--calibration_tokens {n} with k={k:g} gives a budget floor(k * N) = 0: use at least {math.ceil(1 / float(k))} tokens.")
+            raise ValueError(
+                f"--calibration_tokens {n} with k={k:g} gives a budget floor(k * N) = 0: use at least {math.ceil(1 / float(k))} tokens."
+            )
         shares = source = None
         method = own.feature_rule or getattr(sae.cfg, "calibration_rule", None) or "scale"
-        if arch in fit.PER_FEATURE_RULES and kind == "inference" and method == "shares":
+        if fit.rule_of(arch) == "per_feature" and kind == "inference" and method == "shares":
             shares, source = _shares_from_folder(folder)
     except (ValueError, KeyError) as exc:
         print(f"sae-allocators calibrate: error: {exc}", file=sys.stderr)
@@ -249,9 +302,16 @@ def main(argv: Sequence[str], *, override_model=None, override_dataset=None) -> 
     from sae_lens.training.activations_store import ActivationsStore
 
     # the same data as training (dataset, model and hook) is held out only past the training tokens
-    same_data = bool(runner_cfg) and all(runner_cfg.get(key) == getattr(cfg, key) for key in ("dataset_path", "model_name", "hook_name"))
+    same_data = bool(runner_cfg) and all(
+        runner_cfg.get(key) == getattr(cfg, key) for key in ("dataset_path", "model_name", "hook_name")
+    )
     try:
-        model = override_model or load_model(cfg.model_class_name, cfg.model_name, device=cfg.device, model_from_pretrained_kwargs=cfg.model_from_pretrained_kwargs)
+        model = override_model or load_model(
+            cfg.model_class_name,
+            cfg.model_name,
+            device=cfg.device,
+            model_from_pretrained_kwargs=cfg.model_from_pretrained_kwargs,
+        )
         store = ActivationsStore.from_config(model, cfg, override_dataset=override_dataset)
         sae.to(cfg.device)
         batches = runner.HeldOutBatches(store)  # notes a new epoch, while skipping too
@@ -273,7 +333,8 @@ def main(argv: Sequence[str], *, override_model=None, override_dataset=None) -> 
         if first.shape[-1] != sae.cfg.d_in:
             raise ValueError(
                 f"--hook_name {cfg.hook_name} gives activations of width {first.shape[-1]}, but the SAE has d_in={sae.cfg.d_in}: "
-                f"use the hook it was trained on ({(runner_cfg or {}).get('hook_name') or sae.cfg.metadata.get('hook_name') or 'see cfg.json metadata'})."
+                "use the hook it was trained on ("
+                f"{(runner_cfg or {}).get('hook_name') or sae.cfg.metadata.get('hook_name') or 'see cfg.json metadata'})."
             )
         if batches.wrapped:
             import warnings
@@ -283,8 +344,15 @@ def main(argv: Sequence[str], *, override_model=None, override_dataset=None) -> 
                 "wrap around into tokens already seen (recorded as held_out=false). Use fewer --skip_tokens, or another split.",
                 stacklevel=1,
             )
-        result = fit.calibrate(sae, itertools.chain([first], batches), int(n), k=float(k), shares=shares, shares_source=source or "",
-                               method=method if arch in fit.PER_FEATURE_RULES else None)
+        result = fit.calibrate(
+            sae,
+            itertools.chain([first], batches),
+            int(n),
+            k=float(k),
+            shares=shares,
+            shares_source=source or "",
+            method=method if fit.rule_of(arch) == "per_feature" else None,
+        )
         held_out = not batches.wrapped and not (same_data and skipped < training_tokens)
         if same_data and skipped < training_tokens and not batches.wrapped:
             import warnings

@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from sae_allocators import devices
-from sae_allocators.sae_folder import CFG_FILENAME, SPARSITY_FILENAME, WEIGHTS_FILENAME, SaeFolderError, SaeFolderInfo, check_loadable
+from sae_allocators.sae_folder import (
+    CFG_FILENAME,
+    SPARSITY_FILENAME,
+    WEIGHTS_FILENAME,
+    SaeFolderError,
+    SaeFolderInfo,
+    check_loadable,
+)
 from sae_allocators.names import DISTRIBUTION
 
 _REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -44,9 +51,13 @@ class Loaded:
         for name, t in sae.state_dict().items():
             lines.append(f"    {name:<12} {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}")
         if self.plain_saelens:
-            lines.append(f"  plain SAELens can load it: yes ({info.architecture!r} is a SAELens architecture; {DISTRIBUTION} is not needed)")
+            lines.append(
+                f"  plain SAELens can load it: yes ({info.architecture!r} is a SAELens architecture; {DISTRIBUTION} is not needed)"
+            )
         else:
-            lines.append(f"  plain SAELens can load it: no (needs `pip install {DISTRIBUTION}` for {info.architecture!r})")
+            lines.append(
+                f"  plain SAELens can load it: no (needs `pip install {DISTRIBUTION}` for {info.architecture!r})"
+            )
         return "\n".join(lines)
 
 
@@ -86,10 +97,13 @@ def _cached_folder(repo_id: str, sae_id: str) -> Path:
             f"(and HF_ENDPOINT)."
         ) from None
     except RepositoryNotFoundError:
-        raise SaeFolderError(f"Hub repo {repo_id!r} not found (or private without a token): check the name, or set HF_TOKEN.") from None
+        raise SaeFolderError(
+            f"Hub repo {repo_id!r} not found (or private without a token): check the name, or set HF_TOKEN."
+        ) from None
     except EntryNotFoundError:
         raise SaeFolderError(
-            f"{repo_id!r} has no {sae_id}/{CFG_FILENAME} or {sae_id}/{WEIGHTS_FILENAME}: check the sae id (the folder name inside the repo)."
+            f"{repo_id!r} has no {sae_id}/{CFG_FILENAME} or {sae_id}/{WEIGHTS_FILENAME}: "
+            "check the sae id (the folder name inside the repo)."
         ) from None
     except Exception as exc:  # noqa: BLE001 - connection errors (httpx / requests), refused requests, ...
         raise SaeFolderError(
@@ -135,8 +149,14 @@ def load(source: str, sae_id: str | None = None, *, device: str = devices.CPU) -
         label = str(folder)
     else:
         if not _REPO_RE.match(source):
-            local = " (and no local folder has that name)" if not Path(source).exists() else " (a local folder is loaded without an SAE id)"
-            raise SaeFolderError(f"{source!r} is not a Hub repo id{local}; use the form 'org/name' with an SAE id, or a local folder alone.")
+            local = (
+                " (and no local folder has that name)"
+                if not Path(source).exists()
+                else " (a local folder is loaded without an SAE id)"
+            )
+            raise SaeFolderError(
+                f"{source!r} is not a Hub repo id{local}; use the form 'org/name' with an SAE id, or a local folder alone."
+            )
         folder = _cached_folder(source, sae_id)
         info = check_loadable(folder)
         sae = _saelens_load(lambda: SAE.from_pretrained(source, sae_id, device=device), f"{source} / {sae_id}")

@@ -18,7 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from sae_allocators import devices
-from sae_allocators.sae_folder import METRICS_FILENAME, RUNNER_CFG_FILENAME, SaeFolderError, SaeFolderInfo, check_loadable
+from sae_allocators.sae_folder import (
+    METRICS_FILENAME,
+    RUNNER_CFG_FILENAME,
+    SaeFolderError,
+    SaeFolderInfo,
+    check_loadable,
+)
 from sae_allocators.names import DISTRIBUTION
 
 HELP = "upload a trained SAE output folder to the Hugging Face Hub, with a model card"
@@ -45,7 +51,9 @@ def default_sae_id(info: SaeFolderInfo) -> str:
 def _check_sae_id(sae_id: str) -> str:
     parts = sae_id.split("/")
     if not sae_id or sae_id.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise SaeFolderError(f"--sae-id {sae_id!r} is not a valid path inside the repo; use e.g. 'blocks.8.hook_resid_post'.")
+        raise SaeFolderError(
+            f"--sae-id {sae_id!r} is not a valid path inside the repo; use e.g. 'blocks.8.hook_resid_post'."
+        )
     return sae_id
 
 
@@ -105,20 +113,30 @@ def model_card(info: SaeFolderInfo, repo_id: str, sae_id: str) -> str:
         ("Model", f"`{public_name(meta.get('model_name')) or 'not recorded'}`"),
         ("Hook", f"`{meta.get('hook_name', 'not recorded')}`"),
         ("d_in / d_sae", f"{info.cfg.get('d_in')} / {info.cfg.get('d_sae')}"),
-        ("Training tokens", _fmt(summary["training_tokens"]) if summary["training_tokens"] is not None else "not recorded"),
+        (
+            "Training tokens",
+            _fmt(summary["training_tokens"]) if summary["training_tokens"] is not None else "not recorded",
+        ),
     ]
     shares = meta.get("budget_shares")
     if isinstance(shares, dict) and shares.get("budget_share_outlier_rows") is not None:
         guard = shares.get("guard_ratio")
-        rows.append((
-            "Budget on outlier-norm tokens",
-            f"{shares['budget_share_outlier_rows']:.1%} of the kept entries on tokens above "
-            f"{_fmt(shares.get('outlier_ratio'))}x the batch median norm; top 1 % of tokens: "
-            f"{float(shares.get('budget_share_top1pct') or 0):.1%} (training average; outlier guard "
-            + (f"ratio {_fmt(guard)})" if guard else "off)"),
-        ))
+        rows.append(
+            (
+                "Budget on outlier-norm tokens",
+                f"{shares['budget_share_outlier_rows']:.1%} of the kept entries on tokens above "
+                f"{_fmt(shares.get('outlier_ratio'))}x the batch median norm; top 1 % of tokens: "
+                f"{float(shares.get('budget_share_top1pct') or 0):.1%} (training average; outlier guard "
+                + (f"ratio {_fmt(guard)})" if guard else "off)"),
+            )
+        )
     if meta.get("thresholds_calibrated") is not None:
-        rows.append(("Thresholds", "calibrated on held-out activations" if meta["thresholds_calibrated"] else "running (not calibrated)"))
+        rows.append(
+            (
+                "Thresholds",
+                "calibrated on held-out activations" if meta["thresholds_calibrated"] else "running (not calibrated)",
+            )
+        )
     if meta.get("dataset_path"):
         dataset = public_name(meta["dataset_path"])
         rows.insert(4, ("Dataset", f"`{dataset or 'not recorded'}`"))
@@ -163,7 +181,9 @@ def check_loadable_like_from_pretrained(output_dir: str | Path) -> SaeFolderInfo
     except Exception as exc:  # noqa: BLE001 - whatever SAELens still refuses: one line, no traceback
         text = str(exc).strip()
         first = text.splitlines()[0] if text else "(no message)"
-        raise SaeFolderError(f"SAELens cannot load {info.path}, so it is not uploaded: {type(exc).__name__}: {first}") from None
+        raise SaeFolderError(
+            f"SAELens cannot load {info.path}, so it is not uploaded: {type(exc).__name__}: {first}"
+        ) from None
     return info
 
 
@@ -191,7 +211,9 @@ def check_upload_files(folder: str | Path) -> list[Path]:
                 f"or remove it."
             )
         if not target.is_file():
-            raise SaeFolderError(f"{path} is not a regular file; push uploads only regular files. Remove it or replace it by the file.")
+            raise SaeFolderError(
+                f"{path} is not a regular file; push uploads only regular files. Remove it or replace it by the file."
+            )
         out.append(path)
     return out
 
@@ -223,7 +245,11 @@ def public_name(value: Any) -> str | None:
     m = _HUB_CACHE_RE.search(value)
     if m:
         return f"{m['org']}/{m['name']}"
-    looks_local = value.startswith(("/", "./", "../", "~", ".\\")) or "\\" in value or re.match(r"^[A-Za-z]:[\\/]", value) is not None
+    looks_local = (
+        value.startswith(("/", "./", "../", "~", ".\\"))
+        or "\\" in value
+        or re.match(r"^[A-Za-z]:[\\/]", value) is not None
+    )
     if not looks_local and value.count("/") <= 1:
         try:
             looks_local = Path(value).expanduser().exists()
@@ -241,7 +267,15 @@ def _connection_error(exc: BaseException) -> bool:
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         names = {k.__name__ for k in type(exc).__mro__}
-        if names & {"ConnectError", "ConnectTimeout", "ConnectionError", "TimeoutException", "TransportError", "ProxyError", "ReadTimeout"}:
+        if names & {
+            "ConnectError",
+            "ConnectTimeout",
+            "ConnectionError",
+            "TimeoutException",
+            "TransportError",
+            "ProxyError",
+            "ReadTimeout",
+        }:
             return True
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
     return False
@@ -294,7 +328,9 @@ def push(
         api = HfApi()
         if private:
             api.create_repo(repo_id, private=True, exist_ok=True)
-        upload_saes_to_huggingface({sae_id: stage}, repo_id, hf_revision=revision, show_progress=False, add_default_readme=False)
+        upload_saes_to_huggingface(
+            {sae_id: stage}, repo_id, hf_revision=revision, show_progress=False, add_default_readme=False
+        )
         card_exists = api.file_exists(repo_id, "README.md", revision=revision)
         card_written = False
         if overwrite_card or not card_exists:
@@ -332,7 +368,13 @@ def push(
         raise PushError(_scrub(msg, token)) from None
     finally:
         staging.cleanup()
-    return {"repo_id": repo_id, "sae_id": sae_id, "card_written": card_written, "card_existed": card_exists, "info": info}
+    return {
+        "repo_id": repo_id,
+        "sae_id": sae_id,
+        "card_written": card_written,
+        "card_existed": card_exists,
+        "info": info,
+    }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -346,7 +388,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_push(args: argparse.Namespace) -> int:
     try:
-        done = push(args.output_dir, args.repo, args.sae_id, private=args.private, overwrite_card=args.overwrite_card, revision=args.revision)
+        done = push(
+            args.output_dir,
+            args.repo,
+            args.sae_id,
+            private=args.private,
+            overwrite_card=args.overwrite_card,
+            revision=args.revision,
+        )
     except (SaeFolderError, PushError) as exc:
         print(f"sae-allocators push: error: {exc}", file=sys.stderr)
         return 1

@@ -64,7 +64,9 @@ def _parse_like_saelens_638(args: list[str]):
     concrete = make_dataclass(f"{cfg_cls.__name__}RunnerConfig", base, bases=(LanguageModelSAERunnerConfig,))
     parser = ArgumentParser(exit_on_error=False, prog="sae-allocators train")
     # shown in --help (the choice itself was consumed above, as SAELens 6.38 does)
-    parser.add_argument("--architecture", choices=sorted(archs), default=known.architecture, help="SAE architecture to use")
+    parser.add_argument(
+        "--architecture", choices=sorted(archs), default=known.architecture, help="SAE architecture to use"
+    )
     parser.add_arguments(concrete, dest="cfg")
     return parser.parse_args(rest).cfg
 
@@ -126,11 +128,18 @@ def check_resume_checkpoint(cfg: Any, world: int = 1) -> None:
     if path is None:
         return
     folder = Path(path)
-    fix = "pass a checkpoint folder under --checkpoint_path (one holding trainer_state.pt), or leave --resume_from_checkpoint out to start afresh"
+    fix = (
+        "pass a checkpoint folder under --checkpoint_path (one holding trainer_state.pt), "
+        "or leave --resume_from_checkpoint out to start afresh"
+    )
     if not folder.is_dir():
         raise SaeFolderError(f"--resume_from_checkpoint {path}: no such folder; {fix}.")
     if not (folder / CHECKPOINT_MARKER).is_file():
-        what = "a final output folder (an inference model, which cannot resume training)" if (folder / CFG_FILENAME).is_file() else "not a SAELens checkpoint"
+        what = (
+            "a final output folder (an inference model, which cannot resume training)"
+            if (folder / CFG_FILENAME).is_file()
+            else "not a SAELens checkpoint"
+        )
         raise SaeFolderError(f"--resume_from_checkpoint {path} is {what}: it has no {CHECKPOINT_MARKER}; {fix}.")
     try:
         from sae_lens.constants import ACTIVATIONS_STORE_STATE_FILENAME as store_state
@@ -146,7 +155,9 @@ def check_resume_checkpoint(cfg: Any, world: int = 1) -> None:
     try:
         saved = json.loads((folder / CFG_FILENAME).read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SaeFolderError(f"--resume_from_checkpoint {path}: {CFG_FILENAME} is not valid JSON ({exc}); resume from an earlier checkpoint.") from None
+        raise SaeFolderError(
+            f"--resume_from_checkpoint {path}: {CFG_FILENAME} is not valid JSON ({exc}); resume from an earlier checkpoint."
+        ) from None
     header = read_safetensors_header(folder / WEIGHTS_FILENAME)  # truncated weights: named here
     sae = cfg.sae
     want = {"architecture": sae.architecture(), "d_in": sae.d_in, "d_sae": sae.d_sae}
@@ -334,7 +345,12 @@ def main(argv: Sequence[str], *, override_model=None, override_dataset=None) -> 
                 preflight_distributed(parse_args(rest), nproc)
         except SystemExit as exc:  # simple_parsing's usage error (printed once)
             return int(exc.code or 0)
-        except (LaunchError, argparse.ArgumentError, ValueError, KeyError) as exc:  # DeviceError, SaeFolderError, config checks
+        except (
+            LaunchError,
+            argparse.ArgumentError,
+            ValueError,
+            KeyError,
+        ) as exc:  # DeviceError, SaeFolderError, config checks
             print(f"sae-allocators train: error: {exc}", file=sys.stderr)
             return 2
         return relaunch(nproc, rest)  # type: ignore[arg-type]
@@ -354,7 +370,10 @@ def main(argv: Sequence[str], *, override_model=None, override_dataset=None) -> 
 
     try:
         runner = train(cfg, override_model=override_model, override_dataset=override_dataset)
-    except (SaeFolderError, DeviceError) as exc:  # output path, resume checkpoint, device; non-finite weights at the save
+    except (
+        SaeFolderError,
+        DeviceError,
+    ) as exc:  # output path, resume checkpoint, device; non-finite weights at the save
         print(f"sae-allocators train: error: {exc}", file=sys.stderr)
         return 2
     if cfg.output_path is not None:

@@ -109,7 +109,10 @@ def test_mutual_choice_float64():
 # --- Feature Choice capacities -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n,k,f,exponent", [(100, 4.0, 64, 0.0), (4096, 32.0, 8192, 0.5), (128, 3.3, 50, 1.0), (64, 30.0, 100, 2.0), (10, 0.5, 64, 0.0)])
+@pytest.mark.parametrize(
+    "n,k,f,exponent",
+    [(100, 4.0, 64, 0.0), (4096, 32.0, 8192, 0.5), (128, 3.3, 50, 1.0), (64, 30.0, 100, 2.0), (10, 0.5, 64, 0.0)],
+)
 def test_capacities_spend_the_budget_and_fit_the_batch(n, k, f, exponent):
     rank = usage_rank(gen(f, seed=1))
     caps = capacities(n, k, f, rank=rank, exponent=exponent)

@@ -46,7 +46,14 @@ KINDS = ("normal", "pool", "constant", "zeros", "dup_rows", "dup_cols", "extreme
 PHASES = (Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink)
 #: examples per property (tests/mutation.py lowers it per mutant; CI runs the default)
 EXAMPLES = int(os.environ.get("SAE_ALLOCATORS_PROPERTY_EXAMPLES", "120"))
-SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, phases=PHASES, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    phases=PHASES,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 def huge(dtype: torch.dtype) -> float:
@@ -57,7 +64,15 @@ def tiny(dtype: torch.dtype) -> float:
     return max(1e-30, torch.finfo(dtype).tiny)
 
 
-def build(kind: str, lead: tuple[int, ...], f: int, dtype: torch.dtype, seed: int, max_abs: float | None = None, min_abs: float | None = None) -> torch.Tensor:
+def build(
+    kind: str,
+    lead: tuple[int, ...],
+    f: int,
+    dtype: torch.dtype,
+    seed: int,
+    max_abs: float | None = None,
+    min_abs: float | None = None,
+) -> torch.Tensor:
     """A test matrix of the given structure, made in float64 and cast to ``dtype``."""
     g = torch.Generator().manual_seed(seed)
     n = math.prod(lead)
@@ -93,7 +108,15 @@ def build(kind: str, lead: tuple[int, ...], f: int, dtype: torch.dtype, seed: in
 
 
 @st.composite
-def matrices(draw, max_n: int = 24, max_f: int = 16, dtypes=DTYPES, kinds=KINDS, max_abs: float | None = None, min_abs: float | None = None):
+def matrices(
+    draw,
+    max_n: int = 24,
+    max_f: int = 16,
+    dtypes=DTYPES,
+    kinds=KINDS,
+    max_abs: float | None = None,
+    min_abs: float | None = None,
+):
     dtype = draw(st.sampled_from(dtypes))
     f = draw(st.integers(1, max_f))
     if draw(st.booleans()):
@@ -248,7 +271,9 @@ def test_the_packages_own_reference_functions_agree_without_ties(data):
     n, f = n_tokens_of(x), x.shape[-1]
     k = data.draw(budgets(n, f))
     assert kept_set(B.batch_topk_reference(x, k)) == ref_batch_keep(vals, k, n)
-    assert kept_set(S.signed_mutual_choice_reference(x, k)) == ref_batch_keep(vals, k, n, key=abs, eligible=lambda v: v != 0)
+    assert kept_set(S.signed_mutual_choice_reference(x, k)) == ref_batch_keep(
+        vals, k, n, key=abs, eligible=lambda v: v != 0
+    )
     caps = data.draw(st.lists(st.integers(0, n + 2), min_size=f, max_size=f))
     ref = FC.feature_choice_reference(x, torch.tensor(caps))
     assert ref.shape == x.shape and kept_set(ref) == ref_feature_keep(vals, n, f, caps)
@@ -268,7 +293,11 @@ def test_keep_at_least_keeps_ties_at_tau_on_every_dtype(data):
     vals = floats(x)
     # tau: an entry of x (a tie by construction), its neighbour, zero, or a negative number
     tau = data.draw(st.one_of(st.sampled_from(vals), st.sampled_from([0.0, -1.0, 0.5])))
-    expected = torch.tensor([v if (v >= tau and v > 0) else 0.0 for v in vals], dtype=torch.float64).to(x.dtype).reshape(x.shape)
+    expected = (
+        torch.tensor([v if (v >= tau and v > 0) else 0.0 for v in vals], dtype=torch.float64)
+        .to(x.dtype)
+        .reshape(x.shape)
+    )
     leaf = x.clone().requires_grad_(True)
     out = B.keep_at_least(leaf, torch.tensor(tau, dtype=torch.float64))
     assert out.dtype == x.dtype and torch.equal(out.detach(), expected)
@@ -329,7 +358,9 @@ def test_abs_topk_and_topk_keep_the_k_largest_per_token(data):
         assert sum(abs(v) > threshold for v in vals) <= len(nz) <= k
         assert sorted((abs(got[j]) for j in range(f)), reverse=True)[:k] == [abs(vals[j]) for j in ref[:k]]
     t_idx, t_keep = T.topk_indices(x, k)  # per-token TopK: the k largest values, positive ones kept
-    assert torch.equal(x.gather(-1, t_idx).reshape(-1, k).double().sort(-1).values, x.reshape(-1, f).double().sort(-1).values[:, -k:])
+    assert torch.equal(
+        x.gather(-1, t_idx).reshape(-1, k).double().sort(-1).values, x.reshape(-1, f).double().sort(-1).values[:, -k:]
+    )
     assert torch.equal(t_keep, x.gather(-1, t_idx) > 0)
     idx, keep = S.abs_topk_indices(x, k)
     assert idx.shape == (*x.shape[:-1], k) and torch.equal(keep, x.gather(-1, idx) != 0)
@@ -353,7 +384,9 @@ def feature_case(draw, **kw):
 
 
 @SETTINGS
-@given(case=feature_case(), est=st.sampled_from([None, 0.0, 0.5, 0.97, 1.0, 1.5, 4.0, "noise"]), seed=st.integers(0, 2**16))
+@given(
+    case=feature_case(), est=st.sampled_from([None, 0.0, 0.5, 0.97, 1.0, 1.5, 4.0, "noise"]), seed=st.integers(0, 2**16)
+)
 def test_feature_choice_keeps_exactly_m_j_per_feature_with_lowest_token_ties(case, est, seed):
     x, caps = case
     n, f = n_tokens_of(x), x.shape[-1]
@@ -433,7 +466,9 @@ def test_column_thresholds_exact_with_any_estimate(case, scale):
     min_capacity=st.integers(0, 4),
     seed=st.integers(0, 2**16),
 )
-def test_capacities_sum_exactly_fit_the_batch_and_follow_the_water_fill(n, f, whole, frac, exponent, min_capacity, seed):
+def test_capacities_sum_exactly_fit_the_batch_and_follow_the_water_fill(
+    n, f, whole, frac, exponent, min_capacity, seed
+):
     k = (whole % (n * f + 1) + frac) / n
     total = math.floor(k * n)
     usage = torch.rand(f, generator=torch.Generator().manual_seed(seed))
@@ -578,12 +613,18 @@ def test_gradient_topk_keeps_the_k_best_scores_per_token(n, f, d, beta, seed, wi
         assert all(got[j] == z[j] for j in nz)
         assert all(score[j] >= threshold for j in nz)  # only top-k scores (any of tied ones)
         assert all(got[j] == z[j] for j in range(f) if score[j] > threshold)  # every strictly better one kept
-    idx, keep = G.gradient_topk_indices(pre.reshape(*lead, f), None if grad is None else grad.reshape(*lead, d), dec, k, beta)
+    idx, keep = G.gradient_topk_indices(
+        pre.reshape(*lead, f), None if grad is None else grad.reshape(*lead, d), dec, k, beta
+    )
     assert idx.shape == (*lead, k) and torch.equal(keep, pre.reshape(*lead, f).gather(-1, idx) > 0)
     chosen = idx.reshape(n, k).tolist()
     for i in range(n):
         z = [max(v, 0.0) for v in pre[i].tolist()]
-        attr = [abs(sum(grad[i, c].item() * dec[j, c].item() for c in range(d))) for j in range(f)] if grad is not None and beta else [0.0] * f
+        attr = (
+            [abs(sum(grad[i, c].item() * dec[j, c].item() for c in range(d))) for j in range(f)]
+            if grad is not None and beta
+            else [0.0] * f
+        )
         score = [z[j] + beta * z[j] * attr[j] for j in range(f)]
         assert sorted((score[j] for j in chosen[i]), reverse=True) == sorted(score, reverse=True)[:k]
     up = build("normal", lead, f, torch.float32, seed=5)
@@ -594,7 +635,12 @@ def test_gradient_topk_keeps_the_k_best_scores_per_token(n, f, d, beta, seed, wi
 
 
 @SETTINGS
-@given(n=st.integers(1, 10), d=st.integers(1, 8), seed=st.integers(0, 2**16), mode=st.sampled_from(["none", "batch", "token"]))
+@given(
+    n=st.integers(1, 10),
+    d=st.integers(1, 8),
+    seed=st.integers(0, 2**16),
+    mode=st.sampled_from(["none", "batch", "token"]),
+)
 def test_normalize_grad_matches_its_formula(n, d, seed, mode):
     grad = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     if seed % 5 == 0:
@@ -752,13 +798,22 @@ def test_reference_functions_break_ties_by_lowest_index_and_keep_the_budget():
     x[3, 5], x[7, 1], x[8, 8] = 2.0, -1.0, 0.0
     vals, k = floats(x), 5.5  # budget floor(5.5 * 10) = 55 of ~200 tied entries
     assert kept_set(B.batch_topk_reference(x, k)) == ref_batch_keep(vals, k, 10)
-    assert kept_set(S.signed_mutual_choice_reference(x, k)) == ref_batch_keep(vals, k, 10, key=abs, eligible=lambda v: v != 0)
+    assert kept_set(S.signed_mutual_choice_reference(x, k)) == ref_batch_keep(
+        vals, k, 10, key=abs, eligible=lambda v: v != 0
+    )
     cols = torch.ones(200, 3)
     caps = [150, 1, 0]
-    assert kept_set(FC.feature_choice_reference(cols, torch.tensor(caps))) == ref_feature_keep(floats(cols), 200, 3, caps)
+    assert kept_set(FC.feature_choice_reference(cols, torch.tensor(caps))) == ref_feature_keep(
+        floats(cols), 200, 3, caps
+    )
     # budgets of 1, 2, 3 on one token [1, -3, 0]: by magnitude, a zero never kept
     y = torch.tensor([[1.0, -3.0, 0.0]])
-    assert [S.signed_mutual_choice_reference(y, k).tolist() for k in (0.0, 1.0, 2.0, 3.0)] == [[[0.0, 0.0, 0.0]], [[0.0, -3.0, 0.0]], [[1.0, -3.0, 0.0]], [[1.0, -3.0, 0.0]]]
+    assert [S.signed_mutual_choice_reference(y, k).tolist() for k in (0.0, 1.0, 2.0, 3.0)] == [
+        [[0.0, 0.0, 0.0]],
+        [[0.0, -3.0, 0.0]],
+        [[1.0, -3.0, 0.0]],
+        [[1.0, -3.0, 0.0]],
+    ]
     z = torch.tensor([[1.0, 3.0, 0.0], [2.0, -1.0, 1.0]])
     assert [kept_set(B.batch_topk_reference(z, k)) for k in (0.0, 0.5, 1.0, 2.0)] == [set(), {1}, {1, 3}, {0, 1, 3, 5}]
 
@@ -788,17 +843,23 @@ def test_keep_at_least_keeps_the_dtype_of_a_single_value(dtype):
 def test_afa_refuses_bad_k_max_and_mismatched_targets_with_the_fix():
     acts, target = torch.tensor([[3.0, 4.0, 1.0]]), torch.tensor([4.0])
     for bad in (0, -1, True, 1.5, "2"):
-        with pytest.raises(ValueError, match=rf"^k_max={bad!r} is invalid: use an integer >= 1 \(e\.g\. 64\), or None for no cap\.$"):
+        with pytest.raises(
+            ValueError, match=rf"^k_max={bad!r} is invalid: use an integer >= 1 \(e\.g\. 64\), or None for no cap\.$"
+        ):
             AFA.afa_select(acts, target, k_max=bad)
         with pytest.raises(ValueError, match=r"k_max=.* is invalid"):
             AFA.afa_indices(acts, target, k_max=bad)
     for good in (None, 1, 2, 5):
         AFA.check_k_max(good)
         assert int(AFA.afa_select(acts, target, k_max=good).k) == 1  # c = [4, 5, 5.1]: 4 is the target
-    msg = r"^target has 3 entries but acts has 2 tokens: pass one target norm per token \(acts \(2, 3\), target \(3,\)\)$"
+    msg = (
+        r"^target has 3 entries but acts has 2 tokens: pass one target norm per token \(acts \(2, 3\), target \(3,\)\)$"
+    )
     with pytest.raises(ValueError, match=msg):
         AFA.afa_select(torch.ones(2, 3), torch.ones(3))
-    with pytest.raises(ValueError, match=r"^target has 4 entries but acts has 6 tokens: .*\(acts \(2, 3, 5\), target \(2, 2\)\)$"):
+    with pytest.raises(
+        ValueError, match=r"^target has 4 entries but acts has 6 tokens: .*\(acts \(2, 3, 5\), target \(2, 2\)\)$"
+    ):
         AFA.afa_indices(torch.ones(2, 3, 5), torch.ones(2, 2))
 
 
@@ -823,8 +884,15 @@ def test_afa_keys_follow_the_activations_dtype_and_match_the_brute_force_for_flo
     float64 ones, whatever the decoder norms' dtype; the target is compared in that dtype, so
     ``afa_select`` equals ``afa_select_reference`` (the definition it must match) even for a
     float64 target that rounds onto the midpoint of two running norms."""
-    for dtype, key in ((torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.float32), (torch.float64, torch.float64)):
-        s = AFA.squared_contributions(torch.tensor([[3.0, -1.0]], dtype=dtype), torch.tensor([2.0, 1.0], dtype=torch.float64))
+    for dtype, key in (
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float32),
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+    ):
+        s = AFA.squared_contributions(
+            torch.tensor([[3.0, -1.0]], dtype=dtype), torch.tensor([2.0, 1.0], dtype=torch.float64)
+        )
         assert s.dtype == key and s.tolist() == [[36.0, 0.0]]
         assert AFA.squared_contributions(torch.tensor([[3.0, -1.0]], dtype=dtype)).dtype == key
     acts = torch.tensor([[3.0, 4.0], [4.0, 3.0], [1.0, 2.0]])  # running norms [4, 5], [4, 5], [2, sqrt 5]
@@ -900,8 +968,16 @@ def test_largest_remainder_rounding_sums_to_the_total_in_both_directions():
     rnd = FC._round_largest_remainder
     assert rnd(torch.tensor([0.5, 1.7, 0.8], dtype=torch.double), 3, 5).tolist() == [0, 2, 1]  # +1 to 0.8
     assert rnd(torch.tensor([0.5, 0.5, 2.0], dtype=torch.double), 3, 5).tolist() == [1, 0, 2]  # tie: lowest index
-    assert rnd(torch.tensor([2.0, 2.0, 1.3], dtype=torch.double), 4, 5).tolist() == [1, 2, 1]  # -1 from the smallest remainders
-    assert rnd(torch.tensor([3.0, 3.0, 0.0], dtype=torch.double), 4, 3).tolist() == [2, 2, 0]  # -1s skip an empty feature
+    assert rnd(torch.tensor([2.0, 2.0, 1.3], dtype=torch.double), 4, 5).tolist() == [
+        1,
+        2,
+        1,
+    ]  # -1 from the smallest remainders
+    assert rnd(torch.tensor([3.0, 3.0, 0.0], dtype=torch.double), 4, 3).tolist() == [
+        2,
+        2,
+        0,
+    ]  # -1s skip an empty feature
     assert rnd(torch.tensor([5.0, 0.6, 0.4], dtype=torch.double), 5, 4).tolist() == [4, 1, 0]  # clipped at cap first
     out = rnd(torch.tensor([2.9999999995, 1.0000000005], dtype=torch.double), 4, 5)
     assert out.dtype == torch.long and out.tolist() == [3, 1]  # within 1e-9 of an integer counts as it
@@ -914,10 +990,17 @@ def test_afa_loss_sparse_in_float64_with_kept_zeros_and_on_the_inputs_device():
     loss = AFA.afa_loss_sparse(values, rows, target)
     assert loss.dtype == torch.float64 and math.isclose(loss.item(), (1.0 + 1.0 + 4.0) / 3, rel_tol=1e-12)
     loss.backward()
-    assert torch.allclose(values.grad, torch.tensor([0.0, 2 * (5 - 4) * 3 / 5 / 3, 2 * (5 - 4) * 4 / 5 / 3], dtype=torch.float64), rtol=1e-12, atol=0)
+    assert torch.allclose(
+        values.grad,
+        torch.tensor([0.0, 2 * (5 - 4) * 3 / 5 / 3, 2 * (5 - 4) * 4 / 5 / 3], dtype=torch.float64),
+        rtol=1e-12,
+        atol=0,
+    )
     dense = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0]], dtype=torch.float64)
     assert math.isclose(AFA.afa_loss(dense, target).item(), loss.item(), rel_tol=1e-12)
-    meta = AFA.afa_loss_sparse(torch.ones(3, device="meta"), torch.zeros(3, dtype=torch.long, device="meta"), torch.ones(2, device="meta"))
+    meta = AFA.afa_loss_sparse(
+        torch.ones(3, device="meta"), torch.zeros(3, dtype=torch.long, device="meta"), torch.ones(2, device="meta")
+    )
     assert meta.device.type == "meta" and meta.shape == ()
 
 
@@ -938,24 +1021,43 @@ def test_estimated_selection_statistics_follow_the_documented_counts():
     tau, n_fail, n_cand = FC.column_thresholds_estimated(pre, torch.tensor([1, 2, 0]), t64)
     assert tau.tolist() == [3.0, 4.0, math.inf] and n_fail == 0 and n_cand == 3
     # exactly max_candidates candidates is not "more than": no dense fallback
-    tau, n_fail, n_cand = FC.column_thresholds_estimated(pre, torch.tensor([1, 2, 0]), torch.tensor([2.5, 3.5, 0.0]), max_candidates=3)
+    tau, n_fail, n_cand = FC.column_thresholds_estimated(
+        pre, torch.tensor([1, 2, 0]), torch.tensor([2.5, 3.5, 0.0]), max_candidates=3
+    )
     assert tau.tolist() == [3.0, 4.0, math.inf] and n_fail == 0 and n_cand == 3
     # feature_choice_select passes t_lo and stats through; a bound far too loose goes dense
     stats: dict = {}
     codes, tau = FC.feature_choice_select(pre, torch.tensor([1, 2, 0]), t_lo=torch.tensor([3.5, 3.5, 0.0]), stats=stats)
-    assert stats == {"fallback_features": 1, "candidates": 2} and codes.reshape(-1).nonzero().squeeze(1).tolist() == [0, 4, 7]
+    assert stats == {"fallback_features": 1, "candidates": 2} and codes.reshape(-1).nonzero().squeeze(1).tolist() == [
+        0,
+        4,
+        7,
+    ]
     stats = {}
     flat, _ = FC.feature_choice_indices(torch.ones(5000, 1), torch.tensor([1]), t_lo=torch.zeros(1), stats=stats)
     assert flat.tolist() == [0] and stats == {"fallback_features": 1, "candidates": 5000}
 
 
 def test_capacities_errors_name_the_batch_size_needed_and_uniform_without_a_rank():
-    with pytest.raises(ValueError, match=r"budget of floor\(k \* N\) = 5 entries, less than d_sae \* min_capacity = 8\. Use batches of at least 16 tokens"):
+    with pytest.raises(
+        ValueError,
+        match=r"budget of floor\(k \* N\) = 5 entries, less than d_sae \* min_capacity = 8\. Use batches of at least 16 tokens",
+    ):
         FC.capacities(10, 0.5, 4, min_capacity=2)
     with pytest.raises(ValueError, match=r"Use batches of at least inf tokens"):
         FC.capacities(10, 0.0, 4, min_capacity=1)
-    assert FC.capacities(10, 1.0, 4, exponent=2.0).tolist() == [3, 3, 2, 2]  # no rank: uniform, remainder to the lowest index
-    assert FC.capacities(10, 1.0, 4, rank=torch.tensor([3, 2, 1, 0])).tolist() == [3, 3, 2, 2]  # exponent 0 by default: uniform
+    assert FC.capacities(10, 1.0, 4, exponent=2.0).tolist() == [
+        3,
+        3,
+        2,
+        2,
+    ]  # no rank: uniform, remainder to the lowest index
+    assert FC.capacities(10, 1.0, 4, rank=torch.tensor([3, 2, 1, 0])).tolist() == [
+        3,
+        3,
+        2,
+        2,
+    ]  # exponent 0 by default: uniform
     caps = FC.capacities(10, 10.0, 200)  # 100 entries for 200 features: 0.5 each, all tied
     assert caps.tolist() == [1] * 100 + [0] * 100
 

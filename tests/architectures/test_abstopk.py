@@ -149,7 +149,11 @@ def test_in_process_port_and_saelens_files_load_on_the_other_side(tmp_path):
     ):
         folder = tmp_path / writer_cfg.__class__.__name__
         torch.manual_seed(0)
-        cls = A.AbsTopKTrainingSAEPort if isinstance(writer_cfg, A.AbsTopKTrainingSAEConfigPort) else A._saelens_abstopk.AbsTopKTrainingSAE
+        cls = (
+            A.AbsTopKTrainingSAEPort
+            if isinstance(writer_cfg, A.AbsTopKTrainingSAEConfigPort)
+            else A._saelens_abstopk.AbsTopKTrainingSAE
+        )
         writer = cls(writer_cfg)
         with torch.no_grad():
             writer.W_dec.mul_(torch.rand(D_SAE, 1) + 0.5)  # norms != 1: folding must happen
@@ -279,7 +283,9 @@ def test_bad_config_and_nan_input_are_clear_errors():
 
 
 def test_abstopk_zipf_trains_through_runner_and_saves_as_plain_abstopk(tmp_path):
-    folder = _trained_folder(tmp_path, AbsTopKZipfTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4, zipf_min_steps=2, density_window=5))
+    folder = _trained_folder(
+        tmp_path, AbsTopKZipfTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4, zipf_min_steps=2, density_window=5)
+    )
     cfg = json.loads((folder / "cfg.json").read_text())
     assert cfg["architecture"] == "abstopk"
     assert cfg["metadata"]["training_architecture"] == "abstopk_zipf"

@@ -99,7 +99,13 @@ def _sae(beta=1.0, **kw):
 def _step_input(rows):
     from sae_lens.saes.sae import TrainStepInput
 
-    return TrainStepInput(sae_in=rows, coefficients={}, dead_neuron_mask=torch.zeros(64, dtype=torch.bool), n_training_steps=0, is_logging_step=False)
+    return TrainStepInput(
+        sae_in=rows,
+        coefficients={},
+        dead_neuron_mask=torch.zeros(64, dtype=torch.bool),
+        n_training_steps=0,
+        is_logging_step=False,
+    )
 
 
 def test_training_forward_pass_splits_packed_rows():
@@ -176,7 +182,9 @@ def test_aux_loss_is_selectable():
     # "auxk" is SAELens's TopK auxiliary loss, computed on the activation half of the rows
     sae = _sae(aux_loss="auxk")
     out = sae.training_forward_pass(step)
-    ref = TopKTrainingSAE.calculate_topk_aux_loss(sae, sae_in=rows[:, :D], sae_out=out.sae_out, hidden_pre=out.hidden_pre, dead_neuron_mask=dead)
+    ref = TopKTrainingSAE.calculate_topk_aux_loss(
+        sae, sae_in=rows[:, :D], sae_out=out.sae_out, hidden_pre=out.hidden_pre, dead_neuron_mask=dead
+    )
     torch.testing.assert_close(out.losses["auxiliary_reconstruction_loss"], ref)
     with pytest.raises(ValueError, match="aux_loss"):
         GradientTopKTrainingSAEConfig(d_in=D, d_sae=64, k=4, aux_loss="nope")
@@ -185,7 +193,14 @@ def test_aux_loss_is_selectable():
 
 @pytest.mark.parametrize(
     "field,value",
-    [("beta", -1.0), ("beta", float("nan")), ("grad_normalization", "rms"), ("k", 0), ("k", 65), ("normalize_activations", "layer_norm")],
+    [
+        ("beta", -1.0),
+        ("beta", float("nan")),
+        ("grad_normalization", "rms"),
+        ("k", 0),
+        ("k", 65),
+        ("normalize_activations", "layer_norm"),
+    ],
 )
 def test_config_errors(field, value):
     with pytest.raises(ValueError, match=field):
@@ -199,7 +214,9 @@ def _runner(sae_cfg, steps=12, **overrides):
     from sae_lens import LanguageModelSAETrainingRunner
 
     cfg = runner_config(sae_cfg, steps=steps, **overrides)
-    return LanguageModelSAETrainingRunner(cfg, override_model=tiny_model(d_model=D), override_dataset=tiny_dataset(context_size=cfg.context_size))
+    return LanguageModelSAETrainingRunner(
+        cfg, override_model=tiny_model(d_model=D), override_dataset=tiny_dataset(context_size=cfg.context_size)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +242,9 @@ def trained(tmp_path_factory):
             output_path=tmp / "out",
             checkpoint_path=str(tmp / "ckpt"),
             n_checkpoints=1,
-            logger=LoggingConfig(log_to_wandb=True, wandb_log_frequency=5, eval_every_n_wandb_logs=1, log_weights_to_wandb=False),
+            logger=LoggingConfig(
+                log_to_wandb=True, wandb_log_frequency=5, eval_every_n_wandb_logs=1, log_weights_to_wandb=False
+            ),
         )
         store = runner.activations_store
         sae = runner.run()
@@ -253,8 +272,8 @@ def test_saved_sae_loads_as_topk_with_plain_saelens(trained, tmp_path):
     code = f"""
         import sys, json, torch
         from sae_lens import SAE
-        sae = SAE.load_from_disk({str(trained['out'])!r})
-        x = torch.load({str(tmp_path / 'x.pt')!r})
+        sae = SAE.load_from_disk({str(trained["out"])!r})
+        x = torch.load({str(tmp_path / "x.pt")!r})
         print(json.dumps(dict(cls=type(sae).__name__, arch=sae.cfg.architecture(),
                               ours='sae_allocators' in sys.modules,
                               training=sae.cfg.metadata.training_architecture,
@@ -263,7 +282,9 @@ def test_saved_sae_loads_as_topk_with_plain_saelens(trained, tmp_path):
     x = _rand(6, D)
     torch.save(x, tmp_path / "x.pt")  # not into the shared output folder
     # autoload off: in an installed environment the .pth hook would import this package
-    proc = run_fresh(code, python=sys.executable, env={"PYTHONPATH": "", "SAE_ALLOCATORS_NO_AUTOLOAD": "1"}, cwd=tmp_path)
+    proc = run_fresh(
+        code, python=sys.executable, env={"PYTHONPATH": "", "SAE_ALLOCATORS_NO_AUTOLOAD": "1"}, cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["cls"] == "TopKSAE" and res["arch"] == "topk" and res["ours"] is False
@@ -286,7 +307,11 @@ def test_gradient_aware_encode_after_loading(trained):
 
 
 def test_resume_from_checkpoint_uses_the_gradient_store(trained, tmp_path):
-    ckpts = [p for p in glob.glob(str(trained["ckpt"] / "*" / "*")) if Path(p, "activations_store_state.safetensors").exists()]
+    ckpts = [
+        p
+        for p in glob.glob(str(trained["ckpt"] / "*" / "*"))
+        if Path(p, "activations_store_state.safetensors").exists()
+    ]
     assert ckpts, "the run saved a checkpoint"
     ckpt = sorted(ckpts)[0]
     with open(Path(ckpt) / "cfg.json") as f:
@@ -323,7 +348,9 @@ def test_prefetching_runner_gets_gradient_rows():
     runner = _runner(GradientTopKTrainingSAEConfig(d_in=D, d_sae=64, k=4), steps=6, prefetch_llm_batches=2)
     seen = []
     real = runner.sae.training_forward_pass
-    runner.sae.training_forward_pass = lambda step_input: (seen.append(step_input.sae_in.shape[-1]), real(step_input))[1]
+    runner.sae.training_forward_pass = lambda step_input: (seen.append(step_input.sae_in.shape[-1]), real(step_input))[
+        1
+    ]
     runner.run()
     assert seen == [2 * D] * 6
     assert all(p.grad is None for p in runner.model.parameters())

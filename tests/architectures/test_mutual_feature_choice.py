@@ -11,14 +11,23 @@ from sae_lens.saes.sae import TrainStepInput
 
 import sae_allocators  # noqa: F401
 from sae_allocators.architectures.feature_choice import FeatureChoiceTrainingSAE, FeatureChoiceTrainingSAEConfig
-from sae_allocators.architectures.mutual_choice import MutualChoiceSAE, MutualChoiceSAEConfig, MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig
+from sae_allocators.architectures.mutual_choice import (
+    MutualChoiceSAE,
+    MutualChoiceSAEConfig,
+    MutualChoiceTrainingSAE,
+    MutualChoiceTrainingSAEConfig,
+)
 from sae_allocators.testing import TINY_HOOK, run_fresh, tiny_dataset, tiny_model, train_tiny
 
 D_IN, D_SAE, K = 32, 128, 4.0
 
 CONFIGS = {
-    "mutual_choice": lambda **kw: MutualChoiceTrainingSAEConfig(**{"d_in": D_IN, "d_sae": D_SAE, "k": K, "topk_threshold_lr": 0.1, **kw}),
-    "feature_choice": lambda **kw: FeatureChoiceTrainingSAEConfig(**{"d_in": D_IN, "d_sae": D_SAE, "k": K, "threshold_lr": 0.1, "threshold_fallback_steps": 20, **kw}),
+    "mutual_choice": lambda **kw: MutualChoiceTrainingSAEConfig(
+        **{"d_in": D_IN, "d_sae": D_SAE, "k": K, "topk_threshold_lr": 0.1, **kw}
+    ),
+    "feature_choice": lambda **kw: FeatureChoiceTrainingSAEConfig(
+        **{"d_in": D_IN, "d_sae": D_SAE, "k": K, "threshold_lr": 0.1, "threshold_fallback_steps": 20, **kw}
+    ),
 }
 
 
@@ -73,7 +82,9 @@ def test_inference_l0_drift_is_bounded_on_held_out_data(trained):
     assert l0_batch == pytest.approx(K, abs=0.01)  # the batch rule spends exactly the budget
     drift = abs(l0_inference - K) / K
     print(f"{name}: training L0 {K}, inference L0 on held-out data {l0_inference:.2f} (drift {drift:.1%})")
-    assert drift < {"mutual_choice": 0.15, "feature_choice": 0.10}[name]  # measured (SAELens 6.54): 10.5% (mutual_choice), 2.1% (feature_choice)
+    assert (
+        drift < {"mutual_choice": 0.15, "feature_choice": 0.10}[name]
+    )  # measured (SAELens 6.54): 10.5% (mutual_choice), 2.1% (feature_choice)
 
 
 def test_fresh_interpreter_loads_with_plain_saelens_without_the_plugin(trained, tmp_path):
@@ -85,7 +96,7 @@ def test_fresh_interpreter_loads_with_plain_saelens_without_the_plugin(trained, 
         from sae_lens import SAE
         sae = SAE.load_from_disk({str(out)!r})
         assert "sae_allocators" not in sys.modules, "the plugin was imported"
-        x = torch.load({str(tmp_path / 'x.pt')!r})
+        x = torch.load({str(tmp_path / "x.pt")!r})
         acts = sae.encode(x)
         print(type(sae).__name__, sae.cfg.metadata.training_architecture, float((acts != 0).sum(-1).float().mean()))
     """
@@ -131,7 +142,15 @@ def test_thresholds_follow_the_activation_norm_fold(name):
     s = 3.0
     x = torch.randn(256, D_IN)
     for i in range(3):
-        sae.training_forward_pass(TrainStepInput(sae_in=torch.randn(256, D_IN) * s, coefficients={}, dead_neuron_mask=None, n_training_steps=i, is_logging_step=False))
+        sae.training_forward_pass(
+            TrainStepInput(
+                sae_in=torch.randn(256, D_IN) * s,
+                coefficients={},
+                dead_neuron_mask=None,
+                n_training_steps=i,
+                is_logging_step=False,
+            )
+        )
     before = sae.encode_thresholded(x * s)
     assert 0 < int((before != 0).sum()) < before.numel()
     sae.fold_activation_norm_scaling_factor(s)
@@ -147,20 +166,33 @@ def test_runner_with_activation_normalization_saves_matching_thresholds(name, tm
     from sae_lens import SAE, LanguageModelSAERunnerConfig
 
     if "n_batches_for_norm_estimate" not in {f.name for f in dataclasses.fields(LanguageModelSAERunnerConfig)}:
-        pytest.skip("this SAELens estimates the norm over a fixed 1000 batches: too slow here (the fold itself is tested above)")
-    sae = train_tiny(CONFIGS[name](normalize_activations="expected_average_only_in"), steps=20, output_path=tmp_path, n_batches_for_norm_estimate=4)
+        pytest.skip(
+            "this SAELens estimates the norm over a fixed 1000 batches: too slow here (the fold itself is tested above)"
+        )
+    sae = train_tiny(
+        CONFIGS[name](normalize_activations="expected_average_only_in"),
+        steps=20,
+        output_path=tmp_path,
+        n_batches_for_norm_estimate=4,
+    )
     assert sae.cfg.normalize_activations == "none"  # the trainer folded the factor
     x = held_out_activations(8)
-    assert torch.allclose(sae.encode_thresholded(x), SAE.load_from_disk(tmp_path).encode(x).detach(), atol=1e-5, rtol=1e-4)
+    assert torch.allclose(
+        sae.encode_thresholded(x), SAE.load_from_disk(tmp_path).encode(x).detach(), atol=1e-5, rtol=1e-4
+    )
 
 
 def test_feature_choice_running_stats_and_fallback():
     sae = FeatureChoiceTrainingSAE(CONFIGS["feature_choice"](capacity="uniform"))
     x = torch.randn(256, D_IN)
-    out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False))
+    out = sae.training_forward_pass(
+        TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False)
+    )
     kept = (out.feature_acts != 0).sum(0)
     assert torch.equal(kept, torch.full((D_SAE,), 8))  # uniform: 256 * 4 / 128 each
-    smallest = torch.where(out.feature_acts != 0, out.feature_acts, torch.full_like(out.feature_acts, float("inf"))).amin(0)
+    smallest = torch.where(
+        out.feature_acts != 0, out.feature_acts, torch.full_like(out.feature_acts, float("inf"))
+    ).amin(0)
     assert torch.allclose(sae.feature_threshold.float(), smallest.detach())
     assert float(sae.feature_usage.sum()) == pytest.approx(K, rel=1e-4)  # Mutual-Choice demand spends the same budget
     sae.steps_since_selected[:3] = 10_000
@@ -180,7 +212,9 @@ def test_feature_choice_zipf_capacities_follow_demand():
 def test_one_per_token_leaves_no_empty_token():
     sae = FeatureChoiceTrainingSAE(CONFIGS["feature_choice"](one_per_token=True, k=1.0))
     x = torch.randn(512, D_IN)
-    out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False))
+    out = sae.training_forward_pass(
+        TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False)
+    )
     assert out.metrics["empty_token_frac"]() == 0.0
 
 
@@ -196,7 +230,13 @@ def test_bad_k_names_the_field(name, k):
 
 @pytest.mark.parametrize(
     "field,value",
-    [("capacity", "pareto"), ("capacity_exponent", -0.5), ("min_capacity", -1), ("threshold_lr", 0.0), ("threshold_fallback_steps", 0)],
+    [
+        ("capacity", "pareto"),
+        ("capacity_exponent", -0.5),
+        ("min_capacity", -1),
+        ("threshold_lr", 0.0),
+        ("threshold_fallback_steps", 0),
+    ],
 )
 def test_bad_feature_choice_fields_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -214,14 +254,18 @@ def test_capacity_that_the_batch_cannot_meet_fails_before_any_update():
     before = {k: v.clone() for k, v in sae.state_dict().items()}
     x = torch.randn(16, D_IN)  # budget 64 < d_sae * min_capacity = 128
     with pytest.raises(ValueError, match=r"min_capacity=1 cannot be met.*at least 32 tokens"):
-        sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False))
+        sae.training_forward_pass(
+            TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False)
+        )
     assert all(torch.equal(before[k], v) for k, v in sae.state_dict().items())
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_non_finite_activations_stop_the_runner_before_a_step(name, tmp_path):
     model = tiny_model(d_model=D_IN)
-    model.blocks[0].hook_resid_post.add_hook(lambda act, hook: act.index_fill(1, torch.tensor([3]), float("nan")), is_permanent=True)
+    model.blocks[0].hook_resid_post.add_hook(
+        lambda act, hook: act.index_fill(1, torch.tensor([3]), float("nan")), is_permanent=True
+    )
     sae_cfg = CONFIGS[name]()
     with pytest.raises(ValueError, match="NaN"):
         train_tiny(sae_cfg, steps=5, output_path=tmp_path, model=model)

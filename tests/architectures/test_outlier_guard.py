@@ -16,18 +16,16 @@ from safetensors.torch import load_file
 from sae_lens import SAE
 
 import sae_allocators  # noqa: F401
+from sae_lens.registry import get_sae_training_class
+
+from sae_allocators.architectures import kinds
 from sae_allocators.architectures._common import pre_activations
-from sae_allocators.architectures.batchtopk_zipf import BatchTopKZipfTrainingSAE, BatchTopKZipfTrainingSAEConfig
-from sae_allocators.architectures.feature_choice import FeatureChoiceTrainingSAE, FeatureChoiceTrainingSAEConfig
-from sae_allocators.architectures.mutual_choice import MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig
+from sae_allocators.architectures.mutual_choice import MutualChoiceTrainingSAEConfig
 from sae_allocators.architectures.topk_zipf import TopKZipfTrainingSAE, TopKZipfTrainingSAEConfig
 
 D_IN, D_SAE, K = 32, 256, 4.0
-BATCH_RULES = {
-    "mutual_choice": (MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig),
-    "feature_choice": (FeatureChoiceTrainingSAE, FeatureChoiceTrainingSAEConfig),
-    "batchtopk_zipf": (BatchTopKZipfTrainingSAE, BatchTopKZipfTrainingSAEConfig),
-}
+#: every registered rule whose class declares a batch kind (sae_allocators.architectures.kinds)
+BATCH_RULES = {name: get_sae_training_class(name) for name in kinds.architectures_of_kind(*kinds.BATCH_KINDS)}
 
 
 def make(name: str, **kw):
@@ -145,7 +143,9 @@ def test_saved_folder_records_shares_and_whether_thresholds_were_calibrated(name
     sae.threshold_tracker.set_calibrated(torch.tensor(0.5))
     sae.save_inference_model(tmp_path / "cal")
     assert json.loads((tmp_path / "cal" / "cfg.json").read_text())["metadata"]["thresholds_calibrated"] is True
-    assert torch.allclose(load_file(str(tmp_path / "cal" / "sae_weights.safetensors"))["threshold"], torch.full((D_SAE,), 0.5))
+    assert torch.allclose(
+        load_file(str(tmp_path / "cal" / "sae_weights.safetensors"))["threshold"], torch.full((D_SAE,), 0.5)
+    )
 
 
 @pytest.mark.parametrize("name", sorted(BATCH_RULES))
@@ -164,5 +164,10 @@ def test_uncalibrated_export_fires_near_k_while_the_sae_still_learns(name, tmp_p
     assert abs(l0 / K - 1) < 0.2, l0
     # without the correction (c = 1) the lagging running threshold fires far above k
     pre = pre_activations(sae, x)
-    l0_raw = float((pre > sae.running_thresholds() if name == "feature_choice" else pre > sae.topk_threshold).sum(-1).float().mean())
+    l0_raw = float(
+        (pre > sae.running_thresholds() if name == "feature_choice" else pre > sae.topk_threshold)
+        .sum(-1)
+        .float()
+        .mean()
+    )
     assert l0_raw > 1.3 * K

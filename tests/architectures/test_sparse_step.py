@@ -30,11 +30,23 @@ D_IN, D_SAE = 16, 64
 
 ARCHS = {
     "mutual_choice": (MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig, {"k": 4.0, "aux_loss": "auxk"}),
-    "feature_choice": (FeatureChoiceTrainingSAE, FeatureChoiceTrainingSAEConfig, {"k": 4.0, "aux_loss": "zipf", "zipf_min_steps": 0}),
-    "feature_choice_one_per_token": (FeatureChoiceTrainingSAE, FeatureChoiceTrainingSAEConfig, {"k": 0.5, "one_per_token": True, "aux_loss": "auxk"}),
+    "feature_choice": (
+        FeatureChoiceTrainingSAE,
+        FeatureChoiceTrainingSAEConfig,
+        {"k": 4.0, "aux_loss": "zipf", "zipf_min_steps": 0},
+    ),
+    "feature_choice_one_per_token": (
+        FeatureChoiceTrainingSAE,
+        FeatureChoiceTrainingSAEConfig,
+        {"k": 0.5, "one_per_token": True, "aux_loss": "auxk"},
+    ),
     "topk_zipf": (TopKZipfTrainingSAE, TopKZipfTrainingSAEConfig, {"k": 4, "aux_loss": "zipf", "zipf_min_steps": 0}),
     "batchtopk_zipf": (BatchTopKZipfTrainingSAE, BatchTopKZipfTrainingSAEConfig, {"k": 4.0, "aux_loss": "auxk"}),
-    "abstopk_zipf": (AbsTopKZipfTrainingSAE, AbsTopKZipfTrainingSAEConfig, {"k": 4, "aux_loss": "zipf", "zipf_min_steps": 0}),
+    "abstopk_zipf": (
+        AbsTopKZipfTrainingSAE,
+        AbsTopKZipfTrainingSAEConfig,
+        {"k": 4, "aux_loss": "zipf", "zipf_min_steps": 0},
+    ),
     "gradient_topk": (GradientTopKTrainingSAE, GradientTopKTrainingSAEConfig, {"k": 4, "beta": 2.0}),
     "top_afa": (TopAFATrainingSAE, TopAFATrainingSAEConfig, {"k_max": 16, "aux_loss": "auxk"}),
 }
@@ -43,12 +55,16 @@ ARCHS = {
 def _pair(arch: str, rescale: bool, dtype: str = "float32", seed: int = 0):
     cls, cfg_cls, kw = ARCHS[arch]
     torch.manual_seed(seed)
-    sae_sparse = cls(cfg_cls(d_in=D_IN, d_sae=D_SAE, rescale_acts_by_decoder_norm=rescale, dtype=dtype, sparse_step=True, **kw))
+    sae_sparse = cls(
+        cfg_cls(d_in=D_IN, d_sae=D_SAE, rescale_acts_by_decoder_norm=rescale, dtype=dtype, sparse_step=True, **kw)
+    )
     with torch.no_grad():  # move off the initialisation (b_dec, b_enc non-zero; decoder norms != 1)
         g = torch.Generator().manual_seed(seed + 1)
         for p in sae_sparse.parameters():
             p.add_((torch.randn(p.shape, generator=g) * 0.1).to(p.dtype))
-    sae_dense = cls(cfg_cls(d_in=D_IN, d_sae=D_SAE, rescale_acts_by_decoder_norm=rescale, dtype=dtype, sparse_step=False, **kw))
+    sae_dense = cls(
+        cfg_cls(d_in=D_IN, d_sae=D_SAE, rescale_acts_by_decoder_norm=rescale, dtype=dtype, sparse_step=False, **kw)
+    )
     sae_dense.load_state_dict(sae_sparse.state_dict())
     return sae_sparse, sae_dense
 
@@ -64,7 +80,9 @@ def _batch(arch: str, n: int = 48, seed: int = 0, dtype: torch.dtype = torch.flo
 
 
 def _step(sae, x: torch.Tensor, dead: torch.Tensor):
-    out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=0, is_logging_step=False))
+    out = sae.training_forward_pass(
+        TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=0, is_logging_step=False)
+    )
     out.loss.backward()
     grads = {name: p.grad.detach().clone() for name, p in sae.named_parameters()}
     return out, grads
@@ -105,7 +123,9 @@ def test_sparse_step_bfloat16(arch: str) -> None:
     out_d, grads_d = _step(sae_d, x, _dead_mask())
     assert torch.equal(out_s.feature_acts != 0, out_d.feature_acts != 0)
     for name in out_s.losses:
-        torch.testing.assert_close(out_s.losses[name].float(), out_d.losses[name].float(), rtol=3e-2, atol=3e-2, msg=name)
+        torch.testing.assert_close(
+            out_s.losses[name].float(), out_d.losses[name].float(), rtol=3e-2, atol=3e-2, msg=name
+        )
     for name in grads_d:
         g_s, g_d = grads_s[name].float(), grads_d[name].float()
         assert g_s.dtype == g_d.dtype

@@ -38,7 +38,9 @@ def step_input(x, dead=None):
     return helpers.step_input(x, dead, logging=True)
 
 
-def reference_code(acts: torch.Tensor, target: torch.Tensor, dec_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_code(
+    acts: torch.Tensor, target: torch.Tensor, dec_norm: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``TopAFASAE.forward`` of SewoongLee/top-afa-sae (training/sae.py), transcribed: argsort,
     the last running norm forced to 1e8, first argmin."""
     afa = target[:, None].pow(2)
@@ -224,7 +226,9 @@ def test_zero_norm_training_input_gives_finite_loss_and_gradients():
 @pytest.mark.parametrize("target_kind", ["x", "x_minus_b_dec"])
 @pytest.mark.parametrize("rescale", [True, False])
 def test_afa_loss_term_is_lambda_times_norm_gap(target_kind, rescale):
-    sae = make_training(k_max=12, afa_coefficient=0.25, afa_loss_target=target_kind, rescale_acts_by_decoder_norm=rescale)
+    sae = make_training(
+        k_max=12, afa_coefficient=0.25, afa_loss_target=target_kind, rescale_acts_by_decoder_norm=rescale
+    )
     x = torch.randn(20, D_IN) * 2
     out = sae.training_forward_pass(step_input(x))
     f = out.feature_acts.detach()
@@ -251,7 +255,16 @@ def test_training_codes_follow_the_rule_and_metrics_are_lazy_and_right():
         ref = afa_select(pre.relu(), sae_in.norm(dim=-1), None, 10)
     assert torch.equal(out.feature_acts, ref.codes)
     m = out.metrics
-    for key in ("afa_k_mean", "afa_k_p50", "afa_k_p99", "afa_capped_frac", "eps_lbo_mean", "eps_lbo_p50", "eps_lbo_p99", "l0_mean"):
+    for key in (
+        "afa_k_mean",
+        "afa_k_p50",
+        "afa_k_p99",
+        "afa_capped_frac",
+        "eps_lbo_mean",
+        "eps_lbo_p50",
+        "eps_lbo_p99",
+        "l0_mean",
+    ):
         assert callable(m[key]), key
     stats = afa_k_stats(ref.k, ref.capped)
     assert m["afa_k_mean"]() == pytest.approx(stats["afa_k_mean"])
@@ -306,7 +319,11 @@ def test_diagnostics_run_on_a_plain_saelens_topk_sae():
 def trained_folder(tmp_path_factory):
     out = tmp_path_factory.mktemp("top_afa") / "sae"
     torch.manual_seed(0)
-    sae = train_tiny(TopAFATrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k_max=12, aux_loss="zipf", zipf_min_steps=2), steps=15, output_path=out)
+    sae = train_tiny(
+        TopAFATrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k_max=12, aux_loss="zipf", zipf_min_steps=2),
+        steps=15,
+        output_path=out,
+    )
     x = torch.randn(16, D_IN) * 2
     with torch.no_grad():
         expected = sae.encode(x)
@@ -341,12 +358,14 @@ def test_saved_top_afa_loads_in_fresh_interpreter_through_autoload(trained_folde
     try:
         md.distribution("sae-allocators")
     except md.PackageNotFoundError:
-        pytest.fail("sae-allocators is not installed in this environment: run `bash tests/run.sh` or `pip install -e .`")
+        pytest.fail(
+            "sae-allocators is not installed in this environment: run `bash tests/run.sh` or `pip install -e .`"
+        )
     code = f"""
 import sys, torch
 from sae_lens import SAE
 sae = SAE.load_from_disk({str(trained_folder)!r})
-check = torch.load({str(trained_folder.parent / 'check.pt')!r})
+check = torch.load({str(trained_folder.parent / "check.pt")!r})
 with torch.no_grad():
     codes = sae.encode(check["x"])
 assert torch.allclose(codes, check["codes"], atol=1e-5), (codes - check["codes"]).abs().max()
@@ -355,6 +374,8 @@ print(type(sae).__module__, type(sae).__name__)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SAE_ALLOCATORS_") and k != "PYTHONPATH"}
     env.update(OFFLINE_ENV)
     # cwd: a folder without the checkout, so only the installed distribution can be imported
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["sae_allocators.architectures.top_afa", "TopAFASAE"]

@@ -197,13 +197,33 @@ def test_aux_loss_variants_and_counterparts(monkeypatch):
 
 def _record(label, k, seed, nmse, l0, dead=0.0, arch=None, fixed=True, batch=False, **extra):
     r = {
-        "dataset": "synthetic", "architecture": arch or label, "label": label, "provider": "x",
-        "k_target": k, "fixed_l0": fixed, "batch_level": batch, "seed": seed,
-        "run": f"synthetic/{label}/k{k if k is not None else 8:g}/seed{seed}", "config_fields": {"k": k},
-        "l0_mean": l0, "l0_p50": l0, "l0_p99": l0 + 1, "frac_empty_tokens": 0.0, "explained_variance": 1 - nmse,
-        "nmse": nmse, "dead_fraction": dead, "underused_fraction": 0.01, "mcc": 0.8, "step_seconds": 0.01,
-        "train_mode_l0_mean": l0, "train_mode_nmse": nmse, "l0_drift": 0.0, "zipf_exponent": 1.0,
-        "zipf_scale": 0.1, "train_seconds": 1.0, "inference_architecture": "topk",
+        "dataset": "synthetic",
+        "architecture": arch or label,
+        "label": label,
+        "provider": "x",
+        "k_target": k,
+        "fixed_l0": fixed,
+        "batch_level": batch,
+        "seed": seed,
+        "run": f"synthetic/{label}/k{k if k is not None else 8:g}/seed{seed}",
+        "config_fields": {"k": k},
+        "l0_mean": l0,
+        "l0_p50": l0,
+        "l0_p99": l0 + 1,
+        "frac_empty_tokens": 0.0,
+        "explained_variance": 1 - nmse,
+        "nmse": nmse,
+        "dead_fraction": dead,
+        "underused_fraction": 0.01,
+        "mcc": 0.8,
+        "step_seconds": 0.01,
+        "train_mode_l0_mean": l0,
+        "train_mode_nmse": nmse,
+        "l0_drift": 0.0,
+        "zipf_exponent": 1.0,
+        "zipf_scale": 0.1,
+        "train_seconds": 1.0,
+        "inference_architecture": "topk",
     }
     r.update(extra)
     return r
@@ -212,12 +232,32 @@ def _record(label, k, seed, nmse, l0, dead=0.0, arch=None, fixed=True, batch=Fal
 def _meta():
     return {
         "command_settings": {"quick": True},
-        "sources": [{"kind": "synthetic", "name": "synthetic", "training_tokens": 10, "train_batch_size": 2,
-                     "d_in": 4, "d_sae": 8, "lr": 1e-3, "dead_feature_window_steps": 5, "eval_tokens": 10,
-                     "true_l0": 2.0}],
-        "seeds": {"synthetic": 2}, "ks": {"synthetic": [4, 8]}, "plans": [], "failures": [],
-        "environment": {"device": "cpu", "cpu_threads": 2, "platform": "test", "torch": "t", "sae_lens": "s",
-                        "transformer_lens": "t"},
+        "sources": [
+            {
+                "kind": "synthetic",
+                "name": "synthetic",
+                "training_tokens": 10,
+                "train_batch_size": 2,
+                "d_in": 4,
+                "d_sae": 8,
+                "lr": 1e-3,
+                "dead_feature_window_steps": 5,
+                "eval_tokens": 10,
+                "true_l0": 2.0,
+            }
+        ],
+        "seeds": {"synthetic": 2},
+        "ks": {"synthetic": [4, 8]},
+        "plans": [],
+        "failures": [],
+        "environment": {
+            "device": "cpu",
+            "cpu_threads": 2,
+            "platform": "test",
+            "torch": "t",
+            "sae_lens": "s",
+            "transformer_lens": "t",
+        },
         "wall_seconds": 1.0,
     }
 
@@ -228,8 +268,9 @@ def _records():
         for k, base in ((4, 0.30), (8, 0.20)):
             recs.append(_record("topk", k, seed, base + 0.01 * seed, k, dead=0.05))
             recs.append(_record("feature_choice", k, seed, base - 0.05, k, batch=True, train_mode_nmse=base - 0.05))
-            recs.append(_record("mutual_choice", k, seed, base + 0.05, k, dead=0.1, batch=True,
-                                train_mode_nmse=base + 0.05))
+            recs.append(
+                _record("mutual_choice", k, seed, base + 0.05, k, dead=0.1, batch=True, train_mode_nmse=base + 0.05)
+            )
             recs.append(_record("topk_zipf", k, seed, base, k, dead=0.0, aux_loss="zipf", auxk_counterpart="topk"))
         recs.append(_record("top_afa", None, seed, 0.25, 5.7, fixed=False, config_fields={"k_max": 128}))
     return recs
@@ -300,10 +341,27 @@ def test_end_to_end_tiny_run(tmp_path):
         seeds=1,
         synthetic_ks=(2, 4),
         lm_ks=(8,),
-        synthetic=SyntheticScale(num_features=32, hidden_dim=16, d_sae=32, min_prob=0.02, training_samples=300 * 64,
-                                 batch_size=64, eval_samples=1024, dead_feature_window=20),
-        lm=LMScale(hook_layer=1, expansion=2, training_tokens=300 * 64, train_batch_size=64, eval_sequences=8,
-                   ce_eval_sequences=4, dead_feature_window=20, store_batch_size_prompts=8, norm_estimate_batches=2),
+        synthetic=SyntheticScale(
+            num_features=32,
+            hidden_dim=16,
+            d_sae=32,
+            min_prob=0.02,
+            training_samples=300 * 64,
+            batch_size=64,
+            eval_samples=1024,
+            dead_feature_window=20,
+        ),
+        lm=LMScale(
+            hook_layer=1,
+            expansion=2,
+            training_tokens=300 * 64,
+            train_batch_size=64,
+            eval_sequences=8,
+            ce_eval_sequences=4,
+            dead_feature_window=20,
+            store_batch_size_prompts=8,
+            norm_estimate_batches=2,
+        ),
         archs=["topk", "mutual_choice"],
         lm_data=lambda: lm_data.tiny_lm_data(context_size=16, n_rows=128, n_eval=8),
     )
@@ -322,7 +380,9 @@ def test_end_to_end_tiny_run(tmp_path):
     topk_step = {(r["dataset"], r["k_target"], r["seed"]): r["step_seconds"] for r in runs if r["label"] == "topk"}
     for r in runs:
         assert r["step_seconds"] > 0
-        assert r["step_time_vs_topk"] == pytest.approx(r["step_seconds"] / topk_step[(r["dataset"], r["k_target"], r["seed"])], rel=1e-9)
+        assert r["step_time_vs_topk"] == pytest.approx(
+            r["step_seconds"] / topk_step[(r["dataset"], r["k_target"], r["seed"])], rel=1e-9
+        )
     syn = [r for r in runs if r["dataset"] == "synthetic"]
     assert all(0 <= r["mcc"] <= 1 for r in syn)
     lm = [r for r in runs if r["dataset"] == "lm"]

@@ -30,8 +30,17 @@ def test_large_preset_meets_the_issue_minimums():
     assert s.ce_eval_sequences * 128 >= 8192  # CE/KL on at least 8,192 tokens (context 128)
     assert s.eval_sequences * 128 >= 8192
     assert st.datasets == ("lm",) and st.keep_saes and DEFAULT_OUT["large"] == Path("reports") / "large"
-    want = {"topk", "batchtopk", "mutual_choice", "feature_choice", "feature_choice[capacity=uniform]",
-            "topk_zipf", "batchtopk_zipf", "abstopk", "top_afa"}
+    want = {
+        "topk",
+        "batchtopk",
+        "mutual_choice",
+        "feature_choice",
+        "feature_choice[capacity=uniform]",
+        "topk_zipf",
+        "batchtopk_zipf",
+        "abstopk",
+        "top_afa",
+    }
     assert want <= set(st.labels)
     counts = lm_run_counts(st)
     for lab in want - {"top_afa"}:
@@ -102,17 +111,39 @@ def test_paired_difference_known_inputs():
     assert one["verdict"] == "not distinguishable" and one["low"] is None and "1 seed" in one["note"]
     none = stats.paired_difference({0: 1.0}, {1: 2.0})
     assert none["n"] == 0 and none["mean"] is None
-    assert "paired difference" in stats.describe(d) and stats.tally([d, one]) == "0 lower, 1 higher, 1 not distinguishable"
+    assert (
+        "paired difference" in stats.describe(d) and stats.tally([d, one]) == "0 lower, 1 higher, 1 not distinguishable"
+    )
 
 
 def _rec(label, k, seed, nmse, **extra):
     r = {
-        "dataset": "lm", "architecture": label.split("[")[0], "label": label, "provider": "x", "k_target": k,
-        "fixed_l0": True, "batch_level": label != "topk", "seed": seed, "run": f"lm/{label}/k{k:g}/seed{seed}",
-        "config_fields": {"k": k}, "l0_mean": k, "l0_p50": k, "l0_p99": k + 1, "frac_empty_tokens": 0.0,
-        "explained_variance": 1 - nmse, "nmse": nmse, "train_mode_nmse": nmse, "dead_fraction": 0.0,
-        "underused_fraction": 0.0, "step_seconds": 0.01, "train_mode_l0_mean": k, "l0_drift": 0.0,
-        "train_seconds": 1.0, "inference_architecture": "topk", "ce_loss_recovered": 0.9, "kl_div": 0.1,
+        "dataset": "lm",
+        "architecture": label.split("[")[0],
+        "label": label,
+        "provider": "x",
+        "k_target": k,
+        "fixed_l0": True,
+        "batch_level": label != "topk",
+        "seed": seed,
+        "run": f"lm/{label}/k{k:g}/seed{seed}",
+        "config_fields": {"k": k},
+        "l0_mean": k,
+        "l0_p50": k,
+        "l0_p99": k + 1,
+        "frac_empty_tokens": 0.0,
+        "explained_variance": 1 - nmse,
+        "nmse": nmse,
+        "train_mode_nmse": nmse,
+        "dead_fraction": 0.0,
+        "underused_fraction": 0.0,
+        "step_seconds": 0.01,
+        "train_mode_l0_mean": k,
+        "l0_drift": 0.0,
+        "train_seconds": 1.0,
+        "inference_architecture": "topk",
+        "ce_loss_recovered": 0.9,
+        "kl_div": 0.1,
     }
     r.update(extra)
     return r
@@ -139,10 +170,20 @@ def test_claims_carry_paired_differences_with_verdicts():
 
 def _meta():
     return {
-        "command_settings": {"quick": False}, "sources": [], "seeds": {"lm": 3}, "ks": {"lm": [16, 32]},
-        "plans": [], "failures": [],
-        "environment": {"device": "cpu", "cpu_threads": 2, "platform": "test", "torch": "t", "sae_lens": "s",
-                        "transformer_lens": "t"},
+        "command_settings": {"quick": False},
+        "sources": [],
+        "seeds": {"lm": 3},
+        "ks": {"lm": [16, 32]},
+        "plans": [],
+        "failures": [],
+        "environment": {
+            "device": "cpu",
+            "cpu_threads": 2,
+            "platform": "test",
+            "torch": "t",
+            "sae_lens": "s",
+            "transformer_lens": "t",
+        },
         "wall_seconds": 1.0,
     }
 
@@ -158,6 +199,11 @@ def test_progress_reports_runs_done_and_time_left():
     line = p.finished("c", 30.0)
     assert "3/4" in line and "about 30 s left for 1 run(s)" in line
     assert "all runs done" in p.finished("d", 30.0)
+    # one-time work during a run (the activation cache) is left out of its time and of the estimate
+    p = Progress(["a", "b", "c"], ["topk", "topk", "topk"], done=set())
+    line = p.finished("a", 100.0, once=70.0)
+    assert "this run 30 s (+70 s of one-time work: the activation cache)" in line
+    assert "about 60 s left for 2 run(s)" in line
 
 
 # --- resuming, end to end (tiny synthetic runs) -----------------------------------------------
@@ -168,17 +214,32 @@ def _tiny(out):
     from sae_allocators.benchmark.sources import SyntheticScale
 
     return Settings(
-        out=out, datasets=("synthetic",), seeds=1, synthetic_ks=(2, 4),
-        synthetic=SyntheticScale(num_features=32, hidden_dim=16, d_sae=32, min_prob=0.02, training_samples=300 * 64,
-                                 batch_size=64, eval_samples=1024, dead_feature_window=20),
-        archs=["topk", "mutual_choice"], device="cpu",
+        out=out,
+        datasets=("synthetic",),
+        seeds=1,
+        synthetic_ks=(2, 4),
+        synthetic=SyntheticScale(
+            num_features=32,
+            hidden_dim=16,
+            d_sae=32,
+            min_prob=0.02,
+            training_samples=300 * 64,
+            batch_size=64,
+            eval_samples=1024,
+            dead_feature_window=20,
+        ),
+        archs=["topk", "mutual_choice"],
+        device="cpu",
     )
 
 
 def _stable_md(out: Path) -> list[str]:
     """report.md without the lines that name this invocation (wall time, load, resumed runs)."""
-    return [ln for ln in (out / "report.md").read_text().splitlines()
-            if not ln.startswith(("Run on ", "Resumed: ", "The machine was shared"))]
+    return [
+        ln
+        for ln in (out / "report.md").read_text().splitlines()
+        if not ln.startswith(("Run on ", "Resumed: ", "The machine was shared"))
+    ]
 
 
 def test_interrupted_run_resumes_and_rerun_gives_the_same_report(tmp_path, monkeypatch):

@@ -51,7 +51,9 @@ def test_sparse_twin_takes_saelens_training_step(baseline: str, rescale: bool) -
     a = ours.training_forward_pass(step_input(x, dead))
     b = theirs.training_forward_pass(step_input(x, dead))
     assert torch.equal(a.feature_acts != 0, b.feature_acts != 0)  # the same selection
-    torch.testing.assert_close(a.feature_acts, b.feature_acts, rtol=1e-5, atol=1e-5)  # (decoder-norm rescaling rounds apart)
+    torch.testing.assert_close(
+        a.feature_acts, b.feature_acts, rtol=1e-5, atol=1e-5
+    )  # (decoder-norm rescaling rounds apart)
     assert set(a.losses) == set(b.losses)
     for key in b.losses:
         torch.testing.assert_close(a.losses[key], b.losses[key], rtol=1e-5, atol=1e-5, msg=key)
@@ -80,7 +82,9 @@ def test_on_sparse_step_keeps_labels_and_names_the_twin() -> None:
 
 
 @pytest.mark.parametrize("hook_layer", [0, 1])
-def test_splice_from_the_hooked_activation_equals_the_full_hooked_forward(hook_layer: int, tmp_path: Path, monkeypatch) -> None:
+def test_splice_from_the_hooked_activation_equals_the_full_hooked_forward(
+    hook_layer: int, tmp_path: Path, monkeypatch
+) -> None:
     data = lm_data.tiny_lm_data(context_size=16, n_rows=32, n_eval=8, device="cpu")
     src = LMSource(data, LMScale(hook_layer=hook_layer, ce_eval_sequences=8), tmp_path, device="cpu")
     assert src._resumable
@@ -94,7 +98,9 @@ def test_splice_from_the_hooked_activation_equals_the_full_hooked_forward(hook_l
     for (toks, clean_logp, _), act in zip(src._clean, src._clean_acts):
         full = src._run(toks, replace)
         torch.testing.assert_close(src._run_from_hook(act, toks, replace), full, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(src._run_from_hook(act, toks, lambda a: a)[:, :-1].float().log_softmax(-1), clean_logp, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            src._run_from_hook(act, toks, lambda a: a)[:, :-1].float().log_softmax(-1), clean_logp, rtol=1e-4, atol=1e-4
+        )
     fast = src.splice(replace)
     # the same figures from a source that runs every block for every SAE (the path other hook points take)
     slow_src = LMSource(data, LMScale(hook_layer=hook_layer, ce_eval_sequences=8), tmp_path, device="cpu")
@@ -115,12 +121,27 @@ def test_a_run_with_sparse_baselines_trains_the_twin_and_says_so(tmp_path: Path)
     from sae_allocators.benchmark.sources import SyntheticScale
 
     out = tmp_path / "report"
-    run(Settings(
-        out=out, datasets=("synthetic",), seeds=1, synthetic_ks=(4,),
-        synthetic=SyntheticScale(num_features=32, hidden_dim=16, d_sae=32, min_prob=0.02, training_samples=100 * 64,
-                                 batch_size=64, eval_samples=512, dead_feature_window=20),
-        archs=["topk", "mutual_choice"], device="cpu", sparse_baselines=("topk",),
-    ))
+    run(
+        Settings(
+            out=out,
+            datasets=("synthetic",),
+            seeds=1,
+            synthetic_ks=(4,),
+            synthetic=SyntheticScale(
+                num_features=32,
+                hidden_dim=16,
+                d_sae=32,
+                min_prob=0.02,
+                training_samples=100 * 64,
+                batch_size=64,
+                eval_samples=512,
+                dead_feature_window=20,
+            ),
+            archs=["topk", "mutual_choice"],
+            device="cpu",
+            sparse_baselines=("topk",),
+        )
+    )
     doc = json.loads((out / "report.json").read_text())
     topk = [r for r in doc["runs"] if r["label"] == "topk"]
     assert topk and all(r["architecture"] == "topk_zipf" and r["aux_loss"] == "auxk" for r in topk)

@@ -21,12 +21,25 @@ from helpers import REPO
 SCRIPT = REPO / "benchmarks" / "step_speed.py"
 
 # a benchmark-harness test: like test_benchmark.py, run once in CI, at the newest SAELens (tests/run.sh)
-pytestmark = [pytest.mark.saelens_independent, pytest.mark.skipif(not SCRIPT.is_file(), reason="benchmarks/ is in the source checkout only")]
+pytestmark = [
+    pytest.mark.saelens_independent,
+    pytest.mark.skipif(not SCRIPT.is_file(), reason="benchmarks/ is in the source checkout only"),
+]
 
 
 def _run(tmp_path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, str(SCRIPT), "--quick-sweep", "--no-memory", "--device", "cpu", "--out", str(tmp_path / "out"), *extra]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--quick-sweep",
+        "--no-memory",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "out"),
+        *extra,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -72,5 +85,13 @@ def test_sweep_defaults_are_the_issue_grid_and_every_method(tmp_path):
     d_sae, n, d_in, k, archs = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (d_sae, n, d_in, k) == ([32768, 65536, 131072], [2048, 4096], [512, 768], [32, 64])
     assert set(archs) == {
-        "topk", "mutual_choice", "feature_choice", "feature_choice_uniform", "batchtopk_zipf", "topk_zipf", "abstopk_zipf", "top_afa", "gradient_topk",
+        "topk",
+        "mutual_choice",
+        "feature_choice",
+        "feature_choice_uniform",
+        "batchtopk_zipf",
+        "topk_zipf",
+        "abstopk_zipf",
+        "top_afa",
+        "gradient_topk",
     }

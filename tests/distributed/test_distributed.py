@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-# Runs once in CI, at the newest SAELens (tests/run.sh): collectives and global selection; the SAELens trainer part is the same calls at every version.
+# Runs once in CI, at the newest SAELens (tests/run.sh): collectives and global selection; the SAELens
+# trainer part is the same calls at every version.
 pytestmark = pytest.mark.saelens_independent
 
 HERE = Path(__file__).parent
@@ -33,9 +34,23 @@ def free_port() -> int:
 
 def spawn(world: int, tmp_path: Path, timeout: float = 240, **env: str) -> list[list[str]]:
     """Run tests/distributed/worker.py on ``world`` ranks; return every rank's failures."""
-    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world), "OUT": str(tmp_path), "OMP_NUM_THREADS": "1", **env}
+    base = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": str(world),
+        "OUT": str(tmp_path),
+        "OMP_NUM_THREADS": "1",
+        **env,
+    }
     procs = [
-        subprocess.Popen([sys.executable, str(HERE / "worker.py")], env={**base, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [sys.executable, str(HERE / "worker.py")],
+            env={**base, "RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for r in range(world)
     ]
     logs = []
@@ -86,7 +101,9 @@ def test_make_data_parallel_without_process_group_changes_nothing():
     from sae_allocators.distributed import group_of, make_data_parallel
 
     torch.manual_seed(0)
-    sae = TrainingSAE.from_dict(TrainingSAEConfig.from_dict({"architecture": "mutual_choice", "d_in": 8, "d_sae": 16, "k": 2.0}).to_dict())
+    sae = TrainingSAE.from_dict(
+        TrainingSAEConfig.from_dict({"architecture": "mutual_choice", "d_in": 8, "d_sae": 16, "k": 2.0}).to_dict()
+    )
     dp = make_data_parallel(sae)
     assert group_of(sae) is None
     x = torch.randn(6, 8)
@@ -102,7 +119,8 @@ def test_cli_nproc_per_node_2_trains_and_the_output_loads_with_plain_saelens(tmp
     from sae_allocators.workflow.demo import make_assets
 
     make_assets(tmp_path)
-    cmd = [sys.executable, "-m", "sae_allocators.cli", "train", "--nproc-per-node", "2", "--architecture", "mutual_choice", "--k", "4", "--d_in", "32", "--d_sae", "64",
+    cmd = [sys.executable, "-m", "sae_allocators.cli", "train", "--nproc-per-node", "2",
+           "--architecture", "mutual_choice", "--k", "4", "--d_in", "32", "--d_sae", "64",
            "--model_class_name", "AutoModelForCausalLM", "--model_name", "tiny-gpt2", "--hook_name", "transformer.h.0",
            "--dataset_path", "tiny-text", "--is_dataset_tokenized", "False", "--streaming", "False", "--context_size", "16",
            "--training_tokens", "512", "--train_batch_size_tokens", "64", "--store_batch_size_prompts", "4", "--n_batches_in_buffer", "4",
@@ -123,7 +141,13 @@ def test_cli_nproc_per_node_2_trains_and_the_output_loads_with_plain_saelens(tmp
 def test_launch_errors_name_the_problem_and_the_fix(tmp_path):
     import dataclasses
 
-    from sae_allocators.distributed.launch import LaunchError, check_resume, choose_backend, per_rank_config, split_nproc
+    from sae_allocators.distributed.launch import (
+        LaunchError,
+        check_resume,
+        choose_backend,
+        per_rank_config,
+        split_nproc,
+    )
 
     assert split_nproc(["--k", "4", "--nproc-per-node", "3", "--d_in", "8"]) == (3, ["--k", "4", "--d_in", "8"])
     assert split_nproc(["--nproc-per-node=2"]) == (2, [])
@@ -151,7 +175,13 @@ def test_launch_errors_name_the_problem_and_the_fix(tmp_path):
         resume_from_checkpoint: str | None = None
 
     c1 = per_rank_config(Cfg(), 1, 3)
-    assert (c1.train_batch_size_tokens, c1.training_tokens, c1.output_path, c1.logger.log_to_wandb, c1.checkpoint_path) == (32, 320, None, False, "ck")
+    assert (
+        c1.train_batch_size_tokens,
+        c1.training_tokens,
+        c1.output_path,
+        c1.logger.log_to_wandb,
+        c1.checkpoint_path,
+    ) == (32, 320, None, False, "ck")
     c0 = per_rank_config(Cfg(), 0, 3)
     assert (c0.output_path, c0.logger.log_to_wandb) == ("out", True)
     with pytest.raises(LaunchError, match="does not divide into 5 ranks"):

@@ -14,7 +14,16 @@ import torch
 import torch.distributed as dist
 
 SPLITS = {2: [7, 5], 3: [5, 3, 4]}  # uneven token splits of a 12-token global batch
-ARCHS = ["mutual_choice", "feature_choice", "batchtopk_zipf", "topk_zipf", "abstopk", "abstopk_zipf", "gradient_topk", "top_afa"]
+ARCHS = [
+    "mutual_choice",
+    "feature_choice",
+    "batchtopk_zipf",
+    "topk_zipf",
+    "abstopk",
+    "abstopk_zipf",
+    "gradient_topk",
+    "top_afa",
+]
 failures: list[str] = []
 
 
@@ -47,7 +56,12 @@ def primitives(group, r: int, R: int) -> None:
     from sae_allocators.distributed import select as S
 
     for seed, (sizes, f, k, ints) in enumerate(
-        [([6, 2, 9][:R], 16, 3.0, False), ([5, 5, 5][:R], 8, 2.5, True), ([0, 7, 4][:R], 12, 4.0, True), ([3, 9, 1][:R], 8, 7.5, False)]
+        [
+            ([6, 2, 9][:R], 16, 3.0, False),
+            ([5, 5, 5][:R], 8, 2.5, True),
+            ([0, 7, 4][:R], 12, 4.0, True),
+            ([3, 9, 1][:R], 8, 7.5, False),
+        ]
     ):
         g = torch.Generator().manual_seed(100 + seed)
         total = sum(sizes)
@@ -60,15 +74,24 @@ def primitives(group, r: int, R: int) -> None:
         tau, kept, n_kept = S.global_budget_select(local.reshape(-1), kk, group)
         ref = ref_budget(pre.reshape(-1), kk)
         mine = {i for i in ref if off * f <= i < (off + sizes[r]) * f}
-        check({int(i) + off * f for i in kept} == mine, f"R={R} seed={seed}: global_budget_select kept differs from brute force")
+        check(
+            {int(i) + off * f for i in kept} == mine,
+            f"R={R} seed={seed}: global_budget_select kept differs from brute force",
+        )
         check(n_kept == len(ref), f"R={R} seed={seed}: n_kept {n_kept} != {len(ref)}")
         if ref:
-            check(float(tau) == float(pre.reshape(-1)[sorted(ref, key=lambda i: -pre.reshape(-1)[i])[-1]]), f"R={R} seed={seed}: tau")
+            check(
+                float(tau) == float(pre.reshape(-1)[sorted(ref, key=lambda i: -pre.reshape(-1)[i])[-1]]),
+                f"R={R} seed={seed}: tau",
+            )
         caps = torch.randint(0, total + 2, (f,), generator=g)
         tau_c, kept_c = S.global_column_select(local, caps, group)
         ref_c = ref_columns(pre, caps)
         mine_c = {i for i in ref_c if off * f <= i < (off + sizes[r]) * f}
-        check({int(i) + off * f for i in kept_c} == mine_c, f"R={R} seed={seed}: global_column_select kept differs from brute force")
+        check(
+            {int(i) + off * f for i in kept_c} == mine_c,
+            f"R={R} seed={seed}: global_column_select kept differs from brute force",
+        )
         same_everywhere(torch.cat([tau.reshape(1).double(), tau_c.double()]), group, f"R={R} seed={seed}: tau")
 
 
@@ -87,9 +110,12 @@ def make_cfg(arch: str):
     from sae_lens import TrainingSAEConfig
 
     d = {"architecture": arch, "d_in": 8, "d_sae": 24, "k": 3, "aux_k": 4, "dtype": "float32"}
-    if arch in ("mutual_choice", "feature_choice", "batchtopk_zipf"):
+    from sae_allocators.architectures import kinds
+
+    declared = kinds.declared_kinds()  # this project's architectures on the shared step, name -> rule kind
+    if declared.get(arch) in kinds.BATCH_KINDS:
         d["k"] = 2.5
-    if arch in ("mutual_choice", "feature_choice", "batchtopk_zipf", "topk_zipf", "abstopk_zipf", "gradient_topk", "top_afa"):
+    if arch in declared:
         d.update(zipf_min_steps=0, density_window=2)
     if arch == "gradient_topk":
         d.update(beta=1.0)
@@ -168,13 +194,18 @@ def equivalence(group, r: int, R: int, arch: str) -> None:
     sync_trainer(tr, group)
     acts, states = run_steps(sae, tr, data, rows)
     for step, (a, ra, st, ref_state) in enumerate(zip(acts, ref_acts, states, ref_states)):
-        check(torch.equal(a != 0, ra[rows] != 0), f"{arch} R={R} rank {r} step {step}: selections differ ({int((a != 0).ne(ra[rows] != 0).sum())} entries)")
+        check(
+            torch.equal(a != 0, ra[rows] != 0),
+            f"{arch} R={R} rank {r} step {step}: selections differ ({int((a != 0).ne(ra[rows] != 0).sum())} entries)",
+        )
         check(torch.allclose(a, ra[rows], atol=1e-5, rtol=1e-4), f"{arch} R={R} rank {r} step {step}: codes differ")
         for name, ref in ref_state.items():
             v = st[name]
             ok = v.shape == ref.shape and torch.allclose(v.double(), ref.double(), atol=2e-5, rtol=1e-4, equal_nan=True)
             diff = float((v.double() - ref.double()).abs().max()) if v.shape == ref.shape else "shape"
-            check(ok, f"{arch} R={R} rank {r} step {step}: {name} differs from the single-process run (max diff {diff})")
+            check(
+                ok, f"{arch} R={R} rank {r} step {step}: {name} differs from the single-process run (max diff {diff})"
+            )
         # identical across ranks, bit for bit (every rank applied the same averaged gradient). This
         # holds on CUDA/NCCL too (all-reduce gives every rank the same values); the comparison with
         # the single-process run above needs its tolerance there as well: index_add_'s atomic adds
@@ -198,7 +229,10 @@ def bad_input(r: int, world: int, out: str) -> None:
         make_data_parallel(TrainingSAE.from_dict(cfg), dist.group.WORLD)
         failures.append(f"rank {r}: mismatched configs were not detected")
     except DistributedConfigError as exc:
-        check("differs between ranks" in str(exc) and "[0, 1]" in str(exc) and "[2]" in str(exc), f"rank {r}: unclear mismatch error: {exc}")
+        check(
+            "differs between ranks" in str(exc) and "[0, 1]" in str(exc) and "[2]" in str(exc),
+            f"rank {r}: unclear mismatch error: {exc}",
+        )
     # a rank that hangs: the others' collective fails after the group's timeout, with a clear error
     from sae_allocators.distributed.launch import explain_collective_failure
 
@@ -214,7 +248,9 @@ def bad_input(r: int, world: int, out: str) -> None:
             waited = time.monotonic() - t0
             check(waited < 11, f"rank {r}: a hung rank was detected only after {waited:.0f} s (timeout 5 s)")
             message = explain_collective_failure(exc, r, world)
-            check(message is not None and "died or hung" in message, f"rank {r}: unexplained collective failure: {exc!r}")
+            check(
+                message is not None and "died or hung" in message, f"rank {r}: unexplained collective failure: {exc!r}"
+            )
     if r == world - 1:  # this rank dies before the next collective
         write(out, r)
         os._exit(0)
@@ -223,7 +259,10 @@ def bad_input(r: int, world: int, out: str) -> None:
         all_reduce(torch.ones(4), "sum", dist.group.WORLD)
         failures.append(f"rank {r}: a collective with a dead rank returned")
     except Exception:  # noqa: BLE001  (gloo: connection closed / timeout)
-        check(time.monotonic() - t0 < float(os.environ.get("DIST_TIMEOUT", "180")) + 30, f"rank {r}: dead rank detected only after {time.monotonic() - t0:.0f} s")
+        check(
+            time.monotonic() - t0 < float(os.environ.get("DIST_TIMEOUT", "180")) + 30,
+            f"rank {r}: dead rank detected only after {time.monotonic() - t0:.0f} s",
+        )
 
 
 def write(out: str, r: int) -> None:
@@ -233,7 +272,9 @@ def write(out: str, r: int) -> None:
 
 def main() -> None:
     r, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo", rank=r, world_size=world, timeout=timedelta(seconds=int(os.environ.get("DIST_TIMEOUT", "180"))))
+    dist.init_process_group(
+        "gloo", rank=r, world_size=world, timeout=timedelta(seconds=int(os.environ.get("DIST_TIMEOUT", "180")))
+    )
     torch.set_num_threads(1)
     import sae_allocators  # noqa: F401  (registers the architectures)
 

@@ -33,5 +33,15 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["REPO", "FakeDistributions", "FakeHub", "cli_flags", "forget_plugins_not_ours", "step_input", "training_kwargs",
-           "tiny_model", "tiny_dataset", "train_tiny"]
+__all__ = [
+    "REPO",
+    "FakeDistributions",
+    "FakeHub",
+    "cli_flags",
+    "forget_plugins_not_ours",
+    "step_input",
+    "training_kwargs",
+    "tiny_model",
+    "tiny_dataset",
+    "train_tiny",
+]

@@ -22,7 +22,9 @@ def bit_exact_expected(device: torch.device | str) -> bool:
     return torch.are_deterministic_algorithms_enabled()
 
 
-def differing(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], rtol: float = 1e-5, atol: float = 1e-6) -> list[str]:
+def differing(
+    a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], rtol: float = 1e-5, atol: float = 1e-6
+) -> list[str]:
     """Names of the tensors of ``a`` that differ from ``b``'s: bit for bit where
     :func:`bit_exact_expected`, else beyond ``rtol``/``atol`` (CUDA without deterministic algorithms)."""
     out = []
@@ -31,7 +33,11 @@ def differing(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], rtol
         if bit_exact_expected(x.device):
             same = torch.equal(x, y)
         else:
-            same = x.shape == y.shape and x.dtype == y.dtype and torch.allclose(x.double(), y.double(), rtol=rtol, atol=atol, equal_nan=True)
+            same = (
+                x.shape == y.shape
+                and x.dtype == y.dtype
+                and torch.allclose(x.double(), y.double(), rtol=rtol, atol=atol, equal_nan=True)
+            )
         if not same:
             out.append(name)
     return out

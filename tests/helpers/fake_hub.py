@@ -72,7 +72,9 @@ class FakeHub:
                 path = self.path.split("?")[0]
                 for pattern, status in hub.fail.items():
                     if re.search(pattern, path):
-                        return self._send(status, {"error": f"forced {status}"}, {"X-Error-Message": f"forced {status}"})
+                        return self._send(
+                            status, {"error": f"forced {status}"}, {"X-Error-Message": f"forced {status}"}
+                        )
                 try:
                     return hub.dispatch(self, method, path, body)
                 except Exception as exc:  # a bug in the fake: make it visible
@@ -126,7 +128,15 @@ class FakeHub:
             repo = self.repos.get(m.group(1))
             if repo is None:
                 return h._send(404, {"error": "Repository not found"}, not_found_repo)
-            return h._send(200, {"id": m.group(1), "sha": repo.sha, "private": repo.private, "siblings": [{"rfilename": p} for p in repo.files]})
+            return h._send(
+                200,
+                {
+                    "id": m.group(1),
+                    "sha": repo.sha,
+                    "private": repo.private,
+                    "siblings": [{"rfilename": p} for p in repo.files],
+                },
+            )
         m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(preupload|commit)/([^/]+)", path)
         if method == "POST" and m:
             repo_id, what = m.group(1), m.group(2)
@@ -137,7 +147,9 @@ class FakeHub:
                 return h._send(401, {"error": "Invalid credentials"}, {"X-Error-Message": "Invalid credentials"})
             if what == "preupload":
                 files = json.loads(body)["files"]
-                return h._send(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+                return h._send(
+                    200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+                )
             ops = [json.loads(line) for line in body.splitlines() if line.strip()]
             header = next(o["value"] for o in ops if o["key"] == "header")
             added = {}
@@ -151,7 +163,10 @@ class FakeHub:
             repo.files.update(added)
             repo.sha = hashlib.sha1(repr(sorted(repo.files.items())).encode()).hexdigest()
             repo.commits.append({"summary": header["summary"], "files": sorted(added), "revision": m.group(3)})
-            return h._send(200, {"commitUrl": f"{self.url}/{repo_id}/commit/{repo.sha}", "commitOid": repo.sha, "pullRequestUrl": None})
+            return h._send(
+                200,
+                {"commitUrl": f"{self.url}/{repo_id}/commit/{repo.sha}", "commitOid": repo.sha, "pullRequestUrl": None},
+            )
         m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
         if method in ("HEAD", "GET") and m:
             repo = self.repos.get(m.group(1))
@@ -159,7 +174,12 @@ class FakeHub:
                 return h._send(404, None, not_found_repo, head=method == "HEAD")
             data = repo.files.get(m.group(3))
             if data is None:
-                return h._send(404, None, {"X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found"}, head=method == "HEAD")
+                return h._send(
+                    404,
+                    None,
+                    {"X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found"},
+                    head=method == "HEAD",
+                )
             etag = hashlib.sha1(data).hexdigest()
             headers = {"X-Repo-Commit": repo.sha, "ETag": f'"{etag}"', "Content-Type": "application/octet-stream"}
             return h._send(200, data, headers, head=method == "HEAD")

@@ -9,4 +9,6 @@ def step_input(x: torch.Tensor, dead: torch.Tensor | None = None, step: int = 0,
     """SAELens's ``TrainStepInput`` for activations ``x`` (no coefficients), as its trainer builds it."""
     from sae_lens.saes.sae import TrainStepInput
 
-    return TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=step, is_logging_step=logging)
+    return TrainStepInput(
+        sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=step, is_logging_step=logging
+    )

@@ -72,7 +72,9 @@ def plain_shortfall(density: torch.Tensor, alpha: float, fit_fraction: float) ->
     rank = {j: r + 1 for r, j in enumerate(order)}
     head = [(d[j], rank[j]) for j in order[: math.ceil(fit_fraction * len(d))] if d[j] > 0]
     log_c = sum(math.log(v) + alpha * math.log(r) for v, r in head) / len(head)
-    return torch.tensor([min(max(1 - d[j] / math.exp(log_c - alpha * math.log(rank[j])), 0.0), 1.0) for j in range(len(d))])
+    return torch.tensor(
+        [min(max(1 - d[j] / math.exp(log_c - alpha * math.log(rank[j])), 0.0), 1.0) for j in range(len(d))]
+    )
 
 
 def _step(sae, x, dead, pre=None):
@@ -88,7 +90,12 @@ CASES = {
     "fewer candidates than k_aux (scale < 1)": (lambda: torch.arange(D_SAE) < 5, None, (12, D_IN), None),
     "every latent a candidate": (lambda: torch.ones(D_SAE, dtype=torch.bool), None, (12, D_IN), None),
     "one priority latent": (lambda: torch.arange(D_SAE) < 30, lambda: torch.arange(D_SAE) == 7, (12, D_IN), None),
-    "priority fewer than k_aux": (lambda: torch.arange(D_SAE) < 40, lambda: torch.arange(D_SAE) % 10 == 1, (12, D_IN), None),
+    "priority fewer than k_aux": (
+        lambda: torch.arange(D_SAE) < 40,
+        lambda: torch.arange(D_SAE) % 10 == 1,
+        (12, D_IN),
+        None,
+    ),
     "priority more than k_aux": (lambda: torch.arange(D_SAE) < 40, lambda: torch.arange(D_SAE) < 20, (12, D_IN), 6),
     "3-D input": (lambda: torch.arange(D_SAE) % 2 == 0, lambda: torch.arange(D_SAE) % 8 == 0, (3, 5, D_IN), None),
 }
@@ -107,7 +114,17 @@ def test_residual_aux_loss_equals_the_plain_reference_with_gradients(case, resca
     loss = residual_aux_loss(sae, step, cand, priority=prio)
     params = [sae.W_enc, sae.b_enc, sae.W_dec]
     grads = torch.autograd.grad(loss, params, retain_graph=True)
-    ref = plain_aux_loss(step.hidden_pre, x, step.sae_out, sae.W_dec, cand, k_cfg=aux_k or D_IN // 2, coef=0.7, rescale=rescale, prio=prio)
+    ref = plain_aux_loss(
+        step.hidden_pre,
+        x,
+        step.sae_out,
+        sae.W_dec,
+        cand,
+        k_cfg=aux_k or D_IN // 2,
+        coef=0.7,
+        rescale=rescale,
+        prio=prio,
+    )
     ref_grads = torch.autograd.grad(ref, params)
     assert loss.shape == () and ref.item() > 0
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
@@ -123,7 +140,9 @@ def test_residual_aux_loss_weights_scale_the_chosen_codes():
     weights = torch.rand(D_SAE, dtype=torch.float64)  # another dtype: cast to the codes' dtype
     step = _step(sae, x, cand)
     loss = residual_aux_loss(sae, step, cand, weights)
-    ref = plain_aux_loss(step.hidden_pre, x, step.sae_out, sae.W_dec, cand, k_cfg=5, coef=1.0, rescale=True, weights=weights.float())
+    ref = plain_aux_loss(
+        step.hidden_pre, x, step.sae_out, sae.W_dec, cand, k_cfg=5, coef=1.0, rescale=True, weights=weights.float()
+    )
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(loss, residual_aux_loss(sae, step, cand))
 
@@ -143,7 +162,11 @@ def test_signed_selection_ranks_by_magnitude_against_the_reference():
         signed_selection = True
 
     torch.manual_seed(0)
-    sae = Signed(TopKZipfTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4, aux_loss="auxk", aux_k=3, rescale_acts_by_decoder_norm=False))
+    sae = Signed(
+        TopKZipfTrainingSAEConfig(
+            d_in=D_IN, d_sae=D_SAE, k=4, aux_loss="auxk", aux_k=3, rescale_acts_by_decoder_norm=False
+        )
+    )
     pre = torch.randn(6, D_SAE)
     assert torch.equal(sae.aux_scores(pre), pre.abs())
     assert torch.equal(make_topk().aux_scores(pre), pre)
@@ -169,7 +192,13 @@ def _power_law_density(seed: int = 3) -> torch.Tensor:
 @pytest.mark.parametrize("shape", [(24, D_IN), (3, 8, D_IN)])
 @pytest.mark.parametrize("loss", ["auxk", "zipf_weighted"])
 def test_training_step_aux_loss_equals_the_reference_on_both_paths(sparse_step, shape, loss):
-    kw = dict(aux_loss="auxk") if loss == "auxk" else dict(aux_loss="zipf", zipf_weight_by_shortfall=True, zipf_min_steps=0, zipf_exponent=1.0, zipf_fit_fraction=0.5)
+    kw = (
+        dict(aux_loss="auxk")
+        if loss == "auxk"
+        else dict(
+            aux_loss="zipf", zipf_weight_by_shortfall=True, zipf_min_steps=0, zipf_exponent=1.0, zipf_fit_fraction=0.5
+        )
+    )
     sae = make_topk(sparse_step=sparse_step, rescale_acts_by_decoder_norm=True, aux_loss_coefficient=0.5, **kw)
     density = _power_law_density()
     sae.feature_density.copy_(density)
@@ -192,7 +221,9 @@ def test_training_step_aux_loss_equals_the_reference_on_both_paths(sparse_step, 
         weights = torch.where(dead, torch.ones(D_SAE), short)
         prio = dead
         assert int(cand.sum()) > 3 and bool((short[dead] < 1).any())  # dead weights must be forced to 1
-    ref = plain_aux_loss(pre, x, out.sae_out, sae.W_dec, cand, k_cfg=D_IN // 2, coef=0.5, rescale=True, prio=prio, weights=weights)
+    ref = plain_aux_loss(
+        pre, x, out.sae_out, sae.W_dec, cand, k_cfg=D_IN // 2, coef=0.5, rescale=True, prio=prio, weights=weights
+    )
     ref_grads = torch.autograd.grad(ref, params)
     assert ref.item() > 0
     torch.testing.assert_close(aux, ref, rtol=1e-4, atol=1e-6)
@@ -209,7 +240,9 @@ def test_training_step_aux_decode_keeps_hook_z_heads():
     dead = torch.arange(D_SAE) < 12
     out = sae.training_forward_pass(step_input(x, dead))
     pre = sae.encode_with_hidden_pre(x)[1]
-    ref = plain_aux_loss(pre, x.reshape(10, D_IN), out.sae_out.reshape(10, D_IN), sae.W_dec, dead, k_cfg=8, coef=1.0, rescale=False)
+    ref = plain_aux_loss(
+        pre, x.reshape(10, D_IN), out.sae_out.reshape(10, D_IN), sae.W_dec, dead, k_cfg=8, coef=1.0, rescale=False
+    )
     # SAELens's reduction on hook_z: sum over d_head, mean over tokens and heads
     ref = ref / 4
     torch.testing.assert_close(out.losses["auxiliary_reconstruction_loss"], ref, rtol=1e-4, atol=1e-6)
@@ -350,17 +383,20 @@ def test_calculate_aux_loss_hands_the_step_to_the_registered_loss():
     assert set(sae.calculate_aux_loss(si, acts, pre, out)) == {"a", "b"}  # a dict passes through
 
 
-def test_step_aux_losses_restores_the_leading_shape_and_passes_the_state():
+def test_the_training_step_hands_its_state_and_the_leading_shape_to_the_aux_loss():
+    from sae_allocators.architectures._step import StepState
+
     sae = make_topk()
     entry, seen = _capturing_entry("capture", torch.tensor(0.0))
     sae.cfg.aux_loss = "capture"
     sae._aux_entry = entry
-    state = SimpleNamespace(hidden_pre=torch.randn(6, D_SAE), lead_shape=(2, 3))
-    acts = torch.randn(2, 3, D_SAE)
-    sae.step_aux_losses(step_input(torch.randn(2, 3, D_IN)), state, acts, torch.zeros(2, 3, D_IN))
-    step = seen["step"]
-    assert step.state is state and step.feature_acts is acts
-    assert torch.equal(step.hidden_pre, state.hidden_pre.view(2, 3, D_SAE))
+    x = torch.randn(2, 3, D_IN)
+    out = sae.training_forward_pass(step_input(x))
+    step = seen["sae"] is sae and seen["step"]
+    assert isinstance(step.state, StepState) and step.state.lead_shape == (2, 3)
+    assert step.feature_acts is out.feature_acts and step.feature_acts.shape == (2, 3, D_SAE)
+    assert torch.equal(step.hidden_pre, step.state.hidden_pre.view(2, 3, D_SAE)) and step.sae_out is out.sae_out
+    assert out.losses["auxiliary_reconstruction_loss"].item() == 0.0 and step.step_input.sae_in is x
 
 
 def test_changing_aux_loss_switches_the_dispatched_loss():
@@ -408,7 +444,12 @@ def test_inference_state_dict_drops_training_only_buffers_of_every_class():
         training_only_buffers = ("extra_buffer", "never_registered")
 
     sae = Extra(TopKZipfTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4))
-    assert Extra._all_training_only_buffers() >= {"feature_density", "density_steps", "extra_buffer", "never_registered"}
+    assert Extra._all_training_only_buffers() >= {
+        "feature_density",
+        "density_steps",
+        "extra_buffer",
+        "never_registered",
+    }
     sd = {k: v.clone() for k, v in sae.state_dict().items()}
     sd["extra_buffer"] = torch.zeros(3)
     assert {"feature_density", "density_steps"} <= set(sd)
@@ -462,7 +503,10 @@ def test_registry_add_refuses_bad_offers_with_the_reason():
 def test_registry_get_names_the_registered_losses():
     names = available()
     assert names == sorted(names) and {"auxk", "none", "zipf"} <= set(names)
-    msg = f"aux_loss='nope' is not a registered auxiliary loss. Use one of {', '.join(names)}, or install/enable the plugin that provides it."
+    msg = (
+        f"aux_loss='nope' is not a registered auxiliary loss. Use one of {', '.join(names)}, "
+        "or install/enable the plugin that provides it."
+    )
     with pytest.raises(ValueError, match=f"^{re.escape(msg)}$"):
         get("nope")
     assert get("auxk").loss is auxk_loss and get("zipf").loss is zipf_loss and get("none").loss is no_aux_loss
@@ -505,8 +549,18 @@ def test_bad_aux_field_message_names_the_value_and_the_fix(field, value, fix):
         TopKZipfTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4, **{field: value})
 
 
-GOOD = [("aux_loss_coefficient", 0.0), ("aux_loss_coefficient", 2), ("aux_k", 1), ("aux_k", D_SAE), ("density_window", 1),
-        ("zipf_underused_ratio", 0.999), ("zipf_fit_fraction", 1.0), ("zipf_exponent", 0.0), ("zipf_exponent", 0.5), ("zipf_min_steps", 0)]
+GOOD = [
+    ("aux_loss_coefficient", 0.0),
+    ("aux_loss_coefficient", 2),
+    ("aux_k", 1),
+    ("aux_k", D_SAE),
+    ("density_window", 1),
+    ("zipf_underused_ratio", 0.999),
+    ("zipf_fit_fraction", 1.0),
+    ("zipf_exponent", 0.0),
+    ("zipf_exponent", 0.5),
+    ("zipf_min_steps", 0),
+]
 
 
 @pytest.mark.parametrize("field,value", GOOD, ids=[f"{f}={v}" for f, v in GOOD])
@@ -526,7 +580,10 @@ def test_residual_losses_refuse_normalizations_they_cannot_reconstruct(aux_loss,
     with pytest.raises(ValueError, match=f"^{re.escape(msg)}$"):
         TopKZipfTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4, aux_loss=aux_loss, normalize_activations=norm)
     # aux_loss="none" accepts them
-    assert TopKZipfTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4, aux_loss="none", normalize_activations=norm).aux_loss == "none"
+    assert (
+        TopKZipfTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4, aux_loss="none", normalize_activations=norm).aux_loss
+        == "none"
+    )
 
 
 def test_inference_cfg_dict_records_the_training_architecture_and_its_fields():
@@ -553,7 +610,9 @@ def test_a_subclass_post_init_runs_after_the_shared_checks():
             ran.append(self.d_sae)
             super().__post_init__()
 
-    with pytest.raises(ValueError, match=re.escape("d_sae='64' is invalid: it must be an integer, not str (write 64 without quotes).")):
+    with pytest.raises(
+        ValueError, match=re.escape("d_sae='64' is invalid: it must be an integer, not str (write 64 without quotes).")
+    ):
         Sub(d_in=D_IN, d_sae="64", k=4)
     with pytest.raises(ValueError, match=re.escape("d_sae=0 is invalid: use a positive integer")):
         Sub(d_in=D_IN, d_sae=0, k=4)
@@ -582,7 +641,9 @@ def test_a_config_without_its_own_post_init_gets_the_shared_checks():
         def get_inference_config_class(self):
             return TopKSAEConfig
 
-    with pytest.raises(ValueError, match=re.escape("d_sae=0 is invalid: use a positive integer (the number of latents, e.g. 16384).")):
+    with pytest.raises(
+        ValueError, match=re.escape("d_sae=0 is invalid: use a positive integer (the number of latents, e.g. 16384).")
+    ):
         Plain(d_in=D_IN, d_sae=0, k=4)
     assert Plain(d_in=D_IN, d_sae=D_SAE, k=4).aux_loss == "zipf"
 
@@ -620,7 +681,9 @@ def test_the_shared_checks_run_first_in_a_slots_dataclass_and_a_reused_post_init
         class Sub(Base):
             __post_init__ = Base.__post_init__
 
-    with pytest.raises(ValueError, match=re.escape("d_sae='64' is invalid: it must be an integer, not str (write 64 without quotes).")):
+    with pytest.raises(
+        ValueError, match=re.escape("d_sae='64' is invalid: it must be an integer, not str (write 64 without quotes).")
+    ):
         Sub(d_in=D_IN, d_sae="64", k=4)
     assert ran == []
     from sae_allocators.config_checks import UnknownConfigKeyWarning
@@ -632,12 +695,18 @@ def test_the_shared_checks_run_first_in_a_slots_dataclass_and_a_reused_post_init
     assert ran == [D_SAE]
 
 
-@pytest.mark.parametrize("parent_meta", [None, {"training_architecture_details": {"from": "saelens"}}], ids=["no metadata", "details already recorded"])
+@pytest.mark.parametrize(
+    "parent_meta",
+    [None, {"training_architecture_details": {"from": "saelens"}}],
+    ids=["no metadata", "details already recorded"],
+)
 def test_inference_cfg_dict_keeps_what_saelens_recorded(monkeypatch, parent_meta):
     from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
 
     parent = {} if parent_meta is None else {"metadata": dict(parent_meta)}
-    monkeypatch.setattr(TopKTrainingSAEConfig, "get_inference_sae_cfg_dict", lambda self: {k: dict(v) for k, v in parent.items()})
+    monkeypatch.setattr(
+        TopKTrainingSAEConfig, "get_inference_sae_cfg_dict", lambda self: {k: dict(v) for k, v in parent.items()}
+    )
     cfg = TopKZipfTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4, aux_loss="auxk")
     meta = cfg.get_inference_sae_cfg_dict()["metadata"]
     assert meta["training_architecture"] == "topk_zipf"
@@ -667,7 +736,9 @@ def test_a_plugin_loss_with_float64_weights_on_the_training_step(sparse_step):
     aux = out.losses["auxiliary_reconstruction_loss"]
     assert aux.dtype == torch.float32
     pre = sae.encode_with_hidden_pre(x)[1]
-    ref = plain_aux_loss(pre, x, out.sae_out, sae.W_dec, cand, k_cfg=D_IN // 2, coef=1.0, rescale=True, weights=weights.float())
+    ref = plain_aux_loss(
+        pre, x, out.sae_out, sae.W_dec, cand, k_cfg=D_IN // 2, coef=1.0, rescale=True, weights=weights.float()
+    )
     torch.testing.assert_close(aux, ref, rtol=1e-4, atol=1e-6)
 
 

@@ -132,7 +132,9 @@ def test_underused_set_is_far_below_the_zipf_curve():
     # no dead latents, but under-used ones: zipf gives a gradient where auxk gives none
     x = torch.randn(40, D_IN)
     acts, pre, out = forward_parts(sae, x)
-    step = AuxLossInput(sae_in=x, sae_out=out, feature_acts=acts, hidden_pre=pre, dead_mask=torch.zeros(D_SAE, dtype=torch.bool))
+    step = AuxLossInput(
+        sae_in=x, sae_out=out, feature_acts=acts, hidden_pre=pre, dead_mask=torch.zeros(D_SAE, dtype=torch.bool)
+    )
     assert auxk_loss(sae, step).item() == 0
     loss = zipf_loss(sae, step)
     assert loss.item() > 0
@@ -164,7 +166,11 @@ def test_signed_selection_ranks_by_magnitude():
     class Signed(TopKZipfTrainingSAE):
         signed_selection = True
 
-    sae = Signed(TopKZipfTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4, aux_loss="auxk", aux_k=1, rescale_acts_by_decoder_norm=False))
+    sae = Signed(
+        TopKZipfTrainingSAEConfig(
+            d_in=D_IN, d_sae=D_SAE, k=4, aux_loss="auxk", aux_k=1, rescale_acts_by_decoder_norm=False
+        )
+    )
     pre = torch.zeros(1, D_SAE)
     pre[0, 5], pre[0, 6] = -3.0, 2.0
     dead = torch.zeros(D_SAE, dtype=torch.bool)
@@ -211,7 +217,15 @@ def test_lazy_metrics_are_callables_with_the_right_values():
 
 @pytest.mark.parametrize(
     "field,value",
-    [("aux_loss", "no_such_loss"), ("aux_loss_coefficient", -1.0), ("aux_k", 0), ("density_window", 0), ("zipf_underused_ratio", 1.5), ("zipf_fit_fraction", 0.0), ("zipf_exponent", -1.0)],
+    [
+        ("aux_loss", "no_such_loss"),
+        ("aux_loss_coefficient", -1.0),
+        ("aux_k", 0),
+        ("density_window", 0),
+        ("zipf_underused_ratio", 1.5),
+        ("zipf_fit_fraction", 0.0),
+        ("zipf_exponent", -1.0),
+    ],
 )
 def test_bad_aux_fields_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -242,7 +256,10 @@ def test_nan_input_is_refused_before_any_update():
     assert all(torch.equal(before[k], v) for k, v in sae.state_dict().items())
 
 
-@pytest.mark.parametrize("bad,counts", [(float("inf"), "0 NaN and 1 inf"), (float("-inf"), "0 NaN and 1 inf"), (float("nan"), "1 NaN and 0 inf")])
+@pytest.mark.parametrize(
+    "bad,counts",
+    [(float("inf"), "0 NaN and 1 inf"), (float("-inf"), "0 NaN and 1 inf"), (float("nan"), "1 NaN and 0 inf")],
+)
 def test_inf_alone_or_nan_alone_is_refused_before_any_update(bad, counts):
     # "NaN or inf activations raise before the step touches any weight": each on its own
     sae = make_topk()
@@ -317,7 +334,9 @@ def test_density_is_measured_on_a_strided_token_subsample():
     assert torch.equal(sae.feature_density, M.batch_density(acts[::4]))  # 2048 // 512 = 4
 
 
-@pytest.mark.parametrize("alias,saved_as", [("topk_zipf", "topk"), ("batchtopk_zipf", "jumprelu"), ("abstopk_zipf", "abstopk")])
+@pytest.mark.parametrize(
+    "alias,saved_as", [("topk_zipf", "topk"), ("batchtopk_zipf", "jumprelu"), ("abstopk_zipf", "abstopk")]
+)
 def test_a_cfg_json_naming_a_zipf_architecture_loads_as_the_saelens_model(alias, saved_as, tmp_path):
     # training saves under SAELens's own name; a hand-made cfg.json with ours must load the same model
     import json

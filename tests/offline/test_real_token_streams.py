@@ -61,5 +61,7 @@ def test_unguarded_mutual_choice_spends_most_of_the_budget_on_outlier_rows(strea
     """The problem the guard solves, on the same data (so the bound above is not vacuous)."""
     from sae_allocators.benchmark import token_streams
 
-    _, shares = token_streams.train("mutual_choice", stream, steps=40, k=K, outlier_norm_ratio=0)  # shares of steps 20-39
+    _, shares = token_streams.train(
+        "mutual_choice", stream, steps=40, k=K, outlier_norm_ratio=0
+    )  # shares of steps 20-39
     assert shares["budget_share_outlier_rows"] > 0.5, shares

@@ -18,6 +18,7 @@ import pytest
 import sae_allocators  # noqa: E402,F401  (registers our architectures)
 from helpers import FakeHub, cli_flags, training_kwargs  # noqa: E402
 
+from sae_allocators.architectures import kinds  # noqa: E402
 from sae_allocators.io import atomic_dir, atomic_write_text  # noqa: E402
 from sae_allocators.sae_folder import SaeFolderError, check_sae_folder  # noqa: E402
 from sae_allocators.names import OWN_ARCHITECTURES  # noqa: E402
@@ -69,7 +70,7 @@ print("RESULTS=" + json.dumps(results))
 def results_of(proc) -> list[list]:
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULTS=")]
     assert line, f"no results: rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return json.loads(line[-1][len("RESULTS="):])
+    return json.loads(line[-1][len("RESULTS=") :])
 
 
 # --- train ------------------------------------------------------------------------------------
@@ -155,7 +156,13 @@ def test_cli_unknown_architecture_is_one_clear_error(capsys):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_train_writes_complete_output(trained, arch):
     folder = trained[arch]
-    assert sorted(p.name for p in folder.iterdir()) == ["cfg.json", "final_metrics.json", "runner_cfg.json", "sae_weights.safetensors", "sparsity.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "cfg.json",
+        "final_metrics.json",
+        "runner_cfg.json",
+        "sae_weights.safetensors",
+        "sparsity.safetensors",
+    ]
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")], "temporary folders left behind"
     cfg = json.loads((folder / "cfg.json").read_text())
     assert cfg["metadata"]["training_architecture"] == arch  # recorded on SAELens 6.38 too
@@ -166,9 +173,14 @@ def test_train_writes_complete_output(trained, arch):
     # where the budget went (every architecture on the shared step logs it, i.e. all but abstopk,
     # which is SAELens's own class or its port; docs/mutual_choice.md)
     if arch != "abstopk":
-        assert 0 <= metrics["metrics"]["budget_share_outlier_rows"] <= 1 and 0 < metrics["metrics"]["budget_share_top1pct"] <= 1
-        assert cfg["metadata"]["budget_shares"]["budget_share_top1pct"] == pytest.approx(metrics["metrics"]["budget_share_top1pct"], abs=1e-6)
-    batch_rule = arch in ("mutual_choice", "feature_choice", "batchtopk_zipf")
+        assert (
+            0 <= metrics["metrics"]["budget_share_outlier_rows"] <= 1
+            and 0 < metrics["metrics"]["budget_share_top1pct"] <= 1
+        )
+        assert cfg["metadata"]["budget_shares"]["budget_share_top1pct"] == pytest.approx(
+            metrics["metrics"]["budget_share_top1pct"], abs=1e-6
+        )
+    batch_rule = arch in kinds.architectures_of_kind(*kinds.BATCH_KINDS)
     assert ("thresholds_calibrated" in cfg["metadata"]) is batch_rule
     info = check_sae_folder(folder)
     assert info.tensors["W_enc"]["shape"] == [32, 64]
@@ -219,7 +231,16 @@ def pushed(trained, tmp_path_factory):
         ]
     # promises with no other test: push --revision, and load's two Hub errors (the fake Hub is online here)
     extra = {
-        "revision": ["push", str(trained[ARCHS[0]]), "--repo", "org/revision-test", "--sae-id", "rev", "--revision", "dev"],
+        "revision": [
+            "push",
+            str(trained[ARCHS[0]]),
+            "--repo",
+            "org/revision-test",
+            "--sae-id",
+            "rev",
+            "--revision",
+            "dev",
+        ],
         "load_repo_not_found": ["load", "org/does-not-exist", "some_sae"],
         "load_repo_without_sae_id": ["load", "org/does-not-exist"],
     }
@@ -251,7 +272,10 @@ def test_push_uploads_exactly_the_output_folder_and_card(pushed, arch):
     assert repo.private is True
     folder = pushed["trained"][arch]
     sae_id = TINY_HOOK  # default: the hook name
-    expected = {f"{sae_id}/{n}": (folder / n).read_bytes() for n in ("cfg.json", "runner_cfg.json", "sae_weights.safetensors", "sparsity.safetensors")}
+    expected = {
+        f"{sae_id}/{n}": (folder / n).read_bytes()
+        for n in ("cfg.json", "runner_cfg.json", "sae_weights.safetensors", "sparsity.safetensors")
+    }
     expected.update({f"again/{n.split('/')[1]}": b for n, b in expected.items()})
     assert {p: b for p, b in repo.files.items() if p != "README.md"} == expected  # exact files, paths, bytes
     uploaded_cfg = json.loads(repo.files[f"{sae_id}/cfg.json"])
@@ -260,7 +284,13 @@ def test_push_uploads_exactly_the_output_folder_and_card(pushed, arch):
     from sae_lens.registry import get_sae_class
 
     get_sae_class(inference_arch)  # the inference config, loadable as such
-    assert [c["summary"] for c in repo.commits] == [f"Upload SAE {sae_id}", f"Model card for {sae_id}", "Upload SAE again", "Upload SAE again", "Model card for again"]
+    assert [c["summary"] for c in repo.commits] == [
+        f"Upload SAE {sae_id}",
+        f"Model card for {sae_id}",
+        "Upload SAE again",
+        "Upload SAE again",
+        "Model card for again",
+    ]
     card = _card(hub, arch)
     assert card.startswith("---\nlibrary_name: saelens\ntags:\n")
     metrics = json.loads((folder / "final_metrics.json").read_text())
@@ -271,7 +301,7 @@ def test_push_uploads_exactly_the_output_folder_and_card(pushed, arch):
     for name, value in metrics["metrics"].items():
         assert f"- {name}: {push_mod._fmt(value)}" in card
     assert ("| Budget on outlier-norm tokens |" in card) is (arch != "abstopk")
-    assert ("| Thresholds |" in card) is (arch in ("mutual_choice", "feature_choice", "batchtopk_zipf"))
+    assert ("| Thresholds |" in card) is (arch in kinds.architectures_of_kind(*kinds.BATCH_KINDS))
     assert f'SAE.from_pretrained("org/{arch}", "again")' in card  # the overwritten card describes the last push
     needs = push_mod.needs_this_project(inference_arch)
     assert ("pip install sae-allocators" in card) is needs
@@ -313,7 +343,9 @@ def test_push_revision_commits_to_that_branch(pushed):
     repo = pushed["hub"].repos["org/revision-test"]
     assert [c["revision"] for c in repo.commits] == ["dev", "dev"]  # the SAE files, then the card
     assert [c["summary"] for c in repo.commits] == ["Upload SAE rev", "Model card for rev"]
-    main_commits = [r.path for r in pushed["hub"].requests if r.path.startswith("/api/models/org/revision-test/commit/main")]
+    main_commits = [
+        r.path for r in pushed["hub"].requests if r.path.startswith("/api/models/org/revision-test/commit/main")
+    ]
     assert main_commits == []
 
 
@@ -361,7 +393,15 @@ def hf_cache_from(hub: FakeHub, home: Path) -> Path:
 def loaded(pushed, tmp_path_factory):
     home = hf_cache_from(pushed["hub"], tmp_path_factory.mktemp("cache_home"))
     trained = pushed["trained"]
-    jobs = {a: [f"org/{a}", TINY_HOOK, str(trained[a] / "sae_weights.safetensors"), str(trained[a].parent / "trained_in_memory.safetensors")] for a in ARCHS}
+    jobs = {
+        a: [
+            f"org/{a}",
+            TINY_HOOK,
+            str(trained[a] / "sae_weights.safetensors"),
+            str(trained[a].parent / "trained_in_memory.safetensors"),
+        ]
+        for a in ARCHS
+    }
     code = f"""
 import json, torch
 import sae_allocators
@@ -397,7 +437,11 @@ print("PLAIN=" + json.dumps(res))
     )
     plain_line = [x for x in plain.stdout.splitlines() if x.startswith("PLAIN=")]
     assert plain_line, plain.stderr[-3000:]
-    return {"py": json.loads(line[-1][len("LOADED="):]), "cli": results_of(proc), "plain": json.loads(plain_line[-1][len("PLAIN="):])}
+    return {
+        "py": json.loads(line[-1][len("LOADED=") :]),
+        "cli": results_of(proc),
+        "plain": json.loads(plain_line[-1][len("PLAIN=") :]),
+    }
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -422,7 +466,9 @@ def test_load_command_describes_the_sae(loaded, trained, arch):
 
 def test_load_repo_not_cached_offline(loaded):
     rc, out, err = loaded["cli"][-1]
-    assert rc == 1 and "'org/never-pushed'" in err and "HF_HUB_OFFLINE=1" in err and "not in the Hugging Face cache" in err
+    assert (
+        rc == 1 and "'org/never-pushed'" in err and "HF_HUB_OFFLINE=1" in err and "not in the Hugging Face cache" in err
+    )
     assert "Traceback" not in err
 
 
@@ -498,7 +544,9 @@ def test_atomic_writes_leave_nothing_half_written(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (target / "cfg.json").read_text() == "old"
     with atomic_dir(target) as tmp:
         (tmp / "sae_weights.safetensors").write_text("new")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and [p.name for p in target.iterdir()] == ["sae_weights.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and [p.name for p in target.iterdir()] == [
+        "sae_weights.safetensors"
+    ]
     atomic_write_text(tmp_path / "f.txt", "one")
 
     class Boom(str):
@@ -525,7 +573,9 @@ def test_interrupted_final_save_keeps_previous_output(trained, tmp_path, monkeyp
 
     monkeypatch.setattr(LanguageModelSAETrainingRunner, "save_final_sae", crash)
     with pytest.raises(OSError, match="disk full"):
-        train_mod.main(tiny_flags(ARCHS[0], out, tokens=128), override_model=tiny_model(), override_dataset=tiny_dataset())
+        train_mod.main(
+            tiny_flags(ARCHS[0], out, tokens=128), override_model=tiny_model(), override_dataset=tiny_dataset()
+        )
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["output"]
 
