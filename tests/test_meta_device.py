@@ -524,6 +524,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.saelens_independent  # spawns gloo ranks (about 25 s): run once in CI, at the newest SAELens
 def test_data_parallel_steps_make_no_tensor_on_the_default_device(tmp_path):
     """Two gloo ranks: the global Mutual Choice / Feature Choice selections (distributed/select.py),
     the global gradient normalisation of gradient_topk and the gradient averaging, on the meta default device."""

@@ -711,8 +711,13 @@ def _header_section(meta: dict[str, Any]) -> list[str]:
         L.append(
             f"Resumed: {res['runs_from_earlier_records']} of {res['runs']} runs come from records saved by "
             f"earlier invocations of the same command into this folder (settings fingerprint "
-            f"{res['settings_fingerprint']}); {len(inv)} completed invocation(s), "
-            f"{res.get('wall_seconds_all_invocations', 0) / 60:.1f} min of wall time in all."
+            f"{res['settings_fingerprint']}); {len(inv)} invocation(s)"
+            + (
+                f" ({n_cut} interrupted: counted up to their last finished run)"
+                if (n_cut := sum(1 for v in inv if v.get("finished") is False))
+                else ""
+            )
+            + f", {res.get('wall_seconds_all_invocations', 0) / 60:.1f} min of wall time in all."
         )
     if (
         env.get("load_average_1min") is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import shutil
 import time
@@ -350,15 +351,28 @@ def _changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def _note_invocation(out: Path, started: str, wall: float, trained: int, reused: int) -> list[dict[str, Any]]:
-    """Append this command's wall time to settings.json; return every invocation so far."""
+def _note_invocation(
+    out: Path, started: str, wall: float, trained: int, reused: int, finished: bool = True, key: str = ""
+) -> list[dict[str, Any]]:
+    """Record this command's wall time so far in settings.json (one entry per invocation, keyed by its
+    ``key`` (or its start time), rewritten after every finished run: an invocation that is killed -- a long run across
+    sessions -- still counts up to its last finished run); return every invocation so far."""
     from sae_allocators import io
 
     sf = Path(out) / SETTINGS_FILE
     doc = json.loads(sf.read_text())
-    doc.setdefault("invocations", []).append(
-        {"started_utc": started, "wall_seconds": wall, "runs_trained": trained, "runs_from_records": reused}
-    )
+    entry = {
+        "invocation": key or started,
+        "started_utc": started,
+        "wall_seconds": wall,
+        "runs_trained": trained,
+        "runs_from_records": reused,
+        "finished": finished,
+    }
+    invocations = [
+        v for v in doc.get("invocations", []) if v.get("invocation", v.get("started_utc")) != (key or started)
+    ]
+    doc["invocations"] = invocations + [entry]
     io.atomic_write_json(sf, doc)
     return doc["invocations"]
 
@@ -423,6 +437,7 @@ def run(st: Settings) -> Path:
 
     t_start = time.perf_counter()
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    key = f"{started}/{os.getpid()}/{time.perf_counter_ns()}"  # this invocation's entry in settings.json
     device = devices.resolve(st.device)
     st.device = str(device)
     if devices.is_cuda(device) and st.tf32:
@@ -462,10 +477,14 @@ def run(st: Settings) -> Path:
         if got is not None:
             by_tag[tag] = got
             _log(progress.finished(tag, time.perf_counter() - t0, _one_time_seconds(sources) - once0))
+            trained = len(progress.done) - progress.reused
+            _note_invocation(out, started, time.perf_counter() - t_start, trained, progress.reused, False, key)
     records = [by_tag[t] for t in tags if t in by_tag]
     _add_step_ratios(records)
     meta = _meta(st, env_start, sources, plans, controls, failures, device, t_start)
-    invocations = _note_invocation(out, started, meta["wall_seconds"], len(records) - progress.reused, progress.reused)
+    invocations = _note_invocation(
+        out, started, meta["wall_seconds"], len(records) - progress.reused, progress.reused, True, key
+    )
     meta["resume"] = {
         "settings_fingerprint": fp,
         "runs": len(jobs),

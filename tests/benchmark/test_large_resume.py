@@ -289,7 +289,12 @@ def test_interrupted_run_resumes_and_rerun_gives_the_same_report(tmp_path, monke
     for key in ("runs", "aggregates", "claims", "curves", "plots"):
         assert doc3[key] == doc2[key], key
     assert _stable_md(out) == md2
-    assert len(doc3["meta"]["resume"]["invocations"]) == 3  # the completed ones (the interrupted one is not)
+    inv = doc3["meta"]["resume"]["invocations"]
+    assert len(inv) == 4  # the interrupted one counts up to its last finished run
+    assert [v["finished"] for v in inv] == [False, True, True, True] and inv[0]["runs_trained"] == 2
+    assert inv[0]["wall_seconds"] > 0 and len({v["invocation"] for v in inv}) == 4
+    assert doc3["meta"]["resume"]["wall_seconds_all_invocations"] == pytest.approx(sum(v["wall_seconds"] for v in inv))
+    assert "4 invocation(s) (1 interrupted: counted up to their last finished run)" in (out / "report.md").read_text()
     assert doc3["meta"]["resume"]["runs_from_earlier_records"] == 4
 
     # other settings into the same folder are refused, not mixed

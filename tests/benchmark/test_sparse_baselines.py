@@ -81,6 +81,7 @@ def test_on_sparse_step_keeps_labels_and_names_the_twin() -> None:
         configs.on_sparse_step(plans, ("batchtopk",))
 
 
+@pytest.mark.saelens_independent  # TransformerLens only: run once in CI, at the newest SAELens (tests/run.sh)
 @pytest.mark.parametrize("hook_layer", [0, 1])
 def test_splice_from_the_hooked_activation_equals_the_full_hooked_forward(
     hook_layer: int, tmp_path: Path, monkeypatch
@@ -113,6 +114,7 @@ def test_splice_from_the_hooked_activation_equals_the_full_hooked_forward(
     assert fast["ce_loss_recovered"] != pytest.approx(1.0)  # the replacement changed the logits
 
 
+@pytest.mark.saelens_independent  # the benchmark harness: run once in CI, at the newest SAELens
 def test_a_run_with_sparse_baselines_trains_the_twin_and_says_so(tmp_path: Path) -> None:
     import json
 
