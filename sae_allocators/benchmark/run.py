@@ -415,7 +415,22 @@ class Progress:
             + (f" (+{once:.0f} s of one-time work: the activation cache)" if once >= 1 else "")
             + f", mean {mean:.0f} s per run trained now; "
             + (f"about {_duration(eta)} left for {left} run(s)" if left else "all runs done")
+            + memory_note()
         )
+
+
+def memory_note() -> str:
+    """This process's resident memory, split into anonymous (its own tensors and objects) and file-backed
+    (memory-mapped files such as the activation cache, which the OS can drop), from /proc on Linux; ""
+    elsewhere. A long run logs it after every run, so a leak shows as RssAnon growing run after run."""
+    try:
+        fields = dict(
+            line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("Rss")
+        )
+        gib = {k: int(v.split()[0]) / 2**20 for k, v in fields.items()}  # kB -> GiB
+        return f"; memory {gib['RssAnon']:.1f} GiB anonymous + {gib['RssFile']:.1f} GiB file-backed"
+    except (OSError, KeyError, ValueError, IndexError):
+        return ""
 
 
 def _one_time_seconds(sources: list[Any]) -> float:
