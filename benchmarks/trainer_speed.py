@@ -43,18 +43,8 @@ import torch  # noqa: E402
 
 import step_speed  # noqa: E402  (the architectures, built as its step timing builds them)
 
-#: SAELens topk (the reference) and this project's architectures
-ARCHS = [
-    "topk",
-    "mutual_choice",
-    "feature_choice",
-    "feature_choice_uniform",
-    "batchtopk_zipf",
-    "topk_zipf",
-    "abstopk_zipf",
-    "top_afa",
-    "gradient_topk",
-]
+#: SAELens topk (the reference) and this project's architectures: the sweep's methods
+ARCHS = list(step_speed.SWEEP_ARCHS)
 QUICK = {"n": 64, "d_in": 16, "d_sae": [256], "k": 4, "steps": 3, "warmup": 1, "rounds": 2}
 
 
