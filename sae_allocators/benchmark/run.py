@@ -720,7 +720,13 @@ def _train_and_evaluate(
             cfg = configs.build_training_config(p, k, ctx, **src.sae_fields())
             result = src.train(cfg, seed, folder)
         figures, density, l0 = evaluate_saved(src, result)
-    except Exception as exc:  # one broken architecture must not stop the benchmark
+    except Exception as exc:  # one broken architecture must not stop the benchmark...
+        if type(exc).__name__ == "InterruptedException":
+            # ...but a stop must: SAELens's runner turns SIGINT / SIGTERM into this exception (the class
+            # moved between SAELens versions, hence the name). The finished runs' records are saved;
+            # rerunning the command resumes from them.
+            _log(f"[{i}] interrupted while training {tag} (SIGINT/SIGTERM): stopping; rerun the command to resume")
+            raise KeyboardInterrupt(f"interrupted while training {tag}") from exc
         _log(f"[{i}] FAILED {tag}: {type(exc).__name__}: {exc}")
         failures.append({"run": tag, "error": f"{type(exc).__name__}: {exc}"})
         return None

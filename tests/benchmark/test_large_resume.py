@@ -354,3 +354,31 @@ def test_cli_preset_large_settings(monkeypatch):
     monkeypatch.setattr(run_mod, "run", refuse)
     with pytest.raises(SystemExit, match="--out: x holds runs of other settings"):
         cli.main(["--preset", "large", "--out", "x"])
+
+
+def test_a_stop_signal_stops_the_whole_job_not_just_one_run(tmp_path, monkeypatch):
+    """SAELens's runner turns SIGINT/SIGTERM into its InterruptedException: the job stops there (it used to
+    be logged as one failed run and the job went on to the next), and a rerun resumes."""
+    from sae_allocators.benchmark import run as run_mod
+    from sae_allocators.benchmark.sources import SyntheticSource
+
+    class InterruptedException(Exception):  # SAELens's, by name (its module moved between versions)
+        pass
+
+    calls: list[int] = []
+    real = SyntheticSource.train
+
+    def train(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise InterruptedException()
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(SyntheticSource, "train", train)
+    out = tmp_path / "report"
+    with pytest.raises(KeyboardInterrupt, match="interrupted while training synthetic/"):
+        run_mod.run(_tiny(out))
+    assert len(calls) == 2  # nothing after the interrupted run
+    assert len(list((out / run_mod.RUNS_DIR).glob("*.json"))) == 1
+    inv = json.loads((out / run_mod.SETTINGS_FILE).read_text())["invocations"]
+    assert len(inv) == 1 and inv[0]["finished"] is False and inv[0]["runs_trained"] == 1
