@@ -119,7 +119,7 @@ class SelectionStepMixin:
         """True for rules selecting over the whole batch (from :attr:`rule_kind`): the step then
         checks the batch has a budget, ``encode`` refuses non-finite input (one NaN token would
         change every other token's codes) and the outlier guard applies."""
-        return self.rule_kind in kinds.BATCH_KINDS
+        return kinds.is_batch_rule(type(self))  # the one reading of rule_kind (a bad value raises here)
 
     # --- what an architecture supplies -------------------------------------------------------
 
