@@ -27,6 +27,14 @@ per-feature ``torch.topk`` loop.
     python benchmarks/step_speed.py --d-sae 32768 --n 2048
     python benchmarks/step_speed.py --sweep --device cuda   # the wide-dictionary sweep (below)
     python benchmarks/step_speed.py --quick-sweep            # the same at tiny sizes (seconds)
+    python benchmarks/step_speed.py --breakdown --d-sae 65536 --n 2048   # where each step's time goes
+
+``--breakdown`` profiles each method's step (``torch.profiler``; the step's phases are labelled
+``step.encode``, ``step.select``, ``step.values``, ``step.decode``, ``step.mse``, ``step.aux_loss``,
+``step.after_step`` in this project's step, ``step.backward`` and ``step.clip_adam`` here) and
+counts, in one step, the ATen ops that touch an ``[N, F]``-sized tensor (passes over N x F) or,
+of the rest, an ``[F, d]``-sized one (passes over the weights), forward, backward and Adam apart;
+it writes ``breakdown.md`` and ``breakdown.json`` into ``--out``.
 
 ``--sweep`` runs the timing above at every point of a grid -- d_sae in {32768, 65536, 131072},
 N in {2048, 4096}, d_in in {512, 768}, k in {32, 64} (``--sweep-d-sae`` / ``--sweep-n`` /
@@ -144,6 +152,9 @@ class Stepper:
         self.n = 0
 
     def __call__(self, x: torch.Tensor) -> None:
+        self.update(self.backward(self.forward(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         from sae_lens.saes.sae import TrainStepInput
 
         if getattr(self.sae.cfg, "architecture", lambda: "")() == "gradient_topk":
@@ -154,10 +165,17 @@ class Stepper:
                 sae_in=x, coefficients={}, dead_neuron_mask=self.dead, n_training_steps=self.n, is_logging_step=False
             )
         )
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.sae.parameters(), 1.0)
-        self.opt.step()
-        self.opt.zero_grad()
+        return out.loss
+
+    def backward(self, loss: torch.Tensor) -> None:
+        with torch.profiler.record_function("step.backward"):
+            loss.backward()
+
+    def update(self, _: None = None) -> None:
+        with torch.profiler.record_function("step.clip_adam"):
+            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), 1.0)
+            self.opt.step()
+            self.opt.zero_grad()
         self.n += 1
 
 
@@ -197,13 +215,25 @@ class SparsifyTopK:
         self.opt = torch.optim.Adam(self.params, lr=1e-4)
 
     def __call__(self, x: torch.Tensor) -> None:
-        top_acts, top_indices, _ = self.encode(x - self.b_dec, self.w_enc, self.b_enc, self.k, "topk")
-        out = self.decode(top_indices, top_acts, self.w_dec.mT) + self.b_dec
-        loss = (out - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.opt.step()
-        self.opt.zero_grad()
+        self.update(self.backward(self.forward(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.profiler.record_function("step.encode"):  # the fused encoder: matmul, top-k together
+            top_acts, top_indices, _ = self.encode(x - self.b_dec, self.w_enc, self.b_enc, self.k, "topk")
+        with torch.profiler.record_function("step.decode"):
+            out = self.decode(top_indices, top_acts, self.w_dec.mT) + self.b_dec
+        with torch.profiler.record_function("step.mse"):
+            return (out - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        with torch.profiler.record_function("step.backward"):
+            loss.backward()
+
+    def update(self, _: None = None) -> None:
+        with torch.profiler.record_function("step.clip_adam"):
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.opt.step()
+            self.opt.zero_grad()
 
 
 def sparsify_available() -> bool:
@@ -575,6 +605,170 @@ def sweep_plot(record: dict, path: Path) -> None:
     plt.close(fig)
 
 
+#: the step's phases as ``torch.profiler`` labels (``step.<name>``; sae_allocators.architectures._step.phase)
+PHASES = ["encode", "select", "values", "decode", "mse", "aux_loss", "after_step", "backward", "clip_adam"]
+
+
+#: ATen ops that read or write only the indexed entries of a large tensor: not passes over it
+SPARSE_ACCESS = {
+    "index_select",
+    "gather",
+    "index",
+    "take",
+    "embedding",
+    "embedding_bag",
+    "_embedding_bag",
+    "_embedding_bag_forward_only",
+    "index_add",
+    "index_put",
+    "_index_put_impl",
+    "scatter",
+    "scatter_add",
+    "index_copy",
+    "masked_select",
+}
+
+
+class PassCounter:
+    """Counts, under a ``TorchDispatchMode``, the ATen ops of a step that make a pass over a dense
+    tensor of N x F elements and, of the others, over one of F x d elements (the weights):
+    an op touching such a tensor counts, except views and the indexed reads and writes of
+    :data:`SPARSE_ACCESS` (they touch the kept entries only; counted apart, as ``sparse``).
+    ``ops`` keeps the op names of each kind."""
+
+    def __init__(self, nf: int, fd: int):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        counter = self
+        self.nf, self.fd = nf, fd
+        self.counts = {"NF": 0, "Fd": 0, "sparse": 0}
+        self.ops: dict[str, dict[str, int]] = {"NF": {}, "Fd": {}, "sparse": {}}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if not func.is_view:
+                    sizes = [
+                        t.numel()
+                        for t in tree_leaves((args, kwargs, out))
+                        if isinstance(t, torch.Tensor) and t.layout == torch.strided
+                    ]
+                    kind = "NF" if counter.nf in sizes else "Fd" if counter.fd in sizes else None
+                    name = str(func.overloadpacket.__name__).rstrip("_")
+                    if kind and name in SPARSE_ACCESS:
+                        kind = "sparse"
+                    if kind:
+                        counter.counts[kind] += 1
+                        counter.ops[kind][name] = counter.ops[kind].get(name, 0) + 1
+                return out
+
+        self.mode = Mode()
+
+
+def count_passes(st, x: torch.Tensor, nf: int, fd: int) -> dict[str, dict]:
+    """The passes over N x F and F x d of one step of ``st`` (forward, backward, clip + Adam apart)."""
+    out = {}
+    loss = None
+    for part in ("forward", "backward", "update"):
+        pc = PassCounter(nf, fd)
+        with pc.mode:
+            if part == "forward":
+                loss = st.forward(x)
+            elif part == "backward":
+                st.backward(loss)
+            else:
+                st.update()
+        out[part] = {"counts": pc.counts, "ops": pc.ops}
+    return out
+
+
+def run_breakdown(args) -> dict:
+    """Per method: the median step time and the time of each phase (``torch.profiler``, inclusive
+    times of the ``step.*`` labels, averaged over ``args.rounds`` profiled steps), and the passes
+    over N x F and F x d of one step (:func:`count_passes`)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    refs = ["sparsify_topk"] if sparsify_available() else []
+    methods = refs + [a for a in args.archs if a not in refs and a != "floor"]
+    batches = [data(args.n, args.d_in, args.device, s) for s in range(4)]
+    cuda = args.device.startswith("cuda")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    rows: dict[str, dict] = {}
+    for m in methods:
+        st = make_stepper(m, args)
+        for i in range(args.warmup):
+            st(batches[i % len(batches)])
+        sync(args.device)
+        walls = []
+        with profile(activities=acts) as prof:
+            for r in range(args.rounds):
+                sync(args.device)
+                t0 = time.perf_counter()
+                st(batches[r % len(batches)])
+                sync(args.device)
+                walls.append(time.perf_counter() - t0)
+        phases = {}
+        for ev in prof.key_averages():
+            if ev.key.startswith("step.") and ev.key[5:] in PHASES:
+                us = ev.device_time_total if cuda else ev.cpu_time_total
+                phases[ev.key[5:]] = us / 1e3 / args.rounds
+        passes = count_passes(st, batches[0], args.n * args.d_sae, args.d_sae * args.d_in)
+        rows[m] = {"median_ms": statistics.median(walls) * 1e3, "phases_ms": phases, "passes": passes}
+        del st
+    return {
+        "device": device_description(args.device),
+        "shape": {"n": args.n, "d_in": args.d_in, "d_sae": args.d_sae, "k": args.k, "dead_frac": args.dead_frac},
+        "rounds": args.rounds,
+        "rows": rows,
+    }
+
+
+def breakdown_markdown(record: dict) -> str:
+    sh = record["shape"]
+    head = ["method", "step (ms)"] + PHASES + ["other", "N·F passes (fwd/bwd)", "F·d passes (fwd/bwd/Adam)"]
+    lines = [
+        f"Step breakdown at N={sh['n']}, d_in={sh['d_in']}, d_sae={sh['d_sae']}, k={sh['k']} "
+        f"(dead_frac {sh['dead_frac']}); {record['device']}; {record['rounds']} profiled steps per method. "
+        "Phase columns: ms per step (profiler, inclusive); other = step - sum of phases.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for m, row in record["rows"].items():
+        ph = row["phases_ms"]
+        cells = [m, f"{row['median_ms']:.0f}"] + [f"{ph[p]:.0f}" if p in ph else "–" for p in PHASES]
+        cells.append(f"{row['median_ms'] - sum(ph.values()):.0f}")
+        pa = row["passes"]
+        cells.append(f"{pa['forward']['counts']['NF']}/{pa['backward']['counts']['NF']}")
+        cells.append(f"{pa['forward']['counts']['Fd']}/{pa['backward']['counts']['Fd']}/{pa['update']['counts']['Fd']}")
+        lines.append("| " + " | ".join(cells) + " |")
+
+    def ops(d: dict[str, int]) -> str:
+        return ", ".join(f"{k}×{v}" if v > 1 else k for k, v in sorted(d.items())) or "–"
+
+    for kind, title in (("NF", "over N·F"), ("Fd", "over F·d"), ("sparse", "indexed (kept entries only)")):
+        lines += ["", f"Ops {title} per method (forward; backward; clip + Adam):", ""]
+        for m, row in record["rows"].items():
+            pa = row["passes"]
+            lines.append(
+                f"- {m}: {ops(pa['forward']['ops'][kind])}; {ops(pa['backward']['ops'][kind])}; "
+                f"{ops(pa['update']['ops'][kind])}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def breakdown_main(args) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = run_breakdown(args)
+    (out / "breakdown.json").write_text(json.dumps(record, indent=1) + "\n")
+    md = breakdown_markdown(record)
+    (out / "breakdown.md").write_text(md)
+    print(md)
+    return 0
+
+
 def sweep_main(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -627,6 +821,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-d-in", type=int, nargs="+", default=None, help=f"default {SWEEP_D_IN}")
     p.add_argument("--sweep-k", type=int, nargs="+", default=None, help=f"default {SWEEP_K}")
     p.add_argument("--out", default="reports/step-speed-sweep", help="the sweep's output folder")
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="where the time goes: each method's step by phase (profiler) and its passes over N x F and F x d "
+        "(writes --out/breakdown.md and .json)",
+    )
     p.add_argument("--_memory-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -645,6 +845,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.breakdown:
+        if args.archs == ARCHS:  # not given: the sweep's methods
+            args.archs = list(SWEEP_ARCHS)
+        return breakdown_main(args)
     if args.sweep:
         if args.archs == ARCHS:  # not given: the sweep's methods
             args.archs = list(SWEEP_ARCHS)

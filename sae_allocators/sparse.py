@@ -66,6 +66,18 @@ class Selection:
         out.index_put_((self.flat,), values.to(out.dtype))
         return out.view(self.n_tokens, self.n_features)
 
+    def to_sparse_coo(self, values: torch.Tensor, lead_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """A sparse COO tensor ``[*lead_shape, F]`` (default ``[N, F]``) with ``values`` at the kept
+        entries: the dense matrix of :meth:`to_dense` without its ``N x F`` zeros (``to_dense()`` of
+        it equals :meth:`to_dense`)."""
+        lead = (self.n_tokens,) if lead_shape is None else tuple(lead_shape)
+        if len(lead) == 1:
+            index = [self.rows]
+        else:
+            index = list(torch.unravel_index(self.rows, lead))
+        indices = torch.stack([*index, self.cols])
+        return torch.sparse_coo_tensor(indices, values, (*lead, self.n_features), check_invariants=False)
+
     def tokens_per_row(self) -> torch.Tensor:
         """How many entries each token kept (``[N]``, long)."""
         return torch.bincount(self.rows, minlength=self.n_tokens)

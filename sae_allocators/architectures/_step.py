@@ -18,8 +18,9 @@ Two interchangeable paths, chosen by the config field ``sparse_step`` (default T
   scattered from the same selection, ``codes @ W_dec``.
 
 Both give the same selections, losses and gradients (to float tolerance; tests check it), the
-same ``TrainStepOutput`` (SAELens's trainer gets dense, detached ``feature_acts`` either way) and
-the same logged losses.
+same ``TrainStepOutput`` -- but for the form of ``feature_acts``: detached either way, a sparse COO
+tensor on the sparse path (SAELens's trainer counts firing on COO tensors, so its per-step
+bookkeeping costs O(k N), not O(N F)), dense on the reference path -- and the same logged losses.
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ WARNED_SHARES = {
     "budget_share_outlier_rows": f"tokens with norms above {outliers.REPORT_RATIO:g}x the batch median",
 }
 WARN_SHARE = 0.25
+
+
+def phase(name: str) -> torch.profiler.record_function:
+    """A named phase of the step in ``torch.profiler`` traces (``step.encode``, ``step.select``, ...:
+    ``benchmarks/step_speed.py --breakdown`` reads them); costs nothing measurable when no profiler runs."""
+    return torch.profiler.record_function(f"step.{name}")
 
 
 @dataclass
@@ -91,7 +98,12 @@ class StepState:
         return outliers.budget_shares(self.selection.rows, n, flagged)
 
     def codes(self) -> torch.Tensor:
-        """Dense detached codes ``[*lead, F]`` (what SAELens's trainer counts firing on)."""
+        """The detached codes ``[*lead, F]`` SAELens's trainer counts firing on: on the sparse path a
+        sparse COO tensor holding only the kept entries (the trainer's bookkeeping is written for
+        COO: ``feature_acts.bool().float().sum(-2)``), so no step builds or sweeps a dense
+        ``[N, F]`` code matrix; on the dense reference path SAELens's dense matrix."""
+        if self.sparse:
+            return self.selection.to_sparse_coo(self.values.detach(), self.lead_shape)
         return self.selection.to_dense(self.values.detach()).view(*self.lead_shape, self.selection.n_features)
 
 
@@ -199,18 +211,23 @@ class SelectionStepMixin:
         W_enc, b_enc = self.W_enc, self.b_enc  # type: ignore[attr-defined]
         dec_norm = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None  # type: ignore[attr-defined]
         if self.uses_sparse_step():
-            pre = self.hook_sae_acts_pre(sparse.dense_pre(s2, W_enc, b_enc, dec_norm))  # type: ignore[attr-defined]
-            aff, norms, median = self.guard(pre, s2)
-            sel = self.select(aff, sae_in=s2, **context)
-            values = sparse.selected_values(s2, W_enc, b_enc, dec_norm, pre, sel)
+            with phase("encode"):
+                pre = self.hook_sae_acts_pre(sparse.dense_pre(s2, W_enc, b_enc, dec_norm))  # type: ignore[attr-defined]
+            with phase("select"):
+                aff, norms, median = self.guard(pre, s2)
+                sel = self.select(aff, sae_in=s2, **context)
+            with phase("values"):
+                values = sparse.selected_values(s2, W_enc, b_enc, dec_norm, pre, sel)
 
             def gather(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
                 return sparse.gather_values(s2, W_enc, b_enc, dec_norm, pre, rows, cols)
 
             return StepState(x, s2, pre, sel, values, lead, gather, dec_norm, True, dict(context), aff, norms, median)
-        hidden_pre = self.hook_sae_acts_pre(sparse.encoder_pre(s2, W_enc, b_enc, dec_norm))  # type: ignore[attr-defined]
-        aff, norms, median = self.guard(hidden_pre.detach(), s2)
-        sel = self.select(aff, sae_in=s2.detach(), **context)
+        with phase("encode"):
+            hidden_pre = self.hook_sae_acts_pre(sparse.encoder_pre(s2, W_enc, b_enc, dec_norm))  # type: ignore[attr-defined]
+        with phase("select"):
+            aff, norms, median = self.guard(hidden_pre.detach(), s2)
+            sel = self.select(aff, sae_in=s2.detach(), **context)
         flat = hidden_pre.reshape(-1)
         f = hidden_pre.shape[-1]
 
@@ -261,14 +278,17 @@ class SelectionStepMixin:
         step_input, context = self.step_context(step_input)  # e.g. gradient TopK's [x | dL/dx] split
         # encode -> guard -> select -> kept values, then the one decode
         state = self.encode_step(step_input.sae_in, **context)
-        sae_out = self.decode_step(state)
-        feature_acts = self.hook_sae_acts_post(state.codes())  # type: ignore[attr-defined]
+        with phase("decode"):
+            sae_out = self.decode_step(state)
+            feature_acts = self.hook_sae_acts_post(state.codes())  # type: ignore[attr-defined]
         # losses: MSE, the auxiliary loss (cfg.aux_loss, a function of the step's state), the rule's own
-        mse_loss = self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()  # type: ignore[attr-defined]
+        with phase("mse"):
+            mse_loss = self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()  # type: ignore[attr-defined]
         losses = {"mse_loss": mse_loss}
         hidden_pre = state.hidden_pre.view(*state.lead_shape, state.selection.n_features)
-        losses.update(self.calculate_aux_loss(step_input, feature_acts, hidden_pre, sae_out, state=state))  # type: ignore[attr-defined]
-        losses.update(self.extra_losses(step_input, state))
+        with phase("aux_loss"):
+            losses.update(self.calculate_aux_loss(step_input, feature_acts, hidden_pre, sae_out, state=state))  # type: ignore[attr-defined]
+            losses.update(self.extra_losses(step_input, state))
         total = mse_loss
         for name, value in losses.items():
             if name != "mse_loss":
@@ -282,10 +302,11 @@ class SelectionStepMixin:
             losses=losses,
         )
         # after the step: the rule's running state, then densities, metrics and budget shares
-        self.after_step(state, output)
-        self.record_budget_shares(state, output)
-        self.update_feature_density(output.feature_acts)  # type: ignore[attr-defined]
-        output.metrics.update(self.lazy_metrics(output.feature_acts, step_input.dead_neuron_mask))  # type: ignore[attr-defined]
+        with phase("after_step"):
+            self.after_step(state, output)
+            self.record_budget_shares(state, output)
+            self.update_feature_density(output.feature_acts)  # type: ignore[attr-defined]
+            output.metrics.update(self.lazy_metrics(output.feature_acts, step_input.dead_neuron_mask))  # type: ignore[attr-defined]
         return output
 
     # --- where the budget goes (docs/mutual_choice.md, "Real token streams") -----------------

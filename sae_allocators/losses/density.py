@@ -30,16 +30,33 @@ def update_running_density(
     ``density_steps``); measured on every ``N // sample_tokens``-th token (a strided subsample:
     counting over the whole ``[N, d_sae]`` batch would cost a pass as slow as the selection itself)."""
     acts = feature_acts.detach()
-    if acts.is_sparse:  # (before the reshape: sparse COO tensors cannot be reshaped)
-        acts = acts.to_dense()
-    flat = acts.reshape(-1, acts.shape[-1])
+    n = acts.shape[:-1].numel()
     if group is None:
-        stride = max(1, flat.shape[0] // sample_tokens)
-        frac = M.batch_density(flat[::stride]).to(feature_density.dtype)
+        stride = max(1, n // sample_tokens)
+        rows = torch.arange(0, n, stride, device=acts.device)
+        frac = M.batch_density(_token_rows(acts, rows)).to(feature_density.dtype)
     else:  # data-parallel: the same strided sample of the global batch, counts summed over ranks
-        rows, n_sample = strided_token_sample(flat.shape[0], sample_tokens, group, flat.device)
-        fired = all_reduce(M.firing(flat.index_select(0, rows)).float().sum(0), "sum", group)
+        rows, n_sample = strided_token_sample(n, sample_tokens, group, acts.device)
+        fired = all_reduce(M.firing(_token_rows(acts, rows)).float().sum(0), "sum", group)
         frac = (fired / max(n_sample, 1)).to(feature_density.dtype)
     density_steps += 1
     rate = (1.0 / density_steps.double()).clamp_min(1.0 / window).to(frac.dtype)
     feature_density.lerp_(frac, rate)
+
+
+def _token_rows(acts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The dense ``[len(rows), F]`` codes of the tokens ``rows`` (flat token indices) of ``acts``
+    (``[..., F]``, dense or sparse COO: then only those rows are made dense, never the batch)."""
+    if not acts.is_sparse:
+        return acts.reshape(-1, acts.shape[-1]).index_select(0, rows)
+    if acts.dim() > 2:  # a COO tensor cannot be reshaped: flatten its token indices instead
+        acts = acts.coalesce()
+        idx = acts.indices()
+        lead = acts.shape[:-1]
+        flat = torch.zeros_like(idx[0])
+        for d, size in enumerate(lead):
+            flat = flat * size + idx[d]
+        acts = torch.sparse_coo_tensor(
+            torch.stack([flat, idx[-1]]), acts.values(), (lead.numel(), acts.shape[-1]), check_invariants=False
+        )
+    return acts.index_select(0, rows).to_dense()

@@ -29,7 +29,7 @@ from sae_allocators.losses import AuxLossInput
 from sae_allocators.losses.builtin import auxk_loss, zipf_loss
 from sae_allocators.testing import run_fresh, train_tiny
 
-from helpers import step_input
+from helpers import codes, step_input
 
 FIXTURES = Path(__file__).parent / "fixtures" / "abstopk"
 D_IN, D_SAE = 16, 48
@@ -259,7 +259,7 @@ def test_negative_only_feature_counts_as_firing():
         sae.b_enc[6:9] = 1.0
     x = torch.randn(32, D_IN)
     out = sae.training_forward_pass(step_input(x))
-    acts = out.feature_acts
+    acts = codes(out)
     assert (acts[:, 5] < 0).all()
     assert sae.feature_density[5] > 0
     assert out.metrics["l0_mean"]() == pytest.approx(4.0)

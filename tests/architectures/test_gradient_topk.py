@@ -22,6 +22,7 @@ from sae_allocators.architectures.gradient_topk import (
 )
 from sae_allocators.gradient import GradientActivationsStore
 from sae_allocators.testing import run_fresh, runner_config, tiny_dataset, tiny_model
+from helpers import codes
 
 D = 32
 
@@ -113,13 +114,13 @@ def test_training_forward_pass_splits_packed_rows():
     x, g = _rand(20, D), _rand(20, D, seed=1)
     out = sae.training_forward_pass(_step_input(torch.cat([x, g], -1)))
     assert out.sae_in.shape == (20, D) and torch.equal(out.sae_in, x)
-    torch.testing.assert_close(out.feature_acts, sae.encode(x, grad=g))
-    assert not torch.equal(out.feature_acts != 0, sae.encode(x) != 0)  # g changed the selection
+    torch.testing.assert_close(codes(out), sae.encode(x, grad=g))
+    assert not torch.equal(codes(out) != 0, sae.encode(x) != 0)  # g changed the selection
     assert 0 < float(out.metrics["gradient_selection_changed"]()) <= 1
     # the rule, with the decoder directions the SAE decodes with (unit rows: rescaled decoder)
     pre = out.hidden_pre
     dirs = sae.W_dec / sae.W_dec.norm(dim=-1, keepdim=True)
-    torch.testing.assert_close(out.feature_acts, gradient_topk(pre, g, dirs, 4, 4.0, "batch"))
+    torch.testing.assert_close(codes(out), gradient_topk(pre, g, dirs, 4, 4.0, "batch"))
 
 
 def test_training_forward_pass_without_gradient_is_topk_and_warns_once():
@@ -130,7 +131,7 @@ def test_training_forward_pass_without_gradient_is_topk_and_warns_once():
         out = sae.training_forward_pass(_step_input(x))
         sae.training_forward_pass(_step_input(x))
     assert sum("without gradients" in str(m.message) for m in w) == 1
-    torch.testing.assert_close(out.feature_acts, sae.encode(x))
+    torch.testing.assert_close(codes(out), sae.encode(x))
 
 
 def test_plain_batches_after_training_on_gradients_do_not_warn():

@@ -18,6 +18,7 @@ from sae_allocators.architectures.mutual_choice import (
     MutualChoiceTrainingSAEConfig,
 )
 from sae_allocators.testing import TINY_HOOK, run_fresh, tiny_dataset, tiny_model, train_tiny
+from helpers import codes
 
 D_IN, D_SAE, K = 32, 128, 4.0
 
@@ -188,11 +189,9 @@ def test_feature_choice_running_stats_and_fallback():
     out = sae.training_forward_pass(
         TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False)
     )
-    kept = (out.feature_acts != 0).sum(0)
+    kept = (codes(out) != 0).sum(0)
     assert torch.equal(kept, torch.full((D_SAE,), 8))  # uniform: 256 * 4 / 128 each
-    smallest = torch.where(
-        out.feature_acts != 0, out.feature_acts, torch.full_like(out.feature_acts, float("inf"))
-    ).amin(0)
+    smallest = torch.where(codes(out) != 0, codes(out), torch.full_like(codes(out), float("inf"))).amin(0)
     assert torch.allclose(sae.feature_threshold.float(), smallest.detach())
     assert float(sae.feature_usage.sum()) == pytest.approx(K, rel=1e-4)  # Mutual-Choice demand spends the same budget
     sae.steps_since_selected[:3] = 10_000

@@ -25,6 +25,7 @@ from sae_allocators.architectures.gradient_topk import GradientTopKTrainingSAE, 
 from sae_allocators.architectures.mutual_choice import MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig
 from sae_allocators.architectures.top_afa import TopAFATrainingSAE, TopAFATrainingSAEConfig
 from sae_allocators.architectures.topk_zipf import TopKZipfTrainingSAE, TopKZipfTrainingSAEConfig
+from helpers import codes
 
 D_IN, D_SAE = 16, 64
 
@@ -102,7 +103,7 @@ def test_sparse_step_equals_dense_reference(arch: str, rescale: bool) -> None:
     dead = _dead_mask()
     out_s, grads_s = _step(sae_s, x, dead)
     out_d, grads_d = _step(sae_d, x, dead)
-    assert torch.equal(out_s.feature_acts, out_d.feature_acts)  # identical selection and values
+    assert torch.equal(codes(out_s), codes(out_d))  # identical selection and values
     assert set(out_s.losses) == set(out_d.losses)
     for name in out_s.losses:
         torch.testing.assert_close(out_s.losses[name], out_d.losses[name], rtol=1e-5, atol=1e-5, msg=name)
@@ -121,7 +122,7 @@ def test_sparse_step_bfloat16(arch: str) -> None:
     x = _batch(arch, dtype=torch.bfloat16)
     out_s, grads_s = _step(sae_s, x, _dead_mask())
     out_d, grads_d = _step(sae_d, x, _dead_mask())
-    assert torch.equal(out_s.feature_acts != 0, out_d.feature_acts != 0)
+    assert torch.equal(codes(out_s) != 0, codes(out_d) != 0)
     for name in out_s.losses:
         torch.testing.assert_close(
             out_s.losses[name].float(), out_d.losses[name].float(), rtol=3e-2, atol=3e-2, msg=name
@@ -139,9 +140,9 @@ def test_sparse_step_3d_input(arch: str) -> None:
     x = _batch(arch, n=48).reshape(4, 12, -1)
     out_s, grads_s = _step(sae_s, x, _dead_mask())
     out_d, grads_d = _step(sae_d, x, _dead_mask())
-    assert out_s.feature_acts.shape == (4, 12, D_SAE)
+    assert codes(out_s).shape == (4, 12, D_SAE)
     assert out_s.sae_out.shape == (4, 12, D_IN)
-    assert torch.equal(out_s.feature_acts, out_d.feature_acts)
+    assert torch.equal(codes(out_s), codes(out_d))
     for name in grads_d:
         torch.testing.assert_close(grads_s[name], grads_d[name], rtol=1e-4, atol=1e-5, msg=name)
 
@@ -155,11 +156,11 @@ def test_feature_choice_tokens_without_features_decode_to_b_dec() -> None:
         sae.b_dec.normal_()
     x = _batch("feature_choice")
     out, grads = _step(sae, x, torch.zeros(D_SAE, dtype=torch.bool))
-    empty = (out.feature_acts != 0).sum(-1) == 0
+    empty = (codes(out) != 0).sum(-1) == 0
     assert bool(empty.any())
     torch.testing.assert_close(out.sae_out[empty], sae.b_dec.detach().expand(int(empty.sum()), -1))
     # features that kept no token get no encoder gradient
-    unused = (out.feature_acts != 0).sum(0) == 0
+    unused = (codes(out) != 0).sum(0) == 0
     assert bool(unused.any())
     assert float(grads["W_enc"][:, unused].abs().sum()) == 0.0
     assert float(grads["b_enc"][unused].abs().sum()) == 0.0
@@ -170,7 +171,41 @@ def test_mutual_choice_step_spends_exact_budget_on_repeated_rows() -> None:
     x = _batch("mutual_choice")
     x[:24] = x[0]  # half the batch is one repeated row: massive ties
     out, _ = _step(sae_s, x, torch.zeros(D_SAE, dtype=torch.bool))
-    assert int((out.feature_acts != 0).sum()) == math.floor(4.0 * 48)
+    assert int((codes(out) != 0).sum()) == math.floor(4.0 * 48)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_sparse_step_hands_saelens_trainer_coo_codes_with_identical_bookkeeping(arch: str) -> None:
+    """The sparse step returns ``feature_acts`` as a sparse COO tensor holding only the kept entries
+    (no dense ``[N, F]`` code matrix is built or swept); SAELens's own trainer counts firing on it
+    exactly as on the dense reference's codes: the same ``act_freq_scores``, the same
+    ``n_forward_passes_since_fired``, the same running densities, step after step."""
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    from sae_allocators.testing import runner_config
+
+    sae_s, sae_d = _pair(arch, rescale=False)
+    trainers = [
+        SAETrainer(
+            cfg=runner_config(sae.cfg, steps=10, batch_tokens=48, dead_feature_window=0).to_sae_trainer_config(),
+            sae=sae,
+            data_provider=iter(()),
+        )
+        for sae in (sae_s, sae_d)
+    ]
+    for i in range(3):
+        sae_d.load_state_dict(sae_s.state_dict())  # the same weights and running state before each step
+        x = _batch(arch, seed=i)
+        out_s = trainers[0]._train_step(sae=sae_s, sae_in=x)
+        out_d = trainers[1]._train_step(sae=sae_d, sae_in=x)
+        assert out_s.feature_acts.is_sparse and not out_d.feature_acts.is_sparse
+        kept = int((codes(out_d) != 0).sum())
+        assert out_s.feature_acts._nnz() >= kept and out_s.feature_acts._nnz() <= 16 * 48  # only kept entries
+        assert torch.equal(codes(out_s), codes(out_d))
+        assert torch.equal(trainers[0].act_freq_scores, trainers[1].act_freq_scores)
+        assert torch.equal(trainers[0].n_forward_passes_since_fired, trainers[1].n_forward_passes_since_fired)
+        assert torch.equal(sae_s.feature_density, sae_d.feature_density)
+        assert float(trainers[0].act_freq_scores.sum()) > 0
 
 
 def test_selected_values_gradcheck() -> None:

@@ -231,7 +231,7 @@ def test_afa_loss_term_is_lambda_times_norm_gap(target_kind, rescale):
     )
     x = torch.randn(20, D_IN) * 2
     out = sae.training_forward_pass(step_input(x))
-    f = out.feature_acts.detach()
+    f = helpers.codes(out).detach()
     if not rescale:
         f = f * sae.W_dec.detach().norm(dim=-1)
     t = x - sae.b_dec.detach() if target_kind == "x_minus_b_dec" else x
@@ -253,7 +253,7 @@ def test_training_codes_follow_the_rule_and_metrics_are_lazy_and_right():
         pre = torch.addmm(sae.b_enc * norm, sae_in, sae.W_enc * norm)
         torch.testing.assert_close(pre, (sae_in @ sae.W_enc + sae.b_enc) * norm)
         ref = afa_select(pre.relu(), sae_in.norm(dim=-1), None, 10)
-    assert torch.equal(out.feature_acts, ref.codes)
+    assert torch.equal(helpers.codes(out), ref.codes)
     m = out.metrics
     for key in (
         "afa_k_mean",
@@ -270,7 +270,7 @@ def test_training_codes_follow_the_rule_and_metrics_are_lazy_and_right():
     assert m["afa_k_mean"]() == pytest.approx(stats["afa_k_mean"])
     assert m["afa_k_p99"]() == pytest.approx(float(torch.quantile(ref.k.double(), 0.99)))
     assert m["afa_capped_frac"]() == pytest.approx(float(ref.capped.double().mean()))
-    eps = epsilon_lbo(x, out.feature_acts.detach(), None, sae.b_dec.detach())
+    eps = epsilon_lbo(x, helpers.codes(out).detach(), None, sae.b_dec.detach())
     assert m["eps_lbo_p50"]() == pytest.approx(float(torch.quantile(eps, 0.5)), rel=1e-6)
     assert m["l0_mean"]() == pytest.approx(float((ref.codes != 0).sum(-1).double().mean()))
 

@@ -6,7 +6,8 @@
   (``training_kwargs``, ``cli_flags``), which parametrized workflow tests use;
 - :mod:`helpers.distributions`: installed-distribution fixtures (``FakeDistributions``: real
   dist-info + entry points on ``sys.path``) and the clean-up of plugins that are not ours;
-- :mod:`helpers.steps`: ``step_input``, SAELens's ``TrainStepInput`` for a direct training step;
+- :mod:`helpers.steps`: ``step_input``, SAELens's ``TrainStepInput`` for a direct training step, and
+  ``codes``, a step's ``feature_acts`` made dense (the sparse step returns COO);
 - tiny models and data: ``tiny_model``, ``tiny_dataset``, ``train_tiny`` from
   :mod:`sae_allocators.testing` (public: plugin authors use them too), re-exported here;
 - ``REPO``: the checkout's root (docs, fixtures, the example plugin).
@@ -19,7 +20,7 @@ from pathlib import Path
 from helpers.architectures import cli_flags, training_kwargs
 from helpers.distributions import FakeDistributions, forget_plugins_not_ours
 from helpers.fake_hub import FakeHub
-from helpers.steps import step_input
+from helpers.steps import codes, step_input
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,6 +39,7 @@ __all__ = [
     "FakeDistributions",
     "FakeHub",
     "cli_flags",
+    "codes",
     "forget_plugins_not_ours",
     "step_input",
     "training_kwargs",
