@@ -67,7 +67,7 @@ def fingerprint(names: list[str], steps: int, work: Path) -> list[str]:
 
     import sae_allocators  # noqa: F401  (registers the architectures)
     from sae_allocators import testing
-    from sae_allocators.workflow.train import _runner_class
+    from sae_allocators.workflow.runner import WorkflowRunner
     from sae_lens.registry import get_sae_training_class
 
     kwargs = {"top_afa": {"k_max": 8}}
@@ -82,7 +82,7 @@ def fingerprint(names: list[str], steps: int, work: Path) -> list[str]:
                 sae = testing.train_tiny(sae_cfg, steps=steps, output_path=out)
             else:
                 cfg = testing.runner_config(sae_cfg, steps=steps, output_path=out)
-                runner = _runner_class()(
+                runner = WorkflowRunner(
                     cfg,
                     override_model=testing.tiny_model(d_model=sae_cfg.d_in),
                     override_dataset=testing.tiny_dataset(context_size=cfg.context_size),

@@ -12,10 +12,12 @@
 #    N 2048/4096, d_in 512/768, k 32/64; every architecture, SAELens topk, the floor and sparsify's
 #    TopK step when it installs), medians, ratios, peak memory and the GPU's name in
 #    reports/gpu-check/sweep/ (sweep.md, sweep.json, sweep.png);
-# 4. benchmarks/trainer_speed.py --device cuda: SAELens's own training loop (SAETrainer.fit, its
+# 4. benchmarks/step_speed.py --breakdown --device cuda at d_sae 65536, N 2048: where each step's time
+#    goes, by phase (profiler), and its passes over N x F and F x d (reports/gpu-check/breakdown/);
+# 5. benchmarks/trainer_speed.py --device cuda: SAELens's own training loop (SAETrainer.fit, its
 #    bookkeeping included) per architecture at d_sae 32768 and 65536 against SAELens topk, and the
 #    bare step beside it (reports/gpu-check/trainer-speed/);
-# 5. the main job: bash benchmarks/run.sh --quick --device cuda (report in reports/gpu-check-quick);
+# 6. the main job: bash benchmarks/run.sh --quick --device cuda (report in reports/gpu-check-quick);
 # then a one-screen summary (logs in reports/gpu-check/). Without a CUDA GPU it says what it skipped
 # and exits 0. It exits 1 when a step that ran failed.
 #
@@ -81,6 +83,8 @@ run_step "step_speed.py --device cuda" "$LOGS/step_speed.log" \
   "$VENV/bin/python" benchmarks/step_speed.py --device cuda
 run_step "step_speed.py --sweep --device cuda" "$LOGS/sweep.log" \
   "$VENV/bin/python" benchmarks/step_speed.py --sweep --device cuda --out "$LOGS/sweep"
+run_step "step_speed.py --breakdown --device cuda" "$LOGS/breakdown.log" \
+  "$VENV/bin/python" benchmarks/step_speed.py --breakdown --device cuda --d-sae 65536 --n 2048 --out "$LOGS/breakdown"
 run_step "trainer_speed.py --device cuda" "$LOGS/trainer_speed.log" \
   "$VENV/bin/python" benchmarks/trainer_speed.py --device cuda --out "$LOGS/trainer-speed"
 rm -rf reports/gpu-check-quick  # a fresh folder: an existing one would be resumed (no training)
@@ -101,6 +105,10 @@ tail -n 12 "$LOGS/step_speed.log" | sed 's/^/     /'
 if [ -f "$LOGS/sweep/sweep.md" ]; then
   echo "-- sweep:      $LOGS/sweep/sweep.md (+ sweep.json, sweep.png); its ratios to SAELens topk:"
   awk '/^## × SAELens topk/{on=1; next} /^## /{on=0} on && /^\|/' "$LOGS/sweep/sweep.md" | cut -c1-200 | sed 's/^/     /'
+fi
+if [ -f "$LOGS/breakdown/breakdown.md" ]; then
+  echo "-- where the time goes at d_sae 65536: $LOGS/breakdown/breakdown.md"
+  grep '^|' "$LOGS/breakdown/breakdown.md" | cut -c1-200 | sed 's/^/     /'
 fi
 if [ -f "$LOGS/trainer-speed/trainer_speed.md" ]; then
   echo "-- SAELens's training loop per architecture: $LOGS/trainer-speed/trainer_speed.md"

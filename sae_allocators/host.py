@@ -33,7 +33,7 @@ from typing import Any
 
 import pluggy
 
-from sae_allocators import compat, hookspecs, names, plugin_state
+from sae_allocators import hookspecs, names, patches, plugin_state
 from sae_allocators import saelens_registry as reg
 from sae_allocators.plugin_state import SAELENS, LoadReport, LossEntry, PluginState, Provider, Source
 
@@ -326,19 +326,6 @@ def _collect(
     return _commit(offers), loss_table
 
 
-def _install_runner_wraps() -> None:
-    """Install what this package's architectures need from SAELens's runner (idempotent).
-
-    The host does this, not an architecture's register hook: registering stays a pure offer.
-    """
-    from sae_allocators.gradient import dispatch
-
-    from sae_allocators.calibration import runner as calibration_runner
-
-    dispatch.install()  # gradient_topk: the runner builds the activation store its config names
-    calibration_runner.install()  # batch-level rules: the runner calibrates the saved thresholds before its final save
-
-
 def load(force: bool = False) -> LoadReport:
     """Load every plugin and register its architectures into SAELens (once per process).
 
@@ -347,9 +334,7 @@ def load(force: bool = False) -> LoadReport:
     global _pending
     if plugin_state.loaded() and not force:
         return plugin_state.current().report
-    compat.apply()
-    reg.install_error_messages()
-    _install_runner_wraps()
+    patches.install()  # every change to SAELens's objects, and why: sae_allocators.patches
     report = LoadReport()
     pm = _new_manager()
     _pending = []

@@ -2,9 +2,10 @@
 
 SAELens keeps two plain dicts, read at call time by ``get_sae_class`` /
 ``get_sae_training_class``. We write them directly (``register_sae_class`` raises on a second
-registration, which would make re-imports crash) and swap each dict for a subclass whose missing
-keys raise :class:`UnknownArchitectureError` -- still a ``KeyError`` for SAELens's own handlers --
-with a message naming the architecture, what is registered, and which package provides it.
+registration, which would make re-imports crash). :mod:`sae_allocators.patches` swaps each dict for
+an :class:`ExplainingRegistry`, whose missing keys raise :class:`UnknownArchitectureError` -- still a
+``KeyError`` for SAELens's own handlers -- with a message naming the architecture, what is
+registered, and which package provides it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from sae_allocators.names import DISTRIBUTION, ENV_NO_AUTOLOAD, PROVIDED_ARCHITE
 
 INFERENCE = "inference"
 TRAINING = "training"
-_DICT_NAMES = {INFERENCE: "SAE_CLASS_REGISTRY", TRAINING: "SAE_TRAINING_CLASS_REGISTRY"}
+DICT_NAMES = {INFERENCE: "SAE_CLASS_REGISTRY", TRAINING: "SAE_TRAINING_CLASS_REGISTRY"}
 
 
 class UnknownArchitectureError(KeyError):
@@ -82,29 +83,8 @@ class ExplainingRegistry(dict):
         raise UnknownArchitectureError(key, self.side, list(self.keys()))
 
 
-def _explaining(side: str) -> ExplainingRegistry:
-    attr = _DICT_NAMES[side]
-    current = getattr(_registry, attr)
-    if isinstance(current, ExplainingRegistry):
-        return current
-    replacement = ExplainingRegistry(current)
-    replacement.side = side
-    # Rebind every module-level name that refers to the old dict (SAELens's runner imports
-    # SAE_TRAINING_CLASS_REGISTRY by name), so that all readers see one dict.
-    for module in list(sys.modules.values()):
-        if getattr(module, "__name__", "").startswith("sae_lens") and getattr(module, attr, None) is current:
-            setattr(module, attr, replacement)
-    return replacement
-
-
-def install_error_messages() -> None:
-    """Swap SAELens's registry dicts for explaining ones (idempotent)."""
-    _explaining(INFERENCE)
-    _explaining(TRAINING)
-
-
 def registry(side: str) -> dict[str, tuple[type, type]]:
-    return getattr(_registry, _DICT_NAMES[side])
+    return getattr(_registry, DICT_NAMES[side])
 
 
 def get(side: str, name: str) -> tuple[type, type] | None:

@@ -76,7 +76,9 @@ class Selection:
         else:
             index = list(torch.unravel_index(self.rows, lead))
         indices = torch.stack([*index, self.cols])
-        return torch.sparse_coo_tensor(indices, values, (*lead, self.n_features), check_invariants=False)
+        return torch.sparse_coo_tensor(
+            indices, values, (*lead, self.n_features), device=values.device, check_invariants=False
+        )
 
     def tokens_per_row(self) -> torch.Tensor:
         """How many entries each token kept (``[N]``, long)."""

@@ -26,6 +26,7 @@ import sae_allocators  # noqa: F401
 from sae_allocators.architectures import kinds
 from sae_allocators.calibration import fit as CF  # the fit (rules, quantiles, calibrate)
 from sae_allocators.calibration import runner as CR  # SAELens's runners (end of training, wraps)
+from sae_allocators import patches
 from sae_allocators.architectures._common import pre_activations
 from sae_allocators.architectures.batchtopk_zipf import BatchTopKZipfTrainingSAE, BatchTopKZipfTrainingSAEConfig
 from sae_allocators.architectures.feature_choice import FeatureChoiceTrainingSAE, FeatureChoiceTrainingSAEConfig
@@ -335,18 +336,20 @@ def test_runner_calibrates_before_saving_and_records_it(calibrated_run):
 def test_runner_wrap_is_installed_once_and_uninstall_restores_saelens():
     from sae_lens import LanguageModelSAETrainingRunner
 
+    from sae_allocators import patches
+
     wrapped = LanguageModelSAETrainingRunner.__dict__["save_final_sae"]
-    assert CR.installed() and getattr(wrapped, CR._MARK, None) is not None
-    CR.install()  # idempotent: no second layer
+    assert patches.installed() and patches.original_of(wrapped) is not None
+    patches.install()  # idempotent: no second layer
     assert LanguageModelSAETrainingRunner.__dict__["save_final_sae"] is wrapped
     try:
-        CR.uninstall()
-        assert not CR.installed()
+        patches.uninstall()
+        assert not patches.installed()
         original = LanguageModelSAETrainingRunner.__dict__["save_final_sae"]
-        assert getattr(original, CR._MARK, None) is None and original is getattr(wrapped, CR._MARK)
+        assert patches.original_of(original) is None and original is patches.original_of(wrapped)
     finally:
-        CR.install()
-    assert CR.installed()
+        patches.install()
+    assert patches.installed()
 
 
 def test_runner_calibration_uses_the_chosen_source_and_respects_calibrate_false():
@@ -1047,7 +1050,9 @@ def test_install_wraps_both_final_save_methods_and_uninstall_restores_them(monke
     from sae_lens import LanguageModelSAETrainingRunner
     from sae_lens.synthetic import SyntheticSAERunner
 
-    assert [(cls.__name__, name) for cls, name in CR._runner_methods()] == [
+    assert [
+        (cls.__name__, name) for cls, name, _ in CR.runner_wraps() if name in ("save_final_sae", "_save_outputs")
+    ] == [
         ("LanguageModelSAETrainingRunner", "save_final_sae"),
         ("SyntheticSAERunner", "_save_outputs"),
     ]
@@ -1064,12 +1069,12 @@ def test_install_wraps_both_final_save_methods_and_uninstall_restores_them(monke
     # stand-ins for SAELens's methods (monkeypatch puts the installed wraps back afterwards)
     monkeypatch.setattr(LanguageModelSAETrainingRunner, "save_final_sae", save_final_sae)
     monkeypatch.setattr(SyntheticSAERunner, "_save_outputs", _save_outputs)
-    assert not CR.installed()
-    CR.install()
-    assert CR.installed()
+    assert not patches.installed()
+    patches.install()
+    assert patches.installed()
     wrapped = LanguageModelSAETrainingRunner.__dict__["save_final_sae"]
-    assert getattr(wrapped, CR._MARK) is save_final_sae and wrapped.__name__ == "save_final_sae"
-    CR.install()  # idempotent: no second layer
+    assert patches.original_of(wrapped) is save_final_sae and wrapped.__name__ == "save_final_sae"
+    patches.install()  # idempotent: no second layer
     assert LanguageModelSAETrainingRunner.__dict__["save_final_sae"] is wrapped
 
     holder = StandIn(gaussian_batches(5), training_tokens=10_000, train_batch_size_tokens=100)
@@ -1090,19 +1095,19 @@ def test_install_wraps_both_final_save_methods_and_uninstall_restores_them(monke
 
     # one method unwrapped is not "installed"; install() wraps it and leaves the other as it is
     monkeypatch.setattr(SyntheticSAERunner, "_save_outputs", _save_outputs)
-    assert not CR.installed()
-    CR.install()
-    assert CR.installed() and LanguageModelSAETrainingRunner.__dict__["save_final_sae"] is wrapped
-    CR.uninstall()
+    assert not patches.installed()
+    patches.install()
+    assert patches.installed() and LanguageModelSAETrainingRunner.__dict__["save_final_sae"] is wrapped
+    patches.uninstall()
     assert LanguageModelSAETrainingRunner.__dict__["save_final_sae"] is save_final_sae
     assert SyntheticSAERunner.__dict__["_save_outputs"] is _save_outputs
-    assert not CR.installed()
-    CR.uninstall()  # nothing left to restore
+    assert not patches.installed()
+    patches.uninstall()  # nothing left to restore
     assert LanguageModelSAETrainingRunner.__dict__["save_final_sae"] is save_final_sae
-    # uninstall also restored the redacting wraps (run, _set_sae_metadata, save_checkpoint), which
-    # monkeypatch does not know about: put them back for the tests after this one
-    CR.install()
-    assert all(getattr(cls.__dict__[name], CR._MARK, None) is not None for cls, name in CR._redacting_methods())
+    # uninstall also restored the redacting wraps (run, _set_sae_metadata, save_checkpoint) and the
+    # store dispatch, which monkeypatch does not know about: put them back for the tests after this one
+    patches.install()
+    assert all(patches.original_of(cls.__dict__[name]) is not None for cls, name, _ in CR.runner_wraps())
 
 
 def test_calibration_log_goes_to_stdout_and_the_package_logger(capsys, caplog):
@@ -1119,9 +1124,9 @@ def test_calibration_log_goes_to_stdout_and_the_package_logger(capsys, caplog):
 def test_final_save_methods_without_the_synthetic_module(monkeypatch):
     """SAELens < 6.35 has no sae_lens.synthetic: only the LM runner's save is wrapped."""
     monkeypatch.setitem(sys.modules, "sae_lens.synthetic", None)  # makes the import fail
-    assert [(cls.__name__, name) for cls, name in CR._runner_methods()] == [
-        ("LanguageModelSAETrainingRunner", "save_final_sae")
-    ]
+    assert [
+        (cls.__name__, name) for cls, name, _ in CR.runner_wraps() if name in ("save_final_sae", "_save_outputs")
+    ] == [("LanguageModelSAETrainingRunner", "save_final_sae")]
 
 
 def identity_jumprelu(architecture: str = "feature_choice", d: int = 4):

@@ -146,18 +146,43 @@ def test_plugin_state_is_built_by_load_and_only_read_elsewhere():
 
 
 def test_the_host_installs_the_store_dispatch_not_a_register_hook():
-    from sae_allocators import host
-    from sae_allocators.gradient import dispatch
+    from sae_allocators import host, patches
 
-    dispatch.uninstall()
+    patches.uninstall()
     try:
-        assert not dispatch.installed()
+        assert not patches.installed()
         host.load(force=True)
-        assert dispatch.installed()
+        assert patches.installed()
     finally:
-        dispatch.install()
+        patches.install()
     hooks = (PACKAGE / "architectures" / "gradient_topk.py").read_text()
-    assert "dispatch.install" not in hooks
+    assert "install(" not in hooks and "dispatching(" not in hooks
+
+
+def test_every_change_to_objects_we_do_not_own_is_in_patches():
+    """Class swaps, classmethod replacement, method rebinding on instances: only sae_allocators.patches
+    does them (and its docstring says why); no SAE method is re-bound on an instance anywhere."""
+    import re
+
+    pattern = re.compile(
+        r"(\.__class__\s*=[^=]|=\s*classmethod\(|\.training_forward_pass\s*=[^=]|setattr\(cls,|setattr\(module,)"
+    )
+    from sae_allocators import patches
+
+    offenders, unlisted = [], []
+    for module, (path, _) in _modules(PACKAGE).items():
+        text = path.read_text()
+        if module not in ("sae_allocators.patches", "sae_allocators.mixin"):
+            for n, line in enumerate(text.splitlines(), 1):
+                if pattern.search(line.split("#")[0]):
+                    offenders.append(f"{module}:{n}: {line.strip()}")
+        # every per-object change (mix_in(obj, Mixin, ...)) is listed in patches' table
+        for mixin in re.findall(r"mix_in\(\s*[\w.]+,\s*(\w+)", text):
+            if f"``{mixin}``" not in patches.__doc__ and f"{mixin}``" not in patches.__doc__:
+                unlisted.append(f"{module}: {mixin}")
+    assert offenders == []
+    assert unlisted == []
+    assert len(re.findall(r"^ \d+ ", patches.__doc__, re.M)) == 9
 
 
 # --- step state and shared helpers -------------------------------------------------------------

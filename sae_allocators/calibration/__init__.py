@@ -2,12 +2,12 @@
 
 - :mod:`.fit` -- the rules and the exact streaming quantiles: :func:`calibrate` fits (and applies)
   the thresholds of one SAE on given activations, returning a :class:`CalibrationResult`;
-- :mod:`.runner` -- where it runs in SAELens's runners: :func:`install` wraps their final save so
-  that every runner calibrates an SAE of ours before saving it (:func:`uninstall` restores them);
-  :class:`CalibratingRunnerMixin` picks the held-out batches.
+- :mod:`.runner` -- where it runs in SAELens's runners: the wraps of their final save
+  (:func:`~.runner.runner_wraps`, installed by :mod:`sae_allocators.patches`) make every runner
+  calibrate an SAE of ours before saving it; :class:`CalibratingRunnerMixin` picks the held-out batches.
 """
 
 from sae_allocators.calibration.fit import CalibrationResult, calibrate
-from sae_allocators.calibration.runner import CalibratingRunnerMixin, install, installed, uninstall
+from sae_allocators.calibration.runner import CalibratingRunnerMixin
 
-__all__ = ["CalibratingRunnerMixin", "CalibrationResult", "calibrate", "install", "installed", "uninstall"]
+__all__ = ["CalibratingRunnerMixin", "CalibrationResult", "calibrate"]

@@ -3,7 +3,8 @@
 The fit itself (the rules, the exact streaming quantiles) is :mod:`sae_allocators.calibration.fit`.
 
 Where it runs: at the end of training in every SAELens runner (``LanguageModelSAETrainingRunner``,
-``SyntheticSAERunner``: :func:`install` wraps their final save when the plugins load), on held-out
+``SyntheticSAERunner``: their final save is wrapped when the plugins load, :func:`runner_wraps`
+and :mod:`sae_allocators.patches`), on held-out
 batches drawn from the same activation store after the last training batch, before the final
 model is saved (:class:`CalibratingRunnerMixin` picks another source); and as
 ``sae-allocators calibrate SAE_FOLDER [data options]`` for a saved folder. The saved
@@ -92,8 +93,8 @@ class CalibratingRunnerMixin:
     """Mix into SAELens's ``LanguageModelSAETrainingRunner`` (or ``SyntheticSAERunner``) to choose
     the held-out batches the final calibration uses.
 
-    Calibration itself runs in every SAELens runner once this package is loaded (:func:`install`
-    wraps the runners' final save); this mixin only lets a subclass or a caller pick the source:
+    Calibration itself runs in every SAELens runner once this package is loaded (the runners' final
+    save is wrapped: :func:`runner_wraps`); this mixin only lets a subclass or a caller pick the source:
     :meth:`calibration_source` -- by default the runner's own activation store (the batches after
     the last training batch), for the synthetic runner fresh samples of its synthetic model -- or
     ``runner.calibration_batches = iterable``. ``cfg.sae.calibrate = False`` switches it off.
@@ -143,66 +144,35 @@ def calibrate_runner_sae(runner: Any, sae: Any) -> CalibrationResult | None:
 
 # --- the wrap that makes SAELens's own runners calibrate ---------------------------------------
 #
-# SAELens's runners have no hook between the end of training and the final save. install() wraps
-# the one method each runner calls there -- LanguageModelSAETrainingRunner.save_final_sae and
-# SyntheticSAERunner._save_outputs (SAELens >= 6.35) -- so that a plain
-# ``LanguageModelSAETrainingRunner(cfg).run()`` calibrates an SAE of ours before saving it. For an
-# SAE whose rule has no batch threshold (every SAELens architecture, topk_zipf, ...) the wrapped
-# method only calls the original. Installed by the host when the plugins load; idempotent;
-# uninstall() restores SAELens's methods.
-
-_MARK = "__sae_allocators_calibration__"
+# SAELens's runners have no hook between the end of training and the final save. The wraps below
+# (installed by sae_allocators.patches) replace the one method each runner calls there --
+# LanguageModelSAETrainingRunner.save_final_sae and SyntheticSAERunner._save_outputs (SAELens >=
+# 6.35) -- so that a plain ``LanguageModelSAETrainingRunner(cfg).run()`` calibrates an SAE of ours
+# before saving it. For an SAE whose rule has no batch threshold (every SAELens architecture,
+# topk_zipf, ...) the wrapped method only calls the original.
 
 
-def _runner_methods() -> list[tuple[type, str]]:
+def runner_wraps() -> list[tuple[type, str, Any]]:
+    """``(class, method, wrapper factory)`` for :mod:`sae_allocators.patches` (4 and 5): the runners'
+    final-save methods (calibration, atomic save) and the config-writing ones (redaction: no secret --
+    a token in ``model_from_pretrained_kwargs`` -- reaches the files, :mod:`sae_allocators.redaction`)."""
+    import functools
+
     from sae_lens import LanguageModelSAETrainingRunner
 
-    out: list[tuple[type, str]] = [(LanguageModelSAETrainingRunner, "save_final_sae")]
+    out: list[tuple[type, str, Any]] = [
+        (LanguageModelSAETrainingRunner, "save_final_sae", functools.partial(_calibrating_save, sae_position=0))
+    ]
     try:
         from sae_lens.synthetic import SyntheticSAERunner  # SAELens >= 6.35
     except ImportError:
-        return out
-    if "_save_outputs" in SyntheticSAERunner.__dict__:
-        out.append((SyntheticSAERunner, "_save_outputs"))
+        SyntheticSAERunner = None
+    if SyntheticSAERunner is not None and "_save_outputs" in SyntheticSAERunner.__dict__:
+        out.append((SyntheticSAERunner, "_save_outputs", functools.partial(_calibrating_save, sae_position=1)))
+    for name in ("run", "_set_sae_metadata", "save_checkpoint"):
+        if name in LanguageModelSAETrainingRunner.__dict__:
+            out.append((LanguageModelSAETrainingRunner, name, functools.partial(_redacting, name=name)))
     return out
-
-
-def _redacting_methods() -> list[tuple[type, str]]:
-    """The runner methods that write a config (metadata, checkpoints): wrapped so that no secret
-    (a token in ``model_from_pretrained_kwargs``) reaches the files (:mod:`sae_allocators.redaction`)."""
-    from sae_lens import LanguageModelSAETrainingRunner
-
-    return [
-        (LanguageModelSAETrainingRunner, name)
-        for name in ("run", "_set_sae_metadata", "save_checkpoint")
-        if name in LanguageModelSAETrainingRunner.__dict__
-    ]
-
-
-def installed() -> bool:
-    return all(getattr(cls.__dict__[name], _MARK, None) is not None for cls, name in _runner_methods())
-
-
-def install() -> None:
-    """Wrap the runners' final-save methods (once), and the config-writing ones (redaction)."""
-    for cls, name in _runner_methods():
-        original = cls.__dict__[name]
-        if getattr(original, _MARK, None) is not None:
-            continue
-        setattr(cls, name, _calibrating_save(original, sae_position=0 if name == "save_final_sae" else 1))
-    for cls, name in _redacting_methods():
-        original = cls.__dict__[name]
-        if getattr(original, _MARK, None) is not None:
-            continue
-        setattr(cls, name, _redacting(original, name))
-
-
-def uninstall() -> None:
-    """Restore SAELens's runner methods."""
-    for cls, name in _runner_methods() + _redacting_methods():
-        original = getattr(cls.__dict__[name], _MARK, None)
-        if original is not None:
-            setattr(cls, name, original)
 
 
 class _RedactedRunnerCfg:
@@ -259,7 +229,6 @@ def _redacting(original: Any, name: str) -> Any:
             redact_json_files(path)
         return result
 
-    setattr(wrapped, _MARK, original)
     return wrapped
 
 
@@ -325,7 +294,6 @@ def _calibrating_save(original: Any, sae_position: int) -> Any:
                 raise SaeFolderError(f"{refused} The new output was kept in {target}.")
             return result
 
-    setattr(save, _MARK, original)
     return save
 
 

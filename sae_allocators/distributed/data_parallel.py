@@ -99,7 +99,7 @@ class DataParallel:
             p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
             for p in self.params
         ]
-        n = float(self.local_tokens) or 1.0  # no training_forward_pass seen (a custom loop): a plain mean
+        n = float(self.local_tokens) or 1.0  # no encode seen (no hook_sae_input): a plain mean
         dtype = torch.promote_types(
             flat[0].dtype, torch.float32
         )  # float32 sums, as DDP's (token counts exact below 2^24)
@@ -124,15 +124,18 @@ class DataParallel:
             delattr(self.sae, _ATTR)
 
 
-def _wrap_forward(sae: Any, dp: DataParallel) -> None:
-    """Record each step's local token count (the weight of this rank's gradient)."""
-    forward = type(sae).training_forward_pass
+def _count_tokens(sae: Any, dp: DataParallel) -> None:
+    """Record each step's local token count (the weight of this rank's gradient) with a forward hook
+    on the SAE's ``hook_sae_input`` (every encode passes its ``[..., d_in]`` input through it; the
+    training step's is the last before its backward). Without that hook point: a plain mean."""
+    point = getattr(sae, "hook_sae_input", None)
+    if not isinstance(point, torch.nn.Module):
+        return
 
-    def training_forward_pass(step_input: Any, *args: Any, **kwargs: Any) -> Any:
-        dp.local_tokens = step_input.sae_in.shape[:-1].numel()
-        return forward(sae, step_input, *args, **kwargs)
+    def count(_module: Any, _args: Any, output: torch.Tensor) -> None:
+        dp.local_tokens = output.shape[:-1].numel()
 
-    sae.training_forward_pass = training_forward_pass
+    dp._handles.append(point.register_forward_hook(count))
 
 
 def make_data_parallel(sae: torch.nn.Module, group: Any = None) -> DataParallel:
@@ -158,7 +161,7 @@ def make_data_parallel(sae: torch.nn.Module, group: Any = None) -> DataParallel:
                 comm.broadcast_(t.data, 0, group)
     dp = DataParallel(sae, group)
     setattr(sae, _ATTR, dp)
-    _wrap_forward(sae, dp)
+    _count_tokens(sae, dp)
     return dp
 
 
@@ -172,36 +175,8 @@ def sync_trainer(trainer: Any, group: Any = None) -> None:
         group = dist.group.WORLD
     if not comm.active(group):
         return
-    step = trainer._train_step
+    from sae_allocators.distributed.trainer_stats import GlobalNormEstimate, GlobalTrainerStats
+    from sae_allocators.mixin import mix_in
 
-    def _train_step(*args: Any, **kwargs: Any) -> Any:
-        freq0 = trainer.act_freq_scores.clone()
-        n0 = trainer.n_frac_active_samples
-        out = step(*args, **kwargs)
-        with torch.no_grad():
-            trainer.n_forward_passes_since_fired = comm.all_reduce(trainer.n_forward_passes_since_fired, "min", group)
-            delta = torch.cat(
-                [
-                    (trainer.act_freq_scores - freq0).double(),
-                    torch.tensor([float(trainer.n_frac_active_samples - n0)], dtype=torch.double, device=freq0.device),
-                ]
-            )
-            delta = comm.all_reduce(delta, "sum", group)
-            trainer.act_freq_scores = freq0 + delta[:-1].to(freq0.dtype)
-            trainer.n_frac_active_samples = n0 + int(round(float(delta[-1])))
-        return out
-
-    trainer._train_step = _train_step
-    scaler = trainer.activation_scaler
-    estimate = scaler.estimate_scaling_factor
-
-    def estimate_scaling_factor(*args: Any, **kwargs: Any) -> Any:
-        out = estimate(*args, **kwargs)
-        if scaler.scaling_factor is not None:
-            # scaling = sqrt(d_in) / mean norm: average the mean norms (equal batch counts per rank)
-            inv = torch.tensor([1.0 / scaler.scaling_factor], dtype=torch.double, device=trainer.act_freq_scores.device)
-            inv = comm.all_reduce(inv, "mean", group)
-            scaler.scaling_factor = float(1.0 / inv[0])
-        return out
-
-    scaler.estimate_scaling_factor = estimate_scaling_factor
+    mix_in(trainer, GlobalTrainerStats, dp_group=group)
+    mix_in(trainer.activation_scaler, GlobalNormEstimate, dp_group=group, dp_device=trainer.act_freq_scores.device)

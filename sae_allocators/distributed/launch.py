@@ -7,7 +7,7 @@ the module directly on every node::
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
         -m sae_allocators.distributed.launch --architecture mutual_choice --k 32 ...
 
-Each rank runs SAELens's runner and trainer (:class:`~sae_allocators.workflow.train`'s runner) on its
+Each rank runs SAELens's runner and trainer (:class:`~sae_allocators.distributed.runner.DistributedRunner`) on its
 own shard of the dataset (``datasets.distributed.split_dataset_by_node``). The options mean what they
 mean in one process: ``train_batch_size_tokens`` is the *global* batch (each of R ranks takes
 ``1/R`` of it; it must divide), ``training_tokens`` the total over ranks, so the number of steps, the
@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import sys
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Sequence
 
 from sae_allocators import devices
@@ -59,16 +57,13 @@ __all__ = [
     "main",
 ]
 
-RANKS_DIR = "ranks"
-
-
 # --- under torchrun: one rank ----------------------------------------------------------------------
 
 
 def per_rank_config(cfg: Any, rank: int, world: int, device: str | None = None) -> Any:
     """This rank's copy of the runner config: ``1/world`` of the global batch and of the tokens; only
     rank 0 logs and writes the final output; non-zero ranks keep ``checkpoint_path`` for their data
-    position only (the trainer's own checkpoint writing is turned off on them, see :class:`_Runner`)."""
+    position only (see :class:`~sae_allocators.distributed.runner.DistributedRunner`)."""
     n = cfg.train_batch_size_tokens
     if n % world:
         raise LaunchError(
@@ -100,81 +95,6 @@ def shard_dataset(cfg: Any, rank: int, world: int) -> Any:
         kw["trust_remote_code"] = cfg.dataset_trust_remote_code
     ds = load_dataset(cfg.dataset_path, split="train", streaming=cfg.streaming, **kw)
     return split_dataset_by_node(ds, rank=rank, world_size=world)
-
-
-def global_checkpoint_name(name: str, world: int) -> str:
-    """SAELens names checkpoints by the trainer's (here: this rank's) token count; use the global count."""
-    prefix, _, count = name.rpartition("_")
-    if count.isdigit():
-        return f"{prefix}_{int(count) * world}" if prefix else str(int(count) * world)
-    return name
-
-
-def _runner_class(rank: int, world: int, group: Any):
-    from sae_allocators.distributed.data_parallel import make_data_parallel, sync_trainer
-    from sae_allocators.workflow.train import _runner_class as workflow_runner
-
-    base = workflow_runner()
-
-    class DistributedRunner(base):  # type: ignore[misc,valid-type]
-        """SAELens's runner (through the workflow's) on one rank of a data-parallel run."""
-
-        def __init__(self, cfg: Any, global_cfg: Any, **kw: Any):
-            super().__init__(cfg, **kw)
-            self.global_cfg = global_cfg
-            if rank != 0:  # each rank resumes its own data position
-                load = self.activations_store.load_from_checkpoint
-                self.activations_store.load_from_checkpoint = lambda path: load(Path(path) / RANKS_DIR / str(rank))
-
-        def run_trainer_with_interruption_handling(self, trainer: Any) -> Any:
-            self.data_parallel = make_data_parallel(self.sae, group)
-            sync_trainer(trainer, group)
-            save = trainer.save_checkpoint
-            if rank == 0:  # checkpoint names count the tokens of all ranks, as in one process
-                trainer.save_checkpoint = lambda checkpoint_name, wandb_aliases=None: save(
-                    global_checkpoint_name(checkpoint_name, world), wandb_aliases=wandb_aliases
-                )
-            elif trainer.cfg.checkpoint_path is not None:
-                # the trainer on rank 0 writes the model and trainer state; here only the data position
-                trainer.save_checkpoint = lambda checkpoint_name, wandb_aliases=None: self.save_checkpoint(
-                    Path(trainer.cfg.checkpoint_path) / global_checkpoint_name(checkpoint_name, world)
-                )
-            sae = super().run_trainer_with_interruption_handling(trainer)
-            if self.final_metrics is not None:
-                self.final_metrics["training_tokens"] = int(trainer.n_training_samples) * world
-                self.final_metrics["source"] = (
-                    f"last training step on rank 0 of {world} (sae-allocators train --nproc-per-node {world})"
-                )
-                self.final_metrics["distributed"] = {
-                    "world_size": world,
-                    "tokens_per_rank_per_step": int(self.cfg.train_batch_size_tokens),
-                }
-            return sae
-
-        def _as_global(self, fn: Any, *args: Any, **kw: Any) -> Any:
-            """Run ``fn`` with ``self.cfg`` the global config, so runner_cfg.json records the command line's
-            options (global batch, total tokens), not this rank's share."""
-            local, self.cfg = self.cfg, self.global_cfg
-            try:
-                return fn(*args, **kw)
-            finally:
-                self.cfg = local
-
-        def save_final_sae(self, sae: Any, output_path: str, log_feature_sparsity: Any = None) -> None:
-            self._as_global(super().save_final_sae, sae, output_path, log_feature_sparsity=log_feature_sparsity)
-
-        def save_checkpoint(self, checkpoint_path: Any) -> None:
-            if checkpoint_path is None:
-                return
-            if rank == 0:
-                self._as_global(super().save_checkpoint, checkpoint_path)
-                (Path(checkpoint_path) / DISTRIBUTED_STATE).write_text(json.dumps({"world_size": world}))
-            else:
-                own = Path(checkpoint_path) / RANKS_DIR / str(rank)
-                own.mkdir(parents=True, exist_ok=True)
-                self.activations_store.save_to_checkpoint(own)
-
-    return DistributedRunner
 
 
 def explain_collective_failure(exc: BaseException, rank: int, world: int) -> str | None:
@@ -243,7 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_resume(cfg, world)
         local_cfg = per_rank_config(cfg, rank, world, device)
         dataset = shard_dataset(cfg, rank, world) if isinstance(cfg.dataset_path, str) and cfg.dataset_path else None
-        runner = _runner_class(rank, world, group)(local_cfg, cfg, override_dataset=dataset)
+        from sae_allocators.distributed.runner import DistributedRunner
+
+        runner = DistributedRunner(local_cfg, cfg, rank=rank, world=world, group=group, override_dataset=dataset)
         runner.sae_result = runner.run()
         if rank == 0 and cfg.output_path is not None:
             print(f"Trained {cfg.sae.architecture()} SAE on {world} ranks ({backend}); saved to {cfg.output_path}")

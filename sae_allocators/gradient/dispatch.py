@@ -2,15 +2,16 @@
 
 ``LanguageModelSAETrainingRunner.__init__`` (SAELens 6.38 to 6.54) builds its store with
 ``ActivationsStore.from_config(model, cfg, override_dataset=...)`` and offers no argument, class
-attribute or registry to choose another class. :func:`install` wraps that one classmethod: when
+attribute or registry to choose another class. :mod:`sae_allocators.patches` wraps that one
+classmethod with :func:`dispatching`: when
 ``cfg.sae`` has an ``activations_store_class()`` classmethod (``gradient_topk``'s config does), the
 call is forwarded to ``that_class.from_config``; for every other config it is SAELens's original
 method, unchanged. So ``architecture="gradient_topk"`` is the only switch, and everything that
 builds its store through ``from_config`` -- the runner, resume from checkpoint, the CLI --
 gets the gradient store.
 
-The wrap is installed by the plugin host (``host.load()``, at ``import sae_allocators``) and is
-idempotent; :func:`uninstall` restores SAELens's method.
+The wrap is installed with the others (``patches.install()``, from ``host.load()`` at ``import
+sae_allocators``) and is idempotent; ``patches.uninstall()`` restores SAELens's method.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from typing import Any
 from sae_lens.training.activations_store import ActivationsStore
 
 ATTRIBUTE = "activations_store_class"
-_MARK = "__sae_allocators_dispatch__"
 
 
 def store_class_for(cfg: Any) -> type[ActivationsStore] | None:
@@ -36,15 +36,10 @@ def store_class_for(cfg: Any) -> type[ActivationsStore] | None:
     return store_cls
 
 
-def installed() -> bool:
-    return getattr(ActivationsStore.__dict__["from_config"].__func__, _MARK, None) is not None
-
-
-def install() -> None:
-    """Wrap ``ActivationsStore.from_config`` (once)."""
-    if installed():
-        return
-    original = ActivationsStore.__dict__["from_config"].__func__
+def dispatching(original: Any) -> Any:
+    """``ActivationsStore.from_config`` (the function under the classmethod) forwarding to the store
+    class ``cfg.sae`` names; SAELens's ``original`` for every other config. Installed by
+    :mod:`sae_allocators.patches` (3)."""
 
     def from_config(cls: type[ActivationsStore], model: Any, cfg: Any, *args: Any, **kwargs: Any) -> ActivationsStore:
         target = store_class_for(cfg)
@@ -54,13 +49,4 @@ def install() -> None:
 
     from_config.__doc__ = original.__doc__
     from_config.__wrapped__ = original  # type: ignore[attr-defined]
-    setattr(from_config, _MARK, original)
-    ActivationsStore.from_config = classmethod(from_config)  # type: ignore[method-assign,assignment]
-
-
-def uninstall() -> None:
-    """Restore SAELens's ``ActivationsStore.from_config``."""
-    func = ActivationsStore.__dict__["from_config"].__func__
-    original = getattr(func, _MARK, None)
-    if original is not None:
-        ActivationsStore.from_config = classmethod(original)  # type: ignore[method-assign,assignment]
+    return from_config

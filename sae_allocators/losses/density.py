@@ -57,6 +57,10 @@ def _token_rows(acts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         for d, size in enumerate(lead):
             flat = flat * size + idx[d]
         acts = torch.sparse_coo_tensor(
-            torch.stack([flat, idx[-1]]), acts.values(), (lead.numel(), acts.shape[-1]), check_invariants=False
+            torch.stack([flat, idx[-1]]),
+            acts.values(),
+            (lead.numel(), acts.shape[-1]),
+            device=acts.device,
+            check_invariants=False,
         )
     return acts.index_select(0, rows).to_dense()

@@ -208,81 +208,6 @@ def architectures_help() -> str:
     return "\n".join(lines)
 
 
-# --- the runner: SAELens's, plus final metrics and an atomic final save ----------------------
-
-
-def _runner_class():
-    import torch
-    from sae_lens import LanguageModelSAETrainingRunner
-
-    from sae_allocators.calibration import CalibratingRunnerMixin
-    from sae_allocators.io import atomic_dir, atomic_write_json
-    from sae_allocators.sae_folder import METRICS_FILENAME
-
-    class WorkflowRunner(CalibratingRunnerMixin, LanguageModelSAETrainingRunner):
-        final_metrics: dict[str, Any] | None = None
-
-        def _set_sae_metadata(self):
-            super()._set_sae_metadata()
-            # SAELens >= 6.4x records this when saving; 6.38 does not (metadata takes any key)
-            if self.sae.cfg.metadata.get("training_architecture") is None:
-                self.sae.cfg.metadata.training_architecture = self.sae.cfg.architecture()
-
-        def run_trainer_with_interruption_handling(self, trainer):
-            last: dict[str, Any] = {}
-            forward = self.sae.training_forward_pass
-
-            def recording_forward(*a, **kw):
-                out = forward(*a, **kw)
-                last["out"] = out
-                return out
-
-            self.sae.training_forward_pass = recording_forward  # instance attribute, removed below
-            try:
-                sae = super().run_trainer_with_interruption_handling(trainer)
-            finally:
-                del self.sae.training_forward_pass
-            self.final_metrics = _metrics(trainer, last.get("out"), self.cfg)
-            return sae
-
-        def save_final_sae(self, sae, output_path, log_feature_sparsity=None):
-            with atomic_dir(output_path) as tmp:
-                super().save_final_sae(sae, str(tmp), log_feature_sparsity=log_feature_sparsity)
-                if self.final_metrics is not None and self.calibration_result is not None:
-                    self.final_metrics["calibration"] = self.calibration_result.metadata()
-                if self.final_metrics is not None:
-                    atomic_write_json(Path(tmp) / METRICS_FILENAME, self.final_metrics)
-
-    @torch.no_grad()
-    def _metrics(trainer, out, cfg) -> dict[str, Any]:
-        metrics: dict[str, Any] = {}
-        if out is not None:
-            sae_in = out.sae_in.float()
-            per_token = (out.sae_out.float() - sae_in).pow(2).sum(-1)
-            total_var = (sae_in - sae_in.mean(0)).pow(2).sum(-1)
-            acts = out.feature_acts
-            l0 = acts.bool().float().sum(-1)
-            l0 = l0.to_dense() if l0.is_sparse else l0
-            metrics["overall_loss"] = float(out.loss.detach())
-            for name, value in out.losses.items():
-                metrics[name] = float(value.detach()) if torch.is_tensor(value) else float(value)
-            metrics["l0"] = float(l0.mean())
-            metrics["explained_variance"] = float(1 - per_token.mean() / total_var.mean())
-        metrics["dead_features"] = int(trainer.dead_neurons.sum())
-        shares = trainer.sae.budget_share_summary() if hasattr(trainer.sae, "budget_share_summary") else None
-        if shares:  # running averages over training (docs/mutual_choice.md, "Real token streams")
-            metrics["budget_share_outlier_rows"] = shares["budget_share_outlier_rows"]
-            metrics["budget_share_top1pct"] = shares["budget_share_top1pct"]
-        return {
-            "source": "last training step (sae-allocators train)",
-            "training_tokens": int(trainer.n_training_samples),
-            "training_steps": int(trainer.n_training_steps),
-            "metrics": metrics,
-        }
-
-    return WorkflowRunner
-
-
 def check_before_training(cfg: Any, world: int = 1) -> None:
     """Everything that can be refused before a model is loaded: the devices, the resume checkpoint,
     and the output folder (``DeviceError`` / ``SaeFolderError``, one line each)."""
@@ -324,7 +249,9 @@ def train(cfg, *, override_model=None, override_dataset=None):
         from sae_allocators.sae_folder import check_replaceable_output
 
         recover_output_dir(check_replaceable_output(cfg.output_path))  # fail before training, not after
-    runner = _runner_class()(cfg, override_model=override_model, override_dataset=override_dataset)
+    from sae_allocators.workflow.runner import WorkflowRunner
+
+    runner = WorkflowRunner(cfg, override_model=override_model, override_dataset=override_dataset)
     runner.sae_result = runner.run()
     return runner
 

@@ -82,10 +82,10 @@ def test_guard_values_are_raw_and_dense_path_agrees(name):
     x, flagged = stream()
     sparse_out = make(name).training_forward_pass(step_input(x))
     dense_out = make(name, sparse_step=False).training_forward_pass(step_input(x))
-    assert torch.equal(sparse_out.feature_acts != 0, dense_out.feature_acts != 0)
-    kept = sparse_out.feature_acts != 0
+    assert torch.equal(codes(sparse_out) != 0, codes(dense_out) != 0)
+    kept = codes(sparse_out) != 0
     # kept values are the raw pre-activations (the guard changes the ranking only)
-    assert torch.allclose(sparse_out.feature_acts[kept], sparse_out.hidden_pre[kept])
+    assert torch.allclose(codes(sparse_out)[kept], sparse_out.hidden_pre[kept])
 
 
 def test_per_token_rules_have_no_guard_but_log_the_shares():

@@ -115,3 +115,36 @@ def test_trainer_speed_runs_saelens_training_loop_per_architecture(tmp_path):
         )
     md = (out / "trainer_speed.md").read_text()
     assert "| gradient_topk |" in md and "trainer × topk" in md
+
+
+def test_breakdown_times_phases_and_counts_passes_over_n_by_f(tmp_path):
+    """benchmarks/step_speed.py --breakdown (issue 22 part 2): per method the phase times from the
+    profiler labels of the step, and the passes over N x F / F x d of one step. The counts do not
+    depend on the machine: the sparse step's backward makes no pass over N x F (SAELens topk's does),
+    and Mutual Choice's forward makes no more than sparsify's TopK (the encoder matmul and the selection)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "bd"
+    cmd = [
+        sys.executable, str(SCRIPT), "--breakdown", "--device", "cpu", "--n", "1024", "--d-in", "16",
+        "--d-sae", "512", "--k", "4", "--rounds", "2", "--warmup", "1", "--out", str(out),
+        "--archs", "topk", "mutual_choice", "feature_choice",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    record = json.loads((out / "breakdown.json").read_text())
+    rows = record["rows"]
+    assert {"topk", "mutual_choice", "feature_choice"} <= set(rows)
+    for name in ("mutual_choice", "feature_choice"):
+        row = rows[name]
+        assert {"encode", "select", "decode", "backward", "clip_adam"} <= set(row["phases_ms"]), name
+        assert all(math.isfinite(v) and v >= 0 for v in row["phases_ms"].values())
+        fwd, bwd = row["passes"]["forward"], row["passes"]["backward"]
+        assert fwd["ops"]["NF"].get("addmm") == 1, fwd  # the encoder matmul, once
+        assert bwd["counts"]["NF"] == 0, bwd  # the sparse backward never touches N x F
+        if name == "mutual_choice":  # the encoder matmul and the selection's bound (N x F above the 4 x 65,536
+            # below which the selection takes a plain kthvalue; N above the densities' token sample)
+            assert fwd["counts"]["NF"] <= 3, fwd
+        assert "_sparse_coo_tensor_with_dims_and_tensors" not in fwd["ops"]["NF"]  # COO codes: not a pass
+    assert rows["topk"]["passes"]["backward"]["counts"]["NF"] > 0  # SAELens's dense backward
+    md = (out / "breakdown.md").read_text()
+    assert "| mutual_choice |" in md and "N·F passes" in md

@@ -8,7 +8,6 @@ import torch
 import sae_allocators  # noqa: F401  (registers gradient_topk, installs the store dispatch)
 from sae_allocators.architectures.gradient_topk import GradientTopKTrainingSAEConfig
 from sae_allocators.gradient import GradientActivationsStore, GradientStoreError, split_rows
-from sae_allocators.gradient import dispatch
 from sae_allocators.testing import runner_config, tiny_dataset, tiny_model
 
 D = 32
@@ -162,16 +161,18 @@ def test_plain_configs_keep_saelens_store(model):
 def test_dispatch_uninstall_restores_saelens(model):
     from sae_lens.training.activations_store import ActivationsStore
 
-    assert dispatch.installed()
+    from sae_allocators import patches
+
+    assert patches.installed()
     try:
-        dispatch.uninstall()
-        assert not dispatch.installed()
+        patches.uninstall()
+        assert not patches.installed()
         g_cfg = runner_config(GradientTopKTrainingSAEConfig(d_in=D, d_sae=64, k=4), context_size=CTX)
         store = ActivationsStore.from_config(model, g_cfg, override_dataset=tiny_dataset(context_size=CTX))
         assert type(store) is ActivationsStore
     finally:
-        dispatch.install()
-    assert dispatch.installed()
+        patches.install()
+    assert patches.installed()
 
 
 # ---- errors before training starts -------------------------------------------------------------

@@ -1,0 +1,174 @@
+"""Every change this package makes to code it does not own (SAELens, wandb), and why there is no seam.
+
+SAELens is used through its own seams wherever one exists: the architecture registries (written
+through :mod:`sae_allocators.saelens_registry`), subclasses of its runner (module-level:
+:class:`sae_allocators.workflow.runner.WorkflowRunner`,
+:class:`sae_allocators.distributed.runner.DistributedRunner`), its ``TrainingSAE`` methods
+(``training_forward_pass``, ``calculate_aux_loss``, ...), torch's own hooks on its modules (data
+parallelism counts each step's tokens with a forward hook on ``hook_sae_input``). What is left has
+no seam, and is listed here, in one module:
+
+Process-wide, installed once by :func:`install` (from ``host.load()``, i.e. ``import
+sae_allocators``); idempotent; :func:`uninstall` restores the originals of 3-5:
+
+ 1 ``wandb.util.generate_id``, only where wandb lacks it.
+   Why: SAELens < ~6.40 calls it in every runner config's ``__post_init__``; recent wandb dropped it.
+ 2 ``sae_lens.registry``'s two dicts become ``ExplainingRegistry`` (:mod:`sae_allocators.saelens_registry`).
+   Why: an unknown architecture is a bare ``KeyError``; the subclass's message names it, what is
+   registered and which package provides it.
+ 3 ``ActivationsStore.from_config`` (:func:`sae_allocators.gradient.dispatch.dispatching`).
+   Why: the runner builds its store with no choice of class; ``gradient_topk``'s config names its own.
+ 4 ``LanguageModelSAETrainingRunner.save_final_sae`` and ``SyntheticSAERunner._save_outputs``
+   (:mod:`sae_allocators.calibration.runner`).
+   Why: no hook between the end of training and the final save: batch-level rules calibrate their
+   thresholds there, and the save is made atomic and refuses non-finite weights.
+ 5 ``LanguageModelSAETrainingRunner.run``, ``_set_sae_metadata``, ``save_checkpoint``
+   (:mod:`sae_allocators.calibration.runner`).
+   Why: the runner writes its config -- a token in ``model_from_pretrained_kwargs`` -- into every
+   file it saves; no hook to redact it.
+
+Per object, by :func:`sae_allocators.mixin.mix_in` (the object becomes an instance of a module-level
+subclass of its own class, which adds methods only; its state is untouched; a test checks that every
+class passed to it is listed here):
+
+ 6 the ``SAETrainer`` SAELens's runner builds inside ``run()``: ``RecordingTrainer``
+   (:mod:`sae_allocators.workflow.runner`).
+   Why: no trainer-class argument; ``sae-allocators train`` keeps the last step's output for its
+   final metrics.
+ 7 that trainer on a data-parallel rank: ``RankCheckpoints`` (:mod:`sae_allocators.distributed.runner`).
+   Why: checkpoint names must count every rank's tokens; ranks other than 0 write their data position only.
+ 8 rank r's ``ActivationsStore``: ``RankDataPosition`` (:mod:`sae_allocators.distributed.runner`).
+   Why: the runner loads every store's position from the one resume folder; rank r reads its own.
+ 9 a trainer and its ``ActivationScaler`` handed to :func:`~sae_allocators.distributed.sync_trainer`:
+   ``GlobalTrainerStats``, ``GlobalNormEstimate`` (:mod:`sae_allocators.distributed.data_parallel`).
+   Why: the trainer's dead-feature counters, firing counts and norm estimate must be global; no hook
+   after its step's bookkeeping.
+
+No SAE method is ever re-bound on an instance.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+# --- process-wide (1-5) ------------------------------------------------------------------------
+
+
+def install() -> None:
+    """Install 1-5 (idempotent, cheap after the first call)."""
+    _wandb_generate_id()
+    _install_explaining_registries()
+    _install_store_dispatch()
+    _install_runner_wraps()
+
+
+def uninstall() -> None:
+    """Restore SAELens's methods of 3-5 (the registries keep their explaining dicts: same content)."""
+    _uninstall_store_dispatch()
+    _uninstall_runner_wraps()
+
+
+def installed() -> bool:
+    return _store_dispatch_installed() and _runner_wraps_installed()
+
+
+def _wandb_generate_id() -> None:
+    wandb = sys.modules.get("wandb")
+    util = getattr(wandb, "util", None) if wandb is not None else None
+    if util is not None and not hasattr(util, "generate_id"):
+        import uuid
+
+        util.generate_id = lambda length=8: uuid.uuid4().hex[:length]
+
+
+# 2: sae_lens.registry's dicts -> saelens_registry.ExplainingRegistry
+
+
+def _install_explaining_registries() -> None:
+    """Swap each registry dict for an :class:`~sae_allocators.saelens_registry.ExplainingRegistry`
+    holding the same entries, and rebind every SAELens module-level name that refers to the old
+    dict (SAELens's runner imports ``SAE_TRAINING_CLASS_REGISTRY`` by name), so all readers see one."""
+    import sae_lens.registry as registry
+
+    from sae_allocators.saelens_registry import DICT_NAMES, ExplainingRegistry
+
+    for side, attr in DICT_NAMES.items():
+        current = getattr(registry, attr)
+        if isinstance(current, ExplainingRegistry):
+            continue
+        replacement = ExplainingRegistry(current)
+        replacement.side = side
+        for module in list(sys.modules.values()):
+            if getattr(module, "__name__", "").startswith("sae_lens") and getattr(module, attr, None) is current:
+                setattr(module, attr, replacement)
+
+
+# 3: ActivationsStore.from_config -> gradient.dispatch.dispatching
+
+_STORE_MARK = "__sae_allocators_dispatch__"
+
+
+def _store_dispatch_installed() -> bool:
+    from sae_lens.training.activations_store import ActivationsStore
+
+    return getattr(ActivationsStore.__dict__["from_config"].__func__, _STORE_MARK, None) is not None
+
+
+def _install_store_dispatch() -> None:
+    from sae_lens.training.activations_store import ActivationsStore
+
+    from sae_allocators.gradient.dispatch import dispatching
+
+    if _store_dispatch_installed():
+        return
+    original = ActivationsStore.__dict__["from_config"].__func__
+    wrapped = dispatching(original)
+    setattr(wrapped, _STORE_MARK, original)
+    ActivationsStore.from_config = classmethod(wrapped)  # type: ignore[method-assign,assignment]
+
+
+def _uninstall_store_dispatch() -> None:
+    from sae_lens.training.activations_store import ActivationsStore
+
+    original = getattr(ActivationsStore.__dict__["from_config"].__func__, _STORE_MARK, None)
+    if original is not None:
+        ActivationsStore.from_config = classmethod(original)  # type: ignore[method-assign,assignment]
+
+
+# 4, 5: the runners' final save (calibration, atomic save) and config writers (redaction)
+
+_RUNNER_MARK = "__sae_allocators_calibration__"
+
+
+def _runner_wraps() -> list[tuple[type, str, Any]]:
+    """``(class, method name, wrapper factory)`` of 4 and 5."""
+    from sae_allocators.calibration import runner as calibration_runner
+
+    return calibration_runner.runner_wraps()
+
+
+def _runner_wraps_installed() -> bool:
+    return all(getattr(cls.__dict__[name], _RUNNER_MARK, None) is not None for cls, name, _ in _runner_wraps())
+
+
+def _install_runner_wraps() -> None:
+    for cls, name, wrap in _runner_wraps():
+        original = cls.__dict__[name]
+        if getattr(original, _RUNNER_MARK, None) is not None:
+            continue
+        wrapped = wrap(original)
+        setattr(wrapped, _RUNNER_MARK, original)
+        setattr(cls, name, wrapped)
+
+
+def _uninstall_runner_wraps() -> None:
+    for cls, name, _ in _runner_wraps():
+        original = getattr(cls.__dict__[name], _RUNNER_MARK, None)
+        if original is not None:
+            setattr(cls, name, original)
+
+
+def original_of(method: Any) -> Any:
+    """SAELens's original of a method wrapped here (None if ``method`` is not a wrap of 3-5)."""
+    return getattr(method, _RUNNER_MARK, None) or getattr(method, _STORE_MARK, None)
