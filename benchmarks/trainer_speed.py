@@ -2,9 +2,10 @@
 
 ``benchmarks/step_speed.py`` times the step alone (forward, losses, backward, clipping, Adam).
 SAELens's trainer does more on every step: ``SAETrainer.fit`` moves the batch, applies the
-activation scaler, runs the step through ``_train_step`` -- which also builds the dense
-``feature_acts.bool()`` of the batch for its dead-latent counters and firing frequencies, and
-updates the learning-rate and coefficient schedules -- then the progress bar and the checkpoint
+activation scaler, runs the step through ``_train_step`` -- which also sweeps the step's
+``feature_acts`` (``.bool().float().sum(...)``) for its dead-latent counters and firing frequencies:
+N x F work on SAELens topk's dense codes, k x N on the sparse COO codes of this project's sparse
+step -- and updates the learning-rate and coefficient schedules -- then the progress bar and the checkpoint
 test. This script runs that loop (``SAETrainer.fit``, SAELens's real class) on activations held in
 memory (the cached activations of a real run, here a fixed pool of batches), no W&B, no
 evaluation, and reports per architecture:
