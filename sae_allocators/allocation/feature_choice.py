@@ -221,6 +221,12 @@ def _estimated_selection(
     return tau, n_fail, idx.numel(), torch.sort(kept).values
 
 
+def candidate_limit(budget_entries: int) -> int:
+    """How many candidates an estimate may let through before :func:`feature_choice_indices` takes
+    the dense path instead (the estimate is then too loose to pay off)."""
+    return 8 * budget_entries + 1024
+
+
 def feature_choice_indices(
     affinity: torch.Tensor,
     caps: torch.Tensor,
@@ -238,7 +244,9 @@ def feature_choice_indices(
     largest positive affinity (at most one extra entry per such token; it does not change
     ``tau``). ``t_lo`` (optional, [F]) is a per-feature estimate of a lower bound on ``tau``
     (e.g. last step's thresholds, lowered by their spread) that makes the exact selection cheaper
-    (:func:`column_thresholds_estimated`); the result does not depend on it. ``stats``, if given,
+    (:func:`column_thresholds_estimated`); for features with ``caps[j] == 1`` it is replaced by the
+    column's maximum (the exact threshold, one ``amax`` over the batch). The result does not depend
+    on it. ``stats``, if given,
     receives ``fallback_features`` and ``candidates`` (how well the estimate did).
     """
     pre = affinity.detach().reshape(-1, affinity.shape[-1])
@@ -248,7 +256,10 @@ def feature_choice_indices(
         tau = column_thresholds(pre, caps)
     else:
         kk = int(caps.sum())
-        tau, n_fail, n_cand, kept = _estimated_selection(pre, caps, t_lo, max_candidates=8 * kk + 1024)
+        # a feature keeping one token keeps its column's largest value: its exact bound costs one
+        # cheap reduction (amax), so only features with m_j >= 2 rely on the estimate
+        t_lo = torch.where(caps == 1, pre.amax(dim=0).to(t_lo.dtype), t_lo.to(pre.device))
+        tau, n_fail, n_cand, kept = _estimated_selection(pre, caps, t_lo, max_candidates=candidate_limit(kk))
         if stats is not None:
             stats.update(fallback_features=n_fail, candidates=n_cand)
     if kept is None:  # reference path: the kept entries from the exact thresholds

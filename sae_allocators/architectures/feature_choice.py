@@ -25,6 +25,7 @@ from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopK
 from sae_allocators import sparse
 from sae_allocators.allocation.batch import budget, kth_largest_with_candidates
 from sae_allocators.allocation.feature_choice import (
+    candidate_limit,
     capacities,
     feature_choice_indices,
     feature_choice_select,
@@ -292,6 +293,11 @@ class FeatureChoiceTrainingSAE(SelectionStepMixin, AuxLossMixin, TopKTrainingSAE
         """Keep the estimate tight: widen it when many features needed the exact fallback,
         narrow it when it let through far more candidates than the budget."""
         if "fallback_features" not in stats:
+            return
+        if stats["candidates"] > candidate_limit(budget_entries):
+            # too loose: the whole selection took the dense path (which counts every feature as a
+            # fallback); widening here would keep it there for good
+            self.estimate_margin.div_(1.25).clamp_(min=0.25)
             return
         fail = stats["fallback_features"] / self.cfg.d_sae
         if fail > 0.05:

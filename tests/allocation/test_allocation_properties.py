@@ -744,7 +744,8 @@ def test_keep_at_least_keeps_ties_under_a_float64_default_dtype():
 def test_column_thresholds_estimated_counts_candidates_and_fallbacks():
     """The documented ``(tau, features that needed the fallback, candidates)``: a tight bound
     needs no fallback; more candidates than ``max_candidates`` sends every feature to the dense
-    path (all ``F`` counted); ``feature_choice_indices`` reports the same through ``stats``."""
+    path (all ``F`` counted); ``feature_choice_indices`` reports the same through ``stats`` (there a
+    capacity-1 feature's bound is its column's maximum, exact)."""
     pre = torch.tensor([[3.0, 1.0], [2.0, 5.0], [1.0, 4.0]])
     caps = torch.tensor([1, 2])
     tau, n_fail, n_cand = FC.column_thresholds_estimated(pre, caps, torch.tensor([2.5, 3.5]))
@@ -756,7 +757,8 @@ def test_column_thresholds_estimated_counts_candidates_and_fallbacks():
     stats: dict = {}
     flat, tau = FC.feature_choice_indices(pre, caps, t_lo=torch.tensor([3.5, 3.5]), stats=stats)
     assert flat.tolist() == [0, 3, 5] and tau.tolist() == [3.0, 4.0]
-    assert stats == {"fallback_features": 1, "candidates": 2}
+    # a capacity-1 feature's bound is its column's maximum (exact): column 0 needs no fallback now
+    assert stats == {"fallback_features": 0, "candidates": 3}
 
 
 def test_gradient_topk_uses_the_gradient_term_at_every_nonzero_beta():
@@ -1028,7 +1030,7 @@ def test_estimated_selection_statistics_follow_the_documented_counts():
     # feature_choice_select passes t_lo and stats through; a bound far too loose goes dense
     stats: dict = {}
     codes, tau = FC.feature_choice_select(pre, torch.tensor([1, 2, 0]), t_lo=torch.tensor([3.5, 3.5, 0.0]), stats=stats)
-    assert stats == {"fallback_features": 1, "candidates": 2} and codes.reshape(-1).nonzero().squeeze(1).tolist() == [
+    assert stats == {"fallback_features": 0, "candidates": 3} and codes.reshape(-1).nonzero().squeeze(1).tolist() == [
         0,
         4,
         7,
