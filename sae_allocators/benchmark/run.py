@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from sae_allocators import names
 from sae_allocators.benchmark import configs
 from sae_allocators.benchmark.evaluation import evaluate_saved
 from sae_allocators.benchmark.sources import LMScale, SyntheticScale, _log
@@ -176,7 +177,7 @@ def large_settings(out: Path) -> Settings:
     (configs.SPARSE_TWINS: SAELens's step, a quarter of its CPU cost). No synthetic data, no
     gradient_topk (its live store costs a full LM forward and backward per token: about 1M x 10 ms =
     3 h per SAE on the CPU), no second layer: the estimate (``estimate_seconds``, docs/benchmark.md)
-    is already over the 3-hour limit (3.8 h) without them."""
+    is already over the 3-hour limit (3.2 h) without them."""
     return Settings(
         out=out,
         datasets=("lm",),
@@ -545,11 +546,11 @@ FULL_OVER_L6 = 5.3
 AFTER_L6_OVER_L6 = 4.3
 #: top-AFA's L0 is its own (up to its cap, 1,024 on the LM): its decoder costs more than at k = 32
 TOP_AFA_FACTOR = 2.0
-#: SAELens's trainer's work around each step (reading the cache, the dense feature_acts bookkeeping of its
-#: dead-latent counters and firing frequencies), in ns per step and per N x d_sae element: measured in the
-#: large preset (N 2,048, d_sae 4,608: a SAE's train_seconds minus 490 times its bare step, 2 cores) as
-#: 84 ms per step for batchtopk and 90 ms for batchtopk_zipf, i.e. about 9.2 ns per element -- an
-#: additive cost, half of a sparse step at that shape
+#: SAELens's trainer's work around each step of a SAELens architecture (its dense feature_acts
+#: bookkeeping of dead-latent counters and firing frequencies), in ns per step and per N x d_sae element:
+#: measured in the large preset (N 2,048, d_sae 4,608: a SAE's train_seconds minus 490 times its bare
+#: step, 2 cores) as 84 ms per step for batchtopk, i.e. about 9.2 ns per element. This project's
+#: architectures hand the trainer sparse COO codes: within noise of zero (benchmarks/trainer_speed.py)
 TRAINER_NS_PER_ELEMENT = 9.2
 #: per SAE besides training and CE/KL: the step-time measurement, the calibration, the reconstruction,
 #: density and stream evaluations, saving and reloading (measured in the large preset: about 18 s)
@@ -602,7 +603,8 @@ def estimate_seconds(st: Settings, d_in: int = 576, labels: list[str] | None = N
         ms = STEP_MS_REF.get(base, STEP_MS_REF["topk"])
         factor = TOP_AFA_FACTOR if base == "top_afa" else 1.0
         steps = s.training_tokens / s.train_batch_size
-        trainer = steps * s.train_batch_size * d_sae * TRAINER_NS_PER_ELEMENT * 1e-9
+        dense_codes = base.split("[")[0] not in names.OWN_ARCHITECTURES  # SAELens's own step: dense feature_acts
+        trainer = steps * s.train_batch_size * d_sae * TRAINER_NS_PER_ELEMENT * 1e-9 if dense_codes else 0.0
         train[lab] = runs * (s.training_tokens * ms / 1e3 * per_token_scale * factor + trainer)
     runs = sum(counts.values())
     full_tps = FORWARD_TO_L6_TOKENS_PER_S / FULL_OVER_L6
