@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from sae_allocators.benchmark import check, report, stats
+from sae_allocators.benchmark import claims as claims_mod
 
 
 # --- the preset -------------------------------------------------------------------------------
@@ -168,7 +169,7 @@ def test_claims_carry_paired_differences_with_verdicts():
             recs.append(_rec("topk", k, seed, base + 0.01 * seed))
             recs.append(_rec("mutual_choice", k, seed, base - 0.02 + 0.01 * seed + 0.001 * (seed % 2)))  # lower
             recs.append(_rec("feature_choice", k, seed, base + 0.01 * seed + 0.01 * (-1) ** seed))  # noise
-    claims = {c["claim"]: c for c in report.check_claims(report.aggregate(recs))}
+    claims = {c["claim"]: c for c in claims_mod.check_claims(claims_mod.aggregate(recs))}
     fm = claims["Feature and Mutual Choice reconstruct better than TopK at equal L0"]
     by = {(p["label"], p["k"], p["metric"]): p for p in fm["paired"]}
     assert by[("mutual_choice", 16, "nmse")]["verdict"] == "lower"
@@ -176,7 +177,7 @@ def test_claims_carry_paired_differences_with_verdicts():
     assert by[("feature_choice", 16, "nmse")]["verdict"] == "not distinguishable"
     assert by[("mutual_choice", 16, "nmse")]["n"] == 3
     assert "4 lower, 0 higher, 4 not distinguishable" in fm["paired_status"]
-    md = report._markdown({**_meta(), "_records": recs}, report.aggregate(recs), list(claims.values()), [])
+    md = report._markdown({**_meta(), "_records": recs}, claims_mod.aggregate(recs), list(claims.values()), [])
     assert "Paired over seeds at equal k" in md and "paired difference -0.0" in md
 
 
