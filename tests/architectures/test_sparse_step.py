@@ -143,6 +143,8 @@ def test_sparse_step_3d_input(arch: str) -> None:
     assert codes(out_s).shape == (4, 12, D_SAE)
     assert out_s.sae_out.shape == (4, 12, D_IN)
     assert torch.equal(codes(out_s), codes(out_d))
+    # the running densities read their token sample from the 3-d COO codes as from the dense ones
+    assert out_s.feature_acts.is_sparse and torch.equal(sae_s.feature_density, sae_d.feature_density)
     for name in grads_d:
         torch.testing.assert_close(grads_s[name], grads_d[name], rtol=1e-4, atol=1e-5, msg=name)
 
