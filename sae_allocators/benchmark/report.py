@@ -104,7 +104,12 @@ def _header_section(meta: dict[str, Any]) -> list[str]:
                 if (n_cut := sum(1 for v in inv if v.get("finished") is False))
                 else ""
             )
-            + f", {res.get('wall_seconds_all_invocations', 0) / 60:.1f} min of wall time in all."
+            + f", {res.get('wall_seconds_all_invocations', 0) / 60:.1f} min of wall time in all"
+            + (
+                f"; code at commit(s) {', '.join(commits)} (invocations that recorded one)."
+                if (commits := list(dict.fromkeys(v["commit"] for v in inv if v.get("commit"))))
+                else "."
+            )
         )
     if (
         env.get("load_average_1min") is not None

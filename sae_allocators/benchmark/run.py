@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -369,6 +370,7 @@ def _note_invocation(
         "runs_trained": trained,
         "runs_from_records": reused,
         "finished": finished,
+        "commit": checkout_commit(),
     }
     invocations = [
         v for v in doc.get("invocations", []) if v.get("invocation", v.get("started_utc")) != (key or started)
@@ -376,6 +378,24 @@ def _note_invocation(
     doc["invocations"] = invocations + [entry]
     io.atomic_write_json(sf, doc)
     return doc["invocations"]
+
+
+@functools.cache
+def checkout_commit() -> str | None:
+    """The git commit of the directory the command runs in (``benchmarks/run.sh`` runs from the checkout), with
+    ``+dirty`` when tracked files differ from it; None outside a git checkout."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 class Progress:

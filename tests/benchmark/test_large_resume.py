@@ -305,6 +305,7 @@ def test_interrupted_run_resumes_and_rerun_gives_the_same_report(tmp_path, monke
     inv = doc3["meta"]["resume"]["invocations"]
     assert len(inv) == 4  # the interrupted one counts up to its last finished run
     assert [v["finished"] for v in inv] == [False, True, True, True] and inv[0]["runs_trained"] == 2
+    assert all("commit" in v for v in inv)  # the checkout's commit (None outside a git checkout)
     assert inv[0]["wall_seconds"] > 0 and len({v["invocation"] for v in inv}) == 4
     assert doc3["meta"]["resume"]["wall_seconds_all_invocations"] == pytest.approx(sum(v["wall_seconds"] for v in inv))
     assert "4 invocation(s) (1 interrupted: counted up to their last finished run)" in (out / "report.md").read_text()
