@@ -14,14 +14,10 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-_MIXED_MARK = "__sae_allocators_mixin__"
-
 
 @functools.cache
 def _mixed_class(mixin: type, base: type) -> type:
-    cls = type(f"{mixin.__name__}[{base.__name__}]", (mixin, base), {"__module__": mixin.__module__})
-    setattr(cls, _MIXED_MARK, (mixin, base))
-    return cls
+    return type(f"{mixin.__name__}[{base.__name__}]", (mixin, base), {"__module__": mixin.__module__})
 
 
 def mix_in(obj: T, mixin: type, **attributes: Any) -> T:

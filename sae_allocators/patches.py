@@ -59,18 +59,12 @@ def install() -> None:
     """Install 1-5 (idempotent, cheap after the first call)."""
     _wandb_generate_id()
     _install_explaining_registries()
-    _install_store_dispatch()
-    _install_runner_wraps()
+    _install_wraps()
 
 
 def uninstall() -> None:
     """Restore SAELens's methods of 3-5 (the registries keep their explaining dicts: same content)."""
-    _uninstall_store_dispatch()
-    _uninstall_runner_wraps()
-
-
-def installed() -> bool:
-    return _store_dispatch_installed() and _runner_wraps_installed()
+    _uninstall_wraps()
 
 
 def _wandb_generate_id() -> None:
@@ -104,71 +98,53 @@ def _install_explaining_registries() -> None:
                 setattr(module, attr, replacement)
 
 
-# 3: ActivationsStore.from_config -> gradient.dispatch.dispatching
+# 3-5: methods of SAELens's classes replaced by wraps; one mark, one install and one uninstall
 
-_STORE_MARK = "__sae_allocators_dispatch__"
+_MARK = "__sae_allocators_wrapped__"
 
 
-def _store_dispatch_installed() -> bool:
+def _wraps() -> list[tuple[type, str, Any]]:
+    """``(class, method name, wrapper factory)`` of 3, 4 and 5 (a factory takes SAELens's function
+    and returns the wrap; for a classmethod, the function under it)."""
     from sae_lens.training.activations_store import ActivationsStore
 
-    return getattr(ActivationsStore.__dict__["from_config"].__func__, _STORE_MARK, None) is not None
-
-
-def _install_store_dispatch() -> None:
-    from sae_lens.training.activations_store import ActivationsStore
-
+    from sae_allocators.calibration import runner as calibration_runner
     from sae_allocators.gradient.dispatch import dispatching
 
-    if _store_dispatch_installed():
-        return
-    original = ActivationsStore.__dict__["from_config"].__func__
-    wrapped = dispatching(original)
-    setattr(wrapped, _STORE_MARK, original)
-    ActivationsStore.from_config = classmethod(wrapped)  # type: ignore[method-assign,assignment]
+    return [(ActivationsStore, "from_config", dispatching), *calibration_runner.runner_wraps()]
 
 
-def _uninstall_store_dispatch() -> None:
-    from sae_lens.training.activations_store import ActivationsStore
-
-    original = getattr(ActivationsStore.__dict__["from_config"].__func__, _STORE_MARK, None)
-    if original is not None:
-        ActivationsStore.from_config = classmethod(original)  # type: ignore[method-assign,assignment]
+def _function(attr: Any) -> Any:
+    return attr.__func__ if isinstance(attr, classmethod) else attr
 
 
-# 4, 5: the runners' final save (calibration, atomic save) and config writers (redaction)
-
-_RUNNER_MARK = "__sae_allocators_calibration__"
-
-
-def _runner_wraps() -> list[tuple[type, str, Any]]:
-    """``(class, method name, wrapper factory)`` of 4 and 5."""
-    from sae_allocators.calibration import runner as calibration_runner
-
-    return calibration_runner.runner_wraps()
+def _set(cls: type, name: str, func: Any, like: Any) -> None:
+    setattr(cls, name, classmethod(func) if isinstance(like, classmethod) else func)
 
 
-def _runner_wraps_installed() -> bool:
-    return all(getattr(cls.__dict__[name], _RUNNER_MARK, None) is not None for cls, name, _ in _runner_wraps())
+def installed() -> bool:
+    return all(original_of(_function(cls.__dict__[name])) is not None for cls, name, _ in _wraps())
 
 
-def _install_runner_wraps() -> None:
-    for cls, name, wrap in _runner_wraps():
-        original = cls.__dict__[name]
-        if getattr(original, _RUNNER_MARK, None) is not None:
+def _install_wraps() -> None:
+    for cls, name, wrap in _wraps():
+        attr = cls.__dict__[name]
+        original = _function(attr)
+        if original_of(original) is not None:
             continue
         wrapped = wrap(original)
-        setattr(wrapped, _RUNNER_MARK, original)
-        setattr(cls, name, wrapped)
+        setattr(wrapped, _MARK, original)
+        _set(cls, name, wrapped, attr)
 
 
-def _uninstall_runner_wraps() -> None:
-    for cls, name, _ in _runner_wraps():
-        original = getattr(cls.__dict__[name], _RUNNER_MARK, None)
+def _uninstall_wraps() -> None:
+    for cls, name, _ in _wraps():
+        attr = cls.__dict__[name]
+        original = original_of(_function(attr))
         if original is not None:
-            setattr(cls, name, original)
+            _set(cls, name, original, attr)
 
 
 def original_of(method: Any) -> Any:
     """SAELens's original of a method wrapped here (None if ``method`` is not a wrap of 3-5)."""
-    return getattr(method, _RUNNER_MARK, None) or getattr(method, _STORE_MARK, None)
+    return getattr(method, _MARK, None)
