@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import sae_allocators  # noqa: F401
     from sae_allocators.benchmark import configs, lm_data
-    from sae_allocators.benchmark.run import default_settings, quick_settings
+    from sae_allocators.benchmark.settings import default_settings, quick_settings
     from sae_allocators.benchmark.sources import LMSource, SyntheticSource, quiet_saelens
 
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -33,7 +33,7 @@ def _floats(text: str) -> list[float]:
 
 def _settings(out: Path, dataset: str, archs: list[str], ks: list[float] | None, seeds: int):
     from sae_allocators.benchmark import lm_data
-    from sae_allocators.benchmark.run import default_settings
+    from sae_allocators.benchmark.settings import default_settings
 
     st = default_settings(out)
     st.datasets = (dataset,)

@@ -90,7 +90,7 @@ def test_test_device_reads_the_environment(monkeypatch):
 
 
 def test_gpu_preset_is_the_documented_size(tmp_path):
-    from sae_allocators.benchmark.run import PRESETS
+    from sae_allocators.benchmark.settings import PRESETS
 
     st = PRESETS["gpu"](tmp_path)
     assert st.lm.d_sae >= 16_384
@@ -191,7 +191,8 @@ def _spy(monkeypatch):
 
 def test_tiny_run_on_the_test_device_with_gradient_topk_on_the_lm(tmp_path, monkeypatch):
     from sae_allocators.benchmark import check, lm_data
-    from sae_allocators.benchmark.run import Settings, run
+    from sae_allocators.benchmark.run import run
+    from sae_allocators.benchmark.settings import Settings
     from sae_allocators.benchmark.sources import LMScale, SyntheticScale
 
     seen = _spy(monkeypatch)

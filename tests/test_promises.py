@@ -420,7 +420,7 @@ def bench_run(monkeypatch):
 
 
 def test_benchmark_flags_reach_the_settings(bench_run, tmp_path):
-    from sae_allocators.benchmark.run import default_settings, quick_settings
+    from sae_allocators.benchmark.settings import default_settings, quick_settings
 
     seen = bench_run(
         "--quick", "--out", str(tmp_path / "r"), "--datasets", "lm", "--arch", "topk", "--arch", "mutual_choice",

@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m sae_allocators.be
         torch.set_num_threads(args.threads)
     import sae_allocators  # noqa: F401  registers every architecture (ours and plugins)
     from sae_allocators.benchmark import lm_data
-    from sae_allocators.benchmark.run import DEFAULT_OUT, PRESETS, ResumeError, run
+    from sae_allocators.benchmark.resume import ResumeError
+    from sae_allocators.benchmark.run import run
+    from sae_allocators.benchmark.settings import DEFAULT_OUT, PRESETS
 
     if args.quick and args.preset not in (None, "quick"):
         raise SystemExit(f"--quick is --preset quick; drop one of --quick and --preset {args.preset}")

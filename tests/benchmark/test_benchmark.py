@@ -334,7 +334,8 @@ def test_checker_rejects_missing_report(tmp_path):
 
 def test_end_to_end_tiny_run(tmp_path):
     from sae_allocators.benchmark import lm_data
-    from sae_allocators.benchmark.run import Settings, run
+    from sae_allocators.benchmark.run import run
+    from sae_allocators.benchmark.settings import Settings
     from sae_allocators.benchmark.sources import LMScale, SyntheticScale
 
     st = Settings(

@@ -16,7 +16,8 @@ from sae_allocators.benchmark import claims as claims_mod
 
 def test_large_preset_meets_the_issue_minimums():
     from sae_allocators.benchmark import cli
-    from sae_allocators.benchmark.run import DEFAULT_OUT, PRESETS, estimate_seconds, large_settings, lm_run_counts
+    from sae_allocators.benchmark.estimate import estimate_seconds, lm_run_counts
+    from sae_allocators.benchmark.settings import DEFAULT_OUT, PRESETS, large_settings
 
     st = large_settings(Path("r"))
     assert PRESETS["large"] is large_settings and st.preset == "large"
@@ -56,14 +57,14 @@ def test_large_preset_meets_the_issue_minimums():
     assert per["topk"] < per["batchtopk"] / 3 and per["abstopk"] < per["batchtopk"] / 3
     # SAELens's trainer's dense bookkeeping is charged to SAELens's own step only: this project's
     # architectures hand it sparse COO codes
-    from sae_allocators.benchmark import run as run_mod
+    from sae_allocators.benchmark import estimate
 
-    saved = run_mod.TRAINER_NS_PER_ELEMENT
+    saved = estimate.TRAINER_NS_PER_ELEMENT
     try:
-        run_mod.TRAINER_NS_PER_ELEMENT = 0.0
+        estimate.TRAINER_NS_PER_ELEMENT = 0.0
         free = estimate_seconds(st)["train_seconds_per_label"]
     finally:
-        run_mod.TRAINER_NS_PER_ELEMENT = saved
+        estimate.TRAINER_NS_PER_ELEMENT = saved
     assert free["batchtopk"] < per["batchtopk"]
     assert all(free[lab] == per[lab] for lab in per if lab != "batchtopk")
     assert cli.parser().parse_args(["--preset", "large"]).preset == "large"
@@ -72,7 +73,7 @@ def test_large_preset_meets_the_issue_minimums():
 def test_large_labels_plan_the_uniform_capacity_variant():
     import sae_allocators  # noqa: F401  registers the architectures
     from sae_allocators.benchmark import configs
-    from sae_allocators.benchmark.run import LARGE_LABELS
+    from sae_allocators.benchmark.settings import LARGE_LABELS
 
     plans = configs.select_labels(configs.plan_architectures(None), LARGE_LABELS)
     assert [p.label for p in plans] and {p.label for p in plans} == set(LARGE_LABELS)
@@ -202,7 +203,7 @@ def _meta():
 
 
 def test_progress_reports_runs_done_and_time_left():
-    from sae_allocators.benchmark.run import Progress
+    from sae_allocators.benchmark.resume import Progress
 
     p = Progress(["a", "b", "c", "d"], ["topk", "topk", "mc", "mc"], done={"a"})
     assert p.eta_seconds() is None
@@ -223,7 +224,7 @@ def test_progress_reports_runs_done_and_time_left():
 
 
 def _tiny(out):
-    from sae_allocators.benchmark.run import Settings
+    from sae_allocators.benchmark.settings import Settings
     from sae_allocators.benchmark.sources import SyntheticScale
 
     return Settings(
@@ -256,6 +257,7 @@ def _stable_md(out: Path) -> list[str]:
 
 
 def test_interrupted_run_resumes_and_rerun_gives_the_same_report(tmp_path, monkeypatch):
+    from sae_allocators.benchmark import resume
     from sae_allocators.benchmark import run as run_mod
 
     out = tmp_path / "report"
@@ -265,7 +267,7 @@ def test_interrupted_run_resumes_and_rerun_gives_the_same_report(tmp_path, monke
     def counting(i, job, *a, **kw):
         if stop_after is not None and len(trained) >= stop_after:
             raise KeyboardInterrupt  # the command is killed while this run trains
-        trained.append(run_mod.job_tag(job))
+        trained.append(resume.job_tag(job))
         return real(i, job, *a, **kw)
 
     monkeypatch.setattr(run_mod, "_train_and_evaluate", counting)
@@ -273,7 +275,7 @@ def test_interrupted_run_resumes_and_rerun_gives_the_same_report(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         run_mod.run(_tiny(out))
     assert len(trained) == 2 and not (out / "report.json").exists()
-    assert len(list((out / run_mod.RUNS_DIR).glob("*.json"))) == 2  # saved as each run finished
+    assert len(list((out / resume.RUNS_DIR).glob("*.json"))) == 2  # saved as each run finished
     first = list(trained)
 
     # the same command again: only the two runs left are trained
@@ -286,7 +288,7 @@ def test_interrupted_run_resumes_and_rerun_gives_the_same_report(tmp_path, monke
     assert "Resumed: 2 of 4 runs" in (out / "report.md").read_text()
 
     # a damaged record (e.g. a copy cut short) is ignored and its run trained again
-    damaged = run_mod.record_path(out, first[0])
+    damaged = resume.record_path(out, first[0])
     damaged.write_text(damaged.read_text()[:50])
     trained = []
     run_mod.run(_tiny(out))
@@ -314,13 +316,13 @@ def test_interrupted_run_resumes_and_rerun_gives_the_same_report(tmp_path, monke
     # other settings into the same folder are refused, not mixed
     changed = _tiny(out)
     changed.synthetic.lr = 0.5
-    with pytest.raises(run_mod.ResumeError, match=r"changed: synthetic\.lr"):
+    with pytest.raises(resume.ResumeError, match=r"changed: synthetic\.lr"):
         run_mod.run(changed)
     assert trained == []
 
 
 def test_fingerprint_ignores_out_and_keep_saes_only(tmp_path):
-    from sae_allocators.benchmark.run import fingerprint
+    from sae_allocators.benchmark.resume import fingerprint
 
     a, b = _tiny(tmp_path / "a"), _tiny(tmp_path / "b")
     b.keep_saes = True
@@ -351,6 +353,7 @@ def test_cli_preset_large_settings(monkeypatch):
     """``python -m sae_allocators.benchmark --preset large``: the preset's settings, reports/large, the
     data options in the fingerprint; --datasets still overrides."""
     from sae_allocators.benchmark import cli
+    from sae_allocators.benchmark import resume
     from sae_allocators.benchmark import run as run_mod
 
     seen = []
@@ -363,7 +366,7 @@ def test_cli_preset_large_settings(monkeypatch):
     assert seen[-1].datasets == ("synthetic", "lm") and seen[-1].out == Path("x")
 
     def refuse(st):
-        raise run_mod.ResumeError("x holds runs of other settings")
+        raise resume.ResumeError("x holds runs of other settings")
 
     monkeypatch.setattr(run_mod, "run", refuse)
     with pytest.raises(SystemExit, match="--out: x holds runs of other settings"):
@@ -373,6 +376,7 @@ def test_cli_preset_large_settings(monkeypatch):
 def test_a_stop_signal_stops_the_whole_job_not_just_one_run(tmp_path, monkeypatch):
     """SAELens's runner turns SIGINT/SIGTERM into its InterruptedException: the job stops there (it used to
     be logged as one failed run and the job went on to the next), and a rerun resumes."""
+    from sae_allocators.benchmark import resume
     from sae_allocators.benchmark import run as run_mod
     from sae_allocators.benchmark.sources import SyntheticSource
 
@@ -393,6 +397,6 @@ def test_a_stop_signal_stops_the_whole_job_not_just_one_run(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt, match="interrupted while training synthetic/"):
         run_mod.run(_tiny(out))
     assert len(calls) == 2  # nothing after the interrupted run
-    assert len(list((out / run_mod.RUNS_DIR).glob("*.json"))) == 1
-    inv = json.loads((out / run_mod.SETTINGS_FILE).read_text())["invocations"]
+    assert len(list((out / resume.RUNS_DIR).glob("*.json"))) == 1
+    inv = json.loads((out / resume.SETTINGS_FILE).read_text())["invocations"]
     assert len(inv) == 1 and inv[0]["finished"] is False and inv[0]["runs_trained"] == 1

@@ -117,7 +117,8 @@ def test_a_run_with_sparse_baselines_trains_the_twin_and_says_so(tmp_path: Path)
     import json
 
     from sae_allocators.benchmark import check
-    from sae_allocators.benchmark.run import Settings, run
+    from sae_allocators.benchmark.run import run
+    from sae_allocators.benchmark.settings import Settings
     from sae_allocators.benchmark.sources import SyntheticScale
 
     out = tmp_path / "report"
