@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     import sae_allocators  # noqa: F401
     from sae_allocators.benchmark import configs, lm_data
     from sae_allocators.benchmark.settings import default_settings, quick_settings
-    from sae_allocators.benchmark.sources import LMSource, SyntheticSource, quiet_saelens
+    from sae_allocators.benchmark.lm_source import LMSource
+    from sae_allocators.benchmark.sources import quiet_saelens
+    from sae_allocators.benchmark.synthetic_source import SyntheticSource
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     work = Path(tempfile.mkdtemp(prefix="inference_drift-"))

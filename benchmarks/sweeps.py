@@ -4,7 +4,7 @@ Two sweeps, each printing one line per trained SAE (held-out NMSE, dead and unde
 MCC or CE-loss recovered) and leaving a full report folder per setting under ``--out``:
 
 - ``lr``: the learning rate of one dataset, for the given architectures (how the defaults in
-  ``sae_allocators.benchmark.sources`` were chosen: the best for ``topk``, the baseline);
+  ``sae_allocators.benchmark.synthetic_source`` / ``lm_source`` were chosen: the best for ``topk``, the baseline);
 - ``aux``: every ``*_zipf`` architecture given, also trained with ``aux_loss="auxk"`` (the same
   selection with AuxK) at the same k and seed, so the two losses compare one to one.
 

@@ -44,13 +44,22 @@ class passed to it is listed here):
    Why: the trainer's dead-feature counters, firing counts and norm estimate must be global; no hook
    after its step's bookkeeping.
 
+Scoped, by a context manager, in the benchmark only (never on a user's training path):
+
+10 ``sae_lens.training.sae_trainer.ActivationScaler`` while :func:`fixed_input_scale` is active
+   (``LMSource``'s live-store runs).
+   Why: the runner builds its trainer, and the trainer its scaler, with no way to pass a factor; the
+   live runs (gradient_topk and its control) must share one input scale estimated once, not each
+   estimate it from its own rows (``[x | g]`` for the gradient store) at a forward and backward per batch.
+
 No SAE method is ever re-bound on an instance.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 # --- process-wide (1-5) ------------------------------------------------------------------------
 
@@ -148,3 +157,28 @@ def _uninstall_wraps() -> None:
 def original_of(method: Any) -> Any:
     """SAELens's original of a method wrapped here (None if ``method`` is not a wrap of 3-5)."""
     return getattr(method, _MARK, None)
+
+
+# --- scoped (10) -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def fixed_input_scale(factor: float) -> Iterator[None]:
+    """10: SAELens's trainer (6.38-6.54) builds ``ActivationScaler()`` and estimates its factor only when it
+    is unset: while this is active, the trainers built start with ``factor`` (folded into the saved
+    weights at the end as usual)."""
+    import sae_lens.training.sae_trainer as trainer_module
+
+    original = trainer_module.ActivationScaler
+
+    class FixedScale(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            if getattr(self, "scaling_factor", None) is None:
+                self.scaling_factor = factor
+
+    trainer_module.ActivationScaler = FixedScale
+    try:
+        yield
+    finally:
+        trainer_module.ActivationScaler = original

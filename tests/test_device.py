@@ -193,7 +193,8 @@ def test_tiny_run_on_the_test_device_with_gradient_topk_on_the_lm(tmp_path, monk
     from sae_allocators.benchmark import check, lm_data
     from sae_allocators.benchmark.run import run
     from sae_allocators.benchmark.settings import Settings
-    from sae_allocators.benchmark.sources import LMScale, SyntheticScale
+    from sae_allocators.benchmark.lm_source import LMScale
+    from sae_allocators.benchmark.synthetic_source import SyntheticScale
 
     seen = _spy(monkeypatch)
     st = Settings(

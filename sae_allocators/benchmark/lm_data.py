@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from sae_allocators import devices
-from sae_allocators.benchmark.sources import LMData
+from sae_allocators.benchmark.lm_source import LMData
 from sae_allocators.testing import OFFLINE_ENV
 
 

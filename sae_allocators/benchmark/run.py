@@ -32,7 +32,8 @@ from sae_allocators.benchmark.sources import _log
 
 
 def _build_sources(st: Settings, workdir: Path) -> list[Any]:
-    from sae_allocators.benchmark.sources import LMSource, SyntheticSource
+    from sae_allocators.benchmark.lm_source import LMSource
+    from sae_allocators.benchmark.synthetic_source import SyntheticSource
 
     sources = []
     for name in st.datasets:

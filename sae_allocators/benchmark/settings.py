@@ -6,7 +6,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sae_allocators.benchmark.sources import LMScale, SyntheticScale
+from sae_allocators.benchmark.lm_source import LMScale
+from sae_allocators.benchmark.synthetic_source import SyntheticScale
 
 
 @dataclass
@@ -24,7 +25,7 @@ class Settings:
     archs: list[str] | None = None
     keep_saes: bool = False
     quick: bool = False
-    lm_data: Any = None  # a callable returning sources.LMData (built lazily)
+    lm_data: Any = None  # a callable returning lm_source.LMData (built lazily)
     #: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``: everything runs there
     device: str = "auto"
     #: the preset these settings came from (``default``, ``quick``, ``gpu``), for the report
@@ -37,7 +38,7 @@ class Settings:
     lm_live_seeds: int | None = 1
     #: TF32 matrix multiplies on CUDA (torch.set_float32_matmul_precision("high")); off: full float32
     tf32: bool = False
-    #: a second, small language model (a callable returning sources.LMData, and its scale) on which
+    #: a second, small language model (a callable returning lm_source.LMData, and its scale) on which
     #: the live-store architectures train instead of the main LM (``--quick``: the tiny random LM,
     #: because a few steps of gradient_topk on SmolLM2 cost a minute and learn nothing)
     live_lm_data: Any = None

@@ -336,7 +336,8 @@ def test_end_to_end_tiny_run(tmp_path):
     from sae_allocators.benchmark import lm_data
     from sae_allocators.benchmark.run import run
     from sae_allocators.benchmark.settings import Settings
-    from sae_allocators.benchmark.sources import LMScale, SyntheticScale
+    from sae_allocators.benchmark.lm_source import LMScale
+    from sae_allocators.benchmark.synthetic_source import SyntheticScale
 
     st = Settings(
         out=tmp_path / "report",

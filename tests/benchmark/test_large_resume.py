@@ -225,7 +225,7 @@ def test_progress_reports_runs_done_and_time_left():
 
 def _tiny(out):
     from sae_allocators.benchmark.settings import Settings
-    from sae_allocators.benchmark.sources import SyntheticScale
+    from sae_allocators.benchmark.synthetic_source import SyntheticScale
 
     return Settings(
         out=out,
@@ -378,7 +378,7 @@ def test_a_stop_signal_stops_the_whole_job_not_just_one_run(tmp_path, monkeypatc
     be logged as one failed run and the job went on to the next), and a rerun resumes."""
     from sae_allocators.benchmark import resume
     from sae_allocators.benchmark import run as run_mod
-    from sae_allocators.benchmark.sources import SyntheticSource
+    from sae_allocators.benchmark.synthetic_source import SyntheticSource
 
     class InterruptedException(Exception):  # SAELens's, by name (its module moved between versions)
         pass

@@ -12,7 +12,7 @@ from sae_lens.registry import get_sae_training_class
 
 import sae_allocators  # noqa: F401  registers the architectures
 from sae_allocators.benchmark import configs, lm_data
-from sae_allocators.benchmark.sources import LMScale, LMSource
+from sae_allocators.benchmark.lm_source import LMScale, LMSource
 
 from helpers import codes, step_input
 
@@ -119,7 +119,7 @@ def test_a_run_with_sparse_baselines_trains_the_twin_and_says_so(tmp_path: Path)
     from sae_allocators.benchmark import check
     from sae_allocators.benchmark.run import run
     from sae_allocators.benchmark.settings import Settings
-    from sae_allocators.benchmark.sources import SyntheticScale
+    from sae_allocators.benchmark.synthetic_source import SyntheticScale
 
     out = tmp_path / "report"
     run(
