@@ -34,33 +34,31 @@ def update_running_density(
     if group is None:
         stride = max(1, n // sample_tokens)
         rows = torch.arange(0, n, stride, device=acts.device)
-        frac = M.batch_density(_token_rows(acts, rows)).to(feature_density.dtype)
+        frac = (_fired_counts(acts, rows) / rows.numel()).to(feature_density.dtype)
     else:  # data-parallel: the same strided sample of the global batch, counts summed over ranks
         rows, n_sample = strided_token_sample(n, sample_tokens, group, acts.device)
-        fired = all_reduce(M.firing(_token_rows(acts, rows)).float().sum(0), "sum", group)
+        fired = all_reduce(_fired_counts(acts, rows), "sum", group)
         frac = (fired / max(n_sample, 1)).to(feature_density.dtype)
     density_steps += 1
     rate = (1.0 / density_steps.double()).clamp_min(1.0 / window).to(frac.dtype)
     feature_density.lerp_(frac, rate)
 
 
-def _token_rows(acts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """The dense ``[len(rows), F]`` codes of the tokens ``rows`` (flat token indices) of ``acts``
-    (``[..., F]``, dense or sparse COO: then only those rows are made dense, never the batch)."""
+def _fired_counts(acts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """On how many of the tokens ``rows`` (flat token indices) each feature fires, ``[F]`` float32.
+
+    Dense codes: those rows' firing mask, summed. Sparse COO codes (the sparse step hands SAELens's
+    trainer these): a count of the stored non-zero entries whose token is sampled, ``O(k N)``, no row
+    made dense; the same numbers (``M.batch_density`` of the dense rows is this count over
+    ``len(rows)``, exactly, for counts below 2**24)."""
     if not acts.is_sparse:
-        return acts.reshape(-1, acts.shape[-1]).index_select(0, rows)
-    if acts.dim() > 2:  # a COO tensor cannot be reshaped: flatten its token indices instead
-        acts = acts.coalesce()
-        idx = acts.indices()
-        lead = acts.shape[:-1]
-        flat = torch.zeros_like(idx[0])
-        for d, size in enumerate(lead):
-            flat = flat * size + idx[d]
-        acts = torch.sparse_coo_tensor(
-            torch.stack([flat, idx[-1]]),
-            acts.values(),
-            (lead.numel(), acts.shape[-1]),
-            device=acts.device,
-            check_invariants=False,
-        )
-    return acts.index_select(0, rows).to_dense()
+        return M.firing(acts.reshape(-1, acts.shape[-1]).index_select(0, rows)).float().sum(0)
+    acts = acts.coalesce()  # duplicates summed, as to_dense() would
+    idx = acts.indices()
+    flat = torch.zeros_like(idx[0])
+    for d, size in enumerate(acts.shape[:-1]):
+        flat = flat * size + idx[d]
+    sampled = torch.zeros(acts.shape[:-1].numel(), dtype=torch.bool, device=acts.device)
+    sampled[rows] = True
+    keep = sampled[flat] & (acts.values() != 0)
+    return torch.bincount(idx[-1][keep], minlength=acts.shape[-1]).float()
