@@ -21,6 +21,7 @@ from sae_allocators.benchmark.evaluation import evaluate_saved
 from sae_allocators.benchmark.resume import (
     RUNS_DIR,
     Progress,
+    checkout_commit,
     duration,
     job_tag,
     note_invocation,
@@ -104,6 +105,7 @@ def run(st: Settings) -> Path:
     t_start = time.perf_counter()
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     key = f"{started}/{os.getpid()}/{time.perf_counter_ns()}"  # this invocation's entry in settings.json
+    checkout_commit()  # read now (cached): the code that runs is the checkout as it is at the start
     device = devices.resolve(st.device)
     st.device = str(device)
     if devices.is_cuda(device) and st.tf32:
