@@ -59,6 +59,7 @@ def _frontier_plot(
 ) -> str:
     """L0 vs NMSE frontier of one data source (every architecture, mean ± std over seeds)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=80)
+    every: list[float] = []
     for lab in labels:
         rows = sorted([r for r in agg if r["dataset"] == d and r["label"] == lab], key=lambda r: r["l0_mean"]["mean"])
         if not rows:
@@ -68,9 +69,13 @@ def _frontier_plot(
         es = [r["nmse"]["std"] for r in rows]
         xes = [r["l0_mean"]["std"] for r in rows]  # the saved model's L0 varies over seeds too (batch rules)
         ax.errorbar(xs, ys, yerr=es, xerr=xes, marker="o", ms=4, capsize=2, label=lab, color=colors[lab])
+        every.extend(y for y in ys if y > 0)
     ax.set_xscale("log")
+    log_y = bool(every) and max(every) > 10 * min(every)  # one far-off architecture must not flatten the rest
+    if log_y:
+        ax.set_yscale("log")
     ax.set_xlabel("mean L0 at inference (saved model)")
-    ax.set_ylabel("normalised MSE (lower is better)")
+    ax.set_ylabel("normalised MSE (lower is better" + ("; log scale)" if log_y else ")"))
     ax.set_title(f"{d}: sparsity vs reconstruction")
     return _save_line_plot(plt, fig, ax, out, PLOTS["frontier"].format(dataset=d))
 
