@@ -11,9 +11,9 @@
   float32 or bfloat16, or ``--autocast`` for mixed precision.
 - :func:`warn_unknown_keys`: SAELens's ``TrainingSAEConfig.from_dict`` drops keys that are not
   fields without a word (``"kk": 4`` is ignored); for this project's configs a
-  :class:`UnknownConfigKeyWarning` names each dropped key and the nearest field. SAELens itself
-  is not changed: the dropped keys are read from the ``from_dict`` call that is building the
-  config.
+  :class:`UnknownConfigKeyWarning` names each dropped key and the nearest field.
+- :class:`ConfigChecks`: the plain mixin every training config of this project has: the checks
+  above in one method its ``__post_init__`` calls, and a ``from_dict`` that names unknown keys.
 """
 
 from __future__ import annotations
@@ -21,13 +21,28 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import sys
 import typing
 import warnings
 from typing import Any
 
-#: keys ``from_dict`` receives that are not dataclass fields but are expected there
-_NON_FIELD_KEYS = frozenset({"architecture", "metadata"})
+#: keys ``from_dict`` receives that are not dataclass fields but are expected there: SAELens's own
+#: (``to_dict`` writes ``architecture`` and ``metadata``), and those SAELens's loaders add to a saved
+#: ``cfg.json`` before ``from_dict`` (``sae_lens.loading.pretrained_sae_loaders``: ``read_sae_components_from_disk``
+#: sets ``finetuning_scaling_factor``; ``handle_pre_6_0_config`` the rest): not a user's typo, nothing said
+_NON_FIELD_KEYS = frozenset(
+    {
+        "architecture",
+        "metadata",
+        "finetuning_scaling_factor",
+        "prepend_bos",
+        "dataset_trust_remote_code",
+        "sae_lens_version",
+        "sae_lens_training_version",
+        "activation_fn",
+        "activation_fn_kwargs",
+        "neuronpedia_id",
+    }
+)
 
 
 class UnknownConfigKeyWarning(UserWarning):
@@ -165,59 +180,71 @@ def nearest_field(name: str, names: list[str] | set[str]) -> str | None:
     return match[0] if match else None
 
 
-#: SAELens functions that build a config from a saved cfg.json (plus keys their loaders add, such
-#: as ``finetuning_scaling_factor``): what they drop is not a user's typo, so nothing is said
-_SAELENS_LOADERS = frozenset(
-    {
-        "load_from_disk",
-        "load_from_checkpoint",
-        "from_pretrained",
-        "from_pretrained_with_cfg_and_sparsity",
-        "load_weights_from_checkpoint",
-    }
-)
-
-
-def _in_sae_lens(frame: Any) -> bool:
-    return str(frame.f_globals.get("__name__", "")).startswith("sae_lens")
-
-
-def _from_dict_keys(max_depth: int = 12) -> dict[str, Any] | None:
-    """The dict a SAELens ``from_dict`` on the call stack is building a config from, if any
-    (None when that ``from_dict`` serves one of SAELens's loaders of saved SAEs)."""
-    frame = sys._getframe(2)
-    for _ in range(max_depth):
-        if frame is None:
-            return None
-        code = frame.f_code
-        if code.co_name == "from_dict" and _in_sae_lens(frame) and code.co_argcount >= 2:
-            data = frame.f_locals.get(code.co_varnames[1])
-            caller = frame.f_back
-            for _ in range(max_depth):
-                if caller is None:
-                    break
-                if caller.f_code.co_name in _SAELENS_LOADERS and _in_sae_lens(caller):
-                    return None
-                caller = caller.f_back
-            return data if isinstance(data, dict) else None
-        frame = frame.f_back
-    return None
-
-
-def warn_unknown_keys(cfg: Any) -> list[str]:
-    """If ``cfg`` is being built by SAELens's ``from_dict``, warn about every key it dropped."""
-    data = _from_dict_keys()
-    if not data:
-        return []
-    field_names = {f.name for f in dataclasses.fields(cfg)}
+def warn_unknown_keys(cls: type, data: dict[str, Any]) -> list[str]:
+    """Warn (:class:`UnknownConfigKeyWarning`) about every key of ``data`` that the config class ``cls``
+    has no field for (SAELens's ``from_dict`` drops it), naming the nearest field. Returns the keys."""
+    field_names = {f.name for f in dataclasses.fields(cls)}
     unknown = [k for k in data if isinstance(k, str) and k not in field_names and k not in _NON_FIELD_KEYS]
-    arch = type(cfg).architecture() if hasattr(type(cfg), "architecture") else type(cfg).__name__
+    arch = cls.architecture() if hasattr(cls, "architecture") else cls.__name__
     for key in unknown:
         near = nearest_field(key, field_names)
-        fix = f"did you mean {near!r}?" if near else f"see {type(cfg).__name__}'s fields for the valid names."
+        fix = f"did you mean {near!r}?" if near else f"see {cls.__name__}'s fields for the valid names."
         warnings.warn(
             f"{key!r} is not a field of the {arch!r} training config, so SAELens's from_dict ignores it: {fix}",
             UnknownConfigKeyWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     return unknown
+
+
+class ConfigChecks:
+    """The checks every training config of this project shares, as a plain mixin (put it before the
+    SAELens config class in the bases; :class:`~sae_allocators.losses.AuxLossConfig` already is one).
+
+    - :meth:`check_shared_fields`: field types, ``d_in`` / ``d_sae``, the training dtype and the
+      calibration budget. A config's own ``__post_init__`` calls it on its first line, before its own
+      checks compare values (a string ``d_sae`` is then named as such, never blamed on ``k``);
+      :class:`~sae_allocators.losses.AuxLossConfig`'s ``__post_init__`` calls it too, for configs
+      without their own. The checks are pure, so running twice costs nothing.
+    - :meth:`from_dict`: names every key the dict has that is not a field (SAELens drops them).
+      SAELens's base ``TrainingSAEConfig.from_dict`` builds the registered class directly, so for the
+      classes of this mixin it is wrapped to hand the dict to their own ``from_dict``
+      (:mod:`sae_allocators.patches`, item 6).
+    """
+
+    def check_shared_fields(self) -> None:
+        check_field_types(self)
+        check_dimensions(self)
+        check_dtype(self)
+        check_calibration_budget(self)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any]) -> Any:
+        warn_unknown_keys(cls, config_dict)
+        return super().from_dict(config_dict)  # type: ignore[misc]
+
+
+def delegating_from_dict(original: Any) -> Any:
+    """The wrap of SAELens's base ``TrainingSAEConfig.from_dict`` (patches item 6): when the dict's
+    architecture is registered with a :class:`ConfigChecks` config that is not ``cls`` itself, that
+    class's own ``from_dict`` builds it (SAELens's base would call the class with the known keys only,
+    and the unknown ones would vanish unnamed); otherwise SAELens's ``from_dict``, unchanged."""
+
+    @functools.wraps(original)
+    def from_dict(cls: type, config_dict: dict[str, Any]) -> Any:
+        arch = config_dict.get("architecture") if isinstance(config_dict, dict) else None
+        if isinstance(arch, str):
+            from sae_allocators import saelens_registry
+
+            entry = saelens_registry.get(saelens_registry.TRAINING, arch)
+            target = entry[1] if entry is not None else None
+            if (
+                isinstance(target, type)
+                and target is not cls
+                and issubclass(target, cls)
+                and issubclass(target, ConfigChecks)
+            ):
+                return target.from_dict(config_dict)
+        return original(cls, config_dict)
+
+    return from_dict

@@ -1,6 +1,6 @@
 """``mix_in``: give one object the methods of a module-level mixin class, in place.
 
-The mechanism of the per-object changes listed in :mod:`sae_allocators.patches` (6-9): SAELens builds
+The mechanism of the per-object changes listed in :mod:`sae_allocators.patches` (7-10): SAELens builds
 some objects (its trainer, its activation store, the trainer's activation scaler) with no argument to
 choose their class; rather than re-binding methods on them, the object becomes an instance of a
 module-level subclass of its own class (``class RecordingTrainer(SAETrainer)``, ...). Every use is

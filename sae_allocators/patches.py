@@ -9,7 +9,7 @@ parallelism counts each step's tokens with a forward hook on ``hook_sae_input``)
 no seam, and is listed here, in one module:
 
 Process-wide, installed once by :func:`install` (from ``host.load()``, i.e. ``import
-sae_allocators``); idempotent; :func:`uninstall` restores the originals of 3-5:
+sae_allocators``); idempotent; :func:`uninstall` restores the originals of 3-6:
 
  1 ``wandb.util.generate_id``, only where wandb lacks it.
    Why: SAELens < ~6.40 calls it in every runner config's ``__post_init__``; recent wandb dropped it.
@@ -26,27 +26,33 @@ sae_allocators``); idempotent; :func:`uninstall` restores the originals of 3-5:
    (:mod:`sae_allocators.calibration.runner`).
    Why: the runner writes its config -- a token in ``model_from_pretrained_kwargs`` -- into every
    file it saves; no hook to redact it.
+ 6 ``TrainingSAEConfig.from_dict`` (:func:`sae_allocators.config_checks.delegating_from_dict`).
+   Why: called on the base class (``TrainingSAEConfig.from_dict({"architecture": "mutual_choice",
+   ...})``, as SAELens's docs and runner do) it builds the registered class from the known keys only,
+   never calling that class's own ``from_dict``: the unknown keys (``"kk": 4``) vanish unnamed. For
+   this project's configs (:class:`~sae_allocators.config_checks.ConfigChecks`) it hands the dict to
+   their ``from_dict``, which names them; every other class gets SAELens's ``from_dict`` unchanged.
 
 Per object, by :func:`sae_allocators.mixin.mix_in` (the object becomes an instance of a module-level
 subclass of its own class, which adds methods only; its state is untouched; a test checks that every
 class passed to it is listed here):
 
- 6 the ``SAETrainer`` SAELens's runner builds inside ``run()``: ``RecordingTrainer``
+ 7 the ``SAETrainer`` SAELens's runner builds inside ``run()``: ``RecordingTrainer``
    (:mod:`sae_allocators.workflow.runner`).
    Why: no trainer-class argument; ``sae-allocators train`` keeps the last step's output for its
    final metrics.
- 7 that trainer on a data-parallel rank: ``RankCheckpoints`` (:mod:`sae_allocators.distributed.runner`).
+ 8 that trainer on a data-parallel rank: ``RankCheckpoints`` (:mod:`sae_allocators.distributed.runner`).
    Why: checkpoint names must count every rank's tokens; ranks other than 0 write their data position only.
- 8 rank r's ``ActivationsStore``: ``RankDataPosition`` (:mod:`sae_allocators.distributed.runner`).
+ 9 rank r's ``ActivationsStore``: ``RankDataPosition`` (:mod:`sae_allocators.distributed.runner`).
    Why: the runner loads every store's position from the one resume folder; rank r reads its own.
- 9 a trainer and its ``ActivationScaler`` handed to :func:`~sae_allocators.distributed.sync_trainer`:
+10 a trainer and its ``ActivationScaler`` handed to :func:`~sae_allocators.distributed.sync_trainer`:
    ``GlobalTrainerStats``, ``GlobalNormEstimate`` (:mod:`sae_allocators.distributed.data_parallel`).
    Why: the trainer's dead-feature counters, firing counts and norm estimate must be global; no hook
    after its step's bookkeeping.
 
 Scoped, by a context manager, in the benchmark only (never on a user's training path):
 
-10 ``sae_lens.training.sae_trainer.ActivationScaler`` while :func:`fixed_input_scale` is active
+11 ``sae_lens.training.sae_trainer.ActivationScaler`` while :func:`fixed_input_scale` is active
    (``LMSource``'s live-store runs).
    Why: the runner builds its trainer, and the trainer its scaler, with no way to pass a factor; the
    live runs (gradient_topk and its control) must share one input scale estimated once, not each
@@ -61,18 +67,18 @@ import contextlib
 import sys
 from typing import Any, Iterator
 
-# --- process-wide (1-5) ------------------------------------------------------------------------
+# --- process-wide (1-6) ------------------------------------------------------------------------
 
 
 def install() -> None:
-    """Install 1-5 (idempotent, cheap after the first call)."""
+    """Install 1-6 (idempotent, cheap after the first call)."""
     _wandb_generate_id()
     _install_explaining_registries()
     _install_wraps()
 
 
 def uninstall() -> None:
-    """Restore SAELens's methods of 3-5 (the registries keep their explaining dicts: same content)."""
+    """Restore SAELens's methods of 3-6 (the registries keep their explaining dicts: same content)."""
     _uninstall_wraps()
 
 
@@ -107,20 +113,26 @@ def _install_explaining_registries() -> None:
                 setattr(module, attr, replacement)
 
 
-# 3-5: methods of SAELens's classes replaced by wraps; one mark, one install and one uninstall
+# 3-6: methods of SAELens's classes replaced by wraps; one mark, one install and one uninstall
 
 _MARK = "__sae_allocators_wrapped__"
 
 
 def _wraps() -> list[tuple[type, str, Any]]:
-    """``(class, method name, wrapper factory)`` of 3, 4 and 5 (a factory takes SAELens's function
+    """``(class, method name, wrapper factory)`` of 3 to 6 (a factory takes SAELens's function
     and returns the wrap; for a classmethod, the function under it)."""
+    from sae_lens.saes.sae import TrainingSAEConfig
     from sae_lens.training.activations_store import ActivationsStore
 
     from sae_allocators.calibration import runner as calibration_runner
+    from sae_allocators.config_checks import delegating_from_dict
     from sae_allocators.gradient.dispatch import dispatching
 
-    return [(ActivationsStore, "from_config", dispatching), *calibration_runner.runner_wraps()]
+    return [
+        (ActivationsStore, "from_config", dispatching),
+        *calibration_runner.runner_wraps(),
+        (TrainingSAEConfig, "from_dict", delegating_from_dict),
+    ]
 
 
 def _function(attr: Any) -> Any:
@@ -155,16 +167,16 @@ def _uninstall_wraps() -> None:
 
 
 def original_of(method: Any) -> Any:
-    """SAELens's original of a method wrapped here (None if ``method`` is not a wrap of 3-5)."""
+    """SAELens's original of a method wrapped here (None if ``method`` is not a wrap of 3-6)."""
     return getattr(method, _MARK, None)
 
 
-# --- scoped (10) -------------------------------------------------------------------------------
+# --- scoped (11) -------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
 def fixed_input_scale(factor: float) -> Iterator[None]:
-    """10: SAELens's trainer (6.38-6.54) builds ``ActivationScaler()`` and estimates its factor only when it
+    """11: SAELens's trainer (6.38-6.54) builds ``ActivationScaler()`` and estimates its factor only when it
     is unset: while this is active, the trainers built start with ``factor`` (folded into the saved
     weights at the end as usual)."""
     import sae_lens.training.sae_trainer as trainer_module

@@ -202,6 +202,23 @@ def test_valid_configs_and_round_trips_do_not_warn(arch):
     assert again.sae.to_dict() == cfg.to_dict()
 
 
+def test_a_saved_training_sae_loads_without_warnings_and_a_typo_in_its_cfg_json_is_named(tmp_path):
+    # SAELens's loader adds keys of its own (finetuning_scaling_factor) to the saved cfg.json before
+    # from_dict: they are not named; a key that is not a field is
+    from sae_lens import TrainingSAE
+
+    sae = TrainingSAE.from_dict(from_dict("mutual_choice").to_dict())
+    sae.save_model(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnknownConfigKeyWarning)
+        assert TrainingSAE.load_from_disk(tmp_path).cfg == sae.cfg
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "topk_treshold_lr": 0.5}))
+    with pytest.warns(UnknownConfigKeyWarning, match="'topk_treshold_lr' is not a field.*'topk_threshold_lr'") as rec:
+        TrainingSAE.load_from_disk(tmp_path)
+    assert len(rec) == 1
+
+
 @pytest.mark.parametrize(
     "extra, expected",
     [

@@ -1,4 +1,4 @@
-"""sae_allocators.mixin.mix_in: the one way this package changes an object SAELens built (patches 6-9)."""
+"""sae_allocators.mixin.mix_in: the one way this package changes an object SAELens built (patches 7-10)."""
 
 from __future__ import annotations
 

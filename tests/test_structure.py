@@ -183,7 +183,26 @@ def test_every_change_to_objects_we_do_not_own_is_in_patches():
                 unlisted.append(f"{module}: {mixin}")
     assert offenders == []
     assert unlisted == []
-    assert len(re.findall(r"^ ?\d+ ", patches.__doc__, re.M)) == 10
+    assert len(re.findall(r"^ ?\d+ ", patches.__doc__, re.M)) == 11
+
+
+def test_configs_are_checked_by_a_plain_mixin_without_metaprogramming():
+    """Config checks are explicit (config_checks.ConfigChecks): no class-creation hooks anywhere, no
+    reading of stack frames in the config code; unknown from_dict keys are named by a from_dict override."""
+    import re
+
+    from sae_allocators import config_checks
+    from sae_allocators.losses import AuxLossConfig
+
+    config_modules = ("sae_allocators.config_checks", "sae_allocators.losses.config", "sae_allocators.thresholds")
+    offenders = []
+    for module, (path, _) in _modules(PACKAGE).items():
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            frames = module in config_modules or module.startswith("sae_allocators.architectures")
+            if "__init_subclass__" in line or (frames and re.search(r"_getframe|f_locals|f_back|inspect\.stack", line)):
+                offenders.append(f"{module}:{n}: {line.strip()}")
+    assert offenders == []
+    assert issubclass(AuxLossConfig, config_checks.ConfigChecks) and "from_dict" in vars(config_checks.ConfigChecks)
 
 
 # --- step state and shared helpers -------------------------------------------------------------

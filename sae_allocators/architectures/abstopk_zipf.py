@@ -44,6 +44,7 @@ class AbsTopKZipfTrainingSAEConfig(AuxLossConfig, AbsTopKTrainingSAEConfig):  # 
     aux_loss: str = "zipf"
 
     def __post_init__(self) -> None:
+        self.check_shared_fields()  # types and d_in / d_sae first: the checks below compare them
         check_k(self.k, self.d_sae)
         if int(self.k) != self.k:
             raise ValueError(

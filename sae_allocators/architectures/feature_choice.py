@@ -144,6 +144,7 @@ class FeatureChoiceTrainingSAEConfig(CalibrationConfig, AuxLossConfig, TopKTrain
     aux_loss: str = "zipf"
 
     def __post_init__(self) -> None:
+        self.check_shared_fields()  # types and d_in / d_sae first: the checks below compare them
         check_k(self.k, self.d_sae)
         _check_capacity_fields(self)
         check_rate(self.threshold_lr, "threshold_lr")

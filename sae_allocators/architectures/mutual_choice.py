@@ -81,6 +81,7 @@ class MutualChoiceTrainingSAEConfig(CalibrationConfig, AuxLossConfig, BatchTopKT
     aux_loss: str = "zipf"
 
     def __post_init__(self) -> None:
+        self.check_shared_fields()  # types and d_in / d_sae first: the checks below compare them
         check_k(self.k, self.d_sae)
         check_rate(self.topk_threshold_lr, "topk_threshold_lr")
         super().__post_init__()

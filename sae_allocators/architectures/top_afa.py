@@ -159,6 +159,7 @@ class TopAFATrainingSAEConfig(AuxLossConfig, TrainingSAEConfig):
     aux_loss: str = "auxk"
 
     def __post_init__(self) -> None:
+        self.check_shared_fields()  # types and d_in / d_sae first: the checks below compare them
         _check_k_max_field(self.k_max, self.d_sae)
         c = self.afa_coefficient
         if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:

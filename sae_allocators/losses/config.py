@@ -2,13 +2,14 @@
 
 :class:`AuxLossConfig` -- dataclass fields ``aux_loss`` (a registered loss name),
 ``aux_loss_coefficient``, ``aux_k`` and the running-density / Zipf parameters, validated in
-``__post_init__`` (a bad value is a ``ValueError`` naming the field, before any training step).
+``__post_init__`` (a bad value is a ``ValueError`` naming the field, before any training step), on top
+of :class:`~sae_allocators.config_checks.ConfigChecks` (the checks every config shares, and unknown
+``from_dict`` keys).
 See :mod:`sae_allocators.losses.base` for how an architecture adopts it.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, fields
 from typing import Any
@@ -27,7 +28,7 @@ def _field_error(field: str, value: Any, fix: str) -> ValueError:
 
 
 @dataclass
-class AuxLossConfig:
+class AuxLossConfig(config_checks.ConfigChecks):
     """Auxiliary-loss fields shared by every training config of this project.
 
     Attributes:
@@ -64,36 +65,8 @@ class AuxLossConfig:
     zipf_weight_by_shortfall: bool = False
     sparse_step: bool = True
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        # Each subclass's own __post_init__ is wrapped so that the checks every config shares
-        # (unknown from_dict keys, field types, d_in / d_sae) run first -- before an
-        # architecture's own checks could trip over a string or blame k for d_sae=0. A
-        # __post_init__ that is already a wrapper (dataclass(slots=True) re-creates the class with
-        # it; or a subclass re-uses its parent's) is wrapped again for this class: only the
-        # wrapper of the outermost class runs the checks, so they run once.
-        super().__init_subclass__(**kwargs)
-        own = cls.__dict__.get("__post_init__")
-        if own is None:
-            return
-
-        @functools.wraps(own)
-        def __post_init__(self: Any, *args: Any) -> None:
-            self._shared_checks_if_outermost(cls)
-            own(self, *args)
-
-        cls.__post_init__ = __post_init__  # type: ignore[method-assign]
-
-    def _shared_checks_if_outermost(self, owner: type) -> None:
-        outermost = next(k for k in type(self).__mro__ if "__post_init__" in k.__dict__)
-        if outermost is owner:
-            config_checks.warn_unknown_keys(self)
-            config_checks.check_field_types(self)
-            config_checks.check_dimensions(self)
-            config_checks.check_dtype(self)
-            config_checks.check_calibration_budget(self)
-
     def __post_init__(self) -> None:
-        self._shared_checks_if_outermost(AuxLossConfig)
+        self.check_shared_fields()  # again for a config without its own __post_init__ (pure checks)
         super().__post_init__()  # type: ignore[misc]
         self.validate_aux_loss_fields()
 

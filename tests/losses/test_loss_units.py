@@ -596,10 +596,11 @@ def test_inference_cfg_dict_records_the_training_architecture_and_its_fields():
     assert not {"d_in", "d_sae", "k", "metadata", "architecture"} & set(details)
 
 
-# --- the shared checks run first, in every subclass -----------------------------------------------
+# --- the shared checks (config_checks.ConfigChecks): first in every __post_init__ that calls them ---------
 
 
-def test_a_subclass_post_init_runs_after_the_shared_checks():
+def test_a_subclass_that_calls_the_shared_checks_first_never_sees_bad_values():
+    # the documented pattern for a config's own __post_init__: self.check_shared_fields() on its first line
     ran = []
 
     @dataclass
@@ -607,6 +608,7 @@ def test_a_subclass_post_init_runs_after_the_shared_checks():
         extra: int = 0
 
         def __post_init__(self) -> None:
+            self.check_shared_fields()
             ran.append(self.d_sae)
             super().__post_init__()
 
@@ -627,6 +629,52 @@ def test_a_subclass_post_init_runs_after_the_shared_checks():
     with pytest.raises(ValueError, match=re.escape("d_sae=0 is invalid")):
         NoOwn(d_in=D_IN, d_sae=0, k=4)
     assert len(ran) == 2
+
+
+@pytest.mark.parametrize("how", ["slots dataclass", "re-used parent __post_init__", "own checks first"])
+def test_every_subclass_gets_the_shared_checks_and_from_dict_names_unknown_keys(how):
+    # whatever a subclass's __post_init__ does, AuxLossConfig's runs the shared checks when it is reached
+    # (a subclass that checks before calling them may trip first: that is why the pattern calls them first)
+    if how == "slots dataclass":
+
+        @dataclass(slots=True)
+        class Sub(TopKZipfTrainingSAEConfig):
+            def __post_init__(self) -> None:
+                super(Sub, self).__post_init__()
+
+    elif how == "re-used parent __post_init__":
+
+        class Base(TopKZipfTrainingSAEConfig):
+            def __post_init__(self) -> None:
+                super().__post_init__()
+
+        class Sub(Base):
+            __post_init__ = Base.__post_init__
+
+    else:
+
+        @dataclass
+        class Sub(TopKZipfTrainingSAEConfig):
+            def __post_init__(self) -> None:
+                if self.k > 2 * self.d_sae + 10**6:  # compares before the shared checks: "64" trips here
+                    raise AssertionError
+                super().__post_init__()
+
+    with pytest.raises(ValueError, match=re.escape("d_sae=0 is invalid: use a positive integer")):
+        Sub(d_in=D_IN, d_sae=0, k=4)
+    if how == "own checks first":
+        with pytest.raises(TypeError):
+            Sub(d_in=D_IN, d_sae="64", k=4)
+    else:
+        with pytest.raises(ValueError, match=re.escape("d_sae='64' is invalid: it must be an integer")):
+            Sub(d_in=D_IN, d_sae="64", k=4)
+    from sae_allocators.config_checks import UnknownConfigKeyWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert Sub.from_dict({"d_in": D_IN, "d_sae": D_SAE, "k": 4, "zipf_min_step": 5}).d_sae == D_SAE
+    found = [w for w in caught if issubclass(w.category, UnknownConfigKeyWarning)]
+    assert len(found) == 1 and "did you mean 'zipf_min_steps'" in str(found[0].message)  # once
 
 
 def test_a_config_without_its_own_post_init_gets_the_shared_checks():
@@ -656,43 +704,6 @@ def test_from_dict_warns_about_an_unknown_key_naming_the_nearest_field():
         TopKZipfTrainingSAEConfig.from_dict({"d_in": D_IN, "d_sae": D_SAE, "k": 4, "zipf_min_step": 5})
     found = [w for w in caught if issubclass(w.category, UnknownConfigKeyWarning)]
     assert len(found) == 1 and "zipf_min_step" in str(found[0].message) and "zipf_min_steps" in str(found[0].message)
-
-
-@pytest.mark.parametrize("how", ["slots dataclass", "re-used parent __post_init__"])
-def test_the_shared_checks_run_first_in_a_slots_dataclass_and_a_reused_post_init(how):
-    # dataclass(slots=True) re-creates the class with the already-wrapped __post_init__ in it; a
-    # subclass may also re-use its parent's. The shared checks must still run first (once).
-    ran = []
-    if how == "slots dataclass":
-
-        @dataclass(slots=True)
-        class Sub(TopKZipfTrainingSAEConfig):
-            def __post_init__(self) -> None:
-                ran.append(self.d_sae)
-                super(Sub, self).__post_init__()
-
-    else:
-
-        class Base(TopKZipfTrainingSAEConfig):
-            def __post_init__(self) -> None:
-                ran.append(self.d_sae)
-                super().__post_init__()
-
-        class Sub(Base):
-            __post_init__ = Base.__post_init__
-
-    with pytest.raises(
-        ValueError, match=re.escape("d_sae='64' is invalid: it must be an integer, not str (write 64 without quotes).")
-    ):
-        Sub(d_in=D_IN, d_sae="64", k=4)
-    assert ran == []
-    from sae_allocators.config_checks import UnknownConfigKeyWarning
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert Sub.from_dict({"d_in": D_IN, "d_sae": D_SAE, "k": 4, "zipf_min_step": 5}).d_sae == D_SAE
-    assert len([w for w in caught if issubclass(w.category, UnknownConfigKeyWarning)]) == 1  # warned once
-    assert ran == [D_SAE]
 
 
 @pytest.mark.parametrize(
