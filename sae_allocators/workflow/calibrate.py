@@ -17,6 +17,7 @@ import json
 import math
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -213,12 +214,175 @@ def _positive(name: str, value: Any, fix: str) -> None:
         raise ValueError(f"{name} {value!r} is invalid: {fix}.")
 
 
-def main(argv: Sequence[str], *, override_model=None, override_dataset=None) -> int:
-    """The ``calibrate`` subcommand (``override_*`` only for tests and notebooks)."""
+@dataclass
+class _Plan:
+    """What ``calibrate`` will do, from its arguments and the folder alone (no model loaded yet)."""
+
+    folder: Path
+    output: Path | None
+    sae: Any
+    arch: str
+    runner_cfg: dict[str, Any]
+    k: float
+    cfg: Any  # the data options, as SAELens's runner config
+    tokens: int
+    method: str
+    shares: Any
+    shares_source: str | None
+    skip_tokens: int
+
+
+def _plan(own: argparse.Namespace, rest: list[str], override_model: Any) -> _Plan:
+    """Every argument checked before a model is loaded or a token drawn (``ValueError`` naming it)."""
     from sae_allocators.allocation.batch import budget
-    from sae_allocators.calibration import fit, runner
+    from sae_allocators.calibration import fit
     from sae_allocators.workflow.train import parse_args
 
+    folder = Path(own.sae_folder)
+    output = Path(own.output) if own.output else None
+    _positive(
+        "--calibration_tokens",
+        own.calibration_tokens,
+        "use a positive number of tokens (or leave it out for the default)",
+    )
+    _positive("--target_k", own.target_k, "use the mean L0 to calibrate to, > 0 (or leave it out for the training k)")
+    if own.skip_tokens < 0:
+        raise ValueError(f"--skip_tokens {own.skip_tokens} is invalid: use 0 or more tokens.")
+    _check_output(folder, output)
+    kind = _check_folder(folder)
+    sae = _load(folder, kind)
+    arch = fit.architecture_of(sae)
+    runner_cfg = _read_json(folder / "runner_cfg.json")
+    k = (
+        own.target_k
+        if own.target_k is not None
+        else (getattr(sae.cfg, "k", None) or (runner_cfg.get("sae") or {}).get("k"))
+    )
+    if k is None:
+        raise ValueError(f"{folder}: the training k is in neither cfg.json nor runner_cfg.json; give --target_k.")
+    if k > sae.cfg.d_sae:
+        raise ValueError(
+            f"--target_k {k:g} is invalid: the SAE has d_sae={sae.cfg.d_sae} latents, so at most {sae.cfg.d_sae} fire per token."
+        )
+    if override_model is None and "--model_name" not in rest:
+        raise ValueError(
+            "give the data options of `sae-allocators train` (--model_name, --hook_name, --dataset_path, "
+            "--context_size, ...) for held-out tokens the SAE did not train on"
+            + (
+                f" (it trained on {runner_cfg.get('dataset_path')!r} of {runner_cfg.get('model_name')!r}: "
+                "use another split, or --skip_tokens)"
+                if runner_cfg
+                else ""
+            )
+            + "."
+        )
+    dims = ["--architecture", arch, "--d_in", str(sae.cfg.d_in), "--d_sae", str(sae.cfg.d_sae), "--k", str(k)]
+    cfg = parse_args([*dims, *rest])
+    devices.resolve(cfg.device)  # a device that is not here: now, not after loading the model
+    training_tokens = int(runner_cfg.get("training_tokens") or 0)
+    n = own.calibration_tokens or fit.default_tokens(training_tokens, cfg.train_batch_size_tokens)
+    if budget(float(k), n) < 1:
+        raise ValueError(
+            f"--calibration_tokens {n} with k={k:g} gives a budget floor(k * N) = 0: use at least {math.ceil(1 / float(k))} tokens."
+        )
+    shares = source = None
+    method = own.feature_rule or getattr(sae.cfg, "calibration_rule", None) or "scale"
+    if fit.rule_of(arch) == "per_feature" and kind == "inference" and method == "shares":
+        shares, source = _shares_from_folder(folder)
+    return _Plan(folder, output, sae, arch, runner_cfg, float(k), cfg, int(n), method, shares, source, own.skip_tokens)
+
+
+def _trained_hook(plan: _Plan) -> str:
+    return (plan.runner_cfg or {}).get("hook_name") or plan.sae.cfg.metadata.get("hook_name") or "see cfg.json metadata"
+
+
+def _skip_and_first(plan: _Plan, batches: Any) -> tuple[Any, int]:
+    """Draw and discard ``--skip_tokens`` tokens, then the first calibration batch, checked to have the
+    SAE's width (``ValueError`` naming the hook it trained on). Returns the batch and the skipped tokens."""
+    sae, cfg = plan.sae, plan.cfg
+    skipped = 0
+    while skipped < plan.skip_tokens:
+        batch = next(batches)
+        if batch.shape[-1] != sae.cfg.d_in:
+            break  # reported below, with the hook's width
+        skipped += batch.reshape(-1, batch.shape[-1]).shape[0]
+    try:
+        first = next(batches)
+    except RuntimeError as exc:  # SAELens's store reshapes the hook's activations to d_in and fails
+        text = str(exc).strip().splitlines()
+        raise ValueError(
+            f"the activations of --hook_name {cfg.hook_name} do not fit the SAE's d_in={sae.cfg.d_in} "
+            f"({type(exc).__name__}: {text[0] if text else ''}): use the hook it was trained on "
+            f"({_trained_hook(plan)})."
+        ) from None
+    if first.shape[-1] != sae.cfg.d_in:
+        raise ValueError(
+            f"--hook_name {cfg.hook_name} gives activations of width {first.shape[-1]}, but the SAE has d_in={sae.cfg.d_in}: "
+            f"use the hook it was trained on ({_trained_hook(plan)})."
+        )
+    return first, skipped
+
+
+def _calibrate(plan: _Plan, override_model: Any, override_dataset: Any) -> tuple[Any, bool, Path]:
+    """Load the model, draw the held-out tokens, fit, record ``metadata.calibration`` and save.
+    Returns the fit's result, whether the tokens were held out, and the folder written."""
+    import warnings
+
+    from sae_lens.load_model import load_model
+    from sae_lens.training.activations_store import ActivationsStore
+
+    from sae_allocators.calibration import fit, runner
+
+    sae, cfg, runner_cfg = plan.sae, plan.cfg, plan.runner_cfg
+    # the same data as training (dataset, model and hook) is held out only past the training tokens
+    same_data = bool(runner_cfg) and all(
+        runner_cfg.get(key) == getattr(cfg, key) for key in ("dataset_path", "model_name", "hook_name")
+    )
+    training_tokens = int(runner_cfg.get("training_tokens") or 0)
+    model = override_model or load_model(
+        cfg.model_class_name,
+        cfg.model_name,
+        device=cfg.device,
+        model_from_pretrained_kwargs=cfg.model_from_pretrained_kwargs,
+    )
+    store = ActivationsStore.from_config(model, cfg, override_dataset=override_dataset)
+    sae.to(cfg.device)
+    batches = runner.HeldOutBatches(store)  # notes a new epoch, while skipping too
+    first, skipped = _skip_and_first(plan, batches)
+    if batches.wrapped:
+        warnings.warn(
+            f"calibrate: --skip_tokens {plan.skip_tokens} reaches past the end of the data, so the calibration tokens "
+            "wrap around into tokens already seen (recorded as held_out=false). Use fewer --skip_tokens, or another split.",
+            stacklevel=1,
+        )
+    per_feature = fit.rule_of(plan.arch) == "per_feature"
+    result = fit.calibrate(
+        sae,
+        itertools.chain([first], batches),
+        plan.tokens,
+        k=plan.k,
+        shares=plan.shares,
+        shares_source=plan.shares_source or "",
+        method=plan.method if per_feature else None,
+    )
+    held_out = not batches.wrapped and not (same_data and skipped < training_tokens)
+    if same_data and skipped < training_tokens and not batches.wrapped:
+        warnings.warn(
+            f"calibrate: the data options name the training data ({cfg.dataset_path!r}) and --skip_tokens {skipped} is below "
+            f"its {training_tokens} training tokens, so the calibration tokens are training tokens (recorded as held_out=false). "
+            f"Pass --skip_tokens {training_tokens} or another split for held-out calibration.",
+            stacklevel=1,
+        )
+    meta = result.metadata()
+    meta["held_out"] = held_out
+    meta["skipped_tokens"] = skipped
+    meta["data"] = {"model_name": cfg.model_name, "hook_name": cfg.hook_name, "dataset_path": cfg.dataset_path}
+    sae.cfg.metadata.calibration = meta
+    return result, held_out, _save(sae, plan.folder, plan.output)
+
+
+def main(argv: Sequence[str], *, override_model=None, override_dataset=None) -> int:
+    """The ``calibrate`` subcommand (``override_*`` only for tests and notebooks)."""
     argv = list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         _own_parser().print_help()
@@ -227,154 +391,21 @@ def main(argv: Sequence[str], *, override_model=None, override_dataset=None) -> 
         own, rest = _own_parser().parse_known_args(argv)
     except SystemExit as exc:
         return int(exc.code or 2)
-    folder = Path(own.sae_folder)
-    output = Path(own.output) if own.output else None
     try:
-        # every argument is checked before a model is loaded or a token drawn
-        _positive(
-            "--calibration_tokens",
-            own.calibration_tokens,
-            "use a positive number of tokens (or leave it out for the default)",
-        )
-        _positive(
-            "--target_k", own.target_k, "use the mean L0 to calibrate to, > 0 (or leave it out for the training k)"
-        )
-        if own.skip_tokens < 0:
-            raise ValueError(f"--skip_tokens {own.skip_tokens} is invalid: use 0 or more tokens.")
-        _check_output(folder, output)
-        kind = _check_folder(folder)
-        sae = _load(folder, kind)
-        arch = fit.architecture_of(sae)
-        runner_cfg = _read_json(folder / "runner_cfg.json")
-        k = (
-            own.target_k
-            if own.target_k is not None
-            else (getattr(sae.cfg, "k", None) or (runner_cfg.get("sae") or {}).get("k"))
-        )
-        if k is None:
-            raise ValueError(f"{folder}: the training k is in neither cfg.json nor runner_cfg.json; give --target_k.")
-        if k > sae.cfg.d_sae:
-            raise ValueError(
-                f"--target_k {k:g} is invalid: the SAE has d_sae={sae.cfg.d_sae} latents, so at most {sae.cfg.d_sae} fire per token."
-            )
-        data_args = [
-            "--architecture",
-            arch,
-            "--d_in",
-            str(sae.cfg.d_in),
-            "--d_sae",
-            str(sae.cfg.d_sae),
-            "--k",
-            str(k),
-            *rest,
-        ]
-        if override_model is None and "--model_name" not in rest:
-            raise ValueError(
-                "give the data options of `sae-allocators train` (--model_name, --hook_name, --dataset_path, "
-                "--context_size, ...) for held-out tokens the SAE did not train on"
-                + (
-                    f" (it trained on {runner_cfg.get('dataset_path')!r} of {runner_cfg.get('model_name')!r}: "
-                    "use another split, or --skip_tokens)"
-                    if runner_cfg
-                    else ""
-                )
-                + "."
-            )
-        cfg = parse_args(data_args)
-        devices.resolve(cfg.device)  # a device that is not here: now, not after loading the model
-        training_tokens = int(runner_cfg.get("training_tokens") or 0)
-        n = own.calibration_tokens or fit.default_tokens(training_tokens, cfg.train_batch_size_tokens)
-        if budget(float(k), n) < 1:
-            raise ValueError(
-                f"--calibration_tokens {n} with k={k:g} gives a budget floor(k * N) = 0: use at least {math.ceil(1 / float(k))} tokens."
-            )
-        shares = source = None
-        method = own.feature_rule or getattr(sae.cfg, "calibration_rule", None) or "scale"
-        if fit.rule_of(arch) == "per_feature" and kind == "inference" and method == "shares":
-            shares, source = _shares_from_folder(folder)
+        plan = _plan(own, rest, override_model)
     except (ValueError, KeyError) as exc:
         print(f"sae-allocators calibrate: error: {exc}", file=sys.stderr)
         return 2
     except SystemExit as exc:  # the data parser's own usage error
         return int(exc.code or 2)
-
-    from sae_lens.load_model import load_model
-    from sae_lens.training.activations_store import ActivationsStore
-
-    # the same data as training (dataset, model and hook) is held out only past the training tokens
-    same_data = bool(runner_cfg) and all(
-        runner_cfg.get(key) == getattr(cfg, key) for key in ("dataset_path", "model_name", "hook_name")
-    )
     try:
-        model = override_model or load_model(
-            cfg.model_class_name,
-            cfg.model_name,
-            device=cfg.device,
-            model_from_pretrained_kwargs=cfg.model_from_pretrained_kwargs,
-        )
-        store = ActivationsStore.from_config(model, cfg, override_dataset=override_dataset)
-        sae.to(cfg.device)
-        batches = runner.HeldOutBatches(store)  # notes a new epoch, while skipping too
-        skipped = 0
-        while skipped < own.skip_tokens:
-            batch = next(batches)
-            if batch.shape[-1] != sae.cfg.d_in:
-                break  # reported below, with the hook's width
-            skipped += batch.reshape(-1, batch.shape[-1]).shape[0]
-        try:
-            first = next(batches)
-        except RuntimeError as exc:  # SAELens's store reshapes the hook's activations to d_in and fails
-            text = str(exc).strip().splitlines()
-            raise ValueError(
-                f"the activations of --hook_name {cfg.hook_name} do not fit the SAE's d_in={sae.cfg.d_in} "
-                f"({type(exc).__name__}: {text[0] if text else ''}): use the hook it was trained on "
-                f"({(runner_cfg or {}).get('hook_name') or sae.cfg.metadata.get('hook_name') or 'see cfg.json metadata'})."
-            ) from None
-        if first.shape[-1] != sae.cfg.d_in:
-            raise ValueError(
-                f"--hook_name {cfg.hook_name} gives activations of width {first.shape[-1]}, but the SAE has d_in={sae.cfg.d_in}: "
-                "use the hook it was trained on ("
-                f"{(runner_cfg or {}).get('hook_name') or sae.cfg.metadata.get('hook_name') or 'see cfg.json metadata'})."
-            )
-        if batches.wrapped:
-            import warnings
-
-            warnings.warn(
-                f"calibrate: --skip_tokens {own.skip_tokens} reaches past the end of the data, so the calibration tokens "
-                "wrap around into tokens already seen (recorded as held_out=false). Use fewer --skip_tokens, or another split.",
-                stacklevel=1,
-            )
-        result = fit.calibrate(
-            sae,
-            itertools.chain([first], batches),
-            int(n),
-            k=float(k),
-            shares=shares,
-            shares_source=source or "",
-            method=method if fit.rule_of(arch) == "per_feature" else None,
-        )
-        held_out = not batches.wrapped and not (same_data and skipped < training_tokens)
-        if same_data and skipped < training_tokens and not batches.wrapped:
-            import warnings
-
-            warnings.warn(
-                f"calibrate: the data options name the training data ({cfg.dataset_path!r}) and --skip_tokens {skipped} is below "
-                f"its {training_tokens} training tokens, so the calibration tokens are training tokens (recorded as held_out=false). "
-                f"Pass --skip_tokens {training_tokens} or another split for held-out calibration.",
-                stacklevel=1,
-            )
-        meta = result.metadata()
-        meta["held_out"] = held_out
-        meta["skipped_tokens"] = skipped
-        meta["data"] = {"model_name": cfg.model_name, "hook_name": cfg.hook_name, "dataset_path": cfg.dataset_path}
-        sae.cfg.metadata.calibration = meta
-        out = _save(sae, folder, output)
+        result, held_out, out = _calibrate(plan, override_model, override_dataset)
     except (ValueError, OSError) as exc:
         text = str(exc).strip().splitlines()
         print(f"sae-allocators calibrate: error: {text[0] if text else type(exc).__name__}", file=sys.stderr)
         return 2
     print(
-        f"Calibrated {arch} ({result.rule} rule) on {result.tokens} tokens: L0 {result.l0_before:.4g} -> "
+        f"Calibrated {plan.arch} ({result.rule} rule) on {result.tokens} tokens: L0 {result.l0_before:.4g} -> "
         f"{result.achieved_l0:.4g} (target {result.target_l0:g}){'' if held_out else ' [not held out]'}; saved to {out}"
     )
     return 0
