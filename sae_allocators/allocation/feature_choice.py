@@ -105,6 +105,12 @@ def usage_rank(usage: torch.Tensor) -> torch.Tensor:
     return rank
 
 
+#: features per ``torch.topk`` call of :func:`column_thresholds` (and per block of tie counts in
+#: :func:`_kept_with_ties`): a bucket of 44k capacity-1 features at N = 2048 is then at most a 32 MiB
+#: block at a time, not a 360 MiB copy (peak memory of the dense path)
+_FEATURES_PER_TOPK = 4096
+
+
 def column_thresholds(affinity: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
     """``tau_j`` = the smallest *positive* value among the ``caps[j]`` largest of column j (exact).
 
@@ -123,15 +129,19 @@ def column_thresholds(affinity: torch.Tensor, caps: torch.Tensor) -> torch.Tenso
     cols = affinity.detach().t().contiguous()  # [F, N]: topk along a contiguous dimension
     bucket = torch.where(pos, torch.ceil(torch.log2(caps.clamp_min(1).double())).long(), torch.full_like(caps, -1))
     for b in torch.unique(bucket[pos]).tolist():
-        members = (bucket == b).nonzero().squeeze(1)
-        kb = int(caps[members].max())
-        rows = cols if members.numel() == f else cols.index_select(0, members)
-        top = torch.topk(rows, kb, dim=-1, sorted=True).values
-        m = caps[members]
-        kept = (top > 0) & (torch.arange(kb, device=top.device)[None, :] < m[:, None])
-        count = kept.sum(dim=1)
-        smallest = top.gather(1, (count - 1).clamp_min(0)[:, None]).squeeze(1)
-        tau[members] = torch.where(count > 0, smallest, torch.full_like(smallest, math.inf))
+        in_bucket = (bucket == b).nonzero().squeeze(1)
+        kb = int(caps[in_bucket].max())
+        # a bucket's rows in blocks (a view where the block is a range of features, else a copy of the
+        # block only): the sorted top-kb values of a row do not depend on which rows share the call
+        for members in in_bucket.split(_FEATURES_PER_TOPK):
+            lo, hi = int(members[0]), int(members[-1]) + 1
+            rows = cols[lo:hi] if hi - lo == members.numel() else cols.index_select(0, members)
+            top = torch.topk(rows, kb, dim=-1, sorted=True).values
+            m = caps[members]
+            kept = (top > 0) & (torch.arange(kb, device=top.device)[None, :] < m[:, None])
+            count = kept.sum(dim=1)
+            smallest = top.gather(1, (count - 1).clamp_min(0)[:, None]).squeeze(1)
+            tau[members] = torch.where(count > 0, smallest, torch.full_like(smallest, math.inf))
     return tau
 
 
@@ -170,11 +180,14 @@ def _kept_with_ties(pre: torch.Tensor, caps: torch.Tensor, tau: torch.Tensor) ->
     every entry ``> tau_j``, then entries ``== tau_j`` by lowest token index up to ``caps[j]``."""
     above = pre > tau
     tied = pre == tau  # tau is +inf (never equal to a finite value) for features keeping nothing
-    if not bool(tied.any()):
-        return above.view(-1).nonzero().squeeze(1)
-    need = caps.to(pre.device) - above.sum(0)
-    keep = above | (tied & (torch.cumsum(tied, 0) <= need))
-    return keep.view(-1).nonzero().squeeze(1)
+    need = caps.to(pre.device) - torch.count_nonzero(above, dim=0)
+    # only columns with more ties than places left drop some: the running count of their ties (int32,
+    # in blocks of columns) decides which; every other column keeps all its ties (usually just tau_j)
+    partial = (torch.count_nonzero(tied, dim=0) > need).nonzero().squeeze(1)
+    for block in partial.split(_FEATURES_PER_TOPK):
+        sub = tied.index_select(1, block)
+        tied[:, block] = sub & (torch.cumsum(sub, 0, dtype=torch.int32) <= need[block])
+    return (above | tied).view(-1).nonzero().squeeze(1)
 
 
 def _estimated_selection(
@@ -194,7 +207,9 @@ def _estimated_selection(
     )
     idx = (pre >= lo).view(-1).nonzero().squeeze(1)  # ascending: token-major
     if max_candidates is not None and idx.numel() > max_candidates:
-        return column_thresholds(pre, caps), f, idx.numel(), None
+        n_cand = idx.numel()
+        del idx  # up to 8 bytes per entry of the batch: not held while the dense path runs
+        return column_thresholds(pre, caps), f, n_cand, None
     vals = pre.reshape(-1)[idx]
     col = idx % f
     counts = torch.bincount(col, minlength=f)

@@ -160,6 +160,41 @@ def test_feature_choice_equals_per_feature_topk(shape, k, exponent):
         assert torch.equal(feature_choice_select(pre, caps, t_lo=tau * scale)[0], ref)
 
 
+@pytest.mark.parametrize("block", [7, 64, 4096])
+def test_column_thresholds_in_blocks_of_features_equal_a_per_column_topk(monkeypatch, block):
+    # the dense path runs each capacity bucket's features in blocks (views for a range of features,
+    # copies otherwise): per column, the smallest positive among its caps[j] largest, +inf if none
+    import sae_allocators.allocation.feature_choice as fc
+
+    monkeypatch.setattr(fc, "_FEATURES_PER_TOPK", block)
+    pre = gen(300, 200, seed=11)
+    pre[:, 5] = -1.0  # a column without a positive value
+    caps = torch.randint(0, 12, (200,), generator=torch.Generator().manual_seed(12))
+    caps[:40] = 3  # a range of features in one bucket: views
+    caps[7] = 300  # every token
+    ref = torch.full((200,), math.inf)
+    for j in range(200):
+        if caps[j] > 0:
+            top = torch.topk(pre[:, j], int(caps[j])).values
+            top = top[top > 0]
+            if top.numel():
+                ref[j] = top.min()
+    assert torch.equal(column_thresholds(pre, caps), ref)
+
+
+@pytest.mark.parametrize("block", [3, 4096])
+def test_dense_feature_choice_with_many_ties_keeps_the_lowest_tokens_in_blocks(monkeypatch, block):
+    # quantized affinities: most columns have more entries at tau_j than places left; the running
+    # count of ties (in blocks of columns) keeps the lowest token indices, as the reference does
+    import sae_allocators.allocation.feature_choice as fc
+
+    monkeypatch.setattr(fc, "_FEATURES_PER_TOPK", block)
+    pre = torch.floor(torch.rand(257, 40, generator=torch.Generator().manual_seed(13)) * 4) - 1
+    caps = capacities(257, 3.0, 40, rank=usage_rank(gen(40, seed=14)), exponent=0.5)
+    codes, _ = feature_choice_select(pre, caps)
+    assert torch.equal(codes, feature_choice_reference(pre, caps))
+
+
 def test_estimated_thresholds_use_the_fallback_only_where_the_estimate_missed():
     pre = gen(1000, 128, seed=6)
     caps = capacities(1000, 8.0, 128)
