@@ -325,6 +325,7 @@ def _allocation_calls():
             *[lambda m=m: gradient.normalize_grad(grad, m) for m in ("none", "token", "batch")],
             lambda: gradient.gradient_attribution(grad, dec),
             lambda: gradient.gradient_scores(pre.relu(), gradient.gradient_attribution(grad, dec), 2.0),
+            lambda: gradient.scores_in_place(pre.relu(), grad, dec, 2.0),
             lambda: gradient.topk_by_score(pre.relu(), pre, 4),
             lambda: gradient.gradient_topk_indices(pre, grad, dec, 4, 2.0, "batch"),
             lambda: gradient.gradient_topk_indices(pre, None, dec, 4, 2.0, "batch"),

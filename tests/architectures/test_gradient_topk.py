@@ -56,6 +56,30 @@ def test_selection_is_topk_of_score_values_from_z():
     assert not torch.equal(out != 0, gradient_topk(pre, None, dec, k, beta=beta) != 0)
 
 
+@pytest.mark.parametrize(
+    "pre_dtype, dec_dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)],
+)
+def test_the_selection_ranks_by_exactly_gradient_scores(pre_dtype, dec_dtype):
+    # gradient_topk_indices builds the scores in place (less memory); they must be gradient_scores' floats,
+    # also when codes and decoder differ in dtype (then it uses gradient_scores itself)
+    from sae_allocators.allocation.gradient import (
+        gradient_attribution,
+        gradient_scores,
+        gradient_topk_indices,
+        scores_in_place,
+    )
+
+    pre, g, dec = _rand(300, 512).to(pre_dtype), _rand(300, 16, seed=1), _rand(512, 16, seed=2).to(dec_dtype)
+    g = g.to(dec_dtype)
+    for beta in (0.0, 0.37, 3.0):
+        scores = gradient_scores(pre.relu(), gradient_attribution(g, dec), beta)
+        assert torch.equal(scores_in_place(pre.relu(), g, dec, beta), scores)
+        idx, _ = gradient_topk_indices(pre, g, dec, 7, beta)
+        if beta:
+            assert torch.equal(idx, torch.topk(scores, k=7, dim=-1, sorted=False).indices)
+
+
 def test_gradient_promotes_a_loss_relevant_feature():
     dec = torch.eye(4)
     pre = torch.tensor([[1.0, 0.9, 0.1, 0.0]])
