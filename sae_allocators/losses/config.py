@@ -66,7 +66,7 @@ class AuxLossConfig(config_checks.ConfigChecks):
     sparse_step: bool = True
 
     def __post_init__(self) -> None:
-        self.check_shared_fields()  # again for a config without its own __post_init__ (pure checks)
+        self.check_shared_fields()  # first for a config without its own __post_init__; pure, so a repeat is harmless
         super().__post_init__()  # type: ignore[misc]
         self.validate_aux_loss_fields()
 
