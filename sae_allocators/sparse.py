@@ -10,7 +10,10 @@ matmul, a training step only needs those entries:
   pays);
 - :func:`selected_values` -- the kept pre-activations as a differentiable ``[M]`` vector: an
   autograd Function whose backward touches only the kept entries (gradients of ``W_enc``,
-  ``b_enc``, the input, and the decoder norms when ``rescale_acts_by_decoder_norm``);
+  ``b_enc``, the input -- or only its shift, see :func:`selected_values` -- and the decoder norms
+  when ``rescale_acts_by_decoder_norm``);
+- :func:`decoder_norms` -- ``W_dec.norm(dim=-1)`` with torch's own gradient, built in one
+  ``[F, d]`` buffer instead of two;
 - :func:`decode` -- ``sum_j v_j W_dec[j]`` per token as one ``F.embedding_bag`` (variable
   numbers per token through ``offsets``); its autograd gives ``W_dec`` and the values their
   gradients.
@@ -157,11 +160,12 @@ class _SelectedValues(torch.autograd.Function):
     Backward: only the kept entries contribute (``O(M d)`` work instead of ``O(N F d)``)."""
 
     @staticmethod
-    def forward(ctx, sae_in, W_enc, b_enc, dec_norm, pre, rows, cols, offsets):  # noqa: ANN001
+    def forward(ctx, sae_in, W_enc, b_enc, dec_norm, pre, rows, cols, offsets, shift):  # noqa: ANN001
         values = pre.view(-1).index_select(0, rows * pre.shape[1] + cols)
         ctx.save_for_backward(sae_in, W_enc, dec_norm, values, rows, cols, offsets)
         ctx.n_features = pre.shape[1]
         ctx.b_enc_dtype = b_enc.dtype
+        ctx.shift_dtype = shift.dtype if shift is not None else None
         return values
 
     @staticmethod
@@ -179,7 +183,7 @@ class _SelectedValues(torch.autograd.Function):
                     0, cols, contrib.to(dec_norm.dtype)
                 )
             g = g * norm_sel
-        grad_in = grad_W = grad_b = None
+        grad_in = grad_W = grad_b = grad_shift = None
         if ctx.needs_input_grad[0]:  # (embedding_bag needs a contiguous table: W_enc^T is copied once)
             grad_in = _bag_sum(cols, W_enc.t().contiguous(), offsets, g).to(sae_in.dtype)
         if ctx.needs_input_grad[1]:
@@ -192,7 +196,15 @@ class _SelectedValues(torch.autograd.Function):
             ).t()
         if ctx.needs_input_grad[2]:
             grad_b = torch.zeros(f, dtype=ctx.b_enc_dtype, device=g.device).index_add_(0, cols, g.to(ctx.b_enc_dtype))
-        return grad_in, grad_W, grad_b, grad_dec_norm, None, None, None, None
+        if ctx.needs_input_grad[8]:
+            # the input is (constant - shift): its gradient summed over tokens, negated,
+            # -sum_n sum_{j kept at n} g_nj W_enc[:, j] = -W_enc @ (g summed per feature)
+            if grad_b is not None and grad_b.dtype == W_enc.dtype:
+                per_feature = grad_b  # the same sum
+            else:
+                per_feature = torch.zeros(f, dtype=W_enc.dtype, device=g.device).index_add_(0, cols, g.to(W_enc.dtype))
+            grad_shift = torch.mv(W_enc, per_feature).neg_().to(ctx.shift_dtype)
+        return grad_in, grad_W, grad_b, grad_dec_norm, None, None, None, None, grad_shift
 
 
 def selected_values(
@@ -202,10 +214,17 @@ def selected_values(
     dec_norm: torch.Tensor | None,
     pre: torch.Tensor,
     sel: Selection,
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The kept pre-activations ``pre[sel]`` ``[M]``, differentiable in ``sae_in``, ``W_enc``,
-    ``b_enc`` and ``dec_norm`` exactly as ``((sae_in @ W_enc + b_enc) * dec_norm)[sel]`` would be."""
-    return _SelectedValues.apply(sae_in, W_enc, b_enc, dec_norm, pre, sel.rows, sel.cols, sel.offsets)
+    ``b_enc`` and ``dec_norm`` exactly as ``((sae_in @ W_enc + b_enc) * dec_norm)[sel]`` would be.
+
+    ``shift`` (``[d]``, optional): the input is ``u - shift`` with ``u`` carrying no gradient (SAELens's
+    ``x - b_dec``); pass ``sae_in`` without autograd and the shift with it. The shift's gradient is
+    then ``-W_enc @ (the kept gradients summed per feature)``, one matrix-vector product, instead of the
+    ``[N, d]`` input gradient, which needs a transposed copy of ``W_enc`` (the same value; the sum over
+    tokens runs in another order)."""
+    return _SelectedValues.apply(sae_in, W_enc, b_enc, dec_norm, pre, sel.rows, sel.cols, sel.offsets, shift)
 
 
 def gather_values(
@@ -216,11 +235,38 @@ def gather_values(
     pre: torch.Tensor,
     rows: torch.Tensor,
     cols: torch.Tensor,
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`selected_values` for arbitrary ``(rows, cols)`` with ``rows`` non-decreasing."""
     return _SelectedValues.apply(
-        sae_in, W_enc, b_enc, dec_norm, pre, rows, cols, _offsets_from_rows(rows, pre.shape[0])
+        sae_in, W_enc, b_enc, dec_norm, pre, rows, cols, _offsets_from_rows(rows, pre.shape[0]), shift
     )
+
+
+class _RowNorms(torch.autograd.Function):
+    """``W.norm(dim=-1)``; backward: torch's formula for the 2-norm, ``g * (W / n)`` with rows of zero
+    norm set to 0, the same floats (``tests/architectures/test_sparse_step.py``) written in place into
+    one ``[F, d]`` buffer, where autograd's formula allocates a second one for the product."""
+
+    @staticmethod
+    def forward(ctx, W):  # noqa: ANN001
+        norms = W.norm(dim=-1)
+        ctx.save_for_backward(W, norms)
+        return norms
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        W, norms = ctx.saved_tensors
+        n = norms.unsqueeze(-1)
+        out = W / n
+        out.masked_fill_(n == 0, 0)
+        return out.mul_(grad.unsqueeze(-1))
+
+
+def decoder_norms(W_dec: torch.Tensor) -> torch.Tensor:
+    """``[F]`` row norms of ``W_dec``, differentiable: ``W_dec.norm(dim=-1)``, the same values and the same
+    gradient (see :class:`_RowNorms`)."""
+    return _RowNorms.apply(W_dec)
 
 
 def decode(values: torch.Tensor, sel: Selection, W_dec: torch.Tensor) -> torch.Tensor:

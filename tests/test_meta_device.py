@@ -101,7 +101,7 @@ def test_the_default_device_mode_does_not_reach_backward_code():
 
 @pytest.fixture
 def meta_backward(monkeypatch):
-    """Run this project's backward code (the sparse step's Function) on the meta default device;
+    """Run this project's backward code (the sparse step's Functions) on the meta default device;
     yields the list of backward calls made, so a test can check that the sparse backward ran."""
     from sae_allocators import sparse
 
@@ -114,6 +114,13 @@ def meta_backward(monkeypatch):
             return original(ctx, *grads)
 
     monkeypatch.setattr(sparse._SelectedValues, "backward", staticmethod(backward))
+    norms_backward = sparse._RowNorms.backward
+
+    def row_norms_backward(ctx, *grads):
+        with on_meta():
+            return norms_backward(ctx, *grads)
+
+    monkeypatch.setattr(sparse._RowNorms, "backward", staticmethod(row_norms_backward))
     yield calls
 
 
@@ -486,6 +493,7 @@ def under_meta(fn):
 
 
 sparse._SelectedValues.backward = staticmethod(under_meta(sparse._SelectedValues.backward))
+sparse._RowNorms.backward = staticmethod(under_meta(sparse._RowNorms.backward))
 DataParallel._sync_grads = under_meta(DataParallel._sync_grads)
 
 fails, ran = [], []

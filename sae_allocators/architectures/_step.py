@@ -62,7 +62,8 @@ class StepState:
 
     #: the step's raw input (``TrainStepInput.sae_in``, after :meth:`SelectionStepMixin.step_context`)
     x: torch.Tensor
-    #: processed input ``[N, d]`` (leading dimensions flattened)
+    #: processed input ``[N, d]`` (leading dimensions flattened; on the sparse path without autograd
+    #: when its gradient goes through ``b_dec`` alone, :meth:`SelectionStepMixin.sparse_input`)
     sae_in: torch.Tensor
     #: pre-activations ``[N, F]`` (as the rule saw them; detached on the sparse path)
     hidden_pre: torch.Tensor
@@ -203,26 +204,45 @@ class SelectionStepMixin:
         scale = outliers.ranking_scale(norms, ratio, median)
         return outliers.guarded_affinity(pre, scale), norms, median
 
+    def sparse_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(sae_in, shift)`` for the sparse encoder: SAELens's ``process_sae_in(x)`` and the tensor
+        through which it carries a gradient. ``process_sae_in`` ends in ``- b_dec * apply_b_dec_to_input``;
+        when ``x`` itself needs no gradient (a training batch), that is the input's only gradient path, so
+        the input is computed without autograd and ``b_dec``'s term goes to the encoder as its ``shift``
+        (:func:`sparse.selected_values`: no ``[N, d]`` input gradient, no transposed copy of ``W_enc``).
+        Otherwise (``x`` requires grad, or no gradient is recorded) the input keeps its own graph."""
+        apply = bool(self.cfg.apply_b_dec_to_input)  # type: ignore[attr-defined]
+        if not apply or x.requires_grad or not torch.is_grad_enabled():
+            return self.process_sae_in(x), None  # type: ignore[attr-defined]
+        with torch.no_grad():
+            sae_in = self.process_sae_in(x)  # type: ignore[attr-defined]
+        return sae_in, self.b_dec * self.cfg.apply_b_dec_to_input  # type: ignore[attr-defined]
+
     def encode_step(self, x: torch.Tensor, **context: Any) -> StepState:
         """Pre-activations, the rule, and the kept values (sparse or dense path)."""
-        sae_in = self.process_sae_in(x)  # type: ignore[attr-defined]
-        lead = tuple(sae_in.shape[:-1])
-        s2 = sae_in.reshape(-1, sae_in.shape[-1])
         W_enc, b_enc = self.W_enc, self.b_enc  # type: ignore[attr-defined]
-        dec_norm = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None  # type: ignore[attr-defined]
         if self.uses_sparse_step():
+            sae_in, shift = self.sparse_input(x)
+            lead = tuple(sae_in.shape[:-1])
+            s2 = sae_in.reshape(-1, sae_in.shape[-1])
+            rescale = self.cfg.rescale_acts_by_decoder_norm  # type: ignore[attr-defined]
+            dec_norm = sparse.decoder_norms(self.W_dec) if rescale else None  # type: ignore[attr-defined]
             with phase("encode"):
                 pre = self.hook_sae_acts_pre(sparse.dense_pre(s2, W_enc, b_enc, dec_norm))  # type: ignore[attr-defined]
             with phase("select"):
                 aff, norms, median = self.guard(pre, s2)
                 sel = self.select(aff, sae_in=s2, **context)
             with phase("values"):
-                values = sparse.selected_values(s2, W_enc, b_enc, dec_norm, pre, sel)
+                values = sparse.selected_values(s2, W_enc, b_enc, dec_norm, pre, sel, shift)
 
             def gather(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-                return sparse.gather_values(s2, W_enc, b_enc, dec_norm, pre, rows, cols)
+                return sparse.gather_values(s2, W_enc, b_enc, dec_norm, pre, rows, cols, shift)
 
             return StepState(x, s2, pre, sel, values, lead, gather, dec_norm, True, dict(context), aff, norms, median)
+        sae_in = self.process_sae_in(x)  # type: ignore[attr-defined]
+        lead = tuple(sae_in.shape[:-1])
+        s2 = sae_in.reshape(-1, sae_in.shape[-1])
+        dec_norm = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None  # type: ignore[attr-defined]
         with phase("encode"):
             hidden_pre = self.hook_sae_acts_pre(sparse.encoder_pre(s2, W_enc, b_enc, dec_norm))  # type: ignore[attr-defined]
         with phase("select"):

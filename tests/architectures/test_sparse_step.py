@@ -259,3 +259,92 @@ def test_sparse_module_names_no_device() -> None:
 
     src = inspect.getsource(sparse)
     assert '"cpu"' not in src and ".cpu()" not in src and "cuda" not in src
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_decoder_norms_value_and_gradient_are_torchs(dtype: torch.dtype) -> None:
+    """sparse.decoder_norms (one [F, d] buffer in backward) gives torch's norm and torch's gradient,
+    bit for bit, a zero-norm row included."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 7, generator=g).to(dtype)
+    w[3] = 0.0
+    upstream = torch.randn(40, generator=g).to(dtype)
+    grads = []
+    for fn in (lambda t: t.norm(dim=-1), sparse.decoder_norms):
+        leaf = w.clone().requires_grad_(True)
+        out = fn(leaf)
+        (out * upstream).sum().backward()
+        grads.append((out.detach(), leaf.grad))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert torch.equal(grads[0][1], grads[1][1])
+    assert torch.equal(grads[1][1][3], torch.zeros(7, dtype=dtype))
+
+
+def _shift_case(dtype: torch.dtype = torch.float64):
+    g = torch.Generator().manual_seed(3)
+    u = torch.randn(6, 5, generator=g, dtype=dtype)
+    w = torch.randn(5, 7, generator=g, dtype=dtype, requires_grad=True)
+    b = torch.randn(7, generator=g, dtype=dtype, requires_grad=True)
+    shift = torch.randn(5, generator=g, dtype=dtype, requires_grad=True)
+    norm = (torch.rand(7, generator=g, dtype=dtype) + 0.5).requires_grad_(True)
+    sel = sparse.from_flat(torch.tensor([0, 3, 9, 10, 11, 20, 33, 41]), 6, 7, is_sorted=True)
+    return u, w, b, shift, norm, sel
+
+
+def test_selected_values_shift_gradcheck() -> None:
+    """The shift's gradient (input = u - shift, u constant) against torch's numerical gradient."""
+    u, w, b, shift, norm, sel = _shift_case()
+
+    def f(w, b, shift, norm):
+        x = (u - shift).detach()
+        return sparse.selected_values(x, w, b, norm, sparse.dense_pre(x, w, b, norm), sel, shift)
+
+    assert torch.autograd.gradcheck(lambda w, b, s: f(w, b, s, None), (w, b, shift))
+    assert torch.autograd.gradcheck(f, (w, b, shift, norm))
+
+
+def test_selected_values_shift_equals_input_gradient_path() -> None:
+    """Passing the input without autograd and its shift gives the parameters the gradients of the
+    plain path (the input with its graph): W_enc, b_enc and the norms bit for bit, the shift's to
+    rounding (its sum over tokens runs in another order)."""
+    u, w, b, shift, norm, sel = _shift_case(torch.float32)
+    upstream = torch.randn(len(sel), generator=torch.Generator().manual_seed(4))
+    grads = []
+    for with_shift in (False, True):
+        for t in (w, b, shift, norm):
+            t.grad = None
+        x = (u - shift).detach() if with_shift else u - shift
+        pre = sparse.dense_pre(x, w, b, norm)
+        values = sparse.selected_values(x, w, b, norm, pre, sel, shift if with_shift else None)
+        (values * upstream).sum().backward()
+        grads.append([t.grad.clone() for t in (w, b, shift, norm)])
+    plain, shifted = grads
+    for a, c in zip(plain[:2] + plain[3:], shifted[:2] + shifted[3:]):
+        assert torch.equal(a, c)
+    torch.testing.assert_close(shifted[2], plain[2], rtol=1e-5, atol=1e-6)
+    assert float(plain[2].abs().sum()) > 0
+
+
+@pytest.mark.parametrize("arch", ["mutual_choice", "topk_zipf", "top_afa"])
+def test_sparse_step_input_gradient_path_when_input_requires_grad(arch: str) -> None:
+    """A training batch carries no gradient: the step's input goes to the encoder without autograd and
+    b_dec's term as its shift. An input that requires grad keeps its own graph and gets dL/dx; both
+    give every parameter the same gradient as the dense reference."""
+    sae_s, sae_d = _pair(arch, rescale=True)
+    x = _batch(arch)
+    dead = _dead_mask()
+    state = sae_s.encode_step(x)
+    assert not state.sae_in.requires_grad  # the shift path
+    out_d, grads_d = _step(sae_d, x, dead)
+    for name, p in sae_s.named_parameters():
+        p.grad = None
+    xg = x.clone().requires_grad_(True)
+    out_s, grads_s = _step(sae_s, xg, dead)
+    assert xg.grad is not None and float(xg.grad.abs().sum()) > 0
+    xd = x.clone().requires_grad_(True)
+    for p in sae_d.parameters():
+        p.grad = None
+    _step(sae_d, xd, dead)
+    torch.testing.assert_close(xg.grad, xd.grad, rtol=1e-4, atol=1e-5)
+    for name in grads_d:
+        torch.testing.assert_close(grads_s[name], grads_d[name], rtol=1e-4, atol=1e-5, msg=name)
