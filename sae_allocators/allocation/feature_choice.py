@@ -236,6 +236,32 @@ def _estimated_selection(
     return tau, n_fail, idx.numel(), torch.sort(kept).values
 
 
+#: blocks of tokens for :func:`block_lower_bounds` (about 32 tokens per block at N = 2048)
+_BOUND_BLOCKS = 64
+
+
+def block_lower_bounds(pre: torch.Tensor, caps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(bound, covered)`` [F]: for every feature with ``1 <= caps[j] <= B``, a value that is at most the
+    ``caps[j]``-th largest of its column (an exact lower bound, never an estimate), ``-inf`` elsewhere.
+
+    The tokens are cut into ``B`` blocks (about :data:`_BOUND_BLOCKS`) and each column's maximum per
+    block taken (one reduction over the batch). Those ``B`` maxima are ``B`` distinct entries of the
+    column, so their ``m``-th largest is at most the column's ``m``-th largest, for any ``m <= B``; for
+    ``m = 1`` it is the column maximum itself, and for small ``m`` it is usually the exact threshold (the
+    top ``m`` entries rarely share a block)."""
+    n, f = pre.shape
+    size = max(1, n // _BOUND_BLOCKS)
+    full = (n // size) * size
+    maxima = pre[:full].reshape(n // size, size, f).amax(dim=1)
+    if full < n:
+        maxima = torch.cat([maxima, pre[full:].amax(dim=0, keepdim=True)])
+    b = maxima.shape[0]
+    covered = (caps >= 1) & (caps <= b)
+    ordered = torch.sort(maxima, dim=0, descending=True).values
+    bound = ordered.gather(0, (caps.clamp(1, b) - 1).to(torch.long)[None, :]).squeeze(0)
+    return torch.where(covered, bound, torch.full_like(bound, -math.inf)), covered
+
+
 def candidate_limit(budget_entries: int) -> int:
     """How many candidates an estimate may let through before :func:`feature_choice_indices` takes
     the dense path instead (the estimate is then too loose to pay off)."""
@@ -259,9 +285,10 @@ def feature_choice_indices(
     largest positive affinity (at most one extra entry per such token; it does not change
     ``tau``). ``t_lo`` (optional, [F]) is a per-feature estimate of a lower bound on ``tau``
     (e.g. last step's thresholds, lowered by their spread) that makes the exact selection cheaper
-    (:func:`column_thresholds_estimated`); for features with ``caps[j] == 1`` it is replaced by the
-    column's maximum (the exact threshold, one ``amax`` over the batch). The result does not depend
-    on it. ``stats``, if given,
+    (:func:`column_thresholds_estimated`); for features with ``caps[j]`` up to about 64 it is replaced
+    by an exact lower bound from per-block column maxima (:func:`block_lower_bounds`, one reduction over
+    the batch; for ``caps[j] == 1`` the column's maximum, the exact threshold), so only features with
+    larger capacities rely on the estimate. The result does not depend on it. ``stats``, if given,
     receives ``fallback_features`` and ``candidates`` (how well the estimate did).
     """
     pre = affinity.detach().reshape(-1, affinity.shape[-1])
@@ -271,9 +298,10 @@ def feature_choice_indices(
         tau = column_thresholds(pre, caps)
     else:
         kk = int(caps.sum())
-        # a feature keeping one token keeps its column's largest value: its exact bound costs one
-        # cheap reduction (amax), so only features with m_j >= 2 rely on the estimate
-        t_lo = torch.where(caps == 1, pre.amax(dim=0).to(t_lo.dtype), t_lo.to(pre.device))
+        # features with small capacities get an exact lower bound from per-block maxima (one cheap
+        # reduction): only features with m_j > ~64 rely on the estimate, which can be too high
+        bound, covered = block_lower_bounds(pre, caps)
+        t_lo = torch.where(covered, bound.to(t_lo.dtype), t_lo.to(pre.device))
         tau, n_fail, n_cand, kept = _estimated_selection(pre, caps, t_lo, max_candidates=candidate_limit(kk))
         if stats is not None:
             stats.update(fallback_features=n_fail, candidates=n_cand)

@@ -10,9 +10,11 @@ from sae_lens.saes.batchtopk_sae import BatchTopK
 
 from sae_allocators.allocation import batch as B
 from sae_allocators.allocation.feature_choice import (
+    block_lower_bounds,
     capacities,
     column_thresholds,
     column_thresholds_estimated,
+    feature_choice_indices,
     feature_choice_reference,
     feature_choice_select,
     usage_rank,
@@ -209,9 +211,11 @@ def test_estimated_thresholds_use_the_fallback_only_where_the_estimate_missed():
 def test_feature_choice_with_estimate_matches_dense_path_values_and_gradients(one_per_token):
     # the estimate path builds codes from kept indices (a scatter); it must equal the dense
     # compare-and-select path in values and in the gradient it passes back, including the
-    # features whose estimate was too high (exact per-feature fallback)
+    # features whose estimate was too high (exact per-feature fallback; capacities above the
+    # block bound's reach, which would otherwise replace the estimate by an exact bound)
     pre = gen(600, 96, seed=8)
-    caps = capacities(600, 1.5, 96, rank=usage_rank(gen(96, seed=3)), exponent=0.5)
+    caps = capacities(600, 16.0, 96, rank=usage_rank(gen(96, seed=3)), exponent=0.5)
+    _, covered = block_lower_bounds(pre, caps)
     _, tau = feature_choice_select(pre, caps)
     est = tau * 0.95
     est[::7] = tau[::7] * 1.3  # every 7th feature overestimated: its own exact fallback
@@ -224,7 +228,11 @@ def test_feature_choice_with_estimate_matches_dense_path_values_and_gradients(on
         (codes * upstream).sum().backward()
         results.append((codes.detach(), tau_out, x.grad, stats))
     (dense, tau_d, grad_d, _), (sparse, tau_s, grad_s, stats) = results
-    assert stats["fallback_features"] == len(range(0, 96, 7))
+    # the fallback takes every overestimated feature, and every feature with fewer positive values than
+    # its capacity (its estimate cannot tell "all of them" from "too few passed")
+    short = (pre > 0).sum(0) < caps
+    assert stats["fallback_features"] == int((~covered & ((torch.arange(96) % 7 == 0) | short)).sum())
+    assert int((~covered[::7]).sum()) > 0
     assert torch.equal(sparse, dense) and torch.equal(tau_s, tau_d) and torch.equal(grad_s, grad_d)
     assert torch.equal(grad_d, torch.where(dense != 0, upstream, torch.zeros(())))
 
@@ -242,3 +250,41 @@ def test_one_per_token_gives_every_token_a_feature():
     best = pre.argmax(-1)
     rows = empty.nonzero().squeeze(1)
     assert torch.equal(codes[rows, best[rows]], pre[rows, best[rows]])
+
+
+@pytest.mark.parametrize("n", [7, 64, 1000, 2048, 4100])
+def test_block_lower_bounds_never_exceed_the_capacity_th_largest(n):
+    """The per-block bound is an exact lower bound of each covered column's m-th largest value (ties,
+    repeated rows, negative columns, N not a multiple of the block count), the column maximum at m = 1,
+    and -inf where it does not apply (m = 0 or m above the number of blocks)."""
+    f = 40
+    pre = gen(n, f, seed=n)
+    pre[1:5] = pre[0]  # repeated rows: ties in every column
+    pre[:, 3] = -pre[:, 3].abs()  # a column with no positive value
+    pre[:, 4] = 1.0  # a constant column
+    caps = torch.tensor([0, 1, 2, 3, 5, 8, 16, 33, 64, 65, 200] * 4)[:f].clamp(max=n)
+    bound, covered = block_lower_bounds(pre, caps)
+    ordered = torch.sort(pre, dim=0, descending=True).values
+    for j in range(f):
+        m = int(caps[j])
+        if not bool(covered[j]):
+            assert float(bound[j]) == -math.inf
+            continue
+        assert 1 <= m <= 65
+        assert float(bound[j]) <= float(ordered[m - 1, j])
+        if m == 1:
+            assert float(bound[j]) == float(ordered[0, j])
+    assert bool(covered[caps == 1].all()) and not bool(covered[caps == 0].any())
+
+
+def test_block_lower_bounds_make_the_estimate_path_exact_without_fallbacks():
+    """Capacities up to 64 never need the per-feature fallback (their bound is exact), and the kept
+    entries equal the dense path's, whatever estimate came in for them."""
+    pre = gen(2048, 256, seed=11)
+    caps = capacities(2048, 4.0, 256)  # uniform: 32 per feature
+    stats: dict = {}
+    flat, tau = feature_choice_indices(pre, caps, t_lo=torch.full((256,), 1e9), stats=stats)
+    ref_flat, ref_tau = feature_choice_indices(pre, caps)
+    assert torch.equal(flat, ref_flat) and torch.equal(tau, ref_tau)
+    assert stats["fallback_features"] == 0
+    assert stats["candidates"] < 2 * int(caps.sum())
