@@ -267,6 +267,16 @@ def _public_functions(module) -> set[str]:
     }
 
 
+def _in_blocks(module, call):
+    """``call()`` with ``module._ABS_BLOCK_ELEMENTS`` set to three rows of the test's features (its blocked path)."""
+    saved = module._ABS_BLOCK_ELEMENTS
+    module._ABS_BLOCK_ELEMENTS = 3 * D_SAE
+    try:
+        return call()
+    finally:
+        module._ABS_BLOCK_ELEMENTS = saved
+
+
 def _allocation_calls():
     """One call (or several) of every public function of sae_allocators/allocation/*, on CPU inputs."""
     from sae_allocators.allocation import afa, batch, feature_choice, gradient, outliers, signed, topk
@@ -318,6 +328,7 @@ def _allocation_calls():
             ),
             lambda: feature_choice.usage_rank(usage),
             lambda: feature_choice.column_thresholds(pre, caps),
+            lambda: feature_choice.block_lower_bounds(pre, caps),
             lambda: feature_choice.column_thresholds_estimated(pre, caps, t_zero),
             lambda: feature_choice.column_thresholds_estimated(pre, caps, t_high),  # every feature falls back
             lambda: feature_choice.column_thresholds_estimated(pre, caps, t_neg, max_candidates=10),  # too loose
@@ -341,6 +352,7 @@ def _allocation_calls():
         signed: [
             lambda: signed.abs_topk(pre, 4),
             lambda: signed.abs_topk_indices(pre, 4),
+            lambda: _in_blocks(signed, lambda: signed.abs_topk_indices(pre, 4)),  # |pre| a block of rows at a time
             lambda: signed.signed_mutual_choice_indices(pre, 4.0),
             lambda: signed.signed_mutual_choice_select(pre, 4.0),
             lambda: signed.signed_mutual_choice_reference(small, 2.0),

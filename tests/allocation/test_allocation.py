@@ -288,3 +288,19 @@ def test_block_lower_bounds_make_the_estimate_path_exact_without_fallbacks():
     assert torch.equal(flat, ref_flat) and torch.equal(tau, ref_tau)
     assert stats["fallback_features"] == 0
     assert stats["candidates"] < 2 * int(caps.sum())
+
+
+@pytest.mark.parametrize("shape", [(37, 50), (4, 9, 50)])
+def test_abs_topk_indices_in_blocks_equal_one_call(monkeypatch, shape):
+    """|affinity| is made a block of rows at a time: the indices equal one torch.topk over the whole
+    affinity.abs() (blocks that do not divide the rows, 3-D input, ties and zero rows included)."""
+    from sae_allocators.allocation import signed
+
+    x = gen(*shape, seed=5)
+    x[..., 3, :] = 0.0  # a zero row: every magnitude ties
+    x[..., 7, 10:20] = -x[..., 7, 0:10]  # equal magnitudes of opposite sign
+    ref = torch.topk(x.abs(), k=6, dim=-1, sorted=False).indices
+    monkeypatch.setattr(signed, "_ABS_BLOCK_ELEMENTS", 50 * 8)  # 8 rows per block
+    idx, keep = signed.abs_topk_indices(x, 6)
+    assert torch.equal(idx, ref)
+    assert torch.equal(keep, x.gather(-1, ref) != 0)
