@@ -250,6 +250,8 @@ def block_lower_bounds(pre: torch.Tensor, caps: torch.Tensor) -> tuple[torch.Ten
     ``m = 1`` it is the column maximum itself, and for small ``m`` it is usually the exact threshold (the
     top ``m`` entries rarely share a block)."""
     n, f = pre.shape
+    if n == 0:  # no token: no bound
+        return torch.full((f,), -math.inf, dtype=pre.dtype, device=pre.device), torch.zeros_like(caps, dtype=torch.bool)
     size = max(1, n // _BOUND_BLOCKS)
     full = (n // size) * size
     maxima = pre[:full].reshape(n // size, size, f).amax(dim=1)

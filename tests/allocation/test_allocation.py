@@ -275,6 +275,8 @@ def test_block_lower_bounds_never_exceed_the_capacity_th_largest(n):
         if m == 1:
             assert float(bound[j]) == float(ordered[0, j])
     assert bool(covered[caps == 1].all()) and not bool(covered[caps == 0].any())
+    empty_bound, empty_covered = block_lower_bounds(pre[:0], caps.clamp(max=0))
+    assert not bool(empty_covered.any()) and bool((empty_bound == -math.inf).all())
 
 
 def test_block_lower_bounds_make_the_estimate_path_exact_without_fallbacks():
