@@ -259,9 +259,23 @@ def block_lower_bounds(pre: torch.Tensor, caps: torch.Tensor) -> tuple[torch.Ten
         maxima = torch.cat([maxima, pre[full:].amax(dim=0, keepdim=True)])
     b = maxima.shape[0]
     covered = (caps >= 1) & (caps <= b)
-    ordered = torch.sort(maxima, dim=0, descending=True).values
-    bound = ordered.gather(0, (caps.clamp(1, b) - 1).to(torch.long)[None, :]).squeeze(0)
-    return torch.where(covered, bound, torch.full_like(bound, -math.inf)), covered
+    bound = torch.full((f,), -math.inf, dtype=pre.dtype, device=pre.device)
+    if not bool(covered.any()):
+        return bound, covered
+    per_feature = maxima.t().contiguous()  # [F, b]: each feature's block maxima along a contiguous row
+    # capacity buckets (1, 2, 3-4, 5-8, ...): one torch.topk per bucket with the bucket's largest m, as
+    # column_thresholds does (a full sort of every feature's b maxima costs several times more)
+    bucket = torch.ceil(torch.log2(caps.clamp_min(1).double())).long()
+    for bk in torch.unique(bucket[covered]).tolist():
+        members = (covered & (bucket == bk)).nonzero().squeeze(1)
+        rows = per_feature.index_select(0, members)
+        kb = min(1 << bk, b)
+        if kb == 1:
+            bound[members] = rows.amax(dim=1)
+        else:
+            top = torch.topk(rows, kb, dim=1, sorted=True).values
+            bound[members] = top.gather(1, (caps[members] - 1).long()[:, None]).squeeze(1)
+    return bound, covered
 
 
 def candidate_limit(budget_entries: int) -> int:
