@@ -24,7 +24,10 @@ from helpers import REPO as ROOT
 
 PLUGIN_DIR = ROOT / "plugins" / "sae-allocators-nucleus"
 
-pytestmark = pytest.mark.install
+# Runs once in CI, at the newest SAELens (tests/run.sh; CI time budget): its subject is this distribution's
+# metadata, entry points, .pth hook and console script; at the floor SAELens every other test already runs
+# through the installed distribution and its entry points.
+pytestmark = [pytest.mark.install, pytest.mark.saelens_independent]
 
 
 @pytest.fixture(scope="module")
