@@ -9,7 +9,10 @@ and :class:`ThresholdTracker` folds it into theta:
     theta_t = theta_{t-1} + w_t (tau_t - theta_{t-1}),   w_t = max(1 / t, rate)
 
 (``t`` counts the updates, per element: a running mean for the first ``1/rate`` updates, then an
-EMA). A non-finite ``tau`` entry is skipped, never averaged in, so theta cannot become NaN.
+EMA). A non-finite ``tau`` entry is skipped, never averaged in, so theta cannot become NaN. With
+``warm_start=False`` the weight is ``rate`` from the first update on, ``theta_0 = 0``: SAELens
+BatchTopK's own rule (an EMA from 0), for the exact twin of SAELens's ``batchtopk``
+(``batchtopk_zipf`` with ``threshold_rule="saelens"``).
 
 The tracker's state lives in persistent buffers *of the SAE* under the names the architecture
 gives (so checkpoints keep them and the state-dict keys stay flat). It also:
@@ -95,6 +98,8 @@ class ThresholdTracker:
         rate_field: the ``owner.cfg`` field holding the EMA rate.
         age: optional buffer name counting updates since each element last updated (long).
         calibrated: optional buffer name of a 0-d bool flag set by :meth:`set_calibrated`.
+        warm_start: a running mean before the EMA (``w_t = max(1/t, rate)``); ``False``: the EMA
+            from theta = 0 (``w_t = rate``), SAELens BatchTopK's rule.
     """
 
     def __init__(
@@ -107,8 +112,10 @@ class ThresholdTracker:
         rate_field: str,
         age: str | None = None,
         calibrated: str | None = None,
+        warm_start: bool = True,
     ):
         self.owner = owner
+        self.warm_start = warm_start
         self.value_name, self.steps_name, self.age_name, self.calibrated_name = value, steps, age, calibrated
         self.rate_field = rate_field
         dev = owner.W_dec.device  # type: ignore[attr-defined]
@@ -171,11 +178,11 @@ class ThresholdTracker:
                 tau = tau.expand_as(value)
             ok = torch.isfinite(tau)
             steps += ok.to(steps.dtype)
-            w = torch.where(
-                ok,
-                (1.0 / steps.clamp_min(1).double()).clamp_min(self.rate),
-                torch.zeros((), dtype=torch.double, device=value.device),
-            )
+            zero = torch.zeros((), dtype=torch.double, device=value.device)
+            if self.warm_start:
+                w = torch.where(ok, (1.0 / steps.clamp_min(1).double()).clamp_min(self.rate), zero)
+            else:  # SAELens BatchTopK: theta <- (1 - rate) theta + rate tau from theta_0 = 0
+                w = torch.where(ok, zero + self.rate, zero)
             value.lerp_(torch.where(ok, tau, value), w.to(value.dtype))
             if self.age_name is not None:
                 age = self.age

@@ -914,7 +914,15 @@ print("SAVED")
 """
 
 
-@pytest.mark.parametrize("kill_at, expect", [("written", "old"), ("synced", "old"), ("switched", "new")])
+#: the later kill points exercise this project's io module, the same at every SAELens version: at the
+#: floor version (tests/run.sh) the first shows the wrap of SAELens's final save holds (CI time budget)
+_LATER = pytest.mark.saelens_independent
+
+
+@pytest.mark.parametrize(
+    "kill_at, expect",
+    [("written", "old"), pytest.param("synced", "old", marks=_LATER), pytest.param("switched", "new", marks=_LATER)],
+)
 def test_plain_saelens_runner_killed_in_its_final_save_keeps_old_or_new(trained, tmp_path, kill_at, expect):
     out = tmp_path / "output"
     out.mkdir()
@@ -968,7 +976,14 @@ sys.exit(calibrate.main({argv!r}, override_model=tiny_model(), override_dataset=
 """
 
 
-@pytest.mark.parametrize("kill_at, expect", [("written", "old"), ("synced", "old"), ("removing_old", "new")])
+@pytest.mark.parametrize(
+    "kill_at, expect",
+    [
+        ("written", "old"),
+        pytest.param("synced", "old", marks=_LATER),
+        pytest.param("removing_old", "new", marks=_LATER),
+    ],
+)
 def test_calibrate_in_place_killed_leaves_old_or_new_and_no_debris(sae_copy, kill_at, expect):
     before = snapshot(sae_copy)
     proc = run_fresh(CALIBRATE_KILLED.format(kill_at=kill_at, argv=_calibrate_flags(sae_copy)), timeout=240)

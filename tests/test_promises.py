@@ -474,6 +474,7 @@ def test_benchmark_bad_flags_say_what_to_do(bench_run, capsys, argv, message):
     assert message in (str(exc.value.code) + capsys.readouterr().err)
 
 
+@pytest.mark.saelens_independent  # the benchmark harness: run once in CI, at the newest SAELens (tests/run.sh)
 def test_benchmark_module_help_in_a_fresh_interpreter():
     from sae_allocators.testing import run_fresh
 

@@ -10,6 +10,9 @@ mean over the first ``1/topk_threshold_lr`` steps before the EMA (SAELens's EMA 
 refusal of batches with a zero budget, rescaling when the activation-norm scaling factor is
 folded (on every SAELens version; SAELens fixed that in 6.4x), and calibration on held-out data
 at the end of training (:mod:`sae_allocators.calibration`).
+``threshold_rule="saelens"`` takes SAELens's own rule instead (the EMA from 0, no export correction);
+with ``calibrate=False``, ``outlier_norm_ratio=0`` and ``aux_loss="auxk"`` this is the exact sparse twin
+of SAELens's ``batchtopk`` (benchmark/configs.SPARSE_TWINS; tests/benchmark/test_sparse_baselines.py).
 Since both run the same selection, guard and threshold rule, ``batchtopk_zipf`` and ``mutual_choice``
 (with the same ``aux_loss``) now train bit-identically (the large preset's k = 16 records agree in
 every figure); ``mutual_choice`` is the name the docs use.
@@ -37,18 +40,34 @@ from sae_allocators.losses import AuxLossConfig, AuxLossMixin
 from sae_allocators.thresholds import CalibrationConfig, ExportSteering, ThresholdTracker, export_threshold
 
 NAME = "batchtopk_zipf"
+#: the values of ``threshold_rule`` (:class:`BatchTopKZipfTrainingSAEConfig`)
+THRESHOLD_RULES = ("tracked", "saelens")
 
 
 @dataclass
 class BatchTopKZipfTrainingSAEConfig(CalibrationConfig, AuxLossConfig, BatchTopKTrainingSAEConfig):
-    """SAELens ``BatchTopKTrainingSAEConfig`` plus the :class:`AuxLossConfig` fields (default ``zipf``)."""
+    """SAELens ``BatchTopKTrainingSAEConfig`` plus the :class:`AuxLossConfig` fields (default ``zipf``).
+
+    Attributes:
+        threshold_rule: how ``topk_threshold`` (the saved JumpReLU threshold) follows the batches'
+            smallest kept code: ``"tracked"`` (default) the project's running mean, then EMA, with the
+            export correction until calibration (:mod:`sae_allocators.thresholds`); ``"saelens"``
+            SAELens BatchTopK's EMA from 0 (``theta <- (1 - lr) theta + lr tau``), saved as it is.
+    """
 
     aux_loss: str = "zipf"
+    threshold_rule: str = "tracked"
 
     def __post_init__(self) -> None:
         self.check_shared_fields()  # types and d_in / d_sae first: the checks below compare them
         check_k(self.k, self.d_sae)
         check_rate(self.topk_threshold_lr, "topk_threshold_lr")
+        if self.threshold_rule not in THRESHOLD_RULES:
+            raise ValueError(
+                f"threshold_rule={self.threshold_rule!r} is invalid: use one of {', '.join(map(repr, THRESHOLD_RULES))} "
+                '("tracked": a running mean, then an EMA, steered to the training L0 until calibration; '
+                '"saelens": SAELens BatchTopK\'s EMA from 0).'
+            )
         super().__post_init__()
 
     @classmethod
@@ -78,7 +97,8 @@ class BatchTopKZipfTrainingSAE(SelectionStepMixin, AuxLossMixin, BatchTopKTraini
 
     def after_step(self, state: StepState, output: Any) -> None:
         self.update_topk_threshold(state.values.detach())
-        self.export_steering.update(state.hidden_pre, self.topk_threshold, self.cfg.k, group_of(self))
+        if self.steers_export:
+            self.export_steering.update(state.hidden_pre, self.topk_threshold, self.cfg.k, group_of(self))
         output.metrics["topk_threshold"] = self.topk_threshold
 
     training_only_buffers = ("threshold_steps", "threshold_calibrated", "threshold_export_scale")
@@ -91,8 +111,14 @@ class BatchTopKZipfTrainingSAE(SelectionStepMixin, AuxLossMixin, BatchTopKTraini
             steps="threshold_steps",
             rate_field="topk_threshold_lr",
             calibrated="threshold_calibrated",
+            warm_start=cfg.threshold_rule == "tracked",
         )
         self.export_steering = ExportSteering(self)
+
+    @property
+    def steers_export(self) -> bool:
+        """The export correction runs (``threshold_rule="tracked"``); SAELens's rule saves theta as it is."""
+        return self.cfg.threshold_rule == "tracked"
 
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch rule on ``x``, outlier guard included, as in a training step."""
@@ -116,10 +142,11 @@ class BatchTopKZipfTrainingSAE(SelectionStepMixin, AuxLossMixin, BatchTopKTraini
 
     def inference_thresholds(self) -> torch.Tensor:
         """The saved JumpReLU threshold for every feature: the calibrated theta if calibration ran,
-        else ``c * theta`` (the export correction, :class:`~sae_allocators.thresholds.ExportSteering`)."""
+        else ``c * theta`` (the export correction, :class:`~sae_allocators.thresholds.ExportSteering`;
+        theta itself under ``threshold_rule="saelens"``)."""
         theta = (
             self.topk_threshold
-            if self.threshold_tracker.is_calibrated
+            if self.threshold_tracker.is_calibrated or not self.steers_export
             else self.export_steering.apply(self.topk_threshold)
         )
         return theta.expand(self.cfg.d_sae)

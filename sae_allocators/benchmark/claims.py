@@ -101,6 +101,7 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "aux_loss": rs[0].get("aux_loss"),
             "auxk_counterpart": rs[0].get("auxk_counterpart"),
             "k_max": (rs[0].get("config_fields") or {}).get("k_max"),
+            "same_run_as": rs[0].get("same_run_as"),  # Settings.same_runs: another label's runs
             "seeds": len(rs),
             # per-seed values of the figures the claims pair over seeds (keys: the seed, as a string)
             "by_seed": {

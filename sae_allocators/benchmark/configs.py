@@ -226,12 +226,23 @@ OPTIONAL_VARIANTS: dict[str, tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
 #: SAELens baselines with an exact twin on this project's sparse training step: the same selection,
 #: decode, MSE and AuxK (SAELens's, over the trainer's dead set), so the same loss and gradients to float
 #: tolerance (tests/benchmark/test_sparse_baselines.py), at a quarter of SAELens's dense step on the CPU.
-#: ``--preset large`` trains its ``topk`` and ``abstopk`` baselines this way (``Settings.sparse_baselines``).
-#: ``batchtopk`` has none: batchtopk_zipf's threshold is the project's (a running mean before the EMA,
-#: calibrated at the end), so its saved JumpReLU model is not SAELens's.
+#: ``--preset large`` trains its ``topk``, ``abstopk`` and ``batchtopk`` baselines this way
+#: (``Settings.sparse_baselines``). ``batchtopk``'s twin also takes SAELens's threshold: its EMA from 0,
+#: no export correction, no calibration, and no outlier guard (SAELens ranks every row as it is), so
+#: the saved JumpReLU threshold is the one SAELens's ``batchtopk`` saves.
 SPARSE_TWINS: dict[str, tuple[str, tuple[tuple[str, Any], ...]]] = {
     "topk": ("topk_zipf", (("aux_loss", "auxk"), ("sparse_step", True))),
     "abstopk": ("abstopk_zipf", (("aux_loss", "auxk"), ("sparse_step", True))),
+    "batchtopk": (
+        "batchtopk_zipf",
+        (
+            ("aux_loss", "auxk"),
+            ("sparse_step", True),
+            ("threshold_rule", "saelens"),
+            ("calibrate", False),
+            ("outlier_norm_ratio", 0),
+        ),
+    ),
 }
 
 

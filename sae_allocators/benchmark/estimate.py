@@ -81,12 +81,15 @@ def estimate_seconds(st: Settings, d_in: int = 576, labels: list[str] | None = N
     """The LM part's run time on 2 idle CPU cores, from measured step costs scaled by the step's
     multiply-adds (N x d_in x d_sae): training steps per label, the activation cache, CE/KL (the blocks
     after the hook over ``ce_eval_sequences`` per SAE; a clean and a zero-ablated full forward once), the
-    other evaluations."""
+    other evaluations. ``runs`` counts the SAEs trained: the labels of ``Settings.same_runs`` are left out."""
     s = st.lm
     d_sae = s.d_sae or s.expansion * d_in
     n_ref, d_ref, f_ref = STEP_REF_SHAPE
     per_token_scale = (d_in * d_sae) / (d_ref * f_ref) / n_ref
     counts = lm_run_counts(st, labels)
+    # Settings.same_runs: a label whose runs are another planned label's is not trained
+    same = {lab for lab, trained in st.same_runs if lab in counts and trained in counts and trained != lab}
+    counts = {lab: n for lab, n in counts.items() if lab not in same}
     ctx = 128
     train: dict[str, float] = {}
     for lab, runs in counts.items():

@@ -213,14 +213,38 @@ def _source_section(meta: dict[str, Any], src: dict[str, Any], agg: list[dict[st
     if twins:
         L.append(_sparse_baselines_line(twins))
         L.append("")
+    same = sorted({(r["label"], r["same_run_as"]) for r in agg if r["dataset"] == d and r.get("same_run_as")})
+    if same:
+        L.append(_same_runs_line(same))
+        L.append("")
     return L
+
+
+def _same_runs_line(same: list[tuple[str, str]]) -> str:
+    """Which labels' rows are another label's runs (``Settings.same_runs``)."""
+    names = ", ".join(f"`{lab}` are `{trained}`'s" for lab, trained in same)
+    return (
+        f"Trained once: the rows of {names} runs (the same records, not trained again). The two train "
+        "bit-identically: the same selection rule, outlier guard, threshold and auxiliary loss "
+        "(tests/architectures/test_sparse_step.py checks every parameter, buffer and the calibrated saved "
+        "model bit for bit)."
+    )
 
 
 def _sparse_baselines_line(twins: list[tuple[str, str]]) -> str:
     """Which SAELens baselines were trained by their sparse twins (``Settings.sparse_baselines``)."""
-    names = ", ".join(f'`{lab}` as `{arch}` with `aux_loss="auxk"`' for lab, arch in twins)
+
+    def fields(lab: str) -> str:
+        return ", ".join(f"{key}={value!r}" for key, value in configs.SPARSE_TWINS[lab][1] if key != "sparse_step")
+
+    names = ", ".join(f"`{lab}` as `{arch}` with `{fields(lab)}`".replace("'", '"') for lab, arch in twins)
+    threshold = (
+        " (and for `batchtopk` the same threshold, an EMA from 0, saved as it is)"
+        if any(lab == "batchtopk" for lab, _ in twins)
+        else ""
+    )
     return (
-        f"Baselines on the sparse step: {names}: the same selection, decode, MSE and AuxK as SAELens's own "
+        f"Baselines on the sparse step: {names}: the same selection, decode, MSE and AuxK{threshold} as SAELens's own "
         "training step (loss and gradients equal to float tolerance: tests/benchmark/test_sparse_baselines.py), "
         "at a quarter of its CPU cost; saved as SAELens's architecture. Their step times, and the ratios to "
         "`topk`, are the sparse step's."

@@ -36,9 +36,14 @@ def fingerprint(st: Settings) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def run_tag(dataset: str, label: str, k: float, seed: int) -> str:
+    """A run's name in the records and the log: ``lm/mutual_choice/k32/seed0``."""
+    return f"{dataset}/{label}/k{k:g}/seed{seed}"
+
+
 def job_tag(job: tuple[Any, ...]) -> str:
     src, _, seed, k, p, _ = job
-    return f"{src.kind}/{p.label}/k{k:g}/seed{seed}"
+    return run_tag(src.kind, p.label, k, seed)
 
 
 def record_path(out: Path, tag: str) -> Path:

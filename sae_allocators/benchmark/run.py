@@ -27,6 +27,7 @@ from sae_allocators.benchmark.resume import (
     note_invocation,
     open_resume,
     record_path,
+    run_tag,
 )
 from sae_allocators.benchmark.settings import Settings, settings_dict
 from sae_allocators.benchmark.sources import _log
@@ -124,7 +125,9 @@ def run(st: Settings) -> Path:
             "from the measured step costs, docs/benchmark.md 'The large preset')"
         )
     sources = _build_sources(st, workdir)
-    jobs = _jobs(st, sources, todo, controls)
+    all_jobs = _jobs(st, sources, todo, controls)
+    same = _same_runs(st, all_jobs)  # tag -> the tag of the run whose record it takes (Settings.same_runs)
+    jobs = [j for j in all_jobs if job_tag(j) not in same]
     tags = [job_tag(j) for j in jobs]
     progress = Progress(tags, [f"{j[0].kind}/{j[4].label}" for j in jobs], set(done))  # time per dataset and label
     if progress.reused:
@@ -147,7 +150,12 @@ def run(st: Settings) -> Path:
             _log(progress.finished(tag, time.perf_counter() - t0, _one_time_seconds(sources) - once0))
             trained = len(progress.done) - progress.reused
             note_invocation(out, started, time.perf_counter() - t_start, trained, progress.reused, False, key)
-    records = [by_tag[t] for t in tags if t in by_tag]
+    for job in all_jobs:
+        tag = job_tag(job)
+        if tag in same and same[tag] in by_tag:
+            by_tag[tag] = _same_run_record(by_tag[same[tag]], job)
+            curves[tag] = curves[same[tag]]
+    records = [by_tag[job_tag(j)] for j in all_jobs if job_tag(j) in by_tag]
     _add_step_ratios(records)
     meta = _meta(st, env_start, sources, plans, controls, failures, device, t_start)
     invocations = note_invocation(
@@ -156,6 +164,7 @@ def run(st: Settings) -> Path:
     meta["resume"] = {
         "settings_fingerprint": fp,
         "runs": len(jobs),
+        "records_of_the_same_run": len(same),
         "runs_from_earlier_records": progress.reused,
         "invocations": invocations,
         "wall_seconds_all_invocations": sum(v["wall_seconds"] for v in invocations),
@@ -214,8 +223,8 @@ def _jobs(st: Settings, sources: list[Any], todo: list[Any], controls: dict[str,
                         continue  # chooses its own L0: trained once per seed
                     if not is_lm and p.extra.get("beta", st.gradient_betas[0]) != st.gradient_betas[0]:
                         continue  # no gradients off the LM: one beta is enough there
-                    if not is_lm and "outlier_norm_ratio" in p.extra:
-                        continue  # synthetic data has no outlier-norm rows: the guard-off run is the same run
+                    if not is_lm and "outlier_norm_ratio" in p.extra and p.label.startswith(f"{p.name}["):
+                        continue  # synthetic data has no outlier-norm rows: the guard-off variant is the same run
                     control = controls.get(p.entry.lm_live_control or "") if live and p.entry else None
                     if control is not None and control.label not in paired:
                         paired.add(control.label)
@@ -230,6 +239,36 @@ def _jobs(st: Settings, sources: list[Any], todo: list[Any], controls: dict[str,
                         f"{src.live_tokens():,} tokens per SAE"
                     )
     return jobs
+
+
+def _same_runs(st: Settings, jobs: list[tuple[Any, ...]]) -> dict[str, str]:
+    """``Settings.same_runs`` on these jobs: the tag of each run that is not trained -> the tag of the run
+    (same dataset, k and seed) whose record it takes; a run whose counterpart is not planned trains."""
+    pairs = dict(st.same_runs)
+    if not pairs:
+        return {}
+    planned = {job_tag(j) for j in jobs}
+    out = {}
+    for job in jobs:
+        src, _, seed, k, p, _ = job
+        twin = run_tag(src.kind, pairs[p.label], k, seed) if pairs.get(p.label, p.label) != p.label else None
+        if twin in planned:
+            out[job_tag(job)] = twin
+    return out
+
+
+def _same_run_record(rec: dict[str, Any], job: tuple[Any, ...]) -> dict[str, Any]:
+    """The record of ``job``'s run, which trains bit-identically to the run of ``rec``: ``rec`` under the
+    job's label, architecture and provider, marked ``same_run_as``."""
+    p = job[4]
+    return {
+        **rec,
+        "architecture": p.name,
+        "label": p.label,
+        "provider": p.provider,
+        "run": job_tag(job),
+        "same_run_as": rec["label"],
+    }
 
 
 def _train_and_evaluate(

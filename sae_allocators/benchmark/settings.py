@@ -52,6 +52,11 @@ class Settings:
     #: SAELens baselines trained by their exact twin on the sparse step (configs.SPARSE_TWINS; the
     #: large preset: ``topk``, ``abstopk``), same label; the report says so
     sparse_baselines: tuple[str, ...] = ()
+    #: ``(label, trained)`` pairs of labels that train bit-identically (the same rule, guard, threshold and
+    #: auxiliary loss: tests/architectures/test_sparse_step.py): ``label``'s runs are not trained, their
+    #: records are ``trained``'s at the same k and seed (marked ``same_run_as``); the report says so.
+    #: The large preset: ``batchtopk_zipf`` is ``mutual_choice``.
+    same_runs: tuple[tuple[str, str], ...] = ()
 
 
 def quick_settings(out: Path) -> Settings:
@@ -191,7 +196,8 @@ def large_settings(out: Path) -> Settings:
         lm_live_ks=(),
         lm_live_seeds=0,
         labels=LARGE_LABELS,
-        sparse_baselines=("topk", "abstopk"),
+        sparse_baselines=("topk", "abstopk", "batchtopk"),
+        same_runs=(("batchtopk_zipf", "mutual_choice"),),
         keep_saes=True,
         preset="large",
     )

@@ -25,7 +25,7 @@ from sae_allocators.architectures.gradient_topk import GradientTopKTrainingSAE, 
 from sae_allocators.architectures.mutual_choice import MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig
 from sae_allocators.architectures.top_afa import TopAFATrainingSAE, TopAFATrainingSAEConfig
 from sae_allocators.architectures.topk_zipf import TopKZipfTrainingSAE, TopKZipfTrainingSAEConfig
-from helpers import codes
+from helpers import codes, step_input
 
 D_IN, D_SAE = 16, 64
 
@@ -348,3 +348,47 @@ def test_sparse_step_input_gradient_path_when_input_requires_grad(arch: str) -> 
     torch.testing.assert_close(xg.grad, xd.grad, rtol=1e-4, atol=1e-5)
     for name in grads_d:
         torch.testing.assert_close(grads_s[name], grads_d[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("aux_loss", ["zipf", "auxk"])
+def test_batchtopk_zipf_trains_bit_identically_to_mutual_choice(aux_loss: str) -> None:
+    """The same rule, outlier guard, threshold tracker, export correction and auxiliary loss: step
+    after step (Adam on both) every parameter and buffer is bit-identical, and so are the calibrated
+    saved models. The large preset relies on it: it trains ``batchtopk_zipf``'s runs once, as
+    ``mutual_choice``'s (``Settings.same_runs``); if this fails, that shortcut must go."""
+    from sae_allocators.calibration import calibrate
+
+    kw = dict(d_in=D_IN, d_sae=D_SAE, k=4.0, aux_loss=aux_loss, topk_threshold_lr=0.1)
+    if aux_loss == "zipf":
+        kw["zipf_min_steps"] = 0
+    torch.manual_seed(0)
+    mc = MutualChoiceTrainingSAE(MutualChoiceTrainingSAEConfig(**kw))
+    torch.manual_seed(0)
+    bz = BatchTopKZipfTrainingSAE(BatchTopKZipfTrainingSAEConfig(**kw))
+    opts = [torch.optim.Adam(s.parameters(), lr=1e-2) for s in (mc, bz)]
+    dead = _dead_mask()
+    for step in range(8):
+        x = _batch("mutual_choice", seed=step)
+        x[3] *= 60  # an outlier-norm row: the guard ranks it down, on both
+        for sae, opt in zip((mc, bz), opts):
+            opt.zero_grad()
+            out = sae.training_forward_pass(step_input(x, dead, step=step))
+            out.loss.backward()
+            opt.step()
+    a, b = mc.state_dict(), bz.state_dict()
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert float(mc.threshold_export_scale) != 1.0  # the export correction ran (on both)
+    held_out = [_batch("mutual_choice", seed=100 + i) for i in range(3)]
+    fits = [calibrate(s, held_out, 3 * 48) for s in (mc, bz)]
+    assert fits[0].rule == fits[1].rule == "global" and torch.equal(fits[0].theta, fits[1].theta)
+    assert mc.threshold_tracker.is_calibrated and bz.threshold_tracker.is_calibrated
+    saved = []
+    for s in (mc, bz):
+        d = dict(s.state_dict())
+        s.process_state_dict_for_saving_inference(d)
+        saved.append(d)
+    assert set(saved[0]) == set(saved[1])
+    for name in saved[0]:
+        assert torch.equal(saved[0][name], saved[1][name]), name

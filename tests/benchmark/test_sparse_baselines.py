@@ -1,4 +1,4 @@
-"""The large preset's shortcuts are exact: the ``topk`` and ``abstopk`` baselines trained by their
+"""The large preset's shortcuts are exact: the ``topk``, ``abstopk`` and ``batchtopk`` baselines trained by their
 sparse twins (configs.SPARSE_TWINS) take SAELens's own training step, and the CE/KL splice that
 starts from the cached hooked activation gives the logits of the full hooked forward."""
 
@@ -75,8 +75,53 @@ def test_on_sparse_step_keeps_labels_and_names_the_twin() -> None:
     ctx = configs.Context(d_in=D_IN, d_sae=D_SAE, ks=(4.0,))
     cfg = configs.build_training_config(by_label["topk"], 4, ctx)
     assert type(cfg).__name__ == "TopKZipfTrainingSAEConfig" and cfg.k == 4 and cfg.aux_loss == "auxk"
-    with pytest.raises(ValueError, match="batchtopk: no sparse twin"):
-        configs.on_sparse_step(plans, ("batchtopk",))
+    with pytest.raises(ValueError, match="mutual_choice: no sparse twin"):
+        configs.on_sparse_step(plans, ("mutual_choice",))
+    twin = configs.on_sparse_step(plans, ("batchtopk",))
+    assert {p.label: p.name for p in twin}["batchtopk"] == "batchtopk_zipf"
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_batchtopk_twin_keeps_saelens_threshold_and_saves_saelens_model(rescale: bool) -> None:
+    """Over several steps of training (Adam on both), the twin's threshold follows SAELens's EMA from 0
+    and its saved JumpReLU threshold is SAELens's: no running-mean warm start, no export correction,
+    no calibration, no outlier guard (the batch below has an outsized row, which the guard would rank down)."""
+    twin, extra = configs.SPARSE_TWINS["batchtopk"]
+    base_cls, base_cfg = get_sae_training_class("batchtopk")
+    twin_cls, twin_cfg = get_sae_training_class(twin)
+    kw = dict(d_in=D_IN, d_sae=D_SAE, k=K, rescale_acts_by_decoder_norm=rescale, topk_threshold_lr=0.2)
+    torch.manual_seed(0)
+    ours = twin_cls(twin_cfg(**kw, **dict(extra)))
+    theirs = base_cls(base_cfg(**kw))
+    theirs.load_state_dict(ours.state_dict(), strict=False)
+    opt_a = torch.optim.Adam(ours.parameters(), lr=1e-2)
+    opt_b = torch.optim.Adam(theirs.parameters(), lr=1e-2)
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    g = torch.Generator().manual_seed(5)
+    for step in range(6):
+        x = _batch() + torch.randn(48, D_IN, generator=g) * 0.1 * step
+        outs = []
+        for sae, opt in ((ours, opt_a), (theirs, opt_b)):
+            opt.zero_grad()
+            out = sae.training_forward_pass(step_input(x, dead, step=step))
+            out.loss.backward()
+            opt.step()
+            outs.append(out)
+        assert torch.equal(codes(outs[0]) != 0, codes(outs[1]) != 0), step  # the same selection, step after step
+        torch.testing.assert_close(ours.topk_threshold, theirs.topk_threshold, rtol=1e-5, atol=1e-7, msg=f"step {step}")
+    assert float(theirs.topk_threshold) > 0
+    for name, p in theirs.named_parameters():
+        torch.testing.assert_close(dict(ours.named_parameters())[name], p, rtol=1e-4, atol=1e-5, msg=name)
+    saved_a, saved_b = dict(ours.state_dict()), dict(theirs.state_dict())
+    ours.process_state_dict_for_saving_inference(saved_a)
+    theirs.process_state_dict_for_saving_inference(saved_b)
+    torch.testing.assert_close(saved_a["threshold"], saved_b["threshold"], rtol=1e-5, atol=1e-7)
+
+
+def test_batchtopk_zipf_threshold_rule_is_checked() -> None:
+    _, cfg_cls = get_sae_training_class("batchtopk_zipf")
+    with pytest.raises(ValueError, match=r"threshold_rule='ema' is invalid: use one of 'tracked', 'saelens'"):
+        cfg_cls(d_in=D_IN, d_sae=D_SAE, k=K, threshold_rule="ema")
 
 
 @pytest.mark.saelens_independent  # TransformerLens only: run once in CI, at the newest SAELens (tests/run.sh)
@@ -138,14 +183,21 @@ def test_a_run_with_sparse_baselines_trains_the_twin_and_says_so(tmp_path: Path)
                 eval_samples=512,
                 dead_feature_window=20,
             ),
-            archs=["topk", "mutual_choice"],
+            archs=["topk", "batchtopk", "mutual_choice"],
             device="cpu",
-            sparse_baselines=("topk",),
+            sparse_baselines=("topk", "batchtopk"),
         )
     )
     doc = json.loads((out / "report.json").read_text())
     topk = [r for r in doc["runs"] if r["label"] == "topk"]
     assert topk and all(r["architecture"] == "topk_zipf" and r["aux_loss"] == "auxk" for r in topk)
     assert all(r["inference_architecture"] == "topk" for r in topk)  # saved as SAELens's topk
+    btk = [r for r in doc["runs"] if r["label"] == "batchtopk"]
+    assert btk and all(r["architecture"] == "batchtopk_zipf" and r["inference_architecture"] == "jumprelu" for r in btk)
     assert check.problems(out) == []
-    assert "Baselines on the sparse step: `topk` as `topk_zipf`" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert (
+        'Baselines on the sparse step: `batchtopk` as `batchtopk_zipf` with `aux_loss="auxk", '
+        'threshold_rule="saelens", calibrate=False, outlier_norm_ratio=0`, `topk` as `topk_zipf` with '
+        '`aux_loss="auxk"`' in text
+    )
