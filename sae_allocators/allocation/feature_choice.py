@@ -21,6 +21,7 @@ Two pure pieces:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -111,12 +112,34 @@ def usage_rank(usage: torch.Tensor) -> torch.Tensor:
 _FEATURES_PER_TOPK = 4096
 
 
+def _bucketed_top(
+    rows: torch.Tensor, caps: torch.Tensor, which: torch.Tensor
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The largest values of each row ``j`` of ``rows`` [F, L] with ``which[j]``, enough to read its
+    ``caps[j]``-th largest (``1 <= caps[j] <= L``): yields ``(members, top)``, ``top`` [len(members), kb]
+    sorted descending. Rows are bucketed by ``ceil(log2(caps))`` (1, 2, 3-4, 5-8, ...) and each bucket
+    takes one ``torch.topk`` with its largest capacity ``kb`` -- at most twice the smallest it serves; a
+    full sort of every row costs several times more -- in blocks of :data:`_FEATURES_PER_TOPK` rows (a
+    view where a block is a range of rows, else a copy of that block only). The one bucketing of
+    :func:`column_thresholds` and :func:`block_lower_bounds`."""
+    bucket = torch.ceil(torch.log2(caps.clamp_min(1).double())).long()
+    for b in torch.unique(bucket[which]).tolist():
+        in_bucket = (which & (bucket == b)).nonzero().squeeze(1)
+        kb = int(caps[in_bucket].max())
+        for members in in_bucket.split(_FEATURES_PER_TOPK):
+            lo, hi = int(members[0]), int(members[-1]) + 1
+            sub = rows[lo:hi] if hi - lo == members.numel() else rows.index_select(0, members)
+            yield (
+                members,
+                (sub.amax(dim=1, keepdim=True) if kb == 1 else torch.topk(sub, kb, dim=1, sorted=True).values),
+            )
+
+
 def column_thresholds(affinity: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
     """``tau_j`` = the smallest *positive* value among the ``caps[j]`` largest of column j (exact).
 
     That is the ``caps[j]``-th largest value when it is positive; ``+inf`` when ``caps[j] == 0``
-    or the column has no positive value. Features are bucketed by ``ceil(log2(caps))`` so each
-    ``torch.topk`` call uses a ``k`` at most twice the smallest capacity it serves.
+    or the column has no positive value. One ``torch.topk`` per capacity bucket (:func:`_bucketed_top`).
     """
     n, f = affinity.shape
     tau = torch.full((f,), math.inf, dtype=affinity.dtype, device=affinity.device)
@@ -127,21 +150,12 @@ def column_thresholds(affinity: torch.Tensor, caps: torch.Tensor) -> torch.Tenso
     if not bool(pos.any()):
         return tau
     cols = affinity.detach().t().contiguous()  # [F, N]: topk along a contiguous dimension
-    bucket = torch.where(pos, torch.ceil(torch.log2(caps.clamp_min(1).double())).long(), torch.full_like(caps, -1))
-    for b in torch.unique(bucket[pos]).tolist():
-        in_bucket = (bucket == b).nonzero().squeeze(1)
-        kb = int(caps[in_bucket].max())
-        # a bucket's rows in blocks (a view where the block is a range of features, else a copy of the
-        # block only): the sorted top-kb values of a row do not depend on which rows share the call
-        for members in in_bucket.split(_FEATURES_PER_TOPK):
-            lo, hi = int(members[0]), int(members[-1]) + 1
-            rows = cols[lo:hi] if hi - lo == members.numel() else cols.index_select(0, members)
-            top = torch.topk(rows, kb, dim=-1, sorted=True).values
-            m = caps[members]
-            kept = (top > 0) & (torch.arange(kb, device=top.device)[None, :] < m[:, None])
-            count = kept.sum(dim=1)
-            smallest = top.gather(1, (count - 1).clamp_min(0)[:, None]).squeeze(1)
-            tau[members] = torch.where(count > 0, smallest, torch.full_like(smallest, math.inf))
+    for members, top in _bucketed_top(cols, caps, pos):
+        m = caps[members]
+        kept = (top > 0) & (torch.arange(top.shape[1], device=top.device)[None, :] < m[:, None])
+        count = kept.sum(dim=1)
+        smallest = top.gather(1, (count - 1).clamp_min(0)[:, None]).squeeze(1)
+        tau[members] = torch.where(count > 0, smallest, torch.full_like(smallest, math.inf))
     return tau
 
 
@@ -263,18 +277,8 @@ def block_lower_bounds(pre: torch.Tensor, caps: torch.Tensor) -> tuple[torch.Ten
     if not bool(covered.any()):
         return bound, covered
     per_feature = maxima.t().contiguous()  # [F, b]: each feature's block maxima along a contiguous row
-    # capacity buckets (1, 2, 3-4, 5-8, ...): one torch.topk per bucket with the bucket's largest m, as
-    # column_thresholds does (a full sort of every feature's b maxima costs several times more)
-    bucket = torch.ceil(torch.log2(caps.clamp_min(1).double())).long()
-    for bk in torch.unique(bucket[covered]).tolist():
-        members = (covered & (bucket == bk)).nonzero().squeeze(1)
-        rows = per_feature.index_select(0, members)
-        kb = min(1 << bk, b)
-        if kb == 1:
-            bound[members] = rows.amax(dim=1)
-        else:
-            top = torch.topk(rows, kb, dim=1, sorted=True).values
-            bound[members] = top.gather(1, (caps[members] - 1).long()[:, None]).squeeze(1)
+    for members, top in _bucketed_top(per_feature, caps, covered):  # the caps[j]-th largest block maximum
+        bound[members] = top.gather(1, (caps[members] - 1).long()[:, None]).squeeze(1)
     return bound, covered
 
 

@@ -50,7 +50,7 @@ class Settings:
     #: context size, --tiny-lm, cache folder): part of the settings' fingerprint (resuming)
     data_args: dict[str, Any] = field(default_factory=dict)
     #: SAELens baselines trained by their exact twin on the sparse step (configs.SPARSE_TWINS; the
-    #: large preset: ``topk``, ``abstopk``), same label; the report says so
+    #: large preset: ``topk``, ``abstopk``, ``batchtopk``), same label; the report says so
     sparse_baselines: tuple[str, ...] = ()
     #: ``(label, trained)`` pairs of labels that train bit-identically (the same rule, guard, threshold and
     #: auxiliary loss: tests/architectures/test_sparse_step.py): ``label``'s runs are not trained, their
@@ -168,11 +168,12 @@ def large_settings(out: Path) -> Settings:
     per step, kept because the two usual scalings cancel (lr ~ 1/sqrt(d_sae): x0.5; lr ~ sqrt(batch):
     x4 -- roughly, x2 for Adam at this size); not swept at this scale. The trained SAEs are kept
     (``<out>/saes``) and every run's record is saved as it finishes (``<out>/runs``): rerunning the
-    same command resumes. ``topk`` and ``abstopk`` train on their exact sparse twins
-    (configs.SPARSE_TWINS: SAELens's step, a quarter of its CPU cost). No synthetic data, no
-    gradient_topk (its live store costs a full LM forward and backward per token: about 1M x 10 ms =
-    3 h per SAE on the CPU), no second layer: the estimate (``estimate_seconds``, docs/benchmark.md)
-    is already over the 3-hour limit (3.2 h) without them."""
+    same command resumes. ``topk``, ``abstopk`` and ``batchtopk`` train on their exact sparse twins
+    (configs.SPARSE_TWINS: SAELens's step, a quarter of its CPU cost), and ``batchtopk_zipf``'s runs are
+    ``mutual_choice``'s (``same_runs``: the two train bit-identically), so 51 of the 58 SAEs train. No
+    synthetic data, no gradient_topk (its live store costs a full LM forward and backward per token: about
+    1M x 10 ms = 3 h per SAE on the CPU), no second layer: the estimate (``estimate_seconds``,
+    docs/benchmark.md) is 2.2 h without them, the earlier records' fastest runs say about 2.5 h."""
     return Settings(
         out=out,
         datasets=("lm",),
