@@ -14,8 +14,10 @@ at the end of training (:mod:`sae_allocators.calibration`).
 with ``calibrate=False``, ``outlier_norm_ratio=0`` and ``aux_loss="auxk"`` this is the exact sparse twin
 of SAELens's ``batchtopk`` (benchmark/configs.SPARSE_TWINS; tests/benchmark/test_sparse_baselines.py).
 Since both run the same selection, guard and threshold rule, ``batchtopk_zipf`` and ``mutual_choice``
-(with the same ``aux_loss``) now train bit-identically (the large preset's k = 16 records agree in
-every figure); ``mutual_choice`` is the name the docs use.
+(with the same ``aux_loss``) train bit-identically (tests/architectures/test_sparse_step.py, every
+parameter, buffer and the calibrated saved model; the earlier large preset's 7 pairs of records agree in
+every figure), so the large preset trains them once (``Settings.same_runs``); ``mutual_choice`` is the
+name the docs use.
 """
 
 from __future__ import annotations
