@@ -7,7 +7,7 @@ from typing import Any
 
 from sae_allocators import names
 from sae_allocators.benchmark import configs
-from sae_allocators.benchmark.settings import Settings
+from sae_allocators.benchmark.settings import Settings, untrained_same_runs
 
 
 #: median full training step in ms (forward, losses, backward, clipping, Adam) at N=4096 tokens,
@@ -88,7 +88,7 @@ def estimate_seconds(st: Settings, d_in: int = 576, labels: list[str] | None = N
     per_token_scale = (d_in * d_sae) / (d_ref * f_ref) / n_ref
     counts = lm_run_counts(st, labels)
     # Settings.same_runs: a label whose runs are another planned label's is not trained
-    same = {lab for lab, trained in st.same_runs if lab in counts and trained in counts and trained != lab}
+    same = untrained_same_runs(st.same_runs, counts)
     counts = {lab: n for lab, n in counts.items() if lab not in same}
     ctx = 128
     train: dict[str, float] = {}

@@ -238,9 +238,11 @@ def _sparse_baselines_line(twins: list[tuple[str, str]]) -> str:
         return ", ".join(f"{key}={value!r}" for key, value in configs.SPARSE_TWINS[lab][1] if key != "sparse_step")
 
     names = ", ".join(f"`{lab}` as `{arch}` with `{fields(lab)}`".replace("'", '"') for lab, arch in twins)
+    saelens_threshold = [lab for lab, _ in twins if ("threshold_rule", "saelens") in configs.SPARSE_TWINS[lab][1]]
     threshold = (
-        " (and for `batchtopk` the same threshold, an EMA from 0, saved as it is)"
-        if any(lab == "batchtopk" for lab, _ in twins)
+        f" (and for {', '.join(f'`{lab}`' for lab in saelens_threshold)} the same threshold, an EMA from 0, "
+        "saved as it is)"
+        if saelens_threshold
         else ""
     )
     return (

@@ -29,7 +29,7 @@ from sae_allocators.benchmark.resume import (
     record_path,
     run_tag,
 )
-from sae_allocators.benchmark.settings import Settings, settings_dict
+from sae_allocators.benchmark.settings import Settings, settings_dict, untrained_same_runs
 from sae_allocators.benchmark.sources import _log
 
 
@@ -244,14 +244,12 @@ def _jobs(st: Settings, sources: list[Any], todo: list[Any], controls: dict[str,
 def _same_runs(st: Settings, jobs: list[tuple[Any, ...]]) -> dict[str, str]:
     """``Settings.same_runs`` on these jobs: the tag of each run that is not trained -> the tag of the run
     (same dataset, k and seed) whose record it takes; a run whose counterpart is not planned trains."""
-    pairs = dict(st.same_runs)
-    if not pairs:
-        return {}
+    pairs = untrained_same_runs(st.same_runs, {j[4].label for j in jobs})
     planned = {job_tag(j) for j in jobs}
     out = {}
     for job in jobs:
         src, _, seed, k, p, _ = job
-        twin = run_tag(src.kind, pairs[p.label], k, seed) if pairs.get(p.label, p.label) != p.label else None
+        twin = run_tag(src.kind, pairs[p.label], k, seed) if p.label in pairs else None
         if twin in planned:
             out[job_tag(job)] = twin
     return out

@@ -210,6 +210,14 @@ PRESETS = {"default": default_settings, "quick": quick_settings, "gpu": gpu_sett
 DEFAULT_OUT = {"large": Path("reports") / "large"}
 
 
+def untrained_same_runs(same_runs: tuple[tuple[str, str], ...], planned: Any) -> dict[str, str]:
+    """``Settings.same_runs`` on the planned labels: each label that is not trained -> the label whose
+    runs it takes. A pair counts only when both labels are planned (and differ): a label whose
+    counterpart is not planned trains as usual. Used by the run (on jobs) and the estimate (on counts)."""
+    planned = set(planned)
+    return {lab: trained for lab, trained in same_runs if lab in planned and trained in planned and trained != lab}
+
+
 def settings_dict(st: Settings) -> dict[str, Any]:
     """The settings as JSON-able values (the callables that load data left out; ``out`` as a string)."""
     d = {k: v for k, v in asdict(st).items() if k not in ("lm_data", "live_lm_data")}

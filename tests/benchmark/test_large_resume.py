@@ -446,3 +446,20 @@ def test_same_runs_take_the_trained_labels_records_and_the_report_says_so(tmp_pa
     run_mod.run(st)
     assert trained == []
     assert json.loads((out / "report.json").read_text())["runs"] == doc["runs"]
+
+
+def test_same_runs_apply_only_when_both_labels_are_planned():
+    """One rule for the run (on jobs) and the estimate (on label counts): a label is not trained only when
+    the label it copies is planned too; a pair of a label with itself is no pair."""
+    from sae_allocators.benchmark.estimate import estimate_seconds
+    from sae_allocators.benchmark.settings import large_settings, untrained_same_runs
+
+    pairs = (("batchtopk_zipf", "mutual_choice"), ("topk", "topk"))
+    assert untrained_same_runs(pairs, ["batchtopk_zipf", "mutual_choice", "topk"]) == {
+        "batchtopk_zipf": "mutual_choice"
+    }
+    assert untrained_same_runs(pairs, {"batchtopk_zipf": 7, "topk": 7}) == {}  # mutual_choice not planned
+    st = large_settings(Path("unused"))
+    assert estimate_seconds(st)["runs"] == 51
+    without = estimate_seconds(st, labels=["topk", "batchtopk_zipf"])
+    assert without["runs_per_label"] == {"topk": 7, "batchtopk_zipf": 7}  # no mutual_choice: it trains
