@@ -463,3 +463,49 @@ def test_same_runs_apply_only_when_both_labels_are_planned():
     assert estimate_seconds(st)["runs"] == 51
     without = estimate_seconds(st, labels=["topk", "batchtopk_zipf"])
     assert without["runs_per_label"] == {"topk": 7, "batchtopk_zipf": 7}  # no mutual_choice: it trains
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings (Linux)")
+def test_a_finished_run_leaves_no_mapping_of_the_activation_cache(tmp_path, monkeypatch):
+    """Each run's SAELens store maps the cached activations; the benchmark frees them before the next run
+    (reference cycles: without run.py's gc.collect() the mappings piled up, one per run of the large preset)."""
+    from sae_allocators.benchmark import lm_data
+    from sae_allocators.benchmark import run as run_mod
+    from sae_allocators.benchmark.lm_source import LMScale
+    from sae_allocators.benchmark.settings import Settings
+
+    def cache_maps() -> int:
+        return sum(1 for line in Path("/proc/self/maps").read_text().splitlines() if line.endswith(".arrow"))
+
+    seen: list[int] = []
+    real = run_mod._train_and_evaluate
+
+    def counting(*a, **kw):
+        seen.append(cache_maps())  # at the start of each run: what the earlier runs left mapped
+        return real(*a, **kw)
+
+    monkeypatch.setattr(run_mod, "_train_and_evaluate", counting)
+    st = Settings(
+        out=tmp_path / "report",
+        datasets=("lm",),
+        lm_ks=(4, 8),
+        lm_seeds=1,
+        lm_spread_seeds=1,
+        lm=LMScale(
+            hook_layer=1,
+            expansion=2,
+            training_tokens=40 * 64,
+            train_batch_size=64,
+            eval_sequences=8,
+            ce_eval_sequences=2,
+            dead_feature_window=20,
+            store_batch_size_prompts=8,
+            norm_estimate_batches=2,
+        ),
+        archs=["topk"],
+        labels=("topk",),
+        lm_data=lambda: lm_data.tiny_lm_data(context_size=16, n_rows=128, n_eval=8, device="cpu"),
+        device="cpu",
+    )
+    run_mod.run(st)
+    assert len(seen) == 2 and seen[1] == 0, seen  # the run at k = 8 starts with nothing of k = 4's mapped
