@@ -4,7 +4,7 @@
 #   bash benchmarks/run.sh                 # default run (about 30 min on 2 idle CPU cores): report in reports/<time>/
 #   bash benchmarks/run.sh --quick         # CI smoke run (~3 min on 2 CPU cores)
 #   bash benchmarks/run.sh --preset gpu    # one 24-80 GB GPU, about an hour (untested: docs/benchmark.md)
-#   bash benchmarks/run.sh --preset large  # the LM at scale (issue 24), 2.2 h on 2 idle cores by estimate, about 2.5 h by earlier records (docs/benchmark.md);
+#   bash benchmarks/run.sh --preset large  # the LM at scale (issue 24), 2.7 h measured on 2 CPU cores from an empty cache (docs/report-large);
 #                                          # report in reports/large; rerun the same command to resume
 #   bash benchmarks/run.sh --device cpu    # --device auto (default: CUDA when torch sees one), cpu, cuda[:N]
 #   bash benchmarks/run.sh --out reports/mine --datasets synthetic --arch topk --arch mutual_choice

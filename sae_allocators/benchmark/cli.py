@@ -48,7 +48,7 @@ def parser(prog: str = "python -m sae_allocators.benchmark") -> argparse.Argumen
         default=None,
         help="sizes: default (about 30 min on 2 idle CPU cores), quick (CI smoke run), gpu (one 24-80 GB GPU, "
         "about an hour, untested until run on one: docs/benchmark.md), large (the LM at scale: d_sae 4,608, "
-        "1M tokens per SAE, 58 SAEs of which 51 trained; estimated 2.2-2.5 h on 2 idle CPU cores, docs/benchmark.md; "
+        "1M tokens per SAE, 58 SAEs of which 51 trained; 2.7 h measured on 2 CPU cores from an empty cache, docs/report-large; "
         "report in "
         "reports/large unless --out, and rerunning the same command resumes); other options override its values",
     )

@@ -173,7 +173,7 @@ def large_settings(out: Path) -> Settings:
     ``mutual_choice``'s (``same_runs``: the two train bit-identically), so 51 of the 58 SAEs train. No
     synthetic data, no gradient_topk (its live store costs a full LM forward and backward per token: about
     1M x 10 ms = 3 h per SAE on the CPU), no second layer: the estimate (``estimate_seconds``,
-    docs/benchmark.md) is 2.2 h without them, the earlier records' fastest runs say about 2.5 h."""
+    docs/benchmark.md) is 2.2 h without them; the committed run (docs/report-large) took 2.7 h from an empty cache."""
     return Settings(
         out=out,
         datasets=("lm",),
