@@ -348,6 +348,16 @@ def _allocation_calls():
             lambda: gradient.gradient_topk_indices(pre, grad, dec, 4, 2.0, "batch"),
             lambda: gradient.gradient_topk_indices(pre, None, dec, 4, 2.0, "batch"),
             lambda: gradient.gradient_topk(pre, grad, dec, 4, 2.0, "token"),
+            # the exact bfloat16 screen and its parts (auto-applied from 8192 features; forced here)
+            lambda: gradient.gradient_topk_indices(pre, grad, dec, 4, 2.0, "batch", screen=True, unit_rows=True),
+            lambda: gradient.screened_topk_indices(pre, grad, dec, 4, 2.0, stats={}),
+            lambda: gradient.screened_topk_indices(pre, grad * 1e4, dec, 4, 2.0, unit_rows=True),  # misfit rows
+            lambda: gradient.screened_topk_indices(pre, grad, dec, 4, 2.0, spare=2),  # 7 of 16 blocks: the block top-m
+            lambda: gradient.screen_applies(pre, grad, dec, 4),
+            lambda: gradient.screen_slack(norms, norms.max(), D_IN, 2.0),
+            lambda: gradient.decoder_directions(dec, True),
+            lambda: gradient.candidate_attribution(grad, dec, first_five.expand(N, 5)),
+            lambda: gradient.candidate_attribution_plain(grad, dec, first_five.expand(N, 5)),
         ],
         signed: [
             lambda: signed.abs_topk(pre, 4),
@@ -357,7 +367,7 @@ def _allocation_calls():
             lambda: signed.signed_mutual_choice_select(pre, 4.0),
             lambda: signed.signed_mutual_choice_reference(small, 2.0),
         ],
-        topk: [lambda: topk.topk_indices(pre, 4)],
+        topk: [lambda: topk.topk_indices(pre, 4), lambda: topk.row_topk_by_blocks(pre, 5)],
         outliers: [
             lambda: outliers.row_norms(x),
             lambda: outliers.row_norms(x.half()),

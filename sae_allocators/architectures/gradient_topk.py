@@ -42,19 +42,14 @@ def _check_fields(cfg: Any) -> None:
         raise ValueError(f"k={cfg.k!r} must be an integer in [1, d_sae={cfg.d_sae}]")
 
 
-def _decoder_directions(sae: Any) -> torch.Tensor:
-    """What one unit of each code adds to the reconstruction (rows of W_dec, unit-norm if rescaled)."""
-    w = sae.W_dec
-    return w / w.norm(dim=-1, keepdim=True).clamp_min(1e-8) if sae.cfg.rescale_acts_by_decoder_norm else w
-
-
 def _encode(sae: Any, x: torch.Tensor, grad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """TopK's encode with the g-SAE selection; returns ``(feature_acts, hidden_pre)``."""
     hidden_pre = pre_activations(sae, x)
     if grad is not None:
         grad = sae.reshape_fn_in(grad)  # identity unless hook_z reshaping is on, as for x
+    cfg = sae.cfg
     codes = gradient_topk(
-        hidden_pre, grad, _decoder_directions(sae), sae.cfg.k, sae.cfg.beta, sae.cfg.grad_normalization
+        hidden_pre, grad, sae.W_dec, cfg.k, cfg.beta, cfg.grad_normalization, cfg.rescale_acts_by_decoder_norm
     )
     if getattr(sae.cfg, "use_sparse_activations", False):
         codes = codes.to_sparse()
@@ -175,7 +170,13 @@ class GradientTopKTrainingSAE(SelectionStepMixin, AuxLossMixin, TopKTrainingSAE)
             if group is not None and mode == "batch":  # data-parallel: the global batch's mean gradient norm
                 grad, mode = grad / global_mean(grad.norm(dim=-1), group).clamp_min(1e-12), "none"
         indices, keep = gradient_topk_indices(
-            hidden_pre, grad, _decoder_directions(self), self.cfg.k, self.cfg.beta, mode
+            hidden_pre,
+            grad,
+            self.W_dec,
+            self.cfg.k,
+            self.cfg.beta,
+            mode,
+            unit_rows=self.cfg.rescale_acts_by_decoder_norm,
         )
         return sparse.from_row_indices(indices, hidden_pre.shape[-1], keep)
 

@@ -147,6 +147,42 @@ def test_training_forward_pass_splits_packed_rows():
     torch.testing.assert_close(codes(out), gradient_topk(pre, g, dirs, 4, 4.0, "batch"))
 
 
+@pytest.mark.parametrize("rescale", [True, False], ids=["rescale", "norescale"])
+def test_a_wide_sae_selects_through_the_screen_and_keeps_the_reference_codes(monkeypatch, rescale):
+    """d_sae 8192: the step's selection goes through the exact bfloat16 screen (forced on here, as on
+    a CPU or GPU with bfloat16 kernels) and keeps what the float32 reference keeps, on the SAE's own
+    decoder directions (unit rows when rescaling)."""
+    from sae_lens.saes.sae import TrainStepInput
+
+    from sae_allocators.allocation import gradient as G
+
+    screened, real = [], G.screened_topk_indices
+    monkeypatch.setattr(G, "screen_applies", lambda *a: True)
+    monkeypatch.setattr(G, "screened_topk_indices", lambda *a, **kw: screened.append(kw) or real(*a, **kw))
+    torch.manual_seed(0)
+    cfg = GradientTopKTrainingSAEConfig(d_in=D, d_sae=8192, k=16, beta=2.0, rescale_acts_by_decoder_norm=rescale)
+    sae = GradientTopKTrainingSAE(cfg)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(8192, 1) + 0.5)
+    x, g = _rand(64, D), _rand(64, D, seed=1)
+    x[1:4] = x[0]  # repeated rows, as sequence starts give
+    out = sae.training_forward_pass(
+        TrainStepInput(
+            sae_in=torch.cat([x, g], -1),
+            coefficients={},
+            dead_neuron_mask=torch.zeros(8192, dtype=torch.bool),
+            n_training_steps=0,
+            is_logging_step=False,
+        )
+    )
+    assert screened and screened[0]["unit_rows"] is rescale
+    idx, keep = G.gradient_topk_indices(
+        out.hidden_pre.detach(), g, sae.W_dec.detach(), 16, 2.0, "batch", screen=False, unit_rows=rescale
+    )
+    expected = torch.zeros(64, 8192, dtype=torch.bool).scatter_(-1, idx, keep)
+    assert torch.equal(codes(out) != 0, expected)
+
+
 def test_training_forward_pass_without_gradient_is_topk_and_warns_once():
     sae = _sae()
     x = _rand(20, D)
