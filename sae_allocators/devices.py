@@ -9,6 +9,8 @@ no other module spells a device name. ``"auto"`` is CUDA when torch sees a GPU, 
 
 from __future__ import annotations
 
+import platform
+
 import re
 from typing import Any
 
@@ -76,8 +78,14 @@ def bf16_matmul_is_fast(device: Any) -> bool:
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     if dev.type == CPU:
         try:
-            return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):  # a torch build without the query
+            if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+                return False
+            if platform.machine().lower() in ("x86_64", "amd64"):
+                # oneDNN also runs bfloat16 on AVX-512 without bfloat16 dot products, by conversion:
+                # no faster than float32 there. Fast needs AVX512-BF16 or AMX.
+                return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+            return True
+        except (AttributeError, RuntimeError):  # a torch build without the queries
             return False
     return False
 

@@ -304,14 +304,16 @@ def screened_topk_indices(
             s.mul_(column_scale)
         elif beta != 1:
             s.mul_(beta)
-        torch.addcmul(pre, pre, s, out=s).clamp_min_(0)  # z (1 + beta |a~|) = max(pre + pre beta |a~|, 0)
+        # pre (1 + beta |a~|): z (1 + beta |a~|) where pre > 0, and negative (below every positive code's
+        # score, like the 0 of z) where it is not: no clamp needed for the top M + 1 and the bound
+        torch.addcmul(pre, pre, s, out=s)
         top_vals[i:j], top_idx[i:j] = row_topk_by_blocks(s, m_top + 1)
     del approx, scores
     q = screen_slack(grad.norm(dim=-1), max_norm, d, beta)
     rho = 12 * F32_UNIT
     kth = top_vals[:, k - 1]
     lo = kth * ((1 - q) * (1 - rho) / ((1 + q) * (1 + rho)) * (1 - 4 * F32_UNIT))
-    few_positive = kth == 0  # fewer than k positive codes: all of them are in the top k
+    few_positive = kth <= 0  # fewer than k positive codes: all of them are in the top k
     fits = (top_vals[:, m_top] < lo) | few_positive
     count = torch.where(few_positive, k, (top_vals[:, :m_top] >= lo.unsqueeze(-1)).sum(-1))
     width = max(int(torch.where(fits, count, k).max()), k)  # the one host sync: the widest candidate set

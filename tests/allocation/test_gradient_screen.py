@@ -169,6 +169,13 @@ def test_bf16_matmul_is_fast_names_the_devices_with_bfloat16_kernels(monkeypatch
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     assert devices.bf16_matmul_is_fast(torch.device("cpu")) is False  # no oneDNN: the reference
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
-    assert devices.bf16_matmul_is_fast("cpu") == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(devices.platform, "machine", lambda: "x86_64")
+    for avx512_bf16, amx, fast in ((False, False, False), (True, False, True), (False, True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert devices.bf16_matmul_is_fast("cpu") is fast  # AVX-512 without bfloat16 dot products: not fast
+    monkeypatch.setattr(devices.platform, "machine", lambda: "aarch64")
+    assert devices.bf16_matmul_is_fast("cpu") is True  # oneDNN's bfloat16 kernels (ACL) elsewhere
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert devices.bf16_matmul_is_fast("cuda") is False
