@@ -242,7 +242,8 @@ def screened_topk_indices(
     unit rows). Three stages, rows :data:`SCREEN_ROWS` at a time:
 
     1. **screen**: ``a~ = bf16(g) @ bf16(decoder).T`` (float32 accumulation, divided by ``n_j`` in float32
-       with ``unit_rows``) and the approximate scores ``s~_j = z_j (1 + beta |a~_j|)`` in float32; the
+       with ``unit_rows``) and the approximate scores ``s~_j = pre_j (1 + beta |a~_j|)`` in float32
+       (``z_j (1 + beta |a~_j|)`` where ``pre_j > 0``, negative where not); the
        ``M + 1 = k + spare + 1`` largest per row (:func:`~sae_allocators.allocation.topk.row_topk_by_blocks`).
     2. **bound**: every true score lies within a relative ``q_t`` of ``w_j = z_j (1 + beta |a~_j|)``
        (:func:`screen_slack`, with ``max_j ||decoder_j|| / n_j`` for the rows' largest norm: 1 up to the
@@ -255,7 +256,7 @@ def screened_topk_indices(
        (:func:`candidate_attribution`, a sampled matmul), and the ``k`` best of their float32 scores. Rows whose candidates do not fit
        in ``M`` take the reference (a float32 matmul for those rows only).
 
-    A row with fewer than ``k`` positive codes keeps all of them (its ``s~_(k)`` is 0). The result
+    A row with fewer than ``k`` positive codes keeps all of them (its ``s~_(k)`` is not positive). The result
     is the reference's selection up to float32 rounding of the scores themselves (the reference's
     matmul and the exact stage's dot products add in different orders): entries whose scores differ
     by less than about ``1e-6`` relative may be ordered either way, as ties are.
