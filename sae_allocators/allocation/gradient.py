@@ -114,11 +114,17 @@ def gradient_topk_indices(
             indices = screened_topk_indices(
                 pre.reshape(-1, f), g.reshape(-1, g.shape[-1]), dec, k, beta, unit_rows=unit_rows
             ).reshape(*lead, k)
-            return indices, pre.gather(-1, indices) > 0
-        codes = pre.relu()
-        scores = scores_in_place(codes, g, decoder_directions(dec, unit_rows), beta)
-        indices = torch.topk(scores, k=k, dim=-1, sorted=False).indices
-        return indices, codes.gather(-1, indices) > 0
+        else:
+            indices = _reference_indices(pre, g, dec, k, beta, unit_rows)
+        return indices, pre.gather(-1, indices) > 0
+
+
+def _reference_indices(
+    hidden_pre: torch.Tensor, grad: torch.Tensor, decoder: torch.Tensor, k: int, beta: float, unit_rows: bool
+) -> torch.Tensor:
+    """The plain float32 selection: the ``k`` largest scores per row from the full attribution matmul."""
+    scores = scores_in_place(hidden_pre.relu(), grad, decoder_directions(decoder, unit_rows), beta)
+    return torch.topk(scores, k=k, dim=-1, sorted=False).indices
 
 
 # --- the exact bfloat16 screen ---------------------------------------------------------------------
@@ -275,11 +281,9 @@ def screened_topk_indices(
     spare = max(k, 32) if spare is None else spare
     m_top = min(k + spare, f - 1)
     if m_top < k:  # too few features to screen: the reference
-        codes = hidden_pre.relu()
-        directions = decoder_directions(decoder, unit_rows)
         if stats is not None:
             stats.update(width=0, misfits=n)
-        return torch.topk(scores_in_place(codes, grad, directions, beta), k, dim=-1, sorted=False).indices
+        return _reference_indices(hidden_pre, grad, decoder, k, beta, unit_rows)
     device = hidden_pre.device
     g16, dec16 = grad.to(torch.bfloat16), decoder.to(torch.bfloat16).T
     if unit_rows:  # d_j = decoder_j / n_j: the attribution's columns get beta / n_j, exact rows divide by n_j
@@ -327,9 +331,7 @@ def screened_topk_indices(
     out = cand.gather(-1, torch.topk(exact, k, dim=-1, sorted=False).indices)
     misfits = (~fits).nonzero().squeeze(-1)
     if misfits.numel():
-        codes = hidden_pre[misfits].relu()
-        ref = scores_in_place(codes, grad[misfits], decoder_directions(decoder, unit_rows), beta)
-        out[misfits] = torch.topk(ref, k, dim=-1, sorted=False).indices
+        out[misfits] = _reference_indices(hidden_pre[misfits], grad[misfits], decoder, k, beta, unit_rows)
     if stats is not None:
         stats.update(width=width, misfits=int(misfits.numel()))
     return out
