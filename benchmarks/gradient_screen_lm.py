@@ -23,6 +23,11 @@ import time
 import torch
 
 
+def kept(pre: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``[N, F]`` mask of the selected entries with a positive code (what the step keeps)."""
+    return torch.zeros_like(pre, dtype=torch.bool).scatter_(-1, indices, pre.gather(-1, indices) > 0)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hook", default="blocks.6.hook_resid_post")
@@ -36,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     args = p.parse_args(argv)
 
-    from sae_allocators import offline
+    from sae_allocators import devices, offline
     from sae_allocators.allocation import gradient as G
     from sae_allocators.architectures.gradient_topk import GradientTopKTrainingSAE, GradientTopKTrainingSAEConfig
     from sae_allocators.architectures._common import pre_activations
@@ -54,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     dead = torch.zeros(args.d_sae, dtype=torch.bool)
     print(
         f"{args.hook}, d_in {d_in}, d_sae {args.d_sae}, k {args.k}, beta {args.beta}, grad_normalization "
-        f"{cfg.grad_normalization}; bf16 matmul fast here: {G.devices.bf16_matmul_is_fast(sae.W_dec.device)}"
+        f"{cfg.grad_normalization}; bf16 matmul fast here: {devices.bf16_matmul_is_fast(sae.W_dec.device)}"
     )
     print("step | agree | misfit rows | width | max |g|/mean | screen ms | reference ms")
     totals = {"rows": 0, "misfits": 0, "disagree_rows": 0, "screen_s": 0.0, "reference_s": 0.0}
@@ -76,9 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                     pre, g, sae.W_dec, args.k, args.beta, cfg.grad_normalization, screen=False, unit_rows=True
                 )
                 t2 = time.perf_counter()
-                keep_f = torch.zeros_like(pre, dtype=torch.bool).scatter_(-1, fast, pre.gather(-1, fast) > 0)
-                keep_r = torch.zeros_like(pre, dtype=torch.bool).scatter_(-1, ref, pre.gather(-1, ref) > 0)
-                disagree = int((keep_f != keep_r).any(-1).sum())
+                disagree = int((kept(pre, fast) != kept(pre, ref)).any(-1).sum())
                 ratio = float(gn.norm(dim=-1).max())
             n = pre.shape[0]
             totals["rows"] += n
